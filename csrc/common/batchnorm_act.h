@@ -1,0 +1,109 @@
+// BatchNorm + activation math shared by the C++ CPU and CUDA kernels.
+//
+// Notation per channel c over its M = N * L elements:
+//   mean, invstd = 1 / sqrt(var_biased + eps)
+//   xhat = (x - mean) * invstd,  z = gamma * xhat + beta = x * scale + shift,  y = f(z)
+// Backward, with dz = dy * f'(z):
+//   sum_dz = sum(dz), sum_dz_xhat = sum(dz * xhat)
+//   training: dx = gamma * invstd * (dz - sum_dz / M - xhat * sum_dz_xhat / M)
+//   eval:     dx = gamma * invstd * dz
+//   dgamma = sum_dz_xhat, dbeta = sum_dz
+#pragma once
+#include <cmath>
+#include "activation.h"
+#include "macros.h"
+
+namespace genfast {
+
+// Running (count, mean, M2) of a stream of values; merged with Chan's parallel formula so that
+// blocks of any size combine without the cancellation of sum / sum-of-squares.
+template <typename acc_t>
+struct Welford {
+  acc_t count;
+  acc_t mean;
+  acc_t m2;
+};
+
+template <typename acc_t>
+GENFAST_HOST_DEVICE Welford<acc_t> welford_init() {
+  return Welford<acc_t>{acc_t(0), acc_t(0), acc_t(0)};
+}
+
+template <typename acc_t>
+GENFAST_HOST_DEVICE void welford_push(Welford<acc_t>& w, acc_t x) {
+  w.count += acc_t(1);
+  acc_t d = x - w.mean;
+  w.mean += d / w.count;
+  w.m2 += d * (x - w.mean);
+}
+
+template <typename acc_t>
+GENFAST_HOST_DEVICE Welford<acc_t> welford_merge(const Welford<acc_t>& a, const Welford<acc_t>& b) {
+  if (a.count == acc_t(0)) return b;
+  if (b.count == acc_t(0)) return a;
+  acc_t n = a.count + b.count;
+  acc_t d = b.mean - a.mean;
+  acc_t rb = b.count / n;
+  return Welford<acc_t>{n, a.mean + d * rb, a.m2 + b.m2 + d * d * a.count * rb};
+}
+
+// Effective gamma. memory_efficient mode keeps |gamma| >= gamma_floor so that the backward can
+// recover xhat = (z - beta) / gamma from the output; gamma_floor = 0 leaves gamma unchanged.
+template <typename acc_t>
+GENFAST_HOST_DEVICE acc_t effective_gamma(acc_t g, acc_t gamma_floor) {
+  if (gamma_floor > acc_t(0)) {
+    acc_t a = g < acc_t(0) ? -g : g;
+    if (a < gamma_floor) return g < acc_t(0) ? -gamma_floor : gamma_floor;
+  }
+  return g;
+}
+
+// Per-channel finish of the statistics pass: save mean/invstd and update the running buffers
+// (unbiased variance into running_var, as torch does).
+template <typename acc_t>
+GENFAST_HOST_DEVICE void finish_stats(const Welford<acc_t>& w, acc_t eps, acc_t momentum,
+                                      acc_t* save_mean, acc_t* save_invstd,
+                                      acc_t* run_mean, acc_t* run_var) {
+  acc_t var = w.count > acc_t(0) ? w.m2 / w.count : acc_t(0);
+  *save_mean = w.mean;
+  *save_invstd = acc_t(1) / ::sqrt(var + eps);
+  if (run_mean != nullptr) {
+    *run_mean = (acc_t(1) - momentum) * *run_mean + momentum * w.mean;
+  }
+  if (run_var != nullptr) {
+    acc_t unbiased = w.count > acc_t(1) ? w.m2 / (w.count - acc_t(1)) : var;
+    *run_var = (acc_t(1) - momentum) * *run_var + momentum * unbiased;
+  }
+}
+
+// Forward element: y = f(x * scale + shift).
+template <typename acc_t>
+GENFAST_HOST_DEVICE acc_t bn_act_forward_elem(acc_t x, acc_t scale, acc_t shift, int act, acc_t slope) {
+  return act_forward<acc_t>(x * scale + shift, act, slope);
+}
+
+// Backward element: dz = dy * f'(z) and xhat for one element. `saved` is x
+// (saved_is_output = false; z is recomputed exactly as the forward computed it) or y (true; z is
+// recovered by inverting f, then xhat = (z - beta) / gamma).
+template <typename acc_t>
+GENFAST_HOST_DEVICE acc_t bn_act_dz_xhat(acc_t dy, acc_t saved, bool saved_is_output,
+                                         acc_t mean, acc_t invstd, acc_t scale, acc_t shift,
+                                         acc_t gamma, acc_t beta, int act, acc_t slope,
+                                         acc_t* xhat) {
+  if (saved_is_output) {
+    acc_t z = act_invert<acc_t>(saved, act, slope);
+    *xhat = (z - beta) / gamma;
+    return dy * act_grad_from_output<acc_t>(saved, act, slope);
+  }
+  *xhat = (saved - mean) * invstd;
+  return dy * act_grad_from_input<acc_t>(saved * scale + shift, act, slope);
+}
+
+// dx from dz, xhat and the per-channel coefficients k = gamma * invstd,
+// a = sum_dz / M, b = sum_dz_xhat / M (a = b = 0 in eval mode).
+template <typename acc_t>
+GENFAST_HOST_DEVICE acc_t bn_act_dx_elem(acc_t dz, acc_t xhat, acc_t k, acc_t a, acc_t b) {
+  return k * (dz - a - xhat * b);
+}
+
+}  // namespace genfast

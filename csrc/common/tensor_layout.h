@@ -1,0 +1,38 @@
+// Host-side view of a BatchNorm-style (N, C, *) tensor as rows of contiguous elements, shared
+// by the CPU and CUDA launchers. Only the two layouts genfast reads without a copy are named:
+//   kNCL: contiguous (N, C, L): N*C rows of L elements, all of one channel.
+//   kNLC: channels-last (N, L, C) in memory: N*L rows of C elements, one per channel.
+#pragma once
+#include <ATen/ATen.h>
+
+namespace genfast {
+
+enum class RowLayout { kNCL, kNLC };
+
+struct ChannelView {
+  RowLayout layout;
+  int64_t N, C, L;
+};
+
+inline bool is_channels_last_dense(const at::Tensor& t) {
+  if (t.dim() == 4) return t.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (t.dim() == 3) {
+    const int64_t N = t.size(0), C = t.size(1), L = t.size(2);
+    // (N, C, L) stored as (N, L, C).
+    return (C == 1 || t.stride(1) == 1) && (L == 1 || t.stride(2) == C) &&
+           (N == 1 || t.stride(0) == C * L);
+  }
+  return false;
+}
+
+// Returns the view; `t` is replaced by a contiguous copy only when it is neither layout.
+inline ChannelView channel_view(at::Tensor& t) {
+  const int64_t N = t.size(0), C = t.size(1);
+  const int64_t L = C == 0 || N == 0 ? 0 : t.numel() / (N * C);
+  if (t.is_contiguous()) return {RowLayout::kNCL, N, C, L};
+  if (is_channels_last_dense(t)) return {RowLayout::kNLC, N, C, L};
+  t = t.contiguous();
+  return {RowLayout::kNCL, N, C, L};
+}
+
+}  // namespace genfast

@@ -1,0 +1,29 @@
+// Every genfast schema, in one place. Kernels register per device in csrc/cpu and csrc/cuda;
+// fake (meta) implementations and autograd live in genfast/ops.
+#include <torch/extension.h>
+
+TORCH_LIBRARY(genfast, m) {
+  // BatchNorm + activation. Returns (out, save_mean, save_invstd); save_* are float32 (float64
+  // for float64 input). running_mean / running_var are updated in place when training.
+  // gamma_floor > 0 clamps |weight| from below (memory_efficient mode, see DESIGN).
+  m.def(
+      "batch_norm_act_fwd(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, bool training, float momentum, float eps, int activation, "
+      "float negative_slope, float gamma_floor) -> (Tensor, Tensor, Tensor)");
+  // Backward. `saved` is the input x, or the output y when saved_is_output (memory_efficient).
+  // Returns (grad_input, grad_weight, grad_bias); grad_weight/grad_bias have weight's dtype, or
+  // the input's when weight is None.
+  m.def(
+      "batch_norm_act_bwd(Tensor grad_out, Tensor saved, Tensor? weight, Tensor? bias, "
+      "Tensor save_mean, Tensor save_invstd, bool training, int activation, "
+      "float negative_slope, float gamma_floor, bool saved_is_output) -> (Tensor, Tensor, Tensor)");
+}
+
+namespace genfast {
+bool built_with_cuda();
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("built_with_cuda", &genfast::built_with_cuda,
+        "True when the CUDA kernels were compiled into this extension");
+}

@@ -1,0 +1,148 @@
+"""Which backends exist in this install, and which one runs each op.
+
+Backends: ``cuda`` (C++/CUDA extension), ``triton``, ``cpu`` (C++ extension), ``reference``
+(plain PyTorch). ``auto`` picks, per op family and device, the one the benchmarks measured
+fastest; on a CPU tensor it is ``cpu``.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import threading
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+
+# Activation codes shared with csrc/common/activation.h and the Triton kernels.
+ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4}
+
+# What `auto` runs on a CUDA tensor, per op family. Keep in step with benchmarks/results:
+# the fastest genfast backend measured there. A family whose GPU numbers were not measured yet
+# uses the Triton kernels.
+AUTO_CUDA = {
+    "batchnorm_act": "triton",
+}
+
+_state = threading.local()
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+@functools.lru_cache(maxsize=None)
+def extension():
+    """The compiled module ``genfast._C``, or None (with one warning) when it is not built."""
+    try:
+        from genfast import _C  # noqa: F401  (registers the genfast:: C++ ops)
+    except ImportError as exc:
+        warnings.warn(
+            f"genfast: the C++ extension genfast._C is not available ({exc}); the cpu and cuda "
+            "backends are off and CPU tensors use the reference (plain PyTorch) backend. "
+            "Build it with `pip install --no-build-isolation -e .`.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    return _C
+
+
+def has_cpu_ext() -> bool:
+    return extension() is not None
+
+
+def has_cuda_ext() -> bool:
+    ext = extension()
+    return ext is not None and ext.built_with_cuda()
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for every genfast op in this thread: "auto" (default), "triton",
+    "cuda", "cpu" or "reference". The environment variable GENFAST_BACKEND sets the default."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _state.name = name
+
+
+def get_backend() -> str:
+    name = getattr(_state, "name", None)
+    if name is None:
+        name = os.environ.get("GENFAST_BACKEND", "auto") or "auto"
+        if name not in BACKENDS:
+            raise ValueError(f"GENFAST_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+class use_backend:
+    """Context manager: ``with genfast.backend.use_backend("reference"): ...``."""
+
+    def __init__(self, name: str):
+        if name not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+        self.name = name
+
+    def __enter__(self):
+        self.prev = getattr(_state, "name", None)
+        _state.name = self.name
+        return self
+
+    def __exit__(self, *exc):
+        _state.name = self.prev
+
+
+def available(name: str, device: torch.device) -> tuple[bool, str]:
+    """Whether backend ``name`` can run on ``device``, and why not."""
+    cuda = device.type == "cuda"
+    if name == "reference":
+        return True, ""
+    if name == "cpu":
+        if cuda:
+            return False, "the cpu backend runs on CPU tensors only"
+        return has_cpu_ext(), "genfast._C is not built"
+    if name == "cuda":
+        if not cuda:
+            return False, "the cuda backend runs on CUDA tensors only"
+        return has_cuda_ext(), "genfast._C was built without CUDA kernels"
+    if name == "triton":
+        if not has_triton():
+            return False, "triton is not installed"
+        if cuda or triton_interpret():
+            return True, ""
+        return False, "the triton backend needs a CUDA tensor, or TRITON_INTERPRET=1 for CPU tensors"
+    raise ValueError(f"unknown backend {name!r}")
+
+
+def resolve(family: str, device: torch.device) -> str:
+    """The backend that runs ``family`` on ``device`` under the current setting."""
+    name = get_backend()
+    if name != "auto":
+        ok, why = available(name, device)
+        if not ok:
+            raise RuntimeError(f"genfast: backend {name!r} cannot run on {device.type} tensors: {why}")
+        return name
+    if device.type == "cuda":
+        for candidate in (AUTO_CUDA.get(family, "triton"), "cuda", "triton"):
+            if available(candidate, device)[0]:
+                return candidate
+        warn_once(f"auto-ref-cuda-{family}",
+                  f"genfast: no fused {family} kernel is available for CUDA tensors (neither "
+                  "triton nor the CUDA extension); using the reference backend")
+        return "reference"
+    if device.type == "cpu" and has_cpu_ext():
+        return "cpu"
+    return "reference"

@@ -1,0 +1,48 @@
+"""``python -m genfast.info``: versions, what was built, and which backend each op family runs
+on CPU and CUDA tensors."""
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from genfast import backend as B
+
+FAMILIES = ("batchnorm_act",)
+
+
+def report() -> str:
+    lines = [f"genfast {__import__('genfast').__version__}",
+             f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda})"]
+    try:
+        import triton
+
+        lines.append(f"triton {triton.__version__}" + (" (TRITON_INTERPRET=1)" if B.triton_interpret() else ""))
+    except ImportError:
+        lines.append("triton: not installed")
+    ext = B.extension()
+    lines.append("genfast._C: " + ("built, CPU kernels" + (" + CUDA kernels" if B.has_cuda_ext() else ", no CUDA kernels")
+                                   if ext is not None else "NOT built (reference backend on CPU)"))
+    cuda_ok = torch.cuda.is_available()
+    lines.append("CUDA device: " + (torch.cuda.get_device_name() if cuda_ok else "none"))
+    lines.append(f"backend setting: {B.get_backend()}")
+    lines.append("")
+    lines.append(f"{'op family':<16}{'cpu tensors':<14}{'cuda tensors':<14}")
+    for fam in FAMILIES:
+        cpu = _try(fam, torch.device("cpu"))
+        gpu = _try(fam, torch.device("cuda")) if cuda_ok else "(no device)"
+        lines.append(f"{fam:<16}{cpu:<14}{gpu:<14}")
+    return "\n".join(lines)
+
+
+def _try(family, device):
+    try:
+        return B.resolve(family, device)
+    except RuntimeError as exc:
+        return f"error: {exc}"
+
+
+if __name__ == "__main__":
+    import genfast  # noqa: F401  (registers the ops)
+
+    print(report())

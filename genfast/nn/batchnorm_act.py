@@ -1,0 +1,73 @@
+"""BatchNormAct1d / BatchNormAct2d: nn.BatchNorm1d / nn.BatchNorm2d followed by an activation,
+in one fused op."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from genfast import functional as GF
+from genfast.ops import batchnorm_act as _bn
+
+
+class _BatchNormActMixin:
+    def _init_act(self, activation: str, negative_slope: float, memory_efficient: bool) -> None:
+        _bn.check_activation(activation, negative_slope, memory_efficient)
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
+        self.memory_efficient = bool(memory_efficient)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr() + f", activation={self.activation!r}"
+        if self.activation == "leaky_relu":
+            s += f", negative_slope={self.negative_slope}"
+        if self.memory_efficient:
+            s += ", memory_efficient=True"
+        return s
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        # Buffers are passed only when they are to be used or updated, as in nn.BatchNorm.
+        use_buffers = not self.training or self.track_running_stats
+        rm = self.running_mean if use_buffers else None
+        rv = self.running_var if use_buffers else None
+        # Every check runs before num_batches_tracked or the running statistics change.
+        _bn.check_inputs(input, rm, rv, self.weight, self.bias, bn_training)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        return GF.batch_norm_act(input, rm, rv, self.weight, self.bias, bn_training, momentum,
+                                 self.eps, activation=self.activation,
+                                 negative_slope=self.negative_slope,
+                                 memory_efficient=self.memory_efficient)
+
+
+class BatchNormAct2d(_BatchNormActMixin, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` followed by an activation, fused. Input (N, C, H, W).
+
+    Constructor arguments as ``nn.BatchNorm2d``, plus keyword-only ``activation``
+    ("leaky_relu" default, "relu", "identity"), ``negative_slope`` (0.01) and
+    ``memory_efficient`` (False: save the output instead of the input for backward; needs an
+    invertible activation). Parameters, buffers and state_dict keys are nn.BatchNorm2d's.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, device=None, dtype=None, *,
+                 activation="leaky_relu", negative_slope=0.01, memory_efficient=False):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self._init_act(activation, negative_slope, memory_efficient)
+
+
+class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` followed by an activation, fused. Input (N, C) or (N, C, L).
+
+    Arguments as :class:`BatchNormAct2d`; parameters and state_dict keys are nn.BatchNorm1d's.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, device=None, dtype=None, *,
+                 activation="leaky_relu", negative_slope=0.01, memory_efficient=False):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self._init_act(activation, negative_slope, memory_efficient)

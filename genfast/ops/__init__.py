@@ -1,0 +1,2 @@
+"""Registered ops: fake (meta) implementations, autograd, backend choice."""
+from genfast.ops import batchnorm_act  # noqa: F401

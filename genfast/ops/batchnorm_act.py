@@ -1,0 +1,217 @@
+"""The genfast::batch_norm_act ops: fake implementations, autograd and backend choice.
+
+Ops:
+  genfast::batch_norm_act / batch_norm_act_backward   the registered pair (autograd, fake); the
+      `backend` argument picks the kernels: "cpu"/"cuda" call the C++ ops
+      genfast::batch_norm_act_fwd / _bwd (schemas in csrc/ops.cpp), "triton" calls
+      genfast/kernels/batchnorm_act.py.
+Autograd saves x (or y in memory_efficient mode, marked by gamma_floor > 0) plus the per-channel
+mean and invstd. When the backward itself must be differentiable (create_graph=True), it runs
+the reference formulas instead of the fused kernel.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from genfast import backend as B
+from genfast.reference import batchnorm_act as ref
+
+FAMILY = "batchnorm_act"
+
+# memory_efficient mode keeps |weight| >= GAMMA_FLOOR in the forward so that the backward can
+# recover xhat = (z - beta) / weight from the output. Only channels whose |weight| is below it
+# differ from nn.BatchNorm (by at most GAMMA_FLOOR * |xhat| before the activation).
+GAMMA_FLOOR = 1e-3
+
+_lib = torch.library.Library("genfast", "FRAGMENT")
+
+
+def _fwd_fake(input, weight, bias, running_mean, running_var, training, momentum, eps,
+              activation, negative_slope, gamma_floor):
+    C = input.shape[1]
+    acc = ref.acc_dtype(input.dtype)
+    out = torch.empty_like(input)
+    return out, input.new_empty((C,), dtype=acc), input.new_empty((C,), dtype=acc)
+
+
+def _bwd_fake(grad_out, saved, weight, bias, save_mean, save_invstd, training, activation,
+              negative_slope, gamma_floor, saved_is_output):
+    C = saved.shape[1]
+    gw = saved.new_empty((C,), dtype=weight.dtype if weight is not None else saved.dtype)
+    gb = saved.new_empty((C,), dtype=bias.dtype if bias is not None else saved.dtype)
+    return torch.empty_like(saved), gw, gb
+
+
+# --- the registered op pair ----------------------------------------------------------------
+# One custom op per direction for every fused backend: the kernel choice is the `backend`
+# argument (a constant under torch.compile), so fake, autograd and opcheck are written once.
+
+def _fwd_kernel(backend: str):
+    if backend in ("cpu", "cuda"):
+        return torch.ops.genfast.batch_norm_act_fwd
+    if backend == "triton":
+        from genfast.kernels import batchnorm_act as K
+
+        return K.bn_act_fwd
+    raise ValueError(f"batch_norm_act: backend must be 'cpu', 'cuda' or 'triton', got {backend!r}")
+
+
+def _bwd_kernel(backend: str):
+    if backend in ("cpu", "cuda"):
+        return torch.ops.genfast.batch_norm_act_bwd
+    if backend == "triton":
+        from genfast.kernels import batchnorm_act as K
+
+        return K.bn_act_bwd
+    raise ValueError(f"batch_norm_act: backend must be 'cpu', 'cuda' or 'triton', got {backend!r}")
+
+
+@torch.library.custom_op("genfast::batch_norm_act", mutates_args=("running_mean", "running_var"))
+def batch_norm_act_op(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                      running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
+                      momentum: float, eps: float, activation: int, negative_slope: float,
+                      gamma_floor: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _fwd_kernel(backend)(input, weight, bias, running_mean, running_var, training, momentum,
+                                eps, activation, negative_slope, gamma_floor)
+
+
+@torch.library.custom_op("genfast::batch_norm_act_backward", mutates_args=())
+def batch_norm_act_backward_op(grad_out: Tensor, saved: Tensor, weight: Optional[Tensor],
+                               bias: Optional[Tensor], save_mean: Tensor, save_invstd: Tensor,
+                               training: bool, activation: int, negative_slope: float,
+                               gamma_floor: float, saved_is_output: bool,
+                               backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _bwd_kernel(backend)(grad_out, saved, weight, bias, save_mean, save_invstd, training,
+                                activation, negative_slope, gamma_floor, saved_is_output)
+
+
+@batch_norm_act_op.register_fake
+def _(input, weight, bias, running_mean, running_var, training, momentum, eps, activation,
+      negative_slope, gamma_floor, backend):
+    return _fwd_fake(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                     activation, negative_slope, gamma_floor)
+
+
+@batch_norm_act_backward_op.register_fake
+def _(grad_out, saved, weight, bias, save_mean, save_invstd, training, activation, negative_slope,
+      gamma_floor, saved_is_output, backend):
+    return _bwd_fake(grad_out, saved, weight, bias, save_mean, save_invstd, training, activation,
+                     negative_slope, gamma_floor, saved_is_output)
+
+
+_ACT_NAMES = {v: k for k, v in B.ACTIVATIONS.items()}
+
+
+class BatchNormActFunction(torch.autograd.Function):
+    """Autograd for genfast::batch_norm_act. The forward op mutates the running statistics,
+    and torch.library accepts autograd formulas only for functional ops, so the formula lives
+    in this Function (which torch.compile traces through)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps,
+                activation, slope, gamma_floor, backend):
+        y, mean, invstd = batch_norm_act_op(input, weight, bias, running_mean, running_var,
+                                            training, momentum, eps, activation, slope,
+                                            gamma_floor, backend)
+        ctx.saved_is_output = gamma_floor > 0
+        ctx.save_for_backward(y if ctx.saved_is_output else input, weight, bias, mean, invstd)
+        ctx.cfg = (training, activation, slope, gamma_floor, eps, backend)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved, weight, bias, mean, invstd = ctx.saved_tensors
+        training, activation, slope, gamma_floor, eps, backend = ctx.cfg
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled():
+            # create_graph=True: the differentiable reference formulas.
+            if ctx.saved_is_output:
+                raise RuntimeError(
+                    "batch_norm_act: double backward is not supported with memory_efficient=True "
+                    "(the input is not saved); use memory_efficient=False for gradient penalties")
+            dx, dw, db = ref.batch_norm_act_backward(
+                grad_out, saved, weight, bias, None if training else mean,
+                None if training else invstd, training, _ACT_NAMES[activation], slope,
+                gamma_floor, eps)
+            dw = dw.to(weight.dtype) if weight is not None else None
+            db = db.to(bias.dtype) if bias is not None else None
+        else:
+            dx, dw, db = batch_norm_act_backward_op(grad_out, saved, weight, bias, mean, invstd,
+                                                    training, activation, slope, gamma_floor,
+                                                    ctx.saved_is_output, backend)
+        return ((dx if need[0] else None, dw if need[1] else None, db if need[2] else None)
+                + (None,) * 9)
+
+
+HAS_CPP_OPS = B.has_cpu_ext()
+if HAS_CPP_OPS:
+    torch.library.register_fake("genfast::batch_norm_act_fwd", _fwd_fake, lib=_lib)
+    torch.library.register_fake("genfast::batch_norm_act_bwd", _bwd_fake, lib=_lib)
+
+
+# --- checks shared by the functional and the modules -----------------------------------------
+
+def check_activation(activation: str, negative_slope: float, memory_efficient: bool) -> None:
+    if activation not in ("leaky_relu", "relu", "identity"):
+        raise ValueError(
+            f"activation must be 'leaky_relu', 'relu' or 'identity', got {activation!r}")
+    if memory_efficient:
+        if activation == "relu" or (activation == "leaky_relu" and not negative_slope > 0):
+            raise ValueError(
+                "memory_efficient=True needs an invertible activation ('identity', or "
+                f"'leaky_relu' with negative_slope > 0); got activation={activation!r}, "
+                f"negative_slope={negative_slope}")
+
+
+def check_inputs(input: Tensor, running_mean, running_var, weight, bias, training: bool) -> None:
+    """torch's exception types for the bad inputs of F.batch_norm, checked before anything is
+    written (so that running statistics are untouched when a call fails)."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"batch_norm_act(): argument 'input' must be Tensor, not {type(input).__name__}")
+    if input.dim() < 2:
+        raise ValueError(f"batch_norm_act: expected input with at least 2 dims (N, C, *), got {input.dim()}D input")
+    if not input.is_floating_point():
+        raise RuntimeError(f"batch_norm_act: input must be a floating-point tensor, got {input.dtype}")
+    C = input.shape[1]
+    low = input.dtype in (torch.float16, torch.bfloat16)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dim() != 1 or t.numel() != C:
+            raise RuntimeError(f"batch_norm_act: {name} should contain {C} elements not {t.numel()}")
+        if t.device != input.device:
+            raise RuntimeError(
+                "Expected all tensors to be on the same device, but found input on "
+                f"{input.device} and argument {name} on {t.device}")
+        if t.dtype != input.dtype and not (low and t.dtype == torch.float32):
+            raise RuntimeError(
+                f"batch_norm_act: expected {name} to have dtype {input.dtype}"
+                + (" or torch.float32" if low else "") + f", got {t.dtype}")
+    if (running_mean is None) != (running_var is None):
+        raise RuntimeError("batch_norm_act: running_mean and running_var must be given together")
+    if not training and running_mean is None:
+        raise RuntimeError("batch_norm_act: running_mean and running_var are required when training=False")
+    if training:
+        size_prods = input.shape[0]
+        for s in input.shape[2:]:
+            size_prods *= s
+        if size_prods == 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {input.size()}")
+
+
+def batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                   activation, negative_slope, memory_efficient):
+    code = B.ACTIVATIONS[activation]
+    gamma_floor = GAMMA_FLOOR if memory_efficient else 0.0
+    name = B.resolve(FAMILY, input.device)
+    if name == "reference":
+        return ref.batch_norm_act(input, running_mean, running_var, weight, bias, training,
+                                  momentum, eps, activation, negative_slope, gamma_floor)
+    return BatchNormActFunction.apply(input, weight, bias, running_mean, running_var, training,
+                                      float(momentum), float(eps), code, float(negative_slope),
+                                      gamma_floor, name)

@@ -1,0 +1,33 @@
+"""The activation table in plain PyTorch (mirrors csrc/common/activation.h)."""
+import torch
+
+
+def act_forward(z: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
+    if activation == "identity":
+        return z
+    if activation == "relu":
+        return torch.where(z > 0, z, torch.zeros_like(z))
+    if activation == "leaky_relu":
+        return torch.where(z > 0, z, z * negative_slope)
+    if activation == "tanh":
+        return torch.tanh(z)
+    if activation == "sigmoid":
+        return torch.sigmoid(z)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def act_grad(z: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
+    """f'(z), with torch's convention at 0 (the negative side's slope)."""
+    if activation == "identity":
+        return torch.ones_like(z)
+    if activation == "relu":
+        return (z > 0).to(z.dtype)
+    if activation == "leaky_relu":
+        return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, negative_slope))
+    if activation == "tanh":
+        t = torch.tanh(z)
+        return 1 - t * t
+    if activation == "sigmoid":
+        s = torch.sigmoid(z)
+        return s * (1 - s)
+    raise ValueError(f"unknown activation {activation!r}")

@@ -1,0 +1,94 @@
+"""BatchNorm + activation in plain PyTorch, written from the formulas (not through
+F.batch_norm) so that the tests can check it against torch.nn independently.
+
+Statistics and arithmetic run in float32 for float16/bfloat16 inputs (float64 for float64)."""
+from __future__ import annotations
+
+import torch
+
+from genfast.reference.activation import act_forward, act_grad
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _shape(x: torch.Tensor) -> list[int]:
+    return [1, x.shape[1]] + [1] * (x.dim() - 2)
+
+
+def _dims(x: torch.Tensor) -> list[int]:
+    return [0] + list(range(2, x.dim()))
+
+
+def effective_gamma(weight: torch.Tensor, gamma_floor: float) -> torch.Tensor:
+    """|weight| clamped from below by gamma_floor (sign kept, 0 counts as positive); the gradient
+    passes straight through to weight. gamma_floor = 0 returns weight."""
+    if gamma_floor <= 0:
+        return weight
+    floor = torch.where(weight < 0, torch.full_like(weight, -gamma_floor), torch.full_like(weight, gamma_floor))
+    clamped = torch.where(weight.abs() < gamma_floor, floor, weight)
+    return weight + (clamped - weight).detach()
+
+
+def batch_stats(xf: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, biased var, invstd) per channel of an (N, C, *) tensor in its own dtype."""
+    dims = _dims(xf)
+    mean = xf.mean(dims)
+    var = (xf - mean.view(_shape(xf))).square().mean(dims)
+    return mean, var, torch.rsqrt(var + eps)
+
+
+def batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                   activation="leaky_relu", negative_slope=0.01, gamma_floor=0.0):
+    """y = f(weight * (x - mean) / sqrt(var + eps) + bias); updates running stats when training
+    (unbiased variance, momentum as given). Differentiable to any order."""
+    acc = acc_dtype(x.dtype)
+    xf = x.to(acc)
+    shape = _shape(x)
+    if training:
+        mean, var, invstd = batch_stats(xf, eps)
+        n = xf.numel() // max(xf.shape[1], 1)
+        with torch.no_grad():
+            if running_mean is not None:
+                running_mean.copy_((1 - momentum) * running_mean.to(acc) + momentum * mean.detach())
+            if running_var is not None:
+                unbiased = var.detach() * (n / (n - 1)) if n > 1 else var.detach()
+                running_var.copy_((1 - momentum) * running_var.to(acc) + momentum * unbiased)
+    else:
+        mean = running_mean.to(acc)
+        invstd = torch.rsqrt(running_var.to(acc) + eps)
+    z = (xf - mean.view(shape)) * invstd.view(shape)
+    if weight is not None:
+        z = z * effective_gamma(weight.to(acc), gamma_floor).view(shape)
+    if bias is not None:
+        z = z + bias.to(acc).view(shape)
+    return act_forward(z, activation, negative_slope).to(x.dtype)
+
+
+def batch_norm_act_backward(grad_out, x, weight, bias, mean, invstd, training,
+                            activation="leaky_relu", negative_slope=0.01, gamma_floor=0.0, eps=None):
+    """(grad_input, grad_weight, grad_bias) from the formulas. With mean = invstd = None the
+    batch statistics are recomputed from x with `eps` (training mode), so that the result is
+    differentiable in x as well: the double-backward path."""
+    acc = acc_dtype(x.dtype)
+    xf = x.to(acc)
+    dy = grad_out.to(acc)
+    shape, dims = _shape(x), _dims(x)
+    C = x.shape[1]
+    if mean is None:
+        mean, _, invstd = batch_stats(xf, eps)
+    g = torch.ones(C, dtype=acc, device=x.device) if weight is None else effective_gamma(weight.to(acc), gamma_floor)
+    b = torch.zeros(C, dtype=acc, device=x.device) if bias is None else bias.to(acc)
+    xhat = (xf - mean.to(acc).view(shape)) * invstd.to(acc).view(shape)
+    z = xhat * g.view(shape) + b.view(shape)
+    dz = dy * act_grad(z, activation, negative_slope)
+    sum_dz = dz.sum(dims)
+    sum_dzx = (dz * xhat).sum(dims)
+    k = (g * invstd.to(acc)).view(shape)
+    if training:
+        m = xf.numel() // max(C, 1)
+        dx = k * (dz - sum_dz.view(shape) / m - xhat * sum_dzx.view(shape) / m)
+    else:
+        dx = k * dz
+    return dx.to(x.dtype), sum_dzx, sum_dz
