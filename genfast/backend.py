@@ -6,7 +6,6 @@ fastest; on a CPU tensor it is ``cpu``.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import threading
@@ -36,9 +35,13 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-@functools.lru_cache(maxsize=None)
+_EXT = []  # [module or None] once loaded
+
+
 def extension():
     """The compiled module ``genfast._C``, or None (with one warning) when it is not built."""
+    if _EXT:
+        return _EXT[0]
     try:
         from genfast import _C  # noqa: F401  (registers the genfast:: C++ ops)
     except ImportError as exc:
@@ -49,7 +52,9 @@ def extension():
             RuntimeWarning,
             stacklevel=2,
         )
+        _EXT.append(None)
         return None
+    _EXT.append(_C)
     return _C
 
 
@@ -66,9 +71,11 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _HAS_TRITON
 
 
 def set_backend(name: str) -> None:

@@ -59,7 +59,8 @@ GENFAST_HOST_DEVICE acc_t effective_gamma(acc_t g, acc_t gamma_floor) {
 }
 
 // Per-channel finish of the statistics pass: save mean/invstd and update the running buffers
-// (unbiased variance into running_var, as torch does).
+// (unbiased variance into running_var, as torch does). An empty batch leaves the running buffers
+// unchanged, as torch does.
 template <typename acc_t>
 GENFAST_HOST_DEVICE void finish_stats(const Welford<acc_t>& w, acc_t eps, acc_t momentum,
                                       acc_t* save_mean, acc_t* save_invstd,
@@ -67,6 +68,7 @@ GENFAST_HOST_DEVICE void finish_stats(const Welford<acc_t>& w, acc_t eps, acc_t 
   acc_t var = w.count > acc_t(0) ? w.m2 / w.count : acc_t(0);
   *save_mean = w.mean;
   *save_invstd = acc_t(1) / ::sqrt(var + eps);
+  if (w.count == acc_t(0)) return;
   if (run_mean != nullptr) {
     *run_mean = (acc_t(1) - momentum) * *run_mean + momentum * w.mean;
   }

@@ -49,10 +49,11 @@ def batch_norm_act(x, running_mean, running_var, weight, bias, training, momentu
     if training:
         mean, var, invstd = batch_stats(xf, eps)
         n = xf.numel() // max(xf.shape[1], 1)
+        # An empty batch leaves the running statistics unchanged, as in torch.
         with torch.no_grad():
-            if running_mean is not None:
+            if n > 0 and running_mean is not None:
                 running_mean.copy_((1 - momentum) * running_mean.to(acc) + momentum * mean.detach())
-            if running_var is not None:
+            if n > 0 and running_var is not None:
                 unbiased = var.detach() * (n / (n - 1)) if n > 1 else var.detach()
                 running_var.copy_((1 - momentum) * running_var.to(acc) + momentum * unbiased)
     else:
@@ -87,7 +88,7 @@ def batch_norm_act_backward(grad_out, x, weight, bias, mean, invstd, training,
     sum_dzx = (dz * xhat).sum(dims)
     k = (g * invstd.to(acc)).view(shape)
     if training:
-        m = xf.numel() // max(C, 1)
+        m = max(xf.numel() // max(C, 1), 1)
         dx = k * (dz - sum_dz.view(shape) / m - xhat * sum_dzx.view(shape) / m)
     else:
         dx = k * dz
