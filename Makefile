@@ -12,7 +12,7 @@ JOBS    ?= 2
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q "$(TORCH)" triton numpy pybind11 ninja pytest pytest-benchmark matplotlib tqdm
+	$(PY) -m pip install -q "$(TORCH)" triton numpy pybind11 ninja pytest pytest-benchmark matplotlib tqdm scikit-learn
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -29,3 +29,6 @@ bench: build
 
 clean:
 	rm -rf build genfast/*.so *.egg-info
+
+demo: build
+	$(PY) -m genfast.demo --out demo_out
