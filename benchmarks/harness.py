@@ -90,7 +90,8 @@ def measure_copy_bandwidth(device: torch.device) -> float:
 
 def measure(family: str, case: str, variants: dict[str, Callable], *, reference: str = "eager",
             bytes_moved: float | None = None, flops: float | None = None,
-            launches: dict[str, int] | None = None, device: torch.device | None = None,
+            launches: dict[str, int] | None = None, extra: dict[str, dict] | None = None,
+            device: torch.device | None = None,
             rounds: int | None = None, min_round_ms: float = 20.0) -> dict:
     """Check parity, then time every variant interleaved; returns one result row."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -130,6 +131,8 @@ def measure(family: str, case: str, variants: dict[str, Callable], *, reference:
                 v["frac_of_peak_flops"] = flops / (med[name] * 1e-3) / peak
         if launches and name in launches:
             v["launches"] = launches[name]
+        if extra and name in extra:
+            v.update(extra[name])
         row["variants"][name] = v
     return row
 
@@ -149,6 +152,8 @@ def _fmt_variant(v: dict) -> str:
         s += f"  {v['GB/s']:.0f} GB/s ({100 * v['frac_of_copy_bw']:.0f}% of copy)"
     if "TFLOP/s" in v:
         s += f"  {v['TFLOP/s']:.1f} TFLOP/s"
+    if "peak_MiB" in v:
+        s += f"  peak {v['peak_MiB']:.0f} MiB"
     s += f"  err {v['max_abs_err']:.1e}"
     return s
 
