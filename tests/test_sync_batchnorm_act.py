@@ -133,3 +133,30 @@ def test_convert_sync_batchnorm_keeps_activation_and_tensors():
     assert list(out.state_dict()) == list(seq.state_dict())
     with pytest.raises(ValueError, match="memory_efficient"):
         gnn.SyncBatchNormAct2d.convert_sync_batchnorm(gnn.BatchNormAct2d(3, memory_efficient=True))
+
+
+def test_split_pass_ops_match_reference_and_opcheck():
+    from genfast.reference import batchnorm_act as ref
+
+    x = torch.randn(3, 4, 5, 2, dtype=torch.float64).to(memory_format=torch.channels_last)
+    w, b = torch.rand(4, dtype=torch.float64) + 0.5, torch.randn(4, dtype=torch.float64)
+    dy = torch.randn_like(x)
+    mean, m2 = torch.ops.genfast.batch_norm_act_stats(x)
+    rmean, rm2 = ref.stats(x)
+    assert_close(mean, rmean, torch.float64, "mean")
+    assert_close(m2, rm2, torch.float64, "M2")
+    invstd = torch.rsqrt(m2 / 30 + 1e-5)
+    y = torch.ops.genfast.batch_norm_act_apply(x, mean, invstd, w, b, 2, 0.2, 0.0)
+    assert_close(y, ref.apply(x, mean, invstd, w, b, "leaky_relu", 0.2), torch.float64, "apply")
+    s, sx = torch.ops.genfast.batch_norm_act_bwd_reduce(dy, x, w, b, mean, invstd, 2, 0.2, 0.0, False)
+    rs, rsx = ref.bwd_reduce(dy, x, w, b, mean, invstd, "leaky_relu", 0.2)
+    assert_close(s, rs, torch.float64, "sum dz")
+    assert_close(sx, rsx, torch.float64, "sum dz xhat")
+    dx = torch.ops.genfast.batch_norm_act_bwd_dx(dy, x, w, b, mean, invstd, s, sx, 30.0, 2, 0.2, 0.0, False)
+    assert_close(dx, ref.bwd_dx(dy, x, w, b, mean, invstd, s, sx, 30.0, "leaky_relu", 0.2), torch.float64, "dx")
+    torch.library.opcheck(torch.ops.genfast.batch_norm_act_stats.default, (x,))
+    torch.library.opcheck(torch.ops.genfast.batch_norm_act_apply.default, (x, mean, invstd, w, b, 2, 0.2, 0.0))
+    torch.library.opcheck(torch.ops.genfast.batch_norm_act_bwd_reduce.default,
+                          (dy, x, w, b, mean, invstd, 2, 0.2, 0.0, False))
+    torch.library.opcheck(torch.ops.genfast.batch_norm_act_bwd_dx.default,
+                          (dy, x, w, b, mean, invstd, s, sx, 30.0, 2, 0.2, 0.0, False))
