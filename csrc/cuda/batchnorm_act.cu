@@ -29,15 +29,16 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <map>
 #include <mutex>
+#include <vector>
 #include <utility>
 
 #include "../common/batchnorm_act.h"
@@ -869,9 +870,20 @@ Geometry make_geometry(const ChannelView& v, std::initializer_list<const void*> 
   return g;
 }
 
+// Streaming multiprocessors of the current device (queried once per device).
+int sm_count() {
+  static std::mutex mu;
+  static std::vector<int> counts;
+  const int dev = c10::cuda::current_device();
+  std::lock_guard<std::mutex> lock(mu);
+  if (static_cast<int>(counts.size()) <= dev) counts.resize(dev + 1, 0);
+  if (counts[dev] == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[dev], cudaDevAttrMultiProcessorCount, dev));
+  return counts[dev];
+}
+
 // Splits per group: enough blocks for `blocks_per_sm` per SM, each with >= min_elems elements.
 int64_t choose_splits(const Geometry& g, int blocks_per_sm, int64_t min_elems) {
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int sms = sm_count();
   int64_t s = ceil_div(static_cast<int64_t>(sms) * blocks_per_sm, g.groups);
   s = std::min(s, g.group_elems / min_elems);
   s = std::min(s, std::max<int64_t>(g.units, 1));
@@ -884,7 +896,7 @@ int64_t choose_splits(const Geometry& g, int blocks_per_sm, int64_t min_elems) {
 // capture each call gets its own zeroed buffer (a memset node of the graph), so that graph
 // replays on other streams never share counters with eager launches.
 unsigned* ticket_counters(int64_t n, const at::Tensor& like, at::Tensor& holder) {
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
     holder = at::empty({n}, like.options().dtype(at::kInt));
     C10_CUDA_CHECK(cudaMemsetAsync(holder.data_ptr(), 0, n * sizeof(int), stream));
@@ -946,7 +958,7 @@ dim3 block_of(const Geometry& g) { return dim3(g.tx, g.ty); }
 
 template <typename scalar_t, typename acc_t, int VEC, bool NLC>
 void launch_fwd(FwdArgs<scalar_t, acc_t> a, const Geometry& g, const at::Tensor& like) {
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   at::Tensor workspace, tickets;
   if (a.training) {
     const int64_t splits = choose_splits(g, kReduceBlocksPerSM, kReduceMinElems);
@@ -971,7 +983,7 @@ void launch_fwd(FwdArgs<scalar_t, acc_t> a, const Geometry& g, const at::Tensor&
 
 template <typename scalar_t, typename acc_t, int VEC, bool NLC>
 void launch_bwd(BwdArgs<scalar_t, acc_t> a, const Geometry& g, const at::Tensor& like) {
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   at::Tensor workspace, tickets, coef;
   // Eval writes dx during the reduction: grid it as the elementwise pass it also is.
   const int64_t splits = a.training ? choose_splits(g, kReduceBlocksPerSM, kReduceMinElems)
