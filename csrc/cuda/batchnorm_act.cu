@@ -49,7 +49,9 @@ namespace {
 
 constexpr int kThreads = 256;               // threads per block, every kernel
 constexpr int kWarps = kThreads / 32;
-constexpr int kUnroll = 4;                  // vector loads in flight per thread
+constexpr int kUnroll = 4;                  // vector loads in flight per thread (forward)
+constexpr int kBwdUnroll = 2;               // backward: 2 tensors per step, more registers per element
+constexpr int kMinBlocksPerSM = 2;          // register cap: at most 128 registers per thread
 constexpr int64_t kMaxSplits = 1024;        // most blocks per channel group in a reduction
 constexpr int64_t kReduceMinElems = 8192;   // fewest elements per reduction block
 constexpr int64_t kNormMinElems = 4096;     // fewest elements per elementwise block
@@ -462,11 +464,11 @@ __device__ SumPair<acc_t> ncl_backward(const BwdArgs<scalar_t, acc_t>& a, int64_
   if (j0 + threadIdx.x >= j1) return acc;
   NclCursor cur(j0 + threadIdx.x, c, a.C, a.nvec, kThreads);
   while (cur.j < j1) {
-    V g[kUnroll], s[kUnroll];
-    int64_t off[kUnroll];
-    bool ok[kUnroll];
+    V g[kBwdUnroll], s[kBwdUnroll];
+    int64_t off[kBwdUnroll];
+    bool ok[kBwdUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kBwdUnroll; ++u) {
       ok[u] = cur.j < j1;
       off[u] = cur.off;
       if (ok[u]) {
@@ -476,7 +478,7 @@ __device__ SumPair<acc_t> ncl_backward(const BwdArgs<scalar_t, acc_t>& a, int64_
       cur.advance(kThreads);
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kBwdUnroll; ++u) {
       if (!ok[u]) continue;
       V o;
 #pragma unroll
@@ -504,17 +506,17 @@ __device__ void nlc_backward(const BwdArgs<scalar_t, acc_t>& a, int64_t xv_col, 
   const V* sv = reinterpret_cast<const V*>(a.saved);
   V* dxv = reinterpret_cast<V*>(a.dx);
   const int64_t ty = blockDim.y, Cv = a.nvec;
-  for (int64_t r = r0 + threadIdx.y; r < r1; r += kUnroll * ty) {
-    V g[kUnroll], s[kUnroll];
+  for (int64_t r = r0 + threadIdx.y; r < r1; r += kBwdUnroll * ty) {
+    V g[kBwdUnroll], s[kBwdUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kBwdUnroll; ++u) {
       if (r + u * ty < r1) {
         g[u] = dyv[(r + u * ty) * Cv + xv_col];
         s[u] = sv[(r + u * ty) * Cv + xv_col];
       }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kBwdUnroll; ++u) {
       if (r + u * ty >= r1) continue;
       V o;
 #pragma unroll
@@ -538,7 +540,7 @@ __device__ void nlc_backward(const BwdArgs<scalar_t, acc_t>& a, int64_t xv_col, 
 
 // Training statistics (and, with one split, the normalise pass).
 template <typename scalar_t, typename acc_t, int VEC, bool NLC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 bn_fwd_stats_kernel(const FwdArgs<scalar_t, acc_t> a /* see FwdArgs */) {
   using W = Welford<acc_t>;
   __shared__ W smem[NLC ? kWarps * 32 * VEC : kWarps];
@@ -566,7 +568,7 @@ bn_fwd_stats_kernel(const FwdArgs<scalar_t, acc_t> a /* see FwdArgs */) {
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           if (!ok[u]) continue;
-          if (VEC == 1) {
+          if constexpr (VEC == 1) {
             welford_push<acc_t>(w, static_cast<acc_t>(v[u].v[0]));
           } else {
             // The vector's own (count, mean, M2), then one Chan merge.
@@ -672,7 +674,7 @@ bn_fwd_stats_kernel(const FwdArgs<scalar_t, acc_t> a /* see FwdArgs */) {
 // Normalise + activation: y = f(x * scale + shift) from the saved (training) or running (eval)
 // statistics; in eval mode the blocks of split 0 also write save_mean / save_invstd.
 template <typename scalar_t, typename acc_t, int VEC, bool NLC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 bn_fwd_norm_kernel(const FwdArgs<scalar_t, acc_t> a /* see FwdArgs */) {
   const int64_t g = blockIdx.x, split = blockIdx.y;
   if constexpr (!NLC) {
@@ -696,7 +698,7 @@ bn_fwd_norm_kernel(const FwdArgs<scalar_t, acc_t> a /* see FwdArgs */) {
 // Backward reductions; eval mode also writes dx in the same pass; training with one split also
 // runs the dx pass (fuse_dx). The finalising block writes grad_weight / grad_bias and coef.
 template <typename scalar_t, typename acc_t, int VEC, bool NLC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 bn_bwd_reduce_kernel(const BwdArgs<scalar_t, acc_t> a /* see BwdArgs */) {
   using S = SumPair<acc_t>;
   __shared__ S smem[NLC ? kWarps * 32 * VEC : kWarps];
@@ -793,7 +795,7 @@ bn_bwd_reduce_kernel(const BwdArgs<scalar_t, acc_t> a /* see BwdArgs */) {
 
 // Training dx from the coefficients written by bn_bwd_reduce_kernel.
 template <typename scalar_t, typename acc_t, int VEC, bool NLC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 bn_bwd_dx_kernel(const BwdArgs<scalar_t, acc_t> a /* see BwdArgs */) {
   const int64_t g = blockIdx.x, split = blockIdx.y;
   if constexpr (!NLC) {
@@ -1028,8 +1030,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cuda(
     const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
     int64_t activation, double negative_slope, double gamma_floor) {
   check_common(input_, weight, bias);
-  check_tensor(running_mean, input_, "running_mean");
-  check_tensor(running_var, input_, "running_var");
+  for (const auto& [t, name] : {std::make_pair(&running_mean, "running_mean"), std::make_pair(&running_var, "running_var")}) {
+    check_tensor(*t, input_, name);
+    if (t->has_value() && (*t)->defined()) {
+      TORCH_CHECK((*t)->dim() == 1 && (*t)->numel() == input_.size(1), "batch_norm_act: ", name,
+                  " should contain ", input_.size(1), " elements not ", (*t)->numel());
+    }
+  }
   const c10::cuda::CUDAGuard guard(input_.device());
   at::Tensor input = input_;
   const ChannelView v = channel_view(input);
