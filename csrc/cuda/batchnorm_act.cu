@@ -25,7 +25,15 @@
 //                           split: also the dx pass (second read of dy and s + 1 write of dx).
 //   bn_bwd_dx_kernel        training dx: 1 read of dy and s + 1 write of dx. Training backward
 //                           with splits = reduce + dx (2 launches).
+// Launches: training forward 1 (one split) or 2; eval forward 1; training backward 1 (one
+// split) or 2; eval backward 1. No memset or other launch besides (the arrival counters reset
+// themselves; see ticket_counters), except a copy of grad_output when its layout differs from
+// the saved tensor's, and a contiguous copy of inputs in neither layout (as on the CPU).
 // Vector loads of 16 bytes along L (NCL) or along C (NLC) when the sizes and pointers allow.
+// (N, C) inputs (L == 1) are read as NLC: the same memory, coalesced along C.
+// Kernels run on c10::cuda::getCurrentCUDAStream() (the function at::cuda re-exports; the
+// ATen/cuda/CUDAContext.h header is not used because it needs the cuBLAS/cuSPARSE headers, which
+// a minimal CUDA toolkit does not ship).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -956,6 +964,15 @@ at::ScalarType param_dtype(const at::Tensor& input, const c10::optional<at::Tens
   return p.has_value() && p->defined() ? p->scalar_type() : input.scalar_type();
 }
 
+// channel_view (csrc/common), except that contiguous tensors with L == 1 ((N, C) inputs of
+// BatchNorm1d) are read as N rows of C channels (NLC: the same memory), so that warps read
+// along C instead of one element per channel row.
+ChannelView cuda_channel_view(at::Tensor& t) {
+  ChannelView v = channel_view(t);
+  if (v.layout == RowLayout::kNCL && v.L == 1) v.layout = RowLayout::kNLC;
+  return v;
+}
+
 dim3 block_of(const Geometry& g) { return dim3(g.tx, g.ty); }
 
 template <typename scalar_t, typename acc_t, int VEC, bool NLC>
@@ -1039,7 +1056,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cuda(
   }
   const c10::cuda::CUDAGuard guard(input_.device());
   at::Tensor input = input_;
-  const ChannelView v = channel_view(input);
+  const ChannelView v = cuda_channel_view(input);
   const int64_t C = v.C;
   const bool have_rm = running_mean.has_value() && running_mean->defined();
   const bool have_rv = running_var.has_value() && running_var->defined();
@@ -1107,7 +1124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cuda(
   }
   const c10::cuda::CUDAGuard guard(saved_.device());
   at::Tensor saved = saved_;
-  const ChannelView v = channel_view(saved);
+  const ChannelView v = cuda_channel_view(saved);
   // grad_out is read in the saved tensor's layout; a copy is made only when the two differ.
   at::Tensor grad_out = grad_out_;
   if (grad_out.strides() != saved.strides()) grad_out = at::empty_like(saved).copy_(grad_out_);
