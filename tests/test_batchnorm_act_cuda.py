@@ -237,6 +237,17 @@ def test_empty_batch_eval(cuda_device):
     _compare(got, exp, torch.float32, "empty batch, eval")
 
 
+def test_empty_batch_training_leaves_running_stats(cuda_device):
+    """As nn.BatchNorm2d: an empty training batch leaves the running statistics unchanged
+    (finish_stats in csrc/common) and gives zero weight/bias gradients."""
+    for layout in LAYOUTS:
+        x, dy, w, b, rm, rv = _inputs((0, 6, 4, 4), torch.float32, cuda_device, layout)
+        y, dx, dw, db, rm_after, rv_after = _run("cuda", x, dy, w, b, rm, rv, True, "leaky_relu", 0.2)
+        assert y.shape == x.shape and dx.shape == x.shape
+        assert torch.equal(rm_after, rm) and torch.equal(rv_after, rv)
+        assert torch.equal(dw, torch.zeros_like(w)) and torch.equal(db, torch.zeros_like(b))
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_module_against_torch(cuda_device, layout):
     """BatchNormAct2d (cuda backend) == nn.BatchNorm2d + LeakyReLU in float64, over several
