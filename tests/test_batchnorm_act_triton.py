@@ -1,0 +1,371 @@
+"""The Triton BatchNorm + activation kernels (genfast/kernels/batchnorm_act.py) against the float64
+reference: both paths (resident one-read kernels and the split two-launch kernels, forced with
+small tiles and several splits so that partial tiles and the partial-statistics merge run),
+contiguous and channels_last, 2D/3D/4D inputs, every activation, training and eval, running
+statistics, memory_efficient (backward from the output), float32/float16/bfloat16, and the
+modules on the triton backend. CPU tests run the kernels under TRITON_INTERPRET=1 (tests/conftest.py);
+the gpu-marked tests run real kernels on DCGAN-sized tensors."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import genfast.nn as gnn
+from genfast.kernels import batchnorm_act as K
+from genfast.reference import batchnorm_act as ref
+from tests.utils import TOL, assert_close, assert_error_not_worse, backend
+
+ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2}
+SLOPE = 0.2
+EPS = 1e-5
+MOMENTUM = 0.1
+# Small tiles and three splits make the split kernels loop over tiles, mask partial tiles and
+# merge several partial statistics even on tiny inputs.
+PATHS = {"resident": dict(_path="resident"), "split": dict(_path="split", _tile=16, _splits=3)}
+
+# (shape, layout); channels_last for 3D inputs means (N, C, L) stored as (N, L, C).
+CASES = [
+    ((5, 3), "contiguous"),
+    ((4, 3, 7), "contiguous"),
+    ((4, 3, 7), "channels_last"),
+    ((3, 5, 4, 6), "contiguous"),
+    ((3, 5, 4, 6), "channels_last"),
+    ((1, 4, 1, 5), "contiguous"),
+    ((2, 1, 3, 3), "channels_last"),
+    ((6, 4, 1, 1), "channels_last"),
+    ((7, 1, 5), "contiguous"),
+]
+
+
+def to_layout(x, layout):
+    if layout == "contiguous":
+        return x.contiguous()
+    if x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def make_inputs(shape, layout, dtype=torch.float64, param_dtype=None, device="cpu"):
+    param_dtype = param_dtype or dtype
+    C = shape[1]
+    x = to_layout(torch.randn(shape, dtype=torch.float64, device=device) * 1.5 + 0.7, layout).to(dtype)
+    w = torch.empty(C, dtype=torch.float64, device=device).uniform_(0.5, 1.5)
+    w[::2] = -w[::2]
+    b = torch.empty(C, dtype=torch.float64, device=device).uniform_(-0.5, 0.5)
+    rm = torch.empty(C, dtype=torch.float64, device=device).uniform_(-0.3, 0.3)
+    rv = torch.empty(C, dtype=torch.float64, device=device).uniform_(0.5, 2.0)
+    return x, w.to(param_dtype), b.to(param_dtype), rm.to(param_dtype), rv.to(param_dtype)
+
+
+def reference_stats(x, training, rm, rv):
+    if training:
+        mean, _, invstd = ref.batch_stats(x.double(), EPS)
+        return mean, invstd
+    return rm.double(), torch.rsqrt(rv.double() + EPS)
+
+
+def run_kernels(x, w, b, rm, rv, training, act, path, floor=0.0, saved_is_output=False, dy=None):
+    y, mean, invstd = K.bn_act_fwd(x, w, b, rm, rv, training, MOMENTUM, EPS, ACT_CODES[act], SLOPE,
+                                   floor, **PATHS[path])
+    if dy is None:
+        dy = torch.randn_like(y)
+    grads = K.bn_act_bwd(dy, y if saved_is_output else x, w, b, mean, invstd, training,
+                         ACT_CODES[act], SLOPE, floor, saved_is_output, **PATHS[path])
+    return y, mean, invstd, dy, grads
+
+
+def run_reference(x, w, b, rm, rv, training, act, dy, floor=0.0):
+    y = ref.batch_norm_act(x, rm, rv, w, b, training, MOMENTUM, EPS, act, SLOPE, floor)
+    mean, invstd = reference_stats(x, training, rm, rv)
+    grads = ref.batch_norm_act_backward(dy, x, w, b, mean, invstd, training, act, SLOPE, floor)
+    return y, mean, invstd, grads
+
+
+# --- float64: every layout, shape, activation and mode ------------------------------------------
+
+@pytest.mark.parametrize("path", ["resident", "split"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("act", list(ACT_CODES))
+@pytest.mark.parametrize("shape,layout", CASES)
+def test_kernels_match_reference_float64(shape, layout, act, training, path):
+    x, w, b, rm, rv = make_inputs(shape, layout)
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    y, mean, invstd, dy, (dx, gw, gb) = run_kernels(x, w, b, rm, rv, training, act, path)
+    y_r, mean_r, invstd_r, (dx_r, gw_r, gb_r) = run_reference(x, w, b, rm_ref, rv_ref, training, act, dy)
+    assert y.stride() == x.stride() and dx.stride() == x.stride()
+    assert mean.dtype == invstd.dtype == torch.float64
+    assert_close(y, y_r, msg="output")
+    assert_close(mean, mean_r, msg="save_mean")
+    assert_close(invstd, invstd_r, msg="save_invstd")
+    assert_close(rm, rm_ref, msg="running_mean")
+    assert_close(rv, rv_ref, msg="running_var")
+    assert_close(dx, dx_r, msg="grad_input")
+    assert_close(gw, gw_r, msg="grad_weight")
+    assert_close(gb, gb_r, msg="grad_bias")
+
+
+@pytest.mark.parametrize("path", ["resident", "split"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_no_affine_no_running_stats(path, layout):
+    x, _, _, _, _ = make_inputs((4, 3, 5, 2), layout)
+    y, mean, invstd, dy, (dx, gw, gb) = run_kernels(x, None, None, None, None, True, "leaky_relu", path)
+    y_r, mean_r, invstd_r, (dx_r, gw_r, gb_r) = run_reference(x, None, None, None, None, True,
+                                                             "leaky_relu", dy)
+    assert gw.dtype == gb.dtype == x.dtype
+    for a, e, name in ((y, y_r, "output"), (dx, dx_r, "grad_input"), (gw, gw_r, "grad_weight"),
+                       (gb, gb_r, "grad_bias"), (invstd, invstd_r, "save_invstd")):
+        assert_close(a, e, msg=name)
+
+
+# --- memory_efficient: backward from the output -------------------------------------------------
+
+@pytest.mark.parametrize("path", ["resident", "split"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("act", ["leaky_relu", "identity"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_backward_from_output(layout, act, training, path):
+    floor = 1e-3
+    x, w, b, rm, rv = make_inputs((3, 6, 5, 3), layout)
+    # Gammas below the floor (and exactly 0) use sign(g) * floor in the forward and backward.
+    w[1], w[2], w[3] = 0.0, 2e-4, -5e-4
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    y, mean, invstd, dy, (dx, gw, gb) = run_kernels(x, w, b, rm, rv, training, act, path,
+                                                    floor=floor, saved_is_output=True)
+    y_r, _, _, (dx_r, gw_r, gb_r) = run_reference(x, w, b, rm_ref, rv_ref, training, act, dy, floor)
+    assert_close(y, y_r, msg="output")
+    assert_close(dx, dx_r, msg="grad_input")
+    assert_close(gw, gw_r, msg="grad_weight")
+    assert_close(gb, gb_r, msg="grad_bias")
+
+
+# --- layouts of grad_out and input ----------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["resident", "split"])
+@pytest.mark.parametrize("dy_kind", ["channels_last", "contiguous", "expanded"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_grad_out_in_another_layout(layout, dy_kind, path):
+    x, w, b, rm, rv = make_inputs((3, 4, 3, 5), layout)
+    if dy_kind == "expanded":
+        dy = torch.randn(1, 4, 1, 1, dtype=x.dtype).expand(x.shape)
+    else:
+        dy = to_layout(torch.randn(x.shape, dtype=x.dtype), dy_kind)
+    y, mean, invstd, _, (dx, gw, gb) = run_kernels(x, w, b, rm, rv, True, "leaky_relu", path, dy=dy)
+    dx_r, gw_r, gb_r = ref.batch_norm_act_backward(dy, x, w, b, mean, invstd, True, "leaky_relu", SLOPE)
+    assert dx.stride() == x.stride()
+    assert_close(dx, dx_r, msg="grad_input")
+    assert_close(gw, gw_r, msg="grad_weight")
+    assert_close(gb, gb_r, msg="grad_bias")
+
+
+@pytest.mark.parametrize("path", ["resident", "split"])
+def test_non_dense_input_is_copied(path):
+    base, w, b, rm, rv = make_inputs((4, 3, 6, 8), "contiguous")
+    x = base[:, :, ::2, 1:7]
+    assert not x.is_contiguous()
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    y, mean, invstd, dy, (dx, gw, gb) = run_kernels(x, w, b, rm, rv, True, "relu", path)
+    y_r, _, _, (dx_r, gw_r, gb_r) = run_reference(x, w, b, rm_ref, rv_ref, True, "relu", dy)
+    assert y.is_contiguous()
+    assert_close(y, y_r, msg="output")
+    assert_close(rv, rv_ref, msg="running_var")
+    assert_close(dx, dx_r, msg="grad_input")
+    assert_close(gw, gw_r, msg="grad_weight")
+
+
+def test_empty_batch_eval():
+    x, w, b, rm, rv = make_inputs((0, 3, 4), "contiguous")
+    y, mean, invstd = K.bn_act_fwd(x, w, b, rm, rv, False, MOMENTUM, EPS, 2, SLOPE, 0.0)
+    assert y.shape == x.shape
+    assert_close(mean, rm, msg="save_mean")
+    assert_close(invstd, torch.rsqrt(rv + EPS), msg="save_invstd")
+
+
+# --- precision -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["resident", "split"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_float32_against_float64(layout, training, path):
+    x, w, b, rm, rv = make_inputs((4, 5, 6, 7), layout, dtype=torch.float32)
+    rm64, rv64 = rm.double(), rv.double()
+    y, mean, invstd, dy, (dx, gw, gb) = run_kernels(x, w, b, rm, rv, training, "leaky_relu", path)
+    y_r, _, invstd_r, (dx_r, gw_r, gb_r) = run_reference(
+        x.double(), w.double(), b.double(), rm64, rv64, training, "leaky_relu", dy.double())
+    assert mean.dtype == torch.float32 and gw.dtype == torch.float32
+    assert_close(y, y_r, torch.float32, "output")
+    assert_close(invstd, invstd_r, torch.float32, "save_invstd")
+    assert_close(rm, rm64, torch.float32, "running_mean")
+    assert_close(rv, rv64, torch.float32, "running_var")
+    assert_close(dx, dx_r, torch.float32, "grad_input")
+    assert_close(gw, gw_r, torch.float32, "grad_weight")
+    assert_close(gb, gb_r, torch.float32, "grad_bias")
+
+
+@pytest.mark.parametrize("path", ["resident", "split"])
+def test_float32_statistics_are_robust_to_a_large_mean(path):
+    """A channel with mean 3000 and std 1: raw sum / sum-of-squares in float32 loses the variance
+    (checked below), the per-tile mean/M2 merged with Chan's formula keeps it."""
+    x = (torch.randn(16, 2, 16, 16) + 3000.0).float()
+    _, _, invstd = K.bn_act_fwd(x, None, None, None, None, True, MOMENTUM, EPS, 0, SLOPE, 0.0,
+                                **PATHS[path])
+    var_exact = x.double().var(dim=(0, 2, 3), unbiased=False)
+    var = invstd.double().pow(-2) - EPS
+    err = ((var - var_exact).abs() / var_exact).max().item()
+    n = x[:, 0].numel()
+    naive = (x.sum(dim=(0, 2, 3)) ** 2 / n).neg().add(x.pow(2).sum(dim=(0, 2, 3))).div(n).double()
+    naive_err = ((naive - var_exact).abs() / var_exact).max().item()
+    assert err < 1e-3, err
+    assert naive_err > 1e-3, naive_err
+
+
+def test_split_path_is_deterministic():
+    x, w, b, rm, rv = make_inputs((6, 4, 9, 5), "channels_last", dtype=torch.float32)
+    first = run_kernels(x, w, b, rm.clone(), rv.clone(), True, "leaky_relu", "split")
+    second = run_kernels(x, w, b, rm.clone(), rv.clone(), True, "leaky_relu", "split", dy=first[3])
+    for a, e in zip(first[:3] + first[4], second[:3] + second[4]):
+        assert torch.equal(a, e)
+
+
+def torch_bn_act(x, w, b, rm, rv, training, act):
+    y = F.batch_norm(x, rm, rv, w, b, training, MOMENTUM, EPS)
+    return F.leaky_relu(y, SLOPE) if act == "leaky_relu" else F.relu(y)
+
+
+def check_low_precision(shape, layout, dtype, param_dtype, path, device="cpu"):
+    """genfast's error against float64 at most twice PyTorch's own error in `dtype` (output and
+    every gradient), plus a float32-level floor for results PyTorch happens to get exact."""
+    x, w, b, rm, rv = make_inputs(shape, layout, dtype=dtype, param_dtype=param_dtype, device=device)
+    dy = torch.randn(shape, device=device).to(dtype)
+    kw = {} if path is None else PATHS[path]
+    y, mean, invstd = K.bn_act_fwd(x, w, b, rm.clone(), rv.clone(), True, MOMENTUM, EPS, 2, SLOPE,
+                                   0.0, **kw)
+    dx, gw, gb = K.bn_act_bwd(dy, x, w, b, mean, invstd, True, 2, SLOPE, 0.0, False, **kw)
+    assert y.dtype == dx.dtype == dtype and mean.dtype == torch.float32
+    assert gw.dtype == param_dtype and gb.dtype == param_dtype
+    # Exact: float64 reference on the same (rounded) inputs.
+    args64 = [t.double().requires_grad_(t is not rm and t is not rv) for t in (x, w, b, rm, rv)]
+    y64 = torch_bn_act(args64[0], args64[1], args64[2], args64[3].detach().clone(),
+                       args64[4].detach().clone(), True, "leaky_relu")
+    g64 = torch.autograd.grad(y64, args64[:3], dy.double())
+    # PyTorch in the low precision (parameters in the same dtype as the input, as torch needs).
+    argsl = [t.detach().to(dtype).requires_grad_(i < 3) for i, t in enumerate((x, w, b, rm, rv))]
+    yl = torch_bn_act(argsl[0], argsl[1], argsl[2], argsl[3], argsl[4], True, "leaky_relu")
+    gl = torch.autograd.grad(yl, argsl[:3], dy)
+    floor = 1e-5 * max(1.0, y64.abs().max().item())
+    assert_error_not_worse(y, yl, y64, floor=floor, msg="output")
+    for name, a, l, e in zip(("grad_input", "grad_weight", "grad_bias"), (dx, gw, gb), gl, g64):
+        assert_error_not_worse(a, l, e, floor=1e-5 * max(1.0, e.abs().max().item()), msg=name)
+
+
+@pytest.mark.parametrize("path", ["resident", "split"])
+@pytest.mark.parametrize("param_dtype", ["same", torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_error_bounded_by_torch(dtype, param_dtype, path):
+    param_dtype = dtype if param_dtype == "same" else param_dtype
+    check_low_precision((8, 3, 5, 6), "channels_last", dtype, param_dtype, path)
+
+
+# --- through the modules on the triton backend --------------------------------------------------
+
+def torch_act(y, activation):
+    if activation == "leaky_relu":
+        return F.leaky_relu(y, SLOPE)
+    if activation == "relu":
+        return F.relu(y)
+    return y
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(cls="2d", shape=(4, 3, 5, 5), layout="contiguous", act="leaky_relu"),
+    dict(cls="2d", shape=(3, 4, 3, 5), layout="channels_last", act="relu", momentum=None),
+    dict(cls="2d", shape=(2, 5, 4, 3), layout="contiguous", act="leaky_relu", memory_efficient=True),
+    dict(cls="2d", shape=(2, 5, 4, 3), layout="channels_last", act="identity", memory_efficient=True),
+    dict(cls="1d", shape=(9, 4), layout="contiguous", act="leaky_relu"),
+    dict(cls="1d", shape=(5, 3, 7), layout="channels_last", act="identity", momentum=None),
+    dict(cls="1d", shape=(5, 3, 7), layout="contiguous", act="relu", affine=False),
+    dict(cls="2d", shape=(3, 2, 4, 4), layout="contiguous", act="leaky_relu", track_running_stats=False),
+])
+def test_module_on_triton_matches_torch(cfg):
+    cls, tcls = (gnn.BatchNormAct2d, nn.BatchNorm2d) if cfg["cls"] == "2d" else (gnn.BatchNormAct1d, nn.BatchNorm1d)
+    C = cfg["shape"][1]
+    kw = dict(momentum=cfg.get("momentum", 0.1), affine=cfg.get("affine", True),
+              track_running_stats=cfg.get("track_running_stats", True), dtype=torch.float64)
+    g = cls(C, activation=cfg["act"], negative_slope=SLOPE,
+            memory_efficient=cfg.get("memory_efficient", False), **kw)
+    t = tcls(C, **kw)
+    with torch.no_grad():
+        if g.affine:
+            g.weight.uniform_(0.5, 1.5)
+            g.bias.uniform_(-0.5, 0.5)
+        if g.track_running_stats:
+            g.running_mean.uniform_(-0.3, 0.3)
+            g.running_var.uniform_(0.5, 2.0)
+    t.load_state_dict(g.state_dict())
+    for step, train in enumerate((True, True, False)):
+        g.train(train)
+        t.train(train)
+        x = to_layout(torch.randn(cfg["shape"], dtype=torch.float64) + step, cfg["layout"])
+        xg = x.clone().requires_grad_()
+        xt = x.clone().requires_grad_()
+        with backend("triton"):
+            yg = g(xg)
+        yt = torch_act(t(xt), cfg["act"])
+        dy = torch.randn_like(yt)
+        with backend("triton"):
+            yg.backward(dy)
+        yt.backward(dy)
+        assert yg.stride() == x.stride()
+        assert_close(yg, yt, msg=f"output, step {step}")
+        assert_close(xg.grad, xt.grad, msg=f"grad_input, step {step}")
+        if g.affine:
+            assert_close(g.weight.grad, t.weight.grad, msg=f"grad_weight, step {step}")
+            assert_close(g.bias.grad, t.bias.grad, msg=f"grad_bias, step {step}")
+        if g.track_running_stats:
+            assert_close(g.running_mean, t.running_mean, msg=f"running_mean, step {step}")
+            assert_close(g.running_var, t.running_var, msg=f"running_var, step {step}")
+            assert int(g.num_batches_tracked) == int(t.num_batches_tracked)
+
+
+# --- GPU: real kernels on DCGAN-sized tensors ---------------------------------------------------
+
+DCGAN = [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8), (128, 512, 4, 4)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", [None, "split", "resident"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", DCGAN)
+def test_gpu_dcgan_float32(cuda_device, shape, layout, path):
+    x, w, b, rm, rv = make_inputs(shape, layout, dtype=torch.float32, device=cuda_device)
+    plan = K._Plan(x, layout == "channels_last", shape[0], shape[1], shape[2] * shape[3],
+                   K.RESIDENT_MAX_BWD, path, None, None)
+    if path == "resident" and plan.BA * plan.BB > K.RESIDENT_MAX_BWD:
+        pytest.skip("channel too large for the resident kernels")
+    kw = {} if path is None else dict(_path=path)
+    rm64, rv64 = rm.double(), rv.double()
+    y, mean, invstd = K.bn_act_fwd(x, w, b, rm, rv, True, MOMENTUM, EPS, 2, SLOPE, 0.0, **kw)
+    dy = torch.randn_like(y)
+    dx, gw, gb = K.bn_act_bwd(dy, x, w, b, mean, invstd, True, 2, SLOPE, 0.0, False, **kw)
+    y_r, _, _, (dx_r, gw_r, gb_r) = run_reference(
+        x.double(), w.double(), b.double(), rm64, rv64, True, "leaky_relu", dy.double())
+    assert y.stride() == x.stride()
+    assert_close(y, y_r, torch.float32, "output")
+    assert_close(rm, rm64, torch.float32, "running_mean")
+    assert_close(rv, rv64, torch.float32, "running_var")
+    assert_close(dx, dx_r, torch.float32, "grad_input", scale=5)
+    assert_close(gw, gw_r, torch.float32, "grad_weight", scale=100)
+    assert_close(gb, gb_r, torch.float32, "grad_bias", scale=100)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", DCGAN)
+def test_gpu_dcgan_bfloat16(cuda_device, shape, layout):
+    check_low_precision(shape, layout, torch.bfloat16, torch.float32, None, device=cuda_device)
+
+
+@pytest.mark.gpu
+def test_gpu_resident_path_is_chosen_for_small_channels(cuda_device):
+    x = torch.randn(128, 512, 4, 4, device=cuda_device)
+    plan = K._Plan(x, False, 128, 512, 16, K.RESIDENT_MAX_FWD, None, None, None)
+    assert plan.path == "resident"
