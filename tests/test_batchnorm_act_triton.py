@@ -138,6 +138,25 @@ def test_backward_from_output(layout, act, training, path):
     assert_close(gb, gb_r, msg="grad_bias")
 
 
+@pytest.mark.parametrize("saved_is_output", [False, True])
+@pytest.mark.parametrize("act", ["leaky_relu", "relu"])
+@pytest.mark.parametrize("path", ["resident", "split"])
+def test_derivative_at_zero_is_the_negative_slope(path, act, saved_is_output):
+    """Eval with bias 0 and x == running_mean gives z == 0 exactly; f'(0) is the negative side's
+    slope (torch's convention)."""
+    if saved_is_output and act == "relu":
+        pytest.skip("relu is not invertible")
+    x, w, _, rm, rv = make_inputs((4, 3, 5), "contiguous")
+    b = torch.zeros_like(w)
+    x[:, :, ::2] = rm.view(1, 3, 1)
+    y, mean, invstd, dy, (dx, _, _) = run_kernels(x, w, b, rm, rv, False, act, path,
+                                                  saved_is_output=saved_is_output)
+    assert (y[:, :, ::2] == 0).all()
+    slope = SLOPE if act == "leaky_relu" else 0.0
+    expected = dy[:, :, ::2] * slope * (w * invstd).view(1, 3, 1)
+    assert_close(dx[:, :, ::2], expected, msg="grad_input at z == 0")
+
+
 # --- layouts of grad_out and input ----------------------------------------------------------------
 
 @pytest.mark.parametrize("path", ["resident", "split"])
