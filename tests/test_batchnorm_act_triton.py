@@ -191,12 +191,27 @@ def test_non_dense_input_is_copied(path):
     assert_close(gw, gw_r, msg="grad_weight")
 
 
-def test_empty_batch_eval():
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("path", ["resident", "split"])
+def test_empty_batch(path, training):
+    """N = 0: empty output; torch leaves the running statistics unchanged."""
     x, w, b, rm, rv = make_inputs((0, 3, 4), "contiguous")
-    y, mean, invstd = K.bn_act_fwd(x, w, b, rm, rv, False, MOMENTUM, EPS, 2, SLOPE, 0.0)
-    assert y.shape == x.shape
-    assert_close(mean, rm, msg="save_mean")
-    assert_close(invstd, torch.rsqrt(rv + EPS), msg="save_invstd")
+    rm0, rv0 = rm.clone(), rv.clone()
+    y, mean, invstd = K.bn_act_fwd(x, w, b, rm, rv, training, MOMENTUM, EPS, 2, SLOPE, 0.0,
+                                   **PATHS[path])
+    t = torch.nn.BatchNorm1d(3, dtype=torch.float64).train(training)
+    t.running_mean.copy_(rm0)
+    t.running_var.copy_(rv0)
+    y_t = t(x)
+    assert y.shape == x.shape == y_t.shape
+    assert torch.equal(rm, t.running_mean) and torch.equal(rv, t.running_var)
+    if not training:
+        assert_close(mean, rm0, msg="save_mean")
+        assert_close(invstd, torch.rsqrt(rv0 + EPS), msg="save_invstd")
+    dx, gw, gb = K.bn_act_bwd(torch.empty_like(y), x, w, b, mean, invstd, training, 2, SLOPE,
+                              0.0, False, **PATHS[path])
+    assert dx.shape == x.shape
+    assert (gw == 0).all() and (gb == 0).all()
 
 
 # --- precision -------------------------------------------------------------------------------------

@@ -193,7 +193,8 @@ def _from_channel(v, CL: tl.constexpr):
 def _finish_stats(ch, cmask, cnt, mean, m2, RM, RV, SAVE_MEAN, SAVE_INVSTD, eps, momentum,
                   write, HAS_RM: tl.constexpr, ACC: tl.constexpr):
     # Batch mean/invstd from (count, mean, M2); when `write`, store save_mean/save_invstd and
-    # update the running statistics (unbiased variance), exactly once per channel.
+    # update the running statistics (unbiased variance), exactly once per channel. An empty
+    # batch gives mean 0, var 0 (as the C++ op).
     var = tl.where(cnt > 0, m2 / tl.maximum(cnt, 1.0), 0.0)
     invstd = _invstd(var, eps, ACC)
     if write:
@@ -203,8 +204,9 @@ def _finish_stats(ch, cmask, cnt, mean, m2, RM, RV, SAVE_MEAN, SAVE_INVSTD, eps,
             unbiased = tl.where(cnt > 1, m2 / tl.maximum(cnt - 1.0, 1.0), var)
             rm = tl.load(RM + ch, mask=cmask, other=0.0).to(ACC)
             rv = tl.load(RV + ch, mask=cmask, other=1.0).to(ACC)
-            rm = (1.0 - momentum) * rm + momentum * mean
-            rv = (1.0 - momentum) * rv + momentum * unbiased
+            # An empty batch leaves the running statistics unchanged, as torch does.
+            rm = tl.where(cnt > 0, (1.0 - momentum) * rm + momentum * mean, rm)
+            rv = tl.where(cnt > 0, (1.0 - momentum) * rv + momentum * unbiased, rv)
             tl.store(RM + ch, rm.to(RM.dtype.element_ty), mask=cmask)
             tl.store(RV + ch, rv.to(RV.dtype.element_ty), mask=cmask)
     return invstd
@@ -564,7 +566,7 @@ def _bwd_dx_kernel(
     scale = g * invstd
     shift = beta - mean * scale
     if TRAINING:
-        m_ = _scalar(M, ACC)
+        m_ = tl.maximum(_scalar(M, ACC), 1.0)
         ka = sum_dz / m_
         kb = sum_dzx / m_
     else:
@@ -641,7 +643,7 @@ def _fused_bwd_kernel(
     tl.store(GW + ch, sum_dzx.to(GW.dtype.element_ty), mask=cmask)
     tl.store(GB + ch, sum_dz.to(GB.dtype.element_ty), mask=cmask)
     if TRAINING:
-        m_ = _scalar(M, ACC)
+        m_ = tl.maximum(_scalar(M, ACC), 1.0)
         dx = scale2 * (dz - _from_channel(sum_dz / m_, CL) - xhat * _from_channel(sum_dzx / m_, CL))
     else:
         dx = scale2 * dz
