@@ -267,7 +267,8 @@ def torch_bn_act(x, w, b, rm, rv, training, act):
 
 def check_low_precision(shape, layout, dtype, param_dtype, path, device="cpu"):
     """genfast's error against float64 at most twice PyTorch's own error in `dtype` (output and
-    every gradient), plus a float32-level floor for results PyTorch happens to get exact."""
+    every gradient), plus a float32-level floor for results PyTorch happens to get exact.
+    `path` None: the launcher's own choice."""
     x, w, b, rm, rv = make_inputs(shape, layout, dtype=dtype, param_dtype=param_dtype, device=device)
     dy = torch.randn(shape, device=device).to(dtype)
     kw = {} if path is None else PATHS[path]
@@ -367,35 +368,35 @@ DCGAN = [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8), (128, 512, 4, 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", [None, "split", "resident"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape", DCGAN)
-def test_gpu_dcgan_float32(cuda_device, shape, layout, path):
-    x, w, b, rm, rv = make_inputs(shape, layout, dtype=torch.float32, device=cuda_device)
-    plan = K._Plan(x, layout == "channels_last", shape[0], shape[1], shape[2] * shape[3],
-                   K.RESIDENT_MAX_BWD, path, None, None)
-    if path == "resident" and plan.BA * plan.BB > K.RESIDENT_MAX_BWD:
-        pytest.skip("channel too large for the resident kernels")
-    kw = {} if path is None else dict(_path=path)
-    rm64, rv64 = rm.double(), rv.double()
-    y, mean, invstd = K.bn_act_fwd(x, w, b, rm, rv, True, MOMENTUM, EPS, 2, SLOPE, 0.0, **kw)
-    dy = torch.randn_like(y)
-    dx, gw, gb = K.bn_act_bwd(dy, x, w, b, mean, invstd, True, 2, SLOPE, 0.0, False, **kw)
-    y_r, _, _, (dx_r, gw_r, gb_r) = run_reference(
-        x.double(), w.double(), b.double(), rm64, rv64, True, "leaky_relu", dy.double())
-    assert y.stride() == x.stride()
-    assert_close(y, y_r, torch.float32, "output")
-    assert_close(rm, rm64, torch.float32, "running_mean")
-    assert_close(rv, rv64, torch.float32, "running_var")
-    assert_close(dx, dx_r, torch.float32, "grad_input", scale=5)
-    assert_close(gw, gw_r, torch.float32, "grad_weight", scale=100)
-    assert_close(gb, gb_r, torch.float32, "grad_bias", scale=100)
+def test_gpu_dcgan(cuda_device, shape, layout, dtype, path):
+    if path == "resident":
+        x = torch.empty(shape, device=cuda_device).to(memory_format=torch.channels_last
+                                                      if layout == "channels_last" else
+                                                      torch.contiguous_format)
+        _, cl, N, C, L = K._layout(x)
+        try:
+            K._Plan(x, cl, N, C, L, K.RESIDENT_MAX_BWD, "resident", None, None)
+        except ValueError:
+            pytest.skip("channel too large for the resident kernels")
+    check_low_precision(shape, layout, dtype, torch.float32, path, device=cuda_device)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("shape", DCGAN)
-def test_gpu_dcgan_bfloat16(cuda_device, shape, layout):
-    check_low_precision(shape, layout, torch.bfloat16, torch.float32, None, device=cuda_device)
+@pytest.mark.parametrize("path", [None, "split", "resident"])
+def test_gpu_running_stats_float32(cuda_device, path):
+    x, w, b, rm, rv = make_inputs((128, 256, 8, 8), "contiguous", dtype=torch.float32,
+                                  device=cuda_device)
+    rm64, rv64 = rm.double(), rv.double()
+    kw = {} if path is None else dict(_path=path)
+    y, mean, invstd = K.bn_act_fwd(x, w, b, rm, rv, True, MOMENTUM, EPS, 2, SLOPE, 0.0, **kw)
+    y_r = ref.batch_norm_act(x.double(), rm64, rv64, w.double(), b.double(), True, MOMENTUM, EPS,
+                             "leaky_relu", SLOPE)
+    assert_close(y, y_r, torch.float32, "output")
+    assert_close(rm, rm64, torch.float32, "running_mean")
+    assert_close(rv, rv64, torch.float32, "running_var")
 
 
 @pytest.mark.gpu
@@ -403,3 +404,61 @@ def test_gpu_resident_path_is_chosen_for_small_channels(cuda_device):
     x = torch.randn(128, 512, 4, 4, device=cuda_device)
     plan = K._Plan(x, False, 128, 512, 16, K.RESIDENT_MAX_FWD, None, None, None)
     assert plan.path == "resident"
+
+
+# --- compiled (non-interpreted) kernels, without a GPU ------------------------------------------
+
+def compile_for_sm90():
+    """Compile every kernel (both layouts, float32 and bfloat16, each mode) for sm_90 with
+    Triton's own compiler: run in a subprocess without TRITON_INTERPRET, so that code that only
+    the interpreter accepts fails here rather than on the GPU machine."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    pointers = {"X", "Y", "W", "Bi", "RM", "RV", "SAVE_MEAN", "SAVE_INVSTD", "WS", "DY", "SV",
+                "DX", "MEAN", "INVSTD", "GW", "GB"}
+    acc_pointers = {"WS", "SAVE_MEAN", "SAVE_INVSTD", "MEAN", "INVSTD"}
+
+    def build(fn, dt, num_warps, **consts):
+        sig = {}
+        for p in fn.params:
+            if p.is_constexpr:
+                sig[p.name] = "constexpr"
+            elif p.annotation_type:
+                sig[p.name] = p.annotation_type
+            elif p.name in pointers:
+                sig[p.name] = "*fp32" if p.name in acc_pointers else f"*{dt}"
+            else:
+                sig[p.name] = "i32"
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+
+    common = dict(HAS_W=True, HAS_B=True, ACT=2, ACC=tl.float32)
+    for dt, cl, ba, bb in (("fp32", False, 8, 256), ("bf16", True, 64, 64)):
+        geo = dict(BA=ba, BB=bb, BCH=bb if cl else 1, CL=cl)
+        build(K._stats_partial_kernel, dt, 8, ACC=tl.float32, **geo)
+        for training in (True, False):
+            build(K._normalize_kernel, dt, 8, TRAINING=training, HAS_RM=True, BS=64, **common, **geo)
+            build(K._fused_fwd_kernel, dt, 8, TRAINING=training, HAS_RM=True, **common, **geo)
+            build(K._bwd_partial_kernel, dt, 8, SAVED_IS_OUTPUT=not training, WRITE_DX=not training,
+                  **common, **geo)
+            build(K._bwd_dx_kernel, dt, 8, SAVED_IS_OUTPUT=training, TRAINING=training, BS=64,
+                  **common, **geo)
+            build(K._fused_bwd_kernel, dt, 8, SAVED_IS_OUTPUT=training, TRAINING=training,
+                  **common, **geo)
+
+
+def test_kernels_compile_for_sm90():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    code = "from tests.test_batchnorm_act_triton import compile_for_sm90; compile_for_sm90()"
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
