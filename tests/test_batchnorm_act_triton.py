@@ -19,17 +19,17 @@ ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2}
 SLOPE = 0.2
 EPS = 1e-5
 MOMENTUM = 0.1
-# Small tiles and three splits make the split kernels loop over tiles, mask partial tiles and
-# merge several partial statistics even on tiny inputs.
-PATHS = {"resident": dict(_path="resident"), "split": dict(_path="split", _tile=16, _splits=3)}
+# Small tiles and two splits make the split kernels loop over several tiles per program, mask
+# partial tiles and merge partial statistics even on tiny inputs.
+PATHS = {"resident": dict(_path="resident"), "split": dict(_path="split", _tile=16, _splits=2)}
 
 # (shape, layout); channels_last for 3D inputs means (N, C, L) stored as (N, L, C).
 CASES = [
     ((5, 3), "contiguous"),
     ((4, 3, 7), "contiguous"),
     ((4, 3, 7), "channels_last"),
-    ((3, 5, 4, 6), "contiguous"),
-    ((3, 5, 4, 6), "channels_last"),
+    ((3, 5, 3, 5), "contiguous"),
+    ((3, 5, 3, 5), "channels_last"),
     ((1, 4, 1, 5), "contiguous"),
     ((2, 1, 3, 3), "channels_last"),
     ((6, 4, 1, 1), "channels_last"),
@@ -65,12 +65,14 @@ def reference_stats(x, training, rm, rv):
 
 
 def run_kernels(x, w, b, rm, rv, training, act, path, floor=0.0, saved_is_output=False, dy=None):
+    """`path`: a key of PATHS, or the launcher options themselves."""
+    opts = PATHS[path] if isinstance(path, str) else path
     y, mean, invstd = K.bn_act_fwd(x, w, b, rm, rv, training, MOMENTUM, EPS, ACT_CODES[act], SLOPE,
-                                   floor, **PATHS[path])
+                                   floor, **opts)
     if dy is None:
         dy = torch.randn_like(y)
     grads = K.bn_act_bwd(dy, y if saved_is_output else x, w, b, mean, invstd, training,
-                         ACT_CODES[act], SLOPE, floor, saved_is_output, **PATHS[path])
+                         ACT_CODES[act], SLOPE, floor, saved_is_output, **opts)
     return y, mean, invstd, dy, grads
 
 
@@ -240,8 +242,8 @@ def test_float32_statistics_are_robust_to_a_large_mean(path):
     """A channel with mean 3000 and std 1: raw sum / sum-of-squares in float32 loses the variance
     (checked below), the per-tile mean/M2 merged with Chan's formula keeps it."""
     x = (torch.randn(16, 2, 16, 16) + 3000.0).float()
-    _, _, invstd = K.bn_act_fwd(x, None, None, None, None, True, MOMENTUM, EPS, 0, SLOPE, 0.0,
-                                **PATHS[path])
+    kw = dict(_path="split", _tile=256, _splits=3) if path == "split" else PATHS[path]
+    _, _, invstd = K.bn_act_fwd(x, None, None, None, None, True, MOMENTUM, EPS, 0, SLOPE, 0.0, **kw)
     var_exact = x.double().var(dim=(0, 2, 3), unbiased=False)
     var = invstd.double().pow(-2) - EPS
     err = ((var - var_exact).abs() / var_exact).max().item()
@@ -252,12 +254,16 @@ def test_float32_statistics_are_robust_to_a_large_mean(path):
     assert naive_err > 1e-3, naive_err
 
 
-def test_split_path_is_deterministic():
-    x, w, b, rm, rv = make_inputs((6, 4, 9, 5), "channels_last", dtype=torch.float32)
-    first = run_kernels(x, w, b, rm.clone(), rv.clone(), True, "leaky_relu", "split")
-    second = run_kernels(x, w, b, rm.clone(), rv.clone(), True, "leaky_relu", "split", dy=first[3])
+def check_deterministic(shape, device, path):
+    x, w, b, rm, rv = make_inputs(shape, "channels_last", dtype=torch.float32, device=device)
+    first = run_kernels(x, w, b, rm.clone(), rv.clone(), True, "leaky_relu", path)
+    second = run_kernels(x, w, b, rm.clone(), rv.clone(), True, "leaky_relu", path, dy=first[3])
     for a, e in zip(first[:3] + first[4], second[:3] + second[4]):
         assert torch.equal(a, e)
+
+
+def test_split_path_is_deterministic():
+    check_deterministic((4, 4, 5, 5), "cpu", "split")
 
 
 def torch_bn_act(x, w, b, rm, rv, training, act):
@@ -397,6 +403,11 @@ def test_gpu_running_stats_float32(cuda_device, path):
     assert_close(y, y_r, torch.float32, "output")
     assert_close(rm, rm64, torch.float32, "running_mean")
     assert_close(rv, rv64, torch.float32, "running_var")
+
+
+@pytest.mark.gpu
+def test_gpu_split_path_is_deterministic(cuda_device):
+    check_deterministic((128, 64, 32, 32), cuda_device, dict(_path="split"))
 
 
 @pytest.mark.gpu
