@@ -274,10 +274,13 @@ def torch_bn_act(x, w, b, rm, rv, training, act):
 def check_low_precision(shape, layout, dtype, param_dtype, path, device="cpu"):
     """genfast's error against float64 at most twice PyTorch's own error in `dtype` (output and
     every gradient), plus a float32-level floor for results PyTorch happens to get exact.
-    `path` None: the launcher's own choice."""
+    `path` None: the launcher's own choice; on GPU a forced path keeps the default tiling."""
     x, w, b, rm, rv = make_inputs(shape, layout, dtype=dtype, param_dtype=param_dtype, device=device)
     dy = torch.randn(shape, device=device).to(dtype)
-    kw = {} if path is None else PATHS[path]
+    if path is None:
+        kw = {}
+    else:
+        kw = PATHS[path] if str(device) == "cpu" else dict(_path=path)
     y, mean, invstd = K.bn_act_fwd(x, w, b, rm.clone(), rv.clone(), True, MOMENTUM, EPS, 2, SLOPE,
                                    0.0, **kw)
     dx, gw, gb = K.bn_act_bwd(dy, x, w, b, mean, invstd, True, 2, SLOPE, 0.0, False, **kw)
