@@ -43,6 +43,8 @@ here (no GPU, and programs run one after another under TRITON_INTERPRET=1, so a 
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -680,7 +682,9 @@ def _layout(x: Tensor) -> tuple[Tensor, bool, int, int, int]:
     return x, cl, N, C, L
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
+    # The interpreter runs programs one after another: a small number keeps its grids small.
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
@@ -699,13 +703,13 @@ class _Plan:
         self.M = N * L
         sms = _num_sms(x.device)
         # Resident candidate: the whole channel block in one tile.
+        if x.dtype == torch.float64:
+            resident_max //= 2
         ra = triton.next_power_of_2(max(self.n_a, 1))
         if cl:
             rb = max(1, min(triton.next_power_of_2(C), resident_max // ra, 16))
         else:
             rb = triton.next_power_of_2(max(L, 1))
-        if x.dtype == torch.float64:
-            resident_max //= 2
         fits = ra * rb <= resident_max
         n_rblocks = triton.cdiv(C, rb) if cl else C
         if path is None:
@@ -744,19 +748,9 @@ class _Plan:
         self.num_warps = (8 if self.BA * self.BB >= 4096 else 4) if on_gpu else 1
 
 
-class _on_device:
-    """Launch on the tensors' CUDA device (no-op for CPU tensors under the interpreter)."""
-
-    def __init__(self, t: Tensor):
-        self.ctx = torch.cuda.device(t.device) if t.device.type == "cuda" else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
+def _on_device(t: Tensor):
+    """Launch on the tensor's CUDA device (nothing to do for CPU tensors under the interpreter)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def bn_act_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
