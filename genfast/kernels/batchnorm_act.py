@@ -35,6 +35,15 @@ Kernels, and their passes over memory (x, y, dy, dx are the big tensors):
   _fused_bwd_kernel      resident backward: dy and saved read ONCE, dx written once, one launch.
 No float atomics anywhere: every reduction has a fixed order, results are deterministic.
 
+Launches per call. Split path: training forward 2 (stats, normalize), eval forward 1, training
+backward 2 (partial sums, dx), eval backward 2 (partial sums + dx, finalize). Resident path: 1 in
+every mode. The finalize of the two-stage reductions is folded into the consumer kernel (each
+program merges the partials it needs) rather than done by an atomic ticket, so it needs neither
+a counter to reset nor cross-program memory ordering. The launcher picks the resident path when
+the channel block fits (RESIDENT_MAX_*) and either the tensor is tiny (<= 65536 elements: one
+launch beats a split) or there are at least half as many channel blocks as SMs; otherwise the
+split path, with splits = ceil(4 * SMs / channel blocks) so that small C still fills the GPU.
+
 Not done: the one-read (resident) path covers channel blocks up to RESIDENT_MAX_FWD / _BWD elements.
 Larger channels (DCGAN 128x64x32x32 and 128x128x16x16: 131072 and 32768 elements per channel) take
 the two-launch split path; keeping them on chip needs several CTAs per channel that synchronise
