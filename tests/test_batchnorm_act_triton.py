@@ -370,6 +370,23 @@ def test_module_on_triton_matches_torch(cfg):
             assert int(g.num_batches_tracked) == int(t.num_batches_tracked)
 
 
+@pytest.mark.parametrize("shape,resident", [((128, 512, 4, 4), True), ((128, 256, 8, 8), True),
+                                            ((128, 128, 16, 16), False), ((128, 64, 32, 32), False)])
+def test_plan_for_dcgan_shapes(shape, resident):
+    """Channels that fit one program take the one-read path; larger ones are split so that the
+    programs (channel blocks x splits) cover 4 per SM (the CPU plan assumes 4 SMs)."""
+    N, C, L = shape[0], shape[1], shape[2] * shape[3]
+    for resident_max in (K.RESIDENT_MAX_FWD, K.RESIDENT_MAX_BWD):
+        p = K._Plan(torch.device("cpu"), torch.float32, False, N, C, L, resident_max, None, None, None)
+        assert (p.path == "resident") == resident
+        if p.path == "split":
+            assert p.n_cblocks * p.S >= 4 * K._num_sms(torch.device("cpu"))
+            assert p.S * p.tiles_per_split >= p.n_tiles > (p.S - 1) * p.tiles_per_split
+    small_c = K._Plan(torch.device("cpu"), torch.float32, True, 64, 2, 64 * 64, K.RESIDENT_MAX_FWD,
+                      None, None, None)
+    assert small_c.path == "split" and small_c.S >= 16
+
+
 # --- GPU: real kernels on DCGAN-sized tensors ---------------------------------------------------
 
 DCGAN = [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8), (128, 512, 4, 4)]
@@ -387,7 +404,7 @@ def test_gpu_dcgan(cuda_device, shape, layout, dtype, path):
                                                       torch.contiguous_format)
         _, cl, N, C, L = K._layout(x)
         try:
-            K._Plan(x, cl, N, C, L, K.RESIDENT_MAX_BWD, "resident", None, None)
+            K._Plan(x.device, x.dtype, cl, N, C, L, K.RESIDENT_MAX_BWD, "resident", None, None)
         except ValueError:
             pytest.skip("channel too large for the resident kernels")
     check_low_precision(shape, layout, dtype, torch.float32, path, device=cuda_device)
@@ -416,7 +433,7 @@ def test_gpu_split_path_is_deterministic(cuda_device):
 @pytest.mark.gpu
 def test_gpu_resident_path_is_chosen_for_small_channels(cuda_device):
     x = torch.randn(128, 512, 4, 4, device=cuda_device)
-    plan = K._Plan(x, False, 128, 512, 16, K.RESIDENT_MAX_FWD, None, None, None)
+    plan = K._Plan(x.device, x.dtype, False, 128, 512, 16, K.RESIDENT_MAX_FWD, None, None, None)
     assert plan.path == "resident"
 
 

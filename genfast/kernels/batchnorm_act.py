@@ -700,19 +700,20 @@ def _num_sms(device: torch.device) -> int:
 
 
 class _Plan:
-    """Tiling of one call: tile shape, channel blocks, splits (see the module docstring)."""
+    """Tiling of one call: tile shape, channel blocks, splits (see the module docstring).
+    Built through the cached `_plan`, so a training loop pays for it once per shape."""
 
-    def __init__(self, x: Tensor, cl: bool, N: int, C: int, L: int, resident_max: int,
-                 path: Optional[str], tile: Optional[int], splits: Optional[int]):
+    def __init__(self, device: torch.device, dtype: torch.dtype, cl: bool, N: int, C: int, L: int,
+                 resident_max: int, path: Optional[str], tile: Optional[int], splits: Optional[int]):
         self.cl, self.N, self.C, self.L = cl, N, C, L
-        on_gpu = x.device.type == "cuda"
+        on_gpu = device.type == "cuda"
         self.n_a = N * L if cl else N
         self.n_b = C if cl else L
         self.stride_a = C if cl else C * L
         self.M = N * L
-        sms = _num_sms(x.device)
+        sms = _num_sms(device)
         # Resident candidate: the whole channel block in one tile.
-        if x.dtype == torch.float64:
+        if dtype == torch.float64:
             resident_max //= 2
         ra = triton.next_power_of_2(max(self.n_a, 1))
         if cl:
@@ -722,7 +723,7 @@ class _Plan:
         fits = ra * rb <= resident_max
         n_rblocks = triton.cdiv(C, rb) if cl else C
         if path is None:
-            small = x.numel() <= 65536
+            small = N * C * L <= 65536
             path = "resident" if fits and (small or 2 * n_rblocks >= sms) else "split"
         if path == "resident" and not fits:
             raise ValueError(f"resident path needs a channel block of at most {resident_max} elements")
@@ -735,7 +736,7 @@ class _Plan:
             self.num_warps = max(4, min(16, ra * rb // 256)) if on_gpu else 1
             return
         tile = tile or (TILE_GPU if on_gpu else TILE_INTERPRET)
-        if x.dtype == torch.float64:
+        if dtype == torch.float64:
             tile = max(1, tile // 2)
         if cl:
             self.BB = min(triton.next_power_of_2(C), NLC_BLOCK_C, tile)
@@ -755,6 +756,9 @@ class _Plan:
         self.S = triton.cdiv(self.n_tiles, self.tiles_per_split) if self.n_tiles else 1
         self.BS = max(1, min(triton.next_power_of_2(self.S), max(1, 2048 // self.BCH)))
         self.num_warps = (8 if self.BA * self.BB >= 4096 else 4) if on_gpu else 1
+
+
+_plan = functools.lru_cache(maxsize=1024)(_Plan)
 
 
 def _on_device(t: Tensor):
@@ -783,7 +787,7 @@ def bn_act_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     has_rm = running_mean is not None and running_var is not None
     if not training and not has_rm:
         raise RuntimeError("batch_norm_act: running_mean and running_var are required when training=False")
-    p = _Plan(x, cl, N, C, L, RESIDENT_MAX_FWD, _path, _tile, _splits)
+    p = _plan(x.device, x.dtype, cl, N, C, L, RESIDENT_MAX_FWD, _path, _tile, _splits)
     dummy = save_mean
     w = weight if weight is not None else dummy
     b = bias if bias is not None else dummy
@@ -835,7 +839,7 @@ def bn_act_bwd(grad_out: Tensor, saved: Tensor, weight: Optional[Tensor], bias: 
     gb = torch.empty((C,), dtype=bias.dtype if bias is not None else sv.dtype, device=sv.device)
     if C == 0:
         return dx, gw, gb
-    p = _Plan(sv, cl, N, C, L, RESIDENT_MAX_BWD, _path, _tile, _splits)
+    p = _plan(sv.device, sv.dtype, cl, N, C, L, RESIDENT_MAX_BWD, _path, _tile, _splits)
     mean = save_mean.contiguous()
     invstd = save_invstd.contiguous()
     w = weight if weight is not None else mean
