@@ -387,6 +387,33 @@ def test_plan_for_dcgan_shapes(shape, resident):
     assert small_c.path == "split" and small_c.S >= 16
 
 
+@pytest.mark.parametrize("memory_efficient", [False, True])
+@pytest.mark.parametrize("path", ["resident", "split"])
+def test_gradcheck_on_triton(path, memory_efficient, monkeypatch):
+    """gradcheck (float64, fast mode) of the functional on the triton backend; the split path is forced by
+    making the resident limit 0, with 8-element tiles."""
+    import genfast.functional as GF
+
+    if path == "split":
+        monkeypatch.setattr(K, "RESIDENT_MAX_FWD", 0)
+        monkeypatch.setattr(K, "RESIDENT_MAX_BWD", 0)
+        monkeypatch.setattr(K, "TILE_INTERPRET", 16)
+    K._plan.cache_clear()
+    x = to_layout(torch.randn(3, 2, 2, 3, dtype=torch.float64), "channels_last").requires_grad_()
+    w = torch.empty(2, dtype=torch.float64).uniform_(0.5, 1.5).requires_grad_()
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b):
+        return GF.batch_norm_act(x, None, None, w, b, True, MOMENTUM, EPS, activation="leaky_relu",
+                                 negative_slope=SLOPE, memory_efficient=memory_efficient)
+
+    try:
+        with backend("triton"):
+            assert torch.autograd.gradcheck(f, (x, w, b), fast_mode=True)
+    finally:
+        K._plan.cache_clear()
+
+
 # --- GPU: real kernels on DCGAN-sized tensors ---------------------------------------------------
 
 DCGAN = [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8), (128, 512, 4, 4)]
