@@ -193,6 +193,24 @@ def test_non_dense_input_is_copied(path):
     assert_close(gw, gw_r, msg="grad_weight")
 
 
+@pytest.mark.parametrize("path", ["resident", "split"])
+def test_strided_parameters_and_running_stats(path):
+    """(C,) vectors that are views with stride 2: read correctly, running stats updated in place."""
+    x, w, b, rm, rv = make_inputs((4, 3, 5), "contiguous")
+    bufs = [torch.randn(6, dtype=torch.float64) for _ in range(4)]
+    for buf, v in zip(bufs, (w, b, rm, rv)):
+        buf[::2] = v
+    ws, bs, rms, rvs = (buf[::2] for buf in bufs)
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    y, mean, invstd, dy, (dx, gw, gb) = run_kernels(x, ws, bs, rms, rvs, True, "leaky_relu", path)
+    y_r, _, _, (dx_r, gw_r, gb_r) = run_reference(x, w, b, rm_ref, rv_ref, True, "leaky_relu", dy)
+    assert_close(y, y_r, msg="output")
+    assert_close(dx, dx_r, msg="grad_input")
+    assert_close(gw, gw_r, msg="grad_weight")
+    assert_close(bufs[2][::2], rm_ref, msg="running_mean")
+    assert_close(bufs[3][::2], rv_ref, msg="running_var")
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("path", ["resident", "split"])
 def test_empty_batch(path, training):

@@ -789,10 +789,12 @@ def bn_act_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
         raise RuntimeError("batch_norm_act: running_mean and running_var are required when training=False")
     p = _plan(x.device, x.dtype, cl, N, C, L, RESIDENT_MAX_FWD, _path, _tile, _splits)
     dummy = save_mean
-    w = weight if weight is not None else dummy
-    b = bias if bias is not None else dummy
-    rm = running_mean if has_rm else dummy
-    rv = running_var if has_rm else dummy
+    # The kernels index (C,) vectors with stride 1. A strided running buffer is updated through a
+    # contiguous copy, copied back after the kernels have run.
+    w = weight.contiguous() if weight is not None else dummy
+    b = bias.contiguous() if bias is not None else dummy
+    rm = running_mean.contiguous() if has_rm else dummy
+    rv = running_var.contiguous() if has_rm else dummy
     flags = dict(TRAINING=bool(training), HAS_W=weight is not None, HAS_B=bias is not None,
                  HAS_RM=has_rm, ACT=int(activation), ACC=tl_acc)
     scalars = (float(eps), float(momentum), float(negative_slope), float(gamma_floor))
@@ -801,18 +803,22 @@ def bn_act_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
             _fused_fwd_kernel[(p.n_cblocks,)](
                 x, out, w, b, rm, rv, save_mean, save_invstd, p.n_a, p.n_b, p.stride_a, L, C,
                 *scalars, BA=p.BA, BB=p.BB, BCH=p.BCH, CL=p.cl, num_warps=p.num_warps, **flags)
-            return out, save_mean, save_invstd
-        ws = dummy
-        if training:
-            ws = torch.empty((3, p.S, C), dtype=acc, device=x.device)
-            _stats_partial_kernel[(p.n_cblocks, p.S)](
-                x, ws, p.n_a, p.n_b, p.stride_a, L, C, p.S, p.tiles_b, p.n_tiles,
-                p.tiles_per_split, ACC=tl_acc, BA=p.BA, BB=p.BB, BCH=p.BCH, CL=p.cl,
-                num_warps=p.num_warps)
-        _normalize_kernel[(p.n_cblocks, p.S)](
-            x, out, w, b, rm, rv, save_mean, save_invstd, ws, p.n_a, p.n_b, p.stride_a, L, C,
-            p.S, p.tiles_b, p.n_tiles, p.tiles_per_split, *scalars, BA=p.BA, BB=p.BB,
-            BCH=p.BCH, BS=p.BS, CL=p.cl, num_warps=p.num_warps, **flags)
+        else:
+            ws = dummy
+            if training:
+                ws = torch.empty((3, p.S, C), dtype=acc, device=x.device)
+                _stats_partial_kernel[(p.n_cblocks, p.S)](
+                    x, ws, p.n_a, p.n_b, p.stride_a, L, C, p.S, p.tiles_b, p.n_tiles,
+                    p.tiles_per_split, ACC=tl_acc, BA=p.BA, BB=p.BB, BCH=p.BCH, CL=p.cl,
+                    num_warps=p.num_warps)
+            _normalize_kernel[(p.n_cblocks, p.S)](
+                x, out, w, b, rm, rv, save_mean, save_invstd, ws, p.n_a, p.n_b, p.stride_a, L, C,
+                p.S, p.tiles_b, p.n_tiles, p.tiles_per_split, *scalars, BA=p.BA, BB=p.BB,
+                BCH=p.BCH, BS=p.BS, CL=p.cl, num_warps=p.num_warps, **flags)
+    if training and has_rm:
+        for buf, used in ((running_mean, rm), (running_var, rv)):
+            if used is not buf:
+                buf.copy_(used)
     return out, save_mean, save_invstd
 
 
@@ -842,8 +848,8 @@ def bn_act_bwd(grad_out: Tensor, saved: Tensor, weight: Optional[Tensor], bias: 
     p = _plan(sv.device, sv.dtype, cl, N, C, L, RESIDENT_MAX_BWD, _path, _tile, _splits)
     mean = save_mean.contiguous()
     invstd = save_invstd.contiguous()
-    w = weight if weight is not None else mean
-    b = bias if bias is not None else mean
+    w = weight.contiguous() if weight is not None else mean
+    b = bias.contiguous() if bias is not None else mean
     flags = dict(SAVED_IS_OUTPUT=bool(saved_is_output), HAS_W=weight is not None,
                  HAS_B=bias is not None, ACT=int(activation), ACC=tl_acc)
     scalars = (float(negative_slope), float(gamma_floor))
