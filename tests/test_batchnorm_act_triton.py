@@ -34,6 +34,7 @@ CASES = [
     ((2, 1, 3, 3), "channels_last"),
     ((6, 4, 1, 1), "channels_last"),
     ((7, 1, 5), "contiguous"),
+    ((2, 20, 3), "channels_last"),  # two channel blocks, the second one partial
 ]
 
 
