@@ -41,16 +41,7 @@ def _variants_gan(make, batch, device):
         t = demo.GANTrainer(G, D, nz, plain=not convert)
 
         def step(t=t):
-            fake = t.G(z)
-            t.opt_d.zero_grad(set_to_none=True)
-            d_loss = t.d_loss(t.D(real), t.D(fake.detach()))
-            d_loss.backward()
-            t.opt_d.step()
-            t.opt_g.zero_grad(set_to_none=True)
-            g_loss = t.g_loss(t.D(fake))
-            g_loss.backward()
-            t.opt_g.step()
-            return torch.stack([d_loss.detach(), g_loss.detach()])
+            return torch.stack(t.step(real, z))
 
         variants[label] = step
     return variants, extra
