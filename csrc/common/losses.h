@@ -50,7 +50,7 @@ GENFAST_HOST_DEVICE T bce_logits_elem(T x, T t, T pos_weight, T* grad) {
 }
 
 // BCE on probabilities, torch's formula: each log clamped at -100; gradient
-// (p - t) / max(p (1 - p), 1e-12).
+// (p - t) / max(p (1 - p), 1e-12), with torch's EPSILON: the float32 value of 1e-12.
 template <typename T>
 GENFAST_HOST_DEVICE T bce_prob_elem(T p, T t, T* grad) {
   T lp = ::log(p);
@@ -58,7 +58,8 @@ GENFAST_HOST_DEVICE T bce_prob_elem(T p, T t, T* grad) {
   lp = lp < T(-100) ? T(-100) : lp;
   l1mp = l1mp < T(-100) ? T(-100) : l1mp;
   T den = p * (T(1) - p);
-  den = den < T(1e-12) ? T(1e-12) : den;
+  const T eps = static_cast<T>(1e-12f);
+  den = den < eps ? eps : den;
   *grad = (p - t) / den;
   return (t - T(1)) * l1mp - t * lp;
 }

@@ -12,7 +12,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -251,7 +252,7 @@ GridScratch grid_scratch(const at::Tensor& like, at::ScalarType acc, int64_t blo
   s.partials = at::empty({nv * blocks}, like.options().dtype(acc));
   s.ticket = at::empty({1}, like.options().dtype(at::kInt));
   if (blocks > 1) {
-    C10_CUDA_CHECK(cudaMemsetAsync(s.ticket.data_ptr(), 0, sizeof(int), at::cuda::getCurrentCUDAStream()));
+    C10_CUDA_CHECK(cudaMemsetAsync(s.ticket.data_ptr(), 0, sizeof(int), c10::cuda::getCurrentCUDAStream()));
   }
   return s;
 }
@@ -286,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gan_loss_fwd_cuda(const c10::opti
     const acc_t wr = mean ? acc_t(1) / acc_t(nr) : acc_t(1), wf = mean ? acc_t(1) / acc_t(nf) : acc_t(1);
     const bool empty_side = (has_r && nr == 0) || (has_f && nf == 0);
     const acc_t add = mean && empty_side ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
-    gan_loss_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    gan_loss_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         has_r ? real.data_ptr<scalar_t>() : nullptr, has_f ? fake.data_ptr<scalar_t>() : nullptr, nr, nf,
         static_cast<int>(kind), generator ? kRoleGen : kRoleFake, static_cast<int>(reduction),
         static_cast<acc_t>(real_label), wr, wf, add, grad.data_ptr<acc_t>(),
@@ -303,7 +304,7 @@ void launch_scale(const at::Tensor& saved, int64_t split, const at::Tensor& ca, 
                   at::Tensor& ga, at::Tensor& gb) {
   const int64_t n = saved.numel();
   if (n == 0) return;
-  scale_grad_kernel<acc_t, a_t, b_t><<<elementwise_blocks(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  scale_grad_kernel<acc_t, a_t, b_t><<<elementwise_blocks(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       saved.data_ptr<acc_t>(), split, n, ma ? ca.data_ptr<acc_t>() : nullptr, ma,
       mb ? cb.data_ptr<acc_t>() : nullptr, mb, ga.data_ptr<a_t>(), gb.data_ptr<b_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -382,7 +383,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vae_loss_fwd_cuda(const at::Tenso
     using acc_t = decltype(az);
     auto launch = [&](auto mz) {
       using m_t = decltype(mz);
-      vae_loss_kernel<r_t, t_t, m_t, acc_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      vae_loss_kernel<r_t, t_t, m_t, acc_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           recon.data_ptr<r_t>(), target.data_ptr<t_t>(), mu.data_ptr<m_t>(), logvar.data_ptr<m_t>(), n, nz,
           static_cast<int>(recon_kind), acc_t(1.0 / N), static_cast<acc_t>(beta), grad.data_ptr<acc_t>(),
           loss.data_ptr<acc_t>(), parts.data_ptr<acc_t>(), s.partials.data_ptr<acc_t>(),
@@ -427,7 +428,7 @@ std::tuple<at::Tensor, at::Tensor> bce_loss_fwd_cuda(const at::Tensor& input_, c
     using x_t = decltype(xz);
     using t_t = decltype(tz);
     using acc_t = decltype(az);
-    bce_loss_kernel<x_t, t_t, acc_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    bce_loss_kernel<x_t, t_t, acc_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         input.data_ptr<x_t>(), target.data_ptr<t_t>(), has_w ? w.data_ptr<acc_t>() : nullptr,
         has_p ? pw.data_ptr<acc_t>() : nullptr, n, logits, static_cast<int>(reduction),
         reduction == kReduceMean ? acc_t(1) / acc_t(n) : acc_t(1), grad.data_ptr<acc_t>(),
@@ -449,7 +450,7 @@ at::Tensor reparam_fwd_cuda(const at::Tensor& mu_, const at::Tensor& logvar_, co
   const int64_t n = mu.numel();
   if (n == 0) return z;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "reparam_fwd_cuda", [&] {
-    reparam_fwd_kernel<scalar_t><<<elementwise_blocks(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    reparam_fwd_kernel<scalar_t><<<elementwise_blocks(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         mu.data_ptr<scalar_t>(), lv.data_ptr<scalar_t>(), eps.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -466,7 +467,7 @@ at::Tensor reparam_bwd_cuda(const at::Tensor& grad_z_, const at::Tensor& logvar_
   const int64_t n = lv.numel();
   if (n == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lv.scalar_type(), "reparam_bwd_cuda", [&] {
-    reparam_bwd_kernel<scalar_t><<<elementwise_blocks(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    reparam_bwd_kernel<scalar_t><<<elementwise_blocks(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         g.data_ptr<scalar_t>(), lv.data_ptr<scalar_t>(), eps.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

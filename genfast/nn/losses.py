@@ -74,6 +74,8 @@ def _out_dtype(input: Tensor, target: Tensor) -> torch.dtype:
     # casts both to float32 first); genfast's kernels return float32 for 16-bit inputs.
     if torch.is_autocast_enabled(input.device.type):
         return torch.float32
+    if input.dtype == target.dtype:
+        return input.dtype
     return torch.promote_types(input.dtype, target.dtype)
 
 

@@ -86,8 +86,9 @@ def generator_loss(fake_logits, kind="bce", reduction="mean"):
 
 
 def bce_prob_terms(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """torch's binary_cross_entropy per element: logs clamped at -100."""
-    return (t - 1) * torch.clamp(torch.log1p(-p), min=-100) - t * torch.clamp(torch.log(p), min=-100)
+    """torch's binary_cross_entropy per element: -(t log p + (1 - t) log(1 - p)) with each log
+    clamped at -100, and torch's gradient (p - t) / max(p (1 - p), 1e-12) (float32 1e-12)."""
+    return F.binary_cross_entropy(p, t, reduction="none")
 
 
 def kl_terms(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -103,7 +104,7 @@ def vae_loss(recon, target, mu, logvar, recon_loss="mse", beta=1.0, reduction="s
     if recon_loss == "mse":
         rec = ((r - t) ** 2).sum()
     elif recon_loss == "bce":
-        rec = bce_prob_terms(r, t).sum()
+        rec = F.binary_cross_entropy(r, t, reduction="sum")
     elif recon_loss == "bce_logits":
         rec = bce_logits_terms(r, t).sum()
     else:
@@ -133,7 +134,5 @@ def bce_with_logits(input, target, weight=None, pos_weight=None, reduction="mean
 
 def bce(input, target, weight=None, reduction="mean"):
     acc = acc_dtype(input.dtype)
-    terms = bce_prob_terms(input.to(acc), target.to(acc))
-    if weight is not None:
-        terms = terms * weight.to(acc)
-    return _reduce(terms, reduction)
+    w = None if weight is None else torch.broadcast_to(weight.to(acc), input.shape)
+    return F.binary_cross_entropy(input.to(acc), target.to(acc), w, reduction=reduction)
