@@ -26,6 +26,9 @@ AUTO_CUDA = {
     "losses": "triton",
 }
 
+# Backends with kernels for each family; a family not listed has all four.
+FAMILY_BACKENDS: dict[str, tuple[str, ...]] = {}
+
 _state = threading.local()
 _warned: set[str] = set()
 
@@ -111,6 +114,11 @@ class use_backend:
 
     def __exit__(self, *exc):
         _state.name = self.prev
+
+
+def family_supports(family: str, name: str) -> bool:
+    """Whether op family `family` has kernels for backend `name`."""
+    return name in FAMILY_BACKENDS.get(family, BACKENDS)
 
 
 def available(name: str, device: torch.device) -> tuple[bool, str]:
