@@ -162,6 +162,7 @@ __global__ void vae_loss_kernel(const r_t* __restrict__ recon, const t_t* __rest
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
     if (i < n) {
       acc_t g;
+      if (recon_kind == kReconBce) CUDA_KERNEL_ASSERT(recon[i] >= r_t(0) && recon[i] <= r_t(1));
       v[0] += vae_recon_elem<acc_t>(static_cast<acc_t>(recon[i]), static_cast<acc_t>(target[i]), recon_kind, &g);
       grad[i] = g * inv_n;
     } else {
