@@ -20,26 +20,26 @@ GAN_SHAPES = [(64, 1), (128, 1), (1024, 1), (128, 1, 30, 30)]
 VAE_SHAPES = [("mnist bce 128x784 z20", (128, 784), 20, "bce"), ("img mse 64x3x64x64 z128", (64, 3, 64, 64), 128, "mse")]
 
 
-def _eager_gan(real, fake):
+def _eager_gan(real, fake, fake_g):
     d = (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
          + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
-    g = F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
+    g = F.binary_cross_entropy_with_logits(fake_g, torch.ones_like(fake_g))
     return d, g
 
 
 def _genfast_gan(backend):
-    def fn(real, fake):
+    def fn(real, fake, fake_g):
         with genfast.backend.use_backend(backend):
-            return GF.discriminator_loss(real, fake, "bce"), GF.generator_loss(fake, "bce")
+            return GF.discriminator_loss(real, fake, "bce"), GF.generator_loss(fake_g, "bce")
     return fn
 
 
-def _gan_step(fn, real, fake):
-    r, f = real.detach().requires_grad_(), fake.detach().requires_grad_()
-    d, g = fn(r, f)
-    gr, gf = torch.autograd.grad(d, (r, f))
-    (gg,) = torch.autograd.grad(g, f)
-    return d, g, gr, gf, gg
+def _gan_step(fn, real, fake, fake_g):
+    """D loss on (real, fake) and G loss on fake_g (the generator step's own D output), and the
+    gradients w.r.t. all three logit tensors, in one backward."""
+    ins = [t.detach().requires_grad_() for t in (real, fake, fake_g)]
+    d, g = fn(*ins)
+    return (d, g) + torch.autograd.grad(d + g, ins)
 
 
 def _eager_vae(recon_loss):
@@ -90,7 +90,8 @@ def run(device: torch.device, quick: bool) -> list[dict]:
     for shape in GAN_SHAPES:
         real = torch.randn(shape, device=device) * 2
         fake = torch.randn(shape, device=device) * 2
-        variants = _variants(lambda: _eager_gan, _genfast_gan, _gan_step, (real, fake), device)
+        fake_g = torch.randn(shape, device=device) * 2
+        variants = _variants(lambda: _eager_gan, _genfast_gan, _gan_step, (real, fake, fake_g), device)
         launches = {k: count_launches(v, device) for k, v in variants.items()}
         case = f"gan D+G bce fwd+bwd {'x'.join(map(str, shape))}"
         rows.append(harness.measure(FAMILY, case, variants, device=device,

@@ -181,6 +181,22 @@ def test_gan_empty_side_mean_is_nan_like_torch(backend_name):
     assert torch.isnan(d) and torch.isnan(torch.randn(0).mean())
 
 
+@pytest.mark.parametrize("backend_name", ["cpu", "triton"])
+def test_autocast_returns_float32(backend_name):
+    lin = nn.Linear(5, 1)
+    x, xf = torch.randn(6, 5), torch.randn(4, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16), backend(backend_name):
+        real, fake = lin(x), lin(xf)
+        assert real.dtype == torch.bfloat16
+        d = GF.discriminator_loss(real, fake, "bce")
+        g = GF.generator_loss(fake, "lsgan")
+    assert d.dtype == torch.float32 and g.dtype == torch.float32
+    assert_close(d, ref.discriminator_loss(real.double(), fake.double(), "bce"), torch.float32, "D autocast", scale=4.0)
+    assert_close(g, ref.generator_loss(fake.double(), "lsgan"), torch.float32, "G autocast", scale=4.0)
+    (gw,) = torch.autograd.grad(d + g, lin.weight)
+    assert gw.dtype == torch.float32 and torch.isfinite(gw).all()
+
+
 # --- VAE ------------------------------------------------------------------------------------------
 
 def _vae_inputs(dtype, recon_loss, n=4, d=12, z=3):

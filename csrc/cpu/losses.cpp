@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <type_traits>
 #include <vector>
 
 #include "../common/losses.h"
@@ -45,22 +46,53 @@ void check_float(const at::Tensor& t, const char* name) {
               t.scalar_type());
 }
 
-// One GAN side: terms and derivatives of x[0..n) in role `role`; grad[i] = d term_i * gscale.
-// Writes terms[i] when terms != nullptr. Returns the (unscaled) sum of the terms.
-template <typename scalar_t, typename acc_t>
-acc_t gan_side(const scalar_t* x, int64_t n, int kind, int role, acc_t label, acc_t gscale, acc_t* grad,
-               acc_t* terms) {
+// One GAN side: terms and derivatives of x[0..n) in role ROLE; grad[i] = d term_i * gscale.
+// Writes terms[i] when TERMS. Returns the (unscaled) sum of the terms. KIND, ROLE and TERMS are
+// compile-time so that the per-element switch folds away and the loop can vectorise.
+template <typename scalar_t, typename acc_t, int KIND, int ROLE, bool TERMS>
+acc_t gan_side_t(const scalar_t* x, int64_t n, acc_t label, acc_t gscale, acc_t* grad, acc_t* terms) {
   return blocked_sum<acc_t>(n, [&](int64_t i0, int64_t i1) {
     acc_t s = 0;
+#pragma omp simd reduction(+ : s)
     for (int64_t i = i0; i < i1; ++i) {
       acc_t g;
-      const acc_t l = gan_elem<acc_t>(static_cast<acc_t>(x[i]), kind, role, label, &g);
+      const acc_t l = gan_elem<acc_t>(static_cast<acc_t>(x[i]), KIND, ROLE, label, &g);
       grad[i] = g * gscale;
-      if (terms != nullptr) terms[i] = l;
+      if (TERMS) terms[i] = l;
       s += l;
     }
     return s;
   });
+}
+
+template <typename scalar_t, typename acc_t, int KIND>
+acc_t gan_side_k(const scalar_t* x, int64_t n, int role, acc_t label, acc_t gscale, acc_t* grad, acc_t* terms) {
+  const bool t = terms != nullptr;
+  switch (role) {
+    case kRoleReal:
+      return t ? gan_side_t<scalar_t, acc_t, KIND, kRoleReal, true>(x, n, label, gscale, grad, terms)
+               : gan_side_t<scalar_t, acc_t, KIND, kRoleReal, false>(x, n, label, gscale, grad, terms);
+    case kRoleFake:
+      return t ? gan_side_t<scalar_t, acc_t, KIND, kRoleFake, true>(x, n, label, gscale, grad, terms)
+               : gan_side_t<scalar_t, acc_t, KIND, kRoleFake, false>(x, n, label, gscale, grad, terms);
+    default:
+      return t ? gan_side_t<scalar_t, acc_t, KIND, kRoleGen, true>(x, n, label, gscale, grad, terms)
+               : gan_side_t<scalar_t, acc_t, KIND, kRoleGen, false>(x, n, label, gscale, grad, terms);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+acc_t gan_side(const scalar_t* x, int64_t n, int kind, int role, acc_t label, acc_t gscale, acc_t* grad,
+               acc_t* terms) {
+  switch (kind) {
+    case kGanBce: return gan_side_k<scalar_t, acc_t, kGanBce>(x, n, role, label, gscale, grad, terms);
+    case kGanMinimax: return gan_side_k<scalar_t, acc_t, kGanMinimax>(x, n, role, label, gscale, grad, terms);
+    case kGanHinge: return gan_side_k<scalar_t, acc_t, kGanHinge>(x, n, role, label, gscale, grad, terms);
+    case kGanWasserstein:
+      return gan_side_k<scalar_t, acc_t, kGanWasserstein>(x, n, role, label, gscale, grad, terms);
+    case kGanLsgan: return gan_side_k<scalar_t, acc_t, kGanLsgan>(x, n, role, label, gscale, grad, terms);
+    default: TORCH_CHECK(false, "gan_loss: bad kind code ", kind);
+  }
 }
 
 // Returns (out_real, out_fake, grad). reduction mean/sum: out_real is the 0-dim loss
@@ -221,20 +253,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vae_loss_fwd_cpu(const at::Tensor
     const t_t* t = target.data_ptr<t_t>();
     acc_t* g = grad.data_ptr<acc_t>();
     const acc_t s = acc_t(1) / acc_t(N);
-    const int rk = static_cast<int>(recon_kind);
-    const acc_t rs = blocked_sum<acc_t>(n, [&](int64_t i0, int64_t i1) {
-      acc_t a = 0;
-      bool bad = false;
-      for (int64_t i = i0; i < i1; ++i) {
-        acc_t gi;
-        const acc_t ri = static_cast<acc_t>(r[i]);
-        if (rk == kReconBce) bad |= !(ri >= acc_t(0) && ri <= acc_t(1));
-        a += vae_recon_elem<acc_t>(ri, static_cast<acc_t>(t[i]), rk, &gi);
-        g[i] = gi * s;
-      }
-      if (bad) out_of_range.store(true);
-      return a;
-    });
+    auto recon_sum = [&](auto rk_c) {
+      constexpr int RK = decltype(rk_c)::value;
+      return blocked_sum<acc_t>(n, [&](int64_t i0, int64_t i1) {
+        acc_t a = 0;
+        bool bad = false;
+#pragma omp simd reduction(+ : a) reduction(| : bad)
+        for (int64_t i = i0; i < i1; ++i) {
+          acc_t gi;
+          const acc_t ri = static_cast<acc_t>(r[i]);
+          if (RK == kReconBce) bad |= !(ri >= acc_t(0) && ri <= acc_t(1));
+          a += vae_recon_elem<acc_t>(ri, static_cast<acc_t>(t[i]), RK, &gi);
+          g[i] = gi * s;
+        }
+        if (bad) out_of_range.store(true);
+        return a;
+      });
+    };
+    acc_t rs;
+    if (recon_kind == kReconBce) {
+      rs = recon_sum(std::integral_constant<int, kReconBce>());
+    } else if (recon_kind == kReconBceLogits) {
+      rs = recon_sum(std::integral_constant<int, kReconBceLogits>());
+    } else {
+      rs = recon_sum(std::integral_constant<int, kReconMse>());
+    }
     rec_sum = static_cast<double>(rs);
   });
   TORCH_CHECK(!out_of_range.load(), "vae_loss: all elements of recon should be between 0 and 1 for "

@@ -165,6 +165,16 @@ def _(grad_z, logvar, eps, backend):
 
 
 # --- autograd ------------------------------------------------------------------------------------
+# The cpu and cuda backends call the C++ dispatcher ops directly (they have fakes, so
+# torch.compile traces them): the Python custom-op layer costs about 20 us per call on the CPU,
+# as much as a small loss kernel. The triton backend goes through the registered Python ops.
+
+def _call(cpp_name: str, py_op, backend: str, *args):
+    if backend in ("cpu", "cuda"):
+        return getattr(torch.ops.genfast, cpp_name)(*args)
+    return py_op(*args, backend)
+
+
 # torch.autograd.Function (not register_autograd) so that outputs the caller does not use get no
 # materialised zero gradients: a reduced loss's backward is exactly one loss_backward launch.
 
@@ -185,7 +195,8 @@ def _ref_grads(fn, inputs, outputs_grads):
 class GanLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, real, fake, kind, generator, reduction, real_label, backend):
-        out_r, out_f, grad = gan_loss_op(real, fake, kind, generator, reduction, real_label, backend)
+        out_r, out_f, grad = _call("gan_loss_fwd", gan_loss_op, backend, real, fake, kind, generator, reduction,
+                                   real_label)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(grad, real, fake)
         ctx.cfg = (kind, generator, reduction, real_label, backend)
@@ -217,7 +228,7 @@ class GanLossFunction(torch.autograd.Function):
         nr = real.numel() if real is not None else 0
         dt_r = real.dtype if real is not None else grad.dtype
         dt_f = fake.dtype if fake is not None else grad.dtype
-        ga, gb = loss_backward_op(coef_a, coef_b, grad, nr, dt_r, dt_f, backend)
+        ga, gb = _call("loss_scale_grad", loss_backward_op, backend, coef_a, coef_b, grad, nr, dt_r, dt_f)
         dr = ga.view(real.shape) if real is not None and ctx.needs_input_grad[0] else None
         df = gb.view(fake.shape) if fake is not None and ctx.needs_input_grad[1] else None
         return dr, df, None, None, None, None, None
@@ -234,7 +245,8 @@ def _reduce_ref(terms, reduction):
 class VaeLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, recon, target, mu, logvar, recon_kind, beta, reduction, backend):
-        loss, parts, grad = vae_loss_op(recon, target, mu, logvar, recon_kind, beta, reduction, backend)
+        loss, parts, grad = _call("vae_loss_fwd", vae_loss_op, backend, recon, target, mu, logvar, recon_kind, beta,
+                                  reduction)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(parts)
         ctx.save_for_backward(grad, recon, target, mu, logvar)
@@ -254,7 +266,7 @@ class VaeLossFunction(torch.autograd.Function):
                                     (recon, mu, logvar), [g_loss])
             return dr, None, dm, dl, None, None, None, None
         n, nz = recon.numel(), mu.numel()
-        ga, gb = loss_backward_op(g_loss, g_loss, grad, n, recon.dtype, mu.dtype, backend)
+        ga, gb = _call("loss_scale_grad", loss_backward_op, backend, g_loss, g_loss, grad, n, recon.dtype, mu.dtype)
         need = ctx.needs_input_grad
         return (ga.view(recon.shape) if need[0] else None, None,
                 gb[:nz].view(mu.shape) if need[2] else None,
@@ -264,7 +276,7 @@ class VaeLossFunction(torch.autograd.Function):
 class BceLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, target, weight, pos_weight, reduction, logits, backend):
-        out, grad = bce_loss_op(input, target, weight, pos_weight, reduction, logits, backend)
+        out, grad = _call("bce_loss_fwd", bce_loss_op, backend, input, target, weight, pos_weight, reduction, logits)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(grad, input, target, weight, pos_weight)
         ctx.cfg = (reduction, logits, backend)
@@ -284,14 +296,15 @@ class BceLossFunction(torch.autograd.Function):
                 fn = lambda: ref.bce(input, target, weight, red)  # noqa: E731
             (dx,) = _ref_grads(fn, (input,), [g])
             return dx, None, None, None, None, None, None
-        ga, _ = loss_backward_op(g, None, grad, input.numel(), input.dtype, grad.dtype, backend)
+        ga, _ = _call("loss_scale_grad", loss_backward_op, backend, g, None, grad, input.numel(), input.dtype,
+                      grad.dtype)
         return ga.view(input.shape), None, None, None, None, None, None
 
 
 class ReparamFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mu, logvar, eps, backend):
-        z = reparam_fwd_op(mu, logvar, eps, backend)
+        z = _call("reparam_fwd", reparam_fwd_op, backend, mu, logvar, eps)
         ctx.save_for_backward(logvar, eps)
         ctx.backend = backend
         return z
@@ -304,7 +317,7 @@ class ReparamFunction(torch.autograd.Function):
             return g, None, None, None
         if torch.is_grad_enabled():
             return g, 0.5 * g * eps * torch.exp(0.5 * logvar), None, None
-        return g, reparam_bwd_op(g, logvar, eps, ctx.backend), None, None
+        return g, _call("reparam_bwd", reparam_bwd_op, ctx.backend, g, logvar, eps), None, None
 
 
 # --- checks (torch's exception types, the argument named) ----------------------------------------
