@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 import genfast.nn as gnn
+from genfast.nn.batchnorm_act import bias_kwargs
 
 _BN_FUSED = {nn.BatchNorm1d: gnn.BatchNormAct1d, nn.BatchNorm2d: gnn.BatchNormAct2d}
 
@@ -58,7 +59,8 @@ def _move_state(old: nn.Module, new: nn.Module) -> nn.Module:
 def _fused_bn(bn, activation, slope):
     cls = _BN_FUSED[type(bn)]
     new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-              device="meta", activation=activation, negative_slope=slope)
+              device="meta", activation=activation, negative_slope=slope,
+              **bias_kwargs(not bn.affine or bn.bias is not None))
     return _move_state(bn, new)
 
 
