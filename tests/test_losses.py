@@ -151,6 +151,30 @@ def test_gan_extreme_logits(backend_name, kind):
 
 
 @pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_gan_layouts_and_odd_shapes(backend_name):
+    cases = [
+        (torch.randn(5, 3).t(), torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last)),  # non-contiguous
+        (torch.randn(()), torch.randn(1)),  # 0-dim and size-1 logits
+        (torch.randn(3, 1, 2, 2)[:, :, ::2, :], torch.randn(0, 1)),  # strided; empty fake batch
+    ]
+    for real, fake in cases:
+        for red in ("sum", "none"):
+            r, f = real.clone().requires_grad_(True), fake.clone().requires_grad_(True)
+            with backend(backend_name):
+                d = GF.discriminator_loss(r, f, "bce", red)
+            s = d if red == "sum" else d[0].sum() * 1.5 + d[1].sum()
+            gr, gf = torch.autograd.grad(s, (r, f))
+            r64, f64 = real.double().requires_grad_(True), fake.double().requires_grad_(True)
+            w = ref.discriminator_loss(r64, f64, "bce", red)
+            ws = w if red == "sum" else w[0].sum() * 1.5 + w[1].sum()
+            wr, wf = torch.autograd.grad(ws, (r64, f64))
+            assert gr.shape == real.shape and gf.shape == fake.shape
+            assert_close(s, ws, torch.float32, f"{backend_name} {red} loss")
+            assert_close(gr, wr, torch.float32, f"{backend_name} {red} grad real")
+            assert_close(gf, wf, torch.float32, f"{backend_name} {red} grad fake")
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
 def test_nonsaturating_generator_gradient_does_not_vanish(backend_name):
     x = torch.tensor([-100.0, -50.0, -30.0], requires_grad=True)
     with backend(backend_name):
@@ -244,6 +268,22 @@ def test_vae_kl_finite_at_extreme_logvar(backend_name, dtype):
     want = ref.kl_terms(mu.double(), lv.detach().double()).sum()
     assert torch.isfinite(kl)
     assert_close(kl, want, torch.float32, "kl", scale=4.0)
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_vae_noncontiguous(backend_name):
+    recon, target, mu, lv = _vae_inputs(torch.float32, "mse", n=6, d=4, z=3)
+    rt, mt, lt = recon.t().requires_grad_(True), mu.t().requires_grad_(True), lv.t().requires_grad_(True)
+    with backend(backend_name):
+        loss = GF.vae_loss(rt, target.t(), mt, lt, reduction="batchmean")
+    g = torch.autograd.grad(loss, (rt, mt, lt))
+    ins = [t.detach().double().requires_grad_(True) for t in (rt, mt, lt)]
+    want = ref.vae_loss(ins[0], target.t().double(), ins[1], ins[2], "mse", 1.0, "batchmean")[0]
+    wg = torch.autograd.grad(want, ins)
+    assert_close(loss, want, torch.float32, "vae loss", scale=4.0)
+    for a, b in zip(g, wg):
+        assert a.shape == b.shape
+        assert_close(a, b, torch.float32, "vae grad")
 
 
 @pytest.mark.parametrize("backend_name", ["cpu", "triton"])

@@ -23,6 +23,18 @@ enum GanRole : int { kRoleReal = 0, kRoleFake = 1, kRoleGen = 2 };
 enum LossReduction : int { kReduceNone = 0, kReduceMean = 1, kReduceSum = 2, kReduceBatchMean = 3 };
 enum VaeRecon : int { kReconMse = 0, kReconBce = 1, kReconBceLogits = 2 };
 
+// exp / log1p / expm1 / log in T's own precision: std:: overloads, so that float stays float on
+// the host (the global ::exp(float) of the C library is the double function); CUDA provides the
+// same std:: overloads on the device.
+template <typename T>
+GENFAST_HOST_DEVICE T exp_t(T x) { return std::exp(x); }
+template <typename T>
+GENFAST_HOST_DEVICE T log1p_t(T x) { return std::log1p(x); }
+template <typename T>
+GENFAST_HOST_DEVICE T expm1_t(T x) { return std::expm1(x); }
+template <typename T>
+GENFAST_HOST_DEVICE T log_t(T x) { return std::log(x); }
+
 // c * v with c == 0 giving 0 even for infinite v.
 template <typename T>
 GENFAST_HOST_DEVICE T mul_or_zero(T c, T v) {
@@ -33,8 +45,8 @@ GENFAST_HOST_DEVICE T mul_or_zero(T c, T v) {
 template <typename T>
 GENFAST_HOST_DEVICE T bce_logits_elem(T x, T t, T pos_weight, T* grad) {
   const T ax = x < T(0) ? -x : x;
-  const T e = ::exp(-ax);
-  const T l1p = ::log1p(e);
+  const T e = exp_t(-ax);
+  const T l1p = log1p_t(e);
   const T pos = x > T(0) ? x : T(0);   // max(x, 0)
   const T neg = x < T(0) ? -x : T(0);  // max(-x, 0)
   const T inv = T(1) / (T(1) + e);
@@ -53,8 +65,8 @@ GENFAST_HOST_DEVICE T bce_logits_elem(T x, T t, T pos_weight, T* grad) {
 // (p - t) / max(p (1 - p), 1e-12), with torch's EPSILON: the float32 value of 1e-12.
 template <typename T>
 GENFAST_HOST_DEVICE T bce_prob_elem(T p, T t, T* grad) {
-  T lp = ::log(p);
-  T l1mp = ::log1p(-p);
+  T lp = log_t(p);
+  T l1mp = log1p_t(-p);
   lp = lp < T(-100) ? T(-100) : lp;
   l1mp = l1mp < T(-100) ? T(-100) : l1mp;
   T den = p * (T(1) - p);
@@ -126,7 +138,7 @@ GENFAST_HOST_DEVICE T vae_recon_elem(T r, T t, int recon, T* grad) {
 // with d/dmu = mu and d/dlv = 0.5 expm1(lv). Finite for |lv| <= 30 in float32.
 template <typename T>
 GENFAST_HOST_DEVICE T kl_elem(T mu, T lv, T* grad_mu, T* grad_lv) {
-  const T em1 = ::expm1(lv);
+  const T em1 = expm1_t(lv);
   *grad_mu = mu;
   *grad_lv = T(0.5) * em1;
   return T(0.5) * (mu * mu + em1 - lv);
@@ -135,12 +147,12 @@ GENFAST_HOST_DEVICE T kl_elem(T mu, T lv, T* grad_mu, T* grad_lv) {
 // z = mu + eps * exp(0.5 lv); d z / d lv = 0.5 eps exp(0.5 lv).
 template <typename T>
 GENFAST_HOST_DEVICE T reparam_elem(T mu, T lv, T eps) {
-  return mu + eps * ::exp(T(0.5) * lv);
+  return mu + eps * exp_t(T(0.5) * lv);
 }
 
 template <typename T>
 GENFAST_HOST_DEVICE T reparam_grad_logvar(T g, T lv, T eps) {
-  return T(0.5) * g * eps * ::exp(T(0.5) * lv);
+  return T(0.5) * g * eps * exp_t(T(0.5) * lv);
 }
 
 }  // namespace genfast
