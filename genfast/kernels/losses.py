@@ -33,6 +33,11 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _tl(dtype: torch.dtype):
+    """The Triton accumulation dtype (a constexpr argument of every kernel)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
 @triton.jit
 def _log1p_small(e):
     # log(1 + e) for e in [0, 1], accurate also for tiny e (no libdevice log1p needed).
@@ -120,8 +125,7 @@ def _gan_loss_kernel(real_ptr,       # [nr] logits, role real (any valid pointer
                      chunk,          # elements per program (a multiple of BLOCK)
                      KIND: tl.constexpr, FAKE_ROLE: tl.constexpr, MEAN: tl.constexpr,
                      NONE: tl.constexpr, SINGLE: tl.constexpr, NAN_ADD: tl.constexpr,
-                     BLOCK: tl.constexpr):
-    ACC: tl.constexpr = grad_ptr.dtype.element_ty
+                     ACC: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     n = nr + nf
     one = tl.full([], 1.0, ACC)
@@ -154,7 +158,8 @@ def _gan_loss_kernel(real_ptr,       # [nr] logits, role real (any valid pointer
         s = tl.sum(acc, axis=0)
         if SINGLE:
             if NAN_ADD:
-                s = s + float("nan")
+                zero = s * 0.0
+                s = s + zero / zero  # NaN: the mean of an empty side
             tl.store(out_ptr, s)
         else:
             tl.store(partial_ptr + pid, s)
@@ -167,8 +172,7 @@ def _sum_partials_kernel(partial_ptr,   # [nparts * NV] partial sums, value k of
                          parts_ptr,     # [2] recon, kl (NV = 2) or unused
                          ndiv,          # VAE: N for batchmean, else 1
                          beta_hi, beta_lo,  # VAE KL weight = hi + lo
-                         NV: tl.constexpr, NAN_ADD: tl.constexpr, BLOCK: tl.constexpr):
-    ACC: tl.constexpr = partial_ptr.dtype.element_ty
+                         NV: tl.constexpr, NAN_ADD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     s0 = tl.zeros([BLOCK], ACC)
     s1 = tl.zeros([BLOCK], ACC)
     for off in range(0, nparts, BLOCK):
@@ -190,7 +194,8 @@ def _sum_partials_kernel(partial_ptr,   # [nparts * NV] partial sums, value k of
         tl.store(parts_ptr + 1, kl)
     else:
         if NAN_ADD:
-            t0 = t0 + float("nan")
+            zero = t0 * 0.0
+            t0 = t0 + zero / zero  # NaN: the mean of an empty side
         tl.store(out_ptr, t0)
 
 
@@ -230,10 +235,10 @@ def gan_loss_fwd(real, fake, kind: int, generator: bool, reduction: int, real_la
     _gan_loss_kernel[(programs,)](
         rp, fp, nr, nf, grad, out_r if none else grad, out_f if none else grad, out_r, partials,
         hi, lo, chunk, KIND=kind, FAKE_ROLE=2 if generator else 1, MEAN=reduction == 1, NONE=none,
-        SINGLE=single, NAN_ADD=nan_add, BLOCK=BLOCK)
+        SINGLE=single, NAN_ADD=nan_add, ACC=_tl(acc), BLOCK=BLOCK)
     if not none and not single:
         _sum_partials_kernel[(1,)](partials, programs, out_r, out_r, 1, 0.0, 0.0,
-                                   NV=1, NAN_ADD=nan_add, BLOCK=BLOCK)
+                                   NV=1, NAN_ADD=nan_add, ACC=_tl(acc), BLOCK=BLOCK)
     return out_r, out_f, grad
 
 
@@ -302,8 +307,7 @@ def _vae_kernel(recon_ptr, target_ptr,  # [n] reconstruction and target
                 beta_hi, beta_lo,       # KL weight = hi + lo
                 chunk, programs,        # elements per program, number of programs
                 RECON: tl.constexpr,    # 0 mse, 1 bce (probabilities), 2 bce_logits
-                SINGLE: tl.constexpr, BLOCK: tl.constexpr):
-    ACC: tl.constexpr = grad_ptr.dtype.element_ty
+                SINGLE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     total = n + nz
     one = tl.full([], 1.0, ACC)
@@ -370,10 +374,11 @@ def vae_loss_fwd(recon, target, mu, logvar, recon_kind: int, beta: float, reduct
     partials = grad if single else torch.empty((2 * programs,), dtype=acc, device=dev)
     hi, lo = _split(float(beta))
     _vae_kernel[(programs,)](recon_c, target_c, mu_c, lv_c, n, nz, grad, loss, parts, partials,
-                             N, hi, lo, chunk, programs, RECON=recon_kind, SINGLE=single, BLOCK=BLOCK)
+                             N, hi, lo, chunk, programs, RECON=recon_kind, SINGLE=single, ACC=_tl(acc),
+                             BLOCK=BLOCK)
     if not single:
         _sum_partials_kernel[(1,)](partials, programs, loss, parts, N, hi, lo, NV=2,
-                                   NAN_ADD=False, BLOCK=BLOCK)
+                                   NAN_ADD=False, ACC=_tl(acc), BLOCK=BLOCK)
     return loss, parts, grad
 
 
@@ -387,8 +392,7 @@ def _bce_kernel(x_ptr, t_ptr,    # [n] input (logits or probabilities) and targe
                 partial_ptr,     # [programs] partial sums
                 chunk,
                 LOGITS: tl.constexpr, HAS_W: tl.constexpr, HAS_P: tl.constexpr, MEAN: tl.constexpr,
-                NONE: tl.constexpr, SINGLE: tl.constexpr, BLOCK: tl.constexpr):
-    ACC: tl.constexpr = grad_ptr.dtype.element_ty
+                NONE: tl.constexpr, SINGLE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     one = tl.full([], 1.0, ACC)
     if MEAN:
@@ -450,21 +454,20 @@ def bce_loss_fwd(input, target, weight, pos_weight, reduction: int, logits: bool
     _bce_kernel[(programs,)](x, t, w if w is not None else x, p if p is not None else x, n, grad,
                              out if none else grad, out, partials, chunk, LOGITS=logits,
                              HAS_W=w is not None, HAS_P=p is not None, MEAN=reduction == 1, NONE=none,
-                             SINGLE=single, BLOCK=BLOCK)
+                             SINGLE=single, ACC=_tl(acc), BLOCK=BLOCK)
     if not none and not single:
         _sum_partials_kernel[(1,)](partials, programs, out, out, 1, 0.0, 0.0, NV=1,
-                                   NAN_ADD=False, BLOCK=BLOCK)
+                                   NAN_ADD=False, ACC=_tl(acc), BLOCK=BLOCK)
     return out, grad
 
 
 @triton.jit
 def _reparam_fwd_kernel(mu_ptr, lv_ptr, eps_ptr,  # [n] inputs
                         z_ptr,                    # [n] output, mu's dtype
-                        n, BLOCK: tl.constexpr):
+                        n, ACC: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = idx < n
     mu = tl.load(mu_ptr + idx, mask=m, other=0.0)
-    ACC: tl.constexpr = tl.float64 if mu.dtype == tl.float64 else tl.float32
     lv = tl.load(lv_ptr + idx, mask=m, other=0.0).to(ACC)
     e = tl.load(eps_ptr + idx, mask=m, other=0.0).to(ACC)
     z = mu.to(ACC) + e * tl.exp(0.5 * lv)
@@ -474,11 +477,10 @@ def _reparam_fwd_kernel(mu_ptr, lv_ptr, eps_ptr,  # [n] inputs
 @triton.jit
 def _reparam_bwd_kernel(g_ptr, lv_ptr, eps_ptr,  # [n] incoming grad, logvar, eps
                         out_ptr,                 # [n] d logvar, logvar's dtype
-                        n, BLOCK: tl.constexpr):
+                        n, ACC: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = idx < n
     lv = tl.load(lv_ptr + idx, mask=m, other=0.0)
-    ACC: tl.constexpr = tl.float64 if lv.dtype == tl.float64 else tl.float32
     g = tl.load(g_ptr + idx, mask=m, other=0.0).to(ACC)
     e = tl.load(eps_ptr + idx, mask=m, other=0.0).to(ACC)
     out = 0.5 * g * e * tl.exp(0.5 * lv.to(ACC))
@@ -492,7 +494,8 @@ def reparam_fwd(mu, logvar, eps):
     z = torch.empty_like(mu_c)
     n = z.numel()
     if n:
-        _reparam_fwd_kernel[(triton.cdiv(n, ELEM_BLOCK),)](mu_c, lv_c, e_c, z, n, BLOCK=ELEM_BLOCK)
+        _reparam_fwd_kernel[(triton.cdiv(n, ELEM_BLOCK),)](mu_c, lv_c, e_c, z, n, ACC=_tl(_acc(mu.dtype)),
+                                                           BLOCK=ELEM_BLOCK)
     return z
 
 
@@ -503,5 +506,6 @@ def reparam_bwd(grad_z, logvar, eps):
     out = torch.empty_like(lv_c)
     n = out.numel()
     if n:
-        _reparam_bwd_kernel[(triton.cdiv(n, ELEM_BLOCK),)](g, lv_c, e_c, out, n, BLOCK=ELEM_BLOCK)
+        _reparam_bwd_kernel[(triton.cdiv(n, ELEM_BLOCK),)](g, lv_c, e_c, out, n, ACC=_tl(_acc(logvar.dtype)),
+                                                           BLOCK=ELEM_BLOCK)
     return out
