@@ -81,8 +81,8 @@ def _gan_all(real, fake, kind, red, label):
     """D loss (scalar or weighted sum of the terms), its grads, G loss, its grad."""
     d = GF.discriminator_loss(real, fake, kind, red, real_label=label)
     if red == "none":
-        wr = torch.linspace(0.5, 1.5, real.numel(), dtype=d[0].dtype).view(real.shape)
-        wf = torch.linspace(-1.0, 1.0, fake.numel(), dtype=d[1].dtype).view(fake.shape)
+        wr = torch.linspace(0.5, 1.5, real.numel(), dtype=d[0].dtype, device=real.device).view(real.shape)
+        wf = torch.linspace(-1.0, 1.0, fake.numel(), dtype=d[1].dtype, device=fake.device).view(fake.shape)
         dsum = (d[0] * wr).sum() + (d[1] * wf).sum()
         dvals = torch.cat([d[0].flatten(), d[1].flatten()])
     else:
@@ -90,7 +90,7 @@ def _gan_all(real, fake, kind, red, label):
     gr, gf = torch.autograd.grad(dsum, (real, fake))
     g = GF.generator_loss(fake, kind, red)
     if red == "none":
-        gsum = (g * torch.linspace(-1.0, 2.0, fake.numel(), dtype=g.dtype).view(fake.shape)).sum()
+        gsum = (g * torch.linspace(-1.0, 2.0, fake.numel(), dtype=g.dtype, device=fake.device).view(fake.shape)).sum()
         gvals = g.flatten()
     else:
         gsum, gvals = g, g.reshape(1)
