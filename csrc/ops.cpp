@@ -33,6 +33,33 @@ TORCH_LIBRARY(genfast, m) {
       "batch_norm_act_bwd_dx(Tensor grad_out, Tensor saved, Tensor? weight, Tensor? bias, "
       "Tensor mean, Tensor invstd, Tensor sum_dz, Tensor sum_dz_xhat, float count, int activation, "
       "float negative_slope, float gamma_floor, bool saved_is_output) -> Tensor");
+
+  // GAN / VAE / BCE losses (csrc/common/losses.h). Each forward returns the loss and the flat
+  // derivative of the loss w.r.t. its inputs (float32, or float64 for float64 input), computed in
+  // the same pass; loss_scale_grad is the backward of all of them.
+  // gan_loss_fwd: codes kind (bce 0, minimax 1, hinge 2, wasserstein 3, lsgan 4), reduction
+  // (none 0, mean 1, sum 2). Returns (out_real, out_fake, grad [real | fake]): for mean/sum
+  // out_real is the 0-dim loss and out_fake is empty; for none, the per-element terms.
+  m.def(
+      "gan_loss_fwd(Tensor? real, Tensor? fake, int kind, bool generator, int reduction, "
+      "float real_label) -> (Tensor, Tensor, Tensor)");
+  // (saved[:split] * coef_a, saved[split:] * coef_b) as flat tensors of dtype_a / dtype_b; a
+  // coefficient is 0-dim, elementwise, or None (zero gradient).
+  m.def(
+      "loss_scale_grad(Tensor? coef_a, Tensor? coef_b, Tensor saved, int split, ScalarType dtype_a, "
+      "ScalarType dtype_b) -> (Tensor, Tensor)");
+  // recon_kind: mse 0, bce 1, bce_logits 2; reduction: sum 2, batchmean 3.
+  // Returns (loss, parts [recon, kl], grad [recon | mu | logvar]).
+  m.def(
+      "vae_loss_fwd(Tensor recon, Tensor target, Tensor mu, Tensor logvar, int recon_kind, float beta, "
+      "int reduction) -> (Tensor, Tensor, Tensor)");
+  // weight / pos_weight hold one value per input element. Returns (out, grad).
+  m.def(
+      "bce_loss_fwd(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, int reduction, "
+      "bool logits) -> (Tensor, Tensor)");
+  // z = mu + eps * exp(0.5 logvar); backward: d logvar = 0.5 grad_z eps exp(0.5 logvar).
+  m.def("reparam_fwd(Tensor mu, Tensor logvar, Tensor eps) -> Tensor");
+  m.def("reparam_bwd(Tensor grad_z, Tensor logvar, Tensor eps) -> Tensor");
 }
 
 namespace genfast {

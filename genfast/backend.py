@@ -23,6 +23,7 @@ ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 
 # uses the Triton kernels.
 AUTO_CUDA = {
     "batchnorm_act": "triton",
+    "losses": "triton",
 }
 
 # Backends with kernels for each family; a family not listed has all four.

@@ -36,3 +36,118 @@ def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: O
     _bn.check_inputs(input, running_mean, running_var, weight, bias, training)
     return _bn.batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum,
                               eps, activation, negative_slope, memory_efficient)
+
+
+# --- losses (GAN, VAE, reparameterisation, gradient penalties) -----------------------------------
+
+import torch  # noqa: E402
+
+from genfast.ops import losses as _loss  # noqa: E402
+
+
+def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: str = "bce",
+                       reduction: str = "mean", *, real_label: float = 1.0):
+    """Discriminator loss of real and fake logits, one fused kernel for both.
+
+    Args:
+        real_logits, fake_logits: logits of any shapes (batch sizes may differ), same dtype
+            (float16/bfloat16 compute in float32).
+        kind: "bce" (default; = "minimax" on this side): BCE(real, real_label) + BCE(fake, 0) in
+            the stable softplus form; "hinge": relu(1 - real) + relu(1 + fake); "wasserstein":
+            -real + fake; "lsgan": (real - real_label)^2 + fake^2.
+        reduction: "mean" (default: mean of the real terms + mean of the fake terms), "sum", or
+            "none" (returns the tuple (real_terms, fake_terms) in the logits' shapes).
+        real_label: target of the real side for "bce"/"minimax"/"lsgan" (one-sided label
+            smoothing, e.g. 0.9); must be 1.0 for "hinge" and "wasserstein".
+
+    Returns:
+        A 0-dim float32 tensor (float64 for float64 logits), or the tuple for "none".
+    """
+    _loss.check_gan(real_logits, fake_logits, kind, reduction, real_label)
+    return _loss.discriminator_loss(real_logits, fake_logits, kind, reduction, real_label)
+
+
+def generator_loss(fake_logits: Tensor, kind: str = "bce", reduction: str = "mean"):
+    """Generator loss of the discriminator's logits on generated samples.
+
+    kind: "bce" (default): non-saturating softplus(-x) = -log D(G(z)), whose gradient does not
+    vanish for very negative logits; "minimax": the saturating log(1 - D(G(z))) = -softplus(x);
+    "hinge" and "wasserstein": -x; "lsgan": (x - 1)^2. reduction: "mean" (default), "sum" or
+    "none" (per-element terms in fake_logits' shape). Returns float32 (float64 for float64).
+    """
+    _loss.check_gan(None, fake_logits, kind, reduction, 1.0)
+    return _loss.generator_loss(fake_logits, kind, reduction)
+
+
+def vae_loss(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, *, recon_loss: str = "mse",
+             beta: float = 1.0, reduction: str = "sum", return_parts: bool = False):
+    """VAE loss: reconstruction + beta * KL(N(mu, exp(logvar)) || N(0, I)), one fused kernel.
+
+    Args:
+        recon, target: (N, *) of the same shape; target has recon's dtype or float32.
+        mu, logvar: (N, Z) of the same shape and dtype.
+        recon_loss: "mse" (default; sum of squared errors), "bce" (recon holds probabilities;
+            torch's BCE with logs clamped at -100) or "bce_logits" (recon holds logits).
+        beta: weight of the KL term (default 1.0).
+        reduction: "sum" (default, the VAE paper's convention) or "batchmean" (divided by N).
+        return_parts: also return the reconstruction and KL terms (detached, for logging).
+
+    Returns:
+        0-dim float32 loss (float64 for float64 input), or (loss, recon_term, kl_term).
+        Gradients flow to recon, mu and logvar; when target requires grad the reference
+        formulas run instead of the fused kernel.
+    """
+    _loss.check_vae(recon, target, mu, logvar, recon_loss, reduction)
+    loss, parts = _loss.vae_loss(recon, target, mu, logvar, recon_loss, beta, reduction)
+    if return_parts:
+        return loss, parts[0], parts[1]
+    return loss
+
+
+def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
+    """z = mu + eps * exp(0.5 * logvar) with eps = torch.randn_like(mu) (torch's generator: the
+    same seed gives the same z as the plain PyTorch expression). mu, logvar: same shape and dtype.
+    Returns z in mu's shape and dtype; exact gradients w.r.t. mu and logvar."""
+    for t, name in ((mu, "mu"), (logvar, "logvar")):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, not {type(t).__name__}")
+    if mu.shape != logvar.shape:
+        raise RuntimeError(f"mu {tuple(mu.shape)} and logvar {tuple(logvar.shape)} must have the same shape")
+    if mu.dtype != logvar.dtype or not mu.is_floating_point():
+        raise RuntimeError(f"mu and logvar must have the same floating-point dtype, got {mu.dtype} and {logvar.dtype}")
+    if mu.device != logvar.device:
+        raise RuntimeError(f"Expected all tensors to be on the same device, but found mu on {mu.device} and "
+                           f"logvar on {logvar.device}")
+    eps = torch.randn_like(mu)
+    return _loss.reparameterize(mu, logvar, eps)
+
+
+def r1_penalty(real_logits: Tensor, real_inputs: Tensor) -> Tensor:
+    """R1 penalty (Mescheder et al. 2018): the mean over the batch of the per-sample squared norm
+    of d sum(real_logits) / d real_inputs. real_inputs must require grad and be the input that
+    produced real_logits; the result is differentiable (double backward through the
+    discriminator, genfast layers included). Multiply by gamma / 2 yourself. Returns a 0-dim
+    tensor of real_inputs' dtype."""
+    if not real_inputs.requires_grad:
+        raise RuntimeError("r1_penalty: real_inputs must require grad (call real_inputs.requires_grad_() "
+                           "before the discriminator's forward)")
+    (grad,) = torch.autograd.grad(real_logits.sum(), real_inputs, create_graph=True)
+    return grad.reshape(grad.shape[0], -1).pow(2).sum(1).mean()
+
+
+def gradient_penalty(critic, real: Tensor, fake: Tensor) -> Tensor:
+    """WGAN-GP penalty (Gulrajani et al. 2017): mean over the batch of (||grad critic(x_hat)||_2 - 1)^2
+    with x_hat = a * real + (1 - a) * fake, one a ~ U(0, 1) per sample (torch's generator), and
+    the gradient norm taken per sample. real, fake: (N, *) of the same shape (both detached
+    here). Differentiable w.r.t. the critic's parameters (double backward). Multiply by lambda
+    (10 in the paper) yourself. Returns a 0-dim tensor."""
+    if real.shape != fake.shape:
+        raise RuntimeError(f"gradient_penalty: real {tuple(real.shape)} and fake {tuple(fake.shape)} must have "
+                           "the same shape")
+    n = real.shape[0]
+    alpha = torch.rand((n,) + (1,) * (real.dim() - 1), dtype=real.dtype, device=real.device)
+    x_hat = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
+    out = critic(x_hat)
+    (grad,) = torch.autograd.grad(out.sum(), x_hat, create_graph=True)
+    norm = grad.reshape(n, -1).norm(2, dim=1)
+    return ((norm - 1) ** 2).mean()

@@ -1,0 +1,158 @@
+// GAN / VAE / BCE loss math shared by the C++ CPU and CUDA kernels: for one element, the loss
+// term and its derivative in one evaluation (one exp and one log1p for the logistic losses).
+//
+// Stable forms (e = exp(-|x|), never overflows):
+//   softplus(x)  = max(x, 0) + log1p(e)          softplus(-x) = max(-x, 0) + log1p(e)
+//   sigmoid(x)   = x >= 0 ? 1 / (1 + e) : e / (1 + e)
+//   BCE with logits, target t, positive weight p:
+//     loss = (1 - t) * softplus(x) + p * t * softplus(-x)      [= (1 - t) x + (1 + (p - 1) t) softplus(-x)]
+//     d/dx = (1 - t) * sigmoid(x) - p * t * sigmoid(-x)
+//   A coefficient of exactly 0 drops its term, so x = +-inf gives 0 (not 0 * inf = NaN) where the
+//   limit is finite, and the gradient never cancels: at x = -100 with t = 1 it is -1.
+// The integer codes match genfast/ops/losses.py.
+#pragma once
+#include <cmath>
+#include "macros.h"
+
+namespace genfast {
+
+enum GanKind : int { kGanBce = 0, kGanMinimax = 1, kGanHinge = 2, kGanWasserstein = 3, kGanLsgan = 4 };
+// Which term an element contributes: the discriminator's real or fake side, or the generator's.
+enum GanRole : int { kRoleReal = 0, kRoleFake = 1, kRoleGen = 2 };
+// torch's at::Reduction values, plus VAE's batchmean.
+enum LossReduction : int { kReduceNone = 0, kReduceMean = 1, kReduceSum = 2, kReduceBatchMean = 3 };
+enum VaeRecon : int { kReconMse = 0, kReconBce = 1, kReconBceLogits = 2 };
+
+// exp / log1p / expm1 / log in T's own precision: std:: overloads, so that float stays float on
+// the host (the global ::exp(float) of the C library is the double function); CUDA provides the
+// same std:: overloads on the device.
+template <typename T>
+GENFAST_HOST_DEVICE T exp_t(T x) { return std::exp(x); }
+template <typename T>
+GENFAST_HOST_DEVICE T log1p_t(T x) { return std::log1p(x); }
+template <typename T>
+GENFAST_HOST_DEVICE T expm1_t(T x) { return std::expm1(x); }
+template <typename T>
+GENFAST_HOST_DEVICE T log_t(T x) { return std::log(x); }
+
+// c * v with c == 0 giving 0 even for infinite v.
+template <typename T>
+GENFAST_HOST_DEVICE T mul_or_zero(T c, T v) {
+  return c == T(0) ? T(0) : c * v;
+}
+
+// BCE with logits for one element: returns the loss, writes d loss / d x.
+template <typename T>
+GENFAST_HOST_DEVICE T bce_logits_elem(T x, T t, T pos_weight, T* grad) {
+  const T ax = x < T(0) ? -x : x;
+  const T e = exp_t(-ax);
+  const T l1p = log1p_t(e);
+  const T pos = x > T(0) ? x : T(0);   // max(x, 0)
+  const T neg = x < T(0) ? -x : T(0);  // max(-x, 0)
+  const T inv = T(1) / (T(1) + e);
+  const T sig = x >= T(0) ? inv : e * inv;   // sigmoid(x)
+  const T sign = x >= T(0) ? e * inv : inv;  // sigmoid(-x)
+  const T a = T(1) - t;
+  const T b = pos_weight * t;
+  *grad = a * sig - b * sign;
+  const T sp_pos = pos + l1p;  // softplus(x)
+  const T sp_neg = neg + l1p;  // softplus(-x)
+  if (x != x) return x;        // NaN in, NaN out (the zero-coefficient rule must not hide it)
+  return mul_or_zero(a, sp_pos) + mul_or_zero(b, sp_neg);
+}
+
+// BCE on probabilities, torch's formula: each log clamped at -100; gradient
+// (p - t) / max(p (1 - p), 1e-12), with torch's EPSILON: the float32 value of 1e-12.
+template <typename T>
+GENFAST_HOST_DEVICE T bce_prob_elem(T p, T t, T* grad) {
+  T lp = log_t(p);
+  T l1mp = log1p_t(-p);
+  lp = lp < T(-100) ? T(-100) : lp;
+  l1mp = l1mp < T(-100) ? T(-100) : l1mp;
+  T den = p * (T(1) - p);
+  const T eps = static_cast<T>(1e-12f);
+  den = den < eps ? eps : den;
+  *grad = (p - t) / den;
+  return (t - T(1)) * l1mp - t * lp;
+}
+
+// One GAN loss term for a logit x in role `role`: returns the term, writes its derivative.
+// Kinds (per element; the reduction is applied by the caller):
+//   bce / minimax, discriminator: real  BCE(x, real_label), fake  softplus(x)
+//   bce generator (non-saturating):    softplus(-x)           = -log D(G(z))
+//   minimax generator (saturating):   -softplus(x)            =  log(1 - D(G(z)))
+//   hinge: real relu(1 - x), fake relu(1 + x), generator -x
+//   wasserstein: real -x, fake x, generator -x
+//   lsgan: real (x - real_label)^2, fake x^2, generator (x - 1)^2   (F.mse_loss terms)
+template <typename T>
+GENFAST_HOST_DEVICE T gan_elem(T x, int kind, int role, T real_label, T* grad) {
+  switch (kind) {
+    case kGanHinge:
+      if (role == kRoleReal) {
+        const bool on = T(1) - x > T(0);
+        *grad = on ? T(-1) : T(0);
+        return on ? T(1) - x : (x != x ? x : T(0));
+      }
+      if (role == kRoleFake) {
+        const bool on = T(1) + x > T(0);
+        *grad = on ? T(1) : T(0);
+        return on ? T(1) + x : (x != x ? x : T(0));
+      }
+      *grad = T(-1);
+      return -x;
+    case kGanWasserstein:
+      *grad = role == kRoleFake ? T(1) : T(-1);
+      return role == kRoleFake ? x : -x;
+    case kGanLsgan: {
+      const T target = role == kRoleReal ? real_label : (role == kRoleFake ? T(0) : T(1));
+      const T d = x - target;
+      *grad = T(2) * d;
+      return d * d;
+    }
+    default: {
+      if (role == kRoleReal) return bce_logits_elem<T>(x, real_label, T(1), grad);
+      if (role == kRoleFake) return bce_logits_elem<T>(x, T(0), T(1), grad);
+      if (kind == kGanMinimax) {
+        T g;
+        const T l = bce_logits_elem<T>(x, T(0), T(1), &g);
+        *grad = -g;
+        return -l;
+      }
+      return bce_logits_elem<T>(x, T(1), T(1), grad);
+    }
+  }
+}
+
+// Reconstruction term of the VAE loss for one element (sum convention), and d/d recon.
+template <typename T>
+GENFAST_HOST_DEVICE T vae_recon_elem(T r, T t, int recon, T* grad) {
+  if (recon == kReconBce) return bce_prob_elem<T>(r, t, grad);
+  if (recon == kReconBceLogits) return bce_logits_elem<T>(r, t, T(1), grad);
+  const T d = r - t;
+  *grad = T(2) * d;
+  return d * d;
+}
+
+// KL(N(mu, exp(logvar)) || N(0, 1)) for one latent element:
+//   -0.5 (1 + lv - mu^2 - exp(lv)) = 0.5 (mu^2 + expm1(lv) - lv)
+// with d/dmu = mu and d/dlv = 0.5 expm1(lv). Finite for |lv| <= 30 in float32.
+template <typename T>
+GENFAST_HOST_DEVICE T kl_elem(T mu, T lv, T* grad_mu, T* grad_lv) {
+  const T em1 = expm1_t(lv);
+  *grad_mu = mu;
+  *grad_lv = T(0.5) * em1;
+  return T(0.5) * (mu * mu + em1 - lv);
+}
+
+// z = mu + eps * exp(0.5 lv); d z / d lv = 0.5 eps exp(0.5 lv).
+template <typename T>
+GENFAST_HOST_DEVICE T reparam_elem(T mu, T lv, T eps) {
+  return mu + eps * exp_t(T(0.5) * lv);
+}
+
+template <typename T>
+GENFAST_HOST_DEVICE T reparam_grad_logvar(T g, T lv, T eps) {
+  return T(0.5) * g * eps * exp_t(T(0.5) * lv);
+}
+
+}  // namespace genfast

@@ -1,0 +1,434 @@
+// GAN / VAE / BCE losses and reparameterisation on the CPU.
+//
+// Every forward makes ONE pass over its inputs: each element's loss term and its derivative come
+// from one evaluation of the csrc/common/losses.h math; the derivative (already multiplied by the
+// reduction's factor, e.g. 1/n for "mean") is written to a flat float32 (float64 for float64
+// input) buffer that the backward only scales by the incoming gradient (one more pass:
+// read saved, write grad). Reductions are deterministic: fixed blocks of kBlock elements, one
+// partial sum per block (at::parallel_for over blocks), then the partials summed in block order,
+// so the result does not depend on the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <type_traits>
+#include <vector>
+
+#include "../common/losses.h"
+
+namespace genfast {
+namespace {
+
+// Elements per reduction block (fixed: the summation order depends only on n).
+constexpr int64_t kBlock = 4096;
+
+// Sum over [0, n) of f(i0, i1) -> partial, in fixed blocks, partials added in block order.
+template <typename acc_t, typename F>
+acc_t blocked_sum(int64_t n, const F& f) {
+  const int64_t nb = (n + kBlock - 1) / kBlock;
+  if (nb <= 1) return n > 0 ? f(int64_t(0), n) : acc_t(0);
+  std::vector<acc_t> part(nb);
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) part[b] = f(b * kBlock, std::min(n, (b + 1) * kBlock));
+  });
+  acc_t s = 0;
+  for (int64_t b = 0; b < nb; ++b) s += part[b];
+  return s;
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_floating_point(), "genfast losses: ", name, " must be a floating-point tensor, got ",
+              t.scalar_type());
+}
+
+// One GAN side: terms and derivatives of x[0..n) in role ROLE; grad[i] = d term_i * gscale.
+// Writes terms[i] when TERMS. Returns the (unscaled) sum of the terms. KIND, ROLE and TERMS are
+// compile-time so that the per-element switch folds away and the loop can vectorise.
+template <typename scalar_t, typename acc_t, int KIND, int ROLE, bool TERMS>
+acc_t gan_side_t(const scalar_t* x, int64_t n, acc_t label, acc_t gscale, acc_t* grad, acc_t* terms) {
+  return blocked_sum<acc_t>(n, [&](int64_t i0, int64_t i1) {
+    acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = i0; i < i1; ++i) {
+      acc_t g;
+      const acc_t l = gan_elem<acc_t>(static_cast<acc_t>(x[i]), KIND, ROLE, label, &g);
+      grad[i] = g * gscale;
+      if (TERMS) terms[i] = l;
+      s += l;
+    }
+    return s;
+  });
+}
+
+template <typename scalar_t, typename acc_t, int KIND>
+acc_t gan_side_k(const scalar_t* x, int64_t n, int role, acc_t label, acc_t gscale, acc_t* grad, acc_t* terms) {
+  const bool t = terms != nullptr;
+  switch (role) {
+    case kRoleReal:
+      return t ? gan_side_t<scalar_t, acc_t, KIND, kRoleReal, true>(x, n, label, gscale, grad, terms)
+               : gan_side_t<scalar_t, acc_t, KIND, kRoleReal, false>(x, n, label, gscale, grad, terms);
+    case kRoleFake:
+      return t ? gan_side_t<scalar_t, acc_t, KIND, kRoleFake, true>(x, n, label, gscale, grad, terms)
+               : gan_side_t<scalar_t, acc_t, KIND, kRoleFake, false>(x, n, label, gscale, grad, terms);
+    default:
+      return t ? gan_side_t<scalar_t, acc_t, KIND, kRoleGen, true>(x, n, label, gscale, grad, terms)
+               : gan_side_t<scalar_t, acc_t, KIND, kRoleGen, false>(x, n, label, gscale, grad, terms);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+acc_t gan_side(const scalar_t* x, int64_t n, int kind, int role, acc_t label, acc_t gscale, acc_t* grad,
+               acc_t* terms) {
+  switch (kind) {
+    case kGanBce: return gan_side_k<scalar_t, acc_t, kGanBce>(x, n, role, label, gscale, grad, terms);
+    case kGanMinimax: return gan_side_k<scalar_t, acc_t, kGanMinimax>(x, n, role, label, gscale, grad, terms);
+    case kGanHinge: return gan_side_k<scalar_t, acc_t, kGanHinge>(x, n, role, label, gscale, grad, terms);
+    case kGanWasserstein:
+      return gan_side_k<scalar_t, acc_t, kGanWasserstein>(x, n, role, label, gscale, grad, terms);
+    case kGanLsgan: return gan_side_k<scalar_t, acc_t, kGanLsgan>(x, n, role, label, gscale, grad, terms);
+    default: TORCH_CHECK(false, "gan_loss: bad kind code ", kind);
+  }
+}
+
+// Returns (out_real, out_fake, grad). reduction mean/sum: out_real is the 0-dim loss
+// reduce(real terms) + reduce(fake terms) and out_fake is empty; none: the per-element terms in
+// the shapes of real and fake. grad: flat [real | fake] derivatives of the reduced loss (of each
+// term for none). A missing side contributes nothing; `generator` gives fake the generator role.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gan_loss_fwd_cpu(const c10::optional<at::Tensor>& real_,
+                                                                const c10::optional<at::Tensor>& fake_,
+                                                                int64_t kind, bool generator, int64_t reduction,
+                                                                double real_label) {
+  const bool has_r = real_.has_value() && real_->defined();
+  const bool has_f = fake_.has_value() && fake_->defined();
+  TORCH_CHECK(has_r || has_f, "gan_loss: real_logits and fake_logits are both None");
+  const at::Tensor& any = has_r ? *real_ : *fake_;
+  if (has_r) check_float(*real_, "real_logits");
+  if (has_f) check_float(*fake_, "fake_logits");
+  TORCH_CHECK(!(has_r && has_f) || real_->scalar_type() == fake_->scalar_type(),
+              "gan_loss: real_logits and fake_logits must have the same dtype, got ", real_->scalar_type(), " and ",
+              fake_->scalar_type());
+  TORCH_CHECK(reduction >= kReduceNone && reduction <= kReduceSum, "gan_loss: bad reduction code ", reduction);
+  at::Tensor real = has_r ? real_->contiguous() : at::Tensor();
+  at::Tensor fake = has_f ? fake_->contiguous() : at::Tensor();
+  const int64_t nr = has_r ? real.numel() : 0, nf = has_f ? fake.numel() : 0;
+  const auto opts = any.options().dtype(acc_type(any.scalar_type()));
+  at::Tensor grad = at::empty({nr + nf}, opts);
+  at::Tensor out_r, out_f;
+  if (reduction == kReduceNone) {
+    out_r = has_r ? at::empty(real.sizes(), opts) : at::empty({0}, opts);
+    out_f = has_f ? at::empty(fake.sizes(), opts) : at::empty({0}, opts);
+  } else {
+    out_r = at::empty({}, opts);
+    out_f = at::empty({0}, opts);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, any.scalar_type(), "gan_loss_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const bool mean = reduction == kReduceMean, none = reduction == kReduceNone;
+    acc_t* g = grad.data_ptr<acc_t>();
+    const acc_t lab = static_cast<acc_t>(real_label);
+    acc_t total = 0;
+    if (has_r) {
+      const acc_t sc = mean ? acc_t(1) / acc_t(nr) : acc_t(1);
+      const acc_t s = gan_side<scalar_t, acc_t>(real.data_ptr<scalar_t>(), nr, static_cast<int>(kind), kRoleReal,
+                                                lab, sc, g, none ? out_r.data_ptr<acc_t>() : nullptr);
+      total += mean ? s / acc_t(nr) : s;
+    }
+    if (has_f) {
+      const acc_t sc = mean ? acc_t(1) / acc_t(nf) : acc_t(1);
+      const acc_t s = gan_side<scalar_t, acc_t>(fake.data_ptr<scalar_t>(), nf, static_cast<int>(kind),
+                                                generator ? kRoleGen : kRoleFake, lab, sc, g + nr,
+                                                none ? out_f.data_ptr<acc_t>() : nullptr);
+      total += mean ? s / acc_t(nf) : s;
+    }
+    if (!none) *out_r.data_ptr<acc_t>() = total;
+  });
+  return {out_r, out_f, grad};
+}
+
+// (grad_a, grad_b) = (saved[:split] * coef_a, saved[split:] * coef_b) in dtype_a / dtype_b, flat.
+// coef_x is a 0-dim scalar (reduced losses), a tensor with the segment's element count (none),
+// or None (the output was not used: the gradient is 0). One pass: read saved, write the grads.
+std::tuple<at::Tensor, at::Tensor> loss_scale_grad_cpu(const c10::optional<at::Tensor>& coef_a,
+                                                       const c10::optional<at::Tensor>& coef_b,
+                                                       const at::Tensor& saved_, int64_t split,
+                                                       at::ScalarType dtype_a, at::ScalarType dtype_b) {
+  const at::Tensor saved = saved_.contiguous();
+  const int64_t n = saved.numel();
+  TORCH_CHECK(split >= 0 && split <= n, "loss_scale_grad: split ", split, " outside [0, ", n, "]");
+  at::Tensor ga = at::empty({split}, saved.options().dtype(dtype_a));
+  at::Tensor gb = at::empty({n - split}, saved.options().dtype(dtype_b));
+  AT_DISPATCH_FLOATING_TYPES(saved.scalar_type(), "loss_scale_grad_cpu", [&] {
+    using acc_t = scalar_t;
+    const acc_t* s = saved.data_ptr<acc_t>();
+    auto seg = [&](const c10::optional<at::Tensor>& coef_, at::Tensor& out, const acc_t* src, int64_t m) {
+      const bool has = coef_.has_value() && coef_->defined();
+      at::Tensor coef;
+      if (has) {
+        coef = coef_->contiguous();
+        TORCH_CHECK(coef.dim() == 0 || coef.numel() == m, "loss_scale_grad: gradient has ", coef.numel(),
+                    " elements, expected 1 or ", m);
+      }
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "loss_scale_grad_out", [&] {
+        using out_t = scalar_t;
+        out_t* o = out.data_ptr<out_t>();
+        if (!has) {
+          at::parallel_for(0, m, 16384, [&](int64_t i0, int64_t i1) {
+            for (int64_t i = i0; i < i1; ++i) o[i] = out_t(0);
+          });
+          return;
+        }
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, coef.scalar_type(), "loss_scale_grad_coef", [&] {
+          const scalar_t* c = coef.data_ptr<scalar_t>();
+          if (coef.dim() == 0) {
+            const acc_t k = static_cast<acc_t>(c[0]);
+            at::parallel_for(0, m, 16384, [&](int64_t i0, int64_t i1) {
+              for (int64_t i = i0; i < i1; ++i) o[i] = static_cast<out_t>(src[i] * k);
+            });
+          } else {
+            at::parallel_for(0, m, 16384, [&](int64_t i0, int64_t i1) {
+              for (int64_t i = i0; i < i1; ++i) o[i] = static_cast<out_t>(src[i] * static_cast<acc_t>(c[i]));
+            });
+          }
+        });
+      });
+    };
+    seg(coef_a, ga, s, split);
+    seg(coef_b, gb, s + split, n - split);
+  });
+  return {ga, gb};
+}
+
+// Runs f<scalar_t, target_t, acc_t>() for input dtype `t` and a target of the same dtype or of
+// the accumulation dtype (float32 targets with float16/bfloat16 inputs, as autocast produces).
+template <typename F>
+void dispatch_pair(at::ScalarType t, at::ScalarType tt, const char* name, const F& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "loss_dispatch_pair", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (tt == t) {
+      f(scalar_t(0), scalar_t(0), acc_t(0));
+    } else {
+      TORCH_CHECK(tt == acc_type(t), name, ": target must have the dtype of the input (", t, ") or ",
+                  acc_type(t), ", got ", tt);
+      f(scalar_t(0), acc_t(0), acc_t(0));
+    }
+  });
+}
+
+// Returns (loss 0-dim, parts (2,) = [recon, kl], grad flat [recon | mu | logvar]); every value
+// already carries the reduction's 1/N, the gradient of mu and logvar also beta.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> vae_loss_fwd_cpu(const at::Tensor& recon_, const at::Tensor& target_,
+                                                                const at::Tensor& mu_, const at::Tensor& logvar_,
+                                                                int64_t recon_kind, double beta, int64_t reduction) {
+  check_float(recon_, "recon");
+  check_float(target_, "target");
+  check_float(mu_, "mu");
+  check_float(logvar_, "logvar");
+  TORCH_CHECK(recon_.sizes() == target_.sizes(), "vae_loss: recon ", recon_.sizes(), " and target ",
+              target_.sizes(), " must have the same shape");
+  TORCH_CHECK(mu_.sizes() == logvar_.sizes(), "vae_loss: mu ", mu_.sizes(), " and logvar ", logvar_.sizes(),
+              " must have the same shape");
+  TORCH_CHECK(mu_.scalar_type() == logvar_.scalar_type(), "vae_loss: mu and logvar must have the same dtype");
+  const at::ScalarType acc = acc_type(recon_.scalar_type());
+  TORCH_CHECK(acc_type(mu_.scalar_type()) == acc, "vae_loss: mu (", mu_.scalar_type(), ") and recon (",
+              recon_.scalar_type(), ") must both be float64 or both not");
+  TORCH_CHECK(reduction == kReduceSum || reduction == kReduceBatchMean, "vae_loss: bad reduction code ", reduction);
+  const at::Tensor recon = recon_.contiguous(), target = target_.contiguous();
+  const at::Tensor mu = mu_.contiguous(), logvar = logvar_.contiguous();
+  const int64_t n = recon.numel(), nz = mu.numel();
+  const auto opts = recon.options().dtype(acc);
+  at::Tensor loss = at::empty({}, opts), parts = at::empty({2}, opts), grad = at::empty({n + 2 * nz}, opts);
+  const double N = reduction == kReduceBatchMean ? (recon.dim() > 0 ? double(recon.size(0)) : 1.0) : 1.0;
+  std::atomic<bool> out_of_range{false};
+  double rec_sum = 0, kl_sum = 0;
+  dispatch_pair(recon.scalar_type(), target.scalar_type(), "vae_loss", [&](auto rz, auto tz, auto az) {
+    using r_t = decltype(rz);
+    using t_t = decltype(tz);
+    using acc_t = decltype(az);
+    const r_t* r = recon.data_ptr<r_t>();
+    const t_t* t = target.data_ptr<t_t>();
+    acc_t* g = grad.data_ptr<acc_t>();
+    const acc_t s = acc_t(1) / acc_t(N);
+    auto recon_sum = [&](auto rk_c) {
+      constexpr int RK = decltype(rk_c)::value;
+      return blocked_sum<acc_t>(n, [&](int64_t i0, int64_t i1) {
+        acc_t a = 0;
+        bool bad = false;
+#pragma omp simd reduction(+ : a) reduction(| : bad)
+        for (int64_t i = i0; i < i1; ++i) {
+          acc_t gi;
+          const acc_t ri = static_cast<acc_t>(r[i]);
+          if (RK == kReconBce) bad |= !(ri >= acc_t(0) && ri <= acc_t(1));
+          a += vae_recon_elem<acc_t>(ri, static_cast<acc_t>(t[i]), RK, &gi);
+          g[i] = gi * s;
+        }
+        if (bad) out_of_range.store(true);
+        return a;
+      });
+    };
+    acc_t rs;
+    if (recon_kind == kReconBce) {
+      rs = recon_sum(std::integral_constant<int, kReconBce>());
+    } else if (recon_kind == kReconBceLogits) {
+      rs = recon_sum(std::integral_constant<int, kReconBceLogits>());
+    } else {
+      rs = recon_sum(std::integral_constant<int, kReconMse>());
+    }
+    rec_sum = static_cast<double>(rs);
+  });
+  TORCH_CHECK(!out_of_range.load(), "vae_loss: all elements of recon should be between 0 and 1 for "
+              "recon_loss='bce' (use 'bce_logits' for logits)");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "vae_kl", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* m = mu.data_ptr<scalar_t>();
+    const scalar_t* lv = logvar.data_ptr<scalar_t>();
+    acc_t* gm = grad.data_ptr<acc_t>() + n;
+    acc_t* gl = gm + nz;
+    const acc_t k = static_cast<acc_t>(beta) / acc_t(N);
+    const acc_t ks = blocked_sum<acc_t>(nz, [&](int64_t i0, int64_t i1) {
+      acc_t a = 0;
+      for (int64_t i = i0; i < i1; ++i) {
+        acc_t dm, dl;
+        a += kl_elem<acc_t>(static_cast<acc_t>(m[i]), static_cast<acc_t>(lv[i]), &dm, &dl);
+        gm[i] = dm * k;
+        gl[i] = dl * k;
+      }
+      return a;
+    });
+    kl_sum = static_cast<double>(ks);
+  });
+  AT_DISPATCH_FLOATING_TYPES(acc, "vae_store", [&] {
+    const scalar_t rec = static_cast<scalar_t>(rec_sum) / static_cast<scalar_t>(N);
+    const scalar_t kl = static_cast<scalar_t>(kl_sum) / static_cast<scalar_t>(N);
+    *loss.data_ptr<scalar_t>() = rec + static_cast<scalar_t>(beta) * kl;
+    parts.data_ptr<scalar_t>()[0] = rec;
+    parts.data_ptr<scalar_t>()[1] = kl;
+  });
+  return {loss, parts, grad};
+}
+
+// BCE / BCE-with-logits with a target tensor; weight and pos_weight (optional) hold one value per
+// element of input (the caller broadcasts them). Returns (out, grad): out is the 0-dim reduced
+// loss or the per-element terms (input's shape); both in the accumulation dtype.
+std::tuple<at::Tensor, at::Tensor> bce_loss_fwd_cpu(const at::Tensor& input_, const at::Tensor& target_,
+                                                    const c10::optional<at::Tensor>& weight_,
+                                                    const c10::optional<at::Tensor>& pos_weight_,
+                                                    int64_t reduction, bool logits) {
+  check_float(input_, "input");
+  check_float(target_, "target");
+  TORCH_CHECK(input_.sizes() == target_.sizes(), "bce_loss: target size (", target_.sizes(),
+              ") must be the same as input size (", input_.sizes(), ")");
+  TORCH_CHECK(reduction >= kReduceNone && reduction <= kReduceSum, "bce_loss: bad reduction code ", reduction);
+  const bool has_w = weight_.has_value() && weight_->defined();
+  const bool has_p = pos_weight_.has_value() && pos_weight_->defined();
+  TORCH_CHECK(logits || !has_p, "bce_loss: pos_weight needs logits=True");
+  const at::Tensor input = input_.contiguous(), target = target_.contiguous();
+  const int64_t n = input.numel();
+  const at::ScalarType acc = acc_type(input.scalar_type());
+  at::Tensor w = has_w ? weight_->contiguous().to(acc) : at::Tensor();
+  at::Tensor pw = has_p ? pos_weight_->contiguous().to(acc) : at::Tensor();
+  TORCH_CHECK(!has_w || w.numel() == n, "bce_loss: weight must have one value per input element");
+  TORCH_CHECK(!has_p || pw.numel() == n, "bce_loss: pos_weight must have one value per input element");
+  const auto opts = input.options().dtype(acc);
+  const bool none = reduction == kReduceNone;
+  at::Tensor out = none ? at::empty(input.sizes(), opts) : at::empty({}, opts);
+  at::Tensor grad = at::empty({n}, opts);
+  std::atomic<bool> out_of_range{false};
+  dispatch_pair(input.scalar_type(), target.scalar_type(), "bce_loss", [&](auto xz, auto tz, auto az) {
+    using x_t = decltype(xz);
+    using t_t = decltype(tz);
+    using acc_t = decltype(az);
+    const x_t* x = input.data_ptr<x_t>();
+    const t_t* t = target.data_ptr<t_t>();
+    const acc_t* wp = has_w ? w.data_ptr<acc_t>() : nullptr;
+    const acc_t* pp = has_p ? pw.data_ptr<acc_t>() : nullptr;
+    acc_t* g = grad.data_ptr<acc_t>();
+    acc_t* terms = none ? out.data_ptr<acc_t>() : nullptr;
+    const acc_t gs = reduction == kReduceMean ? acc_t(1) / acc_t(n) : acc_t(1);
+    const acc_t s = blocked_sum<acc_t>(n, [&](int64_t i0, int64_t i1) {
+      acc_t a = 0;
+      bool bad = false;
+      for (int64_t i = i0; i < i1; ++i) {
+        acc_t gi, l;
+        const acc_t xi = static_cast<acc_t>(x[i]);
+        if (logits) {
+          l = bce_logits_elem<acc_t>(xi, static_cast<acc_t>(t[i]), pp ? pp[i] : acc_t(1), &gi);
+        } else {
+          bad |= !(xi >= acc_t(0) && xi <= acc_t(1));
+          l = bce_prob_elem<acc_t>(xi, static_cast<acc_t>(t[i]), &gi);
+        }
+        if (wp) {
+          l *= wp[i];
+          gi *= wp[i];
+        }
+        g[i] = gi * gs;
+        if (terms) terms[i] = l;
+        a += l;
+      }
+      if (bad) out_of_range.store(true);
+      return a;
+    });
+    if (!none) *out.data_ptr<acc_t>() = reduction == kReduceMean ? s / acc_t(n) : s;
+  });
+  TORCH_CHECK(!out_of_range.load(), "all elements of input should be between 0 and 1");
+  return {out, grad};
+}
+
+// z = mu + eps * exp(0.5 logvar) in mu's dtype (one pass).
+at::Tensor reparam_fwd_cpu(const at::Tensor& mu_, const at::Tensor& logvar_, const at::Tensor& eps_) {
+  TORCH_CHECK(mu_.sizes() == logvar_.sizes() && mu_.sizes() == eps_.sizes(), "reparameterize: mu ", mu_.sizes(),
+              ", logvar ", logvar_.sizes(), " and eps ", eps_.sizes(), " must have the same shape");
+  TORCH_CHECK(mu_.scalar_type() == logvar_.scalar_type() && mu_.scalar_type() == eps_.scalar_type(),
+              "reparameterize: mu, logvar and eps must have the same dtype");
+  const at::Tensor mu = mu_.contiguous(), lv = logvar_.contiguous(), eps = eps_.contiguous();
+  at::Tensor z = at::empty(mu.sizes(), mu.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "reparam_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t *m = mu.data_ptr<scalar_t>(), *l = lv.data_ptr<scalar_t>(), *e = eps.data_ptr<scalar_t>();
+    scalar_t* o = z.data_ptr<scalar_t>();
+    at::parallel_for(0, mu.numel(), 16384, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        o[i] = static_cast<scalar_t>(reparam_elem<acc_t>(static_cast<acc_t>(m[i]), static_cast<acc_t>(l[i]),
+                                                         static_cast<acc_t>(e[i])));
+    });
+  });
+  return z;
+}
+
+// d logvar = 0.5 * grad_z * eps * exp(0.5 logvar) (one pass); d mu is grad_z itself.
+at::Tensor reparam_bwd_cpu(const at::Tensor& grad_z_, const at::Tensor& logvar_, const at::Tensor& eps_) {
+  TORCH_CHECK(grad_z_.sizes() == logvar_.sizes() && grad_z_.sizes() == eps_.sizes(),
+              "reparameterize backward: shapes of grad, logvar and eps differ");
+  const at::Tensor gz = grad_z_.contiguous(), lv = logvar_.contiguous(), eps = eps_.contiguous();
+  TORCH_CHECK(gz.scalar_type() == lv.scalar_type(), "reparameterize backward: grad dtype ", gz.scalar_type(),
+              " differs from logvar's ", lv.scalar_type());
+  at::Tensor out = at::empty(lv.sizes(), lv.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lv.scalar_type(), "reparam_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t *g = gz.data_ptr<scalar_t>(), *l = lv.data_ptr<scalar_t>(), *e = eps.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, lv.numel(), 16384, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        o[i] = static_cast<scalar_t>(reparam_grad_logvar<acc_t>(static_cast<acc_t>(g[i]), static_cast<acc_t>(l[i]),
+                                                                static_cast<acc_t>(e[i])));
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(genfast, CPU, m) {
+  m.impl("gan_loss_fwd", &gan_loss_fwd_cpu);
+  m.impl("loss_scale_grad", &loss_scale_grad_cpu);
+  m.impl("vae_loss_fwd", &vae_loss_fwd_cpu);
+  m.impl("bce_loss_fwd", &bce_loss_fwd_cpu);
+  m.impl("reparam_fwd", &reparam_fwd_cpu);
+  m.impl("reparam_bwd", &reparam_bwd_cpu);
+}
+
+}  // namespace genfast

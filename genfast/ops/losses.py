@@ -1,0 +1,435 @@
+"""The genfast loss ops (GAN, VAE, BCE, reparameterisation): fake implementations, autograd and
+backend choice.
+
+Ops (each with a `backend` argument: "cpu"/"cuda" call the C++ ops of the same name + "_fwd"
+(schemas in csrc/ops.cpp), "triton" calls genfast/kernels/losses.py):
+  genfast::gan_loss        D or G loss of logits: (out_real, out_fake, saved_grad)
+  genfast::vae_loss        reconstruction + beta * KL: (loss, parts, saved_grad)
+  genfast::bce_loss        BCE / BCE-with-logits with a target tensor: (out, saved_grad)
+  genfast::loss_backward   backward of the three: saved_grad times the incoming gradient
+  genfast::reparameterize_fwd / _bwd
+Every loss forward computes the derivative of the loss in the same pass and saves it; the
+backward only scales it. When the backward must itself be differentiable (create_graph=True),
+the gradient is recomputed from the reference formulas instead.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from genfast import backend as B
+from genfast.reference import losses as ref
+
+FAMILY = "losses"
+
+GAN_KINDS = {"bce": 0, "minimax": 1, "hinge": 2, "wasserstein": 3, "lsgan": 4}
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+VAE_RECON = {"mse": 0, "bce": 1, "bce_logits": 2}
+VAE_REDUCTIONS = {"sum": 2, "batchmean": 3}
+
+_lib = torch.library.Library("genfast", "FRAGMENT")
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return ref.acc_dtype(dtype)
+
+
+# --- fakes ---------------------------------------------------------------------------------------
+
+def _gan_fake(real, fake, kind, generator, reduction, real_label):
+    any_ = real if real is not None else fake
+    acc = _acc(any_.dtype)
+    n = (real.numel() if real is not None else 0) + (fake.numel() if fake is not None else 0)
+    grad = any_.new_empty((n,), dtype=acc)
+    if reduction == REDUCTIONS["none"]:
+        out_r = real.new_empty(real.shape, dtype=acc) if real is not None else any_.new_empty((0,), dtype=acc)
+        out_f = fake.new_empty(fake.shape, dtype=acc) if fake is not None else any_.new_empty((0,), dtype=acc)
+    else:
+        out_r = any_.new_empty((), dtype=acc)
+        out_f = any_.new_empty((0,), dtype=acc)
+    return out_r, out_f, grad
+
+
+def _scale_fake(coef_a, coef_b, saved, split, dtype_a, dtype_b):
+    n = saved.numel()
+    return saved.new_empty((split,), dtype=dtype_a), saved.new_empty((n - split,), dtype=dtype_b)
+
+
+def _vae_fake(recon, target, mu, logvar, recon_kind, beta, reduction):
+    acc = _acc(recon.dtype)
+    n = recon.numel() + 2 * mu.numel()
+    return recon.new_empty((), dtype=acc), recon.new_empty((2,), dtype=acc), recon.new_empty((n,), dtype=acc)
+
+
+def _bce_fake(input, target, weight, pos_weight, reduction, logits):
+    acc = _acc(input.dtype)
+    out = input.new_empty(input.shape if reduction == REDUCTIONS["none"] else (), dtype=acc)
+    return out, input.new_empty((input.numel(),), dtype=acc)
+
+
+def _reparam_fwd_fake(mu, logvar, eps):
+    return torch.empty_like(mu, memory_format=torch.contiguous_format)
+
+
+def _reparam_bwd_fake(grad_z, logvar, eps):
+    return torch.empty_like(logvar, memory_format=torch.contiguous_format)
+
+
+HAS_CPP_OPS = B.has_cpu_ext()
+if HAS_CPP_OPS:
+    for _name, _fn in (("gan_loss_fwd", _gan_fake), ("loss_scale_grad", _scale_fake),
+                       ("vae_loss_fwd", _vae_fake), ("bce_loss_fwd", _bce_fake),
+                       ("reparam_fwd", _reparam_fwd_fake), ("reparam_bwd", _reparam_bwd_fake)):
+        torch.library.register_fake(f"genfast::{_name}", _fn, lib=_lib)
+
+
+# --- kernel choice -------------------------------------------------------------------------------
+
+def _kernel(name: str, backend: str):
+    if backend in ("cpu", "cuda"):
+        return getattr(torch.ops.genfast, name)
+    if backend == "triton":
+        from genfast.kernels import losses as K
+
+        return getattr(K, name)
+    raise ValueError(f"losses: backend must be 'cpu', 'cuda' or 'triton', got {backend!r}")
+
+
+# --- registered ops ------------------------------------------------------------------------------
+
+@torch.library.custom_op("genfast::gan_loss", mutates_args=())
+def gan_loss_op(real: Optional[Tensor], fake: Optional[Tensor], kind: int, generator: bool,
+                reduction: int, real_label: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _kernel("gan_loss_fwd", backend)(real, fake, kind, generator, reduction, real_label)
+
+
+@gan_loss_op.register_fake
+def _(real, fake, kind, generator, reduction, real_label, backend):
+    return _gan_fake(real, fake, kind, generator, reduction, real_label)
+
+
+@torch.library.custom_op("genfast::loss_backward", mutates_args=())
+def loss_backward_op(coef_a: Optional[Tensor], coef_b: Optional[Tensor], saved: Tensor, split: int,
+                     dtype_a: torch.dtype, dtype_b: torch.dtype, backend: str) -> tuple[Tensor, Tensor]:
+    return _kernel("loss_scale_grad", backend)(coef_a, coef_b, saved, split, dtype_a, dtype_b)
+
+
+@loss_backward_op.register_fake
+def _(coef_a, coef_b, saved, split, dtype_a, dtype_b, backend):
+    return _scale_fake(coef_a, coef_b, saved, split, dtype_a, dtype_b)
+
+
+@torch.library.custom_op("genfast::vae_loss", mutates_args=())
+def vae_loss_op(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, recon_kind: int,
+                beta: float, reduction: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _kernel("vae_loss_fwd", backend)(recon, target, mu, logvar, recon_kind, beta, reduction)
+
+
+@vae_loss_op.register_fake
+def _(recon, target, mu, logvar, recon_kind, beta, reduction, backend):
+    return _vae_fake(recon, target, mu, logvar, recon_kind, beta, reduction)
+
+
+@torch.library.custom_op("genfast::bce_loss", mutates_args=())
+def bce_loss_op(input: Tensor, target: Tensor, weight: Optional[Tensor], pos_weight: Optional[Tensor],
+                reduction: int, logits: bool, backend: str) -> tuple[Tensor, Tensor]:
+    return _kernel("bce_loss_fwd", backend)(input, target, weight, pos_weight, reduction, logits)
+
+
+@bce_loss_op.register_fake
+def _(input, target, weight, pos_weight, reduction, logits, backend):
+    return _bce_fake(input, target, weight, pos_weight, reduction, logits)
+
+
+@torch.library.custom_op("genfast::reparameterize_fwd", mutates_args=())
+def reparam_fwd_op(mu: Tensor, logvar: Tensor, eps: Tensor, backend: str) -> Tensor:
+    return _kernel("reparam_fwd", backend)(mu, logvar, eps)
+
+
+@reparam_fwd_op.register_fake
+def _(mu, logvar, eps, backend):
+    return _reparam_fwd_fake(mu, logvar, eps)
+
+
+@torch.library.custom_op("genfast::reparameterize_bwd", mutates_args=())
+def reparam_bwd_op(grad_z: Tensor, logvar: Tensor, eps: Tensor, backend: str) -> Tensor:
+    return _kernel("reparam_bwd", backend)(grad_z, logvar, eps)
+
+
+@reparam_bwd_op.register_fake
+def _(grad_z, logvar, eps, backend):
+    return _reparam_bwd_fake(grad_z, logvar, eps)
+
+
+# --- autograd ------------------------------------------------------------------------------------
+# The cpu and cuda backends call the C++ dispatcher ops directly (they have fakes, so
+# torch.compile traces them): the Python custom-op layer costs about 20 us per call on the CPU,
+# as much as a small loss kernel. The triton backend goes through the registered Python ops.
+
+def _call(cpp_name: str, py_op, backend: str, *args):
+    if backend in ("cpu", "cuda"):
+        return getattr(torch.ops.genfast, cpp_name)(*args)
+    return py_op(*args, backend)
+
+
+# torch.autograd.Function (not register_autograd) so that outputs the caller does not use get no
+# materialised zero gradients: a reduced loss's backward is exactly one loss_backward launch.
+
+def _ref_grads(fn, inputs, outputs_grads):
+    """Gradients of the reference formulas, differentiable (the create_graph=True path)."""
+    with torch.enable_grad():
+        outs = fn()
+        if not isinstance(outs, tuple):
+            outs = (outs,)
+        pairs = [(o, g) for o, g in zip(outs, outputs_grads) if g is not None]
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        got = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                  create_graph=True, allow_unused=True)
+    it = iter(got)
+    return [next(it) if (t is not None and t.requires_grad) else None for t in inputs]
+
+
+class GanLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, real, fake, kind, generator, reduction, real_label, backend):
+        out_r, out_f, grad = _call("gan_loss_fwd", gan_loss_op, backend, real, fake, kind, generator, reduction,
+                                   real_label)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad, real, fake)
+        ctx.cfg = (kind, generator, reduction, real_label, backend)
+        if reduction != REDUCTIONS["none"]:
+            ctx.mark_non_differentiable(out_f)
+        return out_r, out_f
+
+    @staticmethod
+    def backward(ctx, g_r, g_f):
+        grad, real, fake = ctx.saved_tensors
+        kind, generator, reduction, real_label, backend = ctx.cfg
+        none = reduction == REDUCTIONS["none"]
+        coef_a, coef_b = (g_r, g_f) if none else (g_r, g_r)
+        if torch.is_grad_enabled():
+            names = {v: k for k, v in GAN_KINDS.items()}
+            red = {v: k for k, v in REDUCTIONS.items()}[reduction]
+
+            def fn():
+                outs = []
+                if real is not None:
+                    outs.append(_reduce_ref(ref.gan_terms(real, names[kind], "real", real_label), red))
+                if fake is not None:
+                    outs.append(_reduce_ref(ref.gan_terms(fake, names[kind], "gen" if generator else "fake"), red))
+                return tuple(outs)
+
+            grads_out = ([coef_a] if real is not None else []) + ([coef_b] if fake is not None else [])
+            dr, df = _ref_grads(fn, (real, fake), grads_out)
+            return dr, df, None, None, None, None, None
+        nr = real.numel() if real is not None else 0
+        dt_r = real.dtype if real is not None else grad.dtype
+        dt_f = fake.dtype if fake is not None else grad.dtype
+        ga, gb = _call("loss_scale_grad", loss_backward_op, backend, coef_a, coef_b, grad, nr, dt_r, dt_f)
+        dr = ga.view(real.shape) if real is not None and ctx.needs_input_grad[0] else None
+        df = gb.view(fake.shape) if fake is not None and ctx.needs_input_grad[1] else None
+        return dr, df, None, None, None, None, None
+
+
+def _reduce_ref(terms, reduction):
+    if reduction == "mean":
+        return terms.mean()
+    if reduction == "sum":
+        return terms.sum()
+    return terms
+
+
+class VaeLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, recon, target, mu, logvar, recon_kind, beta, reduction, backend):
+        loss, parts, grad = _call("vae_loss_fwd", vae_loss_op, backend, recon, target, mu, logvar, recon_kind, beta,
+                                  reduction)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(parts)
+        ctx.save_for_backward(grad, recon, target, mu, logvar)
+        ctx.cfg = (recon_kind, beta, reduction, backend)
+        return loss, parts
+
+    @staticmethod
+    def backward(ctx, g_loss, g_parts):
+        grad, recon, target, mu, logvar = ctx.saved_tensors
+        recon_kind, beta, reduction, backend = ctx.cfg
+        if g_loss is None:
+            return (None,) * 8
+        if torch.is_grad_enabled():
+            rk = {v: k for k, v in VAE_RECON.items()}[recon_kind]
+            red = {v: k for k, v in VAE_REDUCTIONS.items()}[reduction]
+            dr, dm, dl = _ref_grads(lambda: ref.vae_loss(recon, target, mu, logvar, rk, beta, red)[0],
+                                    (recon, mu, logvar), [g_loss])
+            return dr, None, dm, dl, None, None, None, None
+        n, nz = recon.numel(), mu.numel()
+        ga, gb = _call("loss_scale_grad", loss_backward_op, backend, g_loss, g_loss, grad, n, recon.dtype, mu.dtype)
+        need = ctx.needs_input_grad
+        return (ga.view(recon.shape) if need[0] else None, None,
+                gb[:nz].view(mu.shape) if need[2] else None,
+                gb[nz:].view(logvar.shape) if need[3] else None, None, None, None, None)
+
+
+class BceLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, target, weight, pos_weight, reduction, logits, backend):
+        out, grad = _call("bce_loss_fwd", bce_loss_op, backend, input, target, weight, pos_weight, reduction, logits)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad, input, target, weight, pos_weight)
+        ctx.cfg = (reduction, logits, backend)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        grad, input, target, weight, pos_weight = ctx.saved_tensors
+        reduction, logits, backend = ctx.cfg
+        if g is None:
+            return (None,) * 7
+        if torch.is_grad_enabled():
+            red = {v: k for k, v in REDUCTIONS.items()}[reduction]
+            if logits:
+                fn = lambda: ref.bce_with_logits(input, target, weight, pos_weight, red)  # noqa: E731
+            else:
+                fn = lambda: ref.bce(input, target, weight, red)  # noqa: E731
+            (dx,) = _ref_grads(fn, (input,), [g])
+            return dx, None, None, None, None, None, None
+        ga, _ = _call("loss_scale_grad", loss_backward_op, backend, g, None, grad, input.numel(), input.dtype,
+                      grad.dtype)
+        return ga.view(input.shape), None, None, None, None, None, None
+
+
+class ReparamFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mu, logvar, eps, backend):
+        z = _call("reparam_fwd", reparam_fwd_op, backend, mu, logvar, eps)
+        ctx.save_for_backward(logvar, eps)
+        ctx.backend = backend
+        return z
+
+    @staticmethod
+    def backward(ctx, g):
+        logvar, eps = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if not need[1]:
+            return g, None, None, None
+        if torch.is_grad_enabled():
+            return g, 0.5 * g * eps * torch.exp(0.5 * logvar), None, None
+        return g, _call("reparam_bwd", reparam_bwd_op, ctx.backend, g, logvar, eps), None, None
+
+
+# --- checks (torch's exception types, the argument named) ----------------------------------------
+
+def check_reduction(reduction: str, allowed) -> None:
+    if reduction not in allowed:
+        raise ValueError(f"{reduction} is not a valid value for reduction (expected one of {tuple(allowed)})")
+
+
+def check_kind(kind: str) -> None:
+    if kind not in GAN_KINDS:
+        raise ValueError(f"kind must be one of {tuple(GAN_KINDS)}, got {kind!r}")
+
+
+def _check_tensor(t, name: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor, not {type(t).__name__}")
+    if not t.is_floating_point():
+        raise RuntimeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def check_gan(real, fake, kind, reduction, real_label) -> None:
+    check_kind(kind)
+    check_reduction(reduction, REDUCTIONS)
+    if real is not None:
+        _check_tensor(real, "real_logits")
+    _check_tensor(fake, "fake_logits")
+    if real is not None:
+        if real.device != fake.device:
+            raise RuntimeError("Expected all tensors to be on the same device, but found real_logits on "
+                               f"{real.device} and fake_logits on {fake.device}")
+        if real.dtype != fake.dtype:
+            raise RuntimeError(f"real_logits ({real.dtype}) and fake_logits ({fake.dtype}) must have the same dtype")
+    if kind in ("hinge", "wasserstein") and real_label != 1.0:
+        raise ValueError(f"real_label applies to kinds 'bce', 'minimax' and 'lsgan'; got real_label={real_label} "
+                         f"with kind={kind!r}")
+    if not math.isfinite(real_label):
+        raise ValueError(f"real_label must be finite, got {real_label}")
+
+
+def check_vae(recon, target, mu, logvar, recon_loss, reduction) -> None:
+    if recon_loss not in VAE_RECON:
+        raise ValueError(f"recon_loss must be one of {tuple(VAE_RECON)}, got {recon_loss!r}")
+    check_reduction(reduction, VAE_REDUCTIONS)
+    for t, name in ((recon, "recon"), (target, "target"), (mu, "mu"), (logvar, "logvar")):
+        _check_tensor(t, name)
+    if recon.shape != target.shape:
+        raise ValueError(f"Using a target size ({target.shape}) that is different to the recon size "
+                         f"({recon.shape}) is not supported: target and recon must have the same shape")
+    if mu.shape != logvar.shape:
+        raise RuntimeError(f"mu {tuple(mu.shape)} and logvar {tuple(logvar.shape)} must have the same shape")
+    for t, name in ((target, "target"), (mu, "mu"), (logvar, "logvar")):
+        if t.device != recon.device:
+            raise RuntimeError(f"Expected all tensors to be on the same device, but found recon on {recon.device} "
+                               f"and {name} on {t.device}")
+    if mu.dtype != logvar.dtype:
+        raise RuntimeError(f"mu ({mu.dtype}) and logvar ({logvar.dtype}) must have the same dtype")
+    if target.dtype not in (recon.dtype, _acc(recon.dtype)):
+        raise RuntimeError(f"target must have recon's dtype ({recon.dtype}) or {_acc(recon.dtype)}, got {target.dtype}")
+    if _acc(mu.dtype) != _acc(recon.dtype):
+        raise RuntimeError(f"mu ({mu.dtype}) and recon ({recon.dtype}) must both be float64 or both not")
+
+
+# --- entry points used by genfast.functional -----------------------------------------------------
+
+def _needs_reference(*ts) -> bool:
+    # Gradients w.r.t. a target (or a loss weight) are not computed by the fused kernels.
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def discriminator_loss(real, fake, kind, reduction, real_label):
+    name = B.resolve(FAMILY, fake.device)
+    if name == "reference":
+        return ref.discriminator_loss(real, fake, kind, reduction, real_label)
+    r, f = GanLossFunction.apply(real, fake, GAN_KINDS[kind], False, REDUCTIONS[reduction],
+                                 float(real_label), name)
+    return (r, f) if reduction == "none" else r
+
+
+def generator_loss(fake, kind, reduction):
+    name = B.resolve(FAMILY, fake.device)
+    if name == "reference":
+        return ref.generator_loss(fake, kind, reduction)
+    r, f = GanLossFunction.apply(None, fake, GAN_KINDS[kind], True, REDUCTIONS[reduction], 1.0, name)
+    return f if reduction == "none" else r
+
+
+def vae_loss(recon, target, mu, logvar, recon_loss, beta, reduction):
+    """(loss, parts) with parts = [recon term, kl term] (detached, for logging)."""
+    name = B.resolve(FAMILY, recon.device)
+    if name == "reference" or _needs_reference(target):
+        loss, rec, kl = ref.vae_loss(recon, target, mu, logvar, recon_loss, beta, reduction)
+        return loss, torch.stack([rec.detach(), kl.detach()])
+    return VaeLossFunction.apply(recon, target, mu, logvar, VAE_RECON[recon_loss], float(beta),
+                                 VAE_REDUCTIONS[reduction], name)
+
+
+def bce_loss(input, target, weight, pos_weight, reduction, logits):
+    """Per-element weights are broadcast to input's shape here (a copy only when the broadcast
+    view is not contiguous)."""
+    name = B.resolve(FAMILY, input.device)
+    if name == "reference" or _needs_reference(target, weight, pos_weight):
+        if logits:
+            return ref.bce_with_logits(input, target, weight, pos_weight, reduction)
+        return ref.bce(input, target, weight, reduction)
+    w = None if weight is None else torch.broadcast_to(weight, input.shape).contiguous()
+    p = None if pos_weight is None else torch.broadcast_to(pos_weight, input.shape).contiguous()
+    return BceLossFunction.apply(input, target, w, p, REDUCTIONS[reduction], logits, name)
+
+
+def reparameterize(mu, logvar, eps):
+    name = B.resolve(FAMILY, mu.device)
+    if name == "reference":
+        return ref.reparameterize(mu, logvar, eps)
+    return ReparamFunction.apply(mu, logvar, eps, name)

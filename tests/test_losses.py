@@ -1,0 +1,668 @@
+"""GAN / VAE / BCE losses, reparameterisation and gradient penalties: the reference against the
+textbook PyTorch formulas, every backend against the float64 reference (forward and gradients,
+every kind, reduction, dtype, extreme logits), opcheck, gradcheck and double backward, one
+torch.compile(fullgraph=True) test, bad input, and a profiler check that the CPU path runs no
+PyTorch compute operator."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import genfast
+import genfast.functional as GF
+import genfast.nn as gnn
+from genfast.ops import losses as L
+from genfast.reference import losses as ref
+from tests.utils import CPU_BACKENDS, GPU_BACKENDS, TOL, assert_close, backend
+
+KINDS = ["bce", "minimax", "hinge", "wasserstein", "lsgan"]
+REDS = ["mean", "sum", "none"]
+EXTREMES = [-math.inf, -100.0, -30.0, -1.5, 0.0, 0.5, 30.0, 100.0, math.inf]
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --- the reference against torch's own loss functions (float64) ----------------------------------
+
+def textbook_terms(x, kind, role, label=1.0):
+    """The per-element textbook formulas written with torch's loss functions."""
+    if kind in ("bce", "minimax"):
+        if role == "real":
+            return F.binary_cross_entropy_with_logits(x, torch.full_like(x, label), reduction="none")
+        if role == "fake":
+            return F.binary_cross_entropy_with_logits(x, torch.zeros_like(x), reduction="none")
+        if kind == "bce":
+            return F.binary_cross_entropy_with_logits(x, torch.ones_like(x), reduction="none")
+        return -F.binary_cross_entropy_with_logits(x, torch.zeros_like(x), reduction="none")
+    if kind == "hinge":
+        return {"real": F.relu(1 - x), "fake": F.relu(1 + x), "gen": -x}[role]
+    if kind == "wasserstein":
+        return {"real": -x, "fake": x, "gen": -x}[role]
+    target = {"real": label, "fake": 0.0, "gen": 1.0}[role]
+    return F.mse_loss(x, torch.full_like(x, target), reduction="none")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("role", ["real", "fake", "gen"])
+def test_reference_matches_textbook(kind, role):
+    x = torch.cat([torch.randn(40, dtype=torch.float64) * 4, torch.tensor([-100.0, 100.0], dtype=torch.float64)])
+    x.requires_grad_(True)
+    label = 0.9 if kind in ("bce", "minimax", "lsgan") and role == "real" else 1.0
+    got = ref.gan_terms(x, kind, role, label)
+    want = textbook_terms(x, kind, role, label)
+    assert_close(got, want, torch.float64, f"{kind} {role}")
+    g1, = torch.autograd.grad(got.sum(), x)
+    g2, = torch.autograd.grad(want.sum(), x)
+    assert_close(g1, g2, torch.float64, f"{kind} {role} grad")
+
+
+def test_reference_vae_matches_textbook():
+    recon, target = torch.rand(6, 10, dtype=torch.float64), torch.rand(6, 10, dtype=torch.float64)
+    mu, lv = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    kl = -0.5 * torch.sum(1 + lv - mu.pow(2) - lv.exp())
+    for rl, rec in (("mse", F.mse_loss(recon, target, reduction="sum")),
+                    ("bce", F.binary_cross_entropy(recon, target, reduction="sum")),
+                    ("bce_logits", F.binary_cross_entropy_with_logits(recon, target, reduction="sum"))):
+        loss, r, k = ref.vae_loss(recon, target, mu, lv, rl, 0.5, "sum")
+        assert_close(r, rec, torch.float64, rl)
+        assert_close(k, kl, torch.float64, rl)
+        assert_close(loss, rec + 0.5 * kl, torch.float64, rl)
+        loss_b, _, _ = ref.vae_loss(recon, target, mu, lv, rl, 0.5, "batchmean")
+        assert_close(loss_b, (rec + 0.5 * kl) / 6, torch.float64, rl)
+
+
+# --- GAN losses on every backend -----------------------------------------------------------------
+
+def _gan_all(real, fake, kind, red, label):
+    """D loss (scalar or weighted sum of the terms), its grads, G loss, its grad."""
+    d = GF.discriminator_loss(real, fake, kind, red, real_label=label)
+    if red == "none":
+        wr = torch.linspace(0.5, 1.5, real.numel(), dtype=d[0].dtype, device=real.device).view(real.shape)
+        wf = torch.linspace(-1.0, 1.0, fake.numel(), dtype=d[1].dtype, device=fake.device).view(fake.shape)
+        dsum = (d[0] * wr).sum() + (d[1] * wf).sum()
+        dvals = torch.cat([d[0].flatten(), d[1].flatten()])
+    else:
+        dsum, dvals = d, d.reshape(1)
+    gr, gf = torch.autograd.grad(dsum, (real, fake))
+    g = GF.generator_loss(fake, kind, red)
+    if red == "none":
+        gsum = (g * torch.linspace(-1.0, 2.0, fake.numel(), dtype=g.dtype, device=fake.device).view(fake.shape)).sum()
+        gvals = g.flatten()
+    else:
+        gsum, gvals = g, g.reshape(1)
+    (gg,) = torch.autograd.grad(gsum, (fake,))
+    return dvals, gr, gf, gvals, gg
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_gan_losses_match_reference(backend_name, kind, dtype):
+    real = (torch.randn(7, 1, 2, 3) * 3).to(dtype).requires_grad_(True)
+    fake = (torch.randn(5, 1, 2, 3) * 3).to(dtype).requires_grad_(True)  # different batch size
+    label = 0.9 if kind in ("bce", "lsgan") else 1.0
+    for red in REDS:
+        with backend(backend_name):
+            got = _gan_all(real, fake, kind, red, label)
+        r64 = real.detach().double().requires_grad_(True)
+        f64 = fake.detach().double().requires_grad_(True)
+        with backend("reference"):
+            want = _gan_all(r64, f64, kind, red, label)
+        assert got[0].dtype == _acc(dtype) and got[3].dtype == _acc(dtype), "loss dtype"
+        assert got[1].dtype == dtype and got[2].dtype == dtype and got[4].dtype == dtype, "grad dtype"
+        names = ("D loss", "D grad real", "D grad fake", "G loss", "G grad")
+        for name, a, b in zip(names, got, want):
+            tol_dtype = _acc(dtype) if "loss" in name else dtype
+            assert_close(a, b, tol_dtype, f"{backend_name} {kind} {red} {name}", scale=4.0 if "loss" in name else 1.0)
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_gan_extreme_logits(backend_name, kind):
+    x = torch.tensor(EXTREMES, dtype=torch.float32)
+    label = 1.0
+    for role in ("real", "fake", "gen"):
+        xr = x.clone().requires_grad_(True)
+        with backend(backend_name):
+            if role == "gen":
+                terms = GF.generator_loss(xr, kind, "none")
+            else:
+                pair = GF.discriminator_loss(xr, xr, kind, "none", real_label=label)
+                terms = pair[0] if role == "real" else pair[1]
+        (grad,) = torch.autograd.grad(terms.sum(), xr)
+        x64 = x.double().requires_grad_(True)
+        want = ref.gan_terms(x64, kind, role, label)
+        (wgrad,) = torch.autograd.grad(want.sum(), x64)
+        for name, a, b in (("terms", terms, want), ("grad", grad, wgrad)):
+            a, b = a.double(), b.detach()
+            assert torch.equal(torch.isfinite(a), torch.isfinite(b)), f"{kind} {role} {name}: {a} vs {b}"
+            assert not torch.isnan(a).any(), f"{kind} {role} {name} has NaN: {a}"
+            fin = torch.isfinite(b)
+            assert torch.equal(a[~fin], b[~fin]), f"{kind} {role} {name} infinities"
+            assert_close(a[fin], b[fin], torch.float32, f"{kind} {role} {name}")
+        # torch's own textbook formula, wherever it is finite (it gives NaN at +-inf for bce).
+        tb = textbook_terms(x, kind, role, label)
+        ok = torch.isfinite(tb)
+        assert_close(terms[ok], tb[ok], torch.float32, f"{kind} {role} vs torch")
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_gan_layouts_and_odd_shapes(backend_name):
+    cases = [
+        (torch.randn(5, 3).t(), torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last)),  # non-contiguous
+        (torch.randn(()), torch.randn(1)),  # 0-dim and size-1 logits
+        (torch.randn(3, 1, 2, 2)[:, :, ::2, :], torch.randn(0, 1)),  # strided; empty fake batch
+    ]
+    for real, fake in cases:
+        for red in ("sum", "none"):
+            r, f = real.clone().requires_grad_(True), fake.clone().requires_grad_(True)
+            with backend(backend_name):
+                d = GF.discriminator_loss(r, f, "bce", red)
+            s = d if red == "sum" else d[0].sum() * 1.5 + d[1].sum()
+            gr, gf = torch.autograd.grad(s, (r, f))
+            r64, f64 = real.double().requires_grad_(True), fake.double().requires_grad_(True)
+            w = ref.discriminator_loss(r64, f64, "bce", red)
+            ws = w if red == "sum" else w[0].sum() * 1.5 + w[1].sum()
+            wr, wf = torch.autograd.grad(ws, (r64, f64))
+            assert gr.shape == real.shape and gf.shape == fake.shape
+            assert_close(s, ws, torch.float32, f"{backend_name} {red} loss")
+            assert_close(gr, wr, torch.float32, f"{backend_name} {red} grad real")
+            assert_close(gf, wf, torch.float32, f"{backend_name} {red} grad fake")
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_nonsaturating_generator_gradient_does_not_vanish(backend_name):
+    x = torch.tensor([-100.0, -50.0, -30.0], requires_grad=True)
+    with backend(backend_name):
+        (g,) = torch.autograd.grad(GF.generator_loss(x, "bce", "sum"), x)
+    torch.testing.assert_close(g, torch.full_like(g, -1.0))
+    xn = x.detach().clone().requires_grad_(True)
+    (naive,) = torch.autograd.grad((-torch.log(torch.sigmoid(xn) + 1e-8)).sum(), xn)
+    assert naive.abs().max() < 1e-3  # the form genfast avoids: its gradient vanishes
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_gan_multiblock_and_deterministic(backend_name):
+    # above the single-block size of the kernels: partial sums, then their fixed-order sum
+    real = torch.randn(20000, 1)
+    fake = torch.randn(3000, 1)
+    with backend(backend_name):
+        a = GF.discriminator_loss(real, fake, "bce")
+        b = GF.discriminator_loss(real, fake, "bce")
+    assert torch.equal(a, b)
+    want = ref.discriminator_loss(real.double(), fake.double(), "bce")
+    assert_close(a, want, torch.float32, backend_name, scale=4.0)
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "triton"])
+def test_gan_empty_side_mean_is_nan_like_torch(backend_name):
+    with backend(backend_name):
+        d = GF.discriminator_loss(torch.randn(0), torch.randn(3), "bce")
+    assert torch.isnan(d) and torch.isnan(torch.randn(0).mean())
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "triton"])
+def test_autocast_returns_float32(backend_name):
+    lin = nn.Linear(5, 1)
+    x, xf = torch.randn(6, 5), torch.randn(4, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16), backend(backend_name):
+        real, fake = lin(x), lin(xf)
+        assert real.dtype == torch.bfloat16
+        d = GF.discriminator_loss(real, fake, "bce")
+        g = GF.generator_loss(fake, "lsgan")
+    assert d.dtype == torch.float32 and g.dtype == torch.float32
+    assert_close(d, ref.discriminator_loss(real.double(), fake.double(), "bce"), torch.float32, "D autocast", scale=4.0)
+    assert_close(g, ref.generator_loss(fake.double(), "lsgan"), torch.float32, "G autocast", scale=4.0)
+    (gw,) = torch.autograd.grad(d + g, lin.weight)
+    assert gw.dtype == torch.float32 and torch.isfinite(gw).all()
+
+
+# --- VAE ------------------------------------------------------------------------------------------
+
+def _vae_inputs(dtype, recon_loss, n=4, d=12, z=3):
+    if recon_loss == "bce":
+        recon = torch.rand(n, d).clamp(0.02, 0.98)
+    else:
+        recon = torch.randn(n, d)
+    target = torch.rand(n, d)
+    mu, lv = torch.randn(n, z), torch.randn(n, z) * 2
+    return [t.to(dtype) for t in (recon, target, mu, lv)]
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("recon_loss", ["mse", "bce", "bce_logits"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_vae_loss_matches_reference(backend_name, recon_loss, dtype):
+    recon, target, mu, lv = _vae_inputs(dtype, recon_loss)
+    for red in ("sum", "batchmean"):
+        ins = [t.clone().requires_grad_(True) for t in (recon, mu, lv)]
+        with backend(backend_name):
+            loss, rec, kl = GF.vae_loss(ins[0], target, ins[1], ins[2], recon_loss=recon_loss, beta=0.7,
+                                        reduction=red, return_parts=True)
+        grads = torch.autograd.grad(loss, ins)
+        ins64 = [t.detach().double().requires_grad_(True) for t in ins]
+        wl, wr, wk = ref.vae_loss(ins64[0], target.double(), ins64[1], ins64[2], recon_loss, 0.7, red)
+        wg = torch.autograd.grad(wl, ins64)
+        assert loss.dtype == _acc(dtype)
+        for name, a, b in (("loss", loss, wl), ("recon", rec, wr), ("kl", kl, wk)):
+            assert_close(a, b, _acc(dtype), f"{backend_name} {recon_loss} {red} {name}", scale=4.0)
+        for name, a, b in zip(("d recon", "d mu", "d logvar"), grads, wg):
+            assert a.dtype == dtype
+            assert_close(a, b, dtype, f"{backend_name} {recon_loss} {red} {name}")
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_vae_kl_finite_at_extreme_logvar(backend_name, dtype):
+    mu = torch.randn(2, 4).to(dtype)
+    lv = torch.tensor([[-30.0, 30.0, -10.0, 10.0], [30.0, -30.0, 0.0, 1e-3]]).to(dtype).requires_grad_(True)
+    recon = torch.randn(2, 5).to(dtype)
+    with backend(backend_name):
+        loss, _, kl = GF.vae_loss(recon, recon.detach().clone(), mu, lv, return_parts=True)
+    (g,) = torch.autograd.grad(loss, lv)
+    assert torch.isfinite(loss)
+    # d/d logvar = 0.5 expm1(logvar), in logvar's dtype: 5e12 at logvar = 30 overflows float16
+    want_g = (0.5 * torch.expm1(lv.detach().double())).to(dtype)
+    assert torch.equal(torch.isfinite(g), torch.isfinite(want_g))
+    if dtype == torch.float32:
+        assert torch.isfinite(g).all()
+    want = ref.kl_terms(mu.double(), lv.detach().double()).sum()
+    assert torch.isfinite(kl)
+    assert_close(kl, want, torch.float32, "kl", scale=4.0)
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_vae_noncontiguous(backend_name):
+    recon, target, mu, lv = _vae_inputs(torch.float32, "mse", n=6, d=4, z=3)
+    rt, mt, lt = recon.t().requires_grad_(True), mu.t().requires_grad_(True), lv.t().requires_grad_(True)
+    with backend(backend_name):
+        loss = GF.vae_loss(rt, target.t(), mt, lt, reduction="batchmean")
+    g = torch.autograd.grad(loss, (rt, mt, lt))
+    ins = [t.detach().double().requires_grad_(True) for t in (rt, mt, lt)]
+    want = ref.vae_loss(ins[0], target.t().double(), ins[1], ins[2], "mse", 1.0, "batchmean")[0]
+    wg = torch.autograd.grad(want, ins)
+    assert_close(loss, want, torch.float32, "vae loss", scale=4.0)
+    for a, b in zip(g, wg):
+        assert a.shape == b.shape
+        assert_close(a, b, torch.float32, "vae grad")
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "triton"])
+def test_vae_multiblock(backend_name):
+    recon, target, mu, lv = _vae_inputs(torch.float32, "mse", n=4, d=5000, z=20)
+    with backend(backend_name):
+        loss = GF.vae_loss(recon, target, mu, lv, reduction="batchmean")
+    want = ref.vae_loss(recon.double(), target.double(), mu.double(), lv.double(), "mse", 1.0, "batchmean")[0]
+    assert_close(loss, want, torch.float32, backend_name, scale=4.0)
+
+
+@pytest.mark.parametrize("backend_name", ["cpu"])
+def test_vae_bce_rejects_out_of_range(backend_name):
+    recon = torch.tensor([[0.5, 1.5]])
+    with backend(backend_name), pytest.raises(RuntimeError, match="between 0 and 1"):
+        GF.vae_loss(recon, torch.rand(1, 2), torch.zeros(1, 1), torch.zeros(1, 1), recon_loss="bce")
+
+
+# --- BCE drop-ins ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_bce_dropins_match_torch(backend_name, reduction, dtype):
+    x = (torch.randn(6, 4) * 3).to(dtype)
+    t = torch.rand(6, 4).to(dtype)
+    w, pw = torch.rand(4).to(dtype) + 0.5, torch.rand(4).to(dtype) * 3
+    for kw in ({}, {"weight": w}, {"pos_weight": pw}, {"weight": w, "pos_weight": pw}):
+        g, tm = gnn.BCEWithLogitsLoss(reduction=reduction, **kw), nn.BCEWithLogitsLoss(reduction=reduction, **kw)
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        with backend(backend_name):
+            a = g(xa, t)
+        b = tm(xb, t)
+        assert a.dtype == b.dtype
+        assert_close(a, b, dtype, f"bce_logits {kw.keys()}", scale=4.0)
+        ga, = torch.autograd.grad(a.sum(), xa)
+        gb, = torch.autograd.grad(b.sum(), xb)
+        assert_close(ga, gb, dtype, f"bce_logits grad {kw.keys()}")
+    p = torch.rand(6, 4).to(dtype).clamp(1e-3, 1 - 1e-3)
+    p[0, 0], p[0, 1] = 0.0, 1.0  # torch's clamp of the log at -100
+    for kw in ({}, {"weight": torch.rand(6, 1).to(dtype)}):
+        pa, pb = p.clone().requires_grad_(True), p.clone().requires_grad_(True)
+        with backend(backend_name):
+            a = gnn.BCELoss(reduction=reduction, **kw)(pa, t)
+        b = nn.BCELoss(reduction=reduction, **kw)(pb, t)
+        assert_close(a, b, dtype, "bce", scale=4.0)
+        ga, = torch.autograd.grad(a.sum(), pa)
+        gb, = torch.autograd.grad(b.sum(), pb)
+        assert_close(ga, gb, dtype, "bce grad")
+
+
+def test_bce_dropins_are_torch_modules():
+    m = gnn.BCEWithLogitsLoss(pos_weight=torch.ones(3))
+    assert isinstance(m, nn.BCEWithLogitsLoss)
+    assert set(m.state_dict()) == set(nn.BCEWithLogitsLoss(pos_weight=torch.ones(3)).state_dict())
+    assert isinstance(gnn.BCELoss(), nn.BCELoss)
+
+
+# --- reparameterize -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_reparameterize_seed_contract_and_grads(backend_name, dtype):
+    mu = torch.randn(5, 3).to(dtype).requires_grad_(True)
+    lv = torch.randn(5, 3).to(dtype).requires_grad_(True)
+    torch.manual_seed(7)
+    with backend(backend_name):
+        z = GF.reparameterize(mu, lv)
+    torch.manual_seed(7)
+    mu64, lv64 = mu.detach().double().requires_grad_(True), lv.detach().double().requires_grad_(True)
+    eps = torch.randn_like(mu)
+    want = mu64 + eps.double() * torch.exp(0.5 * lv64)
+    assert z.dtype == dtype
+    assert_close(z, want, dtype, "z")
+    gz = torch.randn_like(z)
+    ga = torch.autograd.grad(z, (mu, lv), gz)
+    gb = torch.autograd.grad(want, (mu64, lv64), gz.double())
+    for a, b in zip(ga, gb):
+        assert_close(a, b, dtype, "reparameterize grad")
+
+
+# --- registration, gradcheck, double backward, compile -------------------------------------------
+
+@pytest.mark.parametrize("backend_name", ["cpu", "triton"])
+def test_opcheck(backend_name):
+    r, f = torch.randn(4, 3), torch.randn(5)
+    ops = torch.ops.genfast
+    for red in (0, 1):
+        torch.library.opcheck(ops.gan_loss.default, (r, f, 0, False, red, 0.9, backend_name))
+        torch.library.opcheck(ops.gan_loss.default, (None, f, 2, True, red, 1.0, backend_name))
+    saved = torch.randn(17)
+    torch.library.opcheck(ops.loss_backward.default,
+                          (torch.tensor(2.0), torch.randn(5), saved, 12, torch.float32, torch.float16, backend_name))
+    torch.library.opcheck(ops.loss_backward.default,
+                          (None, torch.tensor(1.5), saved, 0, torch.float32, torch.float32, backend_name))
+    recon, target, mu, lv = _vae_inputs(torch.float32, "bce")
+    torch.library.opcheck(ops.vae_loss.default, (recon, target, mu, lv, 1, 0.5, 3, backend_name))
+    x, t = torch.randn(3, 4), torch.rand(3, 4)
+    torch.library.opcheck(ops.bce_loss.default, (x, t, torch.rand(3, 4), torch.rand(3, 4), 1, True, backend_name))
+    torch.library.opcheck(ops.bce_loss.default, (torch.rand(3, 4), t, None, None, 0, False, backend_name))
+    torch.library.opcheck(ops.reparameterize_fwd.default, (mu, lv, torch.randn_like(mu), backend_name))
+    torch.library.opcheck(ops.reparameterize_bwd.default, (torch.randn_like(mu), lv, torch.randn_like(mu), backend_name))
+    if backend_name == "cpu":
+        torch.library.opcheck(ops.gan_loss_fwd.default, (r, f, 4, False, 2, 0.8))
+        torch.library.opcheck(ops.loss_scale_grad.default, (torch.tensor(2.0), None, saved, 3, torch.float32, torch.float32))
+        torch.library.opcheck(ops.vae_loss_fwd.default, (recon, target, mu, lv, 0, 1.0, 2))
+        torch.library.opcheck(ops.bce_loss_fwd.default, (x, t, None, None, 2, True))
+        torch.library.opcheck(ops.reparam_fwd.default, (mu, lv, torch.randn_like(mu)))
+        torch.library.opcheck(ops.reparam_bwd.default, (mu, lv, torch.randn_like(mu)))
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "triton"])
+def test_gradcheck(backend_name):
+    dt = torch.float64
+    r = (torch.randn(4, 2, dtype=dt) * 2).requires_grad_(True)
+    f = (torch.randn(3, 2, dtype=dt) * 2).requires_grad_(True)
+    with backend(backend_name):
+        for kind in (KINDS if backend_name == "cpu" else ["bce", "hinge"]):
+            for red in ("mean", "none"):
+                assert torch.autograd.gradcheck(
+                    lambda a, b: GF.discriminator_loss(a, b, kind, red, real_label=0.9 if kind == "bce" else 1.0),
+                    (r, f))
+                assert torch.autograd.gradcheck(lambda b: GF.generator_loss(b, kind, red), (f,))
+        recon, target, mu, lv = [t.requires_grad_(i != 1) for i, t in enumerate(_vae_inputs(dt, "bce"))]
+        for rl in ("mse", "bce", "bce_logits"):
+            assert torch.autograd.gradcheck(
+                lambda a, m, v: GF.vae_loss(a, target, m, v, recon_loss=rl, beta=0.5, reduction="batchmean"),
+                (recon, mu, lv))
+        t = torch.rand(4, 2, dtype=dt)
+        crit = gnn.BCEWithLogitsLoss(pos_weight=torch.rand(2, dtype=dt))
+        assert torch.autograd.gradcheck(lambda a: crit(a, t), (r,))
+
+        def rep(m, v):
+            torch.manual_seed(3)
+            return GF.reparameterize(m, v)
+
+        assert torch.autograd.gradcheck(rep, (mu, lv))
+
+
+def test_double_backward_through_fused_losses():
+    dt = torch.float64
+    r = torch.randn(4, 2, dtype=dt, requires_grad=True)
+    f = torch.randn(3, 2, dtype=dt, requires_grad=True)
+    with backend("cpu"):
+        assert torch.autograd.gradgradcheck(lambda a, b: GF.discriminator_loss(a, b, "bce", real_label=0.9), (r, f))
+        assert torch.autograd.gradgradcheck(lambda b: GF.generator_loss(b, "lsgan", "none"), (f,))
+        recon, target, mu, lv = [t.requires_grad_(i != 1) for i, t in enumerate(_vae_inputs(dt, "mse"))]
+        assert torch.autograd.gradgradcheck(lambda a, m, v: GF.vae_loss(a, target, m, v, beta=2.0), (recon, mu, lv))
+
+
+def _critic(genfast_layers: bool):
+    torch.manual_seed(11)
+    bn = gnn.BatchNormAct2d(4, activation="leaky_relu", negative_slope=0.2) if genfast_layers else nn.Sequential(
+        nn.BatchNorm2d(4), nn.LeakyReLU(0.2))
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), bn, nn.Flatten(), nn.Linear(4 * 5 * 5, 1)).double()
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "reference"])
+def test_penalties_double_backward_through_genfast_layers(backend_name):
+    x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    fake = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    grads = {}
+    for gl in (True, False):
+        d = _critic(gl)
+        with backend(backend_name):
+            xr = x.clone().requires_grad_(True)
+            r1 = GF.r1_penalty(d(xr), xr)
+            torch.manual_seed(5)
+            gp = GF.gradient_penalty(d, x, fake)
+        params = list(d.parameters())
+        pg = torch.autograd.grad(r1 + 0.5 * gp, params, allow_unused=True)
+        # the conv bias (before BatchNorm) and the last bias do not change d critic / d x: their
+        # gradient is zero, reported as None or as zeros depending on the graph
+        grads[gl] = [r1.detach(), gp.detach()] + [torch.zeros_like(p) if g is None else g
+                                                  for g, p in zip(pg, params)]
+    for a, b in zip(grads[True], grads[False]):
+        assert_close(a, b, torch.float64, "penalty vs torch layers", scale=100.0)
+
+
+def test_penalty_definitions():
+    x = torch.randn(4, 3, dtype=torch.float64)
+    fake = torch.randn(4, 3, dtype=torch.float64)
+    w = torch.randn(3, dtype=torch.float64)
+
+    def critic(v):
+        return (v * w).sum(1) ** 2
+
+    xr = x.clone().requires_grad_(True)
+    r1 = GF.r1_penalty(critic(xr), xr)
+    g = 2 * (x @ w)[:, None] * w  # per-sample gradient of critic
+    assert_close(r1, g.pow(2).sum(1).mean(), torch.float64, "r1")
+    torch.manual_seed(9)
+    gp = GF.gradient_penalty(critic, x, fake)
+    torch.manual_seed(9)
+    a = torch.rand(4, 1, dtype=torch.float64)
+    xh = a * x + (1 - a) * fake
+    gh = 2 * (xh @ w)[:, None] * w
+    assert_close(gp, ((gh.norm(dim=1) - 1) ** 2).mean(), torch.float64, "gp")  # per-sample norms
+    p = w.clone().requires_grad_(True)
+
+    def gp_of(v):
+        torch.manual_seed(9)
+        return GF.gradient_penalty(lambda s: (s * v).sum(1) ** 2, x, fake)
+
+    assert torch.autograd.gradcheck(gp_of, (p,))
+    assert torch.autograd.gradcheck(lambda v: GF.r1_penalty(*(lambda xx: ((xx * v).sum(1) ** 2, xx))(
+        x.clone().requires_grad_(True))), (p,))
+
+
+def test_compile_fullgraph_matches_eager():
+    def step(real, fake, recon, target, mu, lv):
+        d = GF.discriminator_loss(real, fake, "bce", real_label=0.9)
+        g = GF.generator_loss(fake, "bce")
+        v = GF.vae_loss(recon, target, mu, lv, recon_loss="bce_logits", reduction="batchmean")
+        return d + g + v
+
+    args = [torch.randn(8, 1), torch.randn(6, 1), torch.randn(4, 10), torch.rand(4, 10), torch.randn(4, 3),
+            torch.randn(4, 3)]
+    e_args = [a.clone().requires_grad_(i != 3) for i, a in enumerate(args)]
+    c_args = [a.clone().requires_grad_(i != 3) for i, a in enumerate(args)]
+    with backend("cpu"):
+        eager = step(*e_args)
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(*c_args)
+    assert_close(compiled, eager, torch.float32, "compile")
+    ge = torch.autograd.grad(eager, [a for a in e_args if a.requires_grad])
+    gc = torch.autograd.grad(compiled, [a for a in c_args if a.requires_grad])
+    for a, b in zip(gc, ge):
+        assert_close(a, b, torch.float32, "compile grad")
+
+
+# --- modules and bad input -----------------------------------------------------------------------
+
+def test_modules():
+    real, fake = torch.randn(6, 1), torch.randn(4, 1)
+    m = gnn.GANLoss("hinge")
+    assert_close(m.discriminator(real, fake), ref.discriminator_loss(real, fake, "hinge"), torch.float32, "D")
+    assert_close(m.generator(fake), ref.generator_loss(fake, "hinge"), torch.float32, "G")
+    recon, target, mu, lv = _vae_inputs(torch.float32, "bce")
+    v = gnn.VAELoss("bce", beta=4.0, reduction="batchmean")
+    want = ref.vae_loss(recon, target, mu, lv, "bce", 4.0, "batchmean")[0]
+    assert_close(v(recon, target, mu, lv), want, torch.float32, "VAELoss")
+
+
+def test_bad_input():
+    r, f = torch.randn(4), torch.randn(4)
+    with pytest.raises(ValueError, match="kind"):
+        GF.discriminator_loss(r, f, "softmax")
+    with pytest.raises(ValueError, match="reduction"):
+        GF.generator_loss(f, "bce", "avg")
+    with pytest.raises(ValueError, match="kind"):
+        gnn.GANLoss("nope")
+    with pytest.raises(ValueError, match="real_label"):
+        GF.discriminator_loss(r, f, "hinge", real_label=0.9)
+    with pytest.raises(RuntimeError, match="real_logits"):
+        GF.discriminator_loss(r, f.double())
+    recon, target, mu, lv = _vae_inputs(torch.float32, "mse")
+    with pytest.raises(ValueError, match="target"):
+        GF.vae_loss(recon, target[:, :5], mu, lv)
+    with pytest.raises(RuntimeError, match="logvar"):
+        GF.vae_loss(recon, target, mu, lv[:, :2])
+    with pytest.raises(ValueError, match="recon_loss"):
+        GF.vae_loss(recon, target, mu, lv, recon_loss="l1")
+    with pytest.raises(ValueError, match="reduction"):
+        GF.vae_loss(recon, target, mu, lv, reduction="mean")
+    with pytest.raises(RuntimeError, match="logvar"):
+        GF.reparameterize(mu, lv[:2])
+    with pytest.raises(ValueError, match="target size"):
+        gnn.BCEWithLogitsLoss()(torch.randn(3), torch.rand(4))
+    with pytest.raises(ValueError):
+        F.binary_cross_entropy_with_logits(torch.randn(3), torch.rand(4))  # torch's type, same case
+
+
+# --- the CPU path runs only genfast ops ----------------------------------------------------------
+
+ALLOWED_ATEN = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::resize_", "aten::detach",
+                "aten::view", "aten::slice", "aten::as_strided", "aten::alias"}
+
+
+def _profile(fn):
+    with backend("cpu"):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+    return {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("which", ["d", "g", "vae", "bce_logits", "bce", "reparam"])
+def test_cpu_path_runs_no_torch_compute_op(which):
+    real, fake = torch.randn(64, 1, requires_grad=True), torch.randn(64, 1, requires_grad=True)
+    recon, target, mu, lv = [t.requires_grad_(i != 1) for i, t in enumerate(_vae_inputs(torch.float32, "bce"))]
+    one = torch.ones(())
+    eps = torch.randn_like(mu)
+
+    def run():
+        if which == "d":
+            GF.discriminator_loss(real, fake, "bce", real_label=0.9).backward(one)
+        elif which == "g":
+            GF.generator_loss(fake, "bce").backward(one)
+        elif which == "vae":
+            GF.vae_loss(recon, target, mu, lv, recon_loss="bce").backward(one)
+        elif which == "bce_logits":
+            gnn.BCEWithLogitsLoss()(real, torch.rand(64, 1)).backward(one)
+        elif which == "bce":
+            gnn.BCELoss()(torch.sigmoid(real).detach().requires_grad_(True), torch.rand(64, 1)).backward(one)
+        else:
+            # autograd.grad: d mu is the incoming gradient itself, which .backward() would clone
+            # into mu.grad (AccumulateGrad's rule for a tensor the caller still holds)
+            torch.autograd.grad(L.reparameterize(mu, lv, eps), (mu, lv), eps)
+
+    run()  # warm-up (first-call registrations)
+    for t in (real, fake, recon, mu, lv):
+        t.grad = None  # no accumulation (aten::add_) into existing .grad
+    names = _profile(run)
+    assert any(n.startswith("genfast::") and n.endswith("_fwd") for n in names), names
+    assert "genfast::loss_scale_grad" in names or "genfast::reparam_bwd" in names, names
+    extra = {"aten::rand", "aten::uniform_", "aten::sigmoid"} if which in ("bce_logits", "bce") else set()
+    aten = {n for n in names if n.startswith("aten::")} - ALLOWED_ATEN - extra
+    assert not aten, aten
+
+
+# --- GPU ------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend_name", GPU_BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [128, 128 * 900])
+def test_gpu_gan_losses(cuda_device, backend_name, kind, dtype, n):
+    real = (torch.randn(n, 1, device=cuda_device) * 3).to(dtype).requires_grad_(True)
+    fake = (torch.randn(n // 2 + 1, 1, device=cuda_device) * 3).to(dtype).requires_grad_(True)
+    label = 0.9 if kind in ("bce", "lsgan") else 1.0
+    for red in REDS:
+        with backend(backend_name):
+            got = _gan_all(real, fake, kind, red, label)
+            again = _gan_all(real, fake, kind, red, label)
+        r64 = real.detach().double().requires_grad_(True)
+        f64 = fake.detach().double().requires_grad_(True)
+        with backend("reference"):
+            want = _gan_all(r64, f64, kind, red, label)
+        for i, (a, b, c) in enumerate(zip(got, want, again)):
+            assert torch.equal(a, c), "deterministic"
+            tol_dtype = _acc(dtype) if i in (0, 3) else dtype
+            assert_close(a, b, tol_dtype, f"{backend_name} {kind} {red} {i}", scale=10.0 if i in (0, 3) else 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend_name", GPU_BACKENDS)
+@pytest.mark.parametrize("recon_loss", ["mse", "bce", "bce_logits"])
+@pytest.mark.parametrize("shape", [(128, 784, 20), (64, 3 * 64 * 64, 128)])
+def test_gpu_vae_bce_reparam(cuda_device, backend_name, recon_loss, shape):
+    n, d, z = shape
+    recon, target, mu, lv = [t.to(cuda_device) for t in _vae_inputs(torch.float32, recon_loss, n, d, z)]
+    ins = [t.clone().requires_grad_(True) for t in (recon, mu, lv)]
+    with backend(backend_name):
+        loss = GF.vae_loss(ins[0], target, ins[1], ins[2], recon_loss=recon_loss, reduction="batchmean")
+    grads = torch.autograd.grad(loss, ins)
+    ins64 = [t.detach().double().requires_grad_(True) for t in ins]
+    wl = ref.vae_loss(ins64[0], target.double(), ins64[1], ins64[2], recon_loss, 1.0, "batchmean")[0]
+    wg = torch.autograd.grad(wl, ins64)
+    assert_close(loss, wl, torch.float32, "vae", scale=10.0)
+    for a, b in zip(grads, wg):
+        assert_close(a, b, torch.float32, "vae grad")
+    x = torch.randn(n, 7, device=cuda_device, requires_grad=True)
+    t = torch.rand(n, 7, device=cuda_device)
+    pw = torch.rand(7, device=cuda_device)
+    with backend(backend_name):
+        a = gnn.BCEWithLogitsLoss(pos_weight=pw)(x, t)
+    (ga,) = torch.autograd.grad(a, x)
+    x64 = x.detach().double().requires_grad_(True)
+    b = nn.BCEWithLogitsLoss(pos_weight=pw.double())(x64, t.double())
+    (gb,) = torch.autograd.grad(b, x64)
+    assert_close(a, b, torch.float32, "bce_logits", scale=10.0)
+    assert_close(ga, gb, torch.float32, "bce_logits grad")
+    torch.manual_seed(1)
+    with backend(backend_name):
+        zz = GF.reparameterize(mu, lv)
+    torch.manual_seed(1)
+    assert_close(zz, mu + torch.randn_like(mu) * torch.exp(0.5 * lv), torch.float32, "reparam")
