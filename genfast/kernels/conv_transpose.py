@@ -58,17 +58,18 @@ def _act_fwd(z, ACT: tl.constexpr, slope):
 @triton.jit
 def _act_grad_from_y(y, ACT: tl.constexpr, slope):
     # f'(z) from the output y = f(z) (needs slope >= 0 for leaky_relu); y in float32/float64.
+    one = tl.full(y.shape, 1.0, y.dtype)
     if ACT == 1:
-        g = tl.where(y > 0, 1.0, 0.0)
+        g = tl.where(y > 0, one, 0.0 * one)
     elif ACT == 2:
-        g = tl.where(y > 0, 1.0, slope)
+        g = tl.where(y > 0, one, one * slope)
     elif ACT == 3:
-        g = 1.0 - y * y
+        g = one - y * y
     elif ACT == 4:
-        g = y * (1.0 - y)
+        g = y * (one - y)
     else:
-        g = tl.full(y.shape, 1.0, y.dtype)
-    return g.to(y.dtype)
+        g = one
+    return g
 
 
 # ---------------------------------------------------------------------------------------------
