@@ -24,6 +24,8 @@ ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 
 # uses the Triton kernels.
 AUTO_CUDA = {
     "batchnorm_act": "triton",
+    # No CUDA C++ kernel for this family: the "cuda" backend runs the Triton kernels too.
+    "conv_transpose": "triton",
 }
 
 _state = threading.local()

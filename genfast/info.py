@@ -8,7 +8,7 @@ import torch
 
 from genfast import backend as B
 
-FAMILIES = ("batchnorm_act",)
+FAMILIES = ("batchnorm_act", "conv_transpose")
 
 
 def report() -> str:

@@ -1,5 +1,6 @@
 """Drop-in modules: each subclasses the torch module it replaces (same arguments, parameters,
 buffers and state_dict keys); extra behaviour is keyword-only."""
 from genfast.nn.batchnorm_act import BatchNormAct1d, BatchNormAct2d
+from genfast.nn.conv_transpose import ConvTranspose2d
 
-__all__ = ["BatchNormAct1d", "BatchNormAct2d"]
+__all__ = ["BatchNormAct1d", "BatchNormAct2d", "ConvTranspose2d"]

@@ -1,2 +1,3 @@
 """Registered ops: fake (meta) implementations, autograd, backend choice."""
 from genfast.ops import batchnorm_act  # noqa: F401
+from genfast.ops import conv_transpose  # noqa: F401
