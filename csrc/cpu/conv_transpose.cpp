@@ -192,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, con
       }
     }
   }
-  if (!stats) return {y, at::empty({0}, acc_opts), at::empty({0}, acc_opts)};
+  if (!stats) return {y, at::empty({0}, acc_opts), at::empty({0}, acc_opts)};  // distinct: no aliasing
   at::Tensor mean = at::empty({g.Cout}, acc_opts), var = at::empty({g.Cout}, acc_opts);
   acc_t* mp = mean.data_ptr<acc_t>();
   acc_t* vp = var.data_ptr<acc_t>();
@@ -299,8 +299,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy, co
     }
   }
 
-  at::Tensor empty = at::empty({0}, x.options());
-  at::Tensor dx = empty, dwt = empty, dbt = empty;
+  // unrequested results: distinct empty tensors (outputs of an op must not alias each other)
+  at::Tensor dx = at::empty({0}, x.options()), dwt = at::empty({0}, x.options()), dbt = at::empty({0}, x.options());
   if (need_input) {
     const bool cl = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
     dx = at::empty(x.sizes(), x.options().memory_format(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));

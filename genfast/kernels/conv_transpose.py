@@ -541,10 +541,9 @@ def conv_transpose2d_bwd(grad_out, x, weight, y, stride, padding, dilation, grou
     DH, DW = dilation
     acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
     ysrc = y if activation != 0 else grad_out
-    empty = x.new_empty((0,))
     common = dict(ACT=activation, ACC_DTYPE=_acc(x.dtype), PRECISION=_precision(x), **_tile_kwargs())
 
-    dx = empty
+    dx = x.new_empty((0,))  # unrequested results: distinct empty tensors (no aliasing outputs)
     if need_input:
         dx = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=out_memory_format(x))
         if dx.numel() > 0:
@@ -558,11 +557,11 @@ def conv_transpose2d_bwd(grad_out, x, weight, y, stride, padding, dilation, grou
                 *grad_out.stride(), *ysrc.stride(), *weight.stride(), *dx.stride(),
                 SH, SW, PH, PW, DH, DW, float(negative_slope), KH=KH, KW=KW, **common)
 
-    dw, db = empty, empty
+    dw, db = x.new_empty((0,)), x.new_empty((0,))
     want_b = has_bias
     if need_weight or want_b:
         dw = torch.empty(weight.shape, device=x.device, dtype=weight.dtype)
-        db = torch.empty((Cout,), device=x.device, dtype=weight.dtype) if want_b else empty
+        db = torch.empty((Cout,), device=x.device, dtype=weight.dtype) if want_b else db
         nw = dw.numel()
         ws_row = nw + (Cout if want_b else 0)
         k_w = N * Hin * Win
@@ -584,5 +583,5 @@ def conv_transpose2d_bwd(grad_out, x, weight, y, stride, padding, dilation, grou
         _split_sum_kernel[(triton.cdiv(ws_row, blk),)](ws, dw, db if want_b else dw, split, ws_row, nw,
                                                        HAS_BIAS=want_b, BLOCK=blk)
         if not need_weight:
-            dw = empty
+            dw = x.new_empty((0,))
     return dx, dw, db

@@ -77,8 +77,8 @@ def _forward(backend, input, weight, bias, stride, padding, output_padding, grou
                                      dilation, activation, negative_slope, stats=stats)
         if stats:
             return out
-        empty = input.new_empty((0,), dtype=_acc(input.dtype))
-        return out, empty, empty
+        return (out, input.new_empty((0,), dtype=_acc(input.dtype)),
+                input.new_empty((0,), dtype=_acc(input.dtype)))
     raise ValueError(f"conv_transpose2d: backend must be 'cpu', 'cuda' or 'triton', got {backend!r}")
 
 
