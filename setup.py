@@ -25,7 +25,7 @@ def _want_cuda():
 
 def _extension():
     cpp = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
     include = [os.path.join(ROOT, "csrc")]
     if not _want_cuda():
         return cpp_extension.CppExtension(

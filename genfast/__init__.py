@@ -10,6 +10,7 @@ _backend.extension()  # load genfast._C (registers the C++ ops) before the Pytho
 from genfast import ops  # noqa: E402,F401
 from genfast import functional  # noqa: E402,F401
 from genfast import nn  # noqa: E402,F401
+from genfast.convert import convert  # noqa: E402,F401
 
 __version__ = "0.1.0"
-__all__ = ["functional", "nn", "set_backend", "get_backend", "__version__"]
+__all__ = ["convert", "functional", "nn", "set_backend", "get_backend", "__version__"]

@@ -6,7 +6,6 @@ fastest; on a CPU tensor it is ``cpu``.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import threading
@@ -28,6 +27,12 @@ AUTO_CUDA = {
     "conv_transpose": "triton",
 }
 
+# Backends with kernels for each family; a family not listed has all four.
+FAMILY_BACKENDS: dict[str, tuple[str, ...]] = {
+    # conv_transpose has no CUDA C++ kernel: the "cuda" setting runs its Triton kernels.
+    "conv_transpose": ("auto", "triton", "cpu", "reference"),
+}
+
 _state = threading.local()
 _warned: set[str] = set()
 
@@ -38,9 +43,13 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-@functools.lru_cache(maxsize=None)
+_EXT = []  # [module or None] once loaded
+
+
 def extension():
     """The compiled module ``genfast._C``, or None (with one warning) when it is not built."""
+    if _EXT:
+        return _EXT[0]
     try:
         from genfast import _C  # noqa: F401  (registers the genfast:: C++ ops)
     except ImportError as exc:
@@ -51,7 +60,9 @@ def extension():
             RuntimeWarning,
             stacklevel=2,
         )
+        _EXT.append(None)
         return None
+    _EXT.append(_C)
     return _C
 
 
@@ -68,9 +79,11 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _HAS_TRITON
 
 
 def set_backend(name: str) -> None:
@@ -105,6 +118,11 @@ class use_backend:
 
     def __exit__(self, *exc):
         _state.name = self.prev
+
+
+def family_supports(family: str, name: str) -> bool:
+    """Whether op family `family` has kernels for backend `name`."""
+    return name in FAMILY_BACKENDS.get(family, BACKENDS)
 
 
 def available(name: str, device: torch.device) -> tuple[bool, str]:

@@ -59,7 +59,8 @@ GENFAST_HOST_DEVICE acc_t effective_gamma(acc_t g, acc_t gamma_floor) {
 }
 
 // Per-channel finish of the statistics pass: save mean/invstd and update the running buffers
-// (unbiased variance into running_var, as torch does).
+// (unbiased variance into running_var, as torch does). An empty batch leaves the running buffers
+// unchanged, as torch does.
 template <typename acc_t>
 GENFAST_HOST_DEVICE void finish_stats(const Welford<acc_t>& w, acc_t eps, acc_t momentum,
                                       acc_t* save_mean, acc_t* save_invstd,
@@ -67,6 +68,7 @@ GENFAST_HOST_DEVICE void finish_stats(const Welford<acc_t>& w, acc_t eps, acc_t 
   acc_t var = w.count > acc_t(0) ? w.m2 / w.count : acc_t(0);
   *save_mean = w.mean;
   *save_invstd = acc_t(1) / ::sqrt(var + eps);
+  if (w.count == acc_t(0)) return;
   if (run_mean != nullptr) {
     *run_mean = (acc_t(1) - momentum) * *run_mean + momentum * w.mean;
   }
@@ -77,6 +79,11 @@ GENFAST_HOST_DEVICE void finish_stats(const Welford<acc_t>& w, acc_t eps, acc_t 
 }
 
 // Forward element: y = f(x * scale + shift).
+template <int ACT, typename acc_t>
+GENFAST_HOST_DEVICE acc_t bn_act_forward_elem_c(acc_t x, acc_t scale, acc_t shift, acc_t slope) {
+  return act_forward_c<ACT, acc_t>(x * scale + shift, slope);
+}
+
 template <typename acc_t>
 GENFAST_HOST_DEVICE acc_t bn_act_forward_elem(acc_t x, acc_t scale, acc_t shift, int act, acc_t slope) {
   return act_forward<acc_t>(x * scale + shift, act, slope);
@@ -85,6 +92,25 @@ GENFAST_HOST_DEVICE acc_t bn_act_forward_elem(acc_t x, acc_t scale, acc_t shift,
 // Backward element: dz = dy * f'(z) and xhat for one element. `saved` is x
 // (saved_is_output = false; z is recomputed exactly as the forward computed it) or y (true; z is
 // recovered by inverting f, then xhat = (z - beta) / gamma).
+template <typename acc_t>
+struct DzXhat {
+  acc_t dz;
+  acc_t xhat;
+};
+
+template <int ACT, bool SAVED_IS_OUTPUT, typename acc_t>
+GENFAST_HOST_DEVICE DzXhat<acc_t> bn_act_dz_xhat_c(acc_t dy, acc_t saved, acc_t mean, acc_t invstd,
+                                                   acc_t scale, acc_t shift, acc_t gamma, acc_t beta,
+                                                   acc_t slope) {
+  if constexpr (SAVED_IS_OUTPUT) {
+    const acc_t z = act_invert_c<ACT, acc_t>(saved, slope);
+    return {dy * act_grad_from_output_c<ACT, acc_t>(saved, slope), (z - beta) / gamma};
+  } else {
+    const acc_t g = act_grad_from_input_c<ACT, acc_t>(saved * scale + shift, slope);
+    return {dy * g, (saved - mean) * invstd};
+  }
+}
+
 template <typename acc_t>
 GENFAST_HOST_DEVICE acc_t bn_act_dz_xhat(acc_t dy, acc_t saved, bool saved_is_output,
                                          acc_t mean, acc_t invstd, acc_t scale, acc_t shift,

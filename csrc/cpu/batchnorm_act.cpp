@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "../common/batchnorm_act.h"
@@ -101,9 +102,20 @@ std::vector<Welford<acc_t>> channel_stats(const scalar_t* x, const ChannelView& 
   return out;
 }
 
-template <typename scalar_t, typename acc_t>
+// Calls f(std::integral_constant<int, ACT>) so that hot loops see the activation as a
+// compile-time constant (no branch in the inner loop, which then vectorises).
+template <typename F>
+void dispatch_act(int64_t act, F&& f) {
+  switch (act) {
+    case kRelu: f(std::integral_constant<int, kRelu>{}); break;
+    case kLeakyRelu: f(std::integral_constant<int, kLeakyRelu>{}); break;
+    default: f(std::integral_constant<int, kIdentity>{}); break;
+  }
+}
+
+template <typename scalar_t, typename acc_t, int act>
 void normalize_act(const scalar_t* x, scalar_t* y, const ChannelView& v, const std::vector<acc_t>& scale,
-                   const std::vector<acc_t>& shift, int act, acc_t slope) {
+                   const std::vector<acc_t>& shift, acc_t slope) {
   const int64_t C = v.C;
   if (v.layout == RowLayout::kNCL) {
     const int64_t rows = v.N * C, L = v.L;
@@ -114,7 +126,7 @@ void normalize_act(const scalar_t* x, scalar_t* y, const ChannelView& v, const s
         scalar_t* o = y + r * L;
 #pragma omp simd
         for (int64_t i = 0; i < L; ++i)
-          o[i] = static_cast<scalar_t>(bn_act_forward_elem<acc_t>(static_cast<acc_t>(p[i]), a, b, act, slope));
+          o[i] = static_cast<scalar_t>(bn_act_forward_elem_c<act, acc_t>(static_cast<acc_t>(p[i]), a, b, slope));
       }
     });
   } else {
@@ -127,7 +139,7 @@ void normalize_act(const scalar_t* x, scalar_t* y, const ChannelView& v, const s
         scalar_t* o = y + r * C;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c)
-          o[c] = static_cast<scalar_t>(bn_act_forward_elem<acc_t>(static_cast<acc_t>(p[c]), a[c], b[c], act, slope));
+          o[c] = static_cast<scalar_t>(bn_act_forward_elem_c<act, acc_t>(static_cast<acc_t>(p[c]), a[c], b[c], slope));
       }
     });
   }
@@ -231,8 +243,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cpu(
       scale[c] = g * invstd[c];
       shift[c] = beta[c] - mean[c] * scale[c];
     }
-    normalize_act<scalar_t, acc_t>(x, out.data_ptr<scalar_t>(), v, scale, shift, static_cast<int>(activation),
-                                   acc_t(negative_slope));
+    dispatch_act(activation, [&](auto a) {
+      normalize_act<scalar_t, acc_t, decltype(a)::value>(x, out.data_ptr<scalar_t>(), v, scale, shift,
+                                                         acc_t(negative_slope));
+    });
     std::copy(mean.begin(), mean.end(), save_mean.data_ptr<acc_t>());
     std::copy(invstd.begin(), invstd.end(), save_invstd.data_ptr<acc_t>());
   });
@@ -240,11 +254,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cpu(
 }
 
 // Per-channel sums of dz and dz * xhat (one read of dy and saved).
-template <typename scalar_t, typename acc_t>
-void backward_sums(const scalar_t* dy, const scalar_t* sv, const ChannelView& v, bool saved_is_output,
+template <typename scalar_t, typename acc_t, int act, bool saved_is_output>
+void backward_sums(const scalar_t* dy, const scalar_t* sv, const ChannelView& v,
                    const std::vector<acc_t>& mean, const std::vector<acc_t>& invstd,
                    const std::vector<acc_t>& scale, const std::vector<acc_t>& shift,
-                   const std::vector<acc_t>& gamma, const std::vector<acc_t>& beta, int act, acc_t slope,
+                   const std::vector<acc_t>& gamma, const std::vector<acc_t>& beta, acc_t slope,
                    std::vector<acc_t>& sum_dz, std::vector<acc_t>& sum_dzx) {
   const int64_t C = v.C;
   if (v.layout == RowLayout::kNCL) {
@@ -259,9 +273,9 @@ void backward_sums(const scalar_t* dy, const scalar_t* sv, const ChannelView& v,
         acc_t s = 0, sx = 0;
 #pragma omp simd reduction(+ : s, sx)
         for (int64_t i = 0; i < L; ++i) {
-          acc_t xh;
-          const acc_t dz = bn_act_dz_xhat<acc_t>(static_cast<acc_t>(pd[i]), static_cast<acc_t>(ps[i]),
-                                                 saved_is_output, m, is, a, b, g, be, act, slope, &xh);
+          const auto d = bn_act_dz_xhat_c<act, saved_is_output, acc_t>(
+              static_cast<acc_t>(pd[i]), static_cast<acc_t>(ps[i]), m, is, a, b, g, be, slope);
+          const acc_t dz = d.dz, xh = d.xhat;
           s += dz;
           sx += dz * xh;
         }
@@ -288,12 +302,11 @@ void backward_sums(const scalar_t* dy, const scalar_t* sv, const ChannelView& v,
           const scalar_t* ps = sv + r * C;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
-            acc_t xh;
-            const acc_t dz = bn_act_dz_xhat<acc_t>(static_cast<acc_t>(pd[c]), static_cast<acc_t>(ps[c]),
-                                                   saved_is_output, mean[c], invstd[c], scale[c], shift[c],
-                                                   gamma[c], beta[c], act, slope, &xh);
-            s[c] += dz;
-            sx[c] += dz * xh;
+            const auto d = bn_act_dz_xhat_c<act, saved_is_output, acc_t>(
+                static_cast<acc_t>(pd[c]), static_cast<acc_t>(ps[c]), mean[c], invstd[c], scale[c], shift[c],
+                gamma[c], beta[c], slope);
+            s[c] += d.dz;
+            sx[c] += d.dz * d.xhat;
           }
         }
       }
@@ -306,11 +319,11 @@ void backward_sums(const scalar_t* dy, const scalar_t* sv, const ChannelView& v,
   }
 }
 
-template <typename scalar_t, typename acc_t>
-void backward_dx(const scalar_t* dy, const scalar_t* sv, scalar_t* dx, const ChannelView& v, bool saved_is_output,
+template <typename scalar_t, typename acc_t, int act, bool saved_is_output>
+void backward_dx(const scalar_t* dy, const scalar_t* sv, scalar_t* dx, const ChannelView& v,
                  const std::vector<acc_t>& mean, const std::vector<acc_t>& invstd, const std::vector<acc_t>& scale,
                  const std::vector<acc_t>& shift, const std::vector<acc_t>& gamma, const std::vector<acc_t>& beta,
-                 const std::vector<acc_t>& k, const std::vector<acc_t>& ka, const std::vector<acc_t>& kb, int act,
+                 const std::vector<acc_t>& k, const std::vector<acc_t>& ka, const std::vector<acc_t>& kb,
                  acc_t slope) {
   const int64_t C = v.C;
   if (v.layout == RowLayout::kNCL) {
@@ -325,9 +338,9 @@ void backward_dx(const scalar_t* dy, const scalar_t* sv, scalar_t* dx, const Cha
         scalar_t* o = dx + r * L;
 #pragma omp simd
         for (int64_t i = 0; i < L; ++i) {
-          acc_t xh;
-          const acc_t dz = bn_act_dz_xhat<acc_t>(static_cast<acc_t>(pd[i]), static_cast<acc_t>(ps[i]),
-                                                 saved_is_output, m, is, a, b, g, be, act, slope, &xh);
+          const auto d = bn_act_dz_xhat_c<act, saved_is_output, acc_t>(
+              static_cast<acc_t>(pd[i]), static_cast<acc_t>(ps[i]), m, is, a, b, g, be, slope);
+          const acc_t dz = d.dz, xh = d.xhat;
           o[i] = static_cast<scalar_t>(bn_act_dx_elem<acc_t>(dz, xh, kc, kac, kbc));
         }
       }
@@ -341,10 +354,10 @@ void backward_dx(const scalar_t* dy, const scalar_t* sv, scalar_t* dx, const Cha
         scalar_t* o = dx + r * C;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          acc_t xh;
-          const acc_t dz = bn_act_dz_xhat<acc_t>(static_cast<acc_t>(pd[c]), static_cast<acc_t>(ps[c]),
-                                                 saved_is_output, mean[c], invstd[c], scale[c], shift[c],
-                                                 gamma[c], beta[c], act, slope, &xh);
+          const auto d = bn_act_dz_xhat_c<act, saved_is_output, acc_t>(
+              static_cast<acc_t>(pd[c]), static_cast<acc_t>(ps[c]), mean[c], invstd[c], scale[c], shift[c],
+              gamma[c], beta[c], slope);
+          const acc_t dz = d.dz, xh = d.xhat;
           o[c] = static_cast<scalar_t>(bn_act_dx_elem<acc_t>(dz, xh, k[c], ka[c], kb[c]));
         }
       }
@@ -393,16 +406,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cpu(
     const scalar_t* dy = grad_out.data_ptr<scalar_t>();
     const scalar_t* sv = saved.data_ptr<scalar_t>();
     std::vector<acc_t> sum_dz(C, acc_t(0)), sum_dzx(C, acc_t(0));
-    backward_sums<scalar_t, acc_t>(dy, sv, v, saved_is_output, mean, invstd, scale, shift, gamma, beta,
-                                   static_cast<int>(activation), acc_t(negative_slope), sum_dz, sum_dzx);
-    if (training && M > 0) {
-      for (int64_t c = 0; c < C; ++c) {
-        ka[c] = sum_dz[c] / acc_t(M);
-        kb[c] = sum_dzx[c] / acc_t(M);
+    const acc_t slope = acc_t(negative_slope);
+    dispatch_act(activation, [&](auto a) {
+      constexpr int A = decltype(a)::value;
+      if (saved_is_output) {
+        backward_sums<scalar_t, acc_t, A, true>(dy, sv, v, mean, invstd, scale, shift, gamma, beta, slope, sum_dz,
+                                                sum_dzx);
+      } else {
+        backward_sums<scalar_t, acc_t, A, false>(dy, sv, v, mean, invstd, scale, shift, gamma, beta, slope, sum_dz,
+                                                 sum_dzx);
       }
-    }
-    backward_dx<scalar_t, acc_t>(dy, sv, grad_input.data_ptr<scalar_t>(), v, saved_is_output, mean, invstd, scale,
-                                 shift, gamma, beta, k, ka, kb, static_cast<int>(activation), acc_t(negative_slope));
+      if (training && M > 0) {
+        for (int64_t c = 0; c < C; ++c) {
+          ka[c] = sum_dz[c] / acc_t(M);
+          kb[c] = sum_dzx[c] / acc_t(M);
+        }
+      }
+      scalar_t* dx = grad_input.data_ptr<scalar_t>();
+      if (saved_is_output) {
+        backward_dx<scalar_t, acc_t, A, true>(dy, sv, dx, v, mean, invstd, scale, shift, gamma, beta, k, ka, kb, slope);
+      } else {
+        backward_dx<scalar_t, acc_t, A, false>(dy, sv, dx, v, mean, invstd, scale, shift, gamma, beta, k, ka, kb, slope);
+      }
+    });
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_weight.scalar_type(), "bn_act_gw", [&] {
       store_param<scalar_t, acc_t>(grad_weight, sum_dzx);
     });
@@ -413,11 +439,166 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cpu(
   return {grad_input, grad_weight, grad_bias};
 }
 
+// --- the two passes as separate ops (SyncBatchNormAct: an all-gather / all-reduce sits between
+// them). Each is one pass over memory.
+
+// Per-channel (gamma_eff, beta, mean, invstd) -> scale, shift, in the accumulation type.
+template <typename acc_t>
+struct Coeffs {
+  std::vector<acc_t> gamma, beta, mean, invstd, scale, shift;
+};
+
+template <typename acc_t>
+Coeffs<acc_t> make_coeffs(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                          const c10::optional<at::Tensor>& bias, const at::Tensor& mean_t,
+                          const at::Tensor& invstd_t, double gamma_floor) {
+  const int64_t C = x.size(1);
+  Coeffs<acc_t> k;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param_dtype(x, weight), "bn_act_param", [&] {
+    k.gamma = load_param<acc_t, scalar_t>(weight, C, acc_t(1));
+  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param_dtype(x, bias), "bn_act_param", [&] {
+    k.beta = load_param<acc_t, scalar_t>(bias, C, acc_t(0));
+  });
+  TORCH_CHECK(mean_t.numel() == C && invstd_t.numel() == C, "batch_norm_act: mean and invstd must have ", C,
+              " elements");
+  at::Tensor m = mean_t.contiguous().to(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor is = invstd_t.contiguous().to(c10::CppTypeToScalarType<acc_t>::value);
+  k.mean.assign(m.data_ptr<acc_t>(), m.data_ptr<acc_t>() + C);
+  k.invstd.assign(is.data_ptr<acc_t>(), is.data_ptr<acc_t>() + C);
+  k.scale.resize(C);
+  k.shift.resize(C);
+  for (int64_t c = 0; c < C; ++c) {
+    k.gamma[c] = effective_gamma<acc_t>(k.gamma[c], acc_t(gamma_floor));
+    k.scale[c] = k.gamma[c] * k.invstd[c];
+    k.shift[c] = k.beta[c] - k.mean[c] * k.scale[c];
+  }
+  return k;
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_act_stats_cpu(const at::Tensor& input_) {
+  check_common(input_, c10::nullopt, c10::nullopt);
+  at::Tensor input = input_;
+  const ChannelView v = channel_view(input);
+  const auto acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor mean = at::empty({v.C}, input.options().dtype(acc_type));
+  at::Tensor m2 = at::empty({v.C}, input.options().dtype(acc_type));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_act_stats_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto st = channel_stats<scalar_t, acc_t>(input.data_ptr<scalar_t>(), v);
+    for (int64_t c = 0; c < v.C; ++c) {
+      mean.data_ptr<acc_t>()[c] = st[c].mean;
+      m2.data_ptr<acc_t>()[c] = st[c].m2;
+    }
+  });
+  return {mean, m2};
+}
+
+at::Tensor batch_norm_act_apply_cpu(const at::Tensor& input_, const at::Tensor& mean, const at::Tensor& invstd,
+                                    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                                    int64_t activation, double negative_slope, double gamma_floor) {
+  check_common(input_, weight, bias);
+  at::Tensor input = input_;
+  const ChannelView v = channel_view(input);
+  at::Tensor out = at::empty_like(input);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_act_apply_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto k = make_coeffs<acc_t>(input, weight, bias, mean, invstd, gamma_floor);
+    dispatch_act(activation, [&](auto a) {
+      normalize_act<scalar_t, acc_t, decltype(a)::value>(input.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), v,
+                                                         k.scale, k.shift, acc_t(negative_slope));
+    });
+  });
+  return out;
+}
+
+// grad_out in the saved tensor's layout (a copy only when they differ).
+at::Tensor grad_in_layout_of(const at::Tensor& grad_out, const at::Tensor& saved) {
+  TORCH_CHECK(grad_out.sizes() == saved.sizes(), "batch_norm_act: grad_output has shape ", grad_out.sizes(),
+              " but the saved tensor has shape ", saved.sizes());
+  if (grad_out.strides() != saved.strides()) return at::empty_like(saved).copy_(grad_out);
+  return grad_out;
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_act_bwd_reduce_cpu(
+    const at::Tensor& grad_out_, const at::Tensor& saved_, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& invstd, int64_t activation,
+    double negative_slope, double gamma_floor, bool saved_is_output) {
+  check_common(saved_, weight, bias);
+  at::Tensor saved = saved_;
+  const ChannelView v = channel_view(saved);
+  const at::Tensor grad_out = grad_in_layout_of(grad_out_, saved);
+  const auto acc_type = saved.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor sum_dz = at::empty({v.C}, saved.options().dtype(acc_type));
+  at::Tensor sum_dzx = at::empty({v.C}, saved.options().dtype(acc_type));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(), "batch_norm_act_bwd_reduce_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto k = make_coeffs<acc_t>(saved, weight, bias, mean, invstd, gamma_floor);
+    std::vector<acc_t> s(v.C, acc_t(0)), sx(v.C, acc_t(0));
+    dispatch_act(activation, [&](auto a) {
+      constexpr int A = decltype(a)::value;
+      const scalar_t* dy = grad_out.data_ptr<scalar_t>();
+      const scalar_t* sv = saved.data_ptr<scalar_t>();
+      if (saved_is_output) {
+        backward_sums<scalar_t, acc_t, A, true>(dy, sv, v, k.mean, k.invstd, k.scale, k.shift, k.gamma, k.beta,
+                                                acc_t(negative_slope), s, sx);
+      } else {
+        backward_sums<scalar_t, acc_t, A, false>(dy, sv, v, k.mean, k.invstd, k.scale, k.shift, k.gamma, k.beta,
+                                                 acc_t(negative_slope), s, sx);
+      }
+    });
+    std::copy(s.begin(), s.end(), sum_dz.data_ptr<acc_t>());
+    std::copy(sx.begin(), sx.end(), sum_dzx.data_ptr<acc_t>());
+  });
+  return {sum_dz, sum_dzx};
+}
+
+at::Tensor batch_norm_act_bwd_dx_cpu(const at::Tensor& grad_out_, const at::Tensor& saved_,
+                                     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                                     const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& sum_dz,
+                                     const at::Tensor& sum_dz_xhat, double count, int64_t activation,
+                                     double negative_slope, double gamma_floor, bool saved_is_output) {
+  check_common(saved_, weight, bias);
+  at::Tensor saved = saved_;
+  const ChannelView v = channel_view(saved);
+  const at::Tensor grad_out = grad_in_layout_of(grad_out_, saved);
+  at::Tensor grad_input = at::empty_like(saved);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(), "batch_norm_act_bwd_dx_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto k = make_coeffs<acc_t>(saved, weight, bias, mean, invstd, gamma_floor);
+    at::Tensor s = sum_dz.contiguous().to(c10::CppTypeToScalarType<acc_t>::value);
+    at::Tensor sx = sum_dz_xhat.contiguous().to(c10::CppTypeToScalarType<acc_t>::value);
+    std::vector<acc_t> ka(v.C, acc_t(0)), kb(v.C, acc_t(0));
+    for (int64_t c = 0; c < v.C && count > 0; ++c) {
+      ka[c] = s.data_ptr<acc_t>()[c] / acc_t(count);
+      kb[c] = sx.data_ptr<acc_t>()[c] / acc_t(count);
+    }
+    dispatch_act(activation, [&](auto a) {
+      constexpr int A = decltype(a)::value;
+      const scalar_t* dy = grad_out.data_ptr<scalar_t>();
+      const scalar_t* sv = saved.data_ptr<scalar_t>();
+      scalar_t* dx = grad_input.data_ptr<scalar_t>();
+      if (saved_is_output) {
+        backward_dx<scalar_t, acc_t, A, true>(dy, sv, dx, v, k.mean, k.invstd, k.scale, k.shift, k.gamma, k.beta,
+                                              k.scale, ka, kb, acc_t(negative_slope));
+      } else {
+        backward_dx<scalar_t, acc_t, A, false>(dy, sv, dx, v, k.mean, k.invstd, k.scale, k.shift, k.gamma, k.beta,
+                                               k.scale, ka, kb, acc_t(negative_slope));
+      }
+    });
+  });
+  return grad_input;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(genfast, CPU, m) {
   m.impl("batch_norm_act_fwd", &batch_norm_act_fwd_cpu);
   m.impl("batch_norm_act_bwd", &batch_norm_act_bwd_cpu);
+  m.impl("batch_norm_act_stats", &batch_norm_act_stats_cpu);
+  m.impl("batch_norm_act_apply", &batch_norm_act_apply_cpu);
+  m.impl("batch_norm_act_bwd_reduce", &batch_norm_act_bwd_reduce_cpu);
+  m.impl("batch_norm_act_bwd_dx", &batch_norm_act_bwd_dx_cpu);
 }
 
 }  // namespace genfast

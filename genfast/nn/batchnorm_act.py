@@ -2,11 +2,27 @@
 in one fused op."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
 from genfast import functional as GF
 from genfast.ops import batchnorm_act as _bn
+
+
+# torch >= 2.12 gives nn.BatchNorm a keyword-only `bias` flag (affine weight without bias).
+BN_HAS_BIAS_FLAG = "bias" in inspect.signature(nn.BatchNorm2d.__init__).parameters
+
+
+def bias_kwargs(bias: bool) -> dict:
+    """The `bias` keyword for the torch BatchNorm constructor, as this torch accepts it."""
+    if BN_HAS_BIAS_FLAG:
+        return {"bias": bias}
+    if not bias:
+        raise TypeError("__init__() got an unexpected keyword argument 'bias' (this torch's "
+                        "BatchNorm has no bias flag)")
+    return {}
 
 
 class _BatchNormActMixin:
@@ -54,9 +70,10 @@ class BatchNormAct2d(_BatchNormActMixin, nn.BatchNorm2d):
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, device=None, dtype=None, *,
+                 track_running_stats=True, device=None, dtype=None, *, bias=True,
                  activation="leaky_relu", negative_slope=0.01, memory_efficient=False):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         **bias_kwargs(bias))
         self._init_act(activation, negative_slope, memory_efficient)
 
 
@@ -67,7 +84,8 @@ class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, device=None, dtype=None, *,
+                 track_running_stats=True, device=None, dtype=None, *, bias=True,
                  activation="leaky_relu", negative_slope=0.01, memory_efficient=False):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         **bias_kwargs(bias))
         self._init_act(activation, negative_slope, memory_efficient)

@@ -166,9 +166,11 @@ def check_activation(activation: str, negative_slope: float, memory_efficient: b
                 f"negative_slope={negative_slope}")
 
 
-def check_inputs(input: Tensor, running_mean, running_var, weight, bias, training: bool) -> None:
+def check_inputs(input: Tensor, running_mean, running_var, weight, bias, training: bool,
+                 check_batch: bool = True) -> None:
     """torch's exception types for the bad inputs of F.batch_norm, checked before anything is
-    written (so that running statistics are untouched when a call fails)."""
+    written (so that running statistics are untouched when a call fails). check_batch=False
+    skips the more-than-one-value-per-channel check (SyncBatchNormAct checks the global count)."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm_act(): argument 'input' must be Tensor, not {type(input).__name__}")
     if input.dim() < 2:
@@ -195,7 +197,7 @@ def check_inputs(input: Tensor, running_mean, running_var, weight, bias, trainin
         raise RuntimeError("batch_norm_act: running_mean and running_var must be given together")
     if not training and running_mean is None:
         raise RuntimeError("batch_norm_act: running_mean and running_var are required when training=False")
-    if training:
+    if training and check_batch:
         size_prods = input.shape[0]
         for s in input.shape[2:]:
             size_prods *= s

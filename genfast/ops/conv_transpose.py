@@ -311,6 +311,8 @@ def conv_transpose2d(input, weight, bias, stride, padding, output_padding, group
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
     name = B.resolve(FAMILY, x.device)
+    if name == "cuda":
+        name = "triton"  # no CUDA C++ kernel for this family (see backend.FAMILY_BACKENDS)
     if name == "reference":
         y = ref.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups,
                                  dilation, act, negative_slope)

@@ -49,10 +49,11 @@ def batch_norm_act(x, running_mean, running_var, weight, bias, training, momentu
     if training:
         mean, var, invstd = batch_stats(xf, eps)
         n = xf.numel() // max(xf.shape[1], 1)
+        # An empty batch leaves the running statistics unchanged, as in torch.
         with torch.no_grad():
-            if running_mean is not None:
+            if n > 0 and running_mean is not None:
                 running_mean.copy_((1 - momentum) * running_mean.to(acc) + momentum * mean.detach())
-            if running_var is not None:
+            if n > 0 and running_var is not None:
                 unbiased = var.detach() * (n / (n - 1)) if n > 1 else var.detach()
                 running_var.copy_((1 - momentum) * running_var.to(acc) + momentum * unbiased)
     else:
@@ -87,8 +88,70 @@ def batch_norm_act_backward(grad_out, x, weight, bias, mean, invstd, training,
     sum_dzx = (dz * xhat).sum(dims)
     k = (g * invstd.to(acc)).view(shape)
     if training:
-        m = xf.numel() // max(C, 1)
+        m = max(xf.numel() // max(C, 1), 1)
         dx = k * (dz - sum_dz.view(shape) / m - xhat * sum_dzx.view(shape) / m)
     else:
         dx = k * dz
     return dx.to(x.dtype), sum_dzx, sum_dz
+
+
+# --- the two passes separately (SyncBatchNormAct; mirrors the C++ split ops) ------------------
+
+def stats(x):
+    """(mean, M2) per channel in the accumulation dtype: M2 = sum((x - mean)^2)."""
+    xf = x.to(acc_dtype(x.dtype))
+    dims = _dims(xf)
+    n = xf.numel() // max(xf.shape[1], 1)
+    if n == 0:
+        z = xf.new_zeros(xf.shape[1])
+        return z, z.clone()
+    mean = xf.mean(dims)
+    return mean, (xf - mean.view(_shape(xf))).square().sum(dims)
+
+
+def apply(x, mean, invstd, weight, bias, activation, negative_slope, gamma_floor=0.0):
+    acc = acc_dtype(x.dtype)
+    shape = _shape(x)
+    z = (x.to(acc) - mean.to(acc).view(shape)) * invstd.to(acc).view(shape)
+    if weight is not None:
+        z = z * effective_gamma(weight.to(acc), gamma_floor).view(shape)
+    if bias is not None:
+        z = z + bias.to(acc).view(shape)
+    return act_forward(z, activation, negative_slope).to(x.dtype)
+
+
+def _dz_xhat(grad_out, saved, weight, bias, mean, invstd, activation, negative_slope, gamma_floor,
+             saved_is_output):
+    acc = acc_dtype(saved.dtype)
+    shape = _shape(saved)
+    C = saved.shape[1]
+    g = torch.ones(C, dtype=acc, device=saved.device) if weight is None else effective_gamma(weight.to(acc), gamma_floor)
+    b = torch.zeros(C, dtype=acc, device=saved.device) if bias is None else bias.to(acc)
+    s = saved.to(acc)
+    if saved_is_output:
+        z = torch.where(s > 0, s, s / negative_slope) if activation == "leaky_relu" else s
+        xhat = (z - b.view(shape)) / g.view(shape)
+    else:
+        xhat = (s - mean.to(acc).view(shape)) * invstd.to(acc).view(shape)
+        z = xhat * g.view(shape) + b.view(shape)
+    return grad_out.to(acc) * act_grad(z, activation, negative_slope), xhat, g
+
+
+def bwd_reduce(grad_out, saved, weight, bias, mean, invstd, activation, negative_slope,
+               gamma_floor=0.0, saved_is_output=False):
+    dz, xhat, _ = _dz_xhat(grad_out, saved, weight, bias, mean, invstd, activation, negative_slope,
+                           gamma_floor, saved_is_output)
+    dims = _dims(saved)
+    return dz.sum(dims), (dz * xhat).sum(dims)
+
+
+def bwd_dx(grad_out, saved, weight, bias, mean, invstd, sum_dz, sum_dz_xhat, count, activation,
+           negative_slope, gamma_floor=0.0, saved_is_output=False):
+    dz, xhat, g = _dz_xhat(grad_out, saved, weight, bias, mean, invstd, activation, negative_slope,
+                           gamma_floor, saved_is_output)
+    shape = _shape(saved)
+    acc = dz.dtype
+    k = (g * invstd.to(acc)).view(shape)
+    a = (sum_dz.to(acc) / count).view(shape) if count > 0 else 0
+    b = (sum_dz_xhat.to(acc) / count).view(shape) if count > 0 else 0
+    return (k * (dz - a - xhat * b)).to(saved.dtype)

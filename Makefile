@@ -1,0 +1,34 @@
+# make test : set up .venv (torch + deps), build genfast, run the whole test suite.
+# make bench: same set-up, then the benchmark suite on the device present (tables + plot).
+VENV    ?= .venv
+PYTHON  ?= python3
+TORCH   ?= torch==2.14.1
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.genfast-deps
+JOBS    ?= 2
+
+.PHONY: test bench build setup demo clean
+
+$(STAMP):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "$(TORCH)" triton numpy pybind11 ninja pytest pytest-benchmark matplotlib tqdm scikit-learn
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+build: setup
+	MAX_JOBS=$(JOBS) $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -m genfast.info
+
+test: build
+	$(PY) -m pytest -q tests
+
+bench: build
+	$(PY) -m benchmarks.run_all
+
+clean:
+	rm -rf build genfast/*.so *.egg-info
+
+demo: build
+	$(PY) -m genfast.demo --out demo_out

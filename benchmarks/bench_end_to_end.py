@@ -1,0 +1,114 @@
+"""Whole training steps: one GAN step (D step + G step, Adam) and one VAE step, in plain
+PyTorch eager, torch.compile, genfast-converted, and converted + compiled. Time per step and,
+on a GPU, peak memory of one step.
+
+GPU: DCGAN 64x64 at batch 64 and 128, the convolutional VAE at batch 128.
+CPU (quick): the 28x28 Keras-style DCGAN (width 64) and the VAE at batch 64."""
+from __future__ import annotations
+
+import torch
+
+import genfast
+from benchmarks import harness
+from genfast import demo, models
+
+FAMILY = "end_to_end"
+
+
+def _gan_factory(name, device, width):
+    def make():
+        torch.manual_seed(0)
+        if name == "dcgan64":
+            return models.DCGANGenerator().to(device), models.DCGANDiscriminator().to(device), 100, (3, 64, 64)
+        return (models.KerasDCGANGenerator(nz=64, nc=1, width=width).to(device),
+                models.KerasDCGANDiscriminator(nc=1).to(device), 64, (1, 28, 28))
+    return make
+
+
+def _variants_gan(make, batch, device):
+    variants, extra = {}, {}
+    _, _, nz, shape = make()
+    real = torch.randn((batch,) + shape, device=device).clamp(-1, 1)
+    z = torch.randn(batch, nz, device=device)
+    for label, convert, compile_ in (("eager", False, False), ("compile", False, True),
+                                     ("genfast", True, False), ("genfast+compile", True, True)):
+        G, D, _, _ = make()
+        if convert:
+            genfast.convert(G)
+            genfast.convert(D)
+        if compile_:
+            G, D = torch.compile(G), torch.compile(D)
+        t = demo.GANTrainer(G, D, nz, plain=not convert)
+
+        def step(t=t):
+            fake = t.G(z)
+            t.opt_d.zero_grad(set_to_none=True)
+            d_loss = t.d_loss(t.D(real), t.D(fake.detach()))
+            d_loss.backward()
+            t.opt_d.step()
+            t.opt_g.zero_grad(set_to_none=True)
+            g_loss = t.g_loss(t.D(fake))
+            g_loss.backward()
+            t.opt_g.step()
+            return torch.stack([d_loss.detach(), g_loss.detach()])
+
+        variants[label] = step
+    return variants, extra
+
+
+def _variants_vae(batch, device):
+    variants = {}
+    x = torch.rand(batch, 1, 28, 28, device=device)
+    for label, convert, compile_ in (("eager", False, False), ("compile", False, True),
+                                     ("genfast", True, False), ("genfast+compile", True, True)):
+        torch.manual_seed(0)
+        vae = models.ConvVAE().to(device)
+        if convert:
+            genfast.convert(vae)
+        t = demo.VAETrainer(torch.compile(vae) if compile_ else vae, plain=not convert)
+
+        def step(t=t):
+            torch.manual_seed(1)  # the same eps in every variant
+            (loss,) = t.step(x)
+            return loss
+
+        variants[label] = step
+    return variants
+
+
+def _peak_memory(fn, device):
+    if device.type != "cuda":
+        return {}
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize()
+    return {"peak_MiB": (torch.cuda.max_memory_allocated(device) - base) / 2**20}
+
+
+def run(device: torch.device, quick: bool) -> list[dict]:
+    rows = []
+    if device.type == "cuda":
+        gan_cases = [("dcgan64", 64), ("dcgan64", 128)]
+        vae_batches = [128]
+    else:
+        gan_cases = [("keras_dcgan28", 64)]
+        vae_batches = [64]
+    for name, batch in gan_cases:
+        variants, _ = _variants_gan(_gan_factory(name, device, 64), batch, device)
+        for fn in variants.values():
+            fn()  # compile / warm up before the memory reading
+        extra = {k: _peak_memory(fn, device) for k, fn in variants.items()}
+        rows.append(harness.measure(FAMILY, f"GAN step {name} batch {batch}", variants, device=device,
+                                    extra=extra, rounds=3 if quick else None, min_round_ms=1.0))
+        harness.print_row(rows[-1])
+    for batch in vae_batches:
+        variants = _variants_vae(batch, device)
+        for fn in variants.values():
+            fn()
+        extra = {k: _peak_memory(fn, device) for k, fn in variants.items()}
+        rows.append(harness.measure(FAMILY, f"VAE step conv_vae batch {batch}", variants, device=device,
+                                    extra=extra, rounds=3 if quick else None, min_round_ms=1.0))
+        harness.print_row(rows[-1])
+    return rows

@@ -1,0 +1,164 @@
+"""Shared benchmark harness: parity first, then interleaved timing in one process.
+
+Every row: each variant's output is compared with the reference variant's (max abs error), then
+all variants are timed in interleaved rounds and the median is kept (CUDA events through
+triton.testing.do_bench on a GPU; perf_counter on the CPU)."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+import genfast
+
+# Measured device-to-device copy bandwidth (bytes read + written per second) per device name
+# prefix, used as the memory-bound ceiling. Filled in at run time by measure_copy_bandwidth().
+_COPY_BW: dict[str, float] = {}
+# Dense bf16 / tf32 matmul peaks (FLOP/s) from the device's datasheet, for the compute ceiling.
+_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+
+
+def genfast_backends(device: torch.device, family: str) -> list[str]:
+    """The genfast backends that can run `family` on `device` (not the reference)."""
+    names = ["cuda", "triton"] if device.type == "cuda" else ["cpu"]
+    out = []
+    for n in names:
+        if genfast.backend.available(n, device)[0] and genfast.backend.family_supports(family, n):
+            out.append(n)
+    return out
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _flatten(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flatten(o)]
+    return []
+
+
+def max_error(a, b) -> float:
+    ta, tb = _flatten(a), _flatten(b)
+    if len(ta) != len(tb):
+        raise AssertionError(f"variant returned {len(ta)} tensors, reference {len(tb)}")
+    err = 0.0
+    for x, y in zip(ta, tb):
+        if x.shape != y.shape:
+            raise AssertionError(f"shape {tuple(x.shape)} vs reference {tuple(y.shape)}")
+        if x.numel():
+            err = max(err, (x.double() - y.double()).abs().max().item())
+    return err
+
+
+def _time_once(fn: Callable, device: torch.device, reps: int) -> float:
+    """Milliseconds per call."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=5, rep=max(reps, 20), return_mode="median"))
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / reps
+
+
+def measure_copy_bandwidth(device: torch.device) -> float:
+    """Bytes (read + written) per second of a large device copy: the memory-bound ceiling."""
+    key = device_name(device)
+    if key not in _COPY_BW:
+        n = (256 << 20) // 4 if device.type == "cuda" else (32 << 20) // 4
+        src = torch.randn(n, device=device)
+        dst = torch.empty_like(src)
+        ms = min(_time_once(lambda: dst.copy_(src), device, 5) for _ in range(3))
+        _COPY_BW[key] = 2 * src.numel() * 4 / (ms * 1e-3)
+    return _COPY_BW[key]
+
+
+def measure(family: str, case: str, variants: dict[str, Callable], *, reference: str = "eager",
+            bytes_moved: float | None = None, flops: float | None = None,
+            launches: dict[str, int] | None = None, extra: dict[str, dict] | None = None,
+            device: torch.device | None = None,
+            rounds: int | None = None, min_round_ms: float = 20.0) -> dict:
+    """Check parity, then time every variant interleaved; returns one result row."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    outs = {}
+    for name, fn in variants.items():
+        outs[name] = fn()  # warm-up (and compilation) + the value checked for parity
+    _sync(device)
+    ref_out = outs[reference]
+    errors = {name: max_error(out, ref_out) for name, out in outs.items()}
+    # repetitions per round so that a round lasts about min_round_ms
+    reps = {}
+    for name, fn in variants.items():
+        t = _time_once(fn, device, 1)
+        reps[name] = max(1, int(min_round_ms / max(t, 1e-3)))
+    rounds = rounds or (5 if device.type == "cuda" else 7)
+    samples = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            samples[name].append(_time_once(fn, device, reps[name]))
+    med = {name: statistics.median(v) for name, v in samples.items()}
+    row = {"family": family, "case": case, "reference": reference, "variants": {}}
+    bw = measure_copy_bandwidth(device) if bytes_moved else None
+    peak = next((v for k, v in _PEAK_FLOPS.items() if k in device_name(device)), None)
+    for name in variants:
+        v = {"median_ms": med[name], "max_abs_err": errors[name]}
+        if "eager" in med:
+            v["speedup_vs_eager"] = med["eager"] / med[name]
+        if "compile" in med:
+            v["speedup_vs_compile"] = med["compile"] / med[name]
+        if bytes_moved:
+            gbs = bytes_moved / (med[name] * 1e-3)
+            v["GB/s"] = gbs / 1e9
+            v["frac_of_copy_bw"] = gbs / bw
+        if flops:
+            v["TFLOP/s"] = flops / (med[name] * 1e-3) / 1e12
+            if peak:
+                v["frac_of_peak_flops"] = flops / (med[name] * 1e-3) / peak
+        if launches and name in launches:
+            v["launches"] = launches[name]
+        if extra and name in extra:
+            v.update(extra[name])
+        row["variants"][name] = v
+    return row
+
+
+def compiled(fn: Callable) -> Callable:
+    """torch.compile of an eager function (the 'compile' baseline)."""
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def _fmt_variant(v: dict) -> str:
+    s = f"{v['median_ms'] * 1e3:9.1f} us"
+    if "speedup_vs_eager" in v:
+        s += f"  x{v['speedup_vs_eager']:.2f} eager"
+    if "speedup_vs_compile" in v:
+        s += f"  x{v['speedup_vs_compile']:.2f} compile"
+    if "frac_of_copy_bw" in v:
+        s += f"  {v['GB/s']:.0f} GB/s ({100 * v['frac_of_copy_bw']:.0f}% of copy)"
+    if "TFLOP/s" in v:
+        s += f"  {v['TFLOP/s']:.1f} TFLOP/s"
+    if "peak_MiB" in v:
+        s += f"  peak {v['peak_MiB']:.0f} MiB"
+    s += f"  err {v['max_abs_err']:.1e}"
+    return s
+
+
+def print_row(row: dict) -> None:
+    print(f"[{row['family']}] {row['case']}", flush=True)
+    for name, v in row["variants"].items():
+        print(f"    {name:<16}{_fmt_variant(v)}", flush=True)

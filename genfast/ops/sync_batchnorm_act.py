@@ -1,0 +1,134 @@
+"""SyncBatchNormAct: BatchNorm + activation with statistics over every rank of a
+torch.distributed process group (any backend: NCCL on GPUs, gloo on CPU).
+
+Forward: local (count, mean, M2) per channel (one fused pass) -> one all_gather -> Chan's merge in
+rank order (so uneven per-rank batches are exact and the result is the same on every rank) ->
+normalise + activation (one fused pass). Backward: local (sum dz, sum dz*xhat) (one fused pass)
+-> one all_reduce -> grad_input (one fused pass). grad_weight / grad_bias stay local, as in
+nn.SyncBatchNorm (DDP averages parameter gradients).
+
+The split passes run as the genfast::batch_norm_act_{stats,apply,bwd_reduce,bwd_dx} C++ ops on
+CPU tensors, and through the reference formulas elsewhere (no CUDA/Triton kernels for the split
+passes yet)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from genfast import backend as B
+from genfast.reference import batchnorm_act as ref
+
+_ACT_NAMES = {v: k for k, v in B.ACTIVATIONS.items()}
+
+
+def _use_cpp(t: torch.Tensor) -> bool:
+    return B.resolve("batchnorm_act", t.device) == "cpu"
+
+
+def _fake_registrations():
+    if not B.has_cpu_ext():
+        return
+    lib = torch.library.Library("genfast", "FRAGMENT")
+
+    def acc(t):
+        return ref.acc_dtype(t.dtype)
+
+    torch.library.register_fake(
+        "genfast::batch_norm_act_stats",
+        lambda x: (x.new_empty(x.shape[1], dtype=acc(x)), x.new_empty(x.shape[1], dtype=acc(x))), lib=lib)
+    torch.library.register_fake(
+        "genfast::batch_norm_act_apply", lambda x, *args: torch.empty_like(x), lib=lib)
+    torch.library.register_fake(
+        "genfast::batch_norm_act_bwd_reduce",
+        lambda dy, s, *args: (s.new_empty(s.shape[1], dtype=acc(s)), s.new_empty(s.shape[1], dtype=acc(s))),
+        lib=lib)
+    torch.library.register_fake(
+        "genfast::batch_norm_act_bwd_dx", lambda dy, s, *args: torch.empty_like(s), lib=lib)
+    return lib
+
+
+_LIB = _fake_registrations()
+
+
+def local_stats(x):
+    if _use_cpp(x):
+        return torch.ops.genfast.batch_norm_act_stats(x)
+    return ref.stats(x)
+
+
+def merge_stats(counts, means, m2s):
+    """Chan's merge of per-rank (count, mean, M2) rows, in rank order -> (count, mean, M2)."""
+    n, mean, m2 = counts[0], means[0], m2s[0]
+    for i in range(1, counts.shape[0]):
+        nb, mb, qb = counts[i], means[i], m2s[i]
+        tot = n + nb
+        if float(tot) == 0:
+            continue
+        d = mb - mean
+        mean = mean + d * (nb / tot)
+        m2 = m2 + qb + d * d * (n * nb / tot)
+        n = tot
+    return n, mean, m2
+
+
+class SyncBatchNormActFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, process_group,
+                world_size, activation, negative_slope):
+        C = x.shape[1]
+        count = x.numel() // C if C else 0
+        mean_l, m2_l = local_stats(x)
+        acc = mean_l.dtype
+        packed = torch.cat([mean_l.new_full((1,), float(count)), mean_l, m2_l])
+        gathered = [torch.empty_like(packed) for _ in range(world_size)]
+        dist.all_gather(gathered, packed, group=process_group)
+        rows = torch.stack(gathered)
+        n, mean, m2 = merge_stats(rows[:, 0], rows[:, 1:C + 1], rows[:, C + 1:])
+        total = float(n)
+        if total <= 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got {int(total)} over all ranks")
+        var = m2 / total
+        invstd = torch.rsqrt(var + eps)
+        if running_mean is not None:
+            with torch.no_grad():
+                running_mean.copy_((1 - momentum) * running_mean.to(acc) + momentum * mean)
+                running_var.copy_((1 - momentum) * running_var.to(acc) + momentum * (m2 / (total - 1)))
+        act = B.ACTIVATIONS[activation]
+        if _use_cpp(x):
+            y = torch.ops.genfast.batch_norm_act_apply(x, mean, invstd, weight, bias, act, negative_slope, 0.0)
+        else:
+            y = ref.apply(x, mean, invstd, weight, bias, activation, negative_slope)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.cfg = (process_group, activation, negative_slope, total)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        group, activation, slope, total = ctx.cfg
+        if torch.is_grad_enabled():
+            raise RuntimeError("SyncBatchNormAct2d: double backward is not supported")
+        grad_out = grad_out.contiguous() if not grad_out.is_contiguous() and x.is_contiguous() else grad_out
+        act = B.ACTIVATIONS[activation]
+        cpp = _use_cpp(x)
+        if cpp:
+            s, sx = torch.ops.genfast.batch_norm_act_bwd_reduce(grad_out, x, weight, bias, mean, invstd, act,
+                                                                slope, 0.0, False)
+        else:
+            s, sx = ref.bwd_reduce(grad_out, x, weight, bias, mean, invstd, activation, slope)
+        # local parameter gradients (DDP averages them), global sums for grad_input
+        dw = sx.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        db = s.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        both = torch.cat([s, sx])
+        dist.all_reduce(both, group=group)
+        C = x.shape[1]
+        gs, gsx = both[:C], both[C:]
+        dx = None
+        if ctx.needs_input_grad[0]:
+            if cpp:
+                dx = torch.ops.genfast.batch_norm_act_bwd_dx(grad_out, x, weight, bias, mean, invstd, gs, gsx,
+                                                             total, act, slope, 0.0, False)
+            else:
+                dx = ref.bwd_dx(grad_out, x, weight, bias, mean, invstd, gs, gsx, total, activation, slope)
+        return dx, dw, db, None, None, None, None, None, None, None, None
