@@ -4,7 +4,9 @@ Cases: the DCGAN 64x64 generator layers at batch 128 (100->512 1x1->4x4 k4 s1 p0
 256->128, 128->64 k4 s2 p1; 64->3 32->64 + tanh) and the Keras-style MNIST generator layers
 (k5 s2 p2 output_padding 1, 7->14->28), float32 (TF32 as torch.backends.cudnn.allow_tf32 says)
 and bfloat16, NCHW and channels_last. Baselines: eager PyTorch (cudnn.benchmark=True) and
-torch.compile of the same function. FLOPs: 2 * N * C_in * H_in * W_in * C_out * kH * kW / groups
+torch.compile of the same function. The DCGAN block ConvTranspose2d -> BatchNorm2d -> ReLU
+(training, forward+backward) compares gnn.ConvTransposeBNAct2d with the same three baselines.
+FLOPs: 2 * N * C_in * H_in * W_in * C_out * kH * kW / groups
 per pass (forward: 1 pass; forward+backward: 3).
 On CPU (quick) the batch is reduced and only float32 NCHW runs."""
 from __future__ import annotations
@@ -12,8 +14,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from torch import nn
+
 import genfast
 import genfast.functional as GF
+import genfast.nn as gnn
 from benchmarks import harness
 
 FAMILY = "conv_transpose"
@@ -92,6 +97,47 @@ def run(device: torch.device, quick: bool) -> list[dict]:
                         flops = flops1 * (1 if mode == "fwd" else 3)
                         rows.append(harness.measure(FAMILY, case, variants, flops=flops, device=device))
                         harness.print_row(rows[-1])
+        rows += _blocks(device, batch, layers, dtypes, layouts)
     finally:
         torch.backends.cudnn.benchmark = prev
+    return rows
+
+
+def _blocks(device, batch, layers, dtypes, layouts):
+    """ConvTranspose2d -> BatchNorm2d -> ReLU, training forward+backward."""
+    rows = []
+    for name, cin, cout, hin, k, s, p, op, act in layers:
+        if act != "relu":
+            continue
+        for dtype in dtypes:
+            for layout in layouts:
+                block = gnn.ConvTransposeBNAct2d(cin, cout, k, s, p, op, device=device, activation="relu")
+                unfused = nn.Sequential(nn.ConvTranspose2d(cin, cout, k, s, p, op), nn.BatchNorm2d(cout),
+                                        nn.ReLU()).to(device)
+                unfused.load_state_dict(block.state_dict())
+                if dtype != torch.float32:
+                    block, unfused = block.to(dtype), unfused.to(dtype)
+                x = torch.randn(batch, cin, hin, hin, device=device, dtype=dtype)
+                if layout == "nhwc":
+                    x = x.to(memory_format=torch.channels_last)
+                hout = (hin - 1) * s - 2 * p + k + op
+                dy = torch.randn(batch, cout, hout, hout, device=device, dtype=dtype)
+                comp = harness.compiled(unfused)
+
+                def step(mod, backend=None):
+                    xr = x.detach().requires_grad_()
+                    if backend is None:
+                        y = mod(xr)
+                    else:
+                        with genfast.backend.use_backend(backend):
+                            y = mod(xr)
+                    return (y,) + torch.autograd.grad(y, (xr, mod[0].weight), dy)
+
+                variants = {"eager": lambda: step(unfused), "compile": lambda: step(comp)}
+                for be in harness.genfast_backends(device, FAMILY):
+                    variants[f"genfast-{be}"] = lambda be=be: step(block, be)
+                case = f"block convT+BN+ReLU fwd_bwd {name} b{batch} {str(dtype).replace('torch.', '')} {layout}"
+                flops = 3 * 2 * batch * cin * hin * hin * cout * k * k
+                rows.append(harness.measure(FAMILY, case, variants, flops=flops, device=device))
+                harness.print_row(rows[-1])
     return rows

@@ -17,7 +17,6 @@ TORCH_LIBRARY(genfast, m) {
       "batch_norm_act_bwd(Tensor grad_out, Tensor saved, Tensor? weight, Tensor? bias, "
       "Tensor save_mean, Tensor save_invstd, bool training, int activation, "
       "float negative_slope, float gamma_floor, bool saved_is_output) -> (Tensor, Tensor, Tensor)");
-<<<<<<< HEAD
   // Transposed convolution + bias + activation (genfast/ops/conv_transpose.py). input (N, C_in,
   // H, W), weight (C_in, C_out/groups, KH, KW). Returns (out, mean, var): with stats, the
   // per-channel mean and biased variance of out (float32; float64 for float64) for a following
@@ -32,7 +31,6 @@ TORCH_LIBRARY(genfast, m) {
       "conv_transpose2d_bwd(Tensor grad_out, Tensor input, Tensor weight, Tensor output, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, int activation, float negative_slope, bool need_input, "
       "bool need_weight, bool has_bias) -> (Tensor, Tensor, Tensor)");
-=======
   // The two passes of each direction as separate ops, for SyncBatchNormAct (a collective sits
   // between them). stats -> (mean, M2) per channel (Welford; float32, float64 for float64 input).
   m.def("batch_norm_act_stats(Tensor input) -> (Tensor, Tensor)");
@@ -49,7 +47,6 @@ TORCH_LIBRARY(genfast, m) {
       "batch_norm_act_bwd_dx(Tensor grad_out, Tensor saved, Tensor? weight, Tensor? bias, "
       "Tensor mean, Tensor invstd, Tensor sum_dz, Tensor sum_dz_xhat, float count, int activation, "
       "float negative_slope, float gamma_floor, bool saved_is_output) -> Tensor");
->>>>>>> main
 }
 
 namespace genfast {

@@ -159,6 +159,26 @@ def test_unbatched_noncontiguous_and_empty_batch(be):
     assert ye.shape == F.conv_transpose2d(torch.randn(0, 4, 3, 3, dtype=torch.float64), w, b, 2, 1).shape
 
 
+@pytest.mark.parametrize("be", ["cpu", "triton"])
+def test_float16_error_not_worse_than_torch(be):
+    # bfloat16 matrix paths are tested on the GPU only (the interpreter's bf16 tl.dot is wrong)
+    from tests.utils import assert_error_not_worse
+
+    cfg = dict(FIXED["keras_k5s2p2op1"], cin=8, cout=6, H=4, W=4)
+    x, w, b = make(cfg, torch.float16)
+    dy = torch.randn(2, 6, 8, 8, dtype=torch.float16)
+    with backend(be):
+        y, g = run_genfast(cfg, x, w, b, dy)
+    y64, g64 = expected(cfg, x, w, b, dy)
+    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+    yl = torch.tanh(F.conv_transpose2d(xs, ws, bs, 2, 2, 1))
+    gl = torch.autograd.grad(yl, (xs, ws, bs), dy)
+    assert y.dtype == torch.float16
+    assert_error_not_worse(y, yl, y64, factor=2.0, floor=1e-3, msg="fp16 output")
+    for a, l, e in zip(g, gl, g64):
+        assert_error_not_worse(a, l, e, factor=2.0, floor=1e-3 * e.abs().max().item(), msg="fp16 grad")
+
+
 # --- the module ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("be", CPU_BACKENDS)
@@ -340,6 +360,41 @@ def test_statistics_epilogue(be):
         assert_close(var, var_ref, torch.float64)
         z = F.conv_transpose2d(x, w, b, *geo[:3], geo[3], geo[4])
         assert_close(y, act_forward(z, cfg["activation"], 0.2), torch.float64)
+
+
+@pytest.mark.parametrize("be", CPU_BACKENDS)
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "tanh"])
+def test_conv_bn_act_block_matches_unfused_sequential(be, activation):
+    torch.manual_seed(6)
+    kw = dict(stride=2, padding=1, output_padding=1, groups=2)
+    block = gnn.ConvTransposeBNAct2d(4, 6, 3, **kw, momentum=0.2, dtype=torch.float64,
+                                     activation=activation, negative_slope=0.2)
+    unfused = nn.Sequential(nn.ConvTranspose2d(4, 6, 3, **kw, dtype=torch.float64),
+                            nn.BatchNorm2d(6, momentum=0.2, dtype=torch.float64), TORCH_ACT[activation])
+    with torch.no_grad():
+        block[1].weight.uniform_(0.5, 1.5)
+        block[1].bias.normal_()
+    assert list(block.state_dict()) == list(unfused.state_dict())
+    unfused.load_state_dict(block.state_dict())
+    x = torch.randn(3, 4, 3, 2, dtype=torch.float64)
+    for step in range(2):  # two training steps (running statistics), then eval
+        xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with backend(be):
+            y = block(xs)
+            dy = torch.randn_like(y)
+            g = torch.autograd.grad(y, [xs] + list(block.parameters()), dy)
+        y_ref = unfused(xr)
+        g_ref = torch.autograd.grad(y_ref, [xr] + list(unfused.parameters()), dy)
+        assert_close(y, y_ref, torch.float64, msg=f"step {step} output")
+        for a, b in zip(g, g_ref):
+            assert_close(a, b, torch.float64, msg=f"step {step} grad")
+        for k, v in unfused.state_dict().items():
+            assert_close(block.state_dict()[k].double(), v.double(), torch.float64, msg=k)
+        x = x * 1.5 + 0.3
+    block.eval()
+    unfused.eval()
+    with backend(be), torch.no_grad():
+        assert_close(block(x), unfused(x), torch.float64, msg="eval")
 
 
 # --- GPU (run by benchmarks/gpu_suite.sh) --------------------------------------------------------

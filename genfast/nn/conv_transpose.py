@@ -48,3 +48,80 @@ class ConvTranspose2d(nn.ConvTranspose2d):
         return GF.conv_transpose2d(input, self.weight, self.bias, self.stride, self.padding,
                                    output_padding, self.groups, self.dilation,
                                    activation=self.activation, negative_slope=self.negative_slope)
+
+
+class ConvTransposeBNAct2d(nn.Sequential):
+    """``nn.Sequential(nn.ConvTranspose2d(...), nn.BatchNorm2d(out_channels, ...))`` followed by
+    an activation: the DCGAN generator block. Its state_dict keys ("0.weight", "0.bias",
+    "1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked") are those
+    of that unfused pair, and of the triple with a parameter-free activation module appended, so
+    checkpoints load either way.
+
+    Arguments: ConvTranspose2d's (in_channels, out_channels, kernel_size, stride=1, padding=0,
+    output_padding=0, groups=1, bias=True, dilation=1), then BatchNorm2d's (eps=1e-5,
+    momentum=0.1, affine=True, track_running_stats=True), device=None, dtype=None; keyword-only
+    activation ("relu" default, "leaky_relu", "identity", "tanh", "sigmoid") and
+    negative_slope (0.01). Input (N, C_in, H, W); forward(input, output_size=None).
+
+    In training mode the transposed convolution's epilogue also computes the per-channel batch
+    statistics of its output, so the BatchNorm step reads the output once (normalise) instead of
+    twice. In eval mode it runs ConvTranspose2d then the fused BatchNormAct2d op.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 output_padding=0, groups=1, bias=True, dilation=1, eps=1e-5, momentum=0.1,
+                 affine=True, track_running_stats=True, device=None, dtype=None, *,
+                 activation: str = "relu", negative_slope: float = 0.01):
+        _ct.check_activation(activation, negative_slope)
+        super().__init__(
+            ConvTranspose2d(in_channels, out_channels, kernel_size, stride, padding, output_padding,
+                            groups, bias, dilation, "zeros", device, dtype),
+            nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats, device, dtype))
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
+
+    def extra_repr(self) -> str:
+        s = f"activation={self.activation!r}"
+        if self.activation == "leaky_relu":
+            s += f", negative_slope={self.negative_slope}"
+        return s
+
+    def forward(self, input: torch.Tensor, output_size: Optional[list[int]] = None) -> torch.Tensor:
+        conv, bn = self[0], self[1]
+        bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
+        if not bn_training or self.activation not in ("relu", "leaky_relu", "identity", "tanh", "sigmoid"):
+            y = conv(input, output_size)
+            return self._bn_eval(y)
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+        output_padding = conv._output_padding(input, output_size, conv.stride, conv.padding,
+                                              conv.kernel_size, 2, conv.dilation)
+        stride, padding, output_padding, dilation = _ct.check_args(
+            input, conv.weight, conv.bias, conv.stride, conv.padding, output_padding, conv.groups,
+            conv.dilation)
+        use_buffers = bn.track_running_stats
+        rm = bn.running_mean if use_buffers else None
+        rv = bn.running_var if use_buffers else None
+        hw = [(i - 1) * s - 2 * p + d * (k - 1) + op + 1 for i, k, s, p, op, d in
+              zip(input.shape[2:], conv.kernel_size, stride, padding, output_padding, dilation)]
+        if input.shape[0] * hw[0] * hw[1] == 1:
+            raise ValueError("Expected more than 1 value per channel when training, got input size "
+                             f"{torch.Size([1, conv.out_channels, *hw])}")
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                momentum = 1.0 / float(bn.num_batches_tracked)
+        return _ct.conv_transpose_bn_act_train(
+            input, conv.weight, conv.bias, stride, padding, output_padding, conv.groups, dilation,
+            bn.weight, bn.bias, rm, rv, momentum, bn.eps, self.activation, self.negative_slope)
+
+    def _bn_eval(self, y: torch.Tensor) -> torch.Tensor:
+        bn = self[1]
+        if self.activation in ("relu", "leaky_relu", "identity"):
+            return GF.batch_norm_act(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False,
+                                     0.0, bn.eps, activation=self.activation,
+                                     negative_slope=self.negative_slope)
+        from genfast.reference.activation import act_forward
+
+        return act_forward(bn(y), self.activation, self.negative_slope)

@@ -321,3 +321,77 @@ def conv_transpose2d(input, weight, bias, stride, padding, output_padding, group
                                 int(groups), list(dilation), B.ACTIVATIONS[act],
                                 float(negative_slope), name)
     return y.squeeze(0) if unbatched else y
+
+
+# --- ConvTranspose2d + BatchNorm2d + activation (training) from the epilogue's statistics -------
+
+class BNActGivenStats(torch.autograd.Function):
+    """Training-mode BatchNorm + activation of y whose batch statistics (mean, biased var) the
+    conv forward's epilogue already computed, so y is read once (normalise) instead of twice.
+    The backward is BatchNorm's training backward (the statistics are functions of y), in the
+    reference formulas (genfast/reference/batchnorm_act.py); create_graph=True differentiates
+    the reference forward instead."""
+
+    @staticmethod
+    def forward(ctx, y, mean, var, weight, bias, eps, activation, slope):
+        from genfast.reference import batchnorm_act as bnref
+
+        acc = bnref.acc_dtype(y.dtype)
+        invstd = torch.rsqrt(var.to(acc) + eps)
+        shape = (1, -1, 1, 1)
+        z = (y.to(acc) - mean.to(acc).view(shape)) * invstd.view(shape)
+        if weight is not None:
+            z = z * weight.to(acc).view(shape)
+        if bias is not None:
+            z = z + bias.to(acc).view(shape)
+        ctx.save_for_backward(y, weight, bias, mean, invstd)
+        ctx.cfg = (eps, activation, slope)
+        from genfast.reference.activation import act_forward
+
+        return act_forward(z, activation, slope).to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from genfast.reference import batchnorm_act as bnref
+
+        y, weight, bias, mean, invstd = ctx.saved_tensors
+        eps, activation, slope = ctx.cfg
+        if torch.is_grad_enabled():
+            wrt = [t for t in (y, weight, bias) if t is not None and t.requires_grad]
+            out = bnref.batch_norm_act(y, None, None, weight, bias, True, 0.0, eps, activation, slope)
+            grads = iter(torch.autograd.grad(out, wrt, grad_out, create_graph=True, allow_unused=True))
+            dy, dw, db = (next(grads) if t is not None and t.requires_grad else None for t in (y, weight, bias))
+        else:
+            dy, dw, db = bnref.batch_norm_act_backward(grad_out, y, weight, bias, mean, invstd, True,
+                                                       activation, slope)
+            dw = dw.to(weight.dtype) if weight is not None else None
+            db = db.to(bias.dtype) if bias is not None else None
+        return dy, None, None, dw, db, None, None, None
+
+
+def conv_transpose_bn_act_train(input, weight, bias, stride, padding, output_padding, groups,
+                                dilation, bn_weight, bn_bias, running_mean, running_var, momentum,
+                                eps, activation, negative_slope):
+    """Training forward of ConvTranspose2d -> BatchNorm2d (batch statistics) -> activation,
+    arguments already checked. Updates the running statistics in place (unbiased variance)."""
+    name = B.resolve(FAMILY, input.device)
+    if name == "cuda":
+        name = "triton"
+    if name == "reference":
+        from genfast.reference import batchnorm_act as bnref
+
+        y = ref.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups,
+                                 dilation)
+        return bnref.batch_norm_act(y, running_mean, running_var, bn_weight, bn_bias, True,
+                                    momentum, eps, activation, negative_slope)
+    y, mean, var = conv_transpose2d_stats_op(input, weight, bias, list(stride), list(padding),
+                                             list(output_padding), int(groups), list(dilation),
+                                             0, 0.0, name)
+    if running_mean is not None:
+        n = y.numel() // max(y.shape[1], 1)
+        with torch.no_grad():
+            running_mean.copy_((1 - momentum) * running_mean + momentum * mean.to(running_mean.dtype))
+            running_var.copy_((1 - momentum) * running_var
+                              + momentum * (var * (n / max(n - 1, 1))).to(running_var.dtype))
+    return BNActGivenStats.apply(y, mean, var, bn_weight, bn_bias, float(eps), activation,
+                                 float(negative_slope))
