@@ -65,7 +65,8 @@ class ConvTransposeBNAct2d(nn.Sequential):
 
     In training mode the transposed convolution's epilogue also computes the per-channel batch
     statistics of its output, so the BatchNorm step reads the output once (normalise) instead of
-    twice. In eval mode it runs ConvTranspose2d then the fused BatchNormAct2d op.
+    twice. In eval mode the BatchNorm (running statistics) is folded into the convolution's
+    weight and bias: one fused transposed convolution with the activation in its epilogue.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
@@ -89,9 +90,8 @@ class ConvTransposeBNAct2d(nn.Sequential):
     def forward(self, input: torch.Tensor, output_size: Optional[list[int]] = None) -> torch.Tensor:
         conv, bn = self[0], self[1]
         bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
-        if not bn_training or self.activation not in ("relu", "leaky_relu", "identity", "tanh", "sigmoid"):
-            y = conv(input, output_size)
-            return self._bn_eval(y)
+        if not bn_training:
+            return self._eval(input, output_size)
         if input.dim() != 4:
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
         output_padding = conv._output_padding(input, output_size, conv.stride, conv.padding,
@@ -116,12 +116,27 @@ class ConvTransposeBNAct2d(nn.Sequential):
             input, conv.weight, conv.bias, stride, padding, output_padding, conv.groups, dilation,
             bn.weight, bn.bias, rm, rv, momentum, bn.eps, self.activation, self.negative_slope)
 
-    def _bn_eval(self, y: torch.Tensor) -> torch.Tensor:
-        bn = self[1]
-        if self.activation in ("relu", "leaky_relu", "identity"):
-            return GF.batch_norm_act(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False,
-                                     0.0, bn.eps, activation=self.activation,
-                                     negative_slope=self.negative_slope)
-        from genfast.reference.activation import act_forward
-
-        return act_forward(bn(y), self.activation, self.negative_slope)
+    def _eval(self, input: torch.Tensor, output_size) -> torch.Tensor:
+        # Eval: BatchNorm with running statistics is a per-channel affine map, folded into the
+        # transposed convolution's weight and bias (computed in float32, or float64), so the
+        # whole block is one fused conv_transpose2d with the activation in its epilogue.
+        conv, bn = self[0], self[1]
+        acc = torch.float64 if conv.weight.dtype == torch.float64 else torch.float32
+        scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.to(acc)
+        shift = -bn.running_mean.to(acc) * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.to(acc)
+        w = conv.weight
+        G, cog = conv.groups, w.shape[1]
+        wf = (w.to(acc).view(G, w.shape[0] // G, cog, *w.shape[2:])
+              * scale.view(G, 1, cog, 1, 1)).view(w.shape).to(w.dtype)
+        bf = shift if conv.bias is None else conv.bias.to(acc) * scale + shift
+        if conv.padding_mode != "zeros":
+            raise ValueError("Only `zeros` padding mode is supported for ConvTranspose2d")
+        output_padding = conv._output_padding(input, output_size, conv.stride, conv.padding,
+                                              conv.kernel_size, 2, conv.dilation)
+        return GF.conv_transpose2d(input, wf, bf.to(w.dtype), conv.stride, conv.padding,
+                                   output_padding, conv.groups, conv.dilation,
+                                   activation=self.activation, negative_slope=self.negative_slope)
