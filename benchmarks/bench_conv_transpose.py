@@ -124,18 +124,19 @@ def _blocks(device, batch, layers, dtypes, layouts):
                 dy = torch.randn(batch, cout, hout, hout, device=device, dtype=dtype)
                 comp = harness.compiled(unfused)
 
-                def step(mod, backend=None):
+                def step(mod, weight, backend=None):
                     xr = x.detach().requires_grad_()
                     if backend is None:
                         y = mod(xr)
                     else:
                         with genfast.backend.use_backend(backend):
                             y = mod(xr)
-                    return (y,) + torch.autograd.grad(y, (xr, mod[0].weight), dy)
+                    return (y,) + torch.autograd.grad(y, (xr, weight), dy)
 
-                variants = {"eager": lambda: step(unfused), "compile": lambda: step(comp)}
+                variants = {"eager": lambda: step(unfused, unfused[0].weight),
+                            "compile": lambda: step(comp, unfused[0].weight)}
                 for be in harness.genfast_backends(device, FAMILY):
-                    variants[f"genfast-{be}"] = lambda be=be: step(block, be)
+                    variants[f"genfast-{be}"] = lambda be=be: step(block, block[0].weight, be)
                 case = f"block convT+BN+ReLU fwd_bwd {name} b{batch} {str(dtype).replace('torch.', '')} {layout}"
                 flops = 3 * 2 * batch * cin * hin * hin * cout * k * k
                 rows.append(harness.measure(FAMILY, case, variants, flops=flops, device=device))

@@ -331,6 +331,7 @@ def test_backward_is_deterministic(be):
 def test_compile_fullgraph_cpu():
     torch.manual_seed(3)
     model = nn.Sequential(gnn.ConvTranspose2d(4, 3, 4, 1, 0, activation="relu"),
+                          gnn.ConvTransposeBNAct2d(3, 3, 4, 2, 1, activation="relu"),
                           gnn.ConvTranspose2d(3, 2, 4, 2, 1, activation="tanh"))
     x = torch.randn(2, 4, 1, 1, requires_grad=True)
     with backend("cpu"):

@@ -328,26 +328,30 @@ def conv_transpose2d(input, weight, bias, stride, padding, output_padding, group
 class BNActGivenStats(torch.autograd.Function):
     """Training-mode BatchNorm + activation of y whose batch statistics (mean, biased var) the
     conv forward's epilogue already computed, so y is read once (normalise) instead of twice.
-    The backward is BatchNorm's training backward (the statistics are functions of y), in the
-    reference formulas (genfast/reference/batchnorm_act.py); create_graph=True differentiates
-    the reference forward instead."""
+    The backward is BatchNorm's training backward (the statistics are functions of y).
+    With use_cpp (CPU tensors, activation identity/relu/leaky_relu) both directions run the C++
+    split-pass ops genfast::batch_norm_act_apply / _bwd_reduce / _bwd_dx (csrc/cpu/batchnorm_act.cpp);
+    otherwise the reference formulas (genfast/reference/batchnorm_act.py). create_graph=True
+    differentiates the reference forward instead."""
 
     @staticmethod
-    def forward(ctx, y, mean, var, weight, bias, eps, activation, slope):
+    def forward(ctx, y, mean, var, weight, bias, eps, activation, slope, use_cpp):
         from genfast.reference import batchnorm_act as bnref
+        from genfast.reference.activation import act_forward
 
         acc = bnref.acc_dtype(y.dtype)
         invstd = torch.rsqrt(var.to(acc) + eps)
+        ctx.save_for_backward(y, weight, bias, mean, invstd)
+        ctx.cfg = (eps, activation, slope, use_cpp)
+        if use_cpp:
+            return torch.ops.genfast.batch_norm_act_apply(y, mean, invstd, weight, bias,
+                                                          B.ACTIVATIONS[activation], slope, 0.0)
         shape = (1, -1, 1, 1)
         z = (y.to(acc) - mean.to(acc).view(shape)) * invstd.view(shape)
         if weight is not None:
             z = z * weight.to(acc).view(shape)
         if bias is not None:
             z = z + bias.to(acc).view(shape)
-        ctx.save_for_backward(y, weight, bias, mean, invstd)
-        ctx.cfg = (eps, activation, slope)
-        from genfast.reference.activation import act_forward
-
         return act_forward(z, activation, slope).to(y.dtype)
 
     @staticmethod
@@ -355,18 +359,28 @@ class BNActGivenStats(torch.autograd.Function):
         from genfast.reference import batchnorm_act as bnref
 
         y, weight, bias, mean, invstd = ctx.saved_tensors
-        eps, activation, slope = ctx.cfg
+        eps, activation, slope, use_cpp = ctx.cfg
         if torch.is_grad_enabled():
             wrt = [t for t in (y, weight, bias) if t is not None and t.requires_grad]
             out = bnref.batch_norm_act(y, None, None, weight, bias, True, 0.0, eps, activation, slope)
-            grads = iter(torch.autograd.grad(out, wrt, grad_out, create_graph=True, allow_unused=True))
+            grads = iter(torch.autograd.grad(out, wrt, grad_out, create_graph=True))
             dy, dw, db = (next(grads) if t is not None and t.requires_grad else None for t in (y, weight, bias))
+        elif use_cpp:
+            code = B.ACTIVATIONS[activation]
+            sum_dz, sum_dzx = torch.ops.genfast.batch_norm_act_bwd_reduce(
+                grad_out, y, weight, bias, mean, invstd, code, slope, 0.0, False)
+            count = float(y.numel() // max(y.shape[1], 1))
+            dy = torch.ops.genfast.batch_norm_act_bwd_dx(grad_out, y, weight, bias, mean, invstd,
+                                                         sum_dz, sum_dzx, count, code, slope, 0.0,
+                                                         False)
+            dw = sum_dzx.to(weight.dtype) if weight is not None else None
+            db = sum_dz.to(bias.dtype) if bias is not None else None
         else:
             dy, dw, db = bnref.batch_norm_act_backward(grad_out, y, weight, bias, mean, invstd, True,
                                                        activation, slope)
             dw = dw.to(weight.dtype) if weight is not None else None
             db = db.to(bias.dtype) if bias is not None else None
-        return dy, None, None, dw, db, None, None, None
+        return dy, None, None, dw, db, None, None, None, None
 
 
 def conv_transpose_bn_act_train(input, weight, bias, stride, padding, output_padding, groups,
@@ -393,5 +407,6 @@ def conv_transpose_bn_act_train(input, weight, bias, stride, padding, output_pad
             running_mean.copy_((1 - momentum) * running_mean + momentum * mean.to(running_mean.dtype))
             running_var.copy_((1 - momentum) * running_var
                               + momentum * (var * (n / max(n - 1, 1))).to(running_var.dtype))
+    use_cpp = name == "cpu" and activation in ("identity", "relu", "leaky_relu")
     return BNActGivenStats.apply(y, mean, var, bn_weight, bn_bias, float(eps), activation,
-                                 float(negative_slope))
+                                 float(negative_slope), use_cpp)
