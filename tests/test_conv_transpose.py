@@ -398,6 +398,33 @@ def test_conv_bn_act_block_matches_unfused_sequential(be, activation):
         assert_close(block(x), unfused(x), torch.float64, msg="eval")
 
 
+@pytest.mark.parametrize("be", CPU_BACKENDS)
+def test_conv_bn_act_block_channels_last_no_affine_no_running_stats(be):
+    torch.manual_seed(8)
+    block = gnn.ConvTransposeBNAct2d(3, 5, 4, 2, 1, bias=False, affine=False,
+                                     track_running_stats=False, dtype=torch.float64,
+                                     activation="sigmoid")
+    unfused = nn.Sequential(nn.ConvTranspose2d(3, 5, 4, 2, 1, bias=False, dtype=torch.float64),
+                            nn.BatchNorm2d(5, affine=False, track_running_stats=False,
+                                           dtype=torch.float64), nn.Sigmoid())
+    assert list(block.state_dict()) == list(unfused.state_dict())
+    unfused.load_state_dict(block.state_dict())
+    x = torch.randn(2, 3, 3, 4, dtype=torch.float64).to(memory_format=torch.channels_last)
+    for mode in ("train", "eval"):  # no running statistics: batch statistics in both modes
+        block.train(mode == "train")
+        unfused.train(mode == "train")
+        xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with backend(be):
+            y = block(xs)
+            dy = torch.randn_like(y)
+            g = torch.autograd.grad(y, [xs, block[0].weight], dy)
+        y_ref = unfused(xr)
+        g_ref = torch.autograd.grad(y_ref, [xr, unfused[0].weight], dy)
+        assert_close(y, y_ref, torch.float64, msg=mode)
+        for a, b in zip(g, g_ref):
+            assert_close(a, b, torch.float64, msg=mode)
+
+
 # --- GPU (run by benchmarks/gpu_suite.sh) --------------------------------------------------------
 
 DCGAN_LAYERS = [(100, 512, 1, 4, 1, 0, "relu"), (512, 256, 4, 4, 2, 1, "relu"),

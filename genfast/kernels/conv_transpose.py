@@ -585,3 +585,206 @@ def conv_transpose2d_bwd(grad_out, x, weight, y, stride, padding, dilation, grou
         if not need_weight:
             dw = x.new_empty((0,))
     return dx, dw, db
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm + activation from the statistics of the conv epilogue (ConvTransposeBNAct2d, training)
+# y is a dense (N, C, H, W) tensor, contiguous or channels_last: its pixels have one stride (HW
+# flattened). Passes: forward 1 read of y + 1 write; backward 1 read of dout and y (partial
+# reductions) + 1 more read of both and 1 write of dy.
+
+
+@triton.jit
+def _act_grad_from_z(z, ACT: tl.constexpr, slope):
+    # f'(z) from the pre-activation, torch's convention at 0 (the negative side's slope).
+    one = tl.full(z.shape, 1.0, z.dtype)
+    if ACT == 1:
+        g = tl.where(z > 0, one, 0.0 * one)
+    elif ACT == 2:
+        g = tl.where(z > 0, one, one * slope)
+    elif ACT == 3:
+        t = 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
+        g = one - t * t
+    elif ACT == 4:
+        s = 1.0 / (1.0 + tl.exp(-z))
+        g = s * (one - s)
+    else:
+        g = one
+    return g
+
+
+@triton.jit
+def _bn_load_z(y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, offs_p, offs_c, C, HW, syn, syc, shw,
+               mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr):
+    # Element offsets, xhat and z = gamma * xhat + beta of a (pixels x channels) tile of y;
+    # offs_p indexes the N * HW pixels, mask = valid pixel & valid channel.
+    c_ok = offs_c < C
+    n = offs_p // HW
+    hw = offs_p % HW
+    ptr = (n.to(tl.int64) * syn + hw * shw)[:, None] + (offs_c * syc)[None, :]
+    yv = tl.load(y_ptr + ptr, mask=mask, other=0.0).to(ACC)
+    mean = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)
+    invstd = tl.load(invstd_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)
+    xhat = (yv - mean[None, :]) * invstd[None, :]
+    gamma = tl.full(offs_c.shape, 1.0, ACC)
+    if HAS_W:
+        gamma = tl.load(w_ptr + offs_c, mask=c_ok, other=1.0).to(ACC)
+    z = xhat * gamma[None, :]
+    if HAS_B:
+        z = z + tl.load(b_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)[None, :]
+    return ptr, xhat, z, gamma
+
+
+@triton.jit
+def _bn_apply_kernel(
+    y_ptr,  # conv output (N, C, H, W), contiguous or channels_last
+    out_ptr,  # result, same strides as y
+    mean_ptr, invstd_ptr,  # per-channel batch statistics (ACC dtype)
+    w_ptr, b_ptr,  # BatchNorm weight / bias (C,) or dummies
+    NP, C, HW,  # N * H * W, channels, H * W
+    syn, syc, shw,  # y strides: batch, channel, pixel (H and W flattened)
+    slope,  # leaky_relu negative slope
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr,  # affine parameters present
+    ACT: tl.constexpr,  # activation code
+    ACC: tl.constexpr,  # tl.float32 or tl.float64
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,  # tile: pixels x channels
+):
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (offs_p < NP)[:, None] & (offs_c < C)[None, :]
+    ptr, xhat, z, gamma = _bn_load_z(y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, offs_p, offs_c, C,
+                                     HW, syn, syc, shw, mask, HAS_W, HAS_B, ACC)
+    tl.store(out_ptr + ptr, _act_fwd(z, ACT, slope).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bn_bwd_reduce_kernel(
+    g_ptr,  # grad of the block output, strides as y
+    y_ptr,  # conv output
+    ws_ptr,  # out: partials (SPLIT, 2, C): sum of dz, sum of dz * xhat over this split's pixels
+    mean_ptr, invstd_ptr, w_ptr, b_ptr,  # statistics and affine parameters (or dummies)
+    NP, C, HW, P_SPLIT,  # pixels, channels, H * W, pixels per split
+    syn, syc, shw,  # strides of y and of the gradient (the same layout)
+    slope,  # leaky_relu negative slope
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,  # tile: pixels x channels
+):
+    pid_s = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    s_dz = tl.zeros((BLOCK_C,), ACC)
+    s_dzx = tl.zeros((BLOCK_C,), ACC)
+    lo = pid_s * P_SPLIT
+    hi = tl.minimum(lo + P_SPLIT, NP)
+    for p0 in range(lo, hi, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask = (offs_p < hi)[:, None] & c_ok[None, :]
+        ptr, xhat, z, gamma = _bn_load_z(y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, offs_p, offs_c,
+                                         C, HW, syn, syc, shw, mask, HAS_W, HAS_B, ACC)
+        dz = tl.load(g_ptr + ptr, mask=mask, other=0.0).to(ACC) * _act_grad_from_z(z, ACT, slope)
+        dz = tl.where(mask, dz, 0.0)
+        s_dz += tl.sum(dz, axis=0)
+        s_dzx += tl.sum(dz * xhat, axis=0)
+    row = ws_ptr + pid_s.to(tl.int64) * 2 * C + offs_c
+    tl.store(row, s_dz, mask=c_ok)
+    tl.store(row + C, s_dzx, mask=c_ok)
+
+
+@triton.jit
+def _bn_bwd_dx_kernel(
+    g_ptr, y_ptr,  # grad of the block output and the conv output (same strides)
+    dy_ptr,  # out: grad of the conv output, same strides
+    ws_ptr,  # partials (SPLIT, 2, C) from _bn_bwd_reduce_kernel
+    dw_ptr, db_ptr,  # out: BatchNorm weight / bias gradients (C,) or dummies
+    mean_ptr, invstd_ptr, w_ptr, b_ptr,  # statistics and affine parameters (or dummies)
+    NP, C, HW, SPLIT,  # pixels, channels, H * W, number of partial rows
+    syn, syc, shw,  # strides
+    slope,  # leaky_relu negative slope
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,  # tile: pixels x channels
+):
+    pid_p = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    s_dz = tl.zeros((BLOCK_C,), ACC)
+    s_dzx = tl.zeros((BLOCK_C,), ACC)
+    for s in range(0, SPLIT):  # fixed order: deterministic
+        row = ws_ptr + s * 2 * C + offs_c
+        s_dz += tl.load(row, mask=c_ok, other=0.0)
+        s_dzx += tl.load(row + C, mask=c_ok, other=0.0)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask = (offs_p < NP)[:, None] & c_ok[None, :]
+    ptr, xhat, z, gamma = _bn_load_z(y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, offs_p, offs_c, C,
+                                     HW, syn, syc, shw, mask, HAS_W, HAS_B, ACC)
+    dz = tl.load(g_ptr + ptr, mask=mask, other=0.0).to(ACC) * _act_grad_from_z(z, ACT, slope)
+    invstd = tl.load(invstd_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)
+    k = gamma * invstd
+    m = NP * 1.0
+    dx = k[None, :] * (dz - (s_dz / m)[None, :] - xhat * (s_dzx / m)[None, :])
+    tl.store(dy_ptr + ptr, dx.to(dy_ptr.dtype.element_ty), mask=mask)
+    if pid_p == 0:
+        if HAS_W:
+            tl.store(dw_ptr + offs_c, s_dzx.to(dw_ptr.dtype.element_ty), mask=c_ok)
+        if HAS_B:
+            tl.store(db_ptr + offs_c, s_dz.to(db_ptr.dtype.element_ty), mask=c_ok)
+
+
+def _pixel_view(y: torch.Tensor):
+    """(batch stride, channel stride, pixel stride) of a dense NCHW or channels_last tensor."""
+    N, C, H, W = y.shape
+    if H > 1 and y.stride(2) != W * y.stride(3):
+        raise ValueError("bn_act_given_stats: y must be contiguous or channels_last")
+    return y.stride(0), y.stride(1), y.stride(3)
+
+
+_BN_TILE = (32, 16) if _INTERPRET else (128, 32)
+
+
+def bn_act_given_stats_fwd(y, mean, invstd, weight, bias, activation: int, negative_slope: float):
+    """act(weight * (y - mean) * invstd + bias) in one pass (y read once, written once)."""
+    N, C, H, W = y.shape
+    out = torch.empty_like(y)
+    if y.numel() == 0:
+        return out
+    syn, syc, shw = _pixel_view(y)
+    bp, bc = _BN_TILE
+    _bn_apply_kernel[(triton.cdiv(N * H * W, bp), triton.cdiv(C, bc))](
+        y, out, mean, invstd, weight if weight is not None else mean, bias if bias is not None else mean,
+        N * H * W, C, H * W, syn, syc, shw, float(negative_slope),
+        HAS_W=weight is not None, HAS_B=bias is not None, ACT=activation, ACC=_acc(y.dtype),
+        BLOCK_P=bp, BLOCK_C=bc)
+    return out
+
+
+def bn_act_given_stats_bwd(grad_out, y, mean, invstd, weight, bias, activation: int,
+                           negative_slope: float):
+    """(grad_y, grad_weight, grad_bias) of the training-mode BatchNorm + activation above (the
+    statistics are functions of y). grad_out must have y's strides."""
+    N, C, H, W = y.shape
+    NP = N * H * W
+    syn, syc, shw = _pixel_view(y)
+    if grad_out.stride() != y.stride():
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last if syc == 1 and C > 1
+                                       else torch.contiguous_format)
+        if grad_out.stride() != y.stride():
+            raise ValueError("bn_act_given_stats: grad_out and y must share a layout")
+    bp, bc = _BN_TILE
+    acc_t = torch.float64 if y.dtype == torch.float64 else torch.float32
+    split = max(1, min(triton.cdiv(NP, bp), 2 if _INTERPRET else 256))
+    p_split = triton.cdiv(triton.cdiv(NP, split), bp) * bp
+    split = triton.cdiv(NP, p_split)
+    ws = torch.empty((split, 2, C), device=y.device, dtype=acc_t)
+    common = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=activation, ACC=_acc(y.dtype),
+                  BLOCK_P=bp, BLOCK_C=bc)
+    wd = weight if weight is not None else mean
+    bd = bias if bias is not None else mean
+    _bn_bwd_reduce_kernel[(split, triton.cdiv(C, bc))](
+        grad_out, y, ws, mean, invstd, wd, bd, NP, C, H * W, p_split, syn, syc, shw,
+        float(negative_slope), **common)
+    dy = torch.empty_like(y)
+    dw = torch.empty((C,), device=y.device, dtype=weight.dtype) if weight is not None else None
+    db = torch.empty((C,), device=y.device, dtype=bias.dtype) if bias is not None else None
+    _bn_bwd_dx_kernel[(triton.cdiv(NP, bp), triton.cdiv(C, bc))](
+        grad_out, y, dy, ws, dw if dw is not None else ws, db if db is not None else ws,
+        mean, invstd, wd, bd, NP, C, H * W, split, syn, syc, shw, float(negative_slope), **common)
+    return dy, dw, db

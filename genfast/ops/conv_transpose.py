@@ -329,23 +329,29 @@ class BNActGivenStats(torch.autograd.Function):
     """Training-mode BatchNorm + activation of y whose batch statistics (mean, biased var) the
     conv forward's epilogue already computed, so y is read once (normalise) instead of twice.
     The backward is BatchNorm's training backward (the statistics are functions of y).
-    With use_cpp (CPU tensors, activation identity/relu/leaky_relu) both directions run the C++
-    split-pass ops genfast::batch_norm_act_apply / _bwd_reduce / _bwd_dx (csrc/cpu/batchnorm_act.cpp);
-    otherwise the reference formulas (genfast/reference/batchnorm_act.py). create_graph=True
-    differentiates the reference forward instead."""
+    `kernel` picks the passes: "cpp" (CPU tensors, activation identity/relu/leaky_relu) runs the
+    C++ split-pass ops genfast::batch_norm_act_apply / _bwd_reduce / _bwd_dx
+    (csrc/cpu/batchnorm_act.cpp); "triton" the kernels in genfast/kernels/conv_transpose.py (one
+    pass forward; a split partial reduction then one pass backward); "reference" the formulas of
+    genfast/reference/batchnorm_act.py. create_graph=True differentiates the reference forward.
+    Called from torch.compile'd code these run eagerly inside the traced autograd.Function."""
 
     @staticmethod
-    def forward(ctx, y, mean, var, weight, bias, eps, activation, slope, use_cpp):
+    def forward(ctx, y, mean, var, weight, bias, eps, activation, slope, kernel):
         from genfast.reference import batchnorm_act as bnref
         from genfast.reference.activation import act_forward
 
         acc = bnref.acc_dtype(y.dtype)
         invstd = torch.rsqrt(var.to(acc) + eps)
         ctx.save_for_backward(y, weight, bias, mean, invstd)
-        ctx.cfg = (eps, activation, slope, use_cpp)
-        if use_cpp:
+        ctx.cfg = (eps, activation, slope, kernel)
+        if kernel == "cpp":
             return torch.ops.genfast.batch_norm_act_apply(y, mean, invstd, weight, bias,
                                                           B.ACTIVATIONS[activation], slope, 0.0)
+        if kernel == "triton":
+            from genfast.kernels import conv_transpose as K
+
+            return K.bn_act_given_stats_fwd(y, mean, invstd, weight, bias, B.ACTIVATIONS[activation], slope)
         shape = (1, -1, 1, 1)
         z = (y.to(acc) - mean.to(acc).view(shape)) * invstd.view(shape)
         if weight is not None:
@@ -359,13 +365,18 @@ class BNActGivenStats(torch.autograd.Function):
         from genfast.reference import batchnorm_act as bnref
 
         y, weight, bias, mean, invstd = ctx.saved_tensors
-        eps, activation, slope, use_cpp = ctx.cfg
+        eps, activation, slope, kernel = ctx.cfg
         if torch.is_grad_enabled():
             wrt = [t for t in (y, weight, bias) if t is not None and t.requires_grad]
             out = bnref.batch_norm_act(y, None, None, weight, bias, True, 0.0, eps, activation, slope)
             grads = iter(torch.autograd.grad(out, wrt, grad_out, create_graph=True))
             dy, dw, db = (next(grads) if t is not None and t.requires_grad else None for t in (y, weight, bias))
-        elif use_cpp:
+        elif kernel == "triton":
+            from genfast.kernels import conv_transpose as K
+
+            dy, dw, db = K.bn_act_given_stats_bwd(grad_out, y, mean, invstd, weight, bias,
+                                                  B.ACTIVATIONS[activation], slope)
+        elif kernel == "cpp":
             code = B.ACTIVATIONS[activation]
             sum_dz, sum_dzx = torch.ops.genfast.batch_norm_act_bwd_reduce(
                 grad_out, y, weight, bias, mean, invstd, code, slope, 0.0, False)
@@ -407,6 +418,11 @@ def conv_transpose_bn_act_train(input, weight, bias, stride, padding, output_pad
             running_mean.copy_((1 - momentum) * running_mean + momentum * mean.to(running_mean.dtype))
             running_var.copy_((1 - momentum) * running_var
                               + momentum * (var * (n / max(n - 1, 1))).to(running_var.dtype))
-    use_cpp = name == "cpu" and activation in ("identity", "relu", "leaky_relu")
+    if name == "triton":
+        kernel = "triton"
+    elif name == "cpu" and activation in ("identity", "relu", "leaky_relu"):
+        kernel = "cpp"
+    else:
+        kernel = "reference"
     return BNActGivenStats.apply(y, mean, var, bn_weight, bn_bias, float(eps), activation,
-                                 float(negative_slope), use_cpp)
+                                 float(negative_slope), kernel)
