@@ -4,14 +4,15 @@
 // (ph + pad - t * dil) divisible by stride, from input row ih = j + (ph + pad - t * dil) / stride
 // (likewise for columns), so each (group, phase) is a dense matrix product with no zero
 // insertion and no wasted tap:
-//   A (M x K) = x gathered for the phase's taps (M = N * rows * cols of the phase,
-//               K = C_in/groups * taps_h * taps_w), in the accumulation type
+//   At (K x M) = x gathered for the phase's taps (M = N * rows * cols of the phase,
+//                K = C_in/groups * taps_h * taps_w), in the accumulation type; pixel-major rows
+//                so that the gather reads and writes contiguous runs (NCHW)
 //   B (K x C_out/groups) = the phase's weight taps
-//   C = A @ B (at::mm, ATen's GEMM), then our own epilogue: bias, activation, store into the
+//   Ct = B^T @ At (at::mm, ATen's GEMM), then our own epilogue: bias, activation, store into the
 //   phase's strided output pixels, and optionally per-channel Welford statistics of the output.
 // Every tap belongs to exactly one phase, so the backward is the exact transpose per phase:
-//   dC = dy * act'(y) gathered (act' from the saved output), grad_bias = column sums of dC,
-//   dA = dC @ B^T scattered (added) into grad_input, dB = A^T @ dC scattered into grad_weight.
+//   dCt = dy * act'(y) gathered (act' from the saved output), grad_bias = row sums of dCt,
+//   dAt = B @ dCt scattered (added) into grad_input, dB = At @ dCt^T stored into grad_weight.
 // Deterministic: every loop has a fixed order or writes disjoint outputs; the result does not
 // depend on the thread count.
 //
@@ -72,27 +73,33 @@ Phase make_phase(const Geometry& g, int64_t ph, int64_t pw) {
   return P;
 }
 
-constexpr int64_t kRowGrain = 64;  // GEMM rows per parallel chunk in gathers and epilogues
+constexpr int64_t kRowBlock = 4096;  // pixels per parallel task in epilogues (and per statistics block)
 
-// A[m, (ci * nth + a) * ntw + b] = x[n, grp * CIG + ci, j + off_a, k + off_b] (0 outside).
+// At[(ci * nth + a) * ntw + b, m] = x[n, grp * CIG + ci, j + off_a, k + off_b] (0 outside),
+// m = (n * Hph + j) * Wph + k.
 template <typename scalar_t, typename acc_t>
-void gather_x(const at::Tensor& x, const Geometry& g, const Phase& P, int64_t grp, acc_t* A) {
+void gather_x(const at::Tensor& x, const Geometry& g, const Phase& P, int64_t grp, acc_t* At) {
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
-  const int64_t nth = P.th.size(), ntw = P.tw.size(), K = P.K;
-  at::parallel_for(0, P.M, kRowGrain, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      const int64_t n = m / (P.Hph * P.Wph), r = m % (P.Hph * P.Wph), j = r / P.Wph, k = r % P.Wph;
-      acc_t* row = A + m * K;
-      for (int64_t a = 0; a < nth; ++a) {
-        const int64_t ih = j + P.th[a].second;
-        for (int64_t b = 0; b < ntw; ++b) {
-          const int64_t iw = k + P.tw[b].second;
-          const bool ok = ih >= 0 && ih < g.Hin && iw >= 0 && iw < g.Win;
-          const scalar_t* src = xp + n * sn + (grp * g.CIG) * sc + ih * sh + iw * sw;
-          acc_t* dst = row + a * ntw + b;
-          for (int64_t ci = 0; ci < g.CIG; ++ci)
-            dst[ci * nth * ntw] = ok ? static_cast<acc_t>(src[ci * sc]) : acc_t(0);
+  const int64_t nth = P.th.size(), ntw = P.tw.size();
+  at::parallel_for(0, P.K, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t kk = k0; kk < k1; ++kk) {
+      const int64_t ci = kk / (nth * ntw), a = (kk / ntw) % nth, b = kk % ntw;
+      const int64_t oa = P.th[a].second, ob = P.tw[b].second;
+      acc_t* row = At + kk * P.M;
+      for (int64_t n = 0; n < g.N; ++n) {
+        const scalar_t* plane = xp + n * sn + (grp * g.CIG + ci) * sc;
+        for (int64_t j = 0; j < P.Hph; ++j) {
+          acc_t* dst = row + (n * P.Hph + j) * P.Wph;
+          const int64_t ih = j + oa;
+          if (ih < 0 || ih >= g.Hin) {
+            for (int64_t k = 0; k < P.Wph; ++k) dst[k] = acc_t(0);
+            continue;
+          }
+          for (int64_t k = 0; k < P.Wph; ++k) {
+            const int64_t iw = k + ob;
+            dst[k] = (iw >= 0 && iw < g.Win) ? static_cast<acc_t>(plane[ih * sh + iw * sw]) : acc_t(0);
+          }
         }
       }
     }
@@ -105,13 +112,17 @@ void gather_w(const at::Tensor& w, const Geometry& g, const Phase& P, int64_t gr
   const scalar_t* wp = w.data_ptr<scalar_t>();
   const int64_t si = w.stride(0), so = w.stride(1), sh = w.stride(2), sw = w.stride(3);
   const int64_t nth = P.th.size(), ntw = P.tw.size();
-  for (int64_t ci = 0; ci < g.CIG; ++ci)
-    for (int64_t a = 0; a < nth; ++a)
-      for (int64_t b = 0; b < ntw; ++b) {
-        acc_t* dst = Bm + ((ci * nth + a) * ntw + b) * g.COG;
-        const scalar_t* src = wp + (grp * g.CIG + ci) * si + P.th[a].first * sh + P.tw[b].first * sw;
-        for (int64_t co = 0; co < g.COG; ++co) dst[co] = static_cast<acc_t>(src[co * so]);
+  // per input channel: read w[ci] (contiguous for a contiguous weight), write its nth * ntw rows
+  at::parallel_for(0, g.CIG, 16, [&](int64_t c0, int64_t c1) {
+    for (int64_t ci = c0; ci < c1; ++ci)
+      for (int64_t co = 0; co < g.COG; ++co) {
+        const scalar_t* src = wp + (grp * g.CIG + ci) * si + co * so;
+        for (int64_t a = 0; a < nth; ++a)
+          for (int64_t b = 0; b < ntw; ++b)
+            Bm[((ci * nth + a) * ntw + b) * g.COG + co] =
+                static_cast<acc_t>(src[P.th[a].first * sh + P.tw[b].first * sw]);
       }
+  });
 }
 
 at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -141,54 +152,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, con
       for (int64_t pw = 0; pw < g.SW; ++pw) {
         const Phase P = make_phase(g, ph, pw);
         if (P.M == 0) continue;
-        at::Tensor C;
+        at::Tensor Ct;  // (C_out/groups, M)
         if (P.K > 0) {
-          at::Tensor A = at::empty({P.M, P.K}, acc_opts);
+          at::Tensor At = at::empty({P.K, P.M}, acc_opts);
           at::Tensor Bm = at::empty({P.K, g.COG}, acc_opts);
-          gather_x<scalar_t, acc_t>(x, g, P, grp, A.data_ptr<acc_t>());
+          gather_x<scalar_t, acc_t>(x, g, P, grp, At.data_ptr<acc_t>());
           gather_w<scalar_t, acc_t>(w, g, P, grp, Bm.data_ptr<acc_t>());
-          C = at::mm(A, Bm);
+          Ct = at::mm(Bm.t(), At);
         } else {
-          C = at::zeros({P.M, g.COG}, acc_opts);  // a phase no tap reaches: bias only
+          Ct = at::zeros({g.COG, P.M}, acc_opts);  // a phase no tap reaches: bias only
         }
-        acc_t* cp = C.data_ptr<acc_t>();
-        const int64_t nblocks = (P.M + kRowGrain - 1) / kRowGrain;
-        std::vector<Welford<acc_t>> part(stats ? nblocks * g.COG : 0);
-        at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-          for (int64_t blk = b0; blk < b1; ++blk) {
-            const int64_t lo = blk * kRowGrain, hi = std::min(P.M, lo + kRowGrain);
+        acc_t* cp = Ct.data_ptr<acc_t>();
+        // epilogue tasks: (output channel, block of kRowBlock pixels); statistics per task
+        const int64_t nblk = (P.M + kRowBlock - 1) / kRowBlock;
+        std::vector<Welford<acc_t>> part(stats ? g.COG * nblk : 0);
+        at::parallel_for(0, g.COG * nblk, 1, [&](int64_t t0, int64_t t1) {
+          for (int64_t t = t0; t < t1; ++t) {
+            const int64_t co = t / nblk, lo = (t % nblk) * kRowBlock, hi = std::min(P.M, lo + kRowBlock);
+            acc_t* row = cp + co * P.M;
+            const acc_t bv = bvec[grp * g.COG + co];
+            scalar_t* ych = yp + (grp * g.COG + co) * yc;
+            int64_t n = lo / (P.Hph * P.Wph), r = lo % (P.Hph * P.Wph), j = r / P.Wph, k = r % P.Wph;
             for (int64_t m = lo; m < hi; ++m) {
-              const int64_t n = m / (P.Hph * P.Wph), r = m % (P.Hph * P.Wph);
-              const int64_t oh = ph + g.SH * (r / P.Wph), ow = pw + g.SW * (r % P.Wph);
-              scalar_t* dst = yp + n * yn + (grp * g.COG) * yc + oh * yh + ow * yw;
-              acc_t* row = cp + m * g.COG;
-              for (int64_t co = 0; co < g.COG; ++co) {
-                const scalar_t v = static_cast<scalar_t>(act_forward<acc_t>(row[co] + bvec[grp * g.COG + co], act, slope));
-                dst[co * yc] = v;
-                row[co] = static_cast<acc_t>(v);  // kept for the statistics of the stored output
+              const scalar_t v = static_cast<scalar_t>(act_forward<acc_t>(row[m] + bv, act, slope));
+              ych[n * yn + (ph + g.SH * j) * yh + (pw + g.SW * k) * yw] = v;
+              row[m] = static_cast<acc_t>(v);  // kept for the statistics of the stored output
+              if (++k == P.Wph) {
+                k = 0;
+                if (++j == P.Hph) {
+                  j = 0;
+                  ++n;
+                }
               }
             }
             if (stats) {
-              // per channel: block mean, then squared deviations (the block is still in cache)
+              // block mean, then squared deviations (the block is still in cache)
               const acc_t cnt = acc_t(hi - lo);
-              for (int64_t co = 0; co < g.COG; ++co) {
-                acc_t s = 0;
-                for (int64_t m = lo; m < hi; ++m) s += cp[m * g.COG + co];
-                const acc_t mean = s / cnt;
-                acc_t q = 0;
-                for (int64_t m = lo; m < hi; ++m) {
-                  const acc_t d = cp[m * g.COG + co] - mean;
-                  q += d * d;
-                }
-                part[blk * g.COG + co] = Welford<acc_t>{cnt, mean, q};
-              }
+              acc_t sum = 0;
+              for (int64_t m = lo; m < hi; ++m) sum += row[m];
+              const acc_t mean = sum / cnt;
+              acc_t q = 0;
+              for (int64_t m = lo; m < hi; ++m) q += (row[m] - mean) * (row[m] - mean);
+              part[t] = Welford<acc_t>{cnt, mean, q};
             }
           }
         });
         if (stats)
-          for (int64_t blk = 0; blk < nblocks; ++blk)
-            for (int64_t co = 0; co < g.COG; ++co)
-              total[grp * g.COG + co] = welford_merge(total[grp * g.COG + co], part[blk * g.COG + co]);
+          for (int64_t co = 0; co < g.COG; ++co)
+            for (int64_t b = 0; b < nblk; ++b)
+              total[grp * g.COG + co] = welford_merge(total[grp * g.COG + co], part[co * nblk + b]);
       }
     }
   }
@@ -211,7 +223,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy, co
   using acc_t = at::opmath_type<scalar_t>;
   const auto acc_opts = x.options().dtype(acc_type_of(x.scalar_type()));
   const acc_t slope = static_cast<acc_t>(slope_d);
-  const bool need_w = need_weight || has_bias;
   // grad_input accumulates in a contiguous buffer of the accumulation type, then is stored
   // once into dx (x's memory format) by our own loop.
   at::Tensor dx_acc = need_input ? at::zeros({g.N, g.Cin, g.Hin, g.Win}, acc_opts) : at::Tensor();
@@ -227,64 +238,77 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy, co
       for (int64_t pw = 0; pw < g.SW; ++pw) {
         const Phase P = make_phase(g, ph, pw);
         if (P.M == 0) continue;
-        // dC = dy * act'(y) of the phase's pixels
-        at::Tensor dC = at::empty({P.M, g.COG}, acc_opts);
-        acc_t* dcp = dC.data_ptr<acc_t>();
-        at::parallel_for(0, P.M, kRowGrain, [&](int64_t m0, int64_t m1) {
-          for (int64_t m = m0; m < m1; ++m) {
-            const int64_t n = m / (P.Hph * P.Wph), r = m % (P.Hph * P.Wph);
-            const int64_t oh = ph + g.SH * (r / P.Wph), ow = pw + g.SW * (r % P.Wph);
-            const scalar_t* d = dyp + n * dn + (grp * g.COG) * dc + oh * dh + ow * dwst;
-            const scalar_t* yy = yp + n * yn + (grp * g.COG) * yc + oh * yh + ow * yw;
-            if (act == kIdentity) {
-              for (int64_t co = 0; co < g.COG; ++co) dcp[m * g.COG + co] = static_cast<acc_t>(d[co * dc]);
-            } else {
-              for (int64_t co = 0; co < g.COG; ++co)
-                dcp[m * g.COG + co] = static_cast<acc_t>(d[co * dc]) *
-                                      act_grad_from_output<acc_t>(static_cast<acc_t>(yy[co * yc]), act, slope);
+        // dCt[co, m] = dy * act'(y) at the phase's pixels
+        at::Tensor dCt = at::empty({g.COG, P.M}, acc_opts);
+        acc_t* dcp = dCt.data_ptr<acc_t>();
+        const int64_t nblk = (P.M + kRowBlock - 1) / kRowBlock;
+        at::parallel_for(0, g.COG * nblk, 1, [&](int64_t t0, int64_t t1) {
+          for (int64_t t = t0; t < t1; ++t) {
+            const int64_t co = t / nblk, lo = (t % nblk) * kRowBlock, hi = std::min(P.M, lo + kRowBlock);
+            acc_t* row = dcp + co * P.M;
+            const scalar_t* dch = dyp + (grp * g.COG + co) * dc;
+            const scalar_t* ych = yp + (grp * g.COG + co) * yc;
+            int64_t n = lo / (P.Hph * P.Wph), r = lo % (P.Hph * P.Wph), j = r / P.Wph, k = r % P.Wph;
+            for (int64_t m = lo; m < hi; ++m) {
+              const int64_t oh = ph + g.SH * j, ow = pw + g.SW * k;
+              acc_t d = static_cast<acc_t>(dch[n * dn + oh * dh + ow * dwst]);
+              if (act != kIdentity)
+                d *= act_grad_from_output<acc_t>(static_cast<acc_t>(ych[n * yn + oh * yh + ow * yw]), act, slope);
+              row[m] = d;
+              if (++k == P.Wph) {
+                k = 0;
+                if (++j == P.Hph) {
+                  j = 0;
+                  ++n;
+                }
+              }
             }
           }
         });
         if (has_bias) {
           at::parallel_for(0, g.COG, 1, [&](int64_t c0, int64_t c1) {
             for (int64_t co = c0; co < c1; ++co) {
-              acc_t s = 0;
-              for (int64_t m = 0; m < P.M; ++m) s += dcp[m * g.COG + co];
-              db[grp * g.COG + co] += s;
+              acc_t sum = 0;
+              const acc_t* row = dcp + co * P.M;
+              for (int64_t m = 0; m < P.M; ++m) sum += row[m];
+              db[grp * g.COG + co] += sum;
             }
           });
         }
-        if (P.K == 0 || !(need_input || need_w)) continue;
+        if (P.K == 0 || !(need_input || need_weight)) continue;
         at::Tensor Bm = at::empty({P.K, g.COG}, acc_opts);
         gather_w<scalar_t, acc_t>(w, g, P, grp, Bm.data_ptr<acc_t>());
         const int64_t nth = P.th.size(), ntw = P.tw.size();
         if (need_input) {
-          at::Tensor dA = at::mm(dC, Bm.t());
-          const acc_t* dap = dA.data_ptr<acc_t>();
+          at::Tensor dAt = at::mm(Bm, dCt);  // (K, M)
+          const acc_t* dap = dAt.data_ptr<acc_t>();
           acc_t* dxp = dx_acc.data_ptr<acc_t>();
-          // rows of one image only touch that image: parallel over the batch is race-free
-          at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
-            for (int64_t n = n0; n < n1; ++n)
-              for (int64_t r = 0; r < P.Hph * P.Wph; ++r) {
-                const int64_t m = n * P.Hph * P.Wph + r, j = r / P.Wph, k = r % P.Wph;
-                const acc_t* row = dap + m * P.K;
-                for (int64_t a = 0; a < nth; ++a) {
-                  const int64_t ih = j + P.th[a].second;
-                  if (ih < 0 || ih >= g.Hin) continue;
-                  for (int64_t b = 0; b < ntw; ++b) {
-                    const int64_t iw = k + P.tw[b].second;
-                    if (iw < 0 || iw >= g.Win) continue;
-                    acc_t* dst = dxp + ((n * g.Cin + grp * g.CIG) * g.Hin + ih) * g.Win + iw;
-                    for (int64_t ci = 0; ci < g.CIG; ++ci) dst[ci * g.Hin * g.Win] += row[(ci * nth + a) * ntw + b];
+          // rows of one input channel only touch that channel's planes: parallel over channels
+          at::parallel_for(0, g.CIG, 1, [&](int64_t c0, int64_t c1) {
+            for (int64_t ci = c0; ci < c1; ++ci)
+              for (int64_t a = 0; a < nth; ++a)
+                for (int64_t b = 0; b < ntw; ++b) {
+                  const acc_t* row = dap + ((ci * nth + a) * ntw + b) * P.M;
+                  const int64_t oa = P.th[a].second, ob = P.tw[b].second;
+                  for (int64_t n = 0; n < g.N; ++n) {
+                    acc_t* plane = dxp + (n * g.Cin + grp * g.CIG + ci) * g.Hin * g.Win;
+                    for (int64_t j = 0; j < P.Hph; ++j) {
+                      const int64_t ih = j + oa;
+                      if (ih < 0 || ih >= g.Hin) continue;
+                      const acc_t* src = row + (n * P.Hph + j) * P.Wph;
+                      for (int64_t k = 0; k < P.Wph; ++k) {
+                        const int64_t iw = k + ob;
+                        if (iw >= 0 && iw < g.Win) plane[ih * g.Win + iw] += src[k];
+                      }
+                    }
                   }
                 }
-              }
           });
         }
         if (need_weight) {
-          at::Tensor A = at::empty({P.M, P.K}, acc_opts);
-          gather_x<scalar_t, acc_t>(x, g, P, grp, A.data_ptr<acc_t>());
-          at::Tensor dB = at::mm(A.t(), dC);
+          at::Tensor At = at::empty({P.K, P.M}, acc_opts);
+          gather_x<scalar_t, acc_t>(x, g, P, grp, At.data_ptr<acc_t>());
+          at::Tensor dB = at::mm(At, dCt.t());  // (K, C_out/groups)
           const acc_t* dbp = dB.data_ptr<acc_t>();
           acc_t* dwp = dw_acc.data_ptr<acc_t>();
           // each tap belongs to exactly one phase: plain stores
