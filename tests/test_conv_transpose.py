@@ -352,10 +352,12 @@ def test_statistics_epilogue(be):
     torch.manual_seed(5)
     for cfg in (FIXED["dcgan_k4s2p1"], FIXED["groups_dilation_nonsquare"]):
         x, w, b = make(cfg, torch.float64)
+        w.requires_grad_()
         geo = (list(cfg["stride"]), list(cfg["padding"]), list(cfg["output_padding"]), cfg["groups"],
                list(cfg["dilation"]))
         y, mean, var = torch.ops.genfast.conv_transpose2d_stats(
             x, w, b, *geo, genfast.backend.ACTIVATIONS[cfg["activation"]], 0.2, be)
+        assert not mean.requires_grad and not var.requires_grad
         mean_ref, var_ref = ref.batch_stats_partials(y)
         assert_close(mean, mean_ref, torch.float64)
         assert_close(var, var_ref, torch.float64)

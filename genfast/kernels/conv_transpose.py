@@ -24,6 +24,11 @@ Backward (3 launches):
       the extra programs of the last grid rows sum dz per output channel (grad_bias) per chunk.
   _split_sum_kernel: sums the SPLIT partials in a fixed order and writes grad_weight and
       grad_bias in their dtype. Results do not depend on scheduling: deterministic.
+
+ConvTransposeBNAct2d (training) normalises the conv output with the statistics from the forward
+epilogue: _bn_apply_kernel (1 read of y, 1 write), and backward _bn_bwd_reduce_kernel (split
+partial sums, 1 read of dout and y) + _bn_bwd_dx_kernel (fixed-order sum of the partials, 1 more
+read of dout and y, 1 write).
 """
 from __future__ import annotations
 

@@ -157,6 +157,10 @@ def _setup_context(ctx, inputs, output):
     (input, weight, bias, stride, padding, output_padding, groups, dilation, activation,
      negative_slope, backend) = inputs
     y = output[0] if isinstance(output, tuple) else output
+    if isinstance(output, tuple):
+        # the statistics are inputs to a following BatchNorm whose backward differentiates
+        # through them itself (BNActGivenStats): no gradient flows back through them here
+        ctx.mark_non_differentiable(output[1], output[2])
     ctx.save_for_backward(input, weight, bias, y)
     ctx.cfg = (list(stride), list(padding), list(output_padding), groups, list(dilation),
                activation, negative_slope, backend)
@@ -189,8 +193,7 @@ def _backward_plain(ctx, grad_out):
 
 
 def _backward_stats(ctx, grad_out, grad_mean, grad_var):
-    # mean and var are statistics for a following BatchNorm whose own backward differentiates
-    # through them (see genfast/ops/conv_transpose.py: bn_given_stats): they carry no gradient.
+    # mean and var are marked non-differentiable in _setup_context
     return _backward_formula(ctx, grad_out)
 
 
