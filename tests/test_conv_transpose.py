@@ -427,6 +427,18 @@ def test_conv_bn_act_block_channels_last_no_affine_no_running_stats(be):
             assert_close(a, b, torch.float64, msg=mode)
 
 
+@pytest.mark.parametrize("be", ["cpu", "triton"])
+def test_conv_bn_act_block_gradcheck_and_double_backward(be):
+    torch.manual_seed(9)
+    block = gnn.ConvTransposeBNAct2d(2, 2, 3, 2, 1, track_running_stats=False, dtype=torch.float64,
+                                     activation="leaky_relu", negative_slope=0.2)
+    x = torch.randn(2, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    with backend(be):
+        assert torch.autograd.gradcheck(block, (x,), fast_mode=be == "triton")
+        if be == "cpu":
+            assert torch.autograd.gradgradcheck(block, (x,))
+
+
 # --- GPU (run by benchmarks/gpu_suite.sh) --------------------------------------------------------
 
 DCGAN_LAYERS = [(100, 512, 1, 4, 1, 0, "relu"), (512, 256, 4, 4, 2, 1, "relu"),

@@ -33,7 +33,6 @@ read of dout and y, 1 write).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
