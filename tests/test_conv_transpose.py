@@ -149,14 +149,21 @@ def test_unbatched_noncontiguous_and_empty_batch(be):
     w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
     b = torch.randn(3, dtype=torch.float64)
     x = torch.randn(4, 5, 4, dtype=torch.float64)
+    wt = torch.randn(4, 3, 3, 3, dtype=torch.float64).transpose(2, 3)  # non-contiguous weight
+    xt = torch.randn(2, 4, 4, 5, dtype=torch.float64).transpose(2, 3)  # non-contiguous input
     with backend(be):
         y = GF.conv_transpose2d(x, w, b, 2, 1, 1, activation="relu")
-        xt = torch.randn(2, 4, 4, 5, dtype=torch.float64).transpose(2, 3)  # non-contiguous view
-        yt = GF.conv_transpose2d(xt, w, b, 2, 1)
-        ye = GF.conv_transpose2d(torch.randn(0, 4, 3, 3, dtype=torch.float64), w, b, 2, 1)
+        yt = GF.conv_transpose2d(xt, wt, b, 2, 1)
+        xe = torch.randn(0, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+        we = w.clone().requires_grad_()
+        be_ = b.clone().requires_grad_()
+        ye = GF.conv_transpose2d(xe, we, be_, 2, 1, activation="tanh")
+        ge = torch.autograd.grad(ye.sum(), (xe, we, be_))
     assert_close(y, F.relu(F.conv_transpose2d(x, w, b, 2, 1, 1)), torch.float64)
-    assert_close(yt, F.conv_transpose2d(xt, w, b, 2, 1), torch.float64)
-    assert ye.shape == F.conv_transpose2d(torch.randn(0, 4, 3, 3, dtype=torch.float64), w, b, 2, 1).shape
+    assert_close(yt, F.conv_transpose2d(xt, wt, b, 2, 1), torch.float64)
+    assert ye.shape == (0, 3, 5, 5)
+    assert ge[0].shape == xe.shape and torch.equal(ge[1], torch.zeros_like(w))
+    assert torch.equal(ge[2], torch.zeros_like(b))
 
 
 @pytest.mark.parametrize("be", ["cpu", "triton"])
