@@ -2,11 +2,34 @@
 torch are present (GENFAST_FORCE_CUDA=1 forces them, GENFAST_NO_CUDA=1 skips them)."""
 import glob
 import os
+import shutil
 
 from setuptools import find_packages, setup
-from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _is_toolkit(home):
+    return bool(home) and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))
+
+
+def _set_cuda_home():
+    """torch guesses CUDA_HOME from the nvcc on PATH; when that nvcc is a wrapper script (as in
+    /usr/local/bin/nvcc -> /usr/local/cuda-13.0/bin/nvcc) the guess is a directory without the
+    toolkit's headers. Unless the user set CUDA_HOME/CUDA_PATH, point it at a real toolkit.
+    Runs before torch.utils.cpp_extension is imported (it reads the variable at import)."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc and _is_toolkit(os.path.dirname(os.path.dirname(nvcc))):
+        return
+    if _is_toolkit("/usr/local/cuda"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
+_set_cuda_home()
+
+from torch.utils import cpp_extension  # noqa: E402
 
 
 def _flag(name):
@@ -20,7 +43,7 @@ def _want_cuda():
         return True
     import torch
 
-    return cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
+    return _is_toolkit(cpp_extension.CUDA_HOME) and torch.version.cuda is not None
 
 
 def _extension():

@@ -26,7 +26,7 @@ def _gan_factory(name, device, width):
 
 
 def _variants_gan(make, batch, device):
-    variants, extra = {}, {}
+    variants = {}
     _, _, nz, shape = make()
     real = torch.randn((batch,) + shape, device=device).clamp(-1, 1)
     z = torch.randn(batch, nz, device=device)
@@ -41,19 +41,10 @@ def _variants_gan(make, batch, device):
         t = demo.GANTrainer(G, D, nz, plain=not convert)
 
         def step(t=t):
-            fake = t.G(z)
-            t.opt_d.zero_grad(set_to_none=True)
-            d_loss = t.d_loss(t.D(real), t.D(fake.detach()))
-            d_loss.backward()
-            t.opt_d.step()
-            t.opt_g.zero_grad(set_to_none=True)
-            g_loss = t.g_loss(t.D(fake))
-            g_loss.backward()
-            t.opt_g.step()
-            return torch.stack([d_loss.detach(), g_loss.detach()])
+            return torch.stack(t.step(real, z))
 
         variants[label] = step
-    return variants, extra
+    return variants
 
 
 def _variants_vae(batch, device):
@@ -96,7 +87,7 @@ def run(device: torch.device, quick: bool) -> list[dict]:
         gan_cases = [("keras_dcgan28", 64)]
         vae_batches = [64]
     for name, batch in gan_cases:
-        variants, _ = _variants_gan(_gan_factory(name, device, 64), batch, device)
+        variants = _variants_gan(_gan_factory(name, device, 64), batch, device)
         for fn in variants.values():
             fn()  # compile / warm up before the memory reading
         extra = {k: _peak_memory(fn, device) for k, fn in variants.items()}

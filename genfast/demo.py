@@ -51,9 +51,11 @@ class GANTrainer:
         self.opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.5, 0.999))
         self.opt_d = torch.optim.Adam(D.parameters(), lr=lr, betas=(0.5, 0.999))
 
-    def step(self, real):
-        """One discriminator step and one generator step; returns (d_loss, g_loss)."""
-        z = torch.randn(real.shape[0], self.nz, device=real.device)
+    def step(self, real, z=None):
+        """One discriminator step and one generator step on `real` (noise `z`, drawn when None);
+        returns (d_loss, g_loss)."""
+        if z is None:
+            z = torch.randn(real.shape[0], self.nz, device=real.device)
         fake = self.G(z)
         self.opt_d.zero_grad(set_to_none=True)
         d_loss = self.d_loss(self.D(real), self.D(fake.detach()))

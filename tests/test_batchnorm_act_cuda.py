@@ -1,0 +1,341 @@
+"""The cuda backend of batch_norm_act (csrc/cuda/batchnorm_act.cu) against the float64
+reference, on a GPU. Every test is marked gpu: skipped on a machine without one, run by
+benchmarks/gpu_suite.sh with GENFAST_TEST_DEVICE=cuda.
+
+Shapes are chosen to reach every kernel path: split reductions (few channels, many elements
+per channel) and the single-launch path (many channels or tiny inputs), both layouts, 16-byte
+vector accesses and the scalar fallback (odd inner sizes, misaligned pointers)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import genfast.functional as GF
+import genfast.nn as gnn
+from genfast.ops.batchnorm_act import GAMMA_FLOOR
+from tests.utils import assert_close, assert_error_not_worse, backend
+
+pytestmark = pytest.mark.gpu
+
+# DCGAN discriminator/generator BatchNorm shapes (batch reduced where the size adds nothing)
+# plus shapes for the other kernel paths.
+SHAPES = [
+    (32, 64, 32, 32),    # few channels, many elements: split reductions (NCL and NLC)
+    (128, 256, 8, 8),    # many channels: single launch in NCL
+    (128, 512, 4, 4),    # single launch, NLC split over rows
+    (64, 128, 16, 16),
+    (3, 5, 7, 9),        # odd sizes: scalar (non-vector) path
+    (2, 3, 1, 1),        # tiny
+    (1024, 16, 1, 3),    # tiny rows, many of them
+]
+SHAPES_3D = [(16, 24, 100), (64, 33, 7), (512, 8, 1)]
+SHAPES_2D = [(256, 40), (3, 7)]
+LAYOUTS = ["ncl", "nlc"]
+ACTS = [("leaky_relu", 0.2), ("relu", 0.0), ("identity", 0.0), ("leaky_relu", 0.01)]
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "ncl":
+        return x.contiguous()
+    if layout == "nlc":
+        if x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        if x.dim() == 3:
+            return x.transpose(1, 2).contiguous().transpose(1, 2)
+        return x.contiguous()
+    if layout == "strided":  # neither layout: the kernel works on a contiguous copy
+        big = torch.empty(x.shape[:-1] + (2 * x.shape[-1],), dtype=x.dtype, device=x.device)
+        view = big[..., ::2]
+        view.copy_(x)
+        return view
+    if layout == "misaligned":  # contiguous, but 2 bytes off a 16-byte boundary
+        flat = torch.empty(x.numel() + 8, dtype=x.dtype, device=x.device)
+        view = flat[1:1 + x.numel()].view(x.shape)
+        view.copy_(x)
+        return view
+    raise ValueError(layout)
+
+
+def _inputs(shape, dtype, device, layout="ncl", affine=True, param_dtype=None, running=True):
+    C = shape[1]
+    pdt = param_dtype or dtype
+    x = _layout(torch.randn(shape, dtype=torch.float64, device=device).mul_(1.7).add_(0.3).to(dtype), layout)
+    dy = _layout(torch.randn(shape, dtype=torch.float64, device=device).to(dtype), layout)
+    w = (torch.rand(C, dtype=torch.float64, device=device) * 1.5 + 0.25).to(pdt) if affine else None
+    if w is not None:
+        w[0] = -w[0]  # a negative gamma
+    b = (torch.randn(C, dtype=torch.float64, device=device) * 0.5).to(pdt) if affine else None
+    rm = (torch.randn(C, dtype=torch.float64, device=device) * 0.1).to(pdt) if running else None
+    rv = (torch.rand(C, dtype=torch.float64, device=device) + 0.5).to(pdt) if running else None
+    return x, dy, w, b, rm, rv
+
+
+def _run(name, x, dy, w, b, rm, rv, training, act, slope, memory_efficient=False, momentum=0.1,
+         eps=1e-5, to=None):
+    """Forward + backward through GF.batch_norm_act on backend `name`; inputs cast to `to`
+    (e.g. float64 for the reference). Returns (y, dx, dw, db, rm, rv) with the running buffers
+    after the call."""
+    def cast(t):
+        if t is None:
+            return None
+        return t.detach().clone().to(to) if to is not None else t.detach().clone()
+
+    xx, ww, bb, rmm, rvv, dd = (cast(t) for t in (x, w, b, rm, rv, dy))
+    if to is not None and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        xx = xx.contiguous(memory_format=torch.channels_last)
+    xx.requires_grad_(True)
+    params = [t for t in (ww, bb) if t is not None]
+    for p in params:
+        p.requires_grad_(True)
+    with backend(name):
+        y = GF.batch_norm_act(xx, rmm, rvv, ww, bb, training, momentum, eps, activation=act,
+                              negative_slope=slope, memory_efficient=memory_efficient)
+    grads = torch.autograd.grad(y, [xx] + params, dd)
+    dx = grads[0]
+    dw = grads[1] if ww is not None else None
+    db = grads[2] if bb is not None else None
+    return y.detach(), dx, dw, db, rmm, rvv
+
+
+def _compare(got, exp, dtype, what):
+    for name, g, e in zip(("y", "dx", "dw", "db", "running_mean", "running_var"), got, exp):
+        if g is None:
+            assert e is None, f"{what}: {name} missing"
+            continue
+        assert_close(g, e, dtype=dtype, msg=f"{what}: {name}")
+
+
+@pytest.mark.parametrize("shape", SHAPES + SHAPES_3D + SHAPES_2D)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("training", [True, False])
+def test_float64_matches_reference(cuda_device, shape, layout, training):
+    for act, slope in ACTS:
+        x, dy, w, b, rm, rv = _inputs(shape, torch.float64, cuda_device, layout)
+        got = _run("cuda", x, dy, w, b, rm, rv, training, act, slope)
+        exp = _run("reference", x, dy, w, b, rm, rv, training, act, slope)
+        _compare(got, exp, torch.float64, f"{shape} {layout} {act} training={training}")
+        assert got[0].stride() == x.stride(), "output must keep the input's memory format"
+        assert got[1].stride() == x.stride(), "grad_input must keep the input's memory format"
+
+
+@pytest.mark.parametrize("shape", SHAPES + SHAPES_3D)
+@pytest.mark.parametrize("layout", LAYOUTS + ["strided", "misaligned"])
+@pytest.mark.parametrize("training", [True, False])
+def test_float32_matches_float64_reference(cuda_device, shape, layout, training):
+    act, slope = "leaky_relu", 0.2
+    x, dy, w, b, rm, rv = _inputs(shape, torch.float32, cuda_device, layout)
+    got = _run("cuda", x, dy, w, b, rm, rv, training, act, slope)
+    exp = _run("reference", x, dy, w, b, rm, rv, training, act, slope, to=torch.float64)
+    _compare(got, exp, torch.float32, f"{shape} {layout} training={training}")
+
+
+@pytest.mark.parametrize("shape", [(128, 64, 32, 32), (128, 256, 8, 8), (128, 512, 4, 4), (5, 6, 7, 3)])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("param_dtype", ["same", torch.float32])
+def test_low_precision_error_not_worse_than_pytorch(cuda_device, shape, layout, dtype, param_dtype):
+    """float16/bfloat16 (with parameters and running statistics in the input dtype or in
+    float32): error against float64 at most twice PyTorch's own error in that dtype."""
+    pdt = dtype if param_dtype == "same" else param_dtype
+    act, slope = "leaky_relu", 0.2
+    x, dy, w, b, rm, rv = _inputs(shape, dtype, cuda_device, layout, param_dtype=pdt)
+    got = _run("cuda", x, dy, w, b, rm, rv, True, act, slope)
+    exact = _run("reference", x, dy, w, b, rm, rv, True, act, slope, to=torch.float64)
+    # PyTorch in the low precision dtype.
+    xx = x.detach().clone().requires_grad_(True)
+    ww = w.detach().clone().requires_grad_(True)
+    bb = b.detach().clone().requires_grad_(True)
+    rmm, rvv = rm.clone(), rv.clone()
+    yt = F.leaky_relu(F.batch_norm(xx, rmm, rvv, ww, bb, True, 0.1, 1e-5), slope)
+    dxt, dwt, dbt = torch.autograd.grad(yt, [xx, ww, bb], dy)
+    torch_res = (yt.detach(), dxt, dwt, dbt, rmm, rvv)
+    names = ("y", "dx", "dw", "db", "running_mean", "running_var")
+    for name, g, t, e in zip(names, got, torch_res, exact):
+        # One rounding step of the stored dtype is the least any implementation can do.
+        ulp = torch.finfo(g.dtype).eps * e.abs().max().item()
+        assert_error_not_worse(g, t, e, factor=2.0, floor=ulp, msg=f"{shape} {layout} {dtype} {name}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("act,slope", [("leaky_relu", 0.2), ("identity", 0.0)])
+@pytest.mark.parametrize("shape", [(32, 64, 32, 32), (128, 512, 4, 4), (16, 24, 100), (3, 5, 7, 9)])
+def test_memory_efficient(cuda_device, layout, act, slope, shape):
+    x, dy, w, b, rm, rv = _inputs(shape, torch.float64, cuda_device, layout)
+    w[1] = 1e-5  # below GAMMA_FLOOR: clamped in the forward, recovered in the backward
+    assert GAMMA_FLOOR > 1e-5
+    for training in (True, False):
+        got = _run("cuda", x, dy, w, b, rm, rv, training, act, slope, memory_efficient=True)
+        exp = _run("reference", x, dy, w, b, rm, rv, training, act, slope, memory_efficient=True)
+        _compare(got, exp, torch.float64, f"memory_efficient {shape} {layout} training={training}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_no_affine_no_running_stats(cuda_device, layout):
+    shape = (32, 64, 16, 16)
+    x, dy, w, b, rm, rv = _inputs(shape, torch.float64, cuda_device, layout, affine=False, running=False)
+    got = _run("cuda", x, dy, w, b, rm, rv, True, "relu", 0.0)
+    exp = _run("reference", x, dy, w, b, rm, rv, True, "relu", 0.0)
+    _compare(got, exp, torch.float64, "affine=False, no running stats")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_grad_output_in_other_layout(cuda_device, layout):
+    shape = (16, 64, 8, 8)
+    x, dy, w, b, rm, rv = _inputs(shape, torch.float64, cuda_device, layout)
+    other = "ncl" if layout == "nlc" else "nlc"
+    dy = _layout(dy, other)
+    got = _run("cuda", x, dy, w, b, rm, rv, True, "leaky_relu", 0.2)
+    exp = _run("reference", x, dy, w, b, rm, rv, True, "leaky_relu", 0.2)
+    _compare(got, exp, torch.float64, "grad_output layout differs from input")
+    assert got[1].stride() == x.stride()
+
+
+def test_large_mean_offset_is_stable(cuda_device):
+    """Welford statistics: a large common offset does not cancel the variance in float32."""
+    shape = (64, 8, 64, 64)
+    x64 = torch.randn(shape, dtype=torch.float64, device=cuda_device) + 1e4
+    for layout in LAYOUTS:
+        x = _layout(x64.float(), layout)
+        with backend("cuda"):
+            _, mean, invstd = torch.ops.genfast.batch_norm_act_fwd(
+                x, None, None, None, None, True, 0.1, 1e-5, 0, 0.0, 0.0)
+        var = x.double().var(dim=(0, 2, 3), unbiased=False)
+        # float32 holds values near 1e4 to 2**-10: a few of those steps for the mean; the
+        # variance (about 1) within 0.1%, where sum / sum-of-squares would be off by O(1).
+        torch.testing.assert_close(mean.double(), x.double().mean(dim=(0, 2, 3)), atol=4 * 2.0**-10, rtol=0)
+        torch.testing.assert_close(invstd.double(), torch.rsqrt(var + 1e-5), atol=0, rtol=1e-3)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(128, 64, 32, 32), (128, 512, 4, 4)])
+def test_deterministic(cuda_device, layout, shape):
+    x, dy, w, b, rm, rv = _inputs(shape, torch.float32, cuda_device, layout)
+    first = _run("cuda", x, dy, w, b, rm, rv, True, "leaky_relu", 0.2)
+    for _ in range(3):
+        again = _run("cuda", x, dy, w, b, rm, rv, True, "leaky_relu", 0.2)
+        for a, c in zip(first, again):
+            assert torch.equal(a, c), "results must not depend on block timing"
+
+
+def test_matches_cpu_backend(cuda_device):
+    """The CUDA and CPU kernels share csrc/common: same results in float64."""
+    for layout in LAYOUTS:
+        x, dy, w, b, rm, rv = _inputs((8, 16, 12, 10), torch.float64, cuda_device, layout)
+        got = _run("cuda", x, dy, w, b, rm, rv, True, "leaky_relu", 0.2)
+        cpu = [t.cpu() if t is not None else None for t in (x, dy, w, b, rm, rv)]
+        exp = _run("cpu", *cpu, True, "leaky_relu", 0.2)
+        _compare([t.cpu() for t in got], exp, torch.float64, f"cuda vs cpu {layout}")
+
+
+def test_empty_batch_eval(cuda_device):
+    x, dy, w, b, rm, rv = _inputs((0, 6, 4, 4), torch.float32, cuda_device)
+    got = _run("cuda", x, dy, w, b, rm, rv, False, "leaky_relu", 0.2)
+    exp = _run("reference", x, dy, w, b, rm, rv, False, "leaky_relu", 0.2)
+    assert got[0].shape == x.shape
+    assert torch.equal(got[2], torch.zeros_like(w)) and torch.equal(got[3], torch.zeros_like(b))
+    _compare(got, exp, torch.float32, "empty batch, eval")
+
+
+def test_empty_batch_training_leaves_running_stats(cuda_device):
+    """As nn.BatchNorm2d: an empty training batch leaves the running statistics unchanged
+    (finish_stats in csrc/common) and gives zero weight/bias gradients."""
+    for layout in LAYOUTS:
+        x, dy, w, b, rm, rv = _inputs((0, 6, 4, 4), torch.float32, cuda_device, layout)
+        y, dx, dw, db, rm_after, rv_after = _run("cuda", x, dy, w, b, rm, rv, True, "leaky_relu", 0.2)
+        assert y.shape == x.shape and dx.shape == x.shape
+        assert torch.equal(rm_after, rm) and torch.equal(rv_after, rv)
+        assert torch.equal(dw, torch.zeros_like(w)) and torch.equal(db, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_module_against_torch(cuda_device, layout):
+    """BatchNormAct2d (cuda backend) == nn.BatchNorm2d + LeakyReLU in float64, over several
+    steps with momentum=None (cumulative average) and num_batches_tracked, then eval."""
+    torch.manual_seed(0)
+    m = gnn.BatchNormAct2d(32, momentum=None, activation="leaky_relu", negative_slope=0.2).to(cuda_device).double()
+    ref_bn = torch.nn.BatchNorm2d(32, momentum=None).to(cuda_device).double()
+    ref_bn.load_state_dict(m.state_dict())
+    with backend("cuda"):
+        for step in range(3):
+            x = _layout(torch.randn(16, 32, 9, 9, dtype=torch.float64, device=cuda_device), layout)
+            x1 = x.clone().requires_grad_(True)
+            x2 = x.clone().requires_grad_(True)
+            y1 = m(x1)
+            y2 = F.leaky_relu(ref_bn(x2), 0.2)
+            g = torch.randn_like(y1)
+            y1.backward(g)
+            y2.backward(g)
+            assert_close(y1, y2, msg=f"step {step} y")
+            assert_close(x1.grad, x2.grad, msg=f"step {step} dx")
+            assert_close(m.weight.grad, ref_bn.weight.grad, msg=f"step {step} dw")
+            assert_close(m.bias.grad, ref_bn.bias.grad, msg=f"step {step} db")
+        for k in ("running_mean", "running_var", "num_batches_tracked"):
+            assert_close(getattr(m, k).double(), getattr(ref_bn, k).double(), dtype=torch.float64, msg=k)
+        m.eval()
+        ref_bn.eval()
+        x = torch.randn(4, 32, 5, 5, dtype=torch.float64, device=cuda_device)
+        assert_close(m(x), F.leaky_relu(ref_bn(x), 0.2), msg="eval")
+
+
+def test_side_stream_and_graph_capture(cuda_device):
+    """The split reductions' arrival counters: on a side stream, and inside a captured CUDA
+    graph replayed several times, results equal the default-stream eager ones."""
+    shape = (64, 16, 32, 32)  # few channels: split reductions
+    x, dy, w, b, rm, rv = _inputs(shape, torch.float32, cuda_device)
+    eager = _run("cuda", x, dy, w, b, rm, rv, True, "leaky_relu", 0.2)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side = _run("cuda", x, dy, w, b, rm, rv, True, "leaky_relu", 0.2)
+    torch.cuda.current_stream().wait_stream(side)
+    for a, c in zip(eager, on_side):
+        assert torch.equal(a, c)
+
+    static_x = x.clone()
+    rmg, rvg = rm.clone(), rv.clone()
+    with backend("cuda"):
+        # Warm up on a side stream, as torch.cuda.graphs recommends.
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            torch.ops.genfast.batch_norm_act_fwd(static_x, w, b, rmg.clone(), rvg.clone(), True, 0.1, 1e-5, 2, 0.2, 0.0)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_g, mean_g, invstd_g = torch.ops.genfast.batch_norm_act_fwd(
+                static_x, w, b, rmg, rvg, True, 0.1, 1e-5, 2, 0.2, 0.0)
+            dx_g, dw_g, db_g = torch.ops.genfast.batch_norm_act_bwd(
+                dy, static_x, w, b, mean_g, invstd_g, True, 2, 0.2, 0.0, False)
+        for _ in range(3):
+            rmg.copy_(rm)
+            rvg.copy_(rv)
+            graph.replay()
+            # Eager launches between replays share nothing with the graph.
+            _run("cuda", x, dy, w, b, rm, rv, True, "leaky_relu", 0.2)
+        torch.cuda.synchronize()
+    for name, g, e in zip(("y", "dx", "dw", "db", "running_mean", "running_var"),
+                          (y_g, dx_g, dw_g, db_g, rmg, rvg), eager):
+        assert torch.equal(g, e), name
+
+
+def test_opcheck(cuda_device):
+    for layout in LAYOUTS:
+        x, dy, w, b, rm, rv = _inputs((4, 8, 5, 6), torch.float32, cuda_device, layout)
+        torch.library.opcheck(torch.ops.genfast.batch_norm_act_fwd,
+                              (x, w, b, rm, rv, True, 0.1, 1e-5, 2, 0.2, 0.0))
+        torch.library.opcheck(torch.ops.genfast.batch_norm_act_fwd,
+                              (x, w, b, rm, rv, False, 0.1, 1e-5, 1, 0.0, 0.0))
+        y, mean, invstd = torch.ops.genfast.batch_norm_act_fwd(x, w, b, rm, rv, True, 0.1, 1e-5, 2, 0.2, 0.0)
+        torch.library.opcheck(torch.ops.genfast.batch_norm_act_bwd,
+                              (dy, x, w, b, mean, invstd, True, 2, 0.2, 0.0, False))
+
+
+def test_errors_before_any_write(cuda_device):
+    x, dy, w, b, rm, rv = _inputs((4, 8, 5, 6), torch.float32, cuda_device)
+    rm0, rv0 = rm.clone(), rv.clone()
+    with pytest.raises(RuntimeError, match="weight"):
+        torch.ops.genfast.batch_norm_act_fwd(x, w.cpu(), b, rm, rv, True, 0.1, 1e-5, 2, 0.2, 0.0)
+    with pytest.raises(RuntimeError, match="running_var"):
+        torch.ops.genfast.batch_norm_act_fwd(x, w, b, rm, rv.int(), True, 0.1, 1e-5, 2, 0.2, 0.0)
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)

@@ -1,0 +1,27 @@
+"""A shortened `python -m genfast.demo` run (both models): it trains, writes its two PNGs and
+prints the timing line."""
+import pytest
+
+from genfast import demo
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("model", ["dcgan", "vae"])
+def test_short_demo_writes_pngs(tmp_path, capsys, model):
+    rc = demo.main(["--model", model, "--steps", "3", "--batch", "8", "--width", "16",
+                    "--timing-steps", "1", "--no-progress", "--out", str(tmp_path), "--device", "cpu"])
+    assert rc == 0
+    for name in (f"{model}_loss.png", f"{model}_samples.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
+    out = capsys.readouterr().out
+    assert "time per training step" in out and "genfast" in out
+
+
+def test_digits_data_is_upscaled_and_in_range():
+    import torch
+
+    data = demo.load_digits_28(torch.device("cpu"))
+    assert data.shape == (1797, 1, 28, 28)
+    assert float(data.min()) >= 0.0 and float(data.max()) <= 1.0 and float(data.std()) > 0.1
