@@ -96,10 +96,18 @@ void gather_x(const at::Tensor& x, const Geometry& g, const Phase& P, int64_t gr
             for (int64_t k = 0; k < P.Wph; ++k) dst[k] = acc_t(0);
             continue;
           }
-          for (int64_t k = 0; k < P.Wph; ++k) {
-            const int64_t iw = k + ob;
-            dst[k] = (iw >= 0 && iw < g.Win) ? static_cast<acc_t>(plane[ih * sh + iw * sw]) : acc_t(0);
+          // valid k: 0 <= k + ob < Win; zeros outside, a strided copy inside
+          const int64_t k_lo = std::min(P.Wph, std::max<int64_t>(0, -ob));
+          const int64_t k_hi = std::max(k_lo, std::min(P.Wph, g.Win - ob));
+          for (int64_t k = 0; k < k_lo; ++k) dst[k] = acc_t(0);
+          const scalar_t* src = plane + ih * sh + ob * sw;
+          if (sw == 1) {
+#pragma omp simd
+            for (int64_t k = k_lo; k < k_hi; ++k) dst[k] = static_cast<acc_t>(src[k]);
+          } else {
+            for (int64_t k = k_lo; k < k_hi; ++k) dst[k] = static_cast<acc_t>(src[k * sw]);
           }
+          for (int64_t k = k_hi; k < P.Wph; ++k) dst[k] = acc_t(0);
         }
       }
     }
@@ -146,21 +154,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, con
   scalar_t* yp = y.data_ptr<scalar_t>();
   const int64_t yn = y.stride(0), yc = y.stride(1), yh = y.stride(2), yw = y.stride(3);
   std::vector<Welford<acc_t>> total(stats ? g.Cout : 0, welford_init<acc_t>());
+  // one set of work buffers for every phase (sized for the largest), not one allocation each
+  int64_t max_km = 0, max_m = 0, max_k = 0;
+  for (int64_t ph = 0; ph < g.SH; ++ph)
+    for (int64_t pw = 0; pw < g.SW; ++pw) {
+      const Phase P = make_phase(g, ph, pw);
+      max_km = std::max(max_km, P.K * P.M);
+      max_m = std::max(max_m, P.M);
+      max_k = std::max(max_k, P.K);
+    }
+  at::Tensor at_buf = at::empty({max_km}, acc_opts);
+  at::Tensor bm_buf = at::empty({max_k * g.COG}, acc_opts);
+  at::Tensor ct_buf = at::empty({g.COG * max_m}, acc_opts);
 
   for (int64_t grp = 0; grp < g.G; ++grp) {
     for (int64_t ph = 0; ph < g.SH; ++ph) {
       for (int64_t pw = 0; pw < g.SW; ++pw) {
         const Phase P = make_phase(g, ph, pw);
         if (P.M == 0) continue;
-        at::Tensor Ct;  // (C_out/groups, M)
+        at::Tensor Ct = ct_buf.narrow(0, 0, g.COG * P.M).view({g.COG, P.M});  // (C_out/groups, M)
         if (P.K > 0) {
-          at::Tensor At = at::empty({P.K, P.M}, acc_opts);
-          at::Tensor Bm = at::empty({P.K, g.COG}, acc_opts);
+          at::Tensor At = at_buf.narrow(0, 0, P.K * P.M).view({P.K, P.M});
+          at::Tensor Bm = bm_buf.narrow(0, 0, P.K * g.COG).view({P.K, g.COG});
           gather_x<scalar_t, acc_t>(x, g, P, grp, At.data_ptr<acc_t>());
           gather_w<scalar_t, acc_t>(w, g, P, grp, Bm.data_ptr<acc_t>());
-          Ct = at::mm(Bm.t(), At);
+          at::mm_out(Ct, Bm.t(), At);
         } else {
-          Ct = at::zeros({g.COG, P.M}, acc_opts);  // a phase no tap reaches: bias only
+          acc_t* c = Ct.data_ptr<acc_t>();  // a phase no tap reaches: bias only
+          std::fill(c, c + g.COG * P.M, acc_t(0));
         }
         acc_t* cp = Ct.data_ptr<acc_t>();
         // epilogue tasks: (output channel, block of kRowBlock pixels); statistics per task
