@@ -254,13 +254,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy, co
   const int64_t dn = dy.stride(0), dc = dy.stride(1), dh = dy.stride(2), dwst = dy.stride(3);
   const int64_t yn = y.stride(0), yc = y.stride(1), yh = y.stride(2), yw = y.stride(3);
 
+  // one set of work buffers for every phase (sized for the largest)
+  int64_t max_km = 0, max_m = 0, max_k = 0;
+  for (int64_t ph = 0; ph < g.SH; ++ph)
+    for (int64_t pw = 0; pw < g.SW; ++pw) {
+      const Phase P = make_phase(g, ph, pw);
+      max_km = std::max(max_km, P.K * P.M);
+      max_m = std::max(max_m, P.M);
+      max_k = std::max(max_k, P.K);
+    }
+  at::Tensor dct_buf = at::empty({g.COG * max_m}, acc_opts);
+  at::Tensor km_buf = at::empty({max_km}, acc_opts);  // At, then dAt
+  at::Tensor bm_buf = at::empty({max_k * g.COG}, acc_opts);
+  at::Tensor db_buf = at::empty({max_k * g.COG}, acc_opts);
   for (int64_t grp = 0; grp < g.G; ++grp) {
     for (int64_t ph = 0; ph < g.SH; ++ph) {
       for (int64_t pw = 0; pw < g.SW; ++pw) {
         const Phase P = make_phase(g, ph, pw);
         if (P.M == 0) continue;
         // dCt[co, m] = dy * act'(y) at the phase's pixels
-        at::Tensor dCt = at::empty({g.COG, P.M}, acc_opts);
+        at::Tensor dCt = dct_buf.narrow(0, 0, g.COG * P.M).view({g.COG, P.M});
         acc_t* dcp = dCt.data_ptr<acc_t>();
         const int64_t nblk = (P.M + kRowBlock - 1) / kRowBlock;
         at::parallel_for(0, g.COG * nblk, 1, [&](int64_t t0, int64_t t1) {
@@ -297,11 +310,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy, co
           });
         }
         if (P.K == 0 || !(need_input || need_weight)) continue;
-        at::Tensor Bm = at::empty({P.K, g.COG}, acc_opts);
+        at::Tensor Bm = bm_buf.narrow(0, 0, P.K * g.COG).view({P.K, g.COG});
         gather_w<scalar_t, acc_t>(w, g, P, grp, Bm.data_ptr<acc_t>());
+        at::Tensor KM = km_buf.narrow(0, 0, P.K * P.M).view({P.K, P.M});
         const int64_t nth = P.th.size(), ntw = P.tw.size();
         if (need_input) {
-          at::Tensor dAt = at::mm(Bm, dCt);  // (K, M)
+          at::Tensor dAt = at::mm_out(KM, Bm, dCt);  // (K, M)
           const acc_t* dap = dAt.data_ptr<acc_t>();
           acc_t* dxp = dx_acc.data_ptr<acc_t>();
           // rows of one input channel only touch that channel's planes: parallel over channels
@@ -327,9 +341,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy, co
           });
         }
         if (need_weight) {
-          at::Tensor At = at::empty({P.K, P.M}, acc_opts);
+          at::Tensor At = KM;  // dAt is no longer needed
           gather_x<scalar_t, acc_t>(x, g, P, grp, At.data_ptr<acc_t>());
-          at::Tensor dB = at::mm(At, dCt.t());  // (K, C_out/groups)
+          at::Tensor dB = db_buf.narrow(0, 0, P.K * g.COG).view({P.K, g.COG});
+          at::mm_out(dB, At, dCt.t());  // (K, C_out/groups)
           const acc_t* dbp = dB.data_ptr<acc_t>();
           acc_t* dwp = dw_acc.data_ptr<acc_t>();
           // each tap belongs to exactly one phase: plain stores
