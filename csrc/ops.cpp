@@ -17,6 +17,20 @@ TORCH_LIBRARY(genfast, m) {
       "batch_norm_act_bwd(Tensor grad_out, Tensor saved, Tensor? weight, Tensor? bias, "
       "Tensor save_mean, Tensor save_invstd, bool training, int activation, "
       "float negative_slope, float gamma_floor, bool saved_is_output) -> (Tensor, Tensor, Tensor)");
+  // Transposed convolution + bias + activation (genfast/ops/conv_transpose.py). input (N, C_in,
+  // H, W), weight (C_in, C_out/groups, KH, KW). Returns (out, mean, var): with stats, the
+  // per-channel mean and biased variance of out (float32; float64 for float64) for a following
+  // BatchNorm, else two empty tensors.
+  m.def(
+      "conv_transpose2d_fwd(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+      "int[2] output_padding, int groups, int[2] dilation, int activation, float negative_slope, "
+      "bool stats) -> (Tensor, Tensor, Tensor)");
+  // Backward from the saved input and output (act' from the output). Returns (grad_input,
+  // grad_weight, grad_bias); each is an empty (0,) tensor when not requested.
+  m.def(
+      "conv_transpose2d_bwd(Tensor grad_out, Tensor input, Tensor weight, Tensor output, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, int activation, float negative_slope, bool need_input, "
+      "bool need_weight, bool has_bias) -> (Tensor, Tensor, Tensor)");
   // The two passes of each direction as separate ops, for SyncBatchNormAct (a collective sits
   // between them). stats -> (mean, M2) per channel (Welford; float32, float64 for float64 input).
   m.def("batch_norm_act_stats(Tensor input) -> (Tensor, Tensor)");

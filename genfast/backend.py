@@ -24,10 +24,15 @@ ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 
 AUTO_CUDA = {
     "batchnorm_act": "triton",
     "losses": "triton",
+    # No CUDA C++ kernel for this family: the "cuda" backend runs the Triton kernels too.
+    "conv_transpose": "triton",
 }
 
 # Backends with kernels for each family; a family not listed has all four.
-FAMILY_BACKENDS: dict[str, tuple[str, ...]] = {}
+FAMILY_BACKENDS: dict[str, tuple[str, ...]] = {
+    # conv_transpose has no CUDA C++ kernel: the "cuda" setting runs its Triton kernels.
+    "conv_transpose": ("auto", "triton", "cpu", "reference"),
+}
 
 _state = threading.local()
 _warned: set[str] = set()

@@ -6,6 +6,7 @@ from typing import Optional
 from torch import Tensor
 
 from genfast.ops import batchnorm_act as _bn
+from genfast.ops import conv_transpose as _ct
 
 
 def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -151,3 +152,29 @@ def gradient_penalty(critic, real: Tensor, fake: Tensor) -> Tensor:
     (grad,) = torch.autograd.grad(out.sum(), x_hat, create_graph=True)
     norm = grad.reshape(n, -1).norm(2, dim=1)
     return ((norm - 1) ** 2).mean()
+
+
+def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1,
+                     padding=0, output_padding=0, groups: int = 1, dilation=1, *,
+                     activation: Optional[str] = None, negative_slope: float = 0.01) -> Tensor:
+    """Fused ``activation(F.conv_transpose2d(input, weight, bias, ...))``; arguments as
+    ``F.conv_transpose2d``.
+
+    Args:
+        input: (N, C_in, H_in, W_in) or unbatched (C_in, H_in, W_in); float16/bfloat16/float32/
+            float64, contiguous or channels_last (any strides are read without a copy).
+        weight: (C_in, C_out / groups, kH, kW), the input's dtype.
+        bias: (C_out,) or None.
+        stride, padding, output_padding, dilation: int or (h, w) pair; defaults 1, 0, 0, 1.
+            output_padding must be smaller than stride or dilation in each dimension.
+        groups: int, default 1; divides C_in and C_out.
+        activation: None (identity, default), "relu", "leaky_relu", "tanh" or "sigmoid",
+            applied with the bias in the epilogue.
+        negative_slope: leaky_relu slope for negative inputs (default 0.01, must be >= 0).
+
+    Returns:
+        (N, C_out, H_out, W_out) (unbatched: without N), H_out = (H_in - 1) * stride - 2 *
+        padding + dilation * (kH - 1) + output_padding + 1; channels_last when input is.
+    """
+    return _ct.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups,
+                                dilation, activation, negative_slope)

@@ -1,0 +1,514 @@
+"""conv_transpose family: gnn.ConvTranspose2d / GF.conv_transpose2d on the reference, cpu and
+triton (interpreter) backends against F.conv_transpose2d + activation in float64/float32."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import genfast
+import genfast.functional as GF
+import genfast.nn as gnn
+from genfast.reference import conv_transpose as ref
+from genfast.reference.activation import act_forward
+from tests.utils import CPU_BACKENDS, assert_close, backend
+
+ACTS = ["identity", "relu", "leaky_relu", "tanh", "sigmoid"]
+TORCH_ACT = {"identity": nn.Identity(), "relu": nn.ReLU(), "leaky_relu": nn.LeakyReLU(0.2),
+             "tanh": nn.Tanh(), "sigmoid": nn.Sigmoid()}
+
+
+def random_config(rng: random.Random) -> dict:
+    groups = rng.choice([1, 1, 2, 3])
+    kh, kw = rng.randint(1, 5), rng.randint(1, 5)
+    sh, sw = rng.randint(1, 3), rng.randint(1, 3)
+    dh, dw = rng.choice([1, 1, 2]), rng.choice([1, 2, 3])
+    return dict(
+        N=rng.randint(1, 2), cin=groups * rng.randint(1, 3), cout=groups * rng.randint(1, 3),
+        H=rng.randint(1, 4), W=rng.randint(1, 4), kernel=(kh, kw), stride=(sh, sw),
+        padding=(rng.randint(0, dh * (kh - 1) // 2), rng.randint(0, dw * (kw - 1) // 2)),
+        output_padding=(rng.randint(0, max(sh, dh) - 1), rng.randint(0, max(sw, dw) - 1)),
+        groups=groups, dilation=(dh, dw), bias=rng.random() < 0.75, activation=rng.choice(ACTS),
+        channels_last=rng.random() < 0.3)
+
+
+def make(cfg, dtype):
+    x = torch.randn(cfg["N"], cfg["cin"], cfg["H"], cfg["W"], dtype=dtype)
+    if cfg.get("channels_last"):
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(cfg["cin"], cfg["cout"] // cfg["groups"], *cfg["kernel"], dtype=dtype) * 0.5
+    b = torch.randn(cfg["cout"], dtype=dtype) if cfg["bias"] else None
+    return x, w, b
+
+
+def expected(cfg, x, w, b, dy):
+    """float64 forward and (dx, dw, db) from F.conv_transpose2d + torch's activation."""
+    xs = x.detach().double().requires_grad_()
+    ws = w.detach().double().requires_grad_()
+    bs = b.detach().double().requires_grad_() if b is not None else None
+    z = F.conv_transpose2d(xs, ws, bs, cfg["stride"], cfg["padding"], cfg["output_padding"],
+                           cfg["groups"], cfg["dilation"])
+    y = TORCH_ACT[cfg["activation"]](z)
+    grads = torch.autograd.grad(y, [t for t in (xs, ws, bs) if t is not None], dy.double())
+    return y, grads
+
+
+def run_genfast(cfg, x, w, b, dy):
+    xs = x.detach().clone().requires_grad_()
+    ws = w.detach().clone().requires_grad_()
+    bs = b.detach().clone().requires_grad_() if b is not None else None
+    y = GF.conv_transpose2d(xs, ws, bs, cfg["stride"], cfg["padding"], cfg["output_padding"],
+                            cfg["groups"], cfg["dilation"], activation=cfg["activation"],
+                            negative_slope=0.2)
+    grads = torch.autograd.grad(y, [t for t in (xs, ws, bs) if t is not None], dy)
+    return y, grads
+
+
+def check(cfg, be, dtype):
+    x, w, b = make(cfg, dtype)
+    with backend(be):
+        y_shape = GF.conv_transpose2d(x, w, b, cfg["stride"], cfg["padding"], cfg["output_padding"],
+                                      cfg["groups"], cfg["dilation"]).shape
+        dy = torch.randn(y_shape, dtype=dtype)
+        y, grads = run_genfast(cfg, x, w, b, dy)
+    y_ref, grads_ref = expected(cfg, x, w, b, dy)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_close(y, y_ref, dtype, msg=f"{be} output {cfg}")
+    for name, g, gr in zip(("input", "weight", "bias"), grads, grads_ref):
+        assert_close(g, gr, dtype, msg=f"{be} grad {name} {cfg}", scale=4.0 if dtype == torch.float32 else 1.0)
+
+
+# --- reference against torch.nn --------------------------------------------------------------
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_reference_matches_torch_nn(activation):
+    m = nn.ConvTranspose2d(4, 6, (3, 5), stride=(2, 3), padding=(1, 2), output_padding=(1, 0),
+                           groups=2, dilation=(2, 1), dtype=torch.float64)
+    x = torch.randn(2, 4, 5, 3, dtype=torch.float64)
+    y = ref.conv_transpose2d(x, m.weight, m.bias, m.stride, m.padding, m.output_padding, m.groups,
+                             m.dilation, activation, 0.2)
+    torch.testing.assert_close(y, TORCH_ACT[activation](m(x)), atol=1e-12, rtol=1e-12)
+
+
+def test_phase_taps_partition_the_kernel():
+    for k, s, p, d in [(4, 2, 1, 1), (5, 2, 2, 1), (3, 3, 0, 2), (5, 3, 4, 2), (1, 4, 0, 1)]:
+        taps = sorted(t for ph in range(s) for t, _ in ref.phase_taps(ph, k, s, p, d))
+        assert taps == list(range(k))
+    # k4 s2 p1: two taps per phase; k5 s2 p2: uneven phases (3 and 2 taps)
+    assert [len(ref.phase_taps(ph, 4, 2, 1, 1)) for ph in range(2)] == [2, 2]
+    assert sorted(len(ref.phase_taps(ph, 5, 2, 2, 1)) for ph in range(2)) == [2, 3]
+
+
+# --- every backend against F.conv_transpose2d --------------------------------------------------
+
+FIXED = {
+    "dcgan_k4s2p1": dict(N=2, cin=3, cout=4, H=3, W=3, kernel=(4, 4), stride=(2, 2), padding=(1, 1),
+                         output_padding=(0, 0), groups=1, dilation=(1, 1), bias=True, activation="relu"),
+    "dcgan_first_k4s1p0": dict(N=2, cin=5, cout=4, H=1, W=1, kernel=(4, 4), stride=(1, 1),
+                               padding=(0, 0), output_padding=(0, 0), groups=1, dilation=(1, 1),
+                               bias=False, activation="leaky_relu"),
+    "keras_k5s2p2op1": dict(N=2, cin=3, cout=2, H=3, W=2, kernel=(5, 5), stride=(2, 2),
+                            padding=(2, 2), output_padding=(1, 1), groups=1, dilation=(1, 1),
+                            bias=True, activation="tanh", channels_last=True),
+    "groups_dilation_nonsquare": dict(N=1, cin=6, cout=3, H=2, W=4, kernel=(3, 2), stride=(3, 2),
+                                      padding=(1, 0), output_padding=(2, 1), groups=3,
+                                      dilation=(2, 3), bias=True, activation="sigmoid"),
+    "stride_gt_kernel": dict(N=2, cin=2, cout=3, H=2, W=2, kernel=(1, 2), stride=(3, 3),
+                             padding=(0, 0), output_padding=(2, 1), groups=1, dilation=(1, 1),
+                             bias=True, activation="identity"),
+}
+
+
+@pytest.mark.parametrize("be", CPU_BACKENDS)
+@pytest.mark.parametrize("name", sorted(FIXED))
+def test_fixed_configs_float64(be, name):
+    check(FIXED[name], be, torch.float64)
+
+
+@pytest.mark.parametrize("be", CPU_BACKENDS)
+def test_random_configs_float64(be):
+    rng = random.Random(20261123)
+    for _ in range(10):
+        check(random_config(rng), be, torch.float64)
+
+
+@pytest.mark.parametrize("be", ["cpu", "triton"])
+def test_random_configs_float32(be):
+    rng = random.Random(7)
+    for _ in range(4):
+        check(random_config(rng), be, torch.float32)
+
+
+@pytest.mark.parametrize("be", CPU_BACKENDS)
+def test_unbatched_noncontiguous_and_empty_batch(be):
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    b = torch.randn(3, dtype=torch.float64)
+    x = torch.randn(4, 5, 4, dtype=torch.float64)
+    wt = torch.randn(4, 3, 3, 3, dtype=torch.float64).transpose(2, 3)  # non-contiguous weight
+    xt = torch.randn(2, 4, 4, 5, dtype=torch.float64).transpose(2, 3)  # non-contiguous input
+    with backend(be):
+        y = GF.conv_transpose2d(x, w, b, 2, 1, 1, activation="relu")
+        yt = GF.conv_transpose2d(xt, wt, b, 2, 1)
+        xe = torch.randn(0, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+        we = w.clone().requires_grad_()
+        be_ = b.clone().requires_grad_()
+        ye = GF.conv_transpose2d(xe, we, be_, 2, 1, activation="tanh")
+        ge = torch.autograd.grad(ye.sum(), (xe, we, be_))
+    assert_close(y, F.relu(F.conv_transpose2d(x, w, b, 2, 1, 1)), torch.float64)
+    assert_close(yt, F.conv_transpose2d(xt, wt, b, 2, 1), torch.float64)
+    assert ye.shape == (0, 3, 5, 5)
+    assert ge[0].shape == xe.shape and torch.equal(ge[1], torch.zeros_like(w))
+    assert torch.equal(ge[2], torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("be", ["cpu", "triton"])
+def test_float16_error_not_worse_than_torch(be):
+    # bfloat16 matrix paths are tested on the GPU only (the interpreter's bf16 tl.dot is wrong)
+    from tests.utils import assert_error_not_worse
+
+    cfg = dict(FIXED["keras_k5s2p2op1"], cin=8, cout=6, H=4, W=4)
+    x, w, b = make(cfg, torch.float16)
+    dy = torch.randn(2, 6, 8, 8, dtype=torch.float16)
+    with backend(be):
+        y, g = run_genfast(cfg, x, w, b, dy)
+    y64, g64 = expected(cfg, x, w, b, dy)
+    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+    yl = torch.tanh(F.conv_transpose2d(xs, ws, bs, 2, 2, 1))
+    gl = torch.autograd.grad(yl, (xs, ws, bs), dy)
+    assert y.dtype == torch.float16
+    assert_error_not_worse(y, yl, y64, factor=2.0, floor=1e-3, msg="fp16 output")
+    for a, l, e in zip(g, gl, g64):
+        assert_error_not_worse(a, l, e, factor=2.0, floor=1e-3 * e.abs().max().item(), msg="fp16 grad")
+
+
+# --- the module ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("be", CPU_BACKENDS)
+def test_module_matches_nn_with_output_size(be):
+    torch.manual_seed(0)
+    kw = dict(stride=2, padding=1, groups=2, dilation=(1, 2))
+    m = gnn.ConvTranspose2d(4, 6, 3, **kw, dtype=torch.float64, activation="leaky_relu", negative_slope=0.2)
+    r = nn.ConvTranspose2d(4, 6, 3, **kw, dtype=torch.float64)
+    r.load_state_dict(m.state_dict())
+    assert list(m.state_dict()) == list(r.state_dict())
+    x = torch.randn(2, 4, 3, 4, dtype=torch.float64)
+    with backend(be):
+        for size in (None, (6, 9), (2, 3, 6, 9)):
+            y = m(x, output_size=size)
+            y_ref = F.leaky_relu(r(x, output_size=size), 0.2)
+            assert_close(y, y_ref, torch.float64, msg=f"output_size={size}")
+        y3 = m(x[0], output_size=[6, 9])
+        assert_close(y3, F.leaky_relu(r(x[0], output_size=[6, 9]), 0.2), torch.float64)
+        with pytest.raises(ValueError):
+            m(x, output_size=(20, 20))
+    assert "activation='leaky_relu'" in repr(m)
+
+
+def test_module_arguments_and_errors_match_torch():
+    for kwargs in (dict(padding_mode="reflect"), dict(groups=0), dict(groups=4)):
+        with pytest.raises(ValueError):
+            nn.ConvTranspose2d(4, 6, 3, **kwargs)
+        with pytest.raises(ValueError):
+            gnn.ConvTranspose2d(4, 6, 3, **kwargs)
+    with pytest.raises(ValueError):
+        gnn.ConvTranspose2d(4, 6, 3, activation="gelu")
+    with pytest.raises(ValueError):
+        gnn.ConvTranspose2d(4, 6, 3, activation="leaky_relu", negative_slope=-0.1)
+    m = gnn.ConvTranspose2d(4, 6, 3, bias=False)
+    assert isinstance(m, nn.ConvTranspose2d) and m.bias is None
+    assert set(m.state_dict()) == set(nn.ConvTranspose2d(4, 6, 3, bias=False).state_dict())
+    m.padding_mode = "circular"
+    with pytest.raises(ValueError):
+        m(torch.randn(1, 4, 3, 3))
+
+
+BAD = [
+    dict(stride=2, output_padding=2),
+    dict(stride=1, dilation=1, output_padding=1),
+    dict(groups=3),
+    dict(groups=0),
+    dict(stride=0),
+    dict(padding=-1),
+    dict(dilation=0),
+    dict(stride=(1, 2, 3)),
+    dict(padding=4),
+    dict(bias=torch.randn(4)),
+    dict(weight=torch.randn(5, 3, 3, 3)),
+    dict(weight=torch.randn(4, 3, 3, 3, dtype=torch.float64)),
+    dict(x=torch.randn(5, 5)),
+    dict(x=torch.randn(1, 2, 4, 5, 5)),
+]
+
+
+@pytest.mark.parametrize("i", range(len(BAD)))
+def test_invalid_arguments_raise_like_torch(i):
+    args = dict(x=torch.randn(2, 4, 5, 5), weight=torch.randn(4, 3, 3, 3), bias=None, stride=1,
+                padding=0, output_padding=0, groups=1, dilation=1)
+    args.update(BAD[i])
+    x, w = args.pop("x"), args.pop("weight")
+    with pytest.raises(Exception) as torch_exc:
+        F.conv_transpose2d(x, w, **args)
+    for be in CPU_BACKENDS:
+        with backend(be), pytest.raises(torch_exc.type):
+            GF.conv_transpose2d(x, w, **args)
+
+
+# --- registration, gradcheck, compile ---------------------------------------------------------
+
+@pytest.mark.parametrize("be", ["cpu", "triton"])
+def test_opcheck(be):
+    x = torch.randn(2, 4, 3, 2, dtype=torch.float64)
+    w = torch.randn(4, 3, 4, 3, dtype=torch.float64)
+    b = torch.randn(6, dtype=torch.float64)
+    geo = ([2, 1], [1, 1], [1, 0], 2, [1, 2])
+    act = genfast.backend.ACTIVATIONS["leaky_relu"]
+    ops = torch.ops.genfast
+    torch.library.opcheck(ops.conv_transpose2d.default, (x, w, b, *geo, act, 0.1, be))
+    torch.library.opcheck(ops.conv_transpose2d.default,
+                          (x.to(memory_format=torch.channels_last), w, None, *geo, 3, 0.0, be))
+    torch.library.opcheck(ops.conv_transpose2d_stats.default, (x, w, b, *geo, act, 0.1, be))
+    y = ops.conv_transpose2d(x, w, b, *geo, act, 0.1, be)
+    dy = torch.randn_like(y)
+    stride, padding, _, groups, dilation = geo
+    for flags in ((True, True, True), (False, True, False), (True, False, False)):
+        torch.library.opcheck(ops.conv_transpose2d_backward.default,
+                              (dy, x, w, y, stride, padding, dilation, groups, act, 0.1, *flags, be))
+    if be == "cpu":
+        torch.library.opcheck(ops.conv_transpose2d_fwd.default, (x, w, b, *geo, act, 0.1, True))
+        torch.library.opcheck(ops.conv_transpose2d_bwd.default,
+                              (dy, x, w, y, stride, padding, dilation, groups, act, 0.1, True, True, True))
+
+
+@pytest.mark.parametrize("be", CPU_BACKENDS)
+@pytest.mark.parametrize("activation", ["leaky_relu", "tanh"])
+def test_gradcheck_and_gradgradcheck(be, activation):
+    # tiny: the interpreter runs one forward per perturbed element
+    x = torch.randn(1, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 1, 3, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b):
+        return GF.conv_transpose2d(x, w, b, 2, 1, 1, 2, 1, activation=activation, negative_slope=0.3)
+
+    with backend(be):
+        # fast_mode on the interpreter: random projections instead of the full Jacobian
+        assert torch.autograd.gradcheck(f, (x, w, b), fast_mode=be == "triton")
+        if be != "triton":  # the triton double backward is the reference path: covered below
+            assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+@pytest.mark.parametrize("be", ["cpu", "triton"])
+def test_double_backward_gradient_penalty(be):
+    torch.manual_seed(1)
+    m = gnn.ConvTranspose2d(3, 2, 4, stride=2, padding=1, activation="tanh", dtype=torch.float64)
+    r = nn.ConvTranspose2d(3, 2, 4, stride=2, padding=1, dtype=torch.float64)
+    r.load_state_dict(m.state_dict())
+    x = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+
+    def penalty(mod):
+        gx, = torch.autograd.grad(torch.tanh(mod(x)).sum() if mod is r else mod(x).sum(), x,
+                                  create_graph=True)
+        return gx.square().sum()
+
+    with backend(be):
+        pm = torch.autograd.grad(penalty(m), list(m.parameters()))
+    pr = torch.autograd.grad(penalty(r), list(r.parameters()))
+    for a, b in zip(pm, pr):
+        assert_close(a, b, torch.float64)
+
+
+@pytest.mark.parametrize("be", ["cpu", "triton"])
+def test_backward_is_deterministic(be):
+    x, w, b = make(FIXED["keras_k5s2p2op1"], torch.float32)
+    with backend(be):
+        outs = []
+        for _ in range(2):
+            xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+            y = GF.conv_transpose2d(xs, ws, bs, 2, 2, 1, activation="relu")
+            outs.append(torch.autograd.grad(y, (xs, ws, bs), torch.ones_like(y)))
+    for a, b2 in zip(*outs):
+        assert torch.equal(a, b2)
+
+
+def test_compile_fullgraph_cpu():
+    torch.manual_seed(3)
+    model = nn.Sequential(gnn.ConvTranspose2d(4, 3, 4, 1, 0, activation="relu"),
+                          gnn.ConvTransposeBNAct2d(3, 3, 4, 2, 1, activation="relu"),
+                          gnn.ConvTranspose2d(3, 2, 4, 2, 1, activation="tanh"))
+    x = torch.randn(2, 4, 1, 1, requires_grad=True)
+    with backend("cpu"):
+        y_eager = model(x)
+        g_eager = torch.autograd.grad(y_eager.sum(), [x] + list(model.parameters()))
+        compiled = torch.compile(model, fullgraph=True)
+        y_comp = compiled(x)
+        g_comp = torch.autograd.grad(y_comp.sum(), [x] + list(model.parameters()))
+    assert_close(y_comp, y_eager, torch.float32)
+    for a, b in zip(g_comp, g_eager):
+        assert_close(a, b, torch.float32)
+
+
+# --- the BatchNorm-statistics epilogue ---------------------------------------------------------
+
+@pytest.mark.parametrize("be", ["cpu", "triton"])
+def test_statistics_epilogue(be):
+    torch.manual_seed(5)
+    for cfg in (FIXED["dcgan_k4s2p1"], FIXED["groups_dilation_nonsquare"]):
+        x, w, b = make(cfg, torch.float64)
+        w.requires_grad_()
+        geo = (list(cfg["stride"]), list(cfg["padding"]), list(cfg["output_padding"]), cfg["groups"],
+               list(cfg["dilation"]))
+        y, mean, var = torch.ops.genfast.conv_transpose2d_stats(
+            x, w, b, *geo, genfast.backend.ACTIVATIONS[cfg["activation"]], 0.2, be)
+        assert not mean.requires_grad and not var.requires_grad
+        mean_ref, var_ref = ref.batch_stats_partials(y)
+        assert_close(mean, mean_ref, torch.float64)
+        assert_close(var, var_ref, torch.float64)
+        z = F.conv_transpose2d(x, w, b, *geo[:3], geo[3], geo[4])
+        assert_close(y, act_forward(z, cfg["activation"], 0.2), torch.float64)
+
+
+@pytest.mark.parametrize("be", CPU_BACKENDS)
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "tanh"])
+def test_conv_bn_act_block_matches_unfused_sequential(be, activation):
+    torch.manual_seed(6)
+    kw = dict(stride=2, padding=1, output_padding=1, groups=2)
+    block = gnn.ConvTransposeBNAct2d(4, 6, 3, **kw, momentum=0.2, dtype=torch.float64,
+                                     activation=activation, negative_slope=0.2)
+    unfused = nn.Sequential(nn.ConvTranspose2d(4, 6, 3, **kw, dtype=torch.float64),
+                            nn.BatchNorm2d(6, momentum=0.2, dtype=torch.float64), TORCH_ACT[activation])
+    with torch.no_grad():
+        block[1].weight.uniform_(0.5, 1.5)
+        block[1].bias.normal_()
+    assert list(block.state_dict()) == list(unfused.state_dict())
+    unfused.load_state_dict(block.state_dict())
+    x = torch.randn(3, 4, 3, 2, dtype=torch.float64)
+    for step in range(2):  # two training steps (running statistics), then eval
+        xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with backend(be):
+            y = block(xs)
+            dy = torch.randn_like(y)
+            g = torch.autograd.grad(y, [xs] + list(block.parameters()), dy)
+        y_ref = unfused(xr)
+        g_ref = torch.autograd.grad(y_ref, [xr] + list(unfused.parameters()), dy)
+        assert_close(y, y_ref, torch.float64, msg=f"step {step} output")
+        for a, b in zip(g, g_ref):
+            assert_close(a, b, torch.float64, msg=f"step {step} grad")
+        for k, v in unfused.state_dict().items():
+            assert_close(block.state_dict()[k].double(), v.double(), torch.float64, msg=k)
+        x = x * 1.5 + 0.3
+    block.eval()
+    unfused.eval()
+    with backend(be), torch.no_grad():
+        assert_close(block(x), unfused(x), torch.float64, msg="eval")
+
+
+@pytest.mark.parametrize("be", CPU_BACKENDS)
+def test_conv_bn_act_block_channels_last_no_affine_no_running_stats(be):
+    torch.manual_seed(8)
+    block = gnn.ConvTransposeBNAct2d(3, 5, 4, 2, 1, bias=False, affine=False,
+                                     track_running_stats=False, dtype=torch.float64,
+                                     activation="sigmoid")
+    unfused = nn.Sequential(nn.ConvTranspose2d(3, 5, 4, 2, 1, bias=False, dtype=torch.float64),
+                            nn.BatchNorm2d(5, affine=False, track_running_stats=False,
+                                           dtype=torch.float64), nn.Sigmoid())
+    assert list(block.state_dict()) == list(unfused.state_dict())
+    unfused.load_state_dict(block.state_dict())
+    x = torch.randn(2, 3, 3, 4, dtype=torch.float64).to(memory_format=torch.channels_last)
+    for mode in ("train", "eval"):  # no running statistics: batch statistics in both modes
+        block.train(mode == "train")
+        unfused.train(mode == "train")
+        xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with backend(be):
+            y = block(xs)
+            dy = torch.randn_like(y)
+            g = torch.autograd.grad(y, [xs, block[0].weight], dy)
+        y_ref = unfused(xr)
+        g_ref = torch.autograd.grad(y_ref, [xr, unfused[0].weight], dy)
+        assert_close(y, y_ref, torch.float64, msg=mode)
+        for a, b in zip(g, g_ref):
+            assert_close(a, b, torch.float64, msg=mode)
+
+
+@pytest.mark.parametrize("be", ["cpu", "triton"])
+def test_conv_bn_act_block_gradcheck_and_double_backward(be):
+    torch.manual_seed(9)
+    block = gnn.ConvTransposeBNAct2d(2, 2, 3, 2, 1, track_running_stats=False, dtype=torch.float64,
+                                     activation="leaky_relu", negative_slope=0.2)
+    x = torch.randn(2, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    with backend(be):
+        assert torch.autograd.gradcheck(block, (x,), fast_mode=be == "triton")
+        if be == "cpu":
+            assert torch.autograd.gradgradcheck(block, (x,))
+
+
+# --- GPU (run by benchmarks/gpu_suite.sh) --------------------------------------------------------
+
+DCGAN_LAYERS = [(100, 512, 1, 4, 1, 0, "relu"), (512, 256, 4, 4, 2, 1, "relu"),
+                (256, 128, 8, 4, 2, 1, "relu"), (128, 64, 16, 4, 2, 1, "relu"),
+                (64, 3, 32, 4, 2, 1, "tanh")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layer", DCGAN_LAYERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gpu_dcgan_layers(cuda_device, layer, dtype, channels_last):
+    cin, cout, hin, k, s, p, act = layer
+    torch.manual_seed(0)
+    x = torch.randn(16, cin, hin, hin, device=cuda_device, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = (torch.randn(cin, cout, k, k, device=cuda_device) / (cin * k) ** 0.5).to(dtype)
+    b = torch.randn(cout, device=cuda_device, dtype=dtype)
+    dy = torch.randn(16, cout, (hin - 1) * s - 2 * p + k, (hin - 1) * s - 2 * p + k, device=cuda_device, dtype=dtype)
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # float32 compared without TF32 here
+    try:
+        with backend("triton"):
+            y, g = run_genfast(dict(stride=s, padding=p, output_padding=0, groups=1, dilation=1, activation=act),
+                               x, w, b, dy)
+        y64, g64 = expected(dict(stride=s, padding=p, output_padding=0, groups=1, dilation=1, activation=act),
+                            x, w, b, dy)
+        yl, gl = (y64, g64)
+        if dtype != torch.float32:
+            yl, gl = expected_lowp(s, p, act, x, w, b, dy)
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev
+    if dtype == torch.float32:
+        assert_close(y, y64, torch.float32, scale=10)
+        for a, e in zip(g, g64):
+            assert_close(a, e, torch.float32, scale=10 * max(1.0, e.abs().max().item()))
+    else:
+        from tests.utils import assert_error_not_worse
+
+        assert_error_not_worse(y, yl, y64, factor=2.0, floor=1e-2, msg="bf16 output")
+        for a, l, e in zip(g, gl, g64):
+            assert_error_not_worse(a, l, e, factor=2.0, floor=1e-2 * e.abs().max().item(), msg="bf16 grad")
+
+
+def expected_lowp(s, p, act, x, w, b, dy):
+    xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    y = TORCH_ACT[act](F.conv_transpose2d(xs, ws, bs, s, p))
+    return y, torch.autograd.grad(y, (xs, ws, bs), dy)
+
+
+@pytest.mark.gpu
+def test_gpu_tf32_follows_cudnn_flag(cuda_device):
+    x = torch.randn(8, 64, 16, 16, device=cuda_device)
+    w = torch.randn(64, 32, 4, 4, device=cuda_device) / 32
+    exact = F.conv_transpose2d(x.double(), w.double(), None, 2, 1)
+    prev = torch.backends.cudnn.allow_tf32
+    try:
+        errs = {}
+        for flag in (False, True):
+            torch.backends.cudnn.allow_tf32 = flag
+            with backend("triton"):
+                errs[flag] = (GF.conv_transpose2d(x, w, None, 2, 1).double() - exact).abs().max().item()
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev
+    assert errs[False] < 1e-4 and errs[True] < 5e-2
