@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from genfast.ops import batchnorm_act as _bn
 from genfast.ops import conv_transpose as _ct
+from genfast.ops import losses as _loss
 
 
 def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -40,10 +42,6 @@ def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: O
 
 
 # --- losses (GAN, VAE, reparameterisation, gradient penalties) -----------------------------------
-
-import torch  # noqa: E402
-
-from genfast.ops import losses as _loss  # noqa: E402
 
 
 def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: str = "bce",
