@@ -8,6 +8,7 @@ from torch import nn
 
 import genfast.nn as gnn
 from genfast.nn.batchnorm_act import bias_kwargs
+from genfast.nn.conv_transpose import FoldedBatchNormAct2d, fold_bn_into_conv
 
 _BN_FUSED = {nn.BatchNorm1d: gnn.BatchNormAct1d, nn.BatchNorm2d: gnn.BatchNormAct2d}
 
@@ -56,8 +57,8 @@ def _move_state(old: nn.Module, new: nn.Module) -> nn.Module:
     return new
 
 
-def _fused_bn(bn, activation, slope):
-    cls = _BN_FUSED[type(bn)]
+def _fused_bn(bn, activation, slope, cls=None):
+    cls = cls or _BN_FUSED[type(bn)]
     new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
               device="meta", activation=activation, negative_slope=slope,
               **bias_kwargs(not bn.affine or bn.bias is not None))
@@ -71,7 +72,7 @@ def _conv_transpose(ct, activation=None):
     return _move_state(ct, new)
 
 
-def convert(model: nn.Module, *, skip=(), return_report: bool = False):
+def convert(model: nn.Module, *, skip=(), fuse_conv_bn: bool = True, return_report: bool = False):
     """Swap, in place, the layers of ``model`` that genfast fuses, and return the model.
 
     Swapped (and nothing else):
@@ -79,7 +80,12 @@ def convert(model: nn.Module, *, skip=(), return_report: bool = False):
       * inside an ``nn.Sequential``: ``nn.ConvTranspose2d`` directly followed by ``nn.Tanh`` /
         ``nn.Sigmoid`` -> the activation fused into the convolution's epilogue;
       * inside an ``nn.Sequential``: ``nn.BatchNorm1d`` / ``nn.BatchNorm2d`` directly followed
-        by ``nn.ReLU`` / ``nn.LeakyReLU`` (``inplace`` or not) -> ``gnn.BatchNormAct1d/2d``.
+        by ``nn.ReLU`` / ``nn.LeakyReLU`` (``inplace`` or not) -> ``gnn.BatchNormAct1d/2d``;
+      * inside an ``nn.Sequential`` (with ``fuse_conv_bn``): ``nn.ConvTranspose2d`` ->
+        ``nn.BatchNorm2d`` -> ``nn.ReLU`` / ``nn.LeakyReLU`` -> one fused block: the
+        convolution takes the BatchNorm statistics in its epilogue (training) or folds the
+        BatchNorm in (eval); the BatchNorm slot becomes a ``FoldedBatchNormAct2d`` that holds
+        the parameters and buffers and passes its input through.
     A fused activation's slot becomes ``nn.Identity``, so the ``state_dict`` keeps exactly the
     original keys and the original checkpoint loads with ``strict=True`` (and back). Parameters
     and buffers are the same tensor objects as before. Converting twice changes nothing.
@@ -87,6 +93,9 @@ def convert(model: nn.Module, *, skip=(), return_report: bool = False):
     Args:
         model: any ``nn.Module``.
         skip: qualified module names (as in ``model.named_modules()``) to leave untouched.
+        fuse_conv_bn: fuse ConvTranspose2d -> BatchNorm2d -> activation triples (default True).
+            Use False before ``SyncBatchNormAct2d.convert_sync_batchnorm``, which needs the
+            BatchNorm to run on its own.
         return_report: also return a :class:`ConvertReport` of the swaps.
 
     Returns:
@@ -101,6 +110,24 @@ def convert(model: nn.Module, *, skip=(), return_report: bool = False):
             continue
         children = list(parent.named_children())
         qual = {n: f"{pname}.{n}" if pname else n for n, _ in children}
+        if isinstance(parent, nn.Sequential) and fuse_conv_bn:
+            for (n, m), (n2, m2), (n3, m3) in zip(children, children[1:], children[2:]):
+                if any(qual[k] in skip for k in (n, n2, n3)):
+                    continue
+                act = _activation_of(m3)
+                untouched = all(getattr(parent, k) is v for k, v in ((n, m), (n2, m2), (n3, m3)))
+                if (untouched and type(m) is nn.ConvTranspose2d and type(m2) is nn.BatchNorm2d
+                        and act is not None and m.padding_mode == "zeros"):
+                    conv = _conv_transpose(m)
+                    bn = _fused_bn(m2, *act, cls=FoldedBatchNormAct2d)
+                    fold_bn_into_conv(conv, bn)
+                    setattr(parent, n, conv)
+                    setattr(parent, n2, bn)
+                    setattr(parent, n3, nn.Identity())
+                    report.swaps.append(f"{qual[n]} (ConvTranspose2d) + {qual[n2]} (BatchNorm2d) + {qual[n3]} "
+                                        f"({type(m3).__name__}) -> ConvTranspose2d with BatchNorm statistics "
+                                        f"epilogue (activation={act[0]!r})")
+            children = list(parent.named_children())
         if isinstance(parent, nn.Sequential):
             for (n, m), (n2, m2) in zip(children, children[1:]):
                 if qual[n] in skip or qual[n2] in skip:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from genfast import functional as GF
+from genfast.nn.batchnorm_act import BatchNormAct2d
 from genfast.ops import conv_transpose as _ct
 
 
@@ -41,6 +42,9 @@ class ConvTranspose2d(nn.ConvTranspose2d):
         return s
 
     def forward(self, input: torch.Tensor, output_size: Optional[list[int]] = None) -> torch.Tensor:
+        bn = self.__dict__.get("_folded_bn")
+        if bn is not None:  # set by genfast.convert: this conv also runs the next BatchNorm + act
+            return conv_bn_act_forward(self, bn, bn.activation, bn.negative_slope, input, output_size)
         if self.padding_mode != "zeros":
             raise ValueError("Only `zeros` padding mode is supported for ConvTranspose2d")
         output_padding = self._output_padding(input, output_size, self.stride, self.padding,
@@ -88,55 +92,82 @@ class ConvTransposeBNAct2d(nn.Sequential):
         return s
 
     def forward(self, input: torch.Tensor, output_size: Optional[list[int]] = None) -> torch.Tensor:
-        conv, bn = self[0], self[1]
-        bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
-        if not bn_training:
-            return self._eval(input, output_size)
-        if input.dim() != 4:
-            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
-        output_padding = conv._output_padding(input, output_size, conv.stride, conv.padding,
-                                              conv.kernel_size, 2, conv.dilation)
-        stride, padding, output_padding, dilation = _ct.check_args(
-            input, conv.weight, conv.bias, conv.stride, conv.padding, output_padding, conv.groups,
-            conv.dilation)
-        use_buffers = bn.track_running_stats
-        rm = bn.running_mean if use_buffers else None
-        rv = bn.running_var if use_buffers else None
-        hw = [(i - 1) * s - 2 * p + d * (k - 1) + op + 1 for i, k, s, p, op, d in
-              zip(input.shape[2:], conv.kernel_size, stride, padding, output_padding, dilation)]
-        if input.shape[0] * hw[0] * hw[1] == 1:
-            raise ValueError("Expected more than 1 value per channel when training, got input size "
-                             f"{torch.Size([1, conv.out_channels, *hw])}")
-        momentum = 0.0 if bn.momentum is None else bn.momentum
-        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:
-                momentum = 1.0 / float(bn.num_batches_tracked)
-        return _ct.conv_transpose_bn_act_train(
-            input, conv.weight, conv.bias, stride, padding, output_padding, conv.groups, dilation,
-            bn.weight, bn.bias, rm, rv, momentum, bn.eps, self.activation, self.negative_slope)
+        return conv_bn_act_forward(self[0], self[1], self.activation, self.negative_slope, input,
+                                   output_size)
 
-    def _eval(self, input: torch.Tensor, output_size) -> torch.Tensor:
-        # Eval: BatchNorm with running statistics is a per-channel affine map, folded into the
-        # transposed convolution's weight and bias (computed in float32, or float64), so the
-        # whole block is one fused conv_transpose2d with the activation in its epilogue.
-        conv, bn = self[0], self[1]
-        acc = torch.float64 if conv.weight.dtype == torch.float64 else torch.float32
-        scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight.to(acc)
-        shift = -bn.running_mean.to(acc) * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias.to(acc)
-        w = conv.weight
-        G, cog = conv.groups, w.shape[1]
-        wf = (w.to(acc).view(G, w.shape[0] // G, cog, *w.shape[2:])
-              * scale.view(G, 1, cog, 1, 1)).view(w.shape).to(w.dtype)
-        bf = shift if conv.bias is None else conv.bias.to(acc) * scale + shift
-        if conv.padding_mode != "zeros":
-            raise ValueError("Only `zeros` padding mode is supported for ConvTranspose2d")
-        output_padding = conv._output_padding(input, output_size, conv.stride, conv.padding,
-                                              conv.kernel_size, 2, conv.dilation)
-        return GF.conv_transpose2d(input, wf, bf.to(w.dtype), conv.stride, conv.padding,
-                                   output_padding, conv.groups, conv.dilation,
-                                   activation=self.activation, negative_slope=self.negative_slope)
+
+def conv_bn_act_forward(conv: nn.ConvTranspose2d, bn: nn.BatchNorm2d, activation: str,
+                        negative_slope: float, input: torch.Tensor,
+                        output_size: Optional[list[int]] = None) -> torch.Tensor:
+    """activation(bn(conv(input))) with the BatchNorm statistics taken in the convolution's
+    epilogue (training) or the BatchNorm folded into the convolution (eval)."""
+    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    if not bn_training:
+        return _conv_bn_act_eval(conv, bn, activation, negative_slope, input, output_size)
+    if input.dim() != 4:
+        raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+    output_padding = conv._output_padding(input, output_size, conv.stride, conv.padding,
+                                          conv.kernel_size, 2, conv.dilation)
+    stride, padding, output_padding, dilation = _ct.check_args(
+        input, conv.weight, conv.bias, conv.stride, conv.padding, output_padding, conv.groups,
+        conv.dilation)
+    use_buffers = bn.track_running_stats
+    rm = bn.running_mean if use_buffers else None
+    rv = bn.running_var if use_buffers else None
+    hw = [(i - 1) * s - 2 * p + d * (k - 1) + op + 1 for i, k, s, p, op, d in
+          zip(input.shape[2:], conv.kernel_size, stride, padding, output_padding, dilation)]
+    if input.shape[0] * hw[0] * hw[1] == 1:
+        raise ValueError("Expected more than 1 value per channel when training, got input size "
+                         f"{torch.Size([1, conv.out_channels, *hw])}")
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    return _ct.conv_transpose_bn_act_train(
+        input, conv.weight, conv.bias, stride, padding, output_padding, conv.groups, dilation,
+        bn.weight, bn.bias, rm, rv, momentum, bn.eps, activation, negative_slope)
+
+
+
+def _conv_bn_act_eval(conv, bn, activation, negative_slope, input, output_size):
+    # Eval: BatchNorm with running statistics is a per-channel affine map, folded into the
+    # transposed convolution's weight and bias (computed in float32, or float64), so the
+    # whole block is one fused conv_transpose2d with the activation in its epilogue.
+    acc = torch.float64 if conv.weight.dtype == torch.float64 else torch.float32
+    scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(acc)
+    shift = -bn.running_mean.to(acc) * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(acc)
+    w = conv.weight
+    G, cog = conv.groups, w.shape[1]
+    wf = (w.to(acc).view(G, w.shape[0] // G, cog, *w.shape[2:])
+          * scale.view(G, 1, cog, 1, 1)).view(w.shape).to(w.dtype)
+    bf = shift if conv.bias is None else conv.bias.to(acc) * scale + shift
+    if conv.padding_mode != "zeros":
+        raise ValueError("Only `zeros` padding mode is supported for ConvTranspose2d")
+    output_padding = conv._output_padding(input, output_size, conv.stride, conv.padding,
+                                          conv.kernel_size, 2, conv.dilation)
+    return GF.conv_transpose2d(input, wf, bf.to(w.dtype), conv.stride, conv.padding,
+                               output_padding, conv.groups, conv.dilation,
+                               activation=activation, negative_slope=negative_slope)
+
+
+class FoldedBatchNormAct2d(BatchNormAct2d):
+    """A BatchNormAct2d whose normalisation and activation run inside the preceding
+    gnn.ConvTranspose2d (``genfast.convert`` builds the pair from ConvTranspose2d -> BatchNorm2d
+    -> ReLU/LeakyReLU in an nn.Sequential). It keeps the parameters, buffers and state_dict keys
+    of the BatchNorm it replaces and passes its input through unchanged."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return input
+
+
+def fold_bn_into_conv(conv: ConvTranspose2d, bn: FoldedBatchNormAct2d) -> None:
+    """Make ``conv`` compute ``bn``'s normalisation and activation in its epilogue (the
+    reference is kept outside the module tree, so state_dict keys do not change)."""
+    if conv.activation is not None:
+        raise ValueError("fold_bn_into_conv: the transposed convolution already has an activation")
+    conv.__dict__["_folded_bn"] = bn

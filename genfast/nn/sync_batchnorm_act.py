@@ -70,7 +70,13 @@ class SyncBatchNormAct2d(_BatchNormActMixin, nn.modules.batchnorm._BatchNorm):
         ``SyncBatchNormAct2d`` (keeping their activation), plain ``nn.BatchNorm*`` become
         ``nn.SyncBatchNorm``; parameters and buffers are the same tensors. Returns the module
         (a new one when ``module`` itself is converted)."""
+        from genfast.nn.conv_transpose import FoldedBatchNormAct2d
+
         out = module
+        if isinstance(module, FoldedBatchNormAct2d):
+            raise ValueError("convert_sync_batchnorm: this BatchNorm runs inside the preceding "
+                             "ConvTranspose2d; convert the model with genfast.convert(model, "
+                             "fuse_conv_bn=False) to synchronise its statistics")
         if isinstance(module, (BatchNormAct1d, BatchNormAct2d)):
             if module.memory_efficient:
                 raise ValueError("convert_sync_batchnorm: memory_efficient BatchNormAct has no synchronised "
