@@ -50,9 +50,10 @@ def markdown(result: dict) -> str:
             cells += [f"{v[g]['speedup_vs_compile']:.2f}x" if g in v and "speedup_vs_compile" in v[g] else "" for g in gen]
             cells.append(f"{max(x['max_abs_err'] for x in v.values()):.1e}")
             if extra == "frac_of_copy_bw":
-                cells += [f"{100 * v[g]['frac_of_copy_bw']:.0f}%" if g in v else "" for g in gen]
+                cells += [f"{100 * v[g]['frac_of_copy_bw']:.0f}%" if "frac_of_copy_bw" in v.get(g, {}) else ""
+                          for g in gen]
             elif extra == "TFLOP/s":
-                cells += [f"{v[g]['TFLOP/s']:.1f}" if g in v else "" for g in gen]
+                cells += [f"{v[g]['TFLOP/s']:.1f}" if "TFLOP/s" in v.get(g, {}) else "" for g in gen]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)

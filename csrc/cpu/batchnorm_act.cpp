@@ -115,11 +115,12 @@ void dispatch_act(int64_t act, F&& f) {
 
 template <typename scalar_t, typename acc_t, int act>
 void normalize_act(const scalar_t* x, scalar_t* y, const ChannelView& v, const std::vector<acc_t>& scale,
-                   const std::vector<acc_t>& shift, acc_t slope) {
+                   const std::vector<acc_t>& shift, acc_t slope_in) {
   const int64_t C = v.C;
   if (v.layout == RowLayout::kNCL) {
     const int64_t rows = v.N * C, L = v.L;
     at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(L, 1)), [&](int64_t r0, int64_t r1) {
+      const acc_t slope = slope_in;  // a private copy per thread
       for (int64_t r = r0; r < r1; ++r) {
         const acc_t a = scale[r % C], b = shift[r % C];
         const scalar_t* p = x + r * L;
@@ -134,6 +135,7 @@ void normalize_act(const scalar_t* x, scalar_t* y, const ChannelView& v, const s
     const acc_t* a = scale.data();
     const acc_t* b = shift.data();
     at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
+      const acc_t slope = slope_in;  // a private copy per thread
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* p = x + r * C;
         scalar_t* o = y + r * C;
@@ -258,13 +260,14 @@ template <typename scalar_t, typename acc_t, int act, bool saved_is_output>
 void backward_sums(const scalar_t* dy, const scalar_t* sv, const ChannelView& v,
                    const std::vector<acc_t>& mean, const std::vector<acc_t>& invstd,
                    const std::vector<acc_t>& scale, const std::vector<acc_t>& shift,
-                   const std::vector<acc_t>& gamma, const std::vector<acc_t>& beta, acc_t slope,
+                   const std::vector<acc_t>& gamma, const std::vector<acc_t>& beta, acc_t slope_in,
                    std::vector<acc_t>& sum_dz, std::vector<acc_t>& sum_dzx) {
   const int64_t C = v.C;
   if (v.layout == RowLayout::kNCL) {
     const int64_t rows = v.N * C, L = v.L;
     std::vector<acc_t> rs(rows), rx(rows);
     at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+      const acc_t slope = slope_in;  // a private copy per thread
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t c = r % C;
         const acc_t m = mean[c], is = invstd[c], a = scale[c], b = shift[c], g = gamma[c], be = beta[c];
@@ -293,6 +296,7 @@ void backward_sums(const scalar_t* dy, const scalar_t* sv, const ChannelView& v,
     const int64_t nblocks = (rows + R - 1) / R;
     std::vector<acc_t> bs(nblocks * C, acc_t(0)), bx(nblocks * C, acc_t(0));
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      const acc_t slope = slope_in;  // a private copy per thread
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t lo = blk * R, hi = std::min(rows, lo + R);
         acc_t* s = bs.data() + blk * C;
@@ -324,11 +328,12 @@ void backward_dx(const scalar_t* dy, const scalar_t* sv, scalar_t* dx, const Cha
                  const std::vector<acc_t>& mean, const std::vector<acc_t>& invstd, const std::vector<acc_t>& scale,
                  const std::vector<acc_t>& shift, const std::vector<acc_t>& gamma, const std::vector<acc_t>& beta,
                  const std::vector<acc_t>& k, const std::vector<acc_t>& ka, const std::vector<acc_t>& kb,
-                 acc_t slope) {
+                 acc_t slope_in) {
   const int64_t C = v.C;
   if (v.layout == RowLayout::kNCL) {
     const int64_t rows = v.N * C, L = v.L;
     at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(L, 1)), [&](int64_t r0, int64_t r1) {
+      const acc_t slope = slope_in;  // a private copy per thread
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t c = r % C;
         const acc_t m = mean[c], is = invstd[c], a = scale[c], b = shift[c], g = gamma[c], be = beta[c];
@@ -348,6 +353,7 @@ void backward_dx(const scalar_t* dy, const scalar_t* sv, scalar_t* dx, const Cha
   } else {
     const int64_t rows = v.N * v.L;
     at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
+      const acc_t slope = slope_in;  // a private copy per thread
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* pd = dy + r * C;
         const scalar_t* ps = sv + r * C;
