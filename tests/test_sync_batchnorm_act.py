@@ -160,3 +160,34 @@ def test_split_pass_ops_match_reference_and_opcheck():
                           (dy, x, w, b, mean, invstd, 2, 0.2, 0.0, False))
     torch.library.opcheck(torch.ops.genfast.batch_norm_act_bwd_dx.default,
                           (dy, x, w, b, mean, invstd, s, sx, 30.0, 2, 0.2, 0.0, False))
+
+
+@pytest.mark.gpu
+def test_nccl_collectives_world_size_one(cuda_device, tmp_path):
+    """The synchronised path itself (all_gather + all_reduce over NCCL) on one GPU: the module
+    skips synchronisation at world size 1, so the Function is called directly."""
+    from genfast.ops.sync_batchnorm_act import SyncBatchNormActFunction
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1)
+    try:
+        x = (torch.randn(6, 4, 5, 5, device=cuda_device) * 2 + 1).requires_grad_()
+        m = gnn.SyncBatchNormAct2d(4, negative_slope=0.2, device=cuda_device)
+        r = gnn.BatchNormAct2d(4, negative_slope=0.2, device=cuda_device)
+        with torch.no_grad():
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.5, 0.5)
+        r.load_state_dict(m.state_dict())
+        y = SyncBatchNormActFunction.apply(x, m.weight, m.bias, m.running_mean, m.running_var, m.eps, 0.1,
+                                           dist.group.WORLD, 1, "leaky_relu", 0.2)
+        xr = x.detach().clone().requires_grad_()
+        yr = r(xr)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        yr.backward(dy)
+        assert_close(y, yr, torch.float32, "output")
+        assert_close(x.grad, xr.grad, torch.float32, "grad_input")
+        assert_close(m.weight.grad, r.weight.grad, torch.float32, "grad_weight", scale=10)
+        assert_close(m.running_var, r.running_var, torch.float32, "running_var")
+    finally:
+        dist.destroy_process_group()
