@@ -159,7 +159,7 @@ def save_plots(losses, names, samples, out_dir, kind):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0].strip("`"))
     p.add_argument("--model", choices=["dcgan", "vae"], default="dcgan")
-    p.add_argument("--steps", type=int, default=400, help="training steps (default 400)")
+    p.add_argument("--steps", type=int, default=1200, help="training steps (default 1200)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--width", type=int, default=64, help="generator width (default 64)")
     p.add_argument("--timing-steps", type=int, default=10, help="steps timed per variant (0: skip)")
