@@ -7,9 +7,11 @@ normalise + activation (one fused pass). Backward: local (sum dz, sum dz*xhat) (
 -> one all_reduce -> grad_input (one fused pass). grad_weight / grad_bias stay local, as in
 nn.SyncBatchNorm (DDP averages parameter gradients).
 
-The split passes run as the genfast::batch_norm_act_{stats,apply,bwd_reduce,bwd_dx} C++ ops on
-CPU tensors, and through the reference formulas elsewhere (no CUDA/Triton kernels for the split
-passes yet)."""
+The split passes run as the genfast::batch_norm_act_{stats,apply,bwd_reduce,bwd_dx} C++ ops: the
+CPU kernels on CPU tensors (cpu backend), the CUDA kernels on CUDA tensors when genfast._C was
+built with them (whatever fused backend, cuda or triton, the single-process layer uses: there
+are no Triton kernels for the split passes). The reference formulas run them under the reference
+backend, on CUDA tensors without the CUDA extension, and on CPU tensors without the C++ one."""
 from __future__ import annotations
 
 import torch
@@ -22,7 +24,12 @@ _ACT_NAMES = {v: k for k, v in B.ACTIVATIONS.items()}
 
 
 def _use_cpp(t: torch.Tensor) -> bool:
-    return B.resolve("batchnorm_act", t.device) == "cpu"
+    name = B.resolve("batchnorm_act", t.device)
+    if name == "reference":
+        return False
+    if t.device.type == "cuda":
+        return B.has_cuda_ext()
+    return name == "cpu"
 
 
 def _fake_registrations():
