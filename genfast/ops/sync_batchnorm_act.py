@@ -11,7 +11,8 @@ The split passes run as the genfast::batch_norm_act_{stats,apply,bwd_reduce,bwd_
 CPU kernels on CPU tensors (cpu backend), the CUDA kernels on CUDA tensors when genfast._C was
 built with them (whatever fused backend, cuda or triton, the single-process layer uses: there
 are no Triton kernels for the split passes). The reference formulas run them under the reference
-backend, on CUDA tensors without the CUDA extension, and on CPU tensors without the C++ one."""
+backend, on CUDA tensors without the CUDA extension (with a warning, once), and on CPU tensors
+under any backend but cpu (auto picks cpu when the C++ extension is built)."""
 from __future__ import annotations
 
 import torch
@@ -28,7 +29,12 @@ def _use_cpp(t: torch.Tensor) -> bool:
     if name == "reference":
         return False
     if t.device.type == "cuda":
-        return B.has_cuda_ext()
+        if not B.has_cuda_ext():
+            B.warn_once("sync-batchnorm-act-cuda",
+                        "genfast: SyncBatchNormAct2d runs its passes through the reference formulas on "
+                        "CUDA tensors: genfast._C was built without CUDA kernels")
+            return False
+        return True
     return name == "cpu"
 
 
