@@ -339,3 +339,163 @@ def test_errors_before_any_write(cuda_device):
     with pytest.raises(RuntimeError, match="running_var"):
         torch.ops.genfast.batch_norm_act_fwd(x, w, b, rm, rv.int(), True, 0.1, 1e-5, 2, 0.2, 0.0)
     assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+
+
+# --- the split-pass ops of SyncBatchNormAct2d: genfast::batch_norm_act_{stats,apply,bwd_reduce,bwd_dx}
+# on CUDA tensors (same kernels, finalisation replaced). Each op is compared alone: its
+# per-channel inputs (mean, invstd, global sums) come from the float64 reference, rounded to the
+# accumulation dtype, and the reference runs on float64 copies of the same values.
+
+SPLIT_SHAPES = [
+    (32, 64, 32, 32),    # split reductions in both layouts
+    (128, 256, 8, 8),    # one split per channel group
+    (3, 5, 7, 9),        # odd sizes: scalar path
+    (2, 3, 1, 1),        # tiny
+    (16, 24, 100),       # (N, C, L)
+    (256, 40),           # (N, C): read as rows of C
+]
+
+
+def _split_pass(x, dy, w, b, act, slope, gamma_floor=0.0, saved_is_output=False, keeps_layout=True):
+    """Runs the four ops on x's device and dtype and the reference in float64; returns
+    [(name, got, expected)]. keeps_layout: x is in the NCL or NLC layout, so y and dx must have
+    its strides (other inputs are read through a contiguous copy)."""
+    from genfast import backend as B
+    from genfast.reference import batchnorm_act as ref
+
+    ops = torch.ops.genfast
+    acc = ref.acc_dtype(x.dtype)
+    code = B.ACTIVATIONS[act]
+    count = x.numel() // x.shape[1]
+
+    def f64(t):
+        return None if t is None else t.double()
+
+    x64, dy64, w64, b64 = f64(x), f64(dy), f64(w), f64(b)
+    out = []
+    mean, m2 = ops.batch_norm_act_stats(x)
+    rmean, rm2 = ref.stats(x64)
+    assert mean.dtype == acc and m2.dtype == acc
+    out += [("mean", mean, rmean), ("M2", m2, rm2)]
+    mean_a = rmean.to(acc)
+    invstd_a = torch.rsqrt(rm2 / count + 1e-5).to(acc)
+    m64, i64 = mean_a.double(), invstd_a.double()
+    y = ops.batch_norm_act_apply(x, mean_a, invstd_a, w, b, code, slope, gamma_floor)
+    assert y.dtype == x.dtype and (y.stride() == x.stride() or not keeps_layout), "apply keeps dtype and layout"
+    out.append(("apply", y, ref.apply(x64, m64, i64, w64, b64, act, slope, gamma_floor)))
+    saved, saved64 = (y, f64(y)) if saved_is_output else (x, x64)
+    s, sx = ops.batch_norm_act_bwd_reduce(dy, saved, w, b, mean_a, invstd_a, code, slope, gamma_floor,
+                                          saved_is_output)
+    rs, rsx = ref.bwd_reduce(dy64, saved64, w64, b64, m64, i64, act, slope, gamma_floor, saved_is_output)
+    assert s.dtype == acc and sx.dtype == acc
+    out += [("sum dz", s, rs), ("sum dz xhat", sx, rsx)]
+    s_a, sx_a = rs.to(acc), rsx.to(acc)
+    dx = ops.batch_norm_act_bwd_dx(dy, saved, w, b, mean_a, invstd_a, s_a, sx_a, float(count), code, slope,
+                                   gamma_floor, saved_is_output)
+    assert dx.dtype == x.dtype and (dx.stride() == x.stride() or not keeps_layout), "bwd_dx keeps dtype and layout"
+    out.append(("dx", dx, ref.bwd_dx(dy64, saved64, w64, b64, m64, i64, s_a.double(), sx_a.double(),
+                                     float(count), act, slope, gamma_floor, saved_is_output)))
+    return out
+
+
+@pytest.mark.parametrize("shape", SPLIT_SHAPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_split_pass_ops_float64_match_reference(cuda_device, shape, layout):
+    for act, slope in ACTS:
+        x, dy, w, b, _, _ = _inputs(shape, torch.float64, cuda_device, layout, running=False)
+        for name, got, exp in _split_pass(x, dy, w, b, act, slope):
+            assert_close(got, exp, torch.float64, f"{shape} {layout} {act}: {name}")
+
+
+@pytest.mark.parametrize("shape", SPLIT_SHAPES)
+@pytest.mark.parametrize("layout", LAYOUTS + ["strided", "misaligned"])
+def test_split_pass_ops_float32_match_float64_reference(cuda_device, shape, layout):
+    x, dy, w, b, _, _ = _inputs(shape, torch.float32, cuda_device, layout, running=False)
+    for name, got, exp in _split_pass(x, dy, w, b, "leaky_relu", 0.2, keeps_layout=layout != "strided"):
+        assert_close(got, exp, torch.float32, f"{shape} {layout}: {name}")
+
+
+@pytest.mark.parametrize("shape", [(32, 64, 32, 32), (3, 5, 7, 9)])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_split_pass_ops_low_precision(cuda_device, shape, layout, dtype):
+    """float32 accumulation: the per-channel results are within float32 tolerance of the float64
+    reference on the same (rounded) inputs; y and dx within the rounding of their dtype."""
+    x, dy, w, b, _, _ = _inputs(shape, dtype, cuda_device, layout, running=False, param_dtype=torch.float32)
+    for name, got, exp in _split_pass(x, dy, w, b, "leaky_relu", 0.2):
+        assert_close(got, exp, dtype if name in ("apply", "dx") else torch.float32, f"{shape} {layout}: {name}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("act,slope", [("leaky_relu", 0.2), ("identity", 0.0)])
+def test_split_pass_ops_saved_output(cuda_device, layout, act, slope):
+    x, dy, w, b, _, _ = _inputs((16, 12, 9, 10), torch.float64, cuda_device, layout, running=False)
+    for name, got, exp in _split_pass(x, dy, w, b, act, slope, gamma_floor=GAMMA_FLOOR, saved_is_output=True):
+        assert_close(got, exp, torch.float64, f"{layout} {act} saved output: {name}")
+
+
+def test_split_pass_ops_match_cpu(cuda_device):
+    for layout in LAYOUTS:
+        x, dy, w, b, _, _ = _inputs((8, 16, 12, 10), torch.float64, cuda_device, layout, running=False)
+        got = _split_pass(x, dy, w, b, "leaky_relu", 0.2)
+        cpu = _split_pass(*(t.cpu() for t in (x, dy, w, b)), "leaky_relu", 0.2)
+        for (name, g, _), (_, c, _) in zip(got, cpu):
+            assert_close(g.cpu(), c, torch.float64, f"cuda vs cpu {layout}: {name}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_split_pass_ops_deterministic(cuda_device, layout):
+    x, dy, w, b, _, _ = _inputs((128, 64, 32, 32), torch.float32, cuda_device, layout, running=False)
+    first = _split_pass(x, dy, w, b, "leaky_relu", 0.2)
+    for _ in range(3):
+        for (name, a, _), (_, c, _) in zip(first, _split_pass(x, dy, w, b, "leaky_relu", 0.2)):
+            assert torch.equal(a, c), f"{name}: results must not depend on block timing"
+
+
+def test_split_pass_ops_empty_batch(cuda_device):
+    x, dy, w, b, _, _ = _inputs((0, 6, 4, 4), torch.float32, cuda_device, running=False)
+    mean, m2 = torch.ops.genfast.batch_norm_act_stats(x)
+    s, sx = torch.ops.genfast.batch_norm_act_bwd_reduce(dy, x, w, b, mean, m2, 2, 0.2, 0.0, False)
+    for name, t in (("mean", mean), ("M2", m2), ("sum dz", s), ("sum dz xhat", sx)):
+        assert t.shape == (6,) and torch.equal(t, torch.zeros_like(t)), name
+
+
+def test_split_pass_ops_opcheck(cuda_device):
+    ops = torch.ops.genfast
+    for layout in LAYOUTS:
+        x, dy, w, b, _, _ = _inputs((4, 8, 5, 6), torch.float32, cuda_device, layout, running=False)
+        mean, m2 = ops.batch_norm_act_stats(x)
+        invstd = torch.rsqrt(m2 / 120 + 1e-5)
+        s, sx = ops.batch_norm_act_bwd_reduce(dy, x, w, b, mean, invstd, 2, 0.2, 0.0, False)
+        torch.library.opcheck(ops.batch_norm_act_stats.default, (x,))
+        torch.library.opcheck(ops.batch_norm_act_apply.default, (x, mean, invstd, w, b, 2, 0.2, 0.0))
+        torch.library.opcheck(ops.batch_norm_act_bwd_reduce.default, (dy, x, w, b, mean, invstd, 2, 0.2, 0.0, False))
+        torch.library.opcheck(ops.batch_norm_act_bwd_dx.default,
+                              (dy, x, w, b, mean, invstd, s, sx, 120.0, 2, 0.2, 0.0, False))
+
+
+def test_split_pass_ops_errors(cuda_device):
+    ops = torch.ops.genfast
+    x, dy, w, b, _, _ = _inputs((4, 8, 5, 6), torch.float32, cuda_device, running=False)
+    mean, m2 = ops.batch_norm_act_stats(x)
+    with pytest.raises(RuntimeError, match="mean"):
+        ops.batch_norm_act_apply(x, mean[:5], m2, w, b, 2, 0.2, 0.0)
+    with pytest.raises(RuntimeError, match="invstd"):
+        ops.batch_norm_act_bwd_reduce(dy, x, w, b, mean, m2.cpu(), 2, 0.2, 0.0, False)
+    with pytest.raises(RuntimeError, match="grad_output"):
+        ops.batch_norm_act_bwd_reduce(dy.double(), x, w, b, mean, m2, 2, 0.2, 0.0, False)
+    with pytest.raises(RuntimeError, match="sum_dz_xhat"):
+        ops.batch_norm_act_bwd_dx(dy, x, w, b, mean, m2, mean, m2[:3], 120.0, 2, 0.2, 0.0, False)
+
+
+def test_sync_batchnorm_uses_cuda_ops(cuda_device):
+    """SyncBatchNormAct2d runs its passes on these kernels for CUDA tensors, the reference
+    formulas only under the reference backend."""
+    import genfast
+    from genfast.ops.sync_batchnorm_act import _use_cpp
+
+    assert genfast.backend.has_cuda_ext(), "the GPU suite needs genfast._C built with CUDA"
+    x = torch.randn(2, 3, 4, 4, device=cuda_device)
+    assert _use_cpp(x)
+    with backend("reference"):
+        assert not _use_cpp(x)

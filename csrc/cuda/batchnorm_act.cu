@@ -25,6 +25,11 @@
 //                           split: also the dx pass (second read of dy and s + 1 write of dx).
 //   bn_bwd_dx_kernel        training dx: 1 read of dy and s + 1 write of dx. Training backward
 //                           with splits = reduce + dx (2 launches).
+// The split-pass ops (SyncBatchNormAct) are one launch each, of the same kernels:
+//   batch_norm_act_stats       bn_fwd_stats_kernel, stats_only: 1 read of x -> (mean, M2)
+//   batch_norm_act_apply       bn_fwd_norm_kernel with given mean / invstd: 1 read of x + 1 write of y
+//   batch_norm_act_bwd_reduce  bn_bwd_reduce_kernel without dx: 1 read of dy and s -> sums
+//   batch_norm_act_bwd_dx      bn_bwd_dx_kernel from the global sums: 1 read of dy and s + 1 write of dx
 // Launches: training forward 1 (one split) or 2; eval forward 1; training backward 1 (one
 // split) or 2; eval backward 1. No memset or other launch besides (the arrival counters reset
 // themselves; see ticket_counters), except a copy of grad_output when its layout differs from
@@ -284,9 +289,13 @@ struct FwdArgs {
   acc_t momentum;              // running-statistics factor
   acc_t slope;                 // leaky_relu negative slope
   acc_t gamma_floor;           // |gamma| lower bound (memory_efficient), 0 = off
+  ChannelParam given_mean;     // (C,) mean for the normalise pass (batch_norm_act_apply); absent: see training
+  ChannelParam given_invstd;   // (C,) invstd for the normalise pass (batch_norm_act_apply)
   int act;                     // Activation code (csrc/common/activation.h)
   bool training;               // batch statistics (true) or running statistics (false)
   bool fuse_normalize;         // stats kernel with one split: also write y in the same launch
+  bool stats_only;             // stats kernel (batch_norm_act_stats): write (mean, M2) into
+                               // save_mean / save_invstd and stop (no running stats, no y)
 };
 
 template <typename scalar_t, typename acc_t>
@@ -305,8 +314,11 @@ struct BwdArgs {
   ChannelParam grad_bias;      // (C,) out: sum(dz)
   SumPair<acc_t>* partials;    // (splits, C) per-split sums (splits > 1 only)
   unsigned* tickets;           // (groups,) arrival counters, 0 between launches (splits > 1)
-  acc_t* coef;                 // (C, 2) out: sum_dz / M and sum_dzx / M for bn_bwd_dx_kernel
-  acc_t count;                 // M = N * L, elements per channel
+  acc_t* coef;                 // (C, 2) sum_dz / M and sum_dzx / M: written by the reduce kernel and
+                               // read by bn_bwd_dx_kernel when not null
+  ChannelParam sum_dz;         // (C,) global sum of dz for bn_bwd_dx_kernel when coef is null
+  ChannelParam sum_dzx;        // (C,) global sum of dz * xhat for bn_bwd_dx_kernel when coef is null
+  acc_t count;                 // M: elements per channel (N * L, or the global count of the split op)
   acc_t slope;                 // leaky_relu negative slope
   acc_t gamma_floor;           // |gamma| lower bound (memory_efficient), 0 = off
   int act;                     // Activation code
@@ -324,7 +336,10 @@ template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void fwd_coef(const FwdArgs<scalar_t, acc_t>& a, int64_t c, bool write_saved,
                                          acc_t& scale, acc_t& shift) {
   acc_t mean, invstd;
-  if (a.training) {
+  if (a.given_mean.type != kParamNone) {
+    mean = param_load<acc_t>(a.given_mean, c, acc_t(0));
+    invstd = param_load<acc_t>(a.given_invstd, c, acc_t(1));
+  } else if (a.training) {
     mean = a.save_mean[c];
     invstd = a.save_invstd[c];
   } else {
@@ -357,6 +372,19 @@ __device__ __forceinline__ void fwd_finish(const FwdArgs<scalar_t, acc_t>& a, in
   const acc_t g = effective_gamma<acc_t>(param_load<acc_t>(a.weight, c, acc_t(1)), a.gamma_floor);
   scale = g * invstd;
   shift = param_load<acc_t>(a.bias, c, acc_t(0)) - mean * scale;
+}
+
+// End of the statistics pass for channel c: fwd_finish, or (stats_only) the merged (mean, M2)
+// into save_mean / save_invstd.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void stats_finish(const FwdArgs<scalar_t, acc_t>& a, int64_t c, const Welford<acc_t>& w,
+                                             acc_t& scale, acc_t& shift) {
+  if (a.stats_only) {
+    a.save_mean[c] = w.mean;
+    a.save_invstd[c] = w.m2;
+    return;
+  }
+  fwd_finish(a, c, w, scale, shift);
 }
 
 template <typename acc_t>
@@ -395,6 +423,23 @@ __device__ __forceinline__ void bwd_finish(const BwdArgs<scalar_t, acc_t>& a, in
   if (a.training && a.count > acc_t(0)) {
     ka = s.dz / a.count;
     kb = s.dzx / a.count;
+  }
+}
+
+// (sum_dz / M, sum_dzx / M) of channel c for the dx pass: from coef (fused backward) or from the
+// global sums given to batch_norm_act_bwd_dx ((0, 0) when M == 0, as on the CPU).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void dx_coef(const BwdArgs<scalar_t, acc_t>& a, int64_t c, acc_t& ka, acc_t& kb) {
+  if (a.coef != nullptr) {
+    ka = a.coef[2 * c];
+    kb = a.coef[2 * c + 1];
+    return;
+  }
+  ka = acc_t(0);
+  kb = acc_t(0);
+  if (a.count > acc_t(0)) {
+    ka = param_load<acc_t>(a.sum_dz, c, acc_t(0)) / a.count;
+    kb = param_load<acc_t>(a.sum_dzx, c, acc_t(0)) / a.count;
   }
 }
 
@@ -603,7 +648,7 @@ bn_fwd_stats_kernel(const FwdArgs<scalar_t, acc_t> a /* see FwdArgs */) {
       for (int64_t s = threadIdx.x; s < splits; s += kThreads) w = combine(w, load_partial(a.partials + s * a.C + c));
       w = reduce_block_1d(w, smem);
     }
-    if (threadIdx.x == 0) fwd_finish(a, c, w, s_scale[0], s_shift[0]);
+    if (threadIdx.x == 0) stats_finish(a, c, w, s_scale[0], s_shift[0]);
     if (!a.fuse_normalize) return;
     __syncthreads();
     ncl_normalize<scalar_t, acc_t, VEC>(a, c, j0, j1, s_scale[0], s_shift[0]);
@@ -664,7 +709,7 @@ bn_fwd_stats_kernel(const FwdArgs<scalar_t, acc_t> a /* see FwdArgs */) {
     if (threadIdx.y == 0 && active) {
 #pragma unroll
       for (int k = 0; k < VEC; ++k)
-        fwd_finish(a, col * VEC + k, w[k], s_scale[threadIdx.x * VEC + k], s_shift[threadIdx.x * VEC + k]);
+        stats_finish(a, col * VEC + k, w[k], s_scale[threadIdx.x * VEC + k], s_shift[threadIdx.x * VEC + k]);
     }
     if (!a.fuse_normalize) return;
     __syncthreads();
@@ -730,7 +775,7 @@ bn_bwd_reduce_kernel(const BwdArgs<scalar_t, acc_t> a /* see BwdArgs */) {
     }
     if (threadIdx.x == 0) {
       bwd_finish(a, c, acc, s_ka[0], s_kb[0]);
-      if (a.training && !a.fuse_dx) {
+      if (a.coef != nullptr) {
         a.coef[2 * c] = s_ka[0];
         a.coef[2 * c + 1] = s_kb[0];
       }
@@ -783,7 +828,7 @@ bn_bwd_reduce_kernel(const BwdArgs<scalar_t, acc_t> a /* see BwdArgs */) {
         bwd_finish(a, c, acc[e], pa, pb);
         s_ka[threadIdx.x * VEC + e] = pa;
         s_kb[threadIdx.x * VEC + e] = pb;
-        if (a.training && !a.fuse_dx) {
+        if (a.coef != nullptr) {
           a.coef[2 * c] = pa;
           a.coef[2 * c + 1] = pb;
         }
@@ -801,7 +846,8 @@ bn_bwd_reduce_kernel(const BwdArgs<scalar_t, acc_t> a /* see BwdArgs */) {
   }
 }
 
-// Training dx from the coefficients written by bn_bwd_reduce_kernel.
+// Training dx from the coefficients written by bn_bwd_reduce_kernel, or from the global sums
+// (batch_norm_act_bwd_dx: coef is null, see dx_coef).
 template <typename scalar_t, typename acc_t, int VEC, bool NLC>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 bn_bwd_dx_kernel(const BwdArgs<scalar_t, acc_t> a /* see BwdArgs */) {
@@ -810,7 +856,9 @@ bn_bwd_dx_kernel(const BwdArgs<scalar_t, acc_t> a /* see BwdArgs */) {
     const int64_t c = g, total = a.N * a.nvec;
     const int64_t j0 = imin(total, split * a.chunk), j1 = imin(total, j0 + a.chunk);
     const BwdCoef<acc_t> k = bwd_coef(a, c);
-    ncl_backward<scalar_t, acc_t, VEC, false, true>(a, c, j0, j1, k, a.coef[2 * c], a.coef[2 * c + 1]);
+    acc_t ka, kb;
+    dx_coef(a, c, ka, kb);
+    ncl_backward<scalar_t, acc_t, VEC, false, true>(a, c, j0, j1, k, ka, kb);
   } else {
     const int64_t rows = a.N * a.L;
     const int64_t col = g * blockDim.x + threadIdx.x;
@@ -823,8 +871,7 @@ bn_bwd_dx_kernel(const BwdArgs<scalar_t, acc_t> a /* see BwdArgs */) {
     for (int e = 0; e < VEC; ++e) {
       const int64_t c = col * VEC + e;
       k[e] = bwd_coef(a, c);
-      ka[e] = a.coef[2 * c];
-      kb[e] = a.coef[2 * c + 1];
+      dx_coef(a, c, ka[e], kb[e]);
     }
     nlc_backward<scalar_t, acc_t, VEC, false, true>(a, col, r0, r1, k, ka, kb, unused);
   }
@@ -975,6 +1022,18 @@ ChannelView cuda_channel_view(at::Tensor& t) {
 
 dim3 block_of(const Geometry& g) { return dim3(g.tx, g.ty); }
 
+// The normalise pass alone (eval forward, training forward with splits, batch_norm_act_apply).
+template <typename scalar_t, typename acc_t, int VEC, bool NLC>
+void launch_norm(FwdArgs<scalar_t, acc_t> a, const Geometry& g) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const int64_t splits = choose_splits(g, kNormBlocksPerSM, kNormMinElems);
+  a.chunk = ceil_div(g.units, splits);
+  bn_fwd_norm_kernel<scalar_t, acc_t, VEC, NLC><<<dim3(g.groups, splits), block_of(g), 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Training: the statistics pass, then (unless fused into it, or stats_only) the normalise pass.
+// Eval: the normalise pass.
 template <typename scalar_t, typename acc_t, int VEC, bool NLC>
 void launch_fwd(FwdArgs<scalar_t, acc_t> a, const Geometry& g, const at::Tensor& like) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -982,7 +1041,7 @@ void launch_fwd(FwdArgs<scalar_t, acc_t> a, const Geometry& g, const at::Tensor&
   if (a.training) {
     const int64_t splits = choose_splits(g, kReduceBlocksPerSM, kReduceMinElems);
     a.chunk = ceil_div(g.units, splits);
-    a.fuse_normalize = splits == 1;
+    a.fuse_normalize = splits == 1 && !a.stats_only;
     if (splits > 1) {
       workspace = at::empty({static_cast<int64_t>(splits * a.C * sizeof(Welford<acc_t>))},
                             like.options().dtype(at::kByte));
@@ -992,40 +1051,47 @@ void launch_fwd(FwdArgs<scalar_t, acc_t> a, const Geometry& g, const at::Tensor&
     bn_fwd_stats_kernel<scalar_t, acc_t, VEC, NLC>
         <<<dim3(g.groups, splits), block_of(g), 0, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (a.fuse_normalize) return;
+    if (a.fuse_normalize || a.stats_only) return;
   }
+  launch_norm<scalar_t, acc_t, VEC, NLC>(a, g);
+}
+
+// The training dx pass alone (coef from the reduce kernel, or a.sum_dz / a.sum_dzx).
+template <typename scalar_t, typename acc_t, int VEC, bool NLC>
+void launch_bwd_dx(BwdArgs<scalar_t, acc_t> a, const Geometry& g) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const int64_t splits = choose_splits(g, kNormBlocksPerSM, kNormMinElems);
   a.chunk = ceil_div(g.units, splits);
-  bn_fwd_norm_kernel<scalar_t, acc_t, VEC, NLC><<<dim3(g.groups, splits), block_of(g), 0, stream>>>(a);
+  bn_bwd_dx_kernel<scalar_t, acc_t, VEC, NLC><<<dim3(g.groups, splits), block_of(g), 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Backward: the reduce pass (eval: with dx), then in training the dx pass unless fused into it.
+// reduce_only (batch_norm_act_bwd_reduce; needs a.training): the reduce pass alone, its sums
+// written through grad_weight (sum dz * xhat) and grad_bias (sum dz), no coef, no dx.
 template <typename scalar_t, typename acc_t, int VEC, bool NLC>
-void launch_bwd(BwdArgs<scalar_t, acc_t> a, const Geometry& g, const at::Tensor& like) {
+void launch_bwd(BwdArgs<scalar_t, acc_t> a, const Geometry& g, const at::Tensor& like, bool reduce_only) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   at::Tensor workspace, tickets, coef;
   // Eval writes dx during the reduction: grid it as the elementwise pass it also is.
   const int64_t splits = a.training ? choose_splits(g, kReduceBlocksPerSM, kReduceMinElems)
                                     : choose_splits(g, kNormBlocksPerSM, kNormMinElems);
   a.chunk = ceil_div(g.units, splits);
-  a.fuse_dx = splits == 1;
+  a.fuse_dx = splits == 1 && !reduce_only;
   if (splits > 1) {
     workspace = at::empty({static_cast<int64_t>(splits * a.C * sizeof(SumPair<acc_t>))},
                           like.options().dtype(at::kByte));
     a.partials = reinterpret_cast<SumPair<acc_t>*>(workspace.data_ptr());
     a.tickets = ticket_counters(g.groups, like, tickets);
   }
-  if (a.training && !a.fuse_dx) {
+  if (a.training && !a.fuse_dx && !reduce_only) {
     coef = at::empty({2 * a.C}, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     a.coef = coef.data_ptr<acc_t>();
   }
   bn_bwd_reduce_kernel<scalar_t, acc_t, VEC, NLC><<<dim3(g.groups, splits), block_of(g), 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (!a.training || a.fuse_dx) return;
-  const int64_t dx_splits = choose_splits(g, kNormBlocksPerSM, kNormMinElems);
-  a.chunk = ceil_div(g.units, dx_splits);
-  bn_bwd_dx_kernel<scalar_t, acc_t, VEC, NLC><<<dim3(g.groups, dx_splits), block_of(g), 0, stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (!a.training || a.fuse_dx || reduce_only) return;
+  launch_bwd_dx<scalar_t, acc_t, VEC, NLC>(a, g);
 }
 
 // Calls f.template operator()<VEC, NLC>() for the geometry's vector width and layout.
@@ -1164,10 +1230,196 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cuda(
     a.saved_is_output = saved_is_output;
     a.fuse_dx = false;
     dispatch_geometry<scalar_t>(g, [&](auto vec, auto nlc) {
-      launch_bwd<scalar_t, acc_t, decltype(vec)::value, decltype(nlc)::value>(a, g, saved);
+      launch_bwd<scalar_t, acc_t, decltype(vec)::value, decltype(nlc)::value>(a, g, saved, false);
     });
   });
   return {grad_input, grad_weight, grad_bias};
+}
+
+// --- The passes as separate ops (SyncBatchNormAct: a collective sits between them), with the
+// behaviour of their CPU kernels. Each is one launch of the kernel above that makes the pass
+// (split blocks merge in the same launch), with its finalisation replaced: stats returns the
+// merged (mean, M2); bwd_reduce the sums; apply and bwd_dx take mean / invstd (and the global
+// sums and count) as inputs.
+
+// A per-channel input (mean, invstd, sums): C elements of any floating dtype on like's device,
+// read through a ChannelParam (so 1-D; a (C, 1)-shaped tensor is viewed as (C,)).
+at::Tensor per_channel_input(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.numel() == like.size(1), "batch_norm_act: ", name, " must have ", like.size(1),
+              " elements, got ", t.numel());
+  check_tensor(t, like, name);
+  return t.dim() == 1 ? t : t.reshape({-1});
+}
+
+// grad_output against the saved tensor: same shape, device and dtype.
+void check_grad_out(const at::Tensor& grad_out, const at::Tensor& saved) {
+  TORCH_CHECK(grad_out.sizes() == saved.sizes(), "batch_norm_act: grad_output has shape ", grad_out.sizes(),
+              " but the saved tensor has shape ", saved.sizes());
+  check_tensor(grad_out, saved, "grad_output");
+  TORCH_CHECK(grad_out.scalar_type() == saved.scalar_type(), "batch_norm_act: grad_output has dtype ",
+              grad_out.scalar_type(), " but the saved tensor has dtype ", saved.scalar_type());
+}
+
+template <typename scalar_t, typename acc_t>
+FwdArgs<scalar_t, acc_t> fwd_args(const at::Tensor& input, const ChannelView& v, const Geometry& g) {
+  FwdArgs<scalar_t, acc_t> a{};
+  a.x = input.data_ptr<scalar_t>();
+  a.N = v.N;
+  a.C = v.C;
+  a.L = v.L;
+  a.nvec = g.nvec;
+  return a;
+}
+
+template <typename scalar_t, typename acc_t>
+BwdArgs<scalar_t, acc_t> bwd_args(const at::Tensor& grad_out, const at::Tensor& saved, const ChannelView& v,
+                                  const Geometry& g, const ChannelParam& w, const ChannelParam& b,
+                                  const at::Tensor& mean, const at::Tensor& invstd, int64_t activation,
+                                  double negative_slope, double gamma_floor, bool saved_is_output) {
+  BwdArgs<scalar_t, acc_t> a{};
+  a.dy = grad_out.data_ptr<scalar_t>();
+  a.saved = saved.data_ptr<scalar_t>();
+  a.N = v.N;
+  a.C = v.C;
+  a.L = v.L;
+  a.nvec = g.nvec;
+  a.weight = w;
+  a.bias = b;
+  a.save_mean = channel_param(mean, "mean");
+  a.save_invstd = channel_param(invstd, "invstd");
+  a.slope = static_cast<acc_t>(negative_slope);
+  a.gamma_floor = static_cast<acc_t>(gamma_floor);
+  a.act = static_cast<int>(activation);
+  a.training = true;
+  a.saved_is_output = saved_is_output;
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_act_stats_cuda(const at::Tensor& input_) {
+  check_common(input_, c10::nullopt, c10::nullopt);
+  const c10::cuda::CUDAGuard guard(input_.device());
+  at::Tensor input = input_;
+  const ChannelView v = cuda_channel_view(input);
+  const auto acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor mean = at::empty({v.C}, input.options().dtype(acc_type));
+  at::Tensor m2 = at::empty({v.C}, input.options().dtype(acc_type));
+  if (v.C == 0) return {mean, m2};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_act_stats_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Geometry g = make_geometry<scalar_t>(v, {input.data_ptr()});
+    FwdArgs<scalar_t, acc_t> a = fwd_args<scalar_t, acc_t>(input, v, g);
+    a.save_mean = mean.data_ptr<acc_t>();
+    a.save_invstd = m2.data_ptr<acc_t>();
+    a.training = true;
+    a.stats_only = true;
+    dispatch_geometry<scalar_t>(g, [&](auto vec, auto nlc) {
+      launch_fwd<scalar_t, acc_t, decltype(vec)::value, decltype(nlc)::value>(a, g, input);
+    });
+  });
+  return {mean, m2};
+}
+
+at::Tensor batch_norm_act_apply_cuda(const at::Tensor& input_, const at::Tensor& mean_, const at::Tensor& invstd_,
+                                     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                                     int64_t activation, double negative_slope, double gamma_floor) {
+  check_common(input_, weight, bias);
+  const at::Tensor mean = per_channel_input(mean_, input_, "mean");
+  const at::Tensor invstd = per_channel_input(invstd_, input_, "invstd");
+  const c10::cuda::CUDAGuard guard(input_.device());
+  at::Tensor input = input_;
+  const ChannelView v = cuda_channel_view(input);
+  const ChannelParam w = channel_param(weight, "weight"), b = channel_param(bias, "bias");
+  const ChannelParam pm = channel_param(mean, "mean"), pi = channel_param(invstd, "invstd");
+  at::Tensor out = at::empty_like(input);
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_act_apply_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Geometry g = make_geometry<scalar_t>(v, {input.data_ptr(), out.data_ptr()});
+    FwdArgs<scalar_t, acc_t> a = fwd_args<scalar_t, acc_t>(input, v, g);
+    a.y = out.data_ptr<scalar_t>();
+    a.weight = w;
+    a.bias = b;
+    a.given_mean = pm;
+    a.given_invstd = pi;
+    a.slope = static_cast<acc_t>(negative_slope);
+    a.gamma_floor = static_cast<acc_t>(gamma_floor);
+    a.act = static_cast<int>(activation);
+    a.training = true;
+    dispatch_geometry<scalar_t>(g, [&](auto vec, auto nlc) {
+      launch_norm<scalar_t, acc_t, decltype(vec)::value, decltype(nlc)::value>(a, g);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_act_bwd_reduce_cuda(
+    const at::Tensor& grad_out_, const at::Tensor& saved_, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& mean_, const at::Tensor& invstd_, int64_t activation,
+    double negative_slope, double gamma_floor, bool saved_is_output) {
+  check_common(saved_, weight, bias);
+  check_grad_out(grad_out_, saved_);
+  const at::Tensor mean = per_channel_input(mean_, saved_, "mean");
+  const at::Tensor invstd = per_channel_input(invstd_, saved_, "invstd");
+  const c10::cuda::CUDAGuard guard(saved_.device());
+  at::Tensor saved = saved_;
+  const ChannelView v = cuda_channel_view(saved);
+  at::Tensor grad_out = grad_out_;
+  if (grad_out.strides() != saved.strides()) grad_out = at::empty_like(saved).copy_(grad_out_);
+  const auto acc_type = saved.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor sum_dz = at::empty({v.C}, saved.options().dtype(acc_type));
+  at::Tensor sum_dzx = at::empty({v.C}, saved.options().dtype(acc_type));
+  const ChannelParam w = channel_param(weight, "weight"), b = channel_param(bias, "bias");
+  if (v.C == 0) return {sum_dz, sum_dzx};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(), "batch_norm_act_bwd_reduce_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Geometry g = make_geometry<scalar_t>(v, {grad_out.data_ptr(), saved.data_ptr()});
+    BwdArgs<scalar_t, acc_t> a = bwd_args<scalar_t, acc_t>(grad_out, saved, v, g, w, b, mean, invstd, activation,
+                                                           negative_slope, gamma_floor, saved_is_output);
+    a.grad_weight = channel_param(sum_dzx, "sum_dz_xhat");
+    a.grad_bias = channel_param(sum_dz, "sum_dz");
+    a.count = static_cast<acc_t>(static_cast<double>(v.N) * static_cast<double>(v.L));
+    dispatch_geometry<scalar_t>(g, [&](auto vec, auto nlc) {
+      launch_bwd<scalar_t, acc_t, decltype(vec)::value, decltype(nlc)::value>(a, g, saved, true);
+    });
+  });
+  return {sum_dz, sum_dzx};
+}
+
+at::Tensor batch_norm_act_bwd_dx_cuda(const at::Tensor& grad_out_, const at::Tensor& saved_,
+                                      const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                                      const at::Tensor& mean_, const at::Tensor& invstd_, const at::Tensor& sum_dz_,
+                                      const at::Tensor& sum_dz_xhat_, double count, int64_t activation,
+                                      double negative_slope, double gamma_floor, bool saved_is_output) {
+  check_common(saved_, weight, bias);
+  check_grad_out(grad_out_, saved_);
+  const at::Tensor mean = per_channel_input(mean_, saved_, "mean");
+  const at::Tensor invstd = per_channel_input(invstd_, saved_, "invstd");
+  const at::Tensor sum_dz = per_channel_input(sum_dz_, saved_, "sum_dz");
+  const at::Tensor sum_dzx = per_channel_input(sum_dz_xhat_, saved_, "sum_dz_xhat");
+  const c10::cuda::CUDAGuard guard(saved_.device());
+  at::Tensor saved = saved_;
+  const ChannelView v = cuda_channel_view(saved);
+  const ChannelParam w = channel_param(weight, "weight"), b = channel_param(bias, "bias");
+  const ChannelParam ps = channel_param(sum_dz, "sum_dz"), psx = channel_param(sum_dzx, "sum_dz_xhat");
+  at::Tensor grad_input = at::empty_like(saved);
+  if (grad_input.numel() == 0) return grad_input;
+  at::Tensor grad_out = grad_out_;
+  if (grad_out.strides() != saved.strides()) grad_out = at::empty_like(saved).copy_(grad_out_);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(), "batch_norm_act_bwd_dx_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Geometry g =
+        make_geometry<scalar_t>(v, {grad_out.data_ptr(), saved.data_ptr(), grad_input.data_ptr()});
+    BwdArgs<scalar_t, acc_t> a = bwd_args<scalar_t, acc_t>(grad_out, saved, v, g, w, b, mean, invstd, activation,
+                                                           negative_slope, gamma_floor, saved_is_output);
+    a.dx = grad_input.data_ptr<scalar_t>();
+    a.sum_dz = ps;
+    a.sum_dzx = psx;
+    a.count = static_cast<acc_t>(count);
+    dispatch_geometry<scalar_t>(g, [&](auto vec, auto nlc) {
+      launch_bwd_dx<scalar_t, acc_t, decltype(vec)::value, decltype(nlc)::value>(a, g);
+    });
+  });
+  return grad_input;
 }
 
 }  // namespace
@@ -1175,6 +1427,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cuda(
 TORCH_LIBRARY_IMPL(genfast, CUDA, m) {
   m.impl("batch_norm_act_fwd", &batch_norm_act_fwd_cuda);
   m.impl("batch_norm_act_bwd", &batch_norm_act_bwd_cuda);
+  m.impl("batch_norm_act_stats", &batch_norm_act_stats_cuda);
+  m.impl("batch_norm_act_apply", &batch_norm_act_apply_cuda);
+  m.impl("batch_norm_act_bwd_reduce", &batch_norm_act_bwd_reduce_cuda);
+  m.impl("batch_norm_act_bwd_dx", &batch_norm_act_bwd_dx_cuda);
 }
 
 }  // namespace genfast

@@ -7,9 +7,12 @@ normalise + activation (one fused pass). Backward: local (sum dz, sum dz*xhat) (
 -> one all_reduce -> grad_input (one fused pass). grad_weight / grad_bias stay local, as in
 nn.SyncBatchNorm (DDP averages parameter gradients).
 
-The split passes run as the genfast::batch_norm_act_{stats,apply,bwd_reduce,bwd_dx} C++ ops on
-CPU tensors, and through the reference formulas elsewhere (no CUDA/Triton kernels for the split
-passes yet)."""
+The split passes run as the genfast::batch_norm_act_{stats,apply,bwd_reduce,bwd_dx} C++ ops: the
+CPU kernels on CPU tensors (cpu backend), the CUDA kernels on CUDA tensors when genfast._C was
+built with them (whatever fused backend, cuda or triton, the single-process layer uses: there
+are no Triton kernels for the split passes). The reference formulas run them under the reference
+backend, on CUDA tensors without the CUDA extension (with a warning, once), and on CPU tensors
+under any backend but cpu (auto picks cpu when the C++ extension is built)."""
 from __future__ import annotations
 
 import torch
@@ -22,7 +25,17 @@ _ACT_NAMES = {v: k for k, v in B.ACTIVATIONS.items()}
 
 
 def _use_cpp(t: torch.Tensor) -> bool:
-    return B.resolve("batchnorm_act", t.device) == "cpu"
+    name = B.resolve("batchnorm_act", t.device)
+    if name == "reference":
+        return False
+    if t.device.type == "cuda":
+        if not B.has_cuda_ext():
+            B.warn_once("sync-batchnorm-act-cuda",
+                        "genfast: SyncBatchNormAct2d runs its passes through the reference formulas on "
+                        "CUDA tensors: genfast._C was built without CUDA kernels")
+            return False
+        return True
+    return name == "cpu"
 
 
 def _fake_registrations():
