@@ -79,12 +79,33 @@ void dispatch_activation(int64_t act, F&& fn) {
   }
 }
 
+// Sum of v[i] (or of (v[i] - mean)^2 with SQDEV) over i < n in the accumulation type, in
+// kLanes interleaved partial sums: a fixed order (deterministic), and unlike one running sum
+// (an in-order floating-point reduction GCC may not reorder) it vectorises.
+template <bool SQDEV, typename acc_t, typename T>
+inline acc_t lane_sum(const T* v, int64_t n, acc_t mean) {
+  constexpr int kLanes = 8;
+  acc_t s[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t d = static_cast<acc_t>(v[i + l]) - (SQDEV ? mean : acc_t(0));
+      s[l] += SQDEV ? d * d : d;
+    }
+  acc_t t = 0;
+  for (; i < n; ++i) {
+    const acc_t d = static_cast<acc_t>(v[i]) - (SQDEV ? mean : acc_t(0));
+    t += SQDEV ? d * d : d;
+  }
+  for (int l = 0; l < kLanes; ++l) t += s[l];
+  return t;
+}
+
 // y = act(p + bias[c]) over a dense (N, C, HW) tensor in layout `fmt` (p and y share the linear
 // layout; they may be the same buffer). With stats, part[task * C + c] receives the Welford
-// partial of channel c's stored values in that task; tasks: one (n, c) plane (NCHW) or one block
-// of kPixelBlock pixels (channels-last). Returns the number of tasks per channel merged in
-// order by the caller (NCHW: N tasks per channel, part index n * C + c; channels-last:
-// ceil(N * HW / kPixelBlock) tasks). INPLACE: p is y (float32 / float64); reading through y's
+// partial of channel c's stored values in that task; tasks: one (n, c) plane (NCHW, so part
+// index n * C + c) or one block of kPixelBlock pixels (channels-last); the caller merges each
+// channel's partials in task order. INPLACE: p is y (float32 / float64); reading through y's
 // own pointer lets the compiler see the zero dependence distance and vectorise without an
 // overlap check.
 template <int ACT, bool INPLACE, typename scalar_t, typename acc_t>
@@ -106,20 +127,11 @@ void epilogue(const acc_t* p,                        // product, N * C * HW valu
         const acc_t bv = bias[r % C];
         scalar_t* dst = y + r * L;
         const acc_t* src = INPLACE ? reinterpret_cast<const acc_t*>(dst) : p + r * L;
-        acc_t sum = 0;
-        for (int64_t i = 0; i < L; ++i) {
-          const scalar_t v = static_cast<scalar_t>(act_forward_c<ACT, acc_t>(src[i] + bv, slope));
-          dst[i] = v;
-          sum += static_cast<acc_t>(v);
-        }
+        for (int64_t i = 0; i < L; ++i) dst[i] = static_cast<scalar_t>(act_forward_c<ACT, acc_t>(src[i] + bv, slope));
         if (stats && L > 0) {
           // plane mean, then squared deviations (the plane is still in cache)
-          const acc_t mean = sum / acc_t(L);
-          acc_t q = 0;
-          for (int64_t i = 0; i < L; ++i) {
-            const acc_t d = static_cast<acc_t>(dst[i]) - mean;
-            q += d * d;
-          }
+          const acc_t mean = lane_sum<false>(dst, L, acc_t(0)) / acc_t(L);
+          const acc_t q = lane_sum<true>(dst, L, mean);
           pp[r] = Welford<acc_t>{acc_t(L), mean, q};
         }
       }
@@ -183,18 +195,14 @@ void grad_pre(const scalar_t* dy,                     // grad of the output, lay
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* g = dy + r * L;
         const scalar_t* o = y + r * L;
-        acc_t sum = 0;
         if (dz_out != nullptr) {
           acc_t* d = dz_out + r * L;
-          for (int64_t i = 0; i < L; ++i) {
-            const acc_t v = static_cast<acc_t>(g[i]) * act_grad_from_output_c<ACT, acc_t>(static_cast<acc_t>(o[i]), slope);
-            d[i] = v;
-            sum += v;
-          }
-        } else {
-          for (int64_t i = 0; i < L; ++i) sum += static_cast<acc_t>(g[i]);
+          for (int64_t i = 0; i < L; ++i)
+            d[i] = static_cast<acc_t>(g[i]) * act_grad_from_output_c<ACT, acc_t>(static_cast<acc_t>(o[i]), slope);
+          if (sums) pp[r] = lane_sum<false>(d, L, acc_t(0));  // the plane is still in cache
+        } else if (sums) {
+          pp[r] = lane_sum<false>(g, L, acc_t(0));
         }
-        if (sums) pp[r] = sum;
       }
     });
     return;
@@ -264,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, con
   }
   if (!stats) return {y, at::empty({0}, acc_opts), at::empty({0}, acc_opts)};  // distinct: no aliasing
   // merge the per-task partials of each channel in task order
-  const int64_t tasks = g.N == 0 ? 0 : (cl ? static_cast<int64_t>(part.size()) / g.Cout : g.N);
+  const int64_t tasks = g.Cout == 0 ? 0 : static_cast<int64_t>(part.size()) / g.Cout;  // per channel, in merge order
   at::Tensor mean = at::empty({g.Cout}, acc_opts), var = at::empty({g.Cout}, acc_opts);
   acc_t* mp = mean.data_ptr<acc_t>();
   acc_t* vp = var.data_ptr<acc_t>();
@@ -305,7 +313,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy_in,
   if (has_bias) {
     dbt = at::empty({g.Cout}, w.options());
     scalar_t* o = dbt.data_ptr<scalar_t>();
-    const int64_t tasks = g.N == 0 ? 0 : static_cast<int64_t>(part.size()) / g.Cout;
+    const int64_t tasks = g.Cout == 0 ? 0 : static_cast<int64_t>(part.size()) / g.Cout;
     for (int64_t c = 0; c < g.Cout; ++c) {
       acc_t s = 0;
       for (int64_t k = 0; k < tasks; ++k) s += part[k * g.Cout + c];
