@@ -12,15 +12,18 @@
 // accumulation), and round once when the epilogue stores y (and grad_input / grad_weight).
 // Deterministic: our loops split the work into fixed tasks (planes or pixel blocks) whose
 // partial sums are merged in a fixed order, independent of the thread count; ATen's CPU
-// convolutions are deterministic run to run.
+// convolutions are deterministic run to run for a fixed thread count.
 //
-// Passes over memory (besides the products' own operand traffic):
+// Passes over memory (besides the traffic inside ATen's products, including any layout reorder
+// of their own):
 //   forward: ATen writes P once (into y itself for float32 / float64, into a float32 buffer for
 //   float16 / bfloat16, which first converts x and w once); the epilogue reads P and writes y
 //   once, the statistics re-reading each plane or pixel block of y from cache.
-//   backward: reads dy and y once and writes dz once (float32 / float64 with no activation: dz
-//   is dy itself and the pass only reads dy for grad_bias); ATen's backward reads dz, x and w and
-//   writes grad_input and grad_weight (float16 / bfloat16: converted once more on the way out).
+//   backward: reads dy and y once and writes dz once, grad_bias re-reading each plane or pixel
+//   block of dz from cache (float32 / float64 with no activation: dz is dy itself and the pass
+//   only reads dy for grad_bias; a dy in another layout than y is first copied); ATen's backward
+//   reads dz, x and w and writes grad_input and grad_weight (float16 / bfloat16: converted once
+//   more on the way out).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/LegacyTypeDispatch.h>
