@@ -58,14 +58,18 @@ at::MemoryFormat memory_format_of(const at::Tensor& t) {
                                                                                 : at::MemoryFormat::Contiguous;
 }
 
-// t with exactly the strides at::empty gives for `fmt` (the fakes' strides, which opcheck
-// compares): t itself when it has them, else a copy (only a tensor whose size-1 dimensions carry
-// other strides).
+// Whether t has exactly the strides at::empty gives for `fmt` (the fakes' strides, which
+// opcheck compares).
+bool has_canonical_strides(const at::Tensor& t, at::MemoryFormat fmt) {
+  return fmt == at::MemoryFormat::ChannelsLast
+             ? t.strides() == at::IntArrayRef(c10::get_channels_last_strides_2d(t.sizes()))
+             : t.strides() == at::IntArrayRef(c10::contiguous_strides(t.sizes()));
+}
+
+// t itself when it has the canonical strides of `fmt`, else a copy that has them (only a tensor
+// whose size-1 dimensions carry other strides, or one in another layout).
 at::Tensor canonical(const at::Tensor& t, at::MemoryFormat fmt) {
-  const bool same = fmt == at::MemoryFormat::ChannelsLast
-                        ? t.strides() == at::IntArrayRef(c10::get_channels_last_strides_2d(t.sizes()))
-                        : t.strides() == at::IntArrayRef(c10::contiguous_strides(t.sizes()));
-  if (same) return t;
+  if (has_canonical_strides(t, fmt)) return t;
   return at::empty(t.sizes(), t.options().memory_format(fmt)).copy_(t);
 }
 
@@ -260,9 +264,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, con
                                       dilation, /*transposed=*/true, output_padding, g.G);
     TORCH_CHECK(prod.size(2) == g.Hout && prod.size(3) == g.Wout, "conv_transpose2d: unexpected product size");
     if (!prod.is_contiguous(fmt)) prod = prod.contiguous(fmt);
-    y = at::empty({g.N, g.Cout, g.Hout, g.Wout}, x.options().memory_format(fmt));
     // float32 / float64: the epilogue runs in place when the product has y's exact strides
-    if (std::is_same_v<scalar_t, acc_t> && prod.strides() == y.strides()) y = prod;
+    if (std::is_same_v<scalar_t, acc_t> && has_canonical_strides(prod, fmt)) y = prod;
+    else y = at::empty({g.N, g.Cout, g.Hout, g.Wout}, x.options().memory_format(fmt));
     const bool inplace = prod.data_ptr() == y.data_ptr();
     dispatch_activation(act, [&](auto a) {
       constexpr int A = decltype(a)::value;
