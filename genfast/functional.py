@@ -160,7 +160,8 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
 
     Args:
         input: (N, C_in, H_in, W_in) or unbatched (C_in, H_in, W_in); float16/bfloat16/float32/
-            float64, contiguous or channels_last (any strides are read without a copy).
+            float64, contiguous or channels_last (any strides accepted; the triton backend reads them
+            without a copy).
         weight: (C_in, C_out / groups, kH, kW), the input's dtype.
         bias: (C_out,) or None.
         stride, padding, output_padding, dilation: int or (h, w) pair; defaults 1, 0, 0, 1.
