@@ -61,6 +61,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from genfast.kernels.activation import act_forward, act_grad_from_y, act_grad_from_z, act_invert
+
 
 # Elements held per program by the resident kernels (padded to powers of two; half for float64).
 # Forward keeps x, backward keeps dy and saved: 16384 fp32 values are 64 KiB of registers over
@@ -78,52 +80,6 @@ TILE_INTERPRET = 1024
 # ---------------------------------------------------------------------------------------------
 # Device helpers
 # ---------------------------------------------------------------------------------------------
-
-@triton.jit
-def _act_fwd(z, slope, ACT: tl.constexpr):
-    # f(z) for ACT 0 identity, 1 relu, 2 leaky_relu (genfast.backend.ACTIVATIONS).
-    if ACT == 1:
-        out = tl.where(z > 0, z, 0.0)
-    elif ACT == 2:
-        out = tl.where(z > 0, z, z * slope)
-    else:
-        out = z
-    return out
-
-
-@triton.jit
-def _act_grad_z(z, slope, ACT: tl.constexpr):
-    # f'(z), torch's convention at 0: the negative side's slope.
-    if ACT == 1:
-        out = tl.where(z > 0, 1.0, 0.0)
-    elif ACT == 2:
-        out = tl.where(z > 0, 1.0, slope)
-    else:
-        out = tl.zeros_like(z) + 1.0
-    return out
-
-
-@triton.jit
-def _act_grad_y(y, slope, ACT: tl.constexpr):
-    # f'(z) from y = f(z) (activations that keep the sign).
-    if ACT == 1:
-        out = tl.where(y > 0, 1.0, 0.0)
-    elif ACT == 2:
-        out = tl.where(y > 0, 1.0, slope)
-    else:
-        out = tl.zeros_like(y) + 1.0
-    return out
-
-
-@triton.jit
-def _act_inv(y, slope, ACT: tl.constexpr):
-    # z = f^-1(y) (identity, leaky_relu with slope > 0; relu is passed through as the C++ op does).
-    if ACT == 2:
-        out = tl.where(y > 0, y, y / slope)
-    else:
-        out = y
-    return out
-
 
 @triton.jit
 def _scalar(v, ACC: tl.constexpr):
@@ -372,7 +328,7 @@ def _normalize_kernel(
     for t in range(t0, t1):
         offs, mask = _tile(t, pid_c, n_a, n_b, stride_a, L, tiles_b, BA, BB, CL)
         x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-        y = _act_fwd(x * scale2 + shift2, slope_, ACT)
+        y = act_forward(x * scale2 + shift2, ACT, slope_)
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -428,7 +384,7 @@ def _fused_fwd_kernel(
         tl.store(SAVE_INVSTD + ch, invstd, mask=cmask)
     scale = g * invstd
     shift = beta - mean * scale
-    y = _act_fwd(x * _from_channel(scale, CL) + _from_channel(shift, CL), slope_, ACT)
+    y = act_forward(x * _from_channel(scale, CL) + _from_channel(shift, CL), ACT, slope_)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -441,12 +397,12 @@ def _dz_xhat(dy, sv, mask, mean2, invstd2, scale2, shift2, g2, beta2, slope,
              SAVED_IS_OUTPUT: tl.constexpr, ACT: tl.constexpr):
     # dz = dy * f'(z) and xhat for a tile; `sv` is x, or y when SAVED_IS_OUTPUT. Masked lanes -> 0.
     if SAVED_IS_OUTPUT:
-        z = _act_inv(sv, slope, ACT)
+        z = act_invert(sv, ACT, slope)
         xhat = (z - beta2) / g2
-        dz = dy * _act_grad_y(sv, slope, ACT)
+        dz = dy * act_grad_from_y(sv, ACT, slope)
     else:
         xhat = (sv - mean2) * invstd2
-        dz = dy * _act_grad_z(sv * scale2 + shift2, slope, ACT)
+        dz = dy * act_grad_from_z(sv * scale2 + shift2, ACT, slope)
     dz = tl.where(mask, dz, 0.0)
     xhat = tl.where(mask, xhat, 0.0)
     return dz, xhat

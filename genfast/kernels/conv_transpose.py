@@ -39,41 +39,10 @@ import triton
 import triton.language as tl
 
 from genfast import backend as B
+from genfast.kernels.activation import act_forward, act_grad_from_y, act_grad_from_z
 
 # ---------------------------------------------------------------------------------------------
 # shared device helpers
-
-
-@triton.jit
-def _act_fwd(z, ACT: tl.constexpr, slope):
-    # z: pre-activation tile in the accumulator dtype; ACT: genfast.backend.ACTIVATIONS code;
-    # slope: leaky_relu negative slope.
-    if ACT == 1:
-        z = tl.where(z > 0, z, 0.0)
-    elif ACT == 2:
-        z = tl.where(z > 0, z, z * slope)
-    elif ACT == 3:
-        z = 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
-    elif ACT == 4:
-        z = 1.0 / (1.0 + tl.exp(-z))
-    return z
-
-
-@triton.jit
-def _act_grad_from_y(y, ACT: tl.constexpr, slope):
-    # f'(z) from the output y = f(z) (needs slope >= 0 for leaky_relu); y in float32/float64.
-    one = tl.full(y.shape, 1.0, y.dtype)
-    if ACT == 1:
-        g = tl.where(y > 0, one, 0.0 * one)
-    elif ACT == 2:
-        g = tl.where(y > 0, one, one * slope)
-    elif ACT == 3:
-        g = one - y * y
-    elif ACT == 4:
-        g = y * (one - y)
-    else:
-        g = one
-    return g
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +126,7 @@ def _convt_fwd_kernel(
     if HAS_BIAS:
         bias = tl.load(b_ptr + g * COUT_G + offs_co, mask=co_ok, other=0.0).to(ACC_DTYPE)
         acc = acc + bias[None, :]
-    out = _act_fwd(acc, ACT, slope)
+    out = act_forward(acc, ACT, slope)
     y_ptrs = (y_ptr + (n_idx.to(tl.int64) * syn + oh * syh + ow * syw)[:, None]
               + ((g * COUT_G + offs_co) * syc)[None, :])
     mask = m_ok[:, None] & co_ok[None, :]
@@ -241,7 +210,7 @@ def _convt_dgrad_kernel(
                 dz = tl.load(dy_row[:, None] + ck[None, :] * sdc, mask=amask, other=0.0)
                 if ACT != 0:
                     yv = tl.load(y_row[:, None] + ck[None, :] * syc, mask=amask, other=0.0)
-                    dz = (dz.to(ACC_DTYPE) * _act_grad_from_y(yv.to(ACC_DTYPE), ACT, slope)).to(w_ptr.dtype.element_ty)
+                    dz = (dz.to(ACC_DTYPE) * act_grad_from_y(yv.to(ACC_DTYPE), ACT, slope)).to(w_ptr.dtype.element_ty)
                 b = tl.load(w_tap + ck[:, None] * swo, mask=ck_ok[:, None] & ci_ok[None, :], other=0.0)
                 acc = tl.dot(dz, b, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
 
@@ -323,7 +292,7 @@ def _convt_wgrad_kernel(
             if ACT != 0:
                 yv = tl.load(y_ptr + (n_idx.to(tl.int64) * syn + oh * syh + ow * syw)[:, None] + ch * syc,
                              mask=bmask, other=0.0)
-                dz = (dz.to(ACC_DTYPE) * _act_grad_from_y(yv.to(ACC_DTYPE), ACT, slope)).to(x_ptr.dtype.element_ty)
+                dz = (dz.to(ACC_DTYPE) * act_grad_from_y(yv.to(ACC_DTYPE), ACT, slope)).to(x_ptr.dtype.element_ty)
             acc = tl.dot(a, dz, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         # workspace layout of one split: grad_weight (C_in, C_out/G, KH, KW) contiguous, then grad_bias
         w_off = (((g * CIN_G + offs_ci) * COUT_G)[:, None] + offs_co[None, :]) * KHW + tap
@@ -349,7 +318,7 @@ def _convt_wgrad_kernel(
                 if ACT != 0:
                     yv = tl.load(y_ptr + (n_idx.to(tl.int64) * syn + oh * syh + ow * syw)[:, None] + ch * syc,
                                  mask=bmask, other=0.0)
-                    dz = dz * _act_grad_from_y(yv.to(ACC_DTYPE), ACT, slope)
+                    dz = dz * act_grad_from_y(yv.to(ACC_DTYPE), ACT, slope)
                 accb += tl.sum(dz, axis=0)
             tl.store(ws_row + (WS_ROW - G * COUT_G) + g * COUT_G + offs_co, accb, mask=co_ok)
 
@@ -599,25 +568,6 @@ def conv_transpose2d_bwd(grad_out, x, weight, y, stride, padding, dilation, grou
 
 
 @triton.jit
-def _act_grad_from_z(z, ACT: tl.constexpr, slope):
-    # f'(z) from the pre-activation, torch's convention at 0 (the negative side's slope).
-    one = tl.full(z.shape, 1.0, z.dtype)
-    if ACT == 1:
-        g = tl.where(z > 0, one, 0.0 * one)
-    elif ACT == 2:
-        g = tl.where(z > 0, one, one * slope)
-    elif ACT == 3:
-        t = 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
-        g = one - t * t
-    elif ACT == 4:
-        s = 1.0 / (1.0 + tl.exp(-z))
-        g = s * (one - s)
-    else:
-        g = one
-    return g
-
-
-@triton.jit
 def _bn_load_z(y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, offs_p, offs_c, C, HW, syn, syc, shw,
                mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr):
     # Element offsets, xhat and z = gamma * xhat + beta of a (pixels x channels) tile of y;
@@ -658,7 +608,7 @@ def _bn_apply_kernel(
     mask = (offs_p < NP)[:, None] & (offs_c < C)[None, :]
     ptr, xhat, z, gamma = _bn_load_z(y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, offs_p, offs_c, C,
                                      HW, syn, syc, shw, mask, HAS_W, HAS_B, ACC)
-    tl.store(out_ptr + ptr, _act_fwd(z, ACT, slope).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + ptr, act_forward(z, ACT, slope).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -685,7 +635,7 @@ def _bn_bwd_reduce_kernel(
         mask = (offs_p < hi)[:, None] & c_ok[None, :]
         ptr, xhat, z, gamma = _bn_load_z(y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, offs_p, offs_c,
                                          C, HW, syn, syc, shw, mask, HAS_W, HAS_B, ACC)
-        dz = tl.load(g_ptr + ptr, mask=mask, other=0.0).to(ACC) * _act_grad_from_z(z, ACT, slope)
+        dz = tl.load(g_ptr + ptr, mask=mask, other=0.0).to(ACC) * act_grad_from_z(z, ACT, slope)
         dz = tl.where(mask, dz, 0.0)
         s_dz += tl.sum(dz, axis=0)
         s_dzx += tl.sum(dz * xhat, axis=0)
@@ -720,7 +670,7 @@ def _bn_bwd_dx_kernel(
     mask = (offs_p < NP)[:, None] & c_ok[None, :]
     ptr, xhat, z, gamma = _bn_load_z(y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, offs_p, offs_c, C,
                                      HW, syn, syc, shw, mask, HAS_W, HAS_B, ACC)
-    dz = tl.load(g_ptr + ptr, mask=mask, other=0.0).to(ACC) * _act_grad_from_z(z, ACT, slope)
+    dz = tl.load(g_ptr + ptr, mask=mask, other=0.0).to(ACC) * act_grad_from_z(z, ACT, slope)
     invstd = tl.load(invstd_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)
     k = gamma * invstd
     m = NP * 1.0
