@@ -371,44 +371,75 @@ void backward_dx(const scalar_t* dy, const scalar_t* sv, scalar_t* dx, const Cha
   }
 }
 
+// A (C,) tensor as contiguous acc_t (no op at all when it already is one).
+template <typename acc_t>
+at::Tensor as_acc(const at::Tensor& t) {
+  const auto dt = c10::CppTypeToScalarType<acc_t>::value;
+  at::Tensor c = t.is_contiguous() ? t : t.contiguous();
+  return c.scalar_type() == dt ? c : c.to(dt);
+}
+
+// Per-channel (gamma_eff, beta, mean, invstd) -> scale, shift, in the accumulation type.
+template <typename acc_t>
+struct Coeffs {
+  std::vector<acc_t> gamma, beta, mean, invstd, scale, shift;
+};
+
+template <typename acc_t>
+Coeffs<acc_t> make_coeffs(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                          const c10::optional<at::Tensor>& bias, const at::Tensor& mean_t,
+                          const at::Tensor& invstd_t, double gamma_floor) {
+  const int64_t C = x.size(1);
+  Coeffs<acc_t> k;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param_dtype(x, weight), "bn_act_param", [&] {
+    k.gamma = load_param<acc_t, scalar_t>(weight, C, acc_t(1));
+  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param_dtype(x, bias), "bn_act_param", [&] {
+    k.beta = load_param<acc_t, scalar_t>(bias, C, acc_t(0));
+  });
+  TORCH_CHECK(mean_t.numel() == C && invstd_t.numel() == C, "batch_norm_act: mean and invstd must have ", C,
+              " elements");
+  at::Tensor m = as_acc<acc_t>(mean_t), is = as_acc<acc_t>(invstd_t);
+  k.mean.assign(m.data_ptr<acc_t>(), m.data_ptr<acc_t>() + C);
+  k.invstd.assign(is.data_ptr<acc_t>(), is.data_ptr<acc_t>() + C);
+  k.scale.resize(C);
+  k.shift.resize(C);
+  for (int64_t c = 0; c < C; ++c) {
+    k.gamma[c] = effective_gamma<acc_t>(k.gamma[c], acc_t(gamma_floor));
+    k.scale[c] = k.gamma[c] * k.invstd[c];
+    k.shift[c] = k.beta[c] - k.mean[c] * k.scale[c];
+  }
+  return k;
+}
+
+// grad_out in the saved tensor's layout (a copy only when they differ).
+at::Tensor grad_in_layout_of(const at::Tensor& grad_out, const at::Tensor& saved) {
+  TORCH_CHECK(grad_out.sizes() == saved.sizes(), "batch_norm_act: grad_output has shape ", grad_out.sizes(),
+              " but the saved tensor has shape ", saved.sizes());
+  if (grad_out.strides() != saved.strides()) return at::empty_like(saved).copy_(grad_out);
+  return grad_out;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cpu(
     const at::Tensor& grad_out_, const at::Tensor& saved_, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& save_mean, const at::Tensor& save_invstd,
     bool training, int64_t activation, double negative_slope, double gamma_floor, bool saved_is_output) {
   check_common(saved_, weight, bias);
-  TORCH_CHECK(grad_out_.sizes() == saved_.sizes(), "batch_norm_act: grad_output has shape ", grad_out_.sizes(),
-              " but the saved tensor has shape ", saved_.sizes());
   at::Tensor saved = saved_;
   const ChannelView v = channel_view(saved);
-  // grad_out is read in the saved tensor's layout; a copy is made only when the two differ.
-  at::Tensor grad_out = grad_out_;
-  if (grad_out.strides() != saved.strides()) grad_out = at::empty_like(saved).copy_(grad_out_);
+  const at::Tensor grad_out = grad_in_layout_of(grad_out_, saved);
   const int64_t C = v.C;
   const double M = static_cast<double>(v.N) * static_cast<double>(v.L);
   at::Tensor grad_input = at::empty_like(saved);
-  const auto pdt = param_dtype(saved, weight);
-  at::Tensor grad_weight = at::empty({C}, saved.options().dtype(pdt));
+  at::Tensor grad_weight = at::empty({C}, saved.options().dtype(param_dtype(saved, weight)));
   at::Tensor grad_bias = at::empty({C}, saved.options().dtype(param_dtype(saved, bias)));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(), "batch_norm_act_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    std::vector<acc_t> gamma, beta;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param_dtype(saved, weight), "bn_act_param", [&] {
-      gamma = load_param<acc_t, scalar_t>(weight, C, acc_t(1));
-    });
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param_dtype(saved, bias), "bn_act_param", [&] {
-      beta = load_param<acc_t, scalar_t>(bias, C, acc_t(0));
-    });
-    at::Tensor sm = save_mean.contiguous(), si = save_invstd.contiguous();
-    std::vector<acc_t> mean(sm.data_ptr<acc_t>(), sm.data_ptr<acc_t>() + C);
-    std::vector<acc_t> invstd(si.data_ptr<acc_t>(), si.data_ptr<acc_t>() + C);
-    std::vector<acc_t> scale(C), shift(C), k(C), ka(C, acc_t(0)), kb(C, acc_t(0));
-    for (int64_t c = 0; c < C; ++c) {
-      gamma[c] = effective_gamma<acc_t>(gamma[c], acc_t(gamma_floor));
-      scale[c] = gamma[c] * invstd[c];
-      shift[c] = beta[c] - mean[c] * scale[c];
-      k[c] = scale[c];
-    }
+    const auto kc = make_coeffs<acc_t>(saved, weight, bias, save_mean, save_invstd, gamma_floor);
+    const auto &gamma = kc.gamma, &beta = kc.beta, &mean = kc.mean, &invstd = kc.invstd;
+    const auto &scale = kc.scale, &shift = kc.shift, &k = kc.scale;
+    std::vector<acc_t> ka(C, acc_t(0)), kb(C, acc_t(0));
     const scalar_t* dy = grad_out.data_ptr<scalar_t>();
     const scalar_t* sv = saved.data_ptr<scalar_t>();
     std::vector<acc_t> sum_dz(C, acc_t(0)), sum_dzx(C, acc_t(0));
@@ -448,40 +479,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cpu(
 // --- the two passes as separate ops (SyncBatchNormAct: an all-gather / all-reduce sits between
 // them). Each is one pass over memory.
 
-// Per-channel (gamma_eff, beta, mean, invstd) -> scale, shift, in the accumulation type.
-template <typename acc_t>
-struct Coeffs {
-  std::vector<acc_t> gamma, beta, mean, invstd, scale, shift;
-};
-
-template <typename acc_t>
-Coeffs<acc_t> make_coeffs(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
-                          const c10::optional<at::Tensor>& bias, const at::Tensor& mean_t,
-                          const at::Tensor& invstd_t, double gamma_floor) {
-  const int64_t C = x.size(1);
-  Coeffs<acc_t> k;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param_dtype(x, weight), "bn_act_param", [&] {
-    k.gamma = load_param<acc_t, scalar_t>(weight, C, acc_t(1));
-  });
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param_dtype(x, bias), "bn_act_param", [&] {
-    k.beta = load_param<acc_t, scalar_t>(bias, C, acc_t(0));
-  });
-  TORCH_CHECK(mean_t.numel() == C && invstd_t.numel() == C, "batch_norm_act: mean and invstd must have ", C,
-              " elements");
-  at::Tensor m = mean_t.contiguous().to(c10::CppTypeToScalarType<acc_t>::value);
-  at::Tensor is = invstd_t.contiguous().to(c10::CppTypeToScalarType<acc_t>::value);
-  k.mean.assign(m.data_ptr<acc_t>(), m.data_ptr<acc_t>() + C);
-  k.invstd.assign(is.data_ptr<acc_t>(), is.data_ptr<acc_t>() + C);
-  k.scale.resize(C);
-  k.shift.resize(C);
-  for (int64_t c = 0; c < C; ++c) {
-    k.gamma[c] = effective_gamma<acc_t>(k.gamma[c], acc_t(gamma_floor));
-    k.scale[c] = k.gamma[c] * k.invstd[c];
-    k.shift[c] = k.beta[c] - k.mean[c] * k.scale[c];
-  }
-  return k;
-}
-
 std::tuple<at::Tensor, at::Tensor> batch_norm_act_stats_cpu(const at::Tensor& input_) {
   check_common(input_, c10::nullopt, c10::nullopt);
   at::Tensor input = input_;
@@ -516,14 +513,6 @@ at::Tensor batch_norm_act_apply_cpu(const at::Tensor& input_, const at::Tensor& 
     });
   });
   return out;
-}
-
-// grad_out in the saved tensor's layout (a copy only when they differ).
-at::Tensor grad_in_layout_of(const at::Tensor& grad_out, const at::Tensor& saved) {
-  TORCH_CHECK(grad_out.sizes() == saved.sizes(), "batch_norm_act: grad_output has shape ", grad_out.sizes(),
-              " but the saved tensor has shape ", saved.sizes());
-  if (grad_out.strides() != saved.strides()) return at::empty_like(saved).copy_(grad_out);
-  return grad_out;
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_act_bwd_reduce_cpu(
@@ -572,8 +561,7 @@ at::Tensor batch_norm_act_bwd_dx_cpu(const at::Tensor& grad_out_, const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(), "batch_norm_act_bwd_dx_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto k = make_coeffs<acc_t>(saved, weight, bias, mean, invstd, gamma_floor);
-    at::Tensor s = sum_dz.contiguous().to(c10::CppTypeToScalarType<acc_t>::value);
-    at::Tensor sx = sum_dz_xhat.contiguous().to(c10::CppTypeToScalarType<acc_t>::value);
+    at::Tensor s = as_acc<acc_t>(sum_dz), sx = as_acc<acc_t>(sum_dz_xhat);
     std::vector<acc_t> ka(v.C, acc_t(0)), kb(v.C, acc_t(0));
     for (int64_t c = 0; c < v.C && count > 0; ++c) {
       ka[c] = s.data_ptr<acc_t>()[c] / acc_t(count);
