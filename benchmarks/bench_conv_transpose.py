@@ -2,12 +2,13 @@
 
 Cases: the DCGAN 64x64 generator layers at batch 128 (100->512 1x1->4x4 k4 s1 p0; 512->256,
 256->128, 128->64 k4 s2 p1; 64->3 32->64 + tanh) and the Keras-style MNIST generator layers
-(k5 s2 p2 output_padding 1, 7->14->28), float32 (TF32 as torch.backends.cudnn.allow_tf32 says)
-and bfloat16, NCHW and channels_last. Baselines: eager PyTorch (cudnn.benchmark=True) and
+(k5 s2 p2 output_padding 1, 7->14->28), float32 (TF32 off for every variant, so float32 rows
+compare float32 arithmetic) and bfloat16, NCHW and channels_last. Baselines: eager PyTorch (cudnn.benchmark=True) and
 torch.compile of the same function. The DCGAN block ConvTranspose2d -> BatchNorm2d -> ReLU
 (training, forward+backward) compares gnn.ConvTransposeBNAct2d with the same three baselines.
 FLOPs: 2 * N * C_in * H_in * W_in * C_out * kH * kW / groups
-per pass (forward: 1 pass; forward+backward: 3).
+per pass (forward: 1 pass; forward+backward: 3). On a GPU each row also records the CUDA kernels
+one call launches per variant (torch.profiler), the launch budget of DESIGN.md.
 On CPU (quick) the batch is reduced and only float32 NCHW runs."""
 from __future__ import annotations
 
@@ -62,6 +63,24 @@ def _step(fn, mode, x, w, b, dy):
     return (y,) + torch.autograd.grad(y, (xr, w, b), dy)
 
 
+def cuda_launches(fn) -> int:
+    """CUDA kernels launched by one call of fn (after a warm-up call), from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def _launch_counts(device, variants) -> dict[str, int] | None:
+    if device.type != "cuda":
+        return None
+    return {name: cuda_launches(fn) for name, fn in variants.items()}
+
+
 def run(device: torch.device, quick: bool) -> list[dict]:
     on_gpu = device.type == "cuda"
     batch = 128 if on_gpu else (8 if quick else 32)
@@ -69,8 +88,11 @@ def run(device: torch.device, quick: bool) -> list[dict]:
     dtypes = [torch.float32, torch.bfloat16] if on_gpu else [torch.float32]
     layouts = ["nchw", "nhwc"] if on_gpu else ["nchw"]
     modes = ["fwd", "fwd_bwd"]
-    prev = torch.backends.cudnn.benchmark
+    prev = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+            torch.backends.cuda.matmul.allow_tf32)
     torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     rows = []
     try:
         for name, cin, cout, hin, k, s, p, op, act in layers:
@@ -95,11 +117,13 @@ def run(device: torch.device, quick: bool) -> list[dict]:
                                     for label, fn in fns.items()}
                         case = f"{mode} {name} b{batch} {str(dtype).replace('torch.', '')} {layout}"
                         flops = flops1 * (1 if mode == "fwd" else 3)
-                        rows.append(harness.measure(FAMILY, case, variants, flops=flops, device=device))
+                        rows.append(harness.measure(FAMILY, case, variants, flops=flops, device=device,
+                                                    launches=_launch_counts(device, variants)))
                         harness.print_row(rows[-1])
         rows += _blocks(device, batch, layers, dtypes, layouts)
     finally:
-        torch.backends.cudnn.benchmark = prev
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+         torch.backends.cuda.matmul.allow_tf32) = prev
     return rows
 
 
@@ -139,6 +163,7 @@ def _blocks(device, batch, layers, dtypes, layouts):
                     variants[f"genfast-{be}"] = lambda be=be: step(block, block[0].weight, be)
                 case = f"block convT+BN+ReLU fwd_bwd {name} b{batch} {str(dtype).replace('torch.', '')} {layout}"
                 flops = 3 * 2 * batch * cin * hin * hin * cout * k * k
-                rows.append(harness.measure(FAMILY, case, variants, flops=flops, device=device))
+                rows.append(harness.measure(FAMILY, case, variants, flops=flops, device=device,
+                                            launches=_launch_counts(device, variants)))
                 harness.print_row(rows[-1])
     return rows

@@ -33,7 +33,7 @@ def genfast_backends(device: torch.device, family: str) -> list[str]:
     names = ["cuda", "triton"] if device.type == "cuda" else ["cpu"]
     out = []
     for n in names:
-        if genfast.backend.available(n, device)[0] and genfast.backend.family_supports(family, n):
+        if genfast.backend.available(n, device, family)[0] and genfast.backend.family_supports(family, n):
             out.append(n)
     return out
 

@@ -18,9 +18,9 @@ TORCH_LIBRARY(genfast, m) {
       "Tensor save_mean, Tensor save_invstd, bool training, int activation, "
       "float negative_slope, float gamma_floor, bool saved_is_output) -> (Tensor, Tensor, Tensor)");
   // Transposed convolution + bias + activation (genfast/ops/conv_transpose.py). input (N, C_in,
-  // H, W), weight (C_in, C_out/groups, KH, KW). Returns (out, mean, var): with stats, the
-  // per-channel mean and biased variance of out (float32; float64 for float64) for a following
-  // BatchNorm, else two empty tensors.
+  // H, W), weight (C_in, C_out/groups, KH, KW). Returns (out, partials, empty): with stats, the
+  // (3, 1, C_out) per-channel (count, mean, M2) of out (float32; float64 for float64) for a
+  // following BatchNorm (genfast::bn_block_finalize), else two empty tensors.
   m.def(
       "conv_transpose2d_fwd(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
       "int[2] output_padding, int groups, int[2] dilation, int activation, float negative_slope, "
@@ -31,6 +31,13 @@ TORCH_LIBRARY(genfast, m) {
       "conv_transpose2d_bwd(Tensor grad_out, Tensor input, Tensor weight, Tensor output, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, int activation, float negative_slope, bool need_input, "
       "bool need_weight, bool has_bias) -> (Tensor, Tensor, Tensor)");
+  // The BatchNorm block's finalize (csrc/cpu/conv_transpose.cpp; Triton on CUDA tensors):
+  // (3, P, C) partials -> (mean, invstd, scale, shift), running statistics and
+  // num_batches_tracked updated in place.
+  m.def(
+      "bn_block_finalize(Tensor partials, Tensor? conv_bias, Tensor? weight, Tensor? bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, "
+      "float momentum, bool cumulative, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   // The two passes of each direction as separate ops, for SyncBatchNormAct (a collective sits
   // between them). stats -> (mean, M2) per channel (Welford; float32, float64 for float64 input).
   m.def("batch_norm_act_stats(Tensor input) -> (Tensor, Tensor)");

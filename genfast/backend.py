@@ -24,15 +24,14 @@ ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 
 AUTO_CUDA = {
     "batchnorm_act": "triton",
     "losses": "triton",
-    # No CUDA C++ kernel for this family: the "cuda" backend runs the Triton kernels too.
-    "conv_transpose": "triton",
+    # cuDNN's products through ATen + genfast's epilogue kernels (DESIGN.md: fuse around the
+    # vendor library, replace it only where a committed GPU benchmark shows genfast's GEMM
+    # faster; none has been measured yet, so the Triton implicit GEMM runs only when asked for).
+    "conv_transpose": "cuda",
 }
 
 # Backends with kernels for each family; a family not listed has all four.
-FAMILY_BACKENDS: dict[str, tuple[str, ...]] = {
-    # conv_transpose has no CUDA C++ kernel: the "cuda" setting runs its Triton kernels.
-    "conv_transpose": ("auto", "triton", "cpu", "reference"),
-}
+FAMILY_BACKENDS: dict[str, tuple[str, ...]] = {}
 
 _state = threading.local()
 _warned: set[str] = set()
@@ -126,9 +125,18 @@ def family_supports(family: str, name: str) -> bool:
     return name in FAMILY_BACKENDS.get(family, BACKENDS)
 
 
-def available(name: str, device: torch.device) -> tuple[bool, str]:
-    """Whether backend ``name`` can run on ``device``, and why not."""
+# Families whose "cuda" backend is ATen's products + genfast's Triton epilogue kernels: it needs
+# Triton, not the CUDA C++ extension.
+_CUDA_VIA_TRITON = ("conv_transpose",)
+
+
+def available(name: str, device: torch.device, family: str | None = None) -> tuple[bool, str]:
+    """Whether backend ``name`` can run ``family``'s ops on ``device``, and why not."""
     cuda = device.type == "cuda"
+    if name == "cuda" and family in _CUDA_VIA_TRITON:
+        if not cuda:
+            return False, "the cuda backend runs on CUDA tensors only"
+        return has_triton(), "triton is not installed (it runs the epilogue kernels)"
     if name == "reference":
         return True, ""
     if name == "cpu":
@@ -152,13 +160,13 @@ def resolve(family: str, device: torch.device) -> str:
     """The backend that runs ``family`` on ``device`` under the current setting."""
     name = get_backend()
     if name != "auto":
-        ok, why = available(name, device)
+        ok, why = available(name, device, family)
         if not ok:
             raise RuntimeError(f"genfast: backend {name!r} cannot run on {device.type} tensors: {why}")
         return name
     if device.type == "cuda":
         for candidate in (AUTO_CUDA.get(family, "triton"), "cuda", "triton"):
-            if available(candidate, device)[0]:
+            if available(candidate, device, family)[0]:
                 return candidate
         warn_once(f"auto-ref-cuda-{family}",
                   f"genfast: no fused {family} kernel is available for CUDA tensors (neither "

@@ -260,7 +260,7 @@ def test_invalid_arguments_raise_like_torch(i):
 
 # --- registration, gradcheck, compile ---------------------------------------------------------
 
-@pytest.mark.parametrize("be", ["cpu", "triton"])
+@pytest.mark.parametrize("be", ["cpu", "triton", "cuda"])  # cuda: ATen product + Triton epilogue
 def test_opcheck(be):
     x = torch.randn(2, 4, 3, 2, dtype=torch.float64)
     w = torch.randn(4, 3, 4, 3, dtype=torch.float64)
@@ -271,8 +271,21 @@ def test_opcheck(be):
     torch.library.opcheck(ops.conv_transpose2d.default, (x, w, b, *geo, act, 0.1, be))
     torch.library.opcheck(ops.conv_transpose2d.default,
                           (x.to(memory_format=torch.channels_last), w, None, *geo, 3, 0.0, be))
-    torch.library.opcheck(ops.conv_transpose2d_stats.default, (x, w, b, *geo, act, 0.1, be))
+    torch.library.opcheck(ops.conv_transpose2d_stats.default, (x, w, *geo, be))
     y = ops.conv_transpose2d(x, w, b, *geo, act, 0.1, be)
+    # the BatchNorm block's ops
+    yb, part = ops.conv_transpose2d_stats(x, w, *geo, be)
+    C = yb.shape[1]
+    gamma, beta = torch.rand(C, dtype=torch.float64) + 0.5, torch.randn(C, dtype=torch.float64)
+    rm, rv, nbt = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64), torch.tensor(0)
+    torch.library.opcheck(ops.bn_block_finalize_.default,
+                          (part, b, gamma, beta, rm, rv, nbt, 0.1, False, 1e-5, torch.float64, be))
+    mean, invstd, scale, shift = ops.bn_block_finalize_(part, b, gamma, beta, None, None, None, 0.1,
+                                                        False, 1e-5, torch.float64, be)
+    torch.library.opcheck(ops.bn_block_apply.default,
+                          (yb, mean, invstd, scale, shift, gamma, beta, act, 0.1, be))
+    torch.library.opcheck(ops.bn_block_backward.default,
+                          (torch.randn_like(yb), yb, mean, invstd, gamma, beta, act, 0.1, True, be))
     dy = torch.randn_like(y)
     stride, padding, _, groups, dilation = geo
     for flags in ((True, True, True), (False, True, False), (True, False, False)):
@@ -354,7 +367,7 @@ def test_compile_fullgraph_cpu():
 
 # --- the BatchNorm-statistics epilogue ---------------------------------------------------------
 
-@pytest.mark.parametrize("be", ["cpu", "triton"])
+@pytest.mark.parametrize("be", ["cpu", "triton", "cuda"])
 def test_statistics_epilogue(be):
     torch.manual_seed(5)
     for cfg in (FIXED["dcgan_k4s2p1"], FIXED["groups_dilation_nonsquare"]):
@@ -362,14 +375,17 @@ def test_statistics_epilogue(be):
         w.requires_grad_()
         geo = (list(cfg["stride"]), list(cfg["padding"]), list(cfg["output_padding"]), cfg["groups"],
                list(cfg["dilation"]))
-        y, mean, var = torch.ops.genfast.conv_transpose2d_stats(
-            x, w, b, *geo, genfast.backend.ACTIVATIONS[cfg["activation"]], 0.2, be)
-        assert not mean.requires_grad and not var.requires_grad
-        mean_ref, var_ref = ref.batch_stats_partials(y)
-        assert_close(mean, mean_ref, torch.float64)
-        assert_close(var, var_ref, torch.float64)
-        z = F.conv_transpose2d(x, w, b, *geo[:3], geo[3], geo[4])
-        assert_close(y, act_forward(z, cfg["activation"], 0.2), torch.float64)
+        y, part = torch.ops.genfast.conv_transpose2d_stats(x, w, *geo, be)
+        z = F.conv_transpose2d(x, w, None, *geo[:3], geo[3], geo[4])
+        assert_close(y, z, torch.float64)
+        # merge the (count, mean, M2) partials with the textbook formulas
+        n, m, m2 = part[0], part[1], part[2]
+        total = n.sum(0)
+        mean = (n * m).sum(0) / total
+        var = (m2.sum(0) + (n * (m - mean) ** 2).sum(0)) / total
+        assert torch.equal(total, torch.full_like(total, z.numel() // z.shape[1]))
+        assert_close(mean, z.mean((0, 2, 3)), torch.float64)
+        assert_close(var, z.var((0, 2, 3), unbiased=False), torch.float64)
 
 
 @pytest.mark.parametrize("be", CPU_BACKENDS)

@@ -32,6 +32,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cmath>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -278,18 +279,97 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, con
     y = at::empty({g.N, g.Cout, g.Hout, g.Wout}, x.options().memory_format(fmt));
   }
   if (!stats) return {y, at::empty({0}, acc_opts), at::empty({0}, acc_opts)};  // distinct: no aliasing
-  // merge the per-task partials of each channel in task order
+  // merge the per-task partials of each channel in task order into one (count, mean, M2) row:
+  // the (3, P = 1, C) partials that genfast::bn_block_finalize reads
   const int64_t tasks = g.Cout == 0 ? 0 : static_cast<int64_t>(part.size()) / g.Cout;  // per channel, in merge order
-  at::Tensor mean = at::empty({g.Cout}, acc_opts), var = at::empty({g.Cout}, acc_opts);
-  acc_t* mp = mean.data_ptr<acc_t>();
-  acc_t* vp = var.data_ptr<acc_t>();
+  at::Tensor merged = at::empty({3, 1, g.Cout}, acc_opts);
+  acc_t* mp = merged.data_ptr<acc_t>();
   for (int64_t c = 0; c < g.Cout; ++c) {
     Welford<acc_t> t = welford_init<acc_t>();
     for (int64_t k = 0; k < tasks; ++k) t = welford_merge(t, part[k * g.Cout + c]);
-    mp[c] = t.mean;
-    vp[c] = t.count > acc_t(0) ? t.m2 / t.count : acc_t(0);
+    mp[c] = static_cast<acc_t>(t.count);
+    mp[g.Cout + c] = t.mean;
+    mp[2 * g.Cout + c] = t.m2;
   }
-  return {y, mean, var};
+  return {y, merged, at::empty({0}, acc_opts)};
+}
+
+// Per-channel finalize of the BatchNorm block (ConvTranspose2d -> BatchNorm2d -> activation):
+// merges the (3, P, C) (count, mean, M2) partials in row order (float64), returns (mean, invstd,
+// scale = weight * invstd, shift = bias - mean * scale) in the partials' dtype, and updates the
+// running statistics in place through their strides (the batch mean plus the preceding layer's
+// bias, which was left out of y; the unbiased variance) and num_batches_tracked. An empty batch
+// leaves the running statistics unchanged (num_batches_tracked still counts it, as in torch).
+template <typename r_t>
+void update_running(const at::Tensor& t, const std::vector<double>& value, double mom, const std::vector<bool>& upd) {
+  r_t* p = t.data_ptr<r_t>();
+  const int64_t s = t.stride(0);
+  for (size_t c = 0; c < value.size(); ++c)
+    if (upd[c]) p[c * s] = static_cast<r_t>((1.0 - mom) * static_cast<double>(p[c * s]) + mom * value[c]);
+}
+
+std::vector<double> as_doubles(const c10::optional<at::Tensor>& t, int64_t C, double fill) {
+  std::vector<double> out(C, fill);
+  if (!t.has_value() || !t->defined()) return out;
+  at::Tensor v = t->to(at::kDouble).contiguous();  // a (C,) parameter: C elements
+  const double* p = v.data_ptr<double>();
+  std::copy(p, p + C, out.begin());
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_block_finalize_cpu(
+    const at::Tensor& partials, const c10::optional<at::Tensor>& conv_bias, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& num_batches_tracked,
+    double momentum, bool cumulative, double eps) {
+  TORCH_CHECK(partials.dim() == 3 && partials.size(0) == 3, "bn_block_finalize: partials must be (3, P, C)");
+  const int64_t P = partials.size(1), C = partials.size(2);
+  at::Tensor part = partials.to(at::kDouble).contiguous();
+  const double* pp = part.data_ptr<double>();
+  const std::vector<double> cb = as_doubles(conv_bias, C, 0.0), wv = as_doubles(weight, C, 1.0),
+                            bv = as_doubles(bias, C, 0.0);
+  at::Tensor mean = at::empty({C}, partials.options()), invstd = at::empty({C}, partials.options());
+  at::Tensor scale = at::empty({C}, partials.options()), shift = at::empty({C}, partials.options());
+  std::vector<double> rm_new(C), rv_new(C);
+  std::vector<bool> upd(C);
+  AT_DISPATCH_FLOATING_TYPES(partials.scalar_type(), "bn_block_finalize_cpu", [&] {
+    scalar_t *mp = mean.data_ptr<scalar_t>(), *ip = invstd.data_ptr<scalar_t>();
+    scalar_t *sp = scale.data_ptr<scalar_t>(), *hp = shift.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      Welford<double> t = welford_init<double>();
+      for (int64_t r = 0; r < P; ++r)
+        t = welford_merge(t, Welford<double>{pp[r * C + c], pp[(P + r) * C + c], pp[(2 * P + r) * C + c]});
+      const double n = static_cast<double>(t.count);
+      const double var = n > 0 ? t.m2 / n : 0.0;
+      const double is = 1.0 / std::sqrt(var + eps);
+      mp[c] = static_cast<scalar_t>(t.mean);
+      ip[c] = static_cast<scalar_t>(is);
+      sp[c] = static_cast<scalar_t>(wv[c] * is);
+      hp[c] = static_cast<scalar_t>(bv[c] - t.mean * wv[c] * is);
+      rm_new[c] = t.mean + cb[c];
+      rv_new[c] = n > 1 ? t.m2 / (n - 1) : t.m2;
+      upd[c] = n > 0;
+    }
+  });
+  if (running_mean.has_value() && running_mean->defined()) {
+    double mom = momentum;
+    if (cumulative) {
+      TORCH_CHECK(num_batches_tracked.has_value() && num_batches_tracked->defined(),
+                  "bn_block_finalize: momentum=None needs num_batches_tracked");
+      mom = 1.0 / (static_cast<double>(num_batches_tracked->item<int64_t>()) + 1.0);
+    }
+    for (const at::Tensor* t : {&*running_mean, &*running_var}) {
+      const std::vector<double>& v = t == &*running_mean ? rm_new : rv_new;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t->scalar_type(), "bn_block_running", [&] {
+        update_running<scalar_t>(*t, v, mom, upd);
+      });
+    }
+  }
+  if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
+    int64_t* np = num_batches_tracked->data_ptr<int64_t>();
+    *np += 1;
+  }
+  return {mean, invstd, scale, shift};
 }
 
 template <typename scalar_t>
@@ -341,7 +421,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy_in,
       if (need_weight) gw = at::zeros(w.sizes(), acc_opts);
     }
     if (need_input) dx = canonical(gi.to(x.scalar_type()), memory_format_of(x));
-    if (need_weight) dwt = canonical(gw.to(w.scalar_type()), at::MemoryFormat::Contiguous);
+    // grad_weight in the weight's own layout (autograd would copy it there otherwise)
+    if (need_weight) dwt = canonical(gw.to(w.scalar_type()), memory_format_of(w));
   }
   return {dx, dwt, dbt};
 }
@@ -420,6 +501,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2d_bwd_cpu(
 TORCH_LIBRARY_IMPL(genfast, CPU, m) {
   m.impl("conv_transpose2d_fwd", &conv_transpose2d_fwd_cpu);
   m.impl("conv_transpose2d_bwd", &conv_transpose2d_bwd_cpu);
+  m.impl("bn_block_finalize", &bn_block_finalize_cpu);
 }
 
 }  // namespace genfast

@@ -14,9 +14,8 @@ Launches and passes (one launch = one pass over the tensors it names):
                               sums) + row_sum (fixed-order sum of the partials)            2
   BatchNorm block, forward:   stats (read y: Welford partials per program) + finalize (merge
                               the partials per channel in fixed order; mean, invstd, the
-                              running statistics in place, scale/shift) + apply
-                              (act(y * scale + shift), read y, write out; increments
-                              num_batches_tracked)                                           3
+                              running statistics and num_batches_tracked in place,
+                              scale/shift) + apply (act(y * scale + shift), read y, write out)  3
   BatchNorm block, backward:  bn_bwd_reduce (read dout, y: partial sums of dz, dz * xhat,
                               xhat) + bn_bwd_finalize (weight/bias gradients, the preceding
                               layer's bias gradient, dx coefficients) + bn_bwd_dx (read dout,
@@ -179,57 +178,69 @@ def _finalize_kernel(
     cbias_ptr,  # (C,) bias of the preceding layer (folded into the mean) or a dummy
     w_ptr, b_ptr,  # BatchNorm weight / bias (C,) or dummies
     rm_ptr, rv_ptr,  # running_mean / running_var (C,) with strides srm / srv, or dummies
-    nbt_ptr,  # num_batches_tracked (int64 scalar) or a dummy; read only here
+    nbt_ptr,  # num_batches_tracked (int64 scalar), incremented by program 0, or a dummy
     mean_ptr, invstd_ptr, scale_ptr, shift_ptr,  # out: (C,) in float32 (float64 for float64)
     P, C, PLANE, srm, srv,  # partial rows, channels, P * C, running-statistics strides
-    momentum, eps,  # momentum (ignored when CUMULATIVE), epsilon
+    CBP,  # channel blocks per program (all of them in one program when CUMULATIVE)
+    mom_hi, mom_lo, eps_hi, eps_lo,  # momentum (ignored when CUMULATIVE) and epsilon, each as
+    # a float32 pair hi + lo (Triton passes Python floats as float32; the pair keeps float64's)
     HAS_CBIAS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,  # update running stats; momentum=None
+    INC_NBT: tl.constexpr,  # increment num_batches_tracked
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
-    cnt = tl.zeros((BLOCK_C,), tl.float64)
-    mean = tl.zeros((BLOCK_C,), tl.float64)
-    m2 = tl.zeros((BLOCK_C,), tl.float64)
-    for r0 in range(0, P, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        m = (offs_r < P)[:, None] & c_ok[None, :]
-        ptr = ws_ptr + offs_r.to(tl.int64)[:, None] * C + offs_c[None, :]
-        n_t = tl.load(ptr, mask=m, other=0.0).to(tl.float64)
-        mean_t = tl.load(ptr + PLANE, mask=m, other=0.0).to(tl.float64)
-        m2_t = tl.load(ptr + 2 * PLANE, mask=m, other=0.0).to(tl.float64)
-        n_t, mean_t, m2_t = tl.reduce((n_t, mean_t, m2_t), 0, _welford_combine)
-        cnt, mean, m2 = _welford_combine(cnt, mean, m2, n_t, mean_t, m2_t)
-    var = m2 / tl.where(cnt > 0, cnt, 1.0)
-    invstd = 1.0 / tl.sqrt(var + eps)
-    gamma = tl.full((BLOCK_C,), 1.0, tl.float64)
-    if HAS_W:
-        gamma = tl.load(w_ptr + offs_c, mask=c_ok, other=1.0).to(tl.float64)
-    scale = gamma * invstd
-    shift = -mean * scale
-    if HAS_B:
-        shift = shift + tl.load(b_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float64)
-    tl.store(mean_ptr + offs_c, mean.to(mean_ptr.dtype.element_ty), mask=c_ok)
-    tl.store(invstd_ptr + offs_c, invstd.to(invstd_ptr.dtype.element_ty), mask=c_ok)
-    tl.store(scale_ptr + offs_c, scale.to(scale_ptr.dtype.element_ty), mask=c_ok)
-    tl.store(shift_ptr + offs_c, shift.to(shift_ptr.dtype.element_ty), mask=c_ok)
-    if RUNNING:
-        if CUMULATIVE:
-            mom = 1.0 / (tl.load(nbt_ptr).to(tl.float64) + 1.0)
-        else:
-            mom = momentum
-        batch_mean = mean
-        if HAS_CBIAS:
-            batch_mean = mean + tl.load(cbias_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float64)
-        unbiased = m2 / tl.where(cnt > 1, cnt - 1.0, 1.0)
-        upd = c_ok & (cnt > 0)  # an empty batch leaves the running statistics unchanged
-        rmp = rm_ptr + offs_c.to(tl.int64) * srm
-        rvp = rv_ptr + offs_c.to(tl.int64) * srv
-        rm = tl.load(rmp, mask=upd, other=0.0).to(tl.float64)
-        rv = tl.load(rvp, mask=upd, other=0.0).to(tl.float64)
-        tl.store(rmp, ((1.0 - mom) * rm + mom * batch_mean).to(rm_ptr.dtype.element_ty), mask=upd)
-        tl.store(rvp, ((1.0 - mom) * rv + mom * unbiased).to(rv_ptr.dtype.element_ty), mask=upd)
+    # With CUMULATIVE the momentum 1 / (num_batches_tracked + 1) is read before program 0
+    # increments the counter: the launcher runs a single program then, so no program can read
+    # the counter after the increment.
+    pid = tl.program_id(0)
+    eps = tl.full((BLOCK_C,), eps_hi, tl.float64) + tl.full((BLOCK_C,), eps_lo, tl.float64)
+    for j in range(0, CBP):
+        offs_c = (pid * CBP + j) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < C
+        cnt = tl.zeros((BLOCK_C,), tl.float64)
+        mean = tl.zeros((BLOCK_C,), tl.float64)
+        m2 = tl.zeros((BLOCK_C,), tl.float64)
+        for r0 in range(0, P, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            m = (offs_r < P)[:, None] & c_ok[None, :]
+            ptr = ws_ptr + offs_r.to(tl.int64)[:, None] * C + offs_c[None, :]
+            n_t = tl.load(ptr, mask=m, other=0.0).to(tl.float64)
+            mean_t = tl.load(ptr + PLANE, mask=m, other=0.0).to(tl.float64)
+            m2_t = tl.load(ptr + 2 * PLANE, mask=m, other=0.0).to(tl.float64)
+            n_t, mean_t, m2_t = tl.reduce((n_t, mean_t, m2_t), 0, _welford_combine)
+            cnt, mean, m2 = _welford_combine(cnt, mean, m2, n_t, mean_t, m2_t)
+        var = m2 / tl.where(cnt > 0, cnt, 1.0)
+        invstd = 1.0 / tl.sqrt(var + eps)
+        gamma = tl.full((BLOCK_C,), 1.0, tl.float64)
+        if HAS_W:
+            gamma = tl.load(w_ptr + offs_c, mask=c_ok, other=1.0).to(tl.float64)
+        scale = gamma * invstd
+        shift = -mean * scale
+        if HAS_B:
+            shift = shift + tl.load(b_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float64)
+        tl.store(mean_ptr + offs_c, mean.to(mean_ptr.dtype.element_ty), mask=c_ok)
+        tl.store(invstd_ptr + offs_c, invstd.to(invstd_ptr.dtype.element_ty), mask=c_ok)
+        tl.store(scale_ptr + offs_c, scale.to(scale_ptr.dtype.element_ty), mask=c_ok)
+        tl.store(shift_ptr + offs_c, shift.to(shift_ptr.dtype.element_ty), mask=c_ok)
+        if RUNNING:
+            if CUMULATIVE:
+                mom = 1.0 / (tl.load(nbt_ptr).to(tl.float64) + 1.0)
+            else:
+                mom = tl.full((BLOCK_C,), mom_hi, tl.float64) + tl.full((BLOCK_C,), mom_lo, tl.float64)
+            batch_mean = mean
+            if HAS_CBIAS:
+                batch_mean = mean + tl.load(cbias_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float64)
+            unbiased = m2 / tl.where(cnt > 1, cnt - 1.0, 1.0)
+            upd = c_ok & (cnt > 0)  # an empty batch leaves the running statistics unchanged
+            rmp = rm_ptr + offs_c.to(tl.int64) * srm
+            rvp = rv_ptr + offs_c.to(tl.int64) * srv
+            rm = tl.load(rmp, mask=upd, other=0.0).to(tl.float64)
+            rv = tl.load(rvp, mask=upd, other=0.0).to(tl.float64)
+            tl.store(rmp, ((1.0 - mom) * rm + mom * batch_mean).to(rm_ptr.dtype.element_ty), mask=upd)
+            tl.store(rvp, ((1.0 - mom) * rv + mom * unbiased).to(rv_ptr.dtype.element_ty), mask=upd)
+    if INC_NBT:
+        if pid == 0:
+            tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
 
 
 @triton.jit
@@ -237,12 +248,10 @@ def _apply_kernel(
     y_ptr,  # product output
     out_ptr,  # out: act(y * scale + shift), same strides as y
     scale_ptr, shift_ptr,  # (C,) per-channel affine map (ACC dtype)
-    nbt_ptr,  # num_batches_tracked, incremented by program (0, 0) when INC_NBT
     C, S, HB,  # channels, pixels per row, pixel blocks per row
     sn, sc, ss,  # plane-view strides of y and out
     slope,  # leaky_relu negative slope
-    ACT: tl.constexpr, INC_NBT: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ptr, mask = _tile(tl.program_id(0), HB, tl.arange(0, BLOCK_S), offs_c, C, S, sn, sc, ss, BLOCK_S)
@@ -252,9 +261,6 @@ def _apply_kernel(
     v = tl.load(y_ptr + ptr, mask=mask, other=0.0).to(ACC)
     tl.store(out_ptr + ptr, act_forward(v * a[None, :] + b[None, :], ACT, slope).to(out_ptr.dtype.element_ty),
              mask=mask)
-    if INC_NBT:
-        if tl.program_id(0) == 0 and tl.program_id(1) == 0:
-            tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,6 +460,20 @@ def _dense_rows(y: torch.Tensor) -> bool:
     return y.is_contiguous(memory_format=torch.channels_last)
 
 
+def _f64_pair(v: float) -> tuple[float, float]:
+    """v as hi + lo, both exactly representable in float32 (a float64 scalar for a kernel)."""
+    import numpy as np
+
+    hi = float(np.float32(v))
+    return hi, float(np.float32(v - hi))
+
+
+def _vec(t):
+    """A per-channel (C,) vector as the kernels read it: contiguous (a copy only when it is
+    strided or expanded)."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
 def layout_like(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """g with y's strides (a copy only when they differ, e.g. an expanded gradient)."""
     if g.stride() == y.stride():
@@ -465,6 +485,7 @@ def epilogue_(y: torch.Tensor, bias, activation: int, negative_slope: float) -> 
     """y = act(y + bias) in place (one read and one write of y). Returns y."""
     if y.numel() == 0 or (bias is None and activation == 0):
         return y
+    bias = _vec(bias)
     v = PlaneView(y)
     with _on_device(y):
         _epilogue_kernel[(v.tiles, v.cblocks)](
@@ -519,43 +540,47 @@ def bn_stats_partials(y: torch.Tensor) -> torch.Tensor:
 def bn_finalize(partials: torch.Tensor, conv_bias, weight, bias, running_mean, running_var,
                 num_batches_tracked, momentum: float, cumulative: bool, eps: float, acc: torch.dtype):
     """Merge the (3, P, C) partials in fixed order: (mean, invstd, scale, shift) per channel in
-    `acc`, and the running statistics updated in place (with conv_bias added to the batch mean;
-    momentum 1 / (num_batches_tracked + 1) when cumulative). An empty batch leaves them alone."""
+    `acc`; running statistics updated in place (conv_bias added to the batch mean; momentum
+    1 / (num_batches_tracked + 1) when cumulative) and num_batches_tracked incremented, in the
+    same launch. An empty batch leaves the running statistics alone (and is counted)."""
     C = partials.shape[2]
     dev = partials.device
+    conv_bias, weight, bias = _vec(conv_bias), _vec(weight), _vec(bias)
     mean, invstd, scale, shift = (torch.empty((C,), device=dev, dtype=acc) for _ in range(4))
     running = running_mean is not None
-    bc = min(triton.next_power_of_2(max(C, 1)), 64)
+    nbt = num_batches_tracked
+    if C == 0:
+        if nbt is not None:
+            nbt.add_(1)
+        return mean, invstd, scale, shift
+    bc = min(triton.next_power_of_2(C), 64)
+    cblocks = triton.cdiv(C, bc)
+    cbp = cblocks if (running and cumulative) else 1
     d = mean
     with _on_device(partials):
-        _finalize_kernel[(triton.cdiv(C, bc),)](
+        _finalize_kernel[(triton.cdiv(cblocks, cbp),)](
             partials, conv_bias if conv_bias is not None else d, weight if weight is not None else d,
             bias if bias is not None else d, running_mean if running else d,
-            running_var if running else d,
-            num_batches_tracked if (running and cumulative) else d, mean, invstd, scale, shift,
-            partials.shape[1], C, partials.shape[1] * C, running_mean.stride(0) if running else 0,
-            running_var.stride(0) if running else 0, float(momentum), float(eps),
-            HAS_CBIAS=conv_bias is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-            RUNNING=running, CUMULATIVE=bool(cumulative), BLOCK_R=32, BLOCK_C=bc)
+            running_var if running else d, nbt if nbt is not None else d,
+            mean, invstd, scale, shift, partials.shape[1], C, partials.shape[1] * C,
+            running_mean.stride(0) if running else 0, running_var.stride(0) if running else 0,
+            cbp, *_f64_pair(momentum), *_f64_pair(eps), HAS_CBIAS=conv_bias is not None,
+            HAS_W=weight is not None, HAS_B=bias is not None, RUNNING=running,
+            CUMULATIVE=bool(running and cumulative), INC_NBT=nbt is not None, BLOCK_R=32, BLOCK_C=bc)
     return mean, invstd, scale, shift
 
 
-def bn_apply(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, num_batches_tracked,
-             activation: int, negative_slope: float) -> torch.Tensor:
-    """act(y * scale + shift) per channel (one read of y, one write); increments
-    num_batches_tracked in the same launch when it is given."""
+def bn_apply(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, activation: int,
+             negative_slope: float) -> torch.Tensor:
+    """act(y * scale + shift) per channel: one read of y, one write."""
     out = torch.empty_like(y)
     if y.numel() == 0:
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
         return out
     v = PlaneView(y)
     with _on_device(y):
         _apply_kernel[(v.tiles, v.cblocks)](
-            y, out, scale, shift, num_batches_tracked if num_batches_tracked is not None else scale,
-            v.c, v.s, v.hb, *v.strides, float(negative_slope), ACT=activation,
-            INC_NBT=num_batches_tracked is not None, ACC=_acc(y.dtype), BLOCK_S=v.block_s,
-            BLOCK_C=v.block_c)
+            y, out, scale, shift, v.c, v.s, v.hb, *v.strides, float(negative_slope), ACT=activation,
+            ACC=_acc(y.dtype), BLOCK_S=v.block_s, BLOCK_C=v.block_c)
     return out
 
 
@@ -566,6 +591,7 @@ def bn_act_backward(grad_out, y, mean, invstd, weight, bias, activation: int, ne
     C = y.shape[1]
     g = layout_like(grad_out, y)
     dev = y.device
+    weight, bias = _vec(weight), _vec(bias)
     dw = torch.empty((C,), device=dev, dtype=weight.dtype) if weight is not None else None
     db = torch.empty((C,), device=dev, dtype=bias.dtype) if bias is not None else None
     dcb = (torch.empty((C,), device=dev, dtype=conv_bias_dtype or y.dtype) if conv_bias_grad

@@ -101,6 +101,7 @@ def conv_bn_act_forward(conv: nn.ConvTranspose2d, bn: nn.BatchNorm2d, activation
                         output_size: Optional[list[int]] = None) -> torch.Tensor:
     """activation(bn(conv(input))) with the BatchNorm statistics taken in the convolution's
     epilogue (training) or the BatchNorm folded into the convolution (eval)."""
+    _ct.check_activation(activation, negative_slope)
     bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
     if not bn_training:
         return _conv_bn_act_eval(conv, bn, activation, negative_slope, input, output_size)
@@ -111,23 +112,18 @@ def conv_bn_act_forward(conv: nn.ConvTranspose2d, bn: nn.BatchNorm2d, activation
     stride, padding, output_padding, dilation = _ct.check_args(
         input, conv.weight, conv.bias, conv.stride, conv.padding, output_padding, conv.groups,
         conv.dilation)
-    use_buffers = bn.track_running_stats
-    rm = bn.running_mean if use_buffers else None
-    rv = bn.running_var if use_buffers else None
     hw = [(i - 1) * s - 2 * p + d * (k - 1) + op + 1 for i, k, s, p, op, d in
           zip(input.shape[2:], conv.kernel_size, stride, padding, output_padding, dilation)]
     if input.shape[0] * hw[0] * hw[1] == 1:
         raise ValueError("Expected more than 1 value per channel when training, got input size "
                          f"{torch.Size([1, conv.out_channels, *hw])}")
-    momentum = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            momentum = 1.0 / float(bn.num_batches_tracked)
+    # Every check above runs before anything is written; the running statistics and
+    # num_batches_tracked are updated inside the block's finalize launch.
+    track = bn.training and bn.track_running_stats and bn.running_mean is not None
     return _ct.conv_transpose_bn_act_train(
         input, conv.weight, conv.bias, stride, padding, output_padding, conv.groups, dilation,
-        bn.weight, bn.bias, rm, rv, momentum, bn.eps, activation, negative_slope)
-
+        bn.weight, bn.bias, bn.running_mean if track else None, bn.running_var if track else None,
+        bn.num_batches_tracked if track else None, bn.momentum, bn.eps, activation, negative_slope)
 
 
 def _conv_bn_act_eval(conv, bn, activation, negative_slope, input, output_size):

@@ -1,16 +1,26 @@
 """The genfast::conv_transpose2d ops: fake implementations, autograd and backend choice.
 
+Backends (the `backend` argument of each op):
+  "cuda"    the products come from cuDNN through ATen (transposed convolution without bias;
+            convolution_backward for grad_input and grad_weight) and genfast's Triton kernels
+            (genfast/kernels/conv_epilogue.py) do what surrounds them: bias + activation in one
+            read-modify-write pass of the output; dz = dy * act'(y) with the bias-gradient sums
+            in one pass. What `auto` runs on CUDA tensors (backend.AUTO_CUDA).
+  "triton"  genfast's implicit GEMM (genfast/kernels/conv_transpose.py) for the products too.
+  "cpu"     the C++ ops genfast::conv_transpose2d_fwd / _bwd (ATen's CPU products, our epilogue).
 Ops:
-  genfast::conv_transpose2d / conv_transpose2d_backward   the registered pair (autograd, fake);
-      the `backend` argument picks the kernels: "cpu" calls the C++ ops
-      genfast::conv_transpose2d_fwd / _bwd (schemas in csrc/ops.cpp), "triton" calls
-      genfast/kernels/conv_transpose.py. "cuda" runs the Triton kernels too: this family has no
-      CUDA C++ kernel (none was measured to beat Triton).
-  genfast::conv_transpose2d_stats   the forward that also returns the per-channel mean and
-      biased variance of its output (the statistics epilogue), for ConvTransposeBNAct2d.
+  genfast::conv_transpose2d / conv_transpose2d_backward   the registered pair (autograd, fake).
+  genfast::conv_transpose2d_stats   the product without bias plus the (3, P, C) Welford partials
+      of its output, for the BatchNorm block below.
+  genfast::bn_block_finalize / bn_block_apply / bn_block_backward   the BatchNorm + activation
+      that follows (ConvTranspose2d -> BatchNorm2d -> activation, training).
 Autograd saves x, weight and the output y (not the pre-activation): act' is computed from y.
 When the backward must itself be differentiable (create_graph=True), it runs the reference
 (composite PyTorch) path instead of the fused kernels.
+
+Launches of the training block (counted by tests/test_conv_transpose.py::test_launch_budget):
+forward = product + stats + finalize (running statistics and num_batches_tracked in place) +
+apply; backward = bn reduce + bn finalize + bn dx + the products (grad_input, grad_weight).
 """
 from __future__ import annotations
 
@@ -49,37 +59,54 @@ def _fwd_fake_cpp(input, weight, bias, stride, padding, output_padding, groups, 
     H, W = _out_hw(input, weight, stride, padding, output_padding, dilation)
     y = torch.empty((input.shape[0], weight.shape[1] * groups, H, W), device=input.device,
                     dtype=input.dtype, memory_format=_memory_format(input))
-    n = y.shape[1] if stats else 0
-    return y, input.new_empty((n,), dtype=_acc(input.dtype)), input.new_empty((n,), dtype=_acc(input.dtype))
+    part = (input.new_empty((3, 1, y.shape[1]), dtype=_acc(input.dtype)) if stats
+            else input.new_empty((0,), dtype=_acc(input.dtype)))
+    return y, part, input.new_empty((0,), dtype=_acc(input.dtype))
 
 
 def _bwd_fake_cpp(grad_out, input, weight, output, stride, padding, dilation, groups, activation,
                   negative_slope, need_input, need_weight, has_bias):
     dx = (torch.empty(input.shape, device=input.device, dtype=input.dtype,
                       memory_format=_memory_format(input)) if need_input else input.new_empty((0,)))
-    dw = torch.empty(weight.shape, device=weight.device, dtype=weight.dtype) if need_weight else input.new_empty((0,))
+    dw = (torch.empty(weight.shape, device=weight.device, dtype=weight.dtype,
+                      memory_format=_memory_format(weight)) if need_weight else input.new_empty((0,)))
     db = weight.new_empty((weight.shape[1] * groups,)) if has_bias else input.new_empty((0,))
     return dx, dw, db
 
 
 # --- kernels per backend -----------------------------------------------------------------------
 
+def _vendor_product(input, weight, stride, padding, output_padding, groups, dilation):
+    """conv_transpose2d(input, weight) without bias through ATen (cuDNN on CUDA tensors), in
+    the memory format the fake implementation promises."""
+    y = torch.ops.aten.convolution(input, weight, None, stride, padding, dilation, True,
+                                   output_padding, groups)
+    fmt = _memory_format(input)
+    return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
+
+
 def _forward(backend, input, weight, bias, stride, padding, output_padding, groups, dilation,
-             activation, negative_slope, stats):
+             activation, negative_slope):
     if backend == "cpu":
         return torch.ops.genfast.conv_transpose2d_fwd(input, weight, bias, stride, padding,
                                                       output_padding, groups, dilation, activation,
-                                                      negative_slope, stats)
-    if backend in ("triton", "cuda"):
+                                                      negative_slope, False)[0]
+    if backend == "cuda":
+        from genfast.kernels import conv_epilogue as E
+
+        y = _vendor_product(input, weight, stride, padding, output_padding, groups, dilation)
+        return E.epilogue_(y, bias, activation, negative_slope)
+    if backend == "triton":
         from genfast.kernels import conv_transpose as K
 
-        out = K.conv_transpose2d_fwd(input, weight, bias, stride, padding, output_padding, groups,
-                                     dilation, activation, negative_slope, stats=stats)
-        if stats:
-            return out
-        return (out, input.new_empty((0,), dtype=_acc(input.dtype)),
-                input.new_empty((0,), dtype=_acc(input.dtype)))
+        return K.conv_transpose2d_fwd(input, weight, bias, stride, padding, output_padding, groups,
+                                      dilation, activation, negative_slope)
     raise ValueError(f"conv_transpose2d: backend must be 'cpu', 'cuda' or 'triton', got {backend!r}")
+
+
+def _output_padding_of(input, weight, output, stride, padding, dilation):
+    return [o - ((i - 1) * s - 2 * p + d * (k - 1) + 1) for o, i, k, s, p, d in
+            zip(output.shape[2:], input.shape[2:], weight.shape[2:], stride, padding, dilation)]
 
 
 def _backward(backend, grad_out, input, weight, output, stride, padding, dilation, groups,
@@ -89,7 +116,26 @@ def _backward(backend, grad_out, input, weight, output, stride, padding, dilatio
                                                       padding, dilation, groups, activation,
                                                       negative_slope, need_input, need_weight,
                                                       has_bias)
-    if backend in ("triton", "cuda"):
+    if backend == "cuda":
+        from genfast.kernels import conv_epilogue as E
+
+        dz, db = E.prologue(grad_out, output, activation, negative_slope, has_bias, weight.dtype)
+        dx = dw = None
+        if need_input or need_weight:
+            dx, dw, _ = torch.ops.aten.convolution_backward(
+                dz, input, weight, None, stride, padding, dilation, True,
+                _output_padding_of(input, weight, output, stride, padding, dilation), groups,
+                [need_input, need_weight, False])
+        fmt = _memory_format(input)
+        if need_input and not dx.is_contiguous(memory_format=fmt):
+            dx = dx.contiguous(memory_format=fmt)
+        wfmt = _memory_format(weight)
+        if need_weight and not dw.is_contiguous(memory_format=wfmt):
+            dw = dw.contiguous(memory_format=wfmt)
+        empty = input.new_empty((0,))
+        return (dx if need_input else empty, dw if need_weight else empty,
+                db if has_bias else empty)
+    if backend == "triton":
         from genfast.kernels import conv_transpose as K
 
         return K.conv_transpose2d_bwd(grad_out, input, weight, output, stride, padding, dilation,
@@ -106,19 +152,7 @@ def conv_transpose2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], s
                         dilation: Sequence[int], activation: int, negative_slope: float,
                         backend: str) -> Tensor:
     return _forward(backend, input, weight, bias, list(stride), list(padding), list(output_padding),
-                    groups, list(dilation), activation, negative_slope, False)[0]
-
-
-@torch.library.custom_op("genfast::conv_transpose2d_stats", mutates_args=())
-def conv_transpose2d_stats_op(input: Tensor, weight: Tensor, bias: Optional[Tensor],
-                              stride: Sequence[int], padding: Sequence[int],
-                              output_padding: Sequence[int], groups: int, dilation: Sequence[int],
-                              activation: int, negative_slope: float,
-                              backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    y, mean, var = _forward(backend, input, weight, bias, list(stride), list(padding),
-                            list(output_padding), groups, list(dilation), activation,
-                            negative_slope, True)
-    return y, mean, var
+                    groups, list(dilation), activation, negative_slope)
 
 
 @torch.library.custom_op("genfast::conv_transpose2d_backward", mutates_args=())
@@ -139,13 +173,6 @@ def _(input, weight, bias, stride, padding, output_padding, groups, dilation, ac
                          activation, negative_slope, False)[0]
 
 
-@conv_transpose2d_stats_op.register_fake
-def _(input, weight, bias, stride, padding, output_padding, groups, dilation, activation,
-      negative_slope, backend):
-    return _fwd_fake_cpp(input, weight, bias, stride, padding, output_padding, groups, dilation,
-                         activation, negative_slope, True)
-
-
 @conv_transpose2d_backward_op.register_fake
 def _(grad_out, input, weight, output, stride, padding, dilation, groups, activation,
       negative_slope, need_input, need_weight, has_bias, backend):
@@ -156,12 +183,7 @@ def _(grad_out, input, weight, output, stride, padding, dilation, groups, activa
 def _setup_context(ctx, inputs, output):
     (input, weight, bias, stride, padding, output_padding, groups, dilation, activation,
      negative_slope, backend) = inputs
-    y = output[0] if isinstance(output, tuple) else output
-    if isinstance(output, tuple):
-        # the statistics are inputs to a following BatchNorm whose backward differentiates
-        # through them itself (BNActGivenStats): no gradient flows back through them here
-        ctx.mark_non_differentiable(output[1], output[2])
-    ctx.save_for_backward(input, weight, bias, y)
+    ctx.save_for_backward(input, weight, bias, output)
     ctx.cfg = (list(stride), list(padding), list(output_padding), groups, list(dilation),
                activation, negative_slope, backend)
 
@@ -188,17 +210,157 @@ def _backward_formula(ctx, grad_out):
     return dx, dw, db, None, None, None, None, None, None, None, None
 
 
-def _backward_plain(ctx, grad_out):
-    return _backward_formula(ctx, grad_out)
+conv_transpose2d_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
-def _backward_stats(ctx, grad_out, grad_mean, grad_var):
-    # mean and var are marked non-differentiable in _setup_context
-    return _backward_formula(ctx, grad_out)
+# --- the BatchNorm block's ops (no autograd of their own: _ConvTransposeBNAct below) ----------
+
+# Activations of the C++ BatchNorm kernels (identity, relu, leaky_relu); tanh and sigmoid after
+# a BatchNorm run the reference formulas on CPU tensors.
+_CPP_BN_ACTS = (0, 1, 2)
 
 
-conv_transpose2d_op.register_autograd(_backward_plain, setup_context=_setup_context)
-conv_transpose2d_stats_op.register_autograd(_backward_stats, setup_context=_setup_context)
+def _partials_fake(y: Tensor, backend: str) -> Tensor:
+    C = y.shape[1]
+    if backend == "cpu":
+        return y.new_empty((3, 1, C), dtype=_acc(y.dtype))
+    from genfast.kernels import conv_epilogue as E
+
+    progs = E.PlaneView(y).split(y)[0] if y.numel() > 0 else 0
+    return y.new_empty((3, progs, C), dtype=torch.float64)
+
+
+@torch.library.custom_op("genfast::conv_transpose2d_stats", mutates_args=())
+def conv_transpose2d_stats_op(input: Tensor, weight: Tensor, stride: Sequence[int],
+                              padding: Sequence[int], output_padding: Sequence[int], groups: int,
+                              dilation: Sequence[int], backend: str) -> tuple[Tensor, Tensor]:
+    """(y, partials): the transposed convolution without bias and the (3, P, C_out) per-channel
+    (count, mean, M2) partials of y (one read of y after the product on cuda/triton; inside the
+    C++ epilogue on cpu)."""
+    stride, padding, output_padding, dilation = (list(stride), list(padding), list(output_padding),
+                                                 list(dilation))
+    if backend == "cpu":
+        y, part, _ = torch.ops.genfast.conv_transpose2d_fwd(input, weight, None, stride, padding,
+                                                            output_padding, groups, dilation, 0,
+                                                            0.0, True)
+        return y, part
+    from genfast.kernels import conv_epilogue as E
+
+    if backend == "cuda":
+        y = _vendor_product(input, weight, stride, padding, output_padding, groups, dilation)
+    elif backend == "triton":
+        from genfast.kernels import conv_transpose as K
+
+        y = K.conv_transpose2d_fwd(input, weight, None, stride, padding, output_padding, groups,
+                                   dilation, 0, 0.0)
+    else:
+        raise ValueError(f"conv_transpose2d_stats: unknown backend {backend!r}")
+    if y.numel() == 0:
+        return y, y.new_zeros((3, 0, y.shape[1]), dtype=torch.float64)
+    return y, E.bn_stats_partials(y)
+
+
+@conv_transpose2d_stats_op.register_fake
+def _(input, weight, stride, padding, output_padding, groups, dilation, backend):
+    y = _fwd_fake_cpp(input, weight, None, stride, padding, output_padding, groups, dilation, 0,
+                      0.0, False)[0]
+    return y, _partials_fake(y, backend)
+
+
+@torch.library.custom_op("genfast::bn_block_finalize_",
+                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+def bn_block_finalize_op(partials: Tensor, conv_bias: Optional[Tensor], weight: Optional[Tensor],
+                         bias: Optional[Tensor], running_mean: Optional[Tensor],
+                         running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
+                         momentum: float, cumulative: bool, eps: float, acc_dtype: torch.dtype,
+                         backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(mean, invstd, scale, shift) per channel from the partials (merged in fixed order); the
+    running statistics (batch mean + conv_bias, unbiased variance) and num_batches_tracked are
+    updated in place in the same launch."""
+    if backend == "cpu":
+        out = torch.ops.genfast.bn_block_finalize(partials, conv_bias, weight, bias, running_mean,
+                                                  running_var, num_batches_tracked, momentum,
+                                                  cumulative, eps)
+        return tuple(t.to(acc_dtype) for t in out)
+    from genfast.kernels import conv_epilogue as E
+
+    return E.bn_finalize(partials, conv_bias, weight, bias, running_mean, running_var,
+                         num_batches_tracked, momentum, cumulative, eps, acc_dtype)
+
+
+@bn_block_finalize_op.register_fake
+def _(partials, conv_bias, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
+      cumulative, eps, acc_dtype, backend):
+    C = partials.shape[2]
+    return tuple(partials.new_empty((C,), dtype=acc_dtype) for _ in range(4))
+
+
+@torch.library.custom_op("genfast::bn_block_apply", mutates_args=())
+def bn_block_apply_op(y: Tensor, mean: Tensor, invstd: Tensor, scale: Tensor, shift: Tensor,
+                      weight: Optional[Tensor], bias: Optional[Tensor], activation: int,
+                      negative_slope: float, backend: str) -> Tensor:
+    """act(y * scale + shift) = act(weight * (y - mean) * invstd + bias): one read of y."""
+    if backend == "cpu":
+        if activation in _CPP_BN_ACTS:
+            return torch.ops.genfast.batch_norm_act_apply(y, mean, invstd, weight, bias,
+                                                          activation, negative_slope, 0.0)
+        from genfast.reference.activation import act_forward
+
+        shape = (1, -1, 1, 1)
+        z = y.to(scale.dtype) * scale.view(shape) + shift.view(shape)
+        return act_forward(z, _ACT_NAMES[activation], negative_slope).to(y.dtype)
+    from genfast.kernels import conv_epilogue as E
+
+    return E.bn_apply(y, scale, shift, activation, negative_slope)
+
+
+@bn_block_apply_op.register_fake
+def _(y, mean, invstd, scale, shift, weight, bias, activation, negative_slope, backend):
+    return torch.empty_like(y)
+
+
+@torch.library.custom_op("genfast::bn_block_backward", mutates_args=())
+def bn_block_backward_op(grad_out: Tensor, y: Tensor, mean: Tensor, invstd: Tensor,
+                         weight: Optional[Tensor], bias: Optional[Tensor], activation: int,
+                         negative_slope: float, conv_bias_grad: bool,
+                         backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dy, grad_weight, grad_bias, grad_conv_bias) of training-mode BatchNorm + activation
+    (the statistics are functions of y); absent gradients are empty (0,) tensors. On cpu the
+    conv bias gradient is left to the convolution backward (empty here)."""
+    empty = y.new_empty((0,))
+    if backend == "cpu" and activation not in _CPP_BN_ACTS:
+        from genfast.reference import batchnorm_act as bnref
+
+        dy, dw, db = bnref.batch_norm_act_backward(grad_out, y, weight, bias, mean, invstd, True,
+                                                   _ACT_NAMES[activation], negative_slope)
+        return (dy, dw.to(weight.dtype) if weight is not None else empty,
+                db.to(bias.dtype) if bias is not None else empty, empty)
+    if backend == "cpu":
+        sum_dz, sum_dzx = torch.ops.genfast.batch_norm_act_bwd_reduce(
+            grad_out, y, weight, bias, mean, invstd, activation, negative_slope, 0.0, False)
+        count = float(y.numel() // max(y.shape[1], 1))
+        dy = torch.ops.genfast.batch_norm_act_bwd_dx(grad_out, y, weight, bias, mean, invstd,
+                                                     sum_dz, sum_dzx, count, activation,
+                                                     negative_slope, 0.0, False)
+        dw = sum_dzx.to(weight.dtype) if weight is not None else empty
+        db = sum_dz.to(bias.dtype) if bias is not None else empty
+        return dy, dw, db, empty
+    from genfast.kernels import conv_epilogue as E
+
+    dy, dw, db, dcb = E.bn_act_backward(grad_out, y, mean, invstd, weight, bias, activation,
+                                        negative_slope, conv_bias_grad)
+    return (dy, dw if dw is not None else empty, db if db is not None else empty,
+            dcb if dcb is not None else empty)
+
+
+@bn_block_backward_op.register_fake
+def _(grad_out, y, mean, invstd, weight, bias, activation, negative_slope, conv_bias_grad, backend):
+    C = y.shape[1]
+    empty = y.new_empty((0,))
+    return (torch.empty_like(y), weight.new_empty((C,)) if weight is not None else empty,
+            bias.new_empty((C,)) if bias is not None else empty,
+            y.new_empty((C,)) if (conv_bias_grad and backend != "cpu") else empty)
+
 
 HAS_CPP_OPS = B.has_cpu_ext()
 if HAS_CPP_OPS:
@@ -276,6 +438,10 @@ def check_args(input, weight, bias, stride, padding, output_padding, groups, dil
             f"Given groups={groups}, expected weight to be divisible by {groups} at dimension 0 "
             f"(and non-empty), but got weight of size {list(weight.shape)} instead")
     c_in = input.shape[-3]
+    batched = list(input.shape) if input.dim() == 4 else [1, *input.shape]
+    if batched[0] != 0 and any(d == 0 for d in batched[2:]):
+        raise RuntimeError("Only zero batch or zero channel inputs are supported, but got input "
+                           f"shape: {batched}")
     if c_in != weight.shape[0]:
         raise RuntimeError(
             f"Given transposed=1, weight of size {list(weight.shape)}, expected input"
@@ -314,8 +480,6 @@ def conv_transpose2d(input, weight, bias, stride, padding, output_padding, group
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
     name = B.resolve(FAMILY, x.device)
-    if name == "cuda":
-        name = "triton"  # no CUDA C++ kernel for this family (see backend.FAMILY_BACKENDS)
     if name == "reference":
         y = ref.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups,
                                  dilation, act, negative_slope)
@@ -326,106 +490,88 @@ def conv_transpose2d(input, weight, bias, stride, padding, output_padding, group
     return y.squeeze(0) if unbatched else y
 
 
-# --- ConvTranspose2d + BatchNorm2d + activation (training) from the epilogue's statistics -------
+# --- ConvTranspose2d + BatchNorm2d + activation (training) -----------------------------------
 
-class BNActGivenStats(torch.autograd.Function):
-    """Training-mode BatchNorm + activation of y whose batch statistics (mean, biased var) the
-    conv forward's epilogue already computed, so y is read once (normalise) instead of twice.
-    The backward is BatchNorm's training backward (the statistics are functions of y).
-    `kernel` picks the passes: "cpp" (CPU tensors, activation identity/relu/leaky_relu) runs the
-    C++ split-pass ops genfast::batch_norm_act_apply / _bwd_reduce / _bwd_dx
-    (csrc/cpu/batchnorm_act.cpp); "triton" the kernels in genfast/kernels/conv_transpose.py (one
-    pass forward; a split partial reduction then one pass backward); "reference" the formulas of
-    genfast/reference/batchnorm_act.py. create_graph=True differentiates the reference forward.
-    Called from torch.compile'd code these run eagerly inside the traced autograd.Function."""
+class _ConvTransposeBNAct(torch.autograd.Function):
+    """Training forward/backward of ConvTranspose2d -> BatchNorm2d (batch statistics) ->
+    activation through the registered ops above. The convolution's bias is not added to its
+    output: BatchNorm subtracts the batch mean, so the bias only shifts the running mean (added
+    in the finalize) and its gradient is the sum of the BatchNorm input gradient.
+    create_graph=True differentiates the reference composition instead."""
 
     @staticmethod
-    def forward(ctx, y, mean, var, weight, bias, eps, activation, slope, kernel):
-        from genfast.reference import batchnorm_act as bnref
-        from genfast.reference.activation import act_forward
-
-        acc = bnref.acc_dtype(y.dtype)
-        invstd = torch.rsqrt(var.to(acc) + eps)
-        ctx.save_for_backward(y, weight, bias, mean, invstd)
-        ctx.cfg = (eps, activation, slope, kernel)
-        if kernel == "cpp":
-            return torch.ops.genfast.batch_norm_act_apply(y, mean, invstd, weight, bias,
-                                                          B.ACTIVATIONS[activation], slope, 0.0)
-        if kernel == "triton":
-            from genfast.kernels import conv_transpose as K
-
-            return K.bn_act_given_stats_fwd(y, mean, invstd, weight, bias, B.ACTIVATIONS[activation], slope)
-        shape = (1, -1, 1, 1)
-        z = (y.to(acc) - mean.to(acc).view(shape)) * invstd.view(shape)
-        if weight is not None:
-            z = z * weight.to(acc).view(shape)
-        if bias is not None:
-            z = z + bias.to(acc).view(shape)
-        return act_forward(z, activation, slope).to(y.dtype)
+    def forward(ctx, input, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
+                num_batches_tracked, cfg):
+        (stride, padding, output_padding, groups, dilation, momentum, cumulative, eps, act,
+         slope, backend) = cfg
+        y, part = conv_transpose2d_stats_op(input, weight, stride, padding, output_padding,
+                                            groups, dilation, backend)
+        acc = _acc(input.dtype)
+        mean, invstd, scale, shift = bn_block_finalize_op(
+            part, conv_bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+            momentum, cumulative, eps, acc, backend)
+        out = bn_block_apply_op(y, mean, invstd, scale, shift, bn_weight, bn_bias,
+                                B.ACTIVATIONS[act], slope, backend)
+        ctx.save_for_backward(input, weight, conv_bias, bn_weight, bn_bias, y, mean, invstd)
+        ctx.cfg = cfg
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        from genfast.reference import batchnorm_act as bnref
-
-        y, weight, bias, mean, invstd = ctx.saved_tensors
-        eps, activation, slope, kernel = ctx.cfg
+        input, weight, conv_bias, bn_weight, bn_bias, y, mean, invstd = ctx.saved_tensors
+        (stride, padding, output_padding, groups, dilation, momentum, cumulative, eps, act,
+         slope, backend) = ctx.cfg
+        need = ctx.needs_input_grad
         if torch.is_grad_enabled():
-            wrt = [t for t in (y, weight, bias) if t is not None and t.requires_grad]
-            out = bnref.batch_norm_act(y, None, None, weight, bias, True, 0.0, eps, activation, slope)
-            grads = iter(torch.autograd.grad(out, wrt, grad_out, create_graph=True))
-            dy, dw, db = (next(grads) if t is not None and t.requires_grad else None for t in (y, weight, bias))
-        elif kernel == "triton":
-            from genfast.kernels import conv_transpose as K
+            from genfast.reference import batchnorm_act as bnref
 
-            dy, dw, db = K.bn_act_given_stats_bwd(grad_out, y, mean, invstd, weight, bias,
-                                                  B.ACTIVATIONS[activation], slope)
-        elif kernel == "cpp":
-            code = B.ACTIVATIONS[activation]
-            sum_dz, sum_dzx = torch.ops.genfast.batch_norm_act_bwd_reduce(
-                grad_out, y, weight, bias, mean, invstd, code, slope, 0.0, False)
-            count = float(y.numel() // max(y.shape[1], 1))
-            dy = torch.ops.genfast.batch_norm_act_bwd_dx(grad_out, y, weight, bias, mean, invstd,
-                                                         sum_dz, sum_dzx, count, code, slope, 0.0,
-                                                         False)
-            dw = sum_dzx.to(weight.dtype) if weight is not None else None
-            db = sum_dz.to(bias.dtype) if bias is not None else None
-        else:
-            dy, dw, db = bnref.batch_norm_act_backward(grad_out, y, weight, bias, mean, invstd, True,
-                                                       activation, slope)
-            dw = dw.to(weight.dtype) if weight is not None else None
-            db = db.to(bias.dtype) if bias is not None else None
-        return dy, None, None, dw, db, None, None, None, None
+            pairs = [(t, n) for t, n in zip((input, weight, conv_bias, bn_weight, bn_bias), need[:5])]
+            wrt = [t for t, n in pairs if n]
+            z = ref.conv_transpose2d(input, weight, conv_bias, stride, padding, output_padding,
+                                     groups, dilation)
+            out = bnref.batch_norm_act(z, None, None, bn_weight, bn_bias, True, 0.0, eps, act, slope)
+            grads = iter(torch.autograd.grad(out, wrt, grad_out, create_graph=True))
+            return (*(next(grads) if n else None for _, n in pairs), None, None, None, None)
+        has_cb = conv_bias is not None and bool(need[2])
+        dy, dgw, dgb, dcb = bn_block_backward_op(grad_out, y, mean, invstd, bn_weight, bn_bias,
+                                                 B.ACTIVATIONS[act], slope, has_cb, backend)
+        cpu_cb = has_cb and backend == "cpu"
+        dx = dw = None
+        if need[0] or need[1] or cpu_cb:
+            dx, dw, db = conv_transpose2d_backward_op(
+                dy, input, weight, y, stride, padding, dilation, groups, 0, 0.0, bool(need[0]),
+                bool(need[1]), cpu_cb, backend)
+            if cpu_cb:
+                dcb = db
+        return (dx if need[0] else None, dw if need[1] else None, dcb if has_cb else None,
+                dgw if bn_weight is not None and need[3] else None,
+                dgb if bn_bias is not None and need[4] else None, None, None, None, None)
 
 
 def conv_transpose_bn_act_train(input, weight, bias, stride, padding, output_padding, groups,
-                                dilation, bn_weight, bn_bias, running_mean, running_var, momentum,
-                                eps, activation, negative_slope):
+                                dilation, bn_weight, bn_bias, running_mean, running_var,
+                                num_batches_tracked, momentum, eps, activation, negative_slope,
+                                backend=None):
     """Training forward of ConvTranspose2d -> BatchNorm2d (batch statistics) -> activation,
-    arguments already checked. Updates the running statistics in place (unbiased variance)."""
-    name = B.resolve(FAMILY, input.device)
-    if name == "cuda":
-        name = "triton"
+    arguments already checked. Updates running_mean / running_var (unbiased variance) and
+    num_batches_tracked in place; momentum None is the cumulative average. `backend` overrides
+    the resolved backend (tests run the cuda path on CPU tensors this way)."""
+    name = backend or B.resolve(FAMILY, input.device)
     if name == "reference":
         from genfast.reference import batchnorm_act as bnref
 
         y = ref.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups,
                                  dilation)
+        mom = momentum
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+            if momentum is None:
+                mom = 1.0 / float(num_batches_tracked)
         return bnref.batch_norm_act(y, running_mean, running_var, bn_weight, bn_bias, True,
-                                    momentum, eps, activation, negative_slope)
-    y, mean, var = conv_transpose2d_stats_op(input, weight, bias, list(stride), list(padding),
-                                             list(output_padding), int(groups), list(dilation),
-                                             0, 0.0, name)
-    if running_mean is not None:
-        n = y.numel() // max(y.shape[1], 1)
-        with torch.no_grad():
-            running_mean.copy_((1 - momentum) * running_mean + momentum * mean.to(running_mean.dtype))
-            running_var.copy_((1 - momentum) * running_var
-                              + momentum * (var * (n / max(n - 1, 1))).to(running_var.dtype))
-    if name == "triton":
-        kernel = "triton"
-    elif name == "cpu" and activation in ("identity", "relu", "leaky_relu"):
-        kernel = "cpp"
-    else:
-        kernel = "reference"
-    return BNActGivenStats.apply(y, mean, var, bn_weight, bn_bias, float(eps), activation,
-                                 float(negative_slope), kernel)
+                                    0.0 if mom is None else mom, eps, activation, negative_slope)
+    cumulative = momentum is None and running_mean is not None
+    cfg = (list(stride), list(padding), list(output_padding), int(groups), list(dilation),
+           0.0 if momentum is None else float(momentum), cumulative, float(eps), activation,
+           float(negative_slope), name)
+    return _ConvTransposeBNAct.apply(input, weight, bias, bn_weight, bn_bias, running_mean,
+                                     running_var, num_batches_tracked, cfg)

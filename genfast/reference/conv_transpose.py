@@ -40,13 +40,3 @@ def phase_taps(phase: int, kernel: int, stride: int, padding: int, dilation: int
         if r % stride == 0:
             taps.append((t, r // stride))
     return taps
-
-
-def batch_stats_partials(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (mean, biased variance) of an (N, C, H, W) tensor in float32 (float64 for
-    float64): what the statistics epilogue of the fused forward delivers to a BatchNorm."""
-    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
-    yf = y.to(acc)
-    mean = yf.mean((0, 2, 3))
-    var = (yf - mean.view(1, -1, 1, 1)).square().mean((0, 2, 3))
-    return mean, var
