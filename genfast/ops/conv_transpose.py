@@ -132,9 +132,9 @@ def _backward(backend, grad_out, input, weight, output, stride, padding, dilatio
         wfmt = _memory_format(weight)
         if need_weight and not dw.is_contiguous(memory_format=wfmt):
             dw = dw.contiguous(memory_format=wfmt)
-        empty = input.new_empty((0,))
-        return (dx if need_input else empty, dw if need_weight else empty,
-                db if has_bias else empty)
+        return (dx if need_input else input.new_empty((0,)),
+                dw if need_weight else input.new_empty((0,)),
+                db if has_bias else input.new_empty((0,)))
     if backend == "triton":
         from genfast.kernels import conv_transpose as K
 
@@ -327,14 +327,16 @@ def bn_block_backward_op(grad_out: Tensor, y: Tensor, mean: Tensor, invstd: Tens
     """(dy, grad_weight, grad_bias, grad_conv_bias) of training-mode BatchNorm + activation
     (the statistics are functions of y); absent gradients are empty (0,) tensors. On cpu the
     conv bias gradient is left to the convolution backward (empty here)."""
-    empty = y.new_empty((0,))
+    def empty():  # a distinct tensor per absent gradient (custom-op outputs must not alias)
+        return y.new_empty((0,))
+
     if backend == "cpu" and activation not in _CPP_BN_ACTS:
         from genfast.reference import batchnorm_act as bnref
 
         dy, dw, db = bnref.batch_norm_act_backward(grad_out, y, weight, bias, mean, invstd, True,
                                                    _ACT_NAMES[activation], negative_slope)
-        return (dy, dw.to(weight.dtype) if weight is not None else empty,
-                db.to(bias.dtype) if bias is not None else empty, empty)
+        return (dy, dw.to(weight.dtype) if weight is not None else empty(),
+                db.to(bias.dtype) if bias is not None else empty(), empty())
     if backend == "cpu":
         sum_dz, sum_dzx = torch.ops.genfast.batch_norm_act_bwd_reduce(
             grad_out, y, weight, bias, mean, invstd, activation, negative_slope, 0.0, False)
@@ -342,24 +344,23 @@ def bn_block_backward_op(grad_out: Tensor, y: Tensor, mean: Tensor, invstd: Tens
         dy = torch.ops.genfast.batch_norm_act_bwd_dx(grad_out, y, weight, bias, mean, invstd,
                                                      sum_dz, sum_dzx, count, activation,
                                                      negative_slope, 0.0, False)
-        dw = sum_dzx.to(weight.dtype) if weight is not None else empty
-        db = sum_dz.to(bias.dtype) if bias is not None else empty
-        return dy, dw, db, empty
+        dw = sum_dzx.to(weight.dtype) if weight is not None else empty()
+        db = sum_dz.to(bias.dtype) if bias is not None else empty()
+        return dy, dw, db, empty()
     from genfast.kernels import conv_epilogue as E
 
     dy, dw, db, dcb = E.bn_act_backward(grad_out, y, mean, invstd, weight, bias, activation,
                                         negative_slope, conv_bias_grad)
-    return (dy, dw if dw is not None else empty, db if db is not None else empty,
-            dcb if dcb is not None else empty)
+    return (dy, dw if dw is not None else empty(), db if db is not None else empty(),
+            dcb if dcb is not None else empty())
 
 
 @bn_block_backward_op.register_fake
 def _(grad_out, y, mean, invstd, weight, bias, activation, negative_slope, conv_bias_grad, backend):
     C = y.shape[1]
-    empty = y.new_empty((0,))
-    return (torch.empty_like(y), weight.new_empty((C,)) if weight is not None else empty,
-            bias.new_empty((C,)) if bias is not None else empty,
-            y.new_empty((C,)) if (conv_bias_grad and backend != "cpu") else empty)
+    return (torch.empty_like(y), weight.new_empty((C,)) if weight is not None else y.new_empty((0,)),
+            bias.new_empty((C,)) if bias is not None else y.new_empty((0,)),
+            y.new_empty((C,)) if (conv_bias_grad and backend != "cpu") else y.new_empty((0,)))
 
 
 HAS_CPP_OPS = B.has_cpu_ext()
