@@ -410,3 +410,25 @@ def test_gpu_block_launches_no_aten_elementwise(cuda_device, cl):
     assert len(ours_f) == 3 and len(ours_b) == 3, (fwd, bwd)
     for n in fwd + bwd:
         assert "elementwise" not in n and "reduce_kernel" not in n, (fwd, bwd)
+
+
+@pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu", "tanh", "sigmoid"])
+@pytest.mark.parametrize("special", [float("nan"), float("inf"), -float("inf")])
+def test_cpu_forward_special_values_like_torch(act, special):
+    """The CPU forward (oneDNN post-ops where they treat NaN/inf as torch does, the C++
+    epilogue otherwise) gives torch's NaN / inf pattern in float32."""
+    import genfast.functional as GF
+    from genfast.backend import use_backend
+    from genfast.reference.activation import act_forward
+
+    x = torch.randn(2, 3, 4, 4)
+    x[0, 1, 2, 3] = special
+    w, b = torch.randn(3, 2, 3, 3), torch.randn(2)
+    with use_backend("cpu"):
+        y = GF.conv_transpose2d(x, w, b, activation=None if act == "identity" else act,
+                                negative_slope=0.2)
+    z = F.conv_transpose2d(x, w, b)
+    r = {"identity": z, "relu": F.relu(z), "leaky_relu": F.leaky_relu(z, 0.2), "tanh": torch.tanh(z),
+         "sigmoid": torch.sigmoid(z)}[act]
+    assert torch.equal(y.isnan(), r.isnan()) and torch.equal(y.isposinf(), r.isposinf())
+    assert torch.equal(y.isneginf(), r.isneginf())

@@ -85,8 +85,29 @@ def _vendor_product(input, weight, stride, padding, output_padding, groups, dila
     return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
 
 
+# oneDNN's transposed convolution with the activation as a post-op (CPU; float32, bfloat16 and
+# float16): bias and activation cost no extra pass over the output. Only the post-ops that
+# treat NaN and +-inf as torch does (checked on torch 2.14: oneDNN's relu post-op turns -inf
+# into NaN and its sigmoid turns NaN into a number); relu and sigmoid take the C++ path.
+_ONEDNN_ATTR = {0: "none", 2: "leaky_relu", 3: "tanh"}
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _onednn_ok(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation: int) -> bool:
+    return (activation in _ONEDNN_ATTR and input.dtype in _ONEDNN_DTYPES
+            and input.dtype == weight.dtype and input.shape[0] > 0
+            and (bias is None or bias.is_contiguous()) and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_convolution_transpose_pointwise"))
+
+
 def _forward(backend, input, weight, bias, stride, padding, output_padding, groups, dilation,
              activation, negative_slope):
+    if backend == "cpu" and _onednn_ok(input, weight, bias, activation):
+        y = torch.ops.mkldnn._convolution_transpose_pointwise(
+            input, weight, bias, padding, output_padding, stride, dilation, groups,
+            _ONEDNN_ATTR[activation], [negative_slope] if activation == 2 else [], "")
+        fmt = _memory_format(input)
+        return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
     if backend == "cpu":
         return torch.ops.genfast.conv_transpose2d_fwd(input, weight, bias, stride, padding,
                                                       output_padding, groups, dilation, activation,
