@@ -58,6 +58,8 @@ class Compiled:
     grids: list = field(default_factory=list)       # distinct launch grids (first 8)
     stack_bytes: int = 0        # ptxas "bytes stack frame"
     triton_version: str = ""
+    specialised: list = field(default_factory=list)  # Triton's integer/pointer specialisations, "arg:attr"
+    tags: dict = field(default_factory=dict)        # free-form labels set by the caller (e.g. the case)
 
     def has(self, *opcodes: str) -> bool:
         """True when the PTX contains any of the given substrings (e.g. "wgmma", "mma.sync")."""
@@ -111,14 +113,41 @@ def ptxas_path(arch: int) -> str:
     return get_ptxas(arch).path
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_ptxas_flags() -> tuple[str, ...]:
+    """The register-allocation flags Triton's own ptxas call uses (they change the spill count)."""
+    from triton.backends.nvidia.compiler import CUDABackend
+    src = inspect.getsource(CUDABackend.make_cubin)
+    return tuple(re.findall(r"'(--regAllocOptLevel=\d)'", src))
+
+
+def cubin_resources(cubin: bytes, arch: int) -> dict:
+    """REG / STACK / SHARED / LOCAL of the compiled kernel, from cuobjdump -res-usage on the
+    cubin Triton produced (the tool ships next to ptxas)."""
+    tool = os.path.join(os.path.dirname(ptxas_path(arch)), "cuobjdump")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        r = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"cuobjdump failed ({r.returncode}):\n{r.stderr}")
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", r.stdout)
+    if m is None:
+        raise RuntimeError(f"cuobjdump -res-usage gave no resource line:\n{r.stdout}")
+    return {"text": r.stdout, **dict(zip(("REG", "STACK", "SHARED", "LOCAL"), map(int, m.groups())))}
+
+
 def ptxas_report(ptx: str, arch: int, fmad: bool = True) -> dict:
-    """Run the Triton-shipped ptxas with -v on `ptx`: registers, static shared, stack, spills."""
+    """Run the Triton-shipped ptxas with -v (and Triton's register-allocation flags) on `ptx`:
+    registers, static shared, stack, spills."""
     sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        cmd = [ptxas_path(arch), "-v", *([] if fmad else ["--fmad=false"]), f"--gpu-name={sm}", src,
+        cmd = [ptxas_path(arch), "-v", *([] if fmad else ["--fmad=false"]), *_triton_ptxas_flags(),
+               f"--gpu-name={sm}", src,
                "-o", os.path.join(d, "k.cubin")]
         r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
@@ -243,6 +272,17 @@ def _const_repr(v):
     return repr(v)
 
 
+def _specialisations(jit_fn, kernel) -> list[str]:
+    """Triton's specialisations of the runtime arguments (divisibility by 16, ...), as arg:attr."""
+    names = [p.name for p in jit_fn.params]
+    out = []
+    for path, attrs in sorted(getattr(kernel.src, "attrs", {}).items()):
+        name = names[path[0]] if path and path[0] < len(names) else str(path)
+        for a in attrs:
+            out.append(f"{name}:{a[0].replace('tt.', '')}={a[1]}" if isinstance(a, (list, tuple)) else f"{name}:{a}")
+    return out
+
+
 class _Session:
     def __init__(self, arch: int):
         self.arch = arch
@@ -269,6 +309,10 @@ class _Session:
             meta = kernel.metadata
             ptx = kernel.asm["ptx"]
             rep = ptxas_report(ptx, self.arch, getattr(meta, "enable_fp_fusion", True))
+            res = cubin_resources(kernel.asm["cubin"], self.arch)
+            if res["REG"] != rep["regs"]:
+                raise RuntimeError(f"{jit_fn.fn.__name__}: ptxas -v reports {rep['regs']} registers, "
+                                   f"Triton's cubin has {res['REG']}: the ptxas flags differ from Triton's")
             consts = {p.name: _const_repr(named[p.name]) for p in jit_fn.params if p.is_constexpr}
             types_ = {p.name: (str(named[p.name].dtype) if isinstance(named[p.name], torch.Tensor)
                                else type(named[p.name]).__name__)
@@ -276,10 +320,11 @@ class _Session:
             rec = Compiled(name=jit_fn.fn.__name__, constants=consts, num_warps=meta.num_warps,
                            num_stages=meta.num_stages, n_regs=rep["regs"],
                            n_spills=rep["spill_st"] + rep["spill_ld"],
-                           shared=max(int(meta.shared), rep["smem"]), ptx=ptx,
-                           sass_or_cubin_info=rep["log"], signature=types_,
-                           launcher=_launcher_name(), stack_bytes=rep["stack"],
-                           triton_version=triton.__version__)
+                           shared=max(int(meta.shared), rep["smem"], res["SHARED"]), ptx=ptx,
+                           sass_or_cubin_info=rep["log"] + res["text"], signature=types_,
+                           launcher=_launcher_name(), stack_bytes=max(rep["stack"], res["STACK"]),
+                           triton_version=triton.__version__,
+                           specialised=_specialisations(jit_fn, kernel))
             self.by_kernel[id(kernel)] = rec
             self.records.append(rec)
         rec.launches += 1
@@ -368,18 +413,40 @@ def compile_launches(arch: int = 90, *, fake_cuda: bool = True) -> Iterator[list
 
 # --- running in a clean subprocess -------------------------------------------------------------
 
+def _encode(v):
+    if isinstance(v, Compiled):
+        return {"__compiled__": v.to_json()}
+    if isinstance(v, dict):
+        return {k: _encode(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_encode(x) for x in v]
+    return v
+
+
+def _decode(v):
+    if isinstance(v, dict):
+        if "__compiled__" in v:
+            d = v["__compiled__"]
+            return Compiled(**{**d, "grids": [tuple(g) for g in d["grids"]]})
+        return {k: _decode(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_decode(x) for x in v]
+    return v
+
+
 def _child(target: str, args_json: str) -> None:
     mod, fn = target.split(":")
-    records = getattr(importlib.import_module(mod), fn)(*json.loads(args_json))
-    print(_MARK + json.dumps([r.to_json() for r in records]))
+    result = getattr(importlib.import_module(mod), fn)(*json.loads(args_json))
+    print(_MARK + json.dumps(_encode(result)))
 
 
-def run_isolated(target: str, *args, sys_path_first: Sequence[str] = (), timeout: float = 1200,
-                 env: Optional[dict] = None) -> list[Compiled]:
-    """Run `target` ("package.module:function", returning a list of Compiled) with JSON-able
-    `args` in a subprocess without TRITON_INTERPRET, the worktree root on sys.path and
-    `sys_path_first` before everything (e.g. a directory holding another Triton). Raises
-    RuntimeError with the child's output when it fails."""
+def run_isolated(target: str, *args, sys_path_first: Sequence[str] = (), timeout: float = 1800,
+                 env: Optional[dict] = None):
+    """Run `target` ("package.module:function") with JSON-able `args` in a subprocess without
+    TRITON_INTERPRET, the worktree root on sys.path and `sys_path_first` before everything (e.g.
+    a directory holding another Triton); returns what it returned (JSON values and Compiled
+    records, nested in lists and dicts). Raises RuntimeError with the child's output when it
+    fails."""
     child_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     child_env.update(env or {})
     paths = [*sys_path_first, ROOT]
@@ -392,5 +459,4 @@ def run_isolated(target: str, *args, sys_path_first: Sequence[str] = (), timeout
     if r.returncode != 0 or not out:
         raise RuntimeError(f"{target} failed in the compile subprocess (rc {r.returncode}):\n"
                            f"{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
-    return [Compiled(**{**d, "grids": [tuple(g) for g in d["grids"]]})
-            for d in json.loads(out[-1][len(_MARK):])]
+    return _decode(json.loads(out[-1][len(_MARK):]))
