@@ -138,6 +138,31 @@ def cubin_resources(cubin: bytes, arch: int) -> dict:
     return {"text": r.stdout, **dict(zip(("REG", "STACK", "SHARED", "LOCAL"), map(int, m.groups())))}
 
 
+def binary_resources(path: str, tool: Optional[str] = None) -> list[dict]:
+    """Per kernel function of a cubin, object file or shared library with device code (e.g.
+    genfast/_C*.so built with CUDA): arch, function name, REG, STACK, SHARED, LOCAL, from
+    cuobjdump -res-usage (the CUDA toolkit's, else the one shipped with Triton)."""
+    import shutil
+    tool = tool or shutil.which("cuobjdump") or os.path.join(os.path.dirname(ptxas_path(90)), "cuobjdump")
+    r = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"cuobjdump -res-usage {path} failed ({r.returncode}):\n{r.stderr}")
+    out, arch, func = [], None, None
+    for line in r.stdout.splitlines():
+        m = re.search(r"arch = (sm_\d+a?)", line)
+        if m:
+            arch = m.group(1)
+        m = re.match(r"\s*Function (\S+):", line)
+        if m:
+            func = m.group(1)
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
+        if m and func is not None:
+            out.append({"arch": arch, "function": func,
+                        **dict(zip(("REG", "STACK", "SHARED", "LOCAL"), map(int, m.groups())))})
+            func = None
+    return out
+
+
 def ptxas_report(ptx: str, arch: int, fmad: bool = True) -> dict:
     """Run the Triton-shipped ptxas with -v (and Triton's register-allocation flags) on `ptx`:
     registers, static shared, stack, spills."""
@@ -284,8 +309,9 @@ def _specialisations(jit_fn, kernel) -> list[str]:
 
 
 class _Session:
-    def __init__(self, arch: int):
+    def __init__(self, arch: int, all_configs: bool = True):
         self.arch = arch
+        self.all_configs = all_configs
         self.records: list[Compiled] = []
         self.by_kernel: dict[int, Compiled] = {}
 
@@ -361,6 +387,8 @@ def _autotuner_run(orig):
             return orig(self, *args, **kwargs)
         self.nargs = dict(zip(self.arg_names, args))
         configs = self.prune_configs(kwargs)
+        if not _ACTIVE[-1].all_configs:
+            configs = configs[:1]
         ret = None
         for config in configs:
             ret = self.fn.run(*args, **kwargs, **config.all_kwargs())
@@ -370,7 +398,8 @@ def _autotuner_run(orig):
 
 
 @contextlib.contextmanager
-def compile_launches(arch: int = 90, *, fake_cuda: bool = True) -> Iterator[list[Compiled]]:
+def compile_launches(arch: int = 90, *, fake_cuda: bool = True,
+                     all_configs: bool = True) -> Iterator[list[Compiled]]:
     """Inside the block, every Triton kernel launch (JITFunction and Autotuner, all configs of an
     autotuned kernel) made by genfast's launchers is compiled for GPUTarget('cuda', arch, 32)
     with Triton's real compiler instead of being run; the yielded list fills with one Compiled
@@ -378,7 +407,8 @@ def compile_launches(arch: int = 90, *, fake_cuda: bool = True) -> Iterator[list
 
     With fake_cuda (default), tensors made on "cuda" inside the block are fake tensors and
     torch.cuda's device guard / properties are stand-ins (a 132-SM device), so launchers plan as
-    on a GPU; CPU tensors are accepted too. Needs a process without TRITON_INTERPRET."""
+    on a GPU; CPU tensors are accepted too. all_configs=False compiles only the first config of
+    an autotuned kernel. Needs a process without TRITON_INTERPRET."""
     import torch
     import triton
     from triton.runtime import autotuner, jit
@@ -389,7 +419,7 @@ def compile_launches(arch: int = 90, *, fake_cuda: bool = True) -> Iterator[list
         raise RuntimeError("compile_launches needs a process without TRITON_INTERPRET "
                            "(kernels decorated under the interpreter cannot be compiled); "
                            "use sm90_harness.run_isolated")
-    session = _Session(arch)
+    session = _Session(arch, all_configs)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_patched(jit.JITFunction, "run", _jit_run(jit.JITFunction.run)))
         stack.enter_context(_patched(autotuner.Autotuner, "run", _autotuner_run(autotuner.Autotuner.run)))
