@@ -140,7 +140,8 @@ def cubin_resources(cubin: bytes, arch: int) -> dict:
 
 def binary_resources(path: str, tool: Optional[str] = None) -> list[dict]:
     """Per kernel function of a cubin, object file or shared library with device code (e.g.
-    genfast/_C*.so built with CUDA): arch, function name, REG, STACK, SHARED, LOCAL, from
+    genfast/_C*.so built with CUDA): arch (None for a bare cubin), function name, REG, STACK,
+    SHARED, LOCAL, from
     cuobjdump -res-usage (the CUDA toolkit's, else the one shipped with Triton)."""
     import shutil
     tool = tool or shutil.which("cuobjdump") or os.path.join(os.path.dirname(ptxas_path(90)), "cuobjdump")

@@ -22,6 +22,7 @@ import importlib
 import os
 import subprocess
 import sys
+import tempfile
 import traceback
 from typing import Callable
 
@@ -382,16 +383,33 @@ def compile_probe() -> dict:
         x = torch.randn(1000, device="cuda")
         y = torch.empty_like(x)
         with torch.cuda.device(x.device):
-            probe_max_kernel[(8,)](x, y, x.numel(), NAN=True, BLOCK=128)
+            kernel = probe_max_kernel[(8,)](x, y, x.numel(), NAN=True, BLOCK=128)
             tuned[lambda meta: (triton.cdiv(1000, meta["BLOCK"]),)](x, y, x.numel(), NAN=True)
         probe_max_kernel[(8,)](x, y, x.numel(), NAN=False, BLOCK=128)
         probe_max_kernel[(4,)](x, y, 999, NAN=False, BLOCK=128)   # n=999 specialises as n=1000
-    return {"records": list(recs)}
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "probe.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        resources = H.binary_resources(path)
+    return {"records": list(recs), "resources": resources}
 
 
 @pytest.fixture(scope="module")
-def probe():
-    return H.run_isolated("tests.test_compile_sm90:compile_probe")["records"]
+def probe_run():
+    return H.run_isolated("tests.test_compile_sm90:compile_probe")
+
+
+@pytest.fixture(scope="module")
+def probe(probe_run):
+    return probe_run["records"]
+
+
+def test_binary_resources_reads_cuobjdump(probe_run, probe):
+    """The parser the CUDA C++ check uses, on the cubin of a compiled probe kernel."""
+    (res,) = probe_run["resources"]
+    assert res["function"] == "probe_max_kernel" and res["arch"] is None  # a bare cubin: no fatbin arch line
+    assert res["REG"] == probe[0].n_regs and res["STACK"] == 0 and res["LOCAL"] == 0
 
 
 def test_harness_records_each_specialisation(probe):
