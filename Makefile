@@ -7,7 +7,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.genfast-deps
 JOBS    ?= 2
 
-.PHONY: test bench build setup demo clean
+.PHONY: test bench build setup demo clean triton36
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,14 +21,20 @@ build: setup
 	MAX_JOBS=$(JOBS) $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PY) -m genfast.info
 
-test: build
+# Triton 3.6.0 (the GPU machine's version) beside the venv's, for tests/test_compile_sm90.py;
+# when pip cannot fetch it the test says so and skips.
+triton36:
+	test -f .triton36/triton/__init__.py || $(PY) -m pip install -q --no-deps --target .triton36 triton==3.6.0 \
+	  || echo "triton==3.6.0 not installable here: its sm_90 compile check will be skipped"
+
+test: build triton36
 	$(PY) -m pytest -q tests
 
 bench: build
 	$(PY) -m benchmarks.run_all
 
 clean:
-	rm -rf build genfast/*.so *.egg-info
+	rm -rf build genfast/*.so *.egg-info .triton36
 
 demo: build
 	$(PY) -m genfast.demo --out demo_out

@@ -92,6 +92,8 @@ def run(device: torch.device, quick: bool) -> list[dict]:
         gan_cases = [("keras_dcgan28", 64)]
         vae_batches = [64]
     for name, batch in gan_cases:
+        if not harness.should_run(FAMILY, f"GAN step {name} batch {batch}"):
+            continue
         variants = _variants_gan(_gan_factory(name, device, 64), batch, device)
         for fn in variants.values():
             fn()  # compile / warm up before the memory reading
@@ -100,6 +102,8 @@ def run(device: torch.device, quick: bool) -> list[dict]:
                                     extra=extra, rounds=3 if quick else None, min_round_ms=1.0))
         harness.print_row(rows[-1])
     for batch in vae_batches:
+        if not harness.should_run(FAMILY, f"VAE step conv_vae batch {batch}"):
+            continue
         variants = _variants_vae(batch, device)
         for fn in variants.values():
             fn()

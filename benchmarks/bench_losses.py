@@ -88,16 +88,20 @@ def _variants(make_eager, make_genfast, step, args, device):
 def run(device: torch.device, quick: bool) -> list[dict]:
     rows = []
     for shape in GAN_SHAPES:
+        case = f"gan D+G bce fwd+bwd {'x'.join(map(str, shape))}"
+        if not harness.should_run(FAMILY, case):
+            continue
         real = torch.randn(shape, device=device) * 2
         fake = torch.randn(shape, device=device) * 2
         fake_g = torch.randn(shape, device=device) * 2
         variants = _variants(lambda: _eager_gan, _genfast_gan, _gan_step, (real, fake, fake_g), device)
         launches = {k: count_launches(v, device) for k, v in variants.items()}
-        case = f"gan D+G bce fwd+bwd {'x'.join(map(str, shape))}"
         rows.append(harness.measure(FAMILY, case, variants, device=device,
                                     launches=launches if device.type == "cuda" else None))
         harness.print_row(rows[-1])
     for name, shape, z, recon_loss in VAE_SHAPES:
+        if not harness.should_run(FAMILY, f"vae {name} fwd+bwd"):
+            continue
         n = shape[0]
         recon = torch.rand(shape, device=device).clamp(0.01, 0.99)
         x = torch.rand(shape, device=device)

@@ -5,9 +5,10 @@ all variants are timed in interleaved rounds and the median is kept (CUDA events
 triton.testing.do_bench on a GPU; perf_counter on the CPU)."""
 from __future__ import annotations
 
+import re
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -18,6 +19,76 @@ import genfast
 _COPY_BW: dict[str, float] = {}
 # Dense bf16 / tf32 matmul peaks (FLOP/s) from the device's datasheet, for the compute ceiling.
 _PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
+
+
+class BudgetExhausted(RuntimeError):
+    """Raised by measure() (or should_run()) when the next case would not finish in the budget."""
+
+
+class _Plan:
+    """Which cases run: an optional wall-clock budget and an optional per-family case filter.
+
+    Past the budget no new case starts: a case starts only while elapsed + the longest case so
+    far fits in the budget. Every row measured (or skipped) is kept in `rows` / `skipped`, so a
+    caller still has them when a family stops early."""
+
+    def __init__(self, budget_s: Optional[float] = None, filters: Optional[dict] = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.budget_s = budget_s
+        self.filters = filters or {}
+        self.clock = clock
+        self.start = clock()
+        self.longest = 0.0
+        self.rows: list[dict] = []
+        self.skipped: list[dict] = []
+        self.exhausted_at: Optional[str] = None
+        self.current: Optional[tuple[str, str]] = None   # the case running now, and since when
+        self.current_start = 0.0
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    def wanted(self, family: str, case: str) -> bool:
+        pat = self.filters.get(family)
+        return pat is None or re.search(pat, case) is not None
+
+    def fits(self) -> bool:
+        return self.budget_s is None or self.elapsed() + self.longest <= self.budget_s
+
+
+PLAN = _Plan()
+
+
+def configure(budget_s: Optional[float] = None, filters: Optional[dict] = None,
+              clock: Callable[[], float] = time.monotonic) -> _Plan:
+    """Start a run: budget in seconds from now (None: no limit), and {family: regex} case filters
+    (a family not named runs every case). Returns the plan, which collects rows and skips."""
+    global PLAN
+    PLAN = _Plan(budget_s, filters, clock)
+    return PLAN
+
+
+def should_run(family: str, case: str) -> bool:
+    """False for a case the filter excludes; raises BudgetExhausted (the case recorded as
+    skipped) when the
+    budget leaves no room for another case. Benchmarks call it before a case's set-up (compile
+    warm-up, launch counting) so that skipped cases cost nothing."""
+    if not PLAN.wanted(family, case):
+        return False
+    if PLAN.current == (family, case):
+        return True
+    now = PLAN.clock()
+    if PLAN.current is not None:  # the previous case, set-up included, ended here
+        PLAN.longest = max(PLAN.longest, now - PLAN.current_start)
+    PLAN.current = None
+    if not PLAN.fits():
+        if PLAN.exhausted_at is None:
+            PLAN.exhausted_at = f"[{family}] {case}"
+        PLAN.skipped.append({"family": family, "case": case, "reason": "budget"})
+        raise BudgetExhausted(f"time budget of {PLAN.budget_s:.0f} s reached after {PLAN.elapsed():.0f} s: "
+                              f"not starting [{family}] {case}")
+    PLAN.current, PLAN.current_start = (family, case), now
+    return True
 
 
 def device_name(device: torch.device) -> str:
@@ -93,7 +164,12 @@ def measure(family: str, case: str, variants: dict[str, Callable], *, reference:
             launches: dict[str, int] | None = None, extra: dict[str, dict] | None = None,
             device: torch.device | None = None,
             rounds: int | None = None, min_round_ms: float = 20.0) -> dict:
-    """Check parity, then time every variant interleaved; returns one result row."""
+    """Check parity, then time every variant interleaved; returns one result row. A case the
+    run's filter excludes returns a row marked "skipped" without running anything; past the
+    budget it raises BudgetExhausted (see configure)."""
+    if not should_run(family, case):
+        return {"family": family, "case": case, "skipped": "filtered", "variants": {}}
+    t_case = PLAN.clock()
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     outs = {}
     for name, fn in variants.items():
@@ -134,6 +210,9 @@ def measure(family: str, case: str, variants: dict[str, Callable], *, reference:
         if extra and name in extra:
             v.update(extra[name])
         row["variants"][name] = v
+    row["seconds"] = PLAN.clock() - t_case
+    PLAN.longest = max(PLAN.longest, row["seconds"])
+    PLAN.rows.append(row)
     return row
 
 
@@ -159,6 +238,8 @@ def _fmt_variant(v: dict) -> str:
 
 
 def print_row(row: dict) -> None:
+    if row.get("skipped"):
+        return
     print(f"[{row['family']}] {row['case']}", flush=True)
     for name, v in row["variants"].items():
         print(f"    {name:<16}{_fmt_variant(v)}", flush=True)

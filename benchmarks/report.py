@@ -1,10 +1,15 @@
-"""Render benchmark results (the JSON written by run_all) as markdown tables and a PNG plot.
+"""Render benchmark results (the JSON written by run_all) as markdown tables and a PNG plot, and
+the one-screen summary of a GPU run (benchmarks/gpu_suite.sh).
 
     python -m benchmarks.report benchmarks/results/<device>.json
+    python -m benchmarks.report --summary RESULTS.json [--build ok|failed] [--tests-log LOG]
 """
 from __future__ import annotations
 
+import argparse
 import json
+import math
+import re
 import sys
 
 
@@ -59,6 +64,65 @@ def markdown(result: dict) -> str:
     return "\n".join(out)
 
 
+def tests_line(log_text: str) -> str:
+    """pytest's final counts line ("3 failed, 120 passed, 4 skipped in 61.2s"), or a note."""
+    lines = [ln.strip("= ") for ln in log_text.splitlines()
+             if re.search(r"\b\d+ (passed|failed|error|errors|skipped|deselected)\b", ln)]
+    if not lines:
+        return "no pytest summary (did not run or was killed)"
+    interrupted = "KeyboardInterrupt" in log_text or "Interrupted" in log_text
+    return lines[-1] + (" (stopped at its time budget)" if interrupted else "")
+
+
+def _gmean(xs):
+    xs = [x for x in xs if x and x > 0]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def summary(result: dict, build: str = "?", tests: str = "?") -> str:
+    """One screen: build, tests, then per family and genfast backend the largest parity error,
+    the speed-up over eager and over torch.compile (geometric mean, min..max over the cases) and
+    the launches per call where the benchmark counted them; then what the budget cut."""
+    meta, rows = result["meta"], result["rows"]
+    out = [f"genfast GPU run on {meta['device']} (torch {meta['torch']}, triton {meta['triton']}, "
+           f"CUDA {meta['cuda']}, commit {meta['commit'][:10]})",
+           f"build: {build}", f"tests: {tests}", ""]
+    families = []
+    for r in rows:
+        if r["family"] not in families:
+            families.append(r["family"])
+    head = f"{'family':<15}{'variant':<16}{'cases':>5}  {'max err':>8}  {'vs eager (min..max)':>22}  " \
+           f"{'vs compile (min..max)':>22}  launches"
+    out.append(head)
+    for fam in families:
+        frows = [r for r in rows if r["family"] == fam]
+        for name in [n for n in _variants(frows) if n.startswith("genfast")]:
+            vs = [r["variants"][name] for r in frows if name in r["variants"]]
+            err = max(v["max_abs_err"] for v in vs)
+            cells = []
+            for key in ("speedup_vs_eager", "speedup_vs_compile"):
+                xs = [v[key] for v in vs if key in v]
+                g = _gmean(xs)
+                cells.append(f"{g:.2f}x ({min(xs):.2f}..{max(xs):.2f})" if g else "-")
+            launches = sorted({v["launches"] for v in vs if v.get("launches") is not None})
+            eager_l = sorted({r["variants"]["eager"].get("launches") for r in frows
+                              if r["variants"].get("eager", {}).get("launches") is not None})
+            lcell = (",".join(map(str, launches)) + (f" (eager {','.join(map(str, eager_l))})" if eager_l else "")
+                     if launches else "-")
+            out.append(f"{fam:<15}{name:<16}{len(vs):>5}  {err:>8.1e}  {cells[0]:>22}  {cells[1]:>22}  {lcell}")
+    b = result.get("budget") or {}
+    if b.get("stopped_families"):
+        out.append("")
+        out.append(f"BUDGET: {b['budget_s']:.0f} s reached after {b['elapsed_s']:.0f} s; first case not started: "
+                   f"{b['first_not_started']}; families cut short: {', '.join(b['stopped_families'])}")
+    elif b:
+        out.append("")
+        out.append(f"benchmarks: {len(rows)} cases in {b['elapsed_s']:.0f} s"
+                   + (f" of a {b['budget_s']:.0f} s budget" if b.get("budget_s") else "")
+                   + (" (--quick)" if b.get("quick") else ""))
+    return "\n".join(out)
+
+
 def plot(result: dict, path: str):
     """Horizontal bars: speedup over eager per case and variant. Returns the path, or None when
     matplotlib is missing."""
@@ -92,7 +156,28 @@ def plot(result: dict, path: str):
     return path
 
 
-if __name__ == "__main__":
-    with open(sys.argv[1]) as f:
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("json")
+    p.add_argument("--summary", action="store_true", help="the one-screen summary instead of the tables")
+    p.add_argument("--build", default="?", help="build status line for the summary")
+    p.add_argument("--tests-log", default=None, help="pytest output whose counts go into the summary")
+    args = p.parse_args(argv)
+    with open(args.json) as f:
         res = json.load(f)
-    print(markdown(res))
+    if args.summary:
+        tests = "?"
+        if args.tests_log:
+            try:
+                with open(args.tests_log) as f:
+                    tests = tests_line(f.read())
+            except FileNotFoundError:
+                tests = "not run"
+        print(summary(res, args.build, tests))
+    else:
+        print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

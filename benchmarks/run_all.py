@@ -1,7 +1,12 @@
 """Run every benchmark family on the device present; write benchmarks/results/<device>.json,
 a markdown table (<device>.md) and a plot (<device>.png), and print the tables.
 
-    python -m benchmarks.run_all [--full] [--families batchnorm_act,losses] [--out DIR]
+    python -m benchmarks.run_all [--full] [--quick] [--budget-s S] [--dry-run]
+                                 [--families batchnorm_act,losses] [--out DIR]
+
+--quick runs one shape per family (both dtypes where the family benchmarks two) and the DCGAN
+training step; --budget-s stops starting new cases once the next one would not fit (torch.compile
+warm-up and autotuning included) and says which cases did not run.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -20,6 +26,13 @@ import genfast
 from benchmarks import harness, report
 
 FAMILIES = ["batchnorm_act", "losses", "conv_transpose", "end_to_end"]
+# --quick: the cases kept per family (regular expressions over the case names of bench_<family>).
+QUICK = {
+    "batchnorm_act": r"^fwd_bwd_train 128x64x32x32 \w+ nchw$",
+    "losses": r"^gan D\+G bce fwd\+bwd 128x1$",
+    "conv_transpose": r"^fwd_bwd dcgan2 .* b128 \w+ nchw$",
+    "end_to_end": r"^GAN step dcgan64 batch 128$",
+}
 
 
 def _git_commit() -> str:
@@ -49,19 +62,36 @@ def metadata(device: torch.device) -> dict:
     }
 
 
-def main(argv=None) -> int:
+def main(argv=None, clock=None) -> int:
+    """`clock` (seconds, monotonic) replaces time.monotonic for the budget (tests)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--full", action="store_true", help="all cases (default: quick set on CPU)")
     p.add_argument("--families", default=",".join(FAMILIES))
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--quick", action="store_true",
+                   help="one shape per family and the DCGAN training step (QUICK), on any device")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="wall-clock budget: no case starts once the next one would not fit")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     args = p.parse_args(argv)
+    families = args.families.split(",")
+    filters = {f: QUICK[f] for f in families if f in QUICK} if args.quick else {}
+    if args.dry_run:
+        print(f"benchmarks: families {','.join(families)}; budget "
+              f"{'none' if args.budget_s is None else f'{args.budget_s:.0f} s'}; "
+              f"{'quick' if args.quick else 'all cases'}")
+        for f in families:
+            print(f"  {f}: {'cases matching ' + filters[f] if f in filters else 'every case'}")
+        return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    quick = device.type == "cpu" and not args.full
+    quick = args.quick or (device.type == "cpu" and not args.full)
+    plan = harness.configure(args.budget_s, filters, clock or time.monotonic)
     meta = metadata(device)
     print(f"genfast benchmarks on {meta['device']} (torch {meta['torch']}, triton {meta['triton']}); "
-          f"copy bandwidth {meta['copy_bandwidth_GBps']:.0f} GB/s", flush=True)
-    rows = []
-    for fam in args.families.split(","):
+          f"copy bandwidth {meta['copy_bandwidth_GBps']:.0f} GB/s"
+          + (f"; budget {args.budget_s:.0f} s" if args.budget_s is not None else ""), flush=True)
+    stopped = []
+    for fam in families:
         try:
             mod = importlib.import_module(f"benchmarks.bench_{fam}")
         except ModuleNotFoundError as exc:
@@ -69,10 +99,21 @@ def main(argv=None) -> int:
                 raise
             print(f"(no benchmark for {fam} yet)")
             continue
-        rows += mod.run(device, quick)
+        try:
+            mod.run(device, quick)
+        except harness.BudgetExhausted as exc:
+            stopped.append(fam)
+            print(f"[{fam}] stopped: {exc}", flush=True)
+    rows = list(plan.rows)
+    budget = {"budget_s": args.budget_s, "elapsed_s": plan.elapsed(), "quick": bool(args.quick),
+              "stopped_families": stopped, "not_started": plan.skipped,
+              "first_not_started": plan.exhausted_at}
+    if stopped:
+        print(f"BUDGET: {args.budget_s:.0f} s reached; not started: {plan.exhausted_at} and the rest of "
+              f"{', '.join(stopped)}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", meta["device"])
-    result = {"meta": meta, "rows": rows}
+    result = {"meta": meta, "rows": rows, "budget": budget}
     with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
         json.dump(result, f, indent=1)
     md = report.markdown(result)

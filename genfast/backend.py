@@ -18,9 +18,11 @@ BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 # Activation codes shared with csrc/common/activation.h and the Triton kernels.
 ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4}
 
-# What `auto` runs on a CUDA tensor, per op family. Keep in step with benchmarks/results:
-# the fastest genfast backend measured there. A family whose GPU numbers were not measured yet
-# uses the Triton kernels.
+# What `auto` runs on a CUDA tensor, per op family: the genfast backend that
+# benchmarks/gpu_suite.sh measured faster (CUDA C++ vs Triton), citing the committed results
+# file. No GPU result is committed yet (benchmarks/results/ holds CPU results only), so
+# batchnorm_act and losses keep Triton, unmeasured, until one is; then each entry names the
+# faster backend and the benchmarks/results/<gpu>.json it comes from.
 AUTO_CUDA = {
     "batchnorm_act": "triton",
     "losses": "triton",

@@ -1,6 +1,7 @@
 """SyncBatchNormAct2d over torch.distributed (gloo, 2 processes on CPU): same outputs,
 gradients and running statistics as one process over the concatenated batch, with uneven
 per-rank batches; a DDP step of a genfast.convert-ed model matches the unconverted DDP step."""
+import contextlib
 import copy
 import os
 import socket
@@ -124,6 +125,76 @@ def test_single_process_falls_back_to_local_statistics():
     assert_close(m.running_var, b.running_var, torch.float64, "running_var")
 
 
+@contextlib.contextmanager
+def _no_host_reads():
+    """Every Python-level read of a tensor's value on the host (item, float, int, bool, index,
+    tolist, numpy) raises inside the block."""
+    names = ["item", "__float__", "__int__", "__bool__", "__index__", "tolist", "numpy"]
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+
+    def forbid(name):
+        def raiser(self, *args, **kwargs):
+            raise AssertionError(f"host read of a tensor value: Tensor.{name}")
+        return raiser
+
+    for n in names:
+        setattr(torch.Tensor, n, forbid(n))
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+def test_merge_stats_is_chan_over_ranks_without_host_reads():
+    from genfast.ops.sync_batchnorm_act import merge_stats
+
+    g = torch.Generator().manual_seed(5)
+    parts = [torch.randn(n, 3, dtype=torch.float64, generator=g) * 3 + 2 for n in (4, 0, 7, 1)]
+    counts = torch.tensor([float(p.shape[0]) for p in parts], dtype=torch.float64)
+    # an empty rank sends (0, 0, 0), as local_stats does; its row must not move the result
+    means = torch.stack([p.mean(0) if len(p) else torch.zeros(3, dtype=torch.float64) for p in parts])
+    m2s = torch.stack([((p - p.mean(0)) ** 2).sum(0) if len(p) else torch.zeros(3, dtype=torch.float64)
+                       for p in parts])
+    with _no_host_reads():
+        n, mean, m2 = merge_stats(counts, means, m2s)
+    allx = torch.cat(parts)
+    assert n.dim() == 0 and n.tolist() == 12.0
+    assert_close(mean, allx.mean(0), torch.float64, "merged mean")
+    assert_close(m2, ((allx - allx.mean(0)) ** 2).sum(0), torch.float64, "merged M2")
+    # NaN in a rank's statistics propagates (torch's SyncBatchNorm gives NaN too)
+    means[2, 1] = float("nan")
+    n, mean, m2 = merge_stats(counts, means, m2s)
+    assert torch.isnan(mean[1]) and torch.isnan(m2[1]) and not torch.isnan(mean[[0, 2]]).any()
+
+
+def test_sync_function_forward_backward_make_no_host_reads(tmp_path):
+    """The synchronised Function (gloo, world size 1 in this process; the 2-process test above
+    checks the numbers over ranks) reads no tensor value on the host in forward or backward."""
+    from genfast.ops.sync_batchnorm_act import SyncBatchNormActFunction
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        m = _make_sync()
+        r = gnn.BatchNormAct2d(4, negative_slope=0.2, dtype=torch.float64)
+        r.load_state_dict(m.state_dict())
+        x, dy = _data()
+        xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with _no_host_reads():
+            y = SyncBatchNormActFunction.apply(xs, m.weight, m.bias, m.running_mean, m.running_var, m.eps,
+                                               0.1, dist.group.WORLD, 1, "leaky_relu", 0.2)
+            y.backward(dy)
+        yr = r(xr)
+        yr.backward(dy)
+        assert_close(y, yr, torch.float64, "output")
+        assert_close(xs.grad, xr.grad, torch.float64, "grad_input")
+        assert_close(m.weight.grad, r.weight.grad, torch.float64, "grad_weight")
+        assert_close(m.running_var, r.running_var, torch.float64, "running_var")
+    finally:
+        dist.destroy_process_group()
+
+
 def test_convert_sync_batchnorm_keeps_activation_and_tensors():
     seq = nn.Sequential(gnn.BatchNormAct2d(3, activation="relu"), nn.BatchNorm2d(3))
     w = seq[0].weight
@@ -178,12 +249,17 @@ def test_nccl_collectives_world_size_one(cuda_device, tmp_path):
             m.weight.uniform_(0.5, 1.5)
             m.bias.uniform_(-0.5, 0.5)
         r.load_state_dict(m.state_dict())
-        y = SyncBatchNormActFunction.apply(x, m.weight, m.bias, m.running_mean, m.running_var, m.eps, 0.1,
-                                           dist.group.WORLD, 1, "leaky_relu", 0.2)
+        dy = torch.randn_like(x)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # the synchronised path never waits for the GPU
+        try:
+            y = SyncBatchNormActFunction.apply(x, m.weight, m.bias, m.running_mean, m.running_var, m.eps, 0.1,
+                                               dist.group.WORLD, 1, "leaky_relu", 0.2)
+            y.backward(dy)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
         xr = x.detach().clone().requires_grad_()
         yr = r(xr)
-        dy = torch.randn_like(y)
-        y.backward(dy)
         yr.backward(dy)
         assert_close(y, yr, torch.float32, "output")
         assert_close(x.grad, xr.grad, torch.float32, "grad_input")

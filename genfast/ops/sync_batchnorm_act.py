@@ -1,9 +1,10 @@
 """SyncBatchNormAct: BatchNorm + activation with statistics over every rank of a
 torch.distributed process group (any backend: NCCL on GPUs, gloo on CPU).
 
-Forward: local (count, mean, M2) per channel (one fused pass) -> one all_gather -> Chan's merge in
-rank order (so uneven per-rank batches are exact and the result is the same on every rank) ->
-normalise + activation (one fused pass). Backward: local (sum dz, sum dz*xhat) (one fused pass)
+Forward: local (count, mean, M2) per channel (one fused pass) -> one all_gather -> Chan's merge of
+the gathered (ranks, 2C+1) matrix with tensor ops (uneven per-rank batches are exact, every rank
+gets the same result, and nothing synchronises with the host, so the layer can be captured in a
+CUDA graph) -> normalise + activation (one fused pass). Backward: local (sum dz, sum dz*xhat) (one fused pass)
 -> one all_reduce -> grad_input (one fused pass). grad_weight / grad_bias stay local, as in
 nn.SyncBatchNorm (DDP averages parameter gradients).
 
@@ -70,17 +71,16 @@ def local_stats(x):
 
 
 def merge_stats(counts, means, m2s):
-    """Chan's merge of per-rank (count, mean, M2) rows, in rank order -> (count, mean, M2)."""
-    n, mean, m2 = counts[0], means[0], m2s[0]
-    for i in range(1, counts.shape[0]):
-        nb, mb, qb = counts[i], means[i], m2s[i]
-        tot = n + nb
-        if float(tot) == 0:
-            continue
-        d = mb - mean
-        mean = mean + d * (nb / tot)
-        m2 = m2 + qb + d * d * (n * nb / tot)
-        n = tot
+    """Chan's merge of per-rank (count, mean, M2) rows -> (count, mean, M2), as tensor ops on the
+    whole (ranks, C) matrix: no host synchronisation and a fixed number of launches whatever the
+    world size. Rows with count 0 contribute nothing. The reductions run over the rank dimension
+    of the same gathered matrix on every rank, so every rank gets the same bits."""
+    n_i = counts.unsqueeze(1)
+    present = n_i > 0
+    n = counts.sum()
+    mean = torch.where(present, means * n_i, 0).sum(0) / n.clamp_min(1)
+    d = torch.where(present, means - mean, 0)
+    m2 = torch.where(present, m2s, 0).sum(0) + (n_i * d * d).sum(0)
     return n, mean, m2
 
 
@@ -97,29 +97,27 @@ class SyncBatchNormActFunction(torch.autograd.Function):
         dist.all_gather(gathered, packed, group=process_group)
         rows = torch.stack(gathered)
         n, mean, m2 = merge_stats(rows[:, 0], rows[:, 1:C + 1], rows[:, C + 1:])
-        total = float(n)
-        if total <= 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got {int(total)} over all ranks")
-        var = m2 / total
+        # The global count stays on the device (reading it would synchronise with the host), so
+        # a global batch of one value per channel is not rejected here, as in nn.SyncBatchNorm.
+        var = m2 / n
         invstd = torch.rsqrt(var + eps)
         if running_mean is not None:
             with torch.no_grad():
                 running_mean.copy_((1 - momentum) * running_mean.to(acc) + momentum * mean)
-                running_var.copy_((1 - momentum) * running_var.to(acc) + momentum * (m2 / (total - 1)))
+                running_var.copy_((1 - momentum) * running_var.to(acc) + momentum * (m2 / (n - 1)))
         act = B.ACTIVATIONS[activation]
         if _use_cpp(x):
             y = torch.ops.genfast.batch_norm_act_apply(x, mean, invstd, weight, bias, act, negative_slope, 0.0)
         else:
             y = ref.apply(x, mean, invstd, weight, bias, activation, negative_slope)
-        ctx.save_for_backward(x, weight, bias, mean, invstd)
-        ctx.cfg = (process_group, activation, negative_slope, total)
+        ctx.save_for_backward(x, weight, bias, mean, invstd, n)
+        ctx.cfg = (process_group, activation, negative_slope)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, bias, mean, invstd = ctx.saved_tensors
-        group, activation, slope, total = ctx.cfg
+        x, weight, bias, mean, invstd, n = ctx.saved_tensors
+        group, activation, slope = ctx.cfg
         if torch.is_grad_enabled():
             raise RuntimeError("SyncBatchNormAct2d: double backward is not supported")
         grad_out = grad_out.contiguous() if not grad_out.is_contiguous() and x.is_contiguous() else grad_out
@@ -136,12 +134,14 @@ class SyncBatchNormActFunction(torch.autograd.Function):
         both = torch.cat([s, sx])
         dist.all_reduce(both, group=group)
         C = x.shape[1]
+        # The means of the global sums, divided on the device; the dx pass then divides by 1.
+        both = both / n.clamp_min(1)
         gs, gsx = both[:C], both[C:]
         dx = None
         if ctx.needs_input_grad[0]:
             if cpp:
                 dx = torch.ops.genfast.batch_norm_act_bwd_dx(grad_out, x, weight, bias, mean, invstd, gs, gsx,
-                                                             total, act, slope, 0.0, False)
+                                                             1.0, act, slope, 0.0, False)
             else:
-                dx = ref.bwd_dx(grad_out, x, weight, bias, mean, invstd, gs, gsx, total, activation, slope)
+                dx = ref.bwd_dx(grad_out, x, weight, bias, mean, invstd, gs, gsx, 1.0, activation, slope)
         return dx, dw, db, None, None, None, None, None, None, None, None

@@ -1,0 +1,159 @@
+"""benchmarks/gpu_suite.sh and the budget logic of benchmarks/run_all.py, on the CPU: the dry run's
+plan (steps, per-step budgets within the 8 / 4 minute totals, nothing heavy run), and run_all
+with a budget and a case filter over a stand-in benchmark family driven by a fake clock."""
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+import torch
+
+from benchmarks import harness, report, run_all
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_suite.sh")
+
+
+def _dry_run(tmp_path, *flags):
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    env.pop("TRITON_INTERPRET", None)
+    t0 = time.monotonic()
+    r = subprocess.run(["bash", SCRIPT, "--dry-run", *flags], capture_output=True, text=True, env=env,
+                       timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    return r.stdout, out, time.monotonic() - t0
+
+
+def _budgets(plan: str) -> dict:
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"step (\w+)\s+<= (\d+) s", plan)}
+
+
+@pytest.mark.parametrize("quick,total", [(False, 480), (True, 240)])
+def test_dry_run_plan_fits_the_time_limit(tmp_path, quick, total):
+    stdout, out, seconds = _dry_run(tmp_path, *(["--quick"] if quick else []))
+    steps = _budgets(stdout)
+    assert list(steps) == ["build", "tests", "benchmarks", "report"]
+    assert sum(steps.values()) == total, stdout
+    assert all(v > 0 for v in steps.values())
+    assert f"total budget {total} s" in stdout
+    assert "TORCH_CUDA_ARCH_LIST=9.0" in stdout and f"MAX_JOBS={os.cpu_count()}" in stdout
+    # run_all's own dry run: the benchmark budget handed down, and the --quick case filters
+    assert f"budget {steps['benchmarks']} s" in stdout
+    for fam in run_all.FAMILIES:
+        line = next(ln for ln in stdout.splitlines() if ln.strip().startswith(f"{fam}:"))
+        if quick:
+            assert run_all.QUICK[fam] in line
+        else:
+            assert "every case" in line
+    # nothing heavy ran: no build, no logs, no results
+    assert sorted(p.name for p in out.iterdir()) == ["plan.txt", "results"]
+    assert not any((out / "results").iterdir())
+    assert seconds < 60
+
+
+def test_unknown_argument_is_refused(tmp_path):
+    r = subprocess.run(["bash", SCRIPT, "--fast"], capture_output=True, text=True,
+                       env={**os.environ, "OUT": str(tmp_path)}, timeout=60)
+    assert r.returncode == 2 and "unknown argument --fast" in r.stderr
+
+
+class FakeClock:
+    """Advances only when a stand-in benchmark variant runs: each call costs `step` seconds."""
+
+    def __init__(self, step=1.0):
+        self.t, self.step = 0.0, step
+
+    def __call__(self):
+        return self.t
+
+
+def _fake_family(clock, n_cases=6):
+    mod = types.ModuleType("benchmarks.bench_fakefam")
+
+    def run(device, quick):
+        rows = []
+        for i in range(n_cases):
+            def fn():
+                clock.t += clock.step
+                time.sleep(0.002)
+                return torch.ones(3)
+            rows.append(harness.measure("fakefam", f"case {i}", {"eager": fn, "genfast-cpu": fn},
+                                        device=torch.device("cpu"), rounds=1, min_round_ms=1.0))
+            harness.print_row(rows[-1])
+        return rows
+
+    mod.run = run
+    return mod
+
+
+def _run(monkeypatch, tmp_path, clock, *flags):
+    monkeypatch.setitem(sys.modules, "benchmarks.bench_fakefam", _fake_family(clock))
+    assert run_all.main(["--families", "fakefam", "--out", str(tmp_path), *flags], clock=clock) == 0
+    (path,) = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
+    return json.loads(path.read_text())
+
+
+def test_budget_stops_starting_cases_and_says_so(monkeypatch, tmp_path, capsys):
+    clock = FakeClock()
+    # each case: warm-up, one sizing call, one round for each of 2 variants = 6 fake seconds
+    res = _run(monkeypatch, tmp_path, clock, "--budget-s", "20")
+    assert [r["case"] for r in res["rows"]] == ["case 0", "case 1", "case 2"]
+    assert all(r["seconds"] == 6.0 for r in res["rows"])
+    b = res["budget"]
+    assert b["stopped_families"] == ["fakefam"] and b["first_not_started"] == "[fakefam] case 3"
+    assert b["elapsed_s"] == 18.0 <= b["budget_s"] == 20.0
+    out = capsys.readouterr().out
+    assert "BUDGET: 20 s reached; not started: [fakefam] case 3" in out
+    text = report.summary(res, "ok", "3 passed in 1.0s")
+    assert "BUDGET: 20 s reached after 18 s; first case not started: [fakefam] case 3" in text
+    assert re.search(r"fakefam\s+genfast-cpu\s+3\s", text)
+
+
+def test_without_budget_every_case_runs(monkeypatch, tmp_path):
+    res = _run(monkeypatch, tmp_path, FakeClock())
+    assert len(res["rows"]) == 6 and res["budget"]["stopped_families"] == []
+
+
+def test_quick_filter_keeps_only_matching_cases(monkeypatch, tmp_path):
+    monkeypatch.setitem(run_all.QUICK, "fakefam", r"^case [14]$")
+    res = _run(monkeypatch, tmp_path, FakeClock(), "--quick", "--budget-s", "100")
+    assert [r["case"] for r in res["rows"]] == ["case 1", "case 4"]
+    assert res["budget"]["quick"] is True
+    assert "fakefam" in report.markdown(res)
+
+
+def test_summary_reports_error_speedups_and_launches():
+    def v(ms, err, launches=None):
+        d = {"median_ms": ms, "max_abs_err": err}
+        if launches is not None:
+            d["launches"] = launches
+        return d
+
+    rows = []
+    for case, (e, c, g) in {"a": (2.0, 1.0, 1.0), "b": (8.0, 4.0, 2.0)}.items():
+        variants = {"eager": v(e, 0.0, 9), "compile": v(c, 1e-7), "genfast-triton": v(g, 3e-6 if case == "a" else 1e-6, 2)}
+        for k in variants:
+            variants[k]["speedup_vs_eager"] = e / variants[k]["median_ms"]
+            variants[k]["speedup_vs_compile"] = c / variants[k]["median_ms"]
+        rows.append({"family": "losses", "case": case, "variants": variants})
+    meta = {"device": "NVIDIA H200", "torch": "t", "triton": "3.6.0", "cuda": "13.0", "commit": "abcdef1234567"}
+    text = report.summary({"meta": meta, "rows": rows}, "ok in 80 s", "1 failed, 20 passed in 30.0s")
+    lines = text.splitlines()
+    assert lines[1] == "build: ok in 80 s" and lines[2] == "tests: 1 failed, 20 passed in 30.0s"
+    (line,) = [ln for ln in lines if ln.startswith("losses")]
+    # speed-up vs eager: 2x and 4x -> geometric mean 2.83x; vs compile: 1x and 2x -> 1.41x
+    assert "3.0e-06" in line and "2.83x (2.00..4.00)" in line and "1.41x (1.00..2.00)" in line
+    assert line.endswith("2 (eager 9)")
+
+
+def test_tests_line_reads_pytest_counts_and_interruption():
+    assert report.tests_line("....\n==== 2 failed, 40 passed, 3 skipped in 61.20s ====\n") == \
+        "2 failed, 40 passed, 3 skipped in 61.20s"
+    log = "..\n!!! KeyboardInterrupt !!!\n==== 12 passed in 45.01s ====\n"
+    assert report.tests_line(log) == "12 passed in 45.01s (stopped at its time budget)"
+    assert report.tests_line("").startswith("no pytest summary")
