@@ -164,10 +164,12 @@ GENFAST_HOST_DEVICE acc_t bn_act_dz_xhat(acc_t dy, acc_t saved, bool saved_is_ou
 }
 
 // dx from dz, xhat and the per-channel coefficients k = gamma * invstd,
-// a = sum_dz / M, b = sum_dz_xhat / M (a = b = 0 in eval mode).
+// a = sum_dz / M, b = sum_dz_xhat / M (a = b = 0 in eval mode). The xhat term is skipped when
+// b == 0, so that an infinite xhat (an inf input in eval mode) gives torch's eval gradient
+// k * dz rather than inf * 0 = NaN; in training an inf or NaN xhat makes b NaN, never 0.
 template <typename acc_t>
 GENFAST_HOST_DEVICE acc_t bn_act_dx_elem(acc_t dz, acc_t xhat, acc_t k, acc_t a, acc_t b) {
-  return k * (dz - a - xhat * b);
+  return k * (dz - a - (b == acc_t(0) ? acc_t(0) : xhat * b));
 }
 
 }  // namespace genfast
