@@ -496,7 +496,7 @@ def compile_for_sm90():
 
     pointers = {"X", "Y", "W", "Bi", "RM", "RV", "SAVE_MEAN", "SAVE_INVSTD", "WS", "DY", "SV",
                 "DX", "MEAN", "INVSTD", "GW", "GB"}
-    acc_pointers = {"WS", "SAVE_MEAN", "SAVE_INVSTD", "MEAN", "INVSTD"}
+    acc_pointers = {"SAVE_MEAN", "SAVE_INVSTD", "MEAN", "INVSTD"}
 
     def build(fn, dt, num_warps, **consts):
         sig = {}
@@ -505,6 +505,8 @@ def compile_for_sm90():
                 sig[p.name] = "constexpr"
             elif p.annotation_type:
                 sig[p.name] = p.annotation_type
+            elif p.name == "WS":
+                sig[p.name] = "*fp64"  # the float64 partial-statistics workspace
             elif p.name in pointers:
                 sig[p.name] = "*fp32" if p.name in acc_pointers else f"*{dt}"
             else:

@@ -165,6 +165,17 @@ def _from_channel(v, CL: tl.constexpr):
 
 
 @triton.jit
+def _cast(v, DT: tl.constexpr):
+    # v (float32 or float64) as DT; float64 goes through float32 first (a direct float64 to
+    # bfloat16/float16 conversion is not available everywhere, e.g. in the interpreter).
+    if DT == tl.float64:
+        out = v.to(tl.float64)
+    else:
+        out = v.to(tl.float32).to(DT)
+    return out
+
+
+@triton.jit
 def _refined_sum(tsum, tmean, tc, d):
     # The sum of a tile's columns as tc * tmean + sum(x - tmean) (d = x - tmean, 0 where masked),
     # in float64: the deviations are small, so a float32 tile sum's rounding at a large mean
@@ -183,8 +194,8 @@ def _finish_stats(ch, cmask, cnt, mean, m2, RM, RV, SAVE_MEAN, SAVE_INVSTD, eps,
     var = tl.where(cnt > 0, m2 / tl.maximum(cnt, 1.0), 0.0)
     invstd = _invstd(var, eps, ACC)
     if write:
-        tl.store(SAVE_MEAN + ch, mean.to(SAVE_MEAN.dtype.element_ty), mask=cmask)
-        tl.store(SAVE_INVSTD + ch, invstd.to(SAVE_INVSTD.dtype.element_ty), mask=cmask)
+        tl.store(SAVE_MEAN + ch, _cast(mean, SAVE_MEAN.dtype.element_ty), mask=cmask)
+        tl.store(SAVE_INVSTD + ch, _cast(invstd, SAVE_INVSTD.dtype.element_ty), mask=cmask)
         if HAS_RM:
             unbiased = tl.where(cnt > 1, m2 / tl.maximum(cnt - 1.0, 1.0), var)
             rm = tl.load(RM + ch, mask=cmask, other=0.0).to(ACC)
@@ -192,8 +203,8 @@ def _finish_stats(ch, cmask, cnt, mean, m2, RM, RV, SAVE_MEAN, SAVE_INVSTD, eps,
             # An empty batch leaves the running statistics unchanged, as torch does.
             rm = tl.where(cnt > 0, (1.0 - momentum) * rm + momentum * mean, rm)
             rv = tl.where(cnt > 0, (1.0 - momentum) * rv + momentum * unbiased, rv)
-            tl.store(RM + ch, rm.to(RM.dtype.element_ty), mask=cmask)
-            tl.store(RV + ch, rv.to(RV.dtype.element_ty), mask=cmask)
+            tl.store(RM + ch, _cast(rm, RM.dtype.element_ty), mask=cmask)
+            tl.store(RV + ch, _cast(rv, RV.dtype.element_ty), mask=cmask)
     return invstd
 
 
@@ -557,8 +568,8 @@ def _bwd_dx_kernel(
         sum_dz += tl.sum(tl.load(WS + idx, mask=m, other=0.0), 0)
         sum_dzx += tl.sum(tl.load(WS + S * C + idx, mask=m, other=0.0), 0)
     if pid_s == 0:
-        tl.store(GW + ch, sum_dzx.to(GW.dtype.element_ty), mask=cmask)
-        tl.store(GB + ch, sum_dz.to(GB.dtype.element_ty), mask=cmask)
+        tl.store(GW + ch, _cast(sum_dzx, GW.dtype.element_ty), mask=cmask)
+        tl.store(GB + ch, _cast(sum_dz, GB.dtype.element_ty), mask=cmask)
     scale = g * invstd
     if TRAINING:
         m_ = tl.maximum(_scalar(M, tl.float64), 1.0)
