@@ -113,6 +113,8 @@ def _setup_context(ctx, inputs, output):
      backend) = inputs
     y, mean, invstd = output
     ctx.mark_non_differentiable(mean, invstd)
+    # mean and invstd never carry a gradient: no zero tensors materialised for them.
+    ctx.set_materialize_grads(False)
     ctx.saved_is_output = gamma_floor > 0
     ctx.save_for_backward(y if ctx.saved_is_output else input, weight, bias, mean, invstd)
     ctx.cfg = (training, activation, slope, gamma_floor, eps, backend)
@@ -122,6 +124,8 @@ def _backward(ctx, grad_out, _grad_mean, _grad_invstd):
     saved, weight, bias, mean, invstd = ctx.saved_tensors
     training, activation, slope, gamma_floor, eps, backend = ctx.cfg
     need = ctx.needs_input_grad
+    if grad_out is None:
+        return (None,) * 12
     if torch.is_grad_enabled():
         # create_graph=True: the differentiable reference formulas.
         if ctx.saved_is_output:
