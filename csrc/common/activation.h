@@ -18,43 +18,47 @@ enum Activation : int {
 // a compile-time constant: hot CPU loops use the latter so that they carry no branch and
 // vectorise.
 
-// f(z). relu is leaky_relu with slope 0, as torch computes it (z > 0 ? z : 0).
+// f(z), propagating NaN and +-inf exactly as torch: relu(NaN) = NaN, relu(-0.0) = -0.0,
+// leaky_relu(-inf) = -inf. Selects between z and a constant (a select between computed values
+// GCC does not vectorise): a NaN z fails both comparisons, so it reaches the sum.
 template <int ACT, typename T>
 GENFAST_HOST_DEVICE T act_forward_c(T z, T slope) {
-  if constexpr (ACT == kRelu) return z > T(0) ? z : T(0);
-  // max/min rather than a select of computed values: exact, and GCC vectorises it.
-  else if constexpr (ACT == kLeakyRelu) return (z > T(0) ? z : T(0)) + slope * (z < T(0) ? z : T(0));
+  if constexpr (ACT == kRelu) return z < T(0) ? T(0) : z;
+  else if constexpr (ACT == kLeakyRelu) return (z < T(0) ? T(0) : z) + slope * (z > T(0) ? T(0) : z);
   else if constexpr (ACT == kTanh) return ::tanh(z);
   else if constexpr (ACT == kSigmoid) return T(1) / (T(1) + ::exp(-z));
   else return z;
 }
 
-// f'(z) from the pre-activation z, with torch's convention at 0 (the negative side's slope).
+// f'(z) from the pre-activation z, with torch's conventions: at 0 the negative side's slope; at
+// NaN relu passes the gradient (torch masks only where relu(z) <= 0) and leaky_relu takes the
+// slope (torch takes it unless z > 0).
 template <int ACT, typename T>
 GENFAST_HOST_DEVICE T act_grad_from_input_c(T z, T slope) {
   // A select between two values that need no computation: GCC vectorises it (a select between
   // computed values, or a bool-to-float conversion, it does not).
-  if constexpr (ACT == kRelu) return z > T(0) ? T(1) : T(0);
+  if constexpr (ACT == kRelu) return z <= T(0) ? T(0) : T(1);
   else if constexpr (ACT == kLeakyRelu) return z > T(0) ? T(1) : slope;
   else if constexpr (ACT == kTanh) { T t = ::tanh(z); return T(1) - t * t; }
   else if constexpr (ACT == kSigmoid) { T s = T(1) / (T(1) + ::exp(-z)); return s * (T(1) - s); }
   else return T(1);
 }
 
-// f'(z) from the output y = f(z), for activations whose sign is preserved (slope > 0).
+// f'(z) from the output y = f(z), for activations whose sign is preserved (slope > 0); NaN as
+// act_grad_from_input_c.
 template <int ACT, typename T>
 GENFAST_HOST_DEVICE T act_grad_from_output_c(T y, T slope) {
-  if constexpr (ACT == kRelu) return y > T(0) ? T(1) : T(0);
+  if constexpr (ACT == kRelu) return y <= T(0) ? T(0) : T(1);
   else if constexpr (ACT == kLeakyRelu) return y > T(0) ? T(1) : slope;
   else if constexpr (ACT == kTanh) return T(1) - y * y;
   else if constexpr (ACT == kSigmoid) return y * (T(1) - y);
   else return T(1);
 }
 
-// z = f^-1(y) for the invertible activations (identity, leaky_relu with slope > 0).
+// z = f^-1(y) for the invertible activations (identity, leaky_relu with slope > 0); NaN stays NaN.
 template <int ACT, typename T>
 GENFAST_HOST_DEVICE T act_invert_c(T y, T slope) {
-  if constexpr (ACT == kLeakyRelu) return (y > T(0) ? y : T(0)) + (y < T(0) ? y : T(0)) / slope;
+  if constexpr (ACT == kLeakyRelu) return (y < T(0) ? T(0) : y) + (y > T(0) ? T(0) : y) / slope;
   else return y;
 }
 

@@ -25,8 +25,58 @@ namespace {
 // Rows per block for the channels-last reductions: a block of rows x C elements is read twice
 // (sum, then squared deviations) and is sized to stay in the L2 cache between the two reads.
 constexpr int64_t kBlockElems = 16384;
+// Elements per task along a contiguous row (NCL): a chunk is re-read from cache by the two-pass
+// statistics, and a row longer than this (e.g. N = C = 1) is split so that it still runs in
+// parallel and its partial sums stay short.
+constexpr int64_t kChunk = 16384;
+// Sums and statistics accumulate in double whatever the input dtype: float partials saturate
+// (2^24 ones sum to 2^24 in float) and lose the mean at large offsets, as torch's CPU kernels
+// (which accumulate in double) do not.
+using red_t = double;
 
 int64_t nlc_rows_per_block(int64_t C) { return std::max<int64_t>(1, kBlockElems / std::max<int64_t>(C, 1)); }
+
+// The (N, C, L) view the CPU kernels iterate: channel_view, then a single channel as one long
+// row (both layouts are then the same contiguous run) and L == 1 as channels-last (N rows of C
+// values: BatchNorm1d on (N, C) reduces over rows with vector loads across channels instead of
+// treating each element as a row of length 1).
+ChannelView bn_view(at::Tensor& t) {
+  ChannelView v = channel_view(t);
+  if (v.C == 1) return {RowLayout::kNCL, 1, 1, v.N * v.L};
+  if (v.layout == RowLayout::kNCL && v.L == 1) return {RowLayout::kNLC, v.N, v.C, 1};
+  return v;
+}
+
+// Work decomposition. NCL: each of the N*C rows is cut into `cpr` chunks of at most kChunk
+// elements; task t is chunk t % cpr of row t / cpr (channel (t / cpr) % C). NLC: the N*L rows
+// of C values go in blocks of `R` rows; task t is block t.
+struct Tasks {
+  int64_t cpr;  // NCL: chunks per row
+  int64_t R;    // NLC: rows per block
+  int64_t n;    // number of tasks
+};
+
+Tasks make_tasks(const ChannelView& v) {
+  if (v.layout == RowLayout::kNCL) {
+    const int64_t cpr = std::max<int64_t>(1, (v.L + kChunk - 1) / kChunk);
+    return {cpr, 0, v.L > 0 ? v.N * v.C * cpr : 0};
+  }
+  const int64_t R = nlc_rows_per_block(v.C), rows = v.N * v.L;
+  return {1, R, (rows + R - 1) / R};
+}
+
+// Half-open element range [lo, hi) of NCL task t along its row.
+inline void ncl_range(const Tasks& tk, const ChannelView& v, int64_t t, int64_t* row, int64_t* lo, int64_t* hi) {
+  *row = t / tk.cpr;
+  *lo = (t % tk.cpr) * kChunk;
+  *hi = std::min(v.L, *lo + kChunk);
+}
+
+// Grain for at::parallel_for over the tasks of an elementwise pass: about 4096 elements.
+int64_t elementwise_grain(const Tasks& tk, const ChannelView& v) {
+  const int64_t per_task = v.layout == RowLayout::kNCL ? std::min(v.L, kChunk) : tk.R * v.C;
+  return std::max<int64_t>(1, 4096 / std::max<int64_t>(per_task, 1));
+}
 
 template <typename acc_t, typename param_t>
 std::vector<acc_t> load_param(const c10::optional<at::Tensor>& p, int64_t C, acc_t fill) {
@@ -39,65 +89,69 @@ std::vector<acc_t> load_param(const c10::optional<at::Tensor>& p, int64_t C, acc
   return out;
 }
 
-// Per-channel Welford statistics of x (one read of x; each row or block is re-read from cache).
-template <typename scalar_t, typename acc_t>
-std::vector<Welford<acc_t>> channel_stats(const scalar_t* x, const ChannelView& v) {
+// Per-channel statistics of x (count, mean, M2) from one read of x (each chunk or block is
+// re-read from cache): double partials per task, merged per channel in a fixed order.
+template <typename scalar_t>
+std::vector<Welford<red_t, int64_t>> channel_stats(const scalar_t* x, const ChannelView& v) {
   const int64_t C = v.C;
-  std::vector<Welford<acc_t>> out(C, welford_init<acc_t>());
+  const Tasks tk = make_tasks(v);
+  std::vector<SumPartial<red_t>> part;
+  std::vector<Welford<red_t, int64_t>> out(C, welford_init<red_t, int64_t>());
+  if (tk.n == 0) return out;
   if (v.layout == RowLayout::kNCL) {
-    const int64_t rows = v.N * C, L = v.L;
-    std::vector<Welford<acc_t>> row_stats(rows);
-    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* p = x + r * L;
-        acc_t s = 0;
+    // Channel-major partials: part[(c * N + n) * cpr + k], so that a channel's are contiguous.
+    part.resize(tk.n);
+    at::parallel_for(0, tk.n, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        int64_t r, lo, hi;
+        ncl_range(tk, v, t, &r, &lo, &hi);
+        const scalar_t* p = x + r * v.L;
+        red_t s = 0;
 #pragma omp simd reduction(+ : s)
-        for (int64_t i = 0; i < L; ++i) s += static_cast<acc_t>(p[i]);
-        const acc_t m = L > 0 ? s / acc_t(L) : acc_t(0);
-        acc_t q = 0;
+        for (int64_t i = lo; i < hi; ++i) s += static_cast<red_t>(p[i]);
+        const red_t m = s / red_t(hi - lo);
+        red_t q = 0;
 #pragma omp simd reduction(+ : q)
-        for (int64_t i = 0; i < L; ++i) {
-          const acc_t d = static_cast<acc_t>(p[i]) - m;
+        for (int64_t i = lo; i < hi; ++i) {
+          const red_t d = static_cast<red_t>(p[i]) - m;
           q += d * d;
         }
-        row_stats[r] = Welford<acc_t>{acc_t(L), m, q};
+        const int64_t n = r / C, c = r % C;
+        part[(c * v.N + n) * tk.cpr + t % tk.cpr] = SumPartial<red_t>{hi - lo, s, q};
       }
     });
-    for (int64_t n = 0; n < v.N; ++n)
-      for (int64_t c = 0; c < C; ++c) out[c] = welford_merge(out[c], row_stats[n * C + c]);
+    for (int64_t c = 0; c < C; ++c) out[c] = merge_sum_partials(part.data() + c * v.N * tk.cpr, v.N * tk.cpr, 1);
   } else {
-    const int64_t rows = v.N * v.L, R = nlc_rows_per_block(C);
-    const int64_t nblocks = (rows + R - 1) / R;
-    std::vector<Welford<acc_t>> blk(nblocks * C);
-    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<acc_t> s(C), q(C);
+    const int64_t rows = v.N * v.L;
+    part.resize(tk.n * C);
+    at::parallel_for(0, tk.n, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<red_t> s(C), q(C), mb(C);
+      red_t* mp = mb.data();
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t lo = b * R, hi = std::min(rows, lo + R);
-        std::fill(s.begin(), s.end(), acc_t(0));
-        std::fill(q.begin(), q.end(), acc_t(0));
+        const int64_t lo = b * tk.R, hi = std::min(rows, lo + tk.R);
+        std::fill(s.begin(), s.end(), red_t(0));
+        std::fill(q.begin(), q.end(), red_t(0));
+        red_t* sp = s.data();
+        red_t* qp = q.data();
         for (int64_t r = lo; r < hi; ++r) {
           const scalar_t* p = x + r * C;
-          acc_t* sp = s.data();
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) sp[c] += static_cast<acc_t>(p[c]);
+          for (int64_t c = 0; c < C; ++c) sp[c] += static_cast<red_t>(p[c]);
         }
-        const acc_t cnt = acc_t(hi - lo);
-        for (int64_t c = 0; c < C; ++c) s[c] /= cnt;
+        const red_t inv = red_t(1) / red_t(hi - lo);
+        for (int64_t c = 0; c < C; ++c) mp[c] = sp[c] * inv;
         for (int64_t r = lo; r < hi; ++r) {
           const scalar_t* p = x + r * C;
-          const acc_t* sp = s.data();
-          acc_t* qp = q.data();
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
-            const acc_t d = static_cast<acc_t>(p[c]) - sp[c];
+            const red_t d = static_cast<red_t>(p[c]) - mp[c];
             qp[c] += d * d;
           }
         }
-        for (int64_t c = 0; c < C; ++c) blk[b * C + c] = Welford<acc_t>{cnt, s[c], q[c]};
+        for (int64_t c = 0; c < C; ++c) part[b * C + c] = SumPartial<red_t>{hi - lo, s[c], q[c]};
       }
     });
-    for (int64_t b = 0; b < nblocks; ++b)
-      for (int64_t c = 0; c < C; ++c) out[c] = welford_merge(out[c], blk[b * C + c]);
+    for (int64_t c = 0; c < C; ++c) out[c] = merge_sum_partials(part.data() + c, tk.n, C);
   }
   return out;
 }
@@ -114,43 +168,62 @@ void dispatch_act(int64_t act, F&& f) {
 }
 
 template <typename scalar_t, typename acc_t, int act>
-void normalize_act(const scalar_t* x, scalar_t* y, const ChannelView& v, const std::vector<acc_t>& scale,
-                   const std::vector<acc_t>& shift, acc_t slope_in) {
+void normalize_act(const scalar_t* x, scalar_t* y, const ChannelView& v, const std::vector<acc_t>& mean,
+                   const std::vector<acc_t>& scale, const std::vector<acc_t>& beta, acc_t slope_in) {
   const int64_t C = v.C;
-  if (v.layout == RowLayout::kNCL) {
-    const int64_t rows = v.N * C, L = v.L;
-    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(L, 1)), [&](int64_t r0, int64_t r1) {
-      const acc_t slope = slope_in;  // a private copy per thread
-      for (int64_t r = r0; r < r1; ++r) {
-        const acc_t a = scale[r % C], b = shift[r % C];
-        const scalar_t* p = x + r * L;
-        scalar_t* o = y + r * L;
+  const Tasks tk = make_tasks(v);
+  if (tk.n == 0) return;
+  const acc_t* m = mean.data();
+  const acc_t* a = scale.data();
+  const acc_t* b = beta.data();
+  at::parallel_for(0, tk.n, elementwise_grain(tk, v), [&](int64_t t0, int64_t t1) {
+    const acc_t slope = slope_in;  // a private copy per thread
+    for (int64_t t = t0; t < t1; ++t) {
+      if (v.layout == RowLayout::kNCL) {
+        int64_t r, lo, hi;
+        ncl_range(tk, v, t, &r, &lo, &hi);
+        const acc_t mc = m[r % C], ac = a[r % C], bc = b[r % C];
+        const scalar_t* p = x + r * v.L;
+        scalar_t* o = y + r * v.L;
 #pragma omp simd
-        for (int64_t i = 0; i < L; ++i)
-          o[i] = static_cast<scalar_t>(bn_act_forward_elem_c<act, acc_t>(static_cast<acc_t>(p[i]), a, b, slope));
-      }
-    });
-  } else {
-    const int64_t rows = v.N * v.L;
-    const acc_t* a = scale.data();
-    const acc_t* b = shift.data();
-    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
-      const acc_t slope = slope_in;  // a private copy per thread
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* p = x + r * C;
-        scalar_t* o = y + r * C;
+        for (int64_t i = lo; i < hi; ++i)
+          o[i] = static_cast<scalar_t>(bn_act_forward_elem_c<act, acc_t>(static_cast<acc_t>(p[i]), mc, ac, bc, slope));
+      } else {
+        const int64_t lo = t * tk.R, hi = std::min(v.N * v.L, lo + tk.R);
+        for (int64_t r = lo; r < hi; ++r) {
+          const scalar_t* p = x + r * C;
+          scalar_t* o = y + r * C;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c)
-          o[c] = static_cast<scalar_t>(bn_act_forward_elem_c<act, acc_t>(static_cast<acc_t>(p[c]), a[c], b[c], slope));
+          for (int64_t c = 0; c < C; ++c)
+            o[c] = static_cast<scalar_t>(bn_act_forward_elem_c<act, acc_t>(static_cast<acc_t>(p[c]), m[c], a[c], b[c], slope));
+        }
       }
-    });
-  }
+    }
+  });
 }
 
+// Writes v into a freshly allocated (contiguous) (C,) tensor t.
 template <typename param_t, typename acc_t>
 void store_param(at::Tensor& t, const std::vector<acc_t>& v) {
   param_t* d = t.data_ptr<param_t>();
   for (size_t c = 0; c < v.size(); ++c) d[c] = static_cast<param_t>(v[c]);
+}
+
+// Element c of a 1-D tensor, read or written through its stride (so a strided view such as
+// base[::2] gets its own elements, an expanded stride-0 view its single element, and nothing
+// outside the tensor is touched), converted from / to double.
+double param_get(const at::Tensor& t, int64_t c) {
+  double out = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "bn_act_param_get", [&] {
+    out = static_cast<double>(t.data_ptr<scalar_t>()[c * t.stride(0)]);
+  });
+  return out;
+}
+
+void param_set(const at::Tensor& t, int64_t c, double v) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "bn_act_param_set", [&] {
+    t.data_ptr<scalar_t>()[c * t.stride(0)] = static_cast<scalar_t>(v);
+  });
 }
 
 void check_common(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
@@ -177,8 +250,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cpu(
     int64_t activation, double negative_slope, double gamma_floor) {
   check_common(input_, weight, bias);
   at::Tensor input = input_;
-  const ChannelView v = channel_view(input);
-  const int64_t C = v.C;
+  const ChannelView v = bn_view(input);
+  const int64_t C = input.size(1);
   const bool have_rm = running_mean.has_value() && running_mean->defined();
   const bool have_rv = running_var.has_value() && running_var->defined();
   TORCH_CHECK(training || (have_rm && have_rv),
@@ -199,34 +272,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cpu(
     });
     const scalar_t* x = input.data_ptr<scalar_t>();
     if (training) {
-      std::vector<Welford<acc_t>> st = channel_stats<scalar_t, acc_t>(x, v);
-      std::vector<acc_t> rm, rv;
-      if (have_rm) {
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_mean->scalar_type(), "bn_act_rs", [&] {
-          rm = load_param<acc_t, scalar_t>(running_mean, C, acc_t(0));
-        });
-      }
-      if (have_rv) {
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_var->scalar_type(), "bn_act_rs", [&] {
-          rv = load_param<acc_t, scalar_t>(running_var, C, acc_t(1));
-        });
-      }
+      const std::vector<Welford<red_t, int64_t>> st = channel_stats<scalar_t>(x, v);
+      // The running buffers are read and written here, after every check has passed, channel
+      // after channel through their views: an expanded (stride-0) buffer compounds the updates
+      // in channel order, as torch's CPU kernel leaves it when it runs on one thread.
       for (int64_t c = 0; c < C; ++c) {
-        finish_stats<acc_t>(st[c], acc_t(eps), acc_t(momentum), &mean[c], &invstd[c],
-                            have_rm ? &rm[c] : nullptr, have_rv ? &rv[c] : nullptr);
-      }
-      // Running buffers are written only here, after every check has passed.
-      if (have_rm) {
-        at::Tensor t = *running_mean;
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "bn_act_rs", [&] {
-          store_param<scalar_t, acc_t>(t, rm);
-        });
-      }
-      if (have_rv) {
-        at::Tensor t = *running_var;
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "bn_act_rs", [&] {
-          store_param<scalar_t, acc_t>(t, rv);
-        });
+        red_t m, is, rmc = 0, rvc = 0;
+        if (have_rm) rmc = param_get(*running_mean, c);
+        if (have_rv) rvc = param_get(*running_var, c);
+        finish_stats<red_t>(st[c], red_t(eps), red_t(momentum), &m, &is, have_rm ? &rmc : nullptr,
+                            have_rv ? &rvc : nullptr);
+        if (have_rm) param_set(*running_mean, c, rmc);
+        if (have_rv) param_set(*running_var, c, rvc);
+        mean[c] = static_cast<acc_t>(m);
+        invstd[c] = static_cast<acc_t>(is);
       }
     } else {
       std::vector<acc_t> rm, rv;
@@ -239,14 +298,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cpu(
         invstd[c] = acc_t(1) / std::sqrt(rv[c] + acc_t(eps));
       }
     }
-    std::vector<acc_t> scale(C), shift(C);
+    std::vector<acc_t> scale(C);
     for (int64_t c = 0; c < C; ++c) {
       const acc_t g = effective_gamma<acc_t>(gamma[c], acc_t(gamma_floor));
       scale[c] = g * invstd[c];
-      shift[c] = beta[c] - mean[c] * scale[c];
     }
     dispatch_act(activation, [&](auto a) {
-      normalize_act<scalar_t, acc_t, decltype(a)::value>(x, out.data_ptr<scalar_t>(), v, scale, shift,
+      normalize_act<scalar_t, acc_t, decltype(a)::value>(x, out.data_ptr<scalar_t>(), v, mean, scale, beta,
                                                          acc_t(negative_slope));
     });
     std::copy(mean.begin(), mean.end(), save_mean.data_ptr<acc_t>());
@@ -255,67 +313,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cpu(
   return {out, save_mean, save_invstd};
 }
 
-// Per-channel sums of dz and dz * xhat (one read of dy and saved).
+// Per-channel sums of dz and dz * xhat (one read of dy and saved): double partials per task,
+// added per channel in a fixed order.
 template <typename scalar_t, typename acc_t, int act, bool saved_is_output>
 void backward_sums(const scalar_t* dy, const scalar_t* sv, const ChannelView& v,
                    const std::vector<acc_t>& mean, const std::vector<acc_t>& invstd,
-                   const std::vector<acc_t>& scale, const std::vector<acc_t>& shift,
-                   const std::vector<acc_t>& gamma, const std::vector<acc_t>& beta, acc_t slope_in,
-                   std::vector<acc_t>& sum_dz, std::vector<acc_t>& sum_dzx) {
+                   const std::vector<acc_t>& scale, const std::vector<acc_t>& gamma, const std::vector<acc_t>& beta, acc_t slope_in,
+                   std::vector<red_t>& sum_dz, std::vector<red_t>& sum_dzx) {
   const int64_t C = v.C;
+  const Tasks tk = make_tasks(v);
+  sum_dz.assign(C, red_t(0));
+  sum_dzx.assign(C, red_t(0));
+  if (tk.n == 0) return;
   if (v.layout == RowLayout::kNCL) {
-    const int64_t rows = v.N * C, L = v.L;
-    std::vector<acc_t> rs(rows), rx(rows);
-    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    // Channel-major partials, as in channel_stats.
+    std::vector<red_t> ps_(tk.n), px_(tk.n);
+    at::parallel_for(0, tk.n, 1, [&](int64_t t0, int64_t t1) {
       const acc_t slope = slope_in;  // a private copy per thread
-      for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t t = t0; t < t1; ++t) {
+        int64_t r, lo, hi;
+        ncl_range(tk, v, t, &r, &lo, &hi);
         const int64_t c = r % C;
-        const acc_t m = mean[c], is = invstd[c], a = scale[c], b = shift[c], g = gamma[c], be = beta[c];
-        const scalar_t* pd = dy + r * L;
-        const scalar_t* ps = sv + r * L;
-        acc_t s = 0, sx = 0;
+        const acc_t m = mean[c], is = invstd[c], a = scale[c], g = gamma[c], be = beta[c];
+        const scalar_t* pd = dy + r * v.L;
+        const scalar_t* ps = sv + r * v.L;
+        red_t s = 0, sx = 0;
 #pragma omp simd reduction(+ : s, sx)
-        for (int64_t i = 0; i < L; ++i) {
+        for (int64_t i = lo; i < hi; ++i) {
           const auto d = bn_act_dz_xhat_c<act, saved_is_output, acc_t>(
-              static_cast<acc_t>(pd[i]), static_cast<acc_t>(ps[i]), m, is, a, b, g, be, slope);
-          const acc_t dz = d.dz, xh = d.xhat;
-          s += dz;
-          sx += dz * xh;
+              static_cast<acc_t>(pd[i]), static_cast<acc_t>(ps[i]), m, is, m, a, be, g, be, slope);
+          s += static_cast<red_t>(d.dz);
+          sx += static_cast<red_t>(d.dz * d.xhat);
         }
-        rs[r] = s;
-        rx[r] = sx;
+        const int64_t at_ = (c * v.N + r / C) * tk.cpr + t % tk.cpr;
+        ps_[at_] = s;
+        px_[at_] = sx;
       }
     });
-    for (int64_t n = 0; n < v.N; ++n)
-      for (int64_t c = 0; c < C; ++c) {
-        sum_dz[c] += rs[n * C + c];
-        sum_dzx[c] += rx[n * C + c];
+    const int64_t per = v.N * tk.cpr;
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 0; i < per; ++i) {
+        sum_dz[c] += ps_[c * per + i];
+        sum_dzx[c] += px_[c * per + i];
       }
   } else {
-    const int64_t rows = v.N * v.L, R = nlc_rows_per_block(C);
-    const int64_t nblocks = (rows + R - 1) / R;
-    std::vector<acc_t> bs(nblocks * C, acc_t(0)), bx(nblocks * C, acc_t(0));
-    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t rows = v.N * v.L;
+    std::vector<red_t> bs(tk.n * C, red_t(0)), bx(tk.n * C, red_t(0));
+    at::parallel_for(0, tk.n, 1, [&](int64_t b0, int64_t b1) {
       const acc_t slope = slope_in;  // a private copy per thread
       for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t lo = blk * R, hi = std::min(rows, lo + R);
-        acc_t* s = bs.data() + blk * C;
-        acc_t* sx = bx.data() + blk * C;
+        const int64_t lo = blk * tk.R, hi = std::min(rows, lo + tk.R);
+        red_t* s = bs.data() + blk * C;
+        red_t* sx = bx.data() + blk * C;
         for (int64_t r = lo; r < hi; ++r) {
           const scalar_t* pd = dy + r * C;
           const scalar_t* ps = sv + r * C;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
             const auto d = bn_act_dz_xhat_c<act, saved_is_output, acc_t>(
-                static_cast<acc_t>(pd[c]), static_cast<acc_t>(ps[c]), mean[c], invstd[c], scale[c], shift[c],
+                static_cast<acc_t>(pd[c]), static_cast<acc_t>(ps[c]), mean[c], invstd[c], mean[c], scale[c], beta[c],
                 gamma[c], beta[c], slope);
-            s[c] += d.dz;
-            sx[c] += d.dz * d.xhat;
+            s[c] += static_cast<red_t>(d.dz);
+            sx[c] += static_cast<red_t>(d.dz * d.xhat);
           }
         }
       }
     });
-    for (int64_t blk = 0; blk < nblocks; ++blk)
+    for (int64_t blk = 0; blk < tk.n; ++blk)
       for (int64_t c = 0; c < C; ++c) {
         sum_dz[c] += bs[blk * C + c];
         sum_dzx[c] += bx[blk * C + c];
@@ -326,49 +390,47 @@ void backward_sums(const scalar_t* dy, const scalar_t* sv, const ChannelView& v,
 template <typename scalar_t, typename acc_t, int act, bool saved_is_output>
 void backward_dx(const scalar_t* dy, const scalar_t* sv, scalar_t* dx, const ChannelView& v,
                  const std::vector<acc_t>& mean, const std::vector<acc_t>& invstd, const std::vector<acc_t>& scale,
-                 const std::vector<acc_t>& shift, const std::vector<acc_t>& gamma, const std::vector<acc_t>& beta,
+                 const std::vector<acc_t>& gamma, const std::vector<acc_t>& beta,
                  const std::vector<acc_t>& k, const std::vector<acc_t>& ka, const std::vector<acc_t>& kb,
                  acc_t slope_in) {
   const int64_t C = v.C;
-  if (v.layout == RowLayout::kNCL) {
-    const int64_t rows = v.N * C, L = v.L;
-    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(L, 1)), [&](int64_t r0, int64_t r1) {
-      const acc_t slope = slope_in;  // a private copy per thread
-      for (int64_t r = r0; r < r1; ++r) {
+  const Tasks tk = make_tasks(v);
+  if (tk.n == 0) return;
+  at::parallel_for(0, tk.n, elementwise_grain(tk, v), [&](int64_t t0, int64_t t1) {
+    const acc_t slope = slope_in;  // a private copy per thread
+    for (int64_t t = t0; t < t1; ++t) {
+      if (v.layout == RowLayout::kNCL) {
+        int64_t r, lo, hi;
+        ncl_range(tk, v, t, &r, &lo, &hi);
         const int64_t c = r % C;
-        const acc_t m = mean[c], is = invstd[c], a = scale[c], b = shift[c], g = gamma[c], be = beta[c];
+        const acc_t m = mean[c], is = invstd[c], a = scale[c], g = gamma[c], be = beta[c];
         const acc_t kc = k[c], kac = ka[c], kbc = kb[c];
-        const scalar_t* pd = dy + r * L;
-        const scalar_t* ps = sv + r * L;
-        scalar_t* o = dx + r * L;
+        const scalar_t* pd = dy + r * v.L;
+        const scalar_t* ps = sv + r * v.L;
+        scalar_t* o = dx + r * v.L;
 #pragma omp simd
-        for (int64_t i = 0; i < L; ++i) {
+        for (int64_t i = lo; i < hi; ++i) {
           const auto d = bn_act_dz_xhat_c<act, saved_is_output, acc_t>(
-              static_cast<acc_t>(pd[i]), static_cast<acc_t>(ps[i]), m, is, a, b, g, be, slope);
-          const acc_t dz = d.dz, xh = d.xhat;
-          o[i] = static_cast<scalar_t>(bn_act_dx_elem<acc_t>(dz, xh, kc, kac, kbc));
+              static_cast<acc_t>(pd[i]), static_cast<acc_t>(ps[i]), m, is, m, a, be, g, be, slope);
+          o[i] = static_cast<scalar_t>(bn_act_dx_elem<acc_t>(d.dz, d.xhat, kc, kac, kbc));
+        }
+      } else {
+        const int64_t lo = t * tk.R, hi = std::min(v.N * v.L, lo + tk.R);
+        for (int64_t r = lo; r < hi; ++r) {
+          const scalar_t* pd = dy + r * C;
+          const scalar_t* ps = sv + r * C;
+          scalar_t* o = dx + r * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const auto d = bn_act_dz_xhat_c<act, saved_is_output, acc_t>(
+                static_cast<acc_t>(pd[c]), static_cast<acc_t>(ps[c]), mean[c], invstd[c], mean[c], scale[c], beta[c],
+                gamma[c], beta[c], slope);
+            o[c] = static_cast<scalar_t>(bn_act_dx_elem<acc_t>(d.dz, d.xhat, k[c], ka[c], kb[c]));
+          }
         }
       }
-    });
-  } else {
-    const int64_t rows = v.N * v.L;
-    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
-      const acc_t slope = slope_in;  // a private copy per thread
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* pd = dy + r * C;
-        const scalar_t* ps = sv + r * C;
-        scalar_t* o = dx + r * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const auto d = bn_act_dz_xhat_c<act, saved_is_output, acc_t>(
-              static_cast<acc_t>(pd[c]), static_cast<acc_t>(ps[c]), mean[c], invstd[c], scale[c], shift[c],
-              gamma[c], beta[c], slope);
-          const acc_t dz = d.dz, xh = d.xhat;
-          o[c] = static_cast<scalar_t>(bn_act_dx_elem<acc_t>(dz, xh, k[c], ka[c], kb[c]));
-        }
-      }
-    });
-  }
+    }
+  });
 }
 
 // A (C,) tensor as contiguous acc_t (no op at all when it already is one).
@@ -379,10 +441,10 @@ at::Tensor as_acc(const at::Tensor& t) {
   return c.scalar_type() == dt ? c : c.to(dt);
 }
 
-// Per-channel (gamma_eff, beta, mean, invstd) -> scale, shift, in the accumulation type.
+// Per-channel gamma_eff, beta, mean, invstd and scale = gamma_eff * invstd, in the accumulation type.
 template <typename acc_t>
 struct Coeffs {
-  std::vector<acc_t> gamma, beta, mean, invstd, scale, shift;
+  std::vector<acc_t> gamma, beta, mean, invstd, scale;
 };
 
 template <typename acc_t>
@@ -403,11 +465,9 @@ Coeffs<acc_t> make_coeffs(const at::Tensor& x, const c10::optional<at::Tensor>& 
   k.mean.assign(m.data_ptr<acc_t>(), m.data_ptr<acc_t>() + C);
   k.invstd.assign(is.data_ptr<acc_t>(), is.data_ptr<acc_t>() + C);
   k.scale.resize(C);
-  k.shift.resize(C);
   for (int64_t c = 0; c < C; ++c) {
     k.gamma[c] = effective_gamma<acc_t>(k.gamma[c], acc_t(gamma_floor));
     k.scale[c] = k.gamma[c] * k.invstd[c];
-    k.shift[c] = k.beta[c] - k.mean[c] * k.scale[c];
   }
   return k;
 }
@@ -426,9 +486,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cpu(
     bool training, int64_t activation, double negative_slope, double gamma_floor, bool saved_is_output) {
   check_common(saved_, weight, bias);
   at::Tensor saved = saved_;
-  const ChannelView v = channel_view(saved);
+  const ChannelView v = bn_view(saved);
   const at::Tensor grad_out = grad_in_layout_of(grad_out_, saved);
-  const int64_t C = v.C;
+  const int64_t C = saved.size(1);
   const double M = static_cast<double>(v.N) * static_cast<double>(v.L);
   at::Tensor grad_input = at::empty_like(saved);
   at::Tensor grad_weight = at::empty({C}, saved.options().dtype(param_dtype(saved, weight)));
@@ -438,39 +498,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cpu(
     using acc_t = at::opmath_type<scalar_t>;
     const auto kc = make_coeffs<acc_t>(saved, weight, bias, save_mean, save_invstd, gamma_floor);
     const auto &gamma = kc.gamma, &beta = kc.beta, &mean = kc.mean, &invstd = kc.invstd;
-    const auto &scale = kc.scale, &shift = kc.shift, &k = kc.scale;
+    const auto &scale = kc.scale, &k = kc.scale;
     std::vector<acc_t> ka(C, acc_t(0)), kb(C, acc_t(0));
     const scalar_t* dy = grad_out.data_ptr<scalar_t>();
     const scalar_t* sv = saved.data_ptr<scalar_t>();
-    std::vector<acc_t> sum_dz(C, acc_t(0)), sum_dzx(C, acc_t(0));
+    std::vector<red_t> sum_dz, sum_dzx;
     const acc_t slope = acc_t(negative_slope);
     dispatch_act(activation, [&](auto a) {
       constexpr int A = decltype(a)::value;
       if (saved_is_output) {
-        backward_sums<scalar_t, acc_t, A, true>(dy, sv, v, mean, invstd, scale, shift, gamma, beta, slope, sum_dz,
+        backward_sums<scalar_t, acc_t, A, true>(dy, sv, v, mean, invstd, scale, gamma, beta, slope, sum_dz,
                                                 sum_dzx);
       } else {
-        backward_sums<scalar_t, acc_t, A, false>(dy, sv, v, mean, invstd, scale, shift, gamma, beta, slope, sum_dz,
+        backward_sums<scalar_t, acc_t, A, false>(dy, sv, v, mean, invstd, scale, gamma, beta, slope, sum_dz,
                                                  sum_dzx);
       }
       if (training && M > 0) {
         for (int64_t c = 0; c < C; ++c) {
-          ka[c] = sum_dz[c] / acc_t(M);
-          kb[c] = sum_dzx[c] / acc_t(M);
+          ka[c] = static_cast<acc_t>(sum_dz[c] / M);
+          kb[c] = static_cast<acc_t>(sum_dzx[c] / M);
         }
       }
       scalar_t* dx = grad_input.data_ptr<scalar_t>();
       if (saved_is_output) {
-        backward_dx<scalar_t, acc_t, A, true>(dy, sv, dx, v, mean, invstd, scale, shift, gamma, beta, k, ka, kb, slope);
+        backward_dx<scalar_t, acc_t, A, true>(dy, sv, dx, v, mean, invstd, scale, gamma, beta, k, ka, kb, slope);
       } else {
-        backward_dx<scalar_t, acc_t, A, false>(dy, sv, dx, v, mean, invstd, scale, shift, gamma, beta, k, ka, kb, slope);
+        backward_dx<scalar_t, acc_t, A, false>(dy, sv, dx, v, mean, invstd, scale, gamma, beta, k, ka, kb, slope);
       }
     });
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_weight.scalar_type(), "bn_act_gw", [&] {
-      store_param<scalar_t, acc_t>(grad_weight, sum_dzx);
+      store_param<scalar_t, red_t>(grad_weight, sum_dzx);
     });
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_bias.scalar_type(), "bn_act_gb", [&] {
-      store_param<scalar_t, acc_t>(grad_bias, sum_dz);
+      store_param<scalar_t, red_t>(grad_bias, sum_dz);
     });
   });
   return {grad_input, grad_weight, grad_bias};
@@ -482,16 +542,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cpu(
 std::tuple<at::Tensor, at::Tensor> batch_norm_act_stats_cpu(const at::Tensor& input_) {
   check_common(input_, c10::nullopt, c10::nullopt);
   at::Tensor input = input_;
-  const ChannelView v = channel_view(input);
+  const ChannelView v = bn_view(input);
   const auto acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor mean = at::empty({v.C}, input.options().dtype(acc_type));
   at::Tensor m2 = at::empty({v.C}, input.options().dtype(acc_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_act_stats_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto st = channel_stats<scalar_t, acc_t>(input.data_ptr<scalar_t>(), v);
+    const auto st = channel_stats<scalar_t>(input.data_ptr<scalar_t>(), v);
     for (int64_t c = 0; c < v.C; ++c) {
-      mean.data_ptr<acc_t>()[c] = st[c].mean;
-      m2.data_ptr<acc_t>()[c] = st[c].m2;
+      mean.data_ptr<acc_t>()[c] = static_cast<acc_t>(st[c].mean);
+      m2.data_ptr<acc_t>()[c] = static_cast<acc_t>(st[c].m2);
     }
   });
   return {mean, m2};
@@ -502,14 +562,14 @@ at::Tensor batch_norm_act_apply_cpu(const at::Tensor& input_, const at::Tensor& 
                                     int64_t activation, double negative_slope, double gamma_floor) {
   check_common(input_, weight, bias);
   at::Tensor input = input_;
-  const ChannelView v = channel_view(input);
+  const ChannelView v = bn_view(input);
   at::Tensor out = at::empty_like(input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_act_apply_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto k = make_coeffs<acc_t>(input, weight, bias, mean, invstd, gamma_floor);
     dispatch_act(activation, [&](auto a) {
       normalize_act<scalar_t, acc_t, decltype(a)::value>(input.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), v,
-                                                         k.scale, k.shift, acc_t(negative_slope));
+                                                         k.mean, k.scale, k.beta, acc_t(negative_slope));
     });
   });
   return out;
@@ -521,7 +581,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_act_bwd_reduce_cpu(
     double negative_slope, double gamma_floor, bool saved_is_output) {
   check_common(saved_, weight, bias);
   at::Tensor saved = saved_;
-  const ChannelView v = channel_view(saved);
+  const ChannelView v = bn_view(saved);
   const at::Tensor grad_out = grad_in_layout_of(grad_out_, saved);
   const auto acc_type = saved.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor sum_dz = at::empty({v.C}, saved.options().dtype(acc_type));
@@ -529,21 +589,23 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_act_bwd_reduce_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(), "batch_norm_act_bwd_reduce_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto k = make_coeffs<acc_t>(saved, weight, bias, mean, invstd, gamma_floor);
-    std::vector<acc_t> s(v.C, acc_t(0)), sx(v.C, acc_t(0));
+    std::vector<red_t> s, sx;
     dispatch_act(activation, [&](auto a) {
       constexpr int A = decltype(a)::value;
       const scalar_t* dy = grad_out.data_ptr<scalar_t>();
       const scalar_t* sv = saved.data_ptr<scalar_t>();
       if (saved_is_output) {
-        backward_sums<scalar_t, acc_t, A, true>(dy, sv, v, k.mean, k.invstd, k.scale, k.shift, k.gamma, k.beta,
+        backward_sums<scalar_t, acc_t, A, true>(dy, sv, v, k.mean, k.invstd, k.scale, k.gamma, k.beta,
                                                 acc_t(negative_slope), s, sx);
       } else {
-        backward_sums<scalar_t, acc_t, A, false>(dy, sv, v, k.mean, k.invstd, k.scale, k.shift, k.gamma, k.beta,
+        backward_sums<scalar_t, acc_t, A, false>(dy, sv, v, k.mean, k.invstd, k.scale, k.gamma, k.beta,
                                                  acc_t(negative_slope), s, sx);
       }
     });
-    std::copy(s.begin(), s.end(), sum_dz.data_ptr<acc_t>());
-    std::copy(sx.begin(), sx.end(), sum_dzx.data_ptr<acc_t>());
+    for (int64_t c = 0; c < v.C; ++c) {
+      sum_dz.data_ptr<acc_t>()[c] = static_cast<acc_t>(s[c]);
+      sum_dzx.data_ptr<acc_t>()[c] = static_cast<acc_t>(sx[c]);
+    }
   });
   return {sum_dz, sum_dzx};
 }
@@ -555,7 +617,7 @@ at::Tensor batch_norm_act_bwd_dx_cpu(const at::Tensor& grad_out_, const at::Tens
                                      double negative_slope, double gamma_floor, bool saved_is_output) {
   check_common(saved_, weight, bias);
   at::Tensor saved = saved_;
-  const ChannelView v = channel_view(saved);
+  const ChannelView v = bn_view(saved);
   const at::Tensor grad_out = grad_in_layout_of(grad_out_, saved);
   at::Tensor grad_input = at::empty_like(saved);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(), "batch_norm_act_bwd_dx_cpu", [&] {
@@ -573,10 +635,10 @@ at::Tensor batch_norm_act_bwd_dx_cpu(const at::Tensor& grad_out_, const at::Tens
       const scalar_t* sv = saved.data_ptr<scalar_t>();
       scalar_t* dx = grad_input.data_ptr<scalar_t>();
       if (saved_is_output) {
-        backward_dx<scalar_t, acc_t, A, true>(dy, sv, dx, v, k.mean, k.invstd, k.scale, k.shift, k.gamma, k.beta,
+        backward_dx<scalar_t, acc_t, A, true>(dy, sv, dx, v, k.mean, k.invstd, k.scale, k.gamma, k.beta,
                                               k.scale, ka, kb, acc_t(negative_slope));
       } else {
-        backward_dx<scalar_t, acc_t, A, false>(dy, sv, dx, v, k.mean, k.invstd, k.scale, k.shift, k.gamma, k.beta,
+        backward_dx<scalar_t, acc_t, A, false>(dy, sv, dx, v, k.mean, k.invstd, k.scale, k.gamma, k.beta,
                                                k.scale, ka, kb, acc_t(negative_slope));
       }
     });

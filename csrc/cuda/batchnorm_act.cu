@@ -407,7 +407,7 @@ __device__ __forceinline__ BwdCoef<acc_t> bwd_coef(const BwdArgs<scalar_t, acc_t
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t bwd_dz(const BwdArgs<scalar_t, acc_t>& a, const BwdCoef<acc_t>& k, acc_t dy,
                                         acc_t sv, acc_t* xhat) {
-  return bn_act_dz_xhat<acc_t>(dy, sv, a.saved_is_output, k.mean, k.invstd, k.scale, k.shift, k.gamma, k.beta,
+  return bn_act_dz_xhat<acc_t>(dy, sv, a.saved_is_output, k.mean, k.invstd, acc_t(0), k.scale, k.shift, k.gamma, k.beta,
                                a.act, a.slope, xhat);
 }
 
@@ -473,7 +473,7 @@ __device__ void ncl_normalize(const FwdArgs<scalar_t, acc_t>& a, int64_t c, int6
 #pragma unroll
       for (int k = 0; k < VEC; ++k)
         o.v[k] = static_cast<scalar_t>(
-            bn_act_forward_elem<acc_t>(static_cast<acc_t>(v[u].v[k]), scale, shift, a.act, a.slope));
+            bn_act_forward_elem<acc_t>(static_cast<acc_t>(v[u].v[k]), acc_t(0), scale, shift, a.act, a.slope));
       yv[off[u]] = o;
     }
   }
@@ -499,7 +499,8 @@ __device__ void nlc_normalize(const FwdArgs<scalar_t, acc_t>& a, int64_t xv_col,
 #pragma unroll
       for (int k = 0; k < VEC; ++k)
         o.v[k] = static_cast<scalar_t>(
-            bn_act_forward_elem<acc_t>(static_cast<acc_t>(v[u].v[k]), scale[k], shift[k], a.act, a.slope));
+            bn_act_forward_elem<acc_t>(static_cast<acc_t>(v[u].v[k]), acc_t(0), scale[k], shift[k], a.act,
+                                       a.slope));
       yv[(r + u * ty) * Cv + xv_col] = o;
     }
   }

@@ -10,7 +10,8 @@ def act_forward(z, ACT: tl.constexpr, slope):
     # z: pre-activation tile in the accumulator dtype; ACT: genfast.backend.ACTIVATIONS code;
     # slope: leaky_relu negative slope.
     if ACT == 1:
-        z = tl.where(z > 0, z, 0.0)
+        # z < 0 rather than z > 0: NaN and -0.0 pass through, as in torch.
+        z = tl.where(z < 0, 0.0, z)
     elif ACT == 2:
         z = tl.where(z > 0, z, z * slope)
     elif ACT == 3:
@@ -22,10 +23,11 @@ def act_forward(z, ACT: tl.constexpr, slope):
 
 @triton.jit
 def act_grad_from_z(z, ACT: tl.constexpr, slope):
-    # f'(z) from the pre-activation, torch's convention at 0 (the negative side's slope).
+    # f'(z) from the pre-activation, torch's conventions: at 0 the negative side's slope; at NaN
+    # relu passes the gradient (torch masks where relu(z) <= 0), leaky_relu takes the slope.
     one = tl.full(z.shape, 1.0, z.dtype)
     if ACT == 1:
-        g = tl.where(z > 0, one, 0.0 * one)
+        g = tl.where(z <= 0, 0.0 * one, one)
     elif ACT == 2:
         g = tl.where(z > 0, one, one * slope)
     elif ACT == 3:
@@ -44,7 +46,7 @@ def act_grad_from_y(y, ACT: tl.constexpr, slope):
     # f'(z) from the output y = f(z) (needs slope >= 0 for leaky_relu); y in float32/float64.
     one = tl.full(y.shape, 1.0, y.dtype)
     if ACT == 1:
-        g = tl.where(y > 0, one, 0.0 * one)
+        g = tl.where(y <= 0, 0.0 * one, one)
     elif ACT == 2:
         g = tl.where(y > 0, one, one * slope)
     elif ACT == 3:

@@ -9,10 +9,13 @@ Memory view. An (N, C, *) input is read as (N, C, L) in one of two layouts, with
   NLC (channels_last): N*L rows of C elements; a tile is [BA rows (n, l), BB channels]
                        (one program per block of BB channels and split).
 Any other layout is copied to contiguous first. The output has the input's memory format.
-Statistics and sums run in float32 (float64 for float64 input).
+Elementwise math runs in float32 (float64 for float64 input). Each tile is reduced in that dtype;
+the sums across tiles and splits, and the workspace, are float64, so that the error does not grow
+with the reduction length (2^24 float32 ones already saturate). The batch mean is the total sum
+over the total count, so +-inf inputs give a +-inf running_mean, as in torch.
 
 Kernels, and their passes over memory (x, y, dy, dx are the big tensors):
-  _stats_partial_kernel  training fwd, pass 1: reads x once; writes a (count, mean, M2) partial per
+  _stats_partial_kernel  training fwd, pass 1: reads x once; writes a (count, sum, M2) partial per
                          (channel, split): per-tile two-pass statistics in registers, merged across
                          tiles and splits with Chan's formula (no sum / sum-of-squares).
   _normalize_kernel      fwd, pass 2 (training) or the only pass (eval): reads x once, writes y once.
@@ -42,7 +45,8 @@ program merges the partials it needs) rather than done by an atomic ticket, so i
 a counter to reset nor cross-program memory ordering. The launcher picks the resident path when
 the channel block fits (RESIDENT_MAX_*) and either the tensor is tiny (<= 65536 elements: one
 launch beats a split) or there are at least half as many channel blocks as SMs; otherwise the
-split path, with splits = ceil(4 * SMs / channel blocks) so that small C still fills the GPU.
+split path, with splits = ceil(4 * SMs / channel blocks), at most MAX_SPLITS, so that small C
+still fills the GPU while each consumer program re-reads at most MAX_SPLITS partial rows.
 
 Not done: the one-read (resident) path covers channel blocks up to RESIDENT_MAX_FWD / _BWD elements.
 Larger channels (DCGAN 128x64x32x32 and 128x128x16x16: 131072 and 32768 elements per channel) take
@@ -75,6 +79,8 @@ NLC_BLOCK_C = 64
 # Elements per tile of the split kernels.
 TILE_GPU = 4096
 TILE_INTERPRET = 1024
+# Partial rows per channel: every program of the consumer kernels merges all of them.
+MAX_SPLITS = 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,6 +117,8 @@ def _channels(pid_c, C, BB: tl.constexpr, BCH: tl.constexpr, CL: tl.constexpr):
 def _tile(t, pid_c, n_a, n_b, stride_a, L, tiles_b, BA: tl.constexpr, BB: tl.constexpr,
           CL: tl.constexpr):
     # Offsets [BA, BB] and mask of tile `t` of channel block `pid_c` (see the module docstring).
+    # Row indices in int64: N*L rows of a channels-last tensor can pass 2^31.
+    t = tl.cast(t, tl.int64)
     ta = t // tiles_b
     tb = t - ta * tiles_b
     a = ta * BA + tl.arange(0, BA)
@@ -121,7 +129,7 @@ def _tile(t, pid_c, n_a, n_b, stride_a, L, tiles_b, BA: tl.constexpr, BB: tl.con
         b = tb * BB + tl.arange(0, BB)
         base = pid_c.to(tl.int64) * L
     mask = (a < n_a)[:, None] & (b < n_b)[None, :]
-    offs = base + a.to(tl.int64)[:, None] * stride_a + b[None, :]
+    offs = base + a[:, None] * stride_a + b[None, :]
     return offs, mask
 
 
@@ -157,16 +165,37 @@ def _from_channel(v, CL: tl.constexpr):
 
 
 @triton.jit
+def _cast(v, DT: tl.constexpr):
+    # v (float32 or float64) as DT; float64 goes through float32 first (a direct float64 to
+    # bfloat16/float16 conversion is not available everywhere, e.g. in the interpreter).
+    if DT == tl.float64:
+        out = v.to(tl.float64)
+    else:
+        out = v.to(tl.float32).to(DT)
+    return out
+
+
+@triton.jit
+def _refined_sum(tsum, tmean, tc, d):
+    # The sum of a tile's columns as tc * tmean + sum(x - tmean) (d = x - tmean, 0 where masked),
+    # in float64: the deviations are small, so a float32 tile sum's rounding at a large mean
+    # offset (ulp(1e7) = 1 for 1024 values near 1e4) is gone. A non-finite mean (an inf or NaN
+    # in the column) keeps the plain sum, so that +-inf stays +-inf as in torch.
+    refined = tc.to(tl.float64) * tmean.to(tl.float64) + tl.sum(d, 0).to(tl.float64)
+    return tl.where(tl.abs(tmean) < float("inf"), refined, tsum.to(tl.float64))
+
+
+@triton.jit
 def _finish_stats(ch, cmask, cnt, mean, m2, RM, RV, SAVE_MEAN, SAVE_INVSTD, eps, momentum,
                   write, HAS_RM: tl.constexpr, ACC: tl.constexpr):
-    # Batch mean/invstd from (count, mean, M2); when `write`, store save_mean/save_invstd and
-    # update the running statistics (unbiased variance), exactly once per channel. An empty
-    # batch gives mean 0, var 0 (as the C++ op).
+    # Batch mean/invstd from (count, mean, M2), computed in ACC (the dtype of cnt/mean/m2); when
+    # `write`, store save_mean/save_invstd and update the running statistics (unbiased
+    # variance), exactly once per channel. An empty batch gives mean 0, var 0 (as the C++ op).
     var = tl.where(cnt > 0, m2 / tl.maximum(cnt, 1.0), 0.0)
     invstd = _invstd(var, eps, ACC)
     if write:
-        tl.store(SAVE_MEAN + ch, mean, mask=cmask)
-        tl.store(SAVE_INVSTD + ch, invstd, mask=cmask)
+        tl.store(SAVE_MEAN + ch, _cast(mean, SAVE_MEAN.dtype.element_ty), mask=cmask)
+        tl.store(SAVE_INVSTD + ch, _cast(invstd, SAVE_INVSTD.dtype.element_ty), mask=cmask)
         if HAS_RM:
             unbiased = tl.where(cnt > 1, m2 / tl.maximum(cnt - 1.0, 1.0), var)
             rm = tl.load(RM + ch, mask=cmask, other=0.0).to(ACC)
@@ -174,8 +203,8 @@ def _finish_stats(ch, cmask, cnt, mean, m2, RM, RV, SAVE_MEAN, SAVE_INVSTD, eps,
             # An empty batch leaves the running statistics unchanged, as torch does.
             rm = tl.where(cnt > 0, (1.0 - momentum) * rm + momentum * mean, rm)
             rv = tl.where(cnt > 0, (1.0 - momentum) * rv + momentum * unbiased, rv)
-            tl.store(RM + ch, rm.to(RM.dtype.element_ty), mask=cmask)
-            tl.store(RV + ch, rv.to(RV.dtype.element_ty), mask=cmask)
+            tl.store(RM + ch, _cast(rm, RM.dtype.element_ty), mask=cmask)
+            tl.store(RV + ch, _cast(rv, RV.dtype.element_ty), mask=cmask)
     return invstd
 
 
@@ -186,7 +215,7 @@ def _finish_stats(ch, cmask, cnt, mean, m2, RM, RV, SAVE_MEAN, SAVE_INVSTD, eps,
 @triton.jit
 def _stats_partial_kernel(
     X,                 # input, (N, C, L) in the NCL or NLC layout
-    WS,                # float32/64 workspace [3, S, C]: count, mean, M2 of each (split, channel)
+    WS,                # float64 workspace [3, S, C]: count, sum, M2 of each (split, channel)
     n_a,               # rows of the tile grid: N (NCL) or N*L (NLC)
     n_b,               # extent of the tile's second axis: L (NCL) or C (NLC)
     stride_a,          # elements between rows: C*L (NCL) or C (NLC)
@@ -202,67 +231,73 @@ def _stats_partial_kernel(
     BCH: tl.constexpr,  # channels per program: BB (NLC) or 1 (NCL)
     CL: tl.constexpr,   # True: NLC layout
 ):
-    # One read of this program's share of x.
+    # One read of this program's share of x. Tiles reduce in ACC; the running (count, sum, M2)
+    # per column is float64.
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
-    cnt = tl.zeros([BB], ACC)
-    mean = tl.zeros([BB], ACC)
-    m2 = tl.zeros([BB], ACC)
+    cnt = tl.zeros([BB], tl.float64)
+    wsum = tl.zeros([BB], tl.float64)
+    m2 = tl.zeros([BB], tl.float64)
     t0 = pid_s * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
     for t in range(t0, t1):
         offs, mask = _tile(t, pid_c, n_a, n_b, stride_a, L, tiles_b, BA, BB, CL)
         x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
         tc = tl.sum(mask.to(ACC), 0)
-        tmean = tl.sum(x, 0) / tl.maximum(tc, 1.0)
+        tsum = tl.sum(x, 0)
+        tmean = tsum / tl.maximum(tc, 1.0)
         d = tl.where(mask, x - tmean[None, :], 0.0)
-        tm2 = tl.sum(d * d, 0)
-        # Chan's merge of (cnt, mean, m2) with the tile's columns.
-        n = cnt + tc
-        delta = tmean - mean
-        rb = tc / tl.maximum(n, 1.0)
-        mean = mean + delta * rb
-        m2 = m2 + tm2 + delta * delta * cnt * rb
+        tsum64 = _refined_sum(tsum, tmean, tc, d)
+        tc64 = tc.to(tl.float64)
+        mean_t = tsum64 / tl.maximum(tc64, 1.0)
+        # M2 about the refined tile mean: sum(d^2) - tc * (mean_t - tmean)^2.
+        dm = mean_t - tmean.to(tl.float64)
+        tm2 = tl.sum(d * d, 0).to(tl.float64) - tc64 * dm * dm
+        # Chan's merge of (cnt, sum, m2) with the tile's columns (the running mean is sum / cnt).
+        n = cnt + tc64
+        delta = mean_t - wsum / tl.maximum(cnt, 1.0)
+        m2 = m2 + tm2 + tl.where(cnt > 0, delta * delta * cnt * (tc64 / tl.maximum(n, 1.0)), 0.0)
+        wsum = wsum + tsum64
         cnt = n
     ch, cmask = _channels(pid_c, C, BB, BCH, CL)
-    # Columns -> channel: total count, weighted mean, M2 + count * (column mean - mean)^2.
+    # Columns -> channel: total count, total sum, M2 + count * (column mean - mean)^2.
     tot = _to_channel(cnt, CL)
-    gmean = _to_channel(cnt * mean, CL) / tl.maximum(tot, 1.0)
+    gsum = _to_channel(wsum, CL)
     if CL:
         gm2 = m2
     else:
-        dev = mean[None, :] - gmean[:, None]
-        gm2 = tl.sum(m2[None, :], 1) + tl.sum(cnt[None, :] * dev * dev, 1)
+        gmean = gsum / tl.maximum(tot, 1.0)
+        dev = wsum[None, :] / tl.maximum(cnt[None, :], 1.0) - gmean[:, None]
+        gm2 = tl.sum(m2[None, :], 1) + tl.sum(tl.where(cnt[None, :] > 0, cnt[None, :] * dev * dev, 0.0), 1)
     base = pid_s * C + ch
     tl.store(WS + base, tot, mask=cmask)
-    tl.store(WS + S * C + base, gmean, mask=cmask)
+    tl.store(WS + S * C + base, gsum, mask=cmask)
     tl.store(WS + 2 * S * C + base, gm2, mask=cmask)
 
 
 @triton.jit
-def _merge_stats(WS, S, C, ch, cmask, ACC: tl.constexpr, BS: tl.constexpr, BCH: tl.constexpr):
-    # Merge the S partials of channels `ch` in a fixed order: total count, mean, M2.
-    tot = tl.zeros([BCH], ACC)
-    wsum = tl.zeros([BCH], ACC)
+def _merge_stats(WS, S, C, ch, cmask, BS: tl.constexpr, BCH: tl.constexpr):
+    # Merge the S float64 (count, sum, M2) partials of channels `ch` in a fixed order: total
+    # count, mean = total sum / total count, M2 (float64).
+    tot = tl.zeros([BCH], tl.float64)
+    wsum = tl.zeros([BCH], tl.float64)
     for s0 in range(0, S, BS):
         s = s0 + tl.arange(0, BS)
         m = (s < S)[:, None] & cmask[None, :]
         idx = s[:, None] * C + ch[None, :]
-        c = tl.load(WS + idx, mask=m, other=0.0)
-        mu = tl.load(WS + S * C + idx, mask=m, other=0.0)
-        tot += tl.sum(c, 0)
-        wsum += tl.sum(c * mu, 0)
+        tot += tl.sum(tl.load(WS + idx, mask=m, other=0.0), 0)
+        wsum += tl.sum(tl.load(WS + S * C + idx, mask=m, other=0.0), 0)
     mean = wsum / tl.maximum(tot, 1.0)
-    m2 = tl.zeros([BCH], ACC)
+    m2 = tl.zeros([BCH], tl.float64)
     for s0 in range(0, S, BS):
         s = s0 + tl.arange(0, BS)
         m = (s < S)[:, None] & cmask[None, :]
         idx = s[:, None] * C + ch[None, :]
         c = tl.load(WS + idx, mask=m, other=0.0)
-        mu = tl.load(WS + S * C + idx, mask=m, other=0.0)
+        sm = tl.load(WS + S * C + idx, mask=m, other=0.0)
         q = tl.load(WS + 2 * S * C + idx, mask=m, other=0.0)
-        d = mu - mean[None, :]
-        m2 += tl.sum(q + c * d * d, 0)
+        d = sm / tl.maximum(c, 1.0) - mean[None, :]
+        m2 += tl.sum(q + tl.where(c > 0, c * d * d, 0.0), 0)
     return tot, mean, m2
 
 
@@ -276,7 +311,7 @@ def _normalize_kernel(
     RV,                # running_var (C,), as RM
     SAVE_MEAN,         # (C,) batch mean (training) or running mean (eval), written by split 0
     SAVE_INVSTD,       # (C,) 1/sqrt(var + eps), written by split 0
-    WS,                # workspace of _stats_partial_kernel [3, S, C] (training only)
+    WS,                # float64 workspace of _stats_partial_kernel [3, S, C] (training only)
     n_a,               # tile-grid rows: N (NCL) or N*L (NLC)
     n_b,               # tile second axis extent: L (NCL) or C (NLC)
     stride_a,          # elements between rows: C*L (NCL) or C (NLC)
@@ -310,9 +345,11 @@ def _normalize_kernel(
     ch, cmask = _channels(pid_c, C, BB, BCH, CL)
     g, beta = _params(W, Bi, ch, cmask, _scalar(floor, ACC), HAS_W, HAS_B, ACC)
     if TRAINING:
-        tot, mean, m2 = _merge_stats(WS, S, C, ch, cmask, ACC, BS, BCH)
-        invstd = _finish_stats(ch, cmask, tot, mean, m2, RM, RV, SAVE_MEAN, SAVE_INVSTD, eps_,
-                               _scalar(momentum, ACC), pid_s == 0, HAS_RM, ACC)
+        tot, mean64, m2 = _merge_stats(WS, S, C, ch, cmask, BS, BCH)
+        invstd = _finish_stats(ch, cmask, tot, mean64, m2, RM, RV, SAVE_MEAN, SAVE_INVSTD,
+                               _scalar(eps, tl.float64), _scalar(momentum, tl.float64),
+                               pid_s == 0, HAS_RM, tl.float64).to(ACC)
+        mean = mean64.to(ACC)
     else:
         mean = tl.load(RM + ch, mask=cmask, other=0.0).to(ACC)
         invstd = _invstd(tl.load(RV + ch, mask=cmask, other=1.0).to(ACC), eps_, ACC)
@@ -320,15 +357,17 @@ def _normalize_kernel(
             tl.store(SAVE_MEAN + ch, mean, mask=cmask)
             tl.store(SAVE_INVSTD + ch, invstd, mask=cmask)
     scale = g * invstd
-    shift = beta - mean * scale
+    mean2 = _from_channel(mean, CL)
     scale2 = _from_channel(scale, CL)
-    shift2 = _from_channel(shift, CL)
+    beta2 = _from_channel(beta, CL)
     t0 = pid_s * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
     for t in range(t0, t1):
         offs, mask = _tile(t, pid_c, n_a, n_b, stride_a, L, tiles_b, BA, BB, CL)
         x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-        y = act_forward(x * scale2 + shift2, ACT, slope_)
+        # (x - mean) * scale + beta: x - mean is exact near the mean, so a large mean offset
+        # costs no precision (x * scale + (beta - mean * scale) would round at the offset).
+        y = act_forward((x - mean2) * scale2 + beta2, ACT, slope_)
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -372,9 +411,12 @@ def _fused_fwd_kernel(
     x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
     if TRAINING:
         cnt = _to_channel(tl.sum(mask.to(ACC), 0), CL)
-        mean = _to_channel(tl.sum(x, 0), CL) / tl.maximum(cnt, 1.0)
-        d = tl.where(mask, x - _from_channel(mean, CL), 0.0)
-        m2 = _to_channel(tl.sum(d * d, 0), CL)
+        mean0 = _to_channel(tl.sum(x, 0), CL) / tl.maximum(cnt, 1.0)
+        d = tl.where(mask, x - _from_channel(mean0, CL), 0.0)
+        # The mean refined by the deviations' mean (see _refined_sum); M2 about it.
+        dm = _to_channel(tl.sum(d, 0), CL) / tl.maximum(cnt, 1.0)
+        mean = tl.where(tl.abs(mean0) < float("inf"), mean0 + dm, mean0)
+        m2 = _to_channel(tl.sum(d * d, 0), CL) - cnt * dm * dm
         invstd = _finish_stats(ch, cmask, cnt, mean, m2, RM, RV, SAVE_MEAN, SAVE_INVSTD, eps_,
                                _scalar(momentum, ACC), True, HAS_RM, ACC)
     else:
@@ -383,8 +425,8 @@ def _fused_fwd_kernel(
         tl.store(SAVE_MEAN + ch, mean, mask=cmask)
         tl.store(SAVE_INVSTD + ch, invstd, mask=cmask)
     scale = g * invstd
-    shift = beta - mean * scale
-    y = act_forward(x * _from_channel(scale, CL) + _from_channel(shift, CL), ACT, slope_)
+    y = act_forward((x - _from_channel(mean, CL)) * _from_channel(scale, CL) + _from_channel(beta, CL),
+                    ACT, slope_)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -393,7 +435,7 @@ def _fused_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _dz_xhat(dy, sv, mask, mean2, invstd2, scale2, shift2, g2, beta2, slope,
+def _dz_xhat(dy, sv, mask, mean2, invstd2, scale2, g2, beta2, slope,
              SAVED_IS_OUTPUT: tl.constexpr, ACT: tl.constexpr):
     # dz = dy * f'(z) and xhat for a tile; `sv` is x, or y when SAVED_IS_OUTPUT. Masked lanes -> 0.
     if SAVED_IS_OUTPUT:
@@ -402,7 +444,7 @@ def _dz_xhat(dy, sv, mask, mean2, invstd2, scale2, shift2, g2, beta2, slope,
         dz = dy * act_grad_from_y(sv, ACT, slope)
     else:
         xhat = (sv - mean2) * invstd2
-        dz = dy * act_grad_from_z(sv * scale2 + shift2, ACT, slope)
+        dz = dy * act_grad_from_z((sv - mean2) * scale2 + beta2, ACT, slope)
     dz = tl.where(mask, dz, 0.0)
     xhat = tl.where(mask, xhat, 0.0)
     return dz, xhat
@@ -417,7 +459,7 @@ def _bwd_partial_kernel(
     Bi,                # bias (C,) or dummy
     MEAN,              # save_mean (C,)
     INVSTD,            # save_invstd (C,)
-    WS,                # workspace [2, S, C]: sum dz, sum dz*xhat per (split, channel)
+    WS,                # float64 workspace [2, S, C]: sum dz, sum dz*xhat per (split, channel)
     n_a,               # tile-grid rows: N (NCL) or N*L (NLC)
     n_b,               # tile second axis extent: L (NCL) or C (NLC)
     stride_a,          # elements between rows
@@ -449,25 +491,23 @@ def _bwd_partial_kernel(
     mean = tl.load(MEAN + ch, mask=cmask, other=0.0).to(ACC)
     invstd = tl.load(INVSTD + ch, mask=cmask, other=0.0).to(ACC)
     scale = g * invstd
-    shift = beta - mean * scale
     mean2 = _from_channel(mean, CL)
     invstd2 = _from_channel(invstd, CL)
     scale2 = _from_channel(scale, CL)
-    shift2 = _from_channel(shift, CL)
     g2 = _from_channel(g, CL)
     beta2 = _from_channel(beta, CL)
-    s_dz = tl.zeros([BB], ACC)
-    s_dzx = tl.zeros([BB], ACC)
+    s_dz = tl.zeros([BB], tl.float64)
+    s_dzx = tl.zeros([BB], tl.float64)
     t0 = pid_s * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
     for t in range(t0, t1):
         offs, mask = _tile(t, pid_c, n_a, n_b, stride_a, L, tiles_b, BA, BB, CL)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
         sv = tl.load(SV + offs, mask=mask, other=0.0).to(ACC)
-        dz, xhat = _dz_xhat(dy, sv, mask, mean2, invstd2, scale2, shift2, g2, beta2, slope_,
+        dz, xhat = _dz_xhat(dy, sv, mask, mean2, invstd2, scale2, g2, beta2, slope_,
                             SAVED_IS_OUTPUT, ACT)
-        s_dz += tl.sum(dz, 0)
-        s_dzx += tl.sum(dz * xhat, 0)
+        s_dz += tl.sum(dz, 0).to(tl.float64)
+        s_dzx += tl.sum(dz * xhat, 0).to(tl.float64)
         if WRITE_DX:
             tl.store(DX + offs, (scale2 * dz).to(DX.dtype.element_ty), mask=mask)
     base = pid_s * C + ch
@@ -484,7 +524,7 @@ def _bwd_dx_kernel(
     Bi,                # bias (C,) or dummy
     MEAN,              # save_mean (C,)
     INVSTD,            # save_invstd (C,)
-    WS,                # partial sums of _bwd_partial_kernel [2, S, C]
+    WS,                # float64 partial sums of _bwd_partial_kernel [2, S, C]
     GW,                # grad_weight (C,), written by split 0
     GB,                # grad_bias (C,), written by split 0
     n_a,               # tile-grid rows
@@ -519,8 +559,8 @@ def _bwd_dx_kernel(
     g, beta = _params(W, Bi, ch, cmask, _scalar(floor, ACC), HAS_W, HAS_B, ACC)
     mean = tl.load(MEAN + ch, mask=cmask, other=0.0).to(ACC)
     invstd = tl.load(INVSTD + ch, mask=cmask, other=0.0).to(ACC)
-    sum_dz = tl.zeros([BCH], ACC)
-    sum_dzx = tl.zeros([BCH], ACC)
+    sum_dz = tl.zeros([BCH], tl.float64)
+    sum_dzx = tl.zeros([BCH], tl.float64)
     for s0 in range(0, S, BS):
         s = s0 + tl.arange(0, BS)
         m = (s < S)[:, None] & cmask[None, :]
@@ -528,21 +568,19 @@ def _bwd_dx_kernel(
         sum_dz += tl.sum(tl.load(WS + idx, mask=m, other=0.0), 0)
         sum_dzx += tl.sum(tl.load(WS + S * C + idx, mask=m, other=0.0), 0)
     if pid_s == 0:
-        tl.store(GW + ch, sum_dzx.to(GW.dtype.element_ty), mask=cmask)
-        tl.store(GB + ch, sum_dz.to(GB.dtype.element_ty), mask=cmask)
+        tl.store(GW + ch, _cast(sum_dzx, GW.dtype.element_ty), mask=cmask)
+        tl.store(GB + ch, _cast(sum_dz, GB.dtype.element_ty), mask=cmask)
     scale = g * invstd
-    shift = beta - mean * scale
     if TRAINING:
-        m_ = tl.maximum(_scalar(M, ACC), 1.0)
-        ka = sum_dz / m_
-        kb = sum_dzx / m_
+        m_ = tl.maximum(_scalar(M, tl.float64), 1.0)
+        ka = (sum_dz / m_).to(ACC)
+        kb = (sum_dzx / m_).to(ACC)
     else:
         ka = tl.zeros([BCH], ACC)
         kb = tl.zeros([BCH], ACC)
     mean2 = _from_channel(mean, CL)
     invstd2 = _from_channel(invstd, CL)
     scale2 = _from_channel(scale, CL)
-    shift2 = _from_channel(shift, CL)
     g2 = _from_channel(g, CL)
     beta2 = _from_channel(beta, CL)
     ka2 = _from_channel(ka, CL)
@@ -553,7 +591,7 @@ def _bwd_dx_kernel(
         offs, mask = _tile(t, pid_c, n_a, n_b, stride_a, L, tiles_b, BA, BB, CL)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
         sv = tl.load(SV + offs, mask=mask, other=0.0).to(ACC)
-        dz, xhat = _dz_xhat(dy, sv, mask, mean2, invstd2, scale2, shift2, g2, beta2, slope_,
+        dz, xhat = _dz_xhat(dy, sv, mask, mean2, invstd2, scale2, g2, beta2, slope_,
                             SAVED_IS_OUTPUT, ACT)
         dx = scale2 * (dz - ka2 - xhat * kb2)
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
@@ -597,13 +635,12 @@ def _fused_bwd_kernel(
     mean = tl.load(MEAN + ch, mask=cmask, other=0.0).to(ACC)
     invstd = tl.load(INVSTD + ch, mask=cmask, other=0.0).to(ACC)
     scale = g * invstd
-    shift = beta - mean * scale
     scale2 = _from_channel(scale, CL)
     offs, mask = _tile(0, pid_c, n_a, n_b, stride_a, L, 1, BA, BB, CL)
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
     sv = tl.load(SV + offs, mask=mask, other=0.0).to(ACC)
     dz, xhat = _dz_xhat(dy, sv, mask, _from_channel(mean, CL), _from_channel(invstd, CL), scale2,
-                        _from_channel(shift, CL), _from_channel(g, CL), _from_channel(beta, CL),
+                        _from_channel(g, CL), _from_channel(beta, CL),
                         slope_, SAVED_IS_OUTPUT, ACT)
     sum_dz = _to_channel(tl.sum(dz, 0), CL)
     sum_dzx = _to_channel(tl.sum(dz * xhat, 0), CL)
@@ -706,8 +743,8 @@ class _Plan:
         self.BCH = self.BB if cl else 1
         self.n_tiles = triton.cdiv(self.n_a, self.BA) * self.tiles_b
         if splits is None:
-            splits = triton.cdiv(4 * sms, max(self.n_cblocks, 1))
-        splits = max(1, min(splits, self.n_tiles))
+            splits = min(triton.cdiv(4 * sms, max(self.n_cblocks, 1)), MAX_SPLITS)
+        splits = max(1, min(splits, self.n_tiles, MAX_SPLITS))
         self.tiles_per_split = triton.cdiv(self.n_tiles, splits)
         self.S = triton.cdiv(self.n_tiles, self.tiles_per_split) if self.n_tiles else 1
         self.BS = max(1, min(triton.next_power_of_2(self.S), max(1, 2048 // self.BCH)))
@@ -715,6 +752,22 @@ class _Plan:
 
 
 _plan = functools.lru_cache(maxsize=1024)(_Plan)
+
+
+def _write_back(buf: Tensor, initial: Tensor, updated: Tensor, momentum: float) -> None:
+    """Writes the running statistics that the kernels updated in the contiguous copy `updated`
+    (from `initial`) back through the strided view `buf`. An expanded (stride-0) buffer, whose
+    channels share one element, gets torch's CPU result: the updates compounded in channel order
+    (copy_ refuses a destination whose elements overlap)."""
+    if buf.dim() == 1 and buf.numel() > 1 and buf.stride(0) == 0:
+        # updated[c] = (1 - m) * initial[c] + m * batch[c]; replay it channel after channel.
+        contrib = updated.double() - (1 - momentum) * initial.double()
+        cur = initial[:1].double()
+        for c in range(buf.numel()):
+            cur = (1 - momentum) * cur + contrib[c:c + 1]
+        buf[:1].copy_(cur)
+    else:
+        buf.copy_(updated)
 
 
 def _on_device(t: Tensor):
@@ -751,6 +804,9 @@ def bn_act_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     b = bias.contiguous() if bias is not None else dummy
     rm = running_mean.contiguous() if has_rm else dummy
     rv = running_var.contiguous() if has_rm else dummy
+    # The initial values of copied running buffers (an expanded buffer replays the update).
+    rm0 = rm.clone() if has_rm and rm is not running_mean else None
+    rv0 = rv.clone() if has_rm and rv is not running_var else None
     flags = dict(TRAINING=bool(training), HAS_W=weight is not None, HAS_B=bias is not None,
                  HAS_RM=has_rm, ACT=int(activation), ACC=tl_acc)
     scalars = (float(eps), float(momentum), float(negative_slope), float(gamma_floor))
@@ -762,7 +818,7 @@ def bn_act_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
         else:
             ws = dummy
             if training:
-                ws = torch.empty((3, p.S, C), dtype=acc, device=x.device)
+                ws = torch.empty((3, p.S, C), dtype=torch.float64, device=x.device)
                 _stats_partial_kernel[(p.n_cblocks, p.S)](
                     x, ws, p.n_a, p.n_b, p.stride_a, L, C, p.S, p.tiles_b, p.n_tiles,
                     p.tiles_per_split, ACC=tl_acc, BA=p.BA, BB=p.BB, BCH=p.BCH, CL=p.cl,
@@ -772,9 +828,9 @@ def bn_act_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 p.S, p.tiles_b, p.n_tiles, p.tiles_per_split, *scalars, BA=p.BA, BB=p.BB,
                 BCH=p.BCH, BS=p.BS, CL=p.cl, num_warps=p.num_warps, **flags)
     if training and has_rm:
-        for buf, used in ((running_mean, rm), (running_var, rv)):
+        for buf, used, init in ((running_mean, rm, rm0), (running_var, rv, rv0)):
             if used is not buf:
-                buf.copy_(used)
+                _write_back(buf, init, used, momentum)
     return out, save_mean, save_invstd
 
 
@@ -817,7 +873,7 @@ def bn_act_bwd(grad_out: Tensor, saved: Tensor, weight: Optional[Tensor], bias: 
                 *scalars, TRAINING=bool(training), BA=p.BA, BB=p.BB, BCH=p.BCH, CL=p.cl,
                 num_warps=p.num_warps, **flags)
             return dx, gw, gb
-        ws = torch.empty((2, p.S, C), dtype=acc, device=sv.device)
+        ws = torch.empty((2, p.S, C), dtype=torch.float64, device=sv.device)
         _bwd_partial_kernel[(p.n_cblocks, p.S)](
             dy, sv, dx, w, b, mean, invstd, ws, p.n_a, p.n_b, p.stride_a, L, C, p.S, p.tiles_b,
             p.n_tiles, p.tiles_per_split, *scalars, WRITE_DX=not training, BA=p.BA, BB=p.BB,

@@ -47,17 +47,23 @@ class _BatchNormActMixin:
         use_buffers = not self.training or self.track_running_stats
         rm = self.running_mean if use_buffers else None
         rv = self.running_var if use_buffers else None
-        # Every check runs before num_batches_tracked or the running statistics change.
+        # Every check runs before num_batches_tracked or the running statistics change: the
+        # inputs, the activation attributes (which may have been reassigned) and the backend.
         _bn.check_inputs(input, rm, rv, self.weight, self.bias, bn_training)
+        _bn.resolve_backend(input, self.activation, self.negative_slope, self.memory_efficient)
         momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        count = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        if count and self.momentum is None:
+            momentum = 1.0 / (float(self.num_batches_tracked) + 1.0)
+        y = GF.batch_norm_act(input, rm, rv, self.weight, self.bias, bn_training, momentum,
+                              self.eps, activation=self.activation,
+                              negative_slope=self.negative_slope,
+                              memory_efficient=self.memory_efficient)
+        # Counted once the fused call has succeeded (nn.BatchNorm counts before F.batch_norm,
+        # which has nothing left to fail by then).
+        if count:
             self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
-        return GF.batch_norm_act(input, rm, rv, self.weight, self.bias, bn_training, momentum,
-                                 self.eps, activation=self.activation,
-                                 negative_slope=self.negative_slope,
-                                 memory_efficient=self.memory_efficient)
+        return y
 
 
 class BatchNormAct2d(_BatchNormActMixin, nn.BatchNorm2d):

@@ -5,9 +5,12 @@ Ops:
       `backend` argument picks the kernels: "cpu"/"cuda" call the C++ ops
       genfast::batch_norm_act_fwd / _bwd (schemas in csrc/ops.cpp), "triton" calls
       genfast/kernels/batchnorm_act.py.
-Autograd saves x (or y in memory_efficient mode, marked by gamma_floor > 0) plus the per-channel
-mean and invstd. When the backward itself must be differentiable (create_graph=True), it runs
-the reference formulas instead of the fused kernel.
+The autograd formula is registered on genfast::batch_norm_act itself (so opcheck's aot_dispatch
+tests and torch.compile see one differentiable op). It saves x (or y in memory_efficient mode,
+marked by gamma_floor > 0) plus the per-channel mean and invstd. When the backward itself must be
+differentiable (create_graph=True), it runs the reference formulas instead of the fused kernel.
+Under torch.autocast the op runs in the input's dtype, as F.batch_norm does (custom ops fall
+through the autocast keys).
 """
 from __future__ import annotations
 
@@ -105,45 +108,58 @@ def _(grad_out, saved, weight, bias, save_mean, save_invstd, training, activatio
 _ACT_NAMES = {v: k for k, v in B.ACTIVATIONS.items()}
 
 
-class BatchNormActFunction(torch.autograd.Function):
-    """Autograd for genfast::batch_norm_act. The forward op mutates the running statistics,
-    and torch.library accepts autograd formulas only for functional ops, so the formula lives
-    in this Function (which torch.compile traces through)."""
+def _setup_context(ctx, inputs, output):
+    (input, weight, bias, _rm, _rv, training, _momentum, eps, activation, slope, gamma_floor,
+     backend) = inputs
+    y, mean, invstd = output
+    ctx.mark_non_differentiable(mean, invstd)
+    # mean and invstd never carry a gradient: no zero tensors materialised for them.
+    ctx.set_materialize_grads(False)
+    ctx.saved_is_output = gamma_floor > 0
+    ctx.save_for_backward(y if ctx.saved_is_output else input, weight, bias, mean, invstd)
+    ctx.cfg = (training, activation, slope, gamma_floor, eps, backend)
 
-    @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps,
-                activation, slope, gamma_floor, backend):
-        y, mean, invstd = batch_norm_act_op(input, weight, bias, running_mean, running_var,
-                                            training, momentum, eps, activation, slope,
-                                            gamma_floor, backend)
-        ctx.saved_is_output = gamma_floor > 0
-        ctx.save_for_backward(y if ctx.saved_is_output else input, weight, bias, mean, invstd)
-        ctx.cfg = (training, activation, slope, gamma_floor, eps, backend)
-        return y
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        saved, weight, bias, mean, invstd = ctx.saved_tensors
-        training, activation, slope, gamma_floor, eps, backend = ctx.cfg
-        need = ctx.needs_input_grad
-        if torch.is_grad_enabled():
-            # create_graph=True: the differentiable reference formulas.
-            if ctx.saved_is_output:
-                raise RuntimeError(
-                    "batch_norm_act: double backward is not supported with memory_efficient=True "
-                    "(the input is not saved); use memory_efficient=False for gradient penalties")
-            dx, dw, db = ref.batch_norm_act_backward(
-                grad_out, saved, weight, bias, None if training else mean,
-                None if training else invstd, training, _ACT_NAMES[activation], slope,
-                gamma_floor, eps)
-            dw = dw.to(weight.dtype) if weight is not None else None
-            db = db.to(bias.dtype) if bias is not None else None
-        else:
-            dx, dw, db = batch_norm_act_backward_op(grad_out, saved, weight, bias, mean, invstd,
-                                                    training, activation, slope, gamma_floor,
-                                                    ctx.saved_is_output, backend)
-        return ((dx if need[0] else None, dw if need[1] else None, db if need[2] else None)
-                + (None,) * 9)
+def _backward(ctx, grad_out, _grad_mean, _grad_invstd):
+    saved, weight, bias, mean, invstd = ctx.saved_tensors
+    training, activation, slope, gamma_floor, eps, backend = ctx.cfg
+    need = ctx.needs_input_grad
+    if grad_out is None:
+        return (None,) * 12
+    if torch.is_grad_enabled():
+        # create_graph=True: the differentiable reference formulas.
+        if ctx.saved_is_output:
+            raise RuntimeError(
+                "batch_norm_act: double backward is not supported with memory_efficient=True "
+                "(the input is not saved); use memory_efficient=False for gradient penalties")
+        dx, dw, db = ref.batch_norm_act_backward(
+            grad_out, saved, weight, bias, None if training else mean,
+            None if training else invstd, training, _ACT_NAMES[activation], slope,
+            gamma_floor, eps)
+        dw = dw.to(weight.dtype) if weight is not None else None
+        db = db.to(bias.dtype) if bias is not None else None
+    else:
+        dx, dw, db = batch_norm_act_backward_op(grad_out, saved, weight, bias, mean, invstd,
+                                                training, activation, slope, gamma_floor,
+                                                ctx.saved_is_output, backend)
+    return ((dx if need[0] else None, dw if need[1] else None, db if need[2] else None)
+            + (None,) * 9)
+
+
+def _register_autograd_on_mutating_op(op, backward, setup_context) -> None:
+    # torch.library.register_autograd refuses ops that mutate an argument, and this one mutates
+    # the running statistics (which never need a gradient). The autograd kernel that
+    # torch.library.custom_op installs reads the formula from these two attributes at call time,
+    # so setting them gives the op its formula; a torch without them fails here, at import.
+    for attr in ("_backward_fn", "_setup_context_fn"):
+        if not hasattr(op, attr):
+            raise RuntimeError(f"genfast: this torch's custom_op has no {attr}; cannot register "
+                               "the autograd formula of genfast::batch_norm_act")
+    op._backward_fn = backward
+    op._setup_context_fn = setup_context
+
+
+_register_autograd_on_mutating_op(batch_norm_act_op, _backward, _setup_context)
 
 
 HAS_CPP_OPS = B.has_cpu_ext()
@@ -206,14 +222,22 @@ def check_inputs(input: Tensor, running_mean, running_var, weight, bias, trainin
                 f"Expected more than 1 value per channel when training, got input size {input.size()}")
 
 
+def resolve_backend(input: Tensor, activation: str, negative_slope: float,
+                    memory_efficient: bool) -> str:
+    """The backend that will run this call; raises (before anything is written) when the
+    activation settings are invalid or the selected backend cannot run on input's device."""
+    check_activation(activation, negative_slope, memory_efficient)
+    return B.resolve(FAMILY, input.device)
+
+
 def batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps,
                    activation, negative_slope, memory_efficient):
-    code = B.ACTIVATIONS[activation]
+    name = resolve_backend(input, activation, negative_slope, memory_efficient)
     gamma_floor = GAMMA_FLOOR if memory_efficient else 0.0
-    name = B.resolve(FAMILY, input.device)
     if name == "reference":
         return ref.batch_norm_act(input, running_mean, running_var, weight, bias, training,
                                   momentum, eps, activation, negative_slope, gamma_floor)
-    return BatchNormActFunction.apply(input, weight, bias, running_mean, running_var, training,
-                                      float(momentum), float(eps), code, float(negative_slope),
-                                      gamma_floor, name)
+    y, _, _ = batch_norm_act_op(input, weight, bias, running_mean, running_var, training,
+                                float(momentum), float(eps), B.ACTIVATIONS[activation],
+                                float(negative_slope), gamma_floor, name)
+    return y

@@ -6,7 +6,8 @@ def act_forward(z: torch.Tensor, activation: str, negative_slope: float) -> torc
     if activation == "identity":
         return z
     if activation == "relu":
-        return torch.where(z > 0, z, torch.zeros_like(z))
+        # z < 0 rather than z > 0: NaN and -0.0 pass through, as in torch.
+        return torch.where(z < 0, torch.zeros_like(z), z)
     if activation == "leaky_relu":
         return torch.where(z > 0, z, z * negative_slope)
     if activation == "tanh":
@@ -17,11 +18,12 @@ def act_forward(z: torch.Tensor, activation: str, negative_slope: float) -> torc
 
 
 def act_grad(z: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
-    """f'(z), with torch's convention at 0 (the negative side's slope)."""
+    """f'(z), with torch's conventions: at 0 the negative side's slope; at NaN relu passes the
+    gradient (torch masks where relu(z) <= 0) and leaky_relu takes the slope."""
     if activation == "identity":
         return torch.ones_like(z)
     if activation == "relu":
-        return (z > 0).to(z.dtype)
+        return torch.where(z <= 0, torch.zeros_like(z), torch.ones_like(z))
     if activation == "leaky_relu":
         return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, negative_slope))
     if activation == "tanh":

@@ -32,11 +32,27 @@ def effective_gamma(weight: torch.Tensor, gamma_floor: float) -> torch.Tensor:
 
 
 def batch_stats(xf: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean, biased var, invstd) per channel of an (N, C, *) tensor in its own dtype."""
+    """(mean, biased var, invstd) per channel of an (N, C, *) tensor in its own dtype. The sums
+    accumulate in float64 (as torch's CPU batch norm does), so the float32 mean is correctly
+    rounded even at a large offset."""
     dims = _dims(xf)
-    mean = xf.mean(dims)
-    var = (xf - mean.view(_shape(xf))).square().mean(dims)
+    mean = xf.mean(dims, dtype=torch.float64).to(xf.dtype)
+    var = (xf - mean.view(_shape(xf))).square().mean(dims, dtype=torch.float64).to(xf.dtype)
     return mean, var, torch.rsqrt(var + eps)
+
+
+def update_running(buf: torch.Tensor, batch_value: torch.Tensor, momentum: float) -> None:
+    """buf <- (1 - momentum) * buf + momentum * batch_value, channel after channel through buf's
+    view, as torch's CPU kernel does: a strided view gets its own elements, and an expanded
+    (stride-0) buffer, whose channels share one element, compounds the updates in channel
+    order."""
+    acc = batch_value.dtype
+    if buf.dim() == 1 and buf.numel() > 1 and buf.stride(0) == 0:
+        for c in range(buf.numel()):
+            cur = buf[c:c + 1]
+            cur.copy_((1 - momentum) * cur.to(acc) + momentum * batch_value[c:c + 1])
+    else:
+        buf.copy_((1 - momentum) * buf.to(acc) + momentum * batch_value)
 
 
 def batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -52,10 +68,10 @@ def batch_norm_act(x, running_mean, running_var, weight, bias, training, momentu
         # An empty batch leaves the running statistics unchanged, as in torch.
         with torch.no_grad():
             if n > 0 and running_mean is not None:
-                running_mean.copy_((1 - momentum) * running_mean.to(acc) + momentum * mean.detach())
+                update_running(running_mean, mean.detach(), momentum)
             if n > 0 and running_var is not None:
                 unbiased = var.detach() * (n / (n - 1)) if n > 1 else var.detach()
-                running_var.copy_((1 - momentum) * running_var.to(acc) + momentum * unbiased)
+                update_running(running_var, unbiased, momentum)
     else:
         mean = running_mean.to(acc)
         invstd = torch.rsqrt(running_var.to(acc) + eps)

@@ -1,0 +1,455 @@
+"""BatchNorm + activation at the edges, on every backend that runs here (cpu C++, triton under
+the interpreter, reference): the activation table on NaN/inf/-0.0 (Triton, reference, and the C++
+table through an eval BatchNorm with unit coefficients), NaN and inf through the statistics and
+the running buffers, long float32 reductions and large mean offsets, strided and expanded running
+buffers, no state change before a failing check, empty batches, opcheck with requires_grad,
+autocast, and the Triton launchers' device guard and partial-row cap."""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import nn
+
+import genfast
+import genfast.functional as GF
+import genfast.nn as gnn
+from genfast.kernels import activation as KA
+from genfast.kernels import batchnorm_act as K
+from genfast.reference import activation as RA
+from tests.utils import CPU_BACKENDS, backend
+
+NAN, INF = float("nan"), float("inf")
+SPECIAL = [NAN, -0.0, 0.0, INF, -INF, 1.5, -1.5, 3e-39, -3e-39]
+ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2}
+SLOPE = 0.2
+
+
+def torch_act(z, activation, slope=SLOPE):
+    if activation == "relu":
+        return F.relu(z)
+    if activation == "leaky_relu":
+        return F.leaky_relu(z, slope)
+    return z
+
+
+def torch_act_and_grad(z, activation, slope=SLOPE):
+    """(f(z), f'(z)) as torch's autograd computes them (the gradient of a unit upstream)."""
+    zz = z.detach().clone().requires_grad_()
+    y = torch_act(zz, activation, slope)
+    (g,) = torch.autograd.grad(y, zz, torch.ones_like(y)) if y.requires_grad else (torch.ones_like(z),)
+    return y.detach(), g
+
+
+def assert_same_values(actual, expected, msg=""):
+    """Equal including NaN positions and the sign of zero."""
+    assert actual.dtype == expected.dtype, msg
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=msg)
+    assert torch.equal(torch.signbit(actual), torch.signbit(expected)), f"{msg}: sign of zero differs"
+
+
+# --- the activation table itself -----------------------------------------------------------------
+
+@triton.jit
+def _act_table_kernel(Z, OUT_F, OUT_GZ, OUT_GY, OUT_INV, n, slope,
+                      ACT: tl.constexpr, BLOCK: tl.constexpr):
+    # Z: inputs; OUT_F: f(z); OUT_GZ: f'(z) from z; OUT_GY: f'(z) from y = f(z);
+    # OUT_INV: f^-1(f(z)); n: element count; slope: leaky_relu slope; ACT: activation code;
+    # BLOCK: elements (>= n).
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    z = tl.load(Z + offs, mask=mask, other=0.0)
+    y = KA.act_forward(z, ACT, slope)
+    tl.store(OUT_F + offs, y, mask=mask)
+    tl.store(OUT_GZ + offs, KA.act_grad_from_z(z, ACT, slope), mask=mask)
+    tl.store(OUT_GY + offs, KA.act_grad_from_y(y, ACT, slope), mask=mask)
+    tl.store(OUT_INV + offs, KA.act_invert(y, ACT, slope), mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "identity"])
+def test_triton_activation_table_matches_torch(activation, dtype):
+    z = torch.tensor(SPECIAL, dtype=dtype)
+    outs = [torch.empty_like(z) for _ in range(4)]
+    _act_table_kernel[(1,)](z, *outs, z.numel(), SLOPE, ACT=ACT_CODES[activation], BLOCK=16)
+    y_t, g_t = torch_act_and_grad(z, activation)
+    assert_same_values(outs[0], y_t, "f(z)")
+    assert_same_values(outs[1], g_t, "f'(z) from z")
+    if activation != "relu":  # relu is not invertible; its gradient from y still is torch's
+        # y / slope rounds: exact up to an ulp, NaN and the signs kept.
+        torch.testing.assert_close(outs[3], z, equal_nan=True, msg="f^-1(f(z))")
+        assert torch.equal(torch.signbit(outs[3]), torch.signbit(z))
+    g_from_y = torch_act_and_grad(y_t, activation)[1] if activation == "relu" else g_t
+    assert_same_values(outs[2], g_from_y, "f'(z) from y")
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "identity"])
+def test_reference_activation_table_matches_torch(activation):
+    z = torch.tensor(SPECIAL, dtype=torch.float64)
+    y_t, g_t = torch_act_and_grad(z, activation)
+    assert_same_values(RA.act_forward(z, activation, SLOPE), y_t, "f(z)")
+    assert_same_values(RA.act_grad(z, activation, SLOPE), g_t, "f'(z)")
+
+
+# eps = 2^-10 and running_var = 1 - eps make invstd exactly 1; with weight 1, bias 0 and
+# running_mean 0 an eval BatchNorm is then the activation alone, forward and backward, so the
+# C++ table (csrc/common/activation.h) is checked value by value through the public op.
+EXACT_EPS = 2.0 ** -10
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("memory_efficient", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "identity"])
+def test_activation_table_through_eval_batchnorm(backend_name, activation, memory_efficient):
+    if memory_efficient and activation == "relu":
+        pytest.skip("memory_efficient needs an invertible activation (tested to raise elsewhere)")
+    vals = [v for v in SPECIAL if v != -0.0]  # x * 1 + 0 turns -0.0 into +0.0 in any BatchNorm
+    z = torch.tensor(vals, dtype=torch.float64).repeat(2, 1).reshape(2, 1, -1).expand(2, 3, -1).contiguous()
+    m = gnn.BatchNormAct1d(3, eps=EXACT_EPS, activation=activation, negative_slope=SLOPE,
+                           memory_efficient=memory_efficient, dtype=torch.float64).eval()
+    with torch.no_grad():
+        m.running_var.fill_(1 - EXACT_EPS)
+    x = z.clone().requires_grad_()
+    with backend(backend_name):
+        y = m(x)
+        (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    y_t, g_t = torch_act_and_grad(z, activation)
+    assert_same_values(y.detach(), y_t, "output")
+    assert_same_values(dx, g_t, "grad_input")
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_conv_transpose_activation_propagates_nan(backend_name, activation):
+    """The activation table is shared with the transposed convolution's epilogue."""
+    x = torch.randn(2, 3, 4, 4)
+    x[0, 1, 2, 3] = NAN
+    w = torch.randn(3, 2, 3, 3)
+    b = torch.randn(2)
+    y_t = torch_act(F.conv_transpose2d(x, w, b), activation)
+    with backend(backend_name):
+        y = GF.conv_transpose2d(x, w, b, activation=activation, negative_slope=SLOPE)
+    assert int(y_t.isnan().sum()) > 0
+    assert torch.equal(y.isnan(), y_t.isnan())
+
+
+# --- NaN and inf through the statistics ------------------------------------------------------------
+
+def make_pair(C, activation, dtype=torch.float32, cls=gnn.BatchNormAct2d):
+    tcls = nn.BatchNorm2d if cls is gnn.BatchNormAct2d else nn.BatchNorm1d
+    g = cls(C, activation=activation, negative_slope=SLOPE, dtype=dtype)
+    t = tcls(C, dtype=dtype)
+    with torch.no_grad():
+        g.weight.uniform_(0.5, 1.5)
+        g.bias.uniform_(-0.5, 0.5)
+    t.load_state_dict(g.state_dict())
+    return g, t
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "identity"])
+def test_nan_input_propagates_like_torch(backend_name, activation):
+    g, t = make_pair(3, activation)
+    x = torch.randn(2, 3, 4, 4)
+    x[0, 1, 2, 3] = NAN
+    with backend(backend_name):
+        y = g(x)
+    y_t = torch_act(t(x), activation)
+    assert int(y_t.isnan().sum()) == 32
+    assert torch.equal(y.isnan(), y_t.isnan())
+    assert torch.equal(g.running_mean.isnan(), t.running_mean.isnan())
+    assert torch.equal(g.running_var.isnan(), t.running_var.isnan())
+    # Eval after the NaN batch: the NaN running statistics reach the output, as in torch.
+    g.eval()
+    t.eval()
+    x2 = torch.randn(2, 3, 4, 4)
+    with backend(backend_name):
+        y2 = g(x2)
+    y2_t = torch_act(t(x2), activation)
+    assert int(y2_t.isnan().sum()) == 32
+    assert torch.equal(y2.isnan(), y2_t.isnan())
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inf_input_running_stats_like_torch(backend_name, channels_last):
+    g, t = make_pair(3, "leaky_relu")
+    x = torch.randn(4, 3, 5, 5)
+    x[0, 0, 1, 1] = INF
+    x[2, 1, 3, 0] = -INF
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    with backend(backend_name):
+        y = g(x)
+    y_t = torch_act(t(x), "leaky_relu")
+    assert t.running_mean[0].item() == INF and t.running_mean[1].item() == -INF
+    assert g.running_mean[0].item() == INF and g.running_mean[1].item() == -INF
+    assert torch.equal(g.running_var.isnan(), t.running_var.isnan())
+    torch.testing.assert_close(g.running_mean[2], t.running_mean[2])
+    torch.testing.assert_close(g.running_var[2], t.running_var[2])
+    assert torch.equal(y.isnan(), y_t.isnan())
+
+
+# --- long float32 reductions and large offsets ------------------------------------------------------
+
+def _backend_call(backend_name, x, rm, rv, w, b, dy):
+    """One training forward + backward; on triton with large tiles (the interpreter's cost is per
+    tile), the kernel choice being the same split kernels."""
+    x = x.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    b = b.detach().clone().requires_grad_()
+    if backend_name == "triton":
+        y, mean, invstd = K.bn_act_fwd(x.detach(), w.detach(), b.detach(), rm, rv, True, 0.1, 1e-5, 0,
+                                       SLOPE, 0.0, _path="split", _tile=1 << 18)
+        dx, gw, gb = K.bn_act_bwd(dy, x.detach(), w.detach(), b.detach(), mean, invstd, True, 0, SLOPE,
+                                  0.0, False, _path="split", _tile=1 << 18)
+        return y, gb
+    with backend(backend_name):
+        y = GF.batch_norm_act(x, rm, rv, w, b, True, 0.1, 1e-5, activation="identity")
+        y.backward(dy)
+    return y.detach(), b.grad
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 1, 4096, 4608), (2 ** 24 + 2 ** 21, 1)], ids=["plane", "column"])
+def test_long_float32_reduction_matches_torch(backend_name, shape):
+    """1.125 * 2^24 float32 values of one channel: a float32 running sum or count saturates at
+    2^24; torch (double accumulation on CPU) does not."""
+    C = shape[1]
+    x = torch.randn(shape) * 2 + 3
+    dy = torch.ones_like(x)
+    w, b = torch.ones(C), torch.zeros(C)
+    rm, rv = torch.zeros(C), torch.ones(C)
+    rm_t, rv_t = torch.zeros(C), torch.ones(C)
+    y, gb = _backend_call(backend_name, x, rm, rv, w, b, dy)
+    y_t = F.batch_norm(x, rm_t, rv_t, w, b, True, 0.1, 1e-5)
+    x64 = x.double()
+    n = x.numel()
+    exact_mean = x64.mean().item()
+    exact_var = x64.var().item()
+    assert abs(rm.item() - 0.1 * exact_mean) <= 2 * abs(rm_t.item() - 0.1 * exact_mean) + 1e-6
+    assert abs(rv.item() - (0.9 + 0.1 * exact_var)) <= 2 * abs(rv_t.item() - (0.9 + 0.1 * exact_var)) + 1e-6
+    assert abs(y.double().mean().item()) < 1e-4, "output mean"
+    assert gb.item() == n, "grad_bias = the sum of n ones"
+    del y_t
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_float32_error_at_large_mean_offset_reaches_torch(backend_name, channels_last):
+    """x = randn + 1e4 in float32: genfast's error against float64 is no larger than torch's."""
+    x = torch.randn(16, 8, 32, 32, dtype=torch.float64) + 1e4
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x32 = x.float()
+    w = torch.rand(8, dtype=torch.float64) + 0.5
+    b = torch.randn(8, dtype=torch.float64)
+    y64 = F.batch_norm(x32.double(), None, None, w, b, True, 0.1, 1e-5)
+    y_t = F.batch_norm(x32, None, None, w.float(), b.float(), True, 0.1, 1e-5)
+    with backend(backend_name):
+        y = GF.batch_norm_act(x32, None, None, w.float(), b.float(), True, 0.1, 1e-5,
+                              activation="identity")
+    err = (y.double() - y64).abs().max().item()
+    err_t = (y_t.double() - y64).abs().max().item()
+    assert err <= 1.25 * err_t, f"error {err:.3e} vs torch's {err_t:.3e}"
+
+
+# --- strided and expanded running statistics --------------------------------------------------------
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["every_other", "expanded", "expanded_whole_storage"])
+def test_strided_running_stats_written_through_the_view(backend_name, kind):
+    def bufs():
+        if kind == "every_other":
+            base_m, base_v = torch.arange(6.0) * 100, torch.arange(6.0) + 1
+            return (base_m, base_v), base_m[::2], base_v[::2]
+        if kind == "expanded":
+            base_m, base_v = torch.arange(5.0) * 100, torch.arange(5.0) + 1
+            return (base_m, base_v), base_m[4:5].expand(3), base_v[4:5].expand(3)
+        base_m, base_v = torch.full((1,), 7.0), torch.full((1,), 2.0)
+        return (base_m, base_v), base_m.expand(3), base_v.expand(3)
+
+    x = torch.randn(4, 3, 5) + 1
+    (gm, gv), rm, rv = bufs()
+    (tm, tv), rm_t, rv_t = bufs()
+    with backend(backend_name):
+        y = GF.batch_norm_act(x, rm, rv, None, None, True, 0.1, 1e-5, activation="identity")
+    # torch's CPU kernel updates the channels in a parallel loop: through an expanded buffer
+    # its result depends on the thread schedule, and on one thread it compounds the updates in
+    # channel order (the order genfast follows).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        y_t = F.batch_norm(x, rm_t, rv_t, None, None, True, 0.1, 1e-5)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(y, y_t)
+    # The whole base storage, so that a write outside the view would show.
+    torch.testing.assert_close(gm, tm)
+    torch.testing.assert_close(gv, tv)
+
+
+# --- nothing is written before every check has passed ------------------------------------------
+
+def _state(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("what", ["gelu_attribute", "memory_efficient_relu", "unavailable_backend"])
+def test_failed_call_changes_no_state(backend_name, what):
+    m = gnn.BatchNormAct2d(3)
+    x = torch.randn(2, 3, 4, 4)
+    ctx = backend(backend_name)
+    if what == "gelu_attribute":
+        m.activation = "gelu"
+        exc = ValueError
+    elif what == "memory_efficient_relu":
+        m.activation = "relu"
+        m.memory_efficient = True
+        exc = ValueError
+    else:
+        ctx = backend("cuda")  # no CUDA here: the selected backend cannot run on CPU tensors
+        exc = RuntimeError
+    before = _state(m)
+    with ctx, pytest.raises(exc):
+        m(x)
+    after = _state(m)
+    assert all(torch.equal(before[k], after[k]) for k in before), "state changed by a failed call"
+
+
+def test_momentum_none_counts_after_the_call():
+    """momentum=None: cumulative average with the count including this batch, as torch."""
+    g = gnn.BatchNormAct2d(3, momentum=None, activation="identity")
+    t = nn.BatchNorm2d(3, momentum=None)
+    for _ in range(3):
+        x = torch.randn(4, 3, 2, 2)
+        g(x)
+        t(x)
+    torch.testing.assert_close(g.running_mean, t.running_mean)
+    torch.testing.assert_close(g.running_var, t.running_var)
+    assert int(g.num_batches_tracked) == 3
+
+
+# --- empty batches ------------------------------------------------------------------------------------
+
+EMPTY = [(gnn.BatchNormAct1d, (0, 3), False), (gnn.BatchNormAct1d, (0, 3, 5), False),
+         (gnn.BatchNormAct2d, (0, 3, 4, 4), False), (gnn.BatchNormAct2d, (0, 3, 4, 4), True),
+         (gnn.BatchNormAct2d, (2, 3, 0, 4), False), (gnn.BatchNormAct1d, (0, 1), False)]
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("cls,shape,channels_last", EMPTY)
+def test_empty_batch_like_torch(backend_name, train, cls, shape, channels_last):
+    C = shape[1]
+    g, t = make_pair(C, "leaky_relu", torch.float64, cls)
+    with torch.no_grad():
+        g.running_mean.uniform_(-1, 1)
+        g.running_var.uniform_(0.5, 2)
+    t.load_state_dict(g.state_dict())
+    g.train(train)
+    t.train(train)
+    x = torch.randn(shape, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    xg = x.clone().requires_grad_()
+    xt = x.clone().requires_grad_()
+    with backend(backend_name):
+        y = g(xg)
+        y.sum().backward()
+    y_t = torch_act(t(xt), "leaky_relu")
+    y_t.sum().backward()
+    assert y.shape == y_t.shape and xg.grad.shape == xt.grad.shape
+    for k, v in t.state_dict().items():
+        assert torch.equal(g.state_dict()[k], v), k
+    assert torch.equal(g.weight.grad, t.weight.grad) and torch.equal(g.bias.grad, t.bias.grad)
+
+
+# --- opcheck with requires_grad, autocast --------------------------------------------------------------
+
+@pytest.mark.parametrize("backend_name", ["cpu", "triton"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("gamma_floor", [0.0, 1e-3])
+def test_opcheck_with_requires_grad(backend_name, training, gamma_floor):
+    x = torch.randn(3, 4, 2, 3, requires_grad=True)
+    w = (torch.rand(4) + 0.5).requires_grad_()
+    b = torch.randn(4, requires_grad=True)
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    args = (x, w, b, rm, rv, training, 0.1, 1e-5, 2, 0.2, gamma_floor, backend_name)
+    torch.library.opcheck(torch.ops.genfast.batch_norm_act.default, args)
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cast_dtype", [torch.bfloat16, torch.float16])
+def test_autocast_output_dtype_like_torch(backend_name, in_dtype, cast_dtype):
+    g, t = make_pair(4, "relu")
+    x = torch.randn(3, 4, 5, 5).to(in_dtype).requires_grad_()
+    with torch.autocast("cpu", dtype=cast_dtype):
+        y_t = F.relu(t(x))
+        with backend(backend_name):
+            y = g(x)
+    assert y.dtype == y_t.dtype == in_dtype
+    torch.testing.assert_close(y.float(), y_t.float(), atol=2e-2, rtol=2e-2)
+    y.float().sum().backward()
+    assert x.grad.dtype == in_dtype
+
+
+# --- Triton launchers: device guard, partial rows ---------------------------------------------------
+
+def test_every_triton_launch_runs_under_the_device_guard(monkeypatch):
+    state = {"inside": 0, "launches": 0, "entered": 0}
+
+    @contextlib.contextmanager
+    def guard(t):
+        state["entered"] += 1
+        state["inside"] += 1
+        try:
+            yield
+        finally:
+            state["inside"] -= 1
+
+    class Checked:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def run(*args, **kwargs):
+                assert state["inside"] == 1, "Triton launch outside the device guard"
+                state["launches"] += 1
+                return launch(*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(K, "_on_device", guard)
+    for name in ("_stats_partial_kernel", "_normalize_kernel", "_fused_fwd_kernel",
+                 "_bwd_partial_kernel", "_bwd_dx_kernel", "_fused_bwd_kernel"):
+        monkeypatch.setattr(K, name, Checked(getattr(K, name)))
+    x = torch.randn(4, 3, 6)
+    w, b = torch.ones(3), torch.zeros(3)
+    for path in ("resident", "split"):
+        for training in (True, False):
+            y, mean, invstd = K.bn_act_fwd(x, w, b, torch.zeros(3), torch.ones(3), training, 0.1,
+                                           1e-5, 2, SLOPE, 0.0, _path=path, _tile=8)
+            K.bn_act_bwd(torch.randn_like(y), x, w, b, mean, invstd, training, 2, SLOPE, 0.0, False,
+                         _path=path, _tile=8)
+    # resident: 1 launch per call; split: training 2 + 2, eval 1 + 2.
+    assert state["launches"] == 4 + 7 and state["entered"] == 8
+
+
+@pytest.mark.parametrize("shape,cl", [((128, 64, 32, 32), True), ((8, 3, 512, 512), False),
+                                      ((4096, 16), True)])
+def test_split_plan_caps_partial_rows(monkeypatch, shape, cl):
+    """Every consumer program merges all S partial rows: S stays <= 64 even on a 132-SM GPU."""
+    monkeypatch.setattr(K, "_num_sms", lambda device: 132)
+    N, C = shape[0], shape[1]
+    L = 1
+    for s in shape[2:]:
+        L *= s
+    p = K._Plan(torch.device("cuda"), torch.float32, cl, N, C, L, K.RESIDENT_MAX_FWD, "split",
+                None, None)
+    assert 1 <= p.S <= K.MAX_SPLITS == 64
