@@ -32,6 +32,10 @@ tests/test_conv_transpose_triton.py::test_gemm_compiles_for_sm90):
 - Tiles: a fixed table (_gemm_config) gives one config per (kernel, dtype, shape): the same
   config, hence bitwise the same result, in every process; no autotuning at run time.
 - Indices: int32 unless a tensor of the call has >= 2^31 elements (IDX = int64 then).
+- NaN/inf in x or dy propagate as in torch (CPU), including torch's zero-padded products in the
+  gradients (an inf pixel times a zero of dz is NaN in grad_weight). A non-finite WEIGHT in the
+  forward differs: where a tap falls outside the input (image borders) the GEMM multiplies it
+  by the zero of the masked pixel (inf * 0 = NaN) where torch's col2im skips the product.
 """
 from __future__ import annotations
 
@@ -95,6 +99,7 @@ def _convt_fwd_kernel(
     ISH, ISW,  # input step between consecutive valid taps of a phase: D / gcd(S, D)
     slope,  # leaky_relu negative slope
     ST_PLANE, C_OUT,  # statistics plane size (rows * C_out) and total output channels
+    TILES_M, TILES_N,  # tiles along the phase's pixels and along C_out/g
     KH: tl.constexpr, KW: tl.constexpr,  # kernel size
     HAS_BIAS: tl.constexpr,  # add bias in the epilogue
     ACT: tl.constexpr,  # activation code (genfast.backend.ACTIVATIONS)
@@ -107,9 +112,12 @@ def _convt_fwd_kernel(
     BLOCK_N: tl.constexpr,  # output channels per tile
     BLOCK_K: tl.constexpr,  # input channels per reduction step
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_z = tl.program_id(2)  # g * SH * SW + phase
+    # one grid axis (no 65535 limit): ((g * SH*SW + phase) * TILES_N + tile_n) * TILES_M + tile_m
+    pid = tl.program_id(0)
+    pid_m = pid % TILES_M
+    r = pid // TILES_M
+    pid_n = r % TILES_N
+    pid_z = r // TILES_N  # g * SH * SW + phase
     nphase = SH * SW
     g = pid_z // nphase
     phase = pid_z % nphase
@@ -168,7 +176,7 @@ def _convt_fwd_kernel(
         mean = tl.sum(v, axis=0) / tl.maximum(cnt, 1.0)
         d = tl.where(mask, v - mean[None, :], 0.0)
         m2 = tl.sum(d * d, axis=0)
-        row = phase * tl.num_programs(0) + pid_m
+        row = phase * TILES_M + pid_m
         st = st_ptr + row.to(tl.int64) * C_OUT + co
         tl.store(st, tl.zeros((BLOCK_N,), ACC_DTYPE) + cnt, mask=co_ok)
         tl.store(st + ST_PLANE, mean, mask=co_ok)
@@ -233,7 +241,7 @@ def _dz_prologue_kernel(
     dz_ptr,  # out (WRITE_DZ): dz = dy * act'(y), dense channels_last (N, H_out, W_out, C)
     bp_ptr,  # out (HAS_BIAS): grad_bias partial sums (SPLIT, C) in ACC
     NP, C, HW, WOUT,  # pixels N*H_out*W_out, channels, H_out*W_out, W_out
-    P_SPLIT,  # pixels per program along axis 0 (a multiple of BLOCK_P)
+    P_SPLIT,  # pixels per program along axis 1 (a multiple of BLOCK_P)
     sdn, sdc, sdh, sdw,  # dy strides
     syn, syc, syh, syw,  # y strides
     slope,  # leaky_relu negative slope
@@ -244,8 +252,8 @@ def _dz_prologue_kernel(
     IDX: tl.constexpr,  # index dtype
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,  # tile: pixels x channels
 ):
-    pid_s = tl.program_id(0)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid_s = tl.program_id(1)  # pixel chunk (<= 64)
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
     lo = pid_s.to(IDX) * P_SPLIT
     hi = tl.minimum(lo + P_SPLIT, NP)
@@ -281,6 +289,7 @@ def _convt_dgrad_kernel(
     COUT_GV,  # output channels per group / VEC_Z
     ZN_V, ZH_V, ZW_V,  # dz strides of n, h, w / VEC_Z
     CIN_P,  # row length of the repacked weight (C_in/g rounded up to 16)
+    TILES_M, TILES_N,  # tiles along the input pixels and along C_in/g
     sxn, sxc, sxh, sxw,  # dx strides
     SH, SW, PH, PW, DH, DW,  # stride, padding, dilation of the transposed convolution
     KH: tl.constexpr, KW: tl.constexpr,  # kernel size
@@ -292,9 +301,12 @@ def _convt_dgrad_kernel(
     BLOCK_N: tl.constexpr,  # input channels per tile
     BLOCK_K: tl.constexpr,  # output channels per reduction step
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    g = tl.program_id(2)
+    # one grid axis: (g * TILES_N + tile_n) * TILES_M + tile_m
+    pid = tl.program_id(0)
+    pid_m = pid % TILES_M
+    r = pid // TILES_M
+    pid_n = r % TILES_N
+    g = r // TILES_N
     cout_g = COUT_GV * VEC_Z
     offs_m = pid_m.to(IDX) * BLOCK_M + tl.arange(0, BLOCK_M)
     per_img = HIN * WIN
@@ -386,6 +398,8 @@ def _convt_wgrad_kernel(
         oh = ih * SH + (th * DH - PH)
         ow = iw * SW + (tw * DW - PW)
         o_ok = p_ok & (oh >= 0) & (oh < HOUT) & (ow >= 0) & (ow < WOUT)
+        # x is not masked with the tap's output range: like torch's zero-padded product, a
+        # NaN/inf pixel whose tap misses the output meets a zero of dz (NaN in grad_weight)
         a = tl.load(x_ch[:, None] + (n_idx * (XN_V * VEC_X) + ih * (XH_V * VEC_X) + iw * (XW_V * VEC_X))[None, :],
                     mask=ci_ok[:, None] & p_ok[None, :], other=0.0)
         b = tl.load(dz_ch[None, :] + (n_idx * (ZN_V * VEC_Z) + oh * (ZH_V * VEC_Z) + ow * (ZW_V * VEC_Z))[:, None],
@@ -412,20 +426,20 @@ def _wgrad_finish_kernel(
     pid = tl.program_id(0)
     if pid < TILES_W:
         if HAS_W:
-            offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-            ok = offs < NW
-            acc = tl.load(ws_ptr + offs, mask=ok, other=0.0)
+            offs_w = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            w_ok = offs_w < NW
+            acc_w = tl.load(ws_ptr + offs_w, mask=w_ok, other=0.0)
             for s in range(1, SPLIT):
-                acc += tl.load(ws_ptr + s * NW + offs, mask=ok, other=0.0)
-            tl.store(dw_ptr + offs, acc.to(dw_ptr.dtype.element_ty), mask=ok)
+                acc_w += tl.load(ws_ptr + s * NW + offs_w, mask=w_ok, other=0.0)
+            tl.store(dw_ptr + offs_w, acc_w.to(dw_ptr.dtype.element_ty), mask=w_ok)
     else:
         if HAS_B:
-            offs = (pid - TILES_W) * BLOCK + tl.arange(0, BLOCK)
-            ok = offs < C_OUT
-            acc = tl.zeros((BLOCK,), bp_ptr.dtype.element_ty)
+            offs_b = (pid - TILES_W) * BLOCK + tl.arange(0, BLOCK)
+            b_ok = offs_b < C_OUT
+            acc_b = tl.zeros((BLOCK,), bp_ptr.dtype.element_ty)
             for s in range(0, SPLIT_B):
-                acc += tl.load(bp_ptr + s * C_OUT + offs, mask=ok, other=0.0)
-            tl.store(db_ptr + offs, acc.to(db_ptr.dtype.element_ty), mask=ok)
+                acc_b += tl.load(bp_ptr + s * C_OUT + offs_b, mask=b_ok, other=0.0)
+            tl.store(db_ptr + offs_b, acc_b.to(db_ptr.dtype.element_ty), mask=b_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,7 +469,7 @@ def _gemm_config(kind: str, dtype: torch.dtype, m: int, n: int, k: int) -> _Cfg:
     or "wgrad"; m, n: the GEMM's output extents (pixels or channels); k: the channel count of
     one reduction step's range (fwd, dgrad) or the pixel count (wgrad). The kernel size,
     strides, groups, layout and activation enter through m, n, k and the constexprs; they do not
-    change the tile. Tiles are multiples of the wgmma shape (64 rows per warpgroup); the
+    change the tile. float32 runs TF32 (or IEEE) tl.dot, float64 small tiles. Tiles are multiples of the wgmma shape (64 rows per warpgroup); the
     pipeline depth keeps stages * (BLOCK_M + BLOCK_N) * BLOCK_K * itemsize <= 160 KB.
     Not tuned on hardware: the sizes follow the usual Hopper tile choices."""
     if _INTERPRET:
@@ -464,13 +478,14 @@ def _gemm_config(kind: str, dtype: torch.dtype, m: int, n: int, k: int) -> _Cfg:
         bm, bn_cap, bk_cap, stages = 64, 64, 16, 2
     else:
         bm = 128 if m > 64 else 64
-        bn_cap = 128
+        # the forward's epilogue (bias, activation, statistics, per-row output addresses)
+        # spilled at 128 x 128 in ptxas -v (sm_90): 64 output channels per tile there
+        bn_cap = 64 if kind == "fwd" else 128
         bk_cap = 64 if dtype.itemsize == 2 else 32
         stages = 4 if dtype.itemsize == 2 else 3
     bn = min(bn_cap, max(16, triton.next_power_of_2(max(n, 1))))
     bk = min(bk_cap, max(16, triton.next_power_of_2(max(k, 1))))
-    warps = 8 if bm * bn >= 128 * 128 else 4
-    del kind  # the same table for the three GEMMs (documented above)
+    warps = 8 if bm >= 128 else 4
     return _Cfg(bm, bn, bk, warps, stages)
 
 
@@ -659,14 +674,14 @@ def conv_transpose2d_fwd(x, weight, bias, stride, padding, output_padding, group
             wp, cout_p = _repack(weight, G, 0, stride, padding, dilation)
             _, ish, mth = _phase_geometry(KH, SH, DH)
             _, isw, mtw = _phase_geometry(KW, SW, DW)
-            grid = (tiles_m, triton.cdiv(COG, cfg.BLOCK_N), G * SH * SW)
-            _launch(_convt_fwd_kernel, grid,
+            tiles_n = triton.cdiv(COG, cfg.BLOCK_N)
+            _launch(_convt_fwd_kernel, (tiles_m * tiles_n * G * SH * SW,),
                     xs, wp, bias if bias is not None else y, y, st if stats else y,
                     N, Hin, Win, COG, Hout, Wout, HPH, WPH,
                     CIG // vx, xn // vx, xh // vx, xw // vx, cout_p, mth * mtw,
                     bias.stride(0) if bias is not None else 0, *y.stride(),
                     SH, SW, PH, PW, DH, DW, ish, isw, float(negative_slope),
-                    (SH * SW * tiles_m) * Cout, Cout,
+                    (SH * SW * tiles_m) * Cout, Cout, tiles_m, tiles_n,
                     KH=KH, KW=KW, HAS_BIAS=bias is not None, ACT=activation, STATS=stats,
                     ACC_DTYPE=_acc(x.dtype), PRECISION=_precision(x.dtype, x.device),
                     IDX=_index_dtype(xs, y), VEC_X=vx, **cfg.meta())
@@ -719,7 +734,7 @@ def conv_transpose2d_bwd(grad_out, x, weight, y, stride, padding, dilation, grou
             if has_bias:
                 bp = torch.empty((split_b, Cout), device=x.device, dtype=acc_t)
             ysrc = y if activation != 0 else grad_out
-            _launch(_dz_prologue_kernel, (split_b, c_tiles),
+            _launch(_dz_prologue_kernel, (c_tiles, split_b),
                     grad_out, ysrc, dz, bp if has_bias else grad_out, NP, Cout, Hout * Wout, Wout,
                     p_split, *grad_out.stride(), *ysrc.stride(), float(negative_slope),
                     ACT=activation, WRITE_DZ=write_dz, HAS_BIAS=has_bias, ACC=_acc(x.dtype),
@@ -734,10 +749,10 @@ def conv_transpose2d_bwd(grad_out, x, weight, y, stride, padding, dilation, grou
                 wp, cin_p = _repack(weight, G, 1)
                 Mx = N * Hin * Win
                 cfg = _gemm_config("dgrad", x.dtype, Mx, CIG, COG)
-                _launch(_convt_dgrad_kernel,
-                        (triton.cdiv(Mx, cfg.BLOCK_M), triton.cdiv(CIG, cfg.BLOCK_N), G),
+                tiles_m, tiles_n = triton.cdiv(Mx, cfg.BLOCK_M), triton.cdiv(CIG, cfg.BLOCK_N)
+                _launch(_convt_dgrad_kernel, (tiles_m * tiles_n * G,),
                         dz, wp, dx, N, Hin, Win, Hout, Wout, CIG, COG // vz,
-                        zn // vz, zh // vz, zw // vz, cin_p, *dx.stride(),
+                        zn // vz, zh // vz, zw // vz, cin_p, tiles_m, tiles_n, *dx.stride(),
                         SH, SW, PH, PW, DH, DW, KH=KH, KW=KW, ACC_DTYPE=_acc(x.dtype),
                         PRECISION=prec, IDX=_index_dtype(dz, dx), VEC_Z=vz, **cfg.meta())
 
