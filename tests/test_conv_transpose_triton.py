@@ -353,3 +353,62 @@ def test_tf32_choice_reads_the_fp32_precision_api():
         be.fp32_precision, be.cudnn.fp32_precision = saved[0], saved[1]
         be.cudnn.conv.fp32_precision, be.cudnn.rnn.fp32_precision = saved[2], saved[3]
 
+
+
+# --- sm_90 compile proof (Triton's compiler, stub driver: tests/sm90_harness.py) --------------------
+
+# (C_in, C_out, H_in, kernel, stride, padding, output_padding, activation), batch 128
+DCGAN_64 = [(100, 512, 1, 4, 1, 0, 0, "relu"), (512, 256, 4, 4, 2, 1, 0, "relu"),
+            (256, 128, 8, 4, 2, 1, 0, "relu"), (128, 64, 16, 4, 2, 1, 0, "relu"),
+            (64, 3, 32, 4, 2, 1, 0, "tanh")]
+KERAS_28 = [(256, 128, 7, 5, 1, 2, 0, "relu"), (128, 64, 7, 5, 2, 2, 1, "relu"),
+            (64, 1, 14, 5, 2, 2, 1, "tanh")]
+GEMM_KERNELS = ("_convt_fwd_kernel", "_convt_dgrad_kernel", "_convt_wgrad_kernel")
+
+
+def compile_gemm_sm90(dtypes=("float16", "bfloat16", "float32")):
+    """Runs the launchers on fake CUDA tensors for the DCGAN 64x64 and Keras 28x28 layers
+    (batch 128, NCHW and channels_last): the forward as the fused block calls it (no
+    activation, statistics) and standalone (activation), and the backward. Every launch is
+    compiled for sm_90 (runs in a process without TRITON_INTERPRET)."""
+    from tests.sm90_harness import compile_launches
+
+    with compile_launches(90) as records:
+        for name in dtypes:
+            dtype = getattr(torch, name)
+            for cin, cout, hin, k, s, p, op, act in DCGAN_64 + KERAS_28:
+                for channels_last in (False, True):
+                    x = torch.empty(128, cin, hin, hin, device="cuda", dtype=dtype)
+                    if channels_last:
+                        x = x.to(memory_format=torch.channels_last)
+                    w = torch.empty(cin, cout, k, k, device="cuda", dtype=dtype)
+                    b = torch.empty(cout, device="cuda", dtype=dtype)
+                    geo = ((s, s), (p, p), (op, op), 1, (1, 1))
+                    launch(x, w, None, geo, "identity", stats=True)
+                    (y, _), _ = launch(x, w, b, geo, act, stats=True)
+                    K.conv_transpose2d_bwd(torch.empty_like(y), x, w, y, (s, s), (p, p), (1, 1), 1,
+                                           B.ACTIVATIONS[act], SLOPE, True, True, True)
+    return records
+
+
+def test_gemm_compiles_for_sm90():
+    from tests.sm90_harness import SHARED_LIMIT, run_isolated, summary_table
+
+    records = run_isolated("tests.test_conv_transpose_triton:compile_gemm_sm90")
+    print(summary_table(records))
+    names = {r.name for r in records}
+    assert set(GEMM_KERNELS) <= names and "_repack_kernel" in names and "_dz_prologue_kernel" in names
+    for r in records:
+        where = f"{r.name} [{r.config}]"
+        assert r.n_spills == 0, f"{where}: {r.n_spills} bytes of spill"
+        assert r.shared <= SHARED_LIMIT, f"{where}: {r.shared} bytes of shared memory"
+        assert r.unguarded == 0, f"{where}: launched outside the device guard"
+        if r.name in GEMM_KERNELS:
+            assert r.constants["PRECISION"] in ("tf32", "ieee")
+            assert r.has("wgmma.mma_async"), f"{where}: no wgmma"
+            # both operands come through cp.async copies into shared memory: the PTX holds no
+            # other global load than the forward's bias vector
+            assert r.has("cp.async.cg.shared.global", "cp.async.ca.shared.global"), f"{where}: no cp.async"
+            loads = r.ptx.count("ld.global")
+            allowed = 8 if r.constants.get("HAS_BIAS") in (True, "True") else 0
+            assert loads <= allowed, f"{where}: {loads} plain global loads"

@@ -186,11 +186,11 @@ def _convt_fwd_kernel(
 @triton.jit
 def _repack_kernel(
     w_ptr,  # weight (C_in, C_out/g, KH, KW), any strides
-    out_ptr,  # MODE 0: (G, SH*SW, MAXT, C_in/g, ROW); MODE 1: (G, KH*KW, C_out/g, ROW); zero padded
+    out_ptr,  # MODE 0: (G, SH*SW, MAXT, C_in/g, ROW); MODE 1: (G, KH*KW, MAXT, ROW); zero padded
     TOTAL,  # elements of out
     CIN_G, COUT_G,  # channels per group
     ROW,  # padded row length (C_out/g or C_in/g rounded up to 16)
-    MAXT,  # MODE 0: tap slots per phase
+    MAXT,  # MODE 0: tap slots per phase; MODE 1: rows per tap (C_out/g, padded to dz's channels)
     swi, swo, swh, sww,  # weight strides
     SH, SW, PH, PW, DH, DW,  # stride, padding, dilation (MODE 0)
     TSH, TSW,  # tap step between valid taps of a phase: S / gcd(S, D) (MODE 0)
@@ -218,13 +218,13 @@ def _repack_kernel(
         ok = inb & (t < n_th * n_tw) & (co < COUT_G)
     else:
         ci = col
-        co = r % COUT_G
-        r = r // COUT_G
+        co = r % MAXT
+        r = r // MAXT
         tap = r % (KH * KW)
         g = r // (KH * KW)
         th = tap // KW
         tw = tap % KW
-        ok = inb & (ci < CIN_G)
+        ok = inb & (ci < CIN_G) & (co < COUT_G)
     src = w_ptr + (g * CIN_G + ci) * swi + co * swo + th * swh + tw * sww
     v = tl.load(src, mask=ok, other=0.0)
     tl.store(out_ptr + e, v, mask=inb)
@@ -238,9 +238,10 @@ def _repack_kernel(
 def _dz_prologue_kernel(
     dy_ptr,  # grad of the output (N, C, H_out, W_out), any strides
     y_ptr,  # saved output, any strides (read only when ACT != 0)
-    dz_ptr,  # out (WRITE_DZ): dz = dy * act'(y), dense channels_last (N, H_out, W_out, C)
+    dz_ptr,  # out (WRITE_DZ): dz = dy * act'(y), dense (N, H_out, W_out, G, COUT_GP), pad zeros
     bp_ptr,  # out (HAS_BIAS): grad_bias partial sums (SPLIT, C) in ACC
     NP, C, HW, WOUT,  # pixels N*H_out*W_out, channels, H_out*W_out, W_out
+    COUT_G, COUT_GP, CP,  # channels per group, the same padded for alignment, G * COUT_GP
     P_SPLIT,  # pixels per program along axis 1 (a multiple of BLOCK_P)
     sdn, sdc, sdh, sdw,  # dy strides
     syn, syc, syh, syw,  # y strides
@@ -253,8 +254,10 @@ def _dz_prologue_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,  # tile: pixels x channels
 ):
     pid_s = tl.program_id(1)  # pixel chunk (<= 64)
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
+    offs_cp = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)  # padded channel index
+    co = offs_cp % COUT_GP
+    offs_c = (offs_cp // COUT_GP) * COUT_G + co  # channel of dy
+    c_ok = (offs_cp < CP) & (co < COUT_G)
     lo = pid_s.to(IDX) * P_SPLIT
     hi = tl.minimum(lo + P_SPLIT, NP)
     s = tl.zeros((BLOCK_C,), ACC)
@@ -272,7 +275,8 @@ def _dz_prologue_kernel(
                          mask=mask, other=0.0)
             dz = dz * act_grad_from_y(yv.to(ACC), ACT, slope)
         if WRITE_DZ:
-            tl.store(dz_ptr + (p * C)[:, None] + offs_c[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+            tl.store(dz_ptr + (p * CP)[:, None] + offs_cp[None, :], dz.to(dz_ptr.dtype.element_ty),
+                     mask=(p < hi)[:, None] & (offs_cp < CP)[None, :])
         if HAS_BIAS:
             s += tl.sum(tl.where(mask, dz, 0.0), axis=0)
     if HAS_BIAS:
@@ -282,11 +286,11 @@ def _dz_prologue_kernel(
 @triton.jit
 def _convt_dgrad_kernel(
     dz_ptr,  # dz (N, C_out, H_out, W_out), channel stride 1; (n, h, w) strides ZN_V/ZH_V/ZW_V * VEC_Z
-    wp_ptr,  # repacked weight (G, KH*KW, C_out/g, CIN_P) from _repack_kernel (MODE 1)
+    wp_ptr,  # repacked weight (G, KH*KW, COUT_GV * VEC_Z, CIN_P) from _repack_kernel (MODE 1)
     dx_ptr,  # grad of the input (N, C_in, H_in, W_in), any strides
     N, HIN, WIN, HOUT, WOUT,  # batch, input and output height and width
     CIN_G,  # input channels per group
-    COUT_GV,  # output channels per group / VEC_Z
+    COUT_GV,  # dz channels per group (C_out/g, or padded with zeros) / VEC_Z
     ZN_V, ZH_V, ZW_V,  # dz strides of n, h, w / VEC_Z
     CIN_P,  # row length of the repacked weight (C_in/g rounded up to 16)
     TILES_M, TILES_N,  # tiles along the input pixels and along C_in/g
@@ -348,7 +352,8 @@ def _convt_wgrad_kernel(
     dz_ptr,  # dz, channel stride 1; (n, h, w) strides ZN_V/ZH_V/ZW_V * VEC_Z
     ws_ptr,  # out: partials (SPLIT, C_in * C_out/g * KH * KW) in ACC_DTYPE, grad_weight layout
     HIN, WIN, HOUT, WOUT,  # input and output height and width
-    CIN_GV, COUT_GV,  # channels per group / VEC_X, / VEC_Z
+    CIN_GV, COUT_GV,  # channels per group / VEC_X; dz channels per group (maybe padded) / VEC_Z
+    COUT_G,  # output channels per group
     XN_V, XH_V, XW_V, ZN_V, ZH_V, ZW_V,  # strides / VEC
     TILES_M, TILES_N,  # tiles along C_in/g and C_out/g
     K_SPLIT,  # input pixels per split (a multiple of BLOCK_K)
@@ -406,8 +411,9 @@ def _convt_wgrad_kernel(
                     mask=o_ok[:, None] & co_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
     # grad_weight layout (C_in, C_out/g, KH, KW), contiguous
-    w_off = ((g * cin_g + offs_ci)[:, None] * cout_g + offs_co[None, :]) * (KH * KW) + tap
-    tl.store(ws_ptr + pid_s.to(tl.int64) * NW + w_off, acc, mask=ci_ok[:, None] & co_ok[None, :])
+    w_off = ((g * cin_g + offs_ci)[:, None] * COUT_G + offs_co[None, :]) * (KH * KW) + tap
+    tl.store(ws_ptr + pid_s.to(tl.int64) * NW + w_off, acc,
+             mask=ci_ok[:, None] & (offs_co < COUT_G)[None, :])
 
 
 @triton.jit
@@ -614,9 +620,10 @@ def clear_weight_cache() -> None:
     _PACKED.entries.clear()
 
 
-def _repack(weight, groups, mode, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
+def _repack(weight, groups, mode, stride=(1, 1), padding=(0, 0), dilation=(1, 1), cout_gp=0):
     """The weight as the GEMM reads it (cached): mode 0 (forward) (G, SH*SW, MAXT, C_in/g, COUT_P),
-    mode 1 (grad_input) (G, KH*KW, C_out/g, CIN_P); rows padded to 16 elements with zeros."""
+    mode 1 (grad_input) (G, KH*KW, cout_gp, CIN_P) with cout_gp >= C_out/g the channels per group
+    of dz; rows padded to 16 elements with zeros, rows past C_out/g zero."""
     cin, cog, kh, kw = weight.shape
     cig = cin // groups
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
@@ -627,14 +634,15 @@ def _repack(weight, groups, mode, stride=(1, 1), padding=(0, 0), dilation=(1, 1)
         shape = (groups, sh * sw, mth * mtw, cig, row)
     else:
         row = triton.cdiv(cig, 16) * 16
-        shape = (groups, kh * kw, cog, row)
-    key = (mode, groups, tuple(stride), tuple(padding), tuple(dilation)) if mode == 0 else (mode, groups)
+        shape = (groups, kh * kw, cout_gp, row)
+    key = (mode, groups, tuple(stride), tuple(padding), tuple(dilation)) if mode == 0 else (mode, groups, cout_gp)
+    slots = mth * mtw if mode == 0 else cout_gp
 
     def make():
         out = torch.empty(shape, device=weight.device, dtype=weight.dtype)
         total = out.numel()
         _launch(_repack_kernel, (triton.cdiv(total, _REPACK_BLOCK),),
-                weight, out, total, cig, cog, row, mth * mtw, *weight.stride(),
+                weight, out, total, cig, cog, row, slots, *weight.stride(),
                 sh, sw, ph, pw, dh, dw, tsh, tsw, KH=kh, KW=kw, MODE=mode, BLOCK=_REPACK_BLOCK)
         return out
 
@@ -715,43 +723,46 @@ def conv_transpose2d_bwd(grad_out, x, weight, y, stride, padding, dilation, grou
     dx = x.new_empty((0,))  # unrequested results: distinct empty tensors (no aliasing outputs)
     dw, db = x.new_empty((0,)), x.new_empty((0,))
     with _on_device(x):
-        # dz = dy * act'(y), channel stride 1, and the grad_bias partial sums: one pass
+        # dz = dy * act'(y), channel stride 1, each group's channels padded with zeros to a
+        # multiple of 16 bytes, and the grad_bias partial sums: one pass
+        align = max(1, 16 // x.element_size())
         dz_inner = grad_out.shape[1] == 1 or grad_out.stride(1) == 1
-        write_dz = (need_input or need_weight) and (activation != 0 or not dz_inner)
+        write_dz = (need_input or need_weight) and (activation != 0 or not dz_inner or COG % align != 0)
+        cout_gp = triton.cdiv(COG, align) * align if write_dz else COG
         NP = N * Hout * Wout
         bp_, bc_ = _PROLOGUE_TILE
         split_b = 0
         bp = None
         dz = grad_out
         if write_dz or has_bias:
-            c_tiles = triton.cdiv(Cout, bc_)
+            c_tiles = triton.cdiv(G * cout_gp, bc_)
             split_b = min(triton.cdiv(NP, bp_), triton.cdiv(4 * _num_sms(x.device), max(c_tiles, 1)), 64)
             p_split = max(1, triton.cdiv(triton.cdiv(NP, max(split_b, 1)), bp_)) * bp_
             split_b = triton.cdiv(NP, p_split)
             if write_dz:
-                dz = torch.empty(grad_out.shape, device=x.device, dtype=x.dtype,
-                                 memory_format=torch.channels_last)
+                dz = torch.empty((N, Hout, Wout, G * cout_gp), device=x.device,
+                                 dtype=x.dtype).permute(0, 3, 1, 2)
             if has_bias:
                 bp = torch.empty((split_b, Cout), device=x.device, dtype=acc_t)
             ysrc = y if activation != 0 else grad_out
             _launch(_dz_prologue_kernel, (c_tiles, split_b),
                     grad_out, ysrc, dz, bp if has_bias else grad_out, NP, Cout, Hout * Wout, Wout,
-                    p_split, *grad_out.stride(), *ysrc.stride(), float(negative_slope),
+                    COG, cout_gp, G * cout_gp, p_split, *grad_out.stride(), *ysrc.stride(), float(negative_slope),
                     ACT=activation, WRITE_DZ=write_dz, HAS_BIAS=has_bias, ACC=_acc(x.dtype),
                     IDX=_index_dtype(grad_out, ysrc), BLOCK_P=bp_, BLOCK_C=bc_)
         if need_input or need_weight:
             dz, (zn, zh, zw) = _channels_inner(dz)
-            vz = _vec(x.element_size(), COG, zn, zh, zw)
+            vz = _vec(x.element_size(), cout_gp, zn, zh, zw)
 
         if need_input:
             dx = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=out_memory_format(x))
             if dx.numel() > 0:
-                wp, cin_p = _repack(weight, G, 1)
+                wp, cin_p = _repack(weight, G, 1, cout_gp=cout_gp)
                 Mx = N * Hin * Win
                 cfg = _gemm_config("dgrad", x.dtype, Mx, CIG, COG)
                 tiles_m, tiles_n = triton.cdiv(Mx, cfg.BLOCK_M), triton.cdiv(CIG, cfg.BLOCK_N)
                 _launch(_convt_dgrad_kernel, (tiles_m * tiles_n * G,),
-                        dz, wp, dx, N, Hin, Win, Hout, Wout, CIG, COG // vz,
+                        dz, wp, dx, N, Hin, Win, Hout, Wout, CIG, cout_gp // vz,
                         zn // vz, zh // vz, zw // vz, cin_p, tiles_m, tiles_n, *dx.stride(),
                         SH, SW, PH, PW, DH, DW, KH=KH, KW=KW, ACC_DTYPE=_acc(x.dtype),
                         PRECISION=prec, IDX=_index_dtype(dz, dx), VEC_Z=vz, **cfg.meta())
@@ -773,7 +784,7 @@ def conv_transpose2d_bwd(grad_out, x, weight, y, stride, padding, dilation, grou
                 split = max(1, triton.cdiv(k_w, k_split))
                 ws = torch.empty((split, nw), device=x.device, dtype=acc_t)
                 _launch(_convt_wgrad_kernel, (programs, split),
-                        xs, dz, ws, Hin, Win, Hout, Wout, CIG // vx, COG // vz,
+                        xs, dz, ws, Hin, Win, Hout, Wout, CIG // vx, cout_gp // vz, COG,
                         xn // vx, xh // vx, xw // vx, zn // vz, zh // vz, zw // vz,
                         tiles_m, tiles_n, k_split, k_w, nw, SH, SW, PH, PW, DH, DW,
                         KH=KH, KW=KW, ACC_DTYPE=_acc(x.dtype), PRECISION=prec,
