@@ -36,9 +36,65 @@ def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: O
         Tensor of the shape, dtype and memory format of ``input``.
     """
     _bn.check_activation(activation, negative_slope, memory_efficient)
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
+    if isinstance(input, Tensor) and input.dim() >= 2:
+        # torch takes affine parameters of any shape holding C elements, e.g. (C, 1)
+        C = input.shape[1]
+        weight = _as_channel_vector(weight, C)
+        bias = _as_channel_vector(bias, C)
     _bn.check_inputs(input, running_mean, running_var, weight, bias, training)
     return _bn.batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum,
                               eps, activation, negative_slope, memory_efficient)
+
+
+_SCALAR_TYPE_NAMES = {torch.bool: "Bool", torch.uint8: "Byte", torch.int8: "Char",
+                      torch.int16: "Short", torch.int32: "Int", torch.int64: "Long",
+                      torch.complex32: "ComplexHalf", torch.complex64: "ComplexFloat",
+                      torch.complex128: "ComplexDouble"}
+
+
+def _as_channel_vector(t: Optional[Tensor], C: int) -> Optional[Tensor]:
+    if t is None or not isinstance(t, Tensor) or t.dim() == 1 or t.numel() != C:
+        return t
+    return t.reshape(C)
+
+
+def check_batch_norm_args(input: Tensor, running_mean: Optional[Tensor],
+                          running_var: Optional[Tensor], weight: Optional[Tensor],
+                          bias: Optional[Tensor], training: bool, eps: float) -> None:
+    """The checks F.batch_norm / nn.BatchNorm make that genfast's op checks do not (torch's
+    exception types and messages, naming the argument), run before anything is written."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"batch_norm_act(): argument 'input' must be Tensor, not {type(input).__name__}")
+    if input.dim() < 2:
+        raise RuntimeError(f"batch_norm_act: expected input with at least 2 dims (N, C, *), got "
+                           f"{input.dim()}D input")
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if not training and eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if training and (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be "
+                         "None (batch_norm_act)")
+    if not training:
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is None:
+                raise RuntimeError(f"batch_norm_act: {name} must be defined in evaluation mode")
+    if not input.is_floating_point():
+        name = _SCALAR_TYPE_NAMES.get(input.dtype, str(input.dtype))
+        raise NotImplementedError(f"\"batch_norm\" not implemented for '{name}' (batch_norm_act "
+                                  f"input of dtype {input.dtype})")
+    C = input.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and t.dim() != 1:
+            raise RuntimeError(f"batch_norm_act: {name} should be a 1-D tensor of {C} elements, "
+                               f"got shape {tuple(t.shape)}")
+    if C == 0:
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None:
+                raise IndexError(f"batch_norm_act: {name} has no element for channel 0 (input has 0 "
+                                 "channels): select(): index 0 out of range for tensor of size [0] "
+                                 "at dimension 0")
 
 
 # --- losses (GAN, VAE, reparameterisation, gradient penalties) -----------------------------------

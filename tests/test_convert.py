@@ -12,6 +12,12 @@ from genfast import models
 from tests.utils import assert_close
 
 
+def _fused(seq):
+    """(kind, first index, last index) of the fusions that run now in a FusedSequential."""
+    index = {id(m): i for i, m in enumerate(seq)}
+    return [(st.kind, index[id(st.modules[0])], index[id(st.modules[-1])]) for st in seq.active_fusions()]
+
+
 def _randomise_bn(model):
     with torch.no_grad():
         for m in model.modules():
@@ -68,11 +74,10 @@ def test_bn_act_in_sequential_is_fused():
                         nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(),
                         nn.Linear(8, 4), nn.BatchNorm1d(4), nn.Tanh())
     orig, conv = _pair(seq)
-    assert isinstance(conv[1], gnn.BatchNormAct1d) and conv[1].activation == "leaky_relu"
-    assert conv[1].negative_slope == 0.2 and isinstance(conv[2], nn.Identity)
-    assert isinstance(conv[4], gnn.BatchNormAct1d) and conv[4].activation == "relu"
-    # BN followed by something else stays a plain BN, and Tanh after it stays
-    assert type(conv[7]) is nn.BatchNorm1d and isinstance(conv[8], nn.Tanh)
+    assert isinstance(conv, gnn.FusedSequential)
+    assert _fused(conv) == [("bn_act", 1, 2), ("bn_act", 4, 5)]
+    # BN followed by something else is not fused; every child stays the torch module it was
+    assert [type(m) for m in conv] == [type(m) for m in orig]
     _assert_same_training(orig, conv, (torch.randn(5, 6, dtype=torch.float64),))
 
 
@@ -103,10 +108,12 @@ def test_convert_twice_is_harmless_and_skip_and_report():
     seq = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), nn.BatchNorm2d(3), nn.LeakyReLU())
     model, report = genfast.convert(seq, skip={"2"}, return_report=True)
     assert len(report) == 1 and "BatchNormAct2d" in str(report) and "skipped 2" in str(report)
-    assert isinstance(model[0], gnn.BatchNormAct2d) and type(model[2]) is nn.BatchNorm2d
+    assert _fused(model) == [("bn_act", 0, 1)]
     before = [type(m) for m in model.modules()]
+    plan = model.fusion_plan()
     _, report2 = genfast.convert(model, skip={"2"}, return_report=True)
     assert len(report2) == 0 and [type(m) for m in model.modules()] == before
+    assert [s.modules for _, s in model.fusion_plan()] == [s.modules for _, s in plan]
 
 
 def test_nothing_outside_the_patterns_is_touched():
@@ -137,7 +144,7 @@ def test_seed_models_train_identically(name, inputs):
     else:
         model = models.MODELS[name]()
     orig, conv = _pair(model)
-    assert any(isinstance(m, (gnn.BatchNormAct1d, gnn.BatchNormAct2d)) for m in conv.modules())
+    assert any(isinstance(m, gnn.FusedSequential) and m.active_fusions() for m in conv.modules())
     _assert_same_training(orig, conv, inputs())
 
 
@@ -149,12 +156,10 @@ def test_conv_transpose_swaps_and_epilogues():
                         nn.ConvTranspose2d(2, 2, 3, 1, 1), nn.Sigmoid(),
                         nn.ConvTranspose2d(2, 2, 1), nn.ReLU())
     orig, conv = _pair(seq)
-    assert isinstance(conv[0], gnn.ConvTranspose2d) and isinstance(conv[1], gnn.BatchNormAct2d)
-    assert type(conv[1]).__name__ == "FoldedBatchNormAct2d" and isinstance(conv[2], nn.Identity)
-    assert conv[3].activation == "tanh" and isinstance(conv[4], nn.Identity)
-    assert conv[5].activation == "sigmoid" and isinstance(conv[6], nn.Identity)
+    assert all(type(conv[i]) is gnn.ConvTranspose2d and conv[i].activation is None for i in (0, 3, 5, 7))
+    assert _fused(conv) == [("conv_bn_act", 0, 2), ("conv_act", 3, 4), ("conv_act", 5, 6)]
     # a ReLU right after a transposed convolution (no BatchNorm) is not in the list: it stays
-    assert conv[7].activation is None and isinstance(conv[8], nn.ReLU)
+    assert isinstance(conv[8], nn.ReLU)
     _assert_same_training(orig, conv, (torch.randn(2, 4, 5, 3, dtype=torch.float64),))
 
 
@@ -177,10 +182,7 @@ def test_conv_transpose_outside_sequential_is_swapped():
 def test_fuse_conv_bn_false_keeps_the_batchnorm_separate():
     seq = nn.Sequential(nn.ConvTranspose2d(4, 3, 4, 2, 1), nn.BatchNorm2d(3), nn.ReLU())
     conv = genfast.convert(seq, fuse_conv_bn=False)
-    assert type(conv[1]) is gnn.BatchNormAct2d and conv[0].__dict__.get("_folded_bn") is None
-    folded = genfast.convert(nn.Sequential(nn.ConvTranspose2d(4, 3, 4, 2, 1), nn.BatchNorm2d(3), nn.ReLU()))
-    with pytest.raises(ValueError, match="fuse_conv_bn=False"):
-        gnn.SyncBatchNormAct2d.convert_sync_batchnorm(folded)
+    assert _fused(conv) == [("bn_act", 1, 2)]
 
 
 @pytest.mark.parametrize("name,make_inputs", [
@@ -193,7 +195,7 @@ def test_conv_seed_models_train_identically(name, make_inputs):
     kwargs = {"dcgan_generator": dict(nz=8, ngf=4), "dcgan_discriminator": dict(ndf=4),
               "keras_dcgan_generator": dict(nz=8, width=16), "conv_vae": dict(width=8)}[name]
     orig, conv = _pair(models.MODELS[name](**kwargs))
-    assert any(isinstance(m, (gnn.BatchNormAct2d, gnn.ConvTranspose2d)) for m in conv.modules())
+    assert any(isinstance(m, gnn.FusedSequential) and m.active_fusions() for m in conv.modules())
     if name == "conv_vae":
         # the VAE draws eps: compare encoder + decoder paths with the same seed
         x = torch.rand(3, 1, 28, 28, dtype=torch.float64)
