@@ -14,6 +14,8 @@ from tests.utils import assert_close
 
 def _fused(seq):
     """(kind, first index, last index) of the fusions that run now in a FusedSequential."""
+    if not isinstance(seq, gnn.FusedSequential):
+        return []
     index = {id(m): i for i, m in enumerate(seq)}
     return [(st.kind, index[id(st.modules[0])], index[id(st.modules[-1])]) for st in seq.active_fusions()]
 
@@ -210,3 +212,279 @@ def test_conv_seed_models_train_identically(name, make_inputs):
             assert_close(mc, mo, torch.float64, "mu")
         return
     _assert_same_training(orig, conv, make_inputs())
+
+
+# --- hooks, spectral / weight norm, parametrizations (issue 11, item 10) -------------------------
+
+def _hook_log(model, names, log, pre=False):
+    """Register on the named submodules a hook that records the tensor it sees."""
+    mods = dict(model.named_modules())
+    for n in names:
+        if pre:
+            mods[n].register_forward_pre_hook(lambda m, args, n=n: log.append((n, args[0].detach().clone())))
+        else:
+            mods[n].register_forward_hook(lambda m, args, out, n=n: log.append((n, out.detach().clone())))
+
+
+def _assert_same_logs(log_c, log_o):
+    assert [n for n, _ in log_c] == [n for n, _ in log_o] and log_o
+    for (n, a), (_, b) in zip(log_c, log_o):
+        assert_close(a, b, torch.float64, f"hook at {n}")
+
+
+def _sn_convt(*args, **kwargs):
+    return nn.utils.spectral_norm(nn.ConvTranspose2d(*args, **kwargs))
+
+
+def _p_sn_convt(*args, **kwargs):
+    return nn.utils.parametrizations.spectral_norm(nn.ConvTranspose2d(*args, **kwargs))
+
+
+def _p_wn_convt(*args, **kwargs):
+    return nn.utils.parametrizations.weight_norm(nn.ConvTranspose2d(*args, **kwargs))
+
+
+def _wn_convt(*args, **kwargs):
+    with pytest.warns(FutureWarning):
+        return nn.utils.weight_norm(nn.ConvTranspose2d(*args, **kwargs))
+
+
+@pytest.mark.parametrize("wrap", [_sn_convt, _p_sn_convt, _wn_convt, _p_wn_convt],
+                         ids=["spectral_norm", "parametrizations.spectral_norm", "weight_norm",
+                              "parametrizations.weight_norm"])
+@pytest.mark.parametrize("with_bn", [False, True])
+def test_normalised_conv_transpose_converts_and_trains_identically(wrap, with_bn):
+    def build():  # twice from one seed: torch.nn.utils.weight_norm modules cannot be deep-copied
+        torch.manual_seed(0)
+        layers = [wrap(8, 4, 4, 2, 1)] + ([nn.BatchNorm2d(4), nn.ReLU()] if with_bn else [nn.Tanh()])
+        model = nn.Sequential(*layers).double()
+        _randomise_bn(model)
+        return model
+
+    orig = build()
+    conv, report = genfast.convert(build(), return_report=True)
+    x = torch.randn(3, 8, 5, 4, dtype=torch.float64)
+    # the normalised convolution is never fused with what follows; the report says why
+    assert all(first != 0 for _, first, _ in _fused(conv))
+    if wrap in (_p_sn_convt, _p_wn_convt):
+        assert "parametrized ConvTranspose2d" in str(report)
+    else:
+        assert type(conv[0]) is gnn.ConvTranspose2d and conv[0]._forward_pre_hooks
+        assert "forward pre-hook" in str(report)
+    if with_bn:  # the BatchNorm -> ReLU pair behind it is still fused
+        assert _fused(conv) == [("bn_act", 1, 2)]
+    assert list(conv.state_dict()) == list(orig.state_dict())
+    _assert_same_training(orig, conv, (x,))
+
+
+class _SNGANGenerator(nn.Module):
+    """An SNGAN-style generator: spectral norm on every layer, BatchNorm + ReLU blocks."""
+
+    def __init__(self, nz=8, ngf=4):
+        super().__init__()
+        self.ngf = ngf
+        self.fc = nn.utils.spectral_norm(nn.Linear(nz, 4 * 4 * ngf * 4))
+        self.main = nn.Sequential(
+            nn.BatchNorm2d(ngf * 4), nn.ReLU(),
+            _sn_convt(ngf * 4, ngf * 2, 4, 2, 1), nn.BatchNorm2d(ngf * 2), nn.ReLU(),
+            _sn_convt(ngf * 2, ngf, 4, 2, 1), nn.BatchNorm2d(ngf), nn.ReLU(),
+            nn.utils.spectral_norm(nn.Conv2d(ngf, 3, 3, 1, 1)), nn.Tanh())
+
+    def forward(self, z):
+        return self.main(self.fc(z).view(z.shape[0], self.ngf * 4, 4, 4))
+
+
+def test_sngan_generator_trains_identically():
+    torch.manual_seed(1)
+    orig, conv = _pair(_SNGANGenerator())
+    assert _fused(conv.main) == [("bn_act", 0, 1), ("bn_act", 3, 4), ("bn_act", 6, 7)]
+    assert sum(type(m) is gnn.ConvTranspose2d for m in conv.modules()) == 2
+    _assert_same_training(orig, conv, (torch.randn(4, 8, dtype=torch.float64),))
+    # the converted checkpoint loads into the original and back
+    fresh = _SNGANGenerator().double()
+    fresh.load_state_dict(conv.state_dict(), strict=True)
+    genfast.convert(fresh).load_state_dict(orig.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("where", ["conv", "bn", "act"])
+@pytest.mark.parametrize("pre", [False, True])
+def test_hooks_registered_before_convert_keep_firing(where, pre):
+    orig = nn.Sequential(nn.ConvTranspose2d(4, 3, 4, 2, 1), nn.BatchNorm2d(3), nn.LeakyReLU(0.2),
+                         nn.ConvTranspose2d(3, 2, 3, 1, 1), nn.Tanh()).double()
+    _randomise_bn(orig)
+    conv = copy.deepcopy(orig)
+    name = {"conv": "0", "bn": "1", "act": "2"}[where]
+    log_o, log_c = [], []
+    _hook_log(orig, [name, "4"], log_o, pre)
+    _hook_log(conv, [name, "4"], log_c, pre)
+    conv, report = genfast.convert(conv, return_report=True)
+    # the hooked triple is not fused (the report says why); the hooked Tanh is not either
+    assert f"{name} has forward {'pre-' if pre else ''}hook" in str(report)
+    hooked_kinds = {k for k, _, _ in _fused(conv)}
+    assert "conv_bn_act" not in hooked_kinds and "conv_act" not in hooked_kinds
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    for train in (True, False):
+        orig.train(train), conv.train(train)
+        log_o.clear(), log_c.clear()
+        assert_close(conv(x), orig(x), torch.float64, "output")
+        _assert_same_logs(log_c, log_o)
+
+
+# --- a fusion stands down when a child is replaced, hooked or retyped after convert (item 11) -----
+
+def _triple():
+    torch.manual_seed(2)
+    orig = nn.Sequential(nn.ConvTranspose2d(4, 3, 4, 2, 1), nn.BatchNorm2d(3), nn.ReLU(),
+                         nn.ConvTranspose2d(3, 2, 3, 1, 1), nn.Sigmoid()).double()
+    _randomise_bn(orig)
+    conv = genfast.convert(copy.deepcopy(orig))
+    assert _fused(conv) == [("conv_bn_act", 0, 2), ("conv_act", 3, 4)]
+    return orig, conv
+
+
+def _check_same(orig, conv, x):
+    for train in (True, False):
+        orig.train(train), conv.train(train)
+        assert_close(conv(x), orig(x), torch.float64, f"output (train={train})")
+    assert list(conv.state_dict()) == list(orig.state_dict())
+    for (k, a), (_, b) in zip(conv.state_dict().items(), orig.state_dict().items()):
+        assert_close(a.double(), b.double(), torch.float64, f"state {k}")
+
+
+@pytest.mark.parametrize("change", ["replace_bn", "replace_act", "replace_conv", "retype_act",
+                                    "parametrize_conv", "spectral_norm_conv", "delete_act"])
+def test_fusion_stands_down_when_a_child_is_replaced(change):
+    orig, conv = _triple()
+    x = torch.randn(3, 4, 3, 2, dtype=torch.float64)
+    if change == "replace_bn":
+        for m in (orig, conv):
+            m[1] = nn.GroupNorm(1, 3).double()
+        conv[1].load_state_dict(orig[1].state_dict())
+    elif change == "replace_act":
+        orig[2], conv[2] = nn.ELU(), nn.ELU()
+    elif change == "replace_conv":
+        for m in (orig, conv):
+            new = nn.ConvTranspose2d(4, 3, 4, 2, 1).double()
+            new.load_state_dict(orig[0].state_dict())
+            m[0] = new
+    elif change == "retype_act":  # same object, new class
+        orig[2].__class__ = nn.SiLU
+        conv[2].__class__ = nn.SiLU
+    elif change == "parametrize_conv":
+        for m in (orig, conv):
+            nn.utils.parametrize.register_parametrization(m[0], "weight", _Double())
+    elif change == "spectral_norm_conv":
+        for m in (orig, conv):
+            torch.manual_seed(6)  # the same initial power-iteration vectors
+            nn.utils.spectral_norm(m[0])
+    elif change == "delete_act":
+        del orig[2]
+        del conv[2]
+    assert ("conv_bn_act", 0, 2) not in _fused(conv)
+    torch.manual_seed(0)
+    _check_same(orig, conv, x)
+
+
+class _Double(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+@pytest.mark.parametrize("where", ["0", "1", "2", "global"])
+@pytest.mark.parametrize("kind", ["forward", "pre", "backward"])
+def test_hook_added_after_convert_sees_the_unfused_tensors(where, kind):
+    orig, conv = _triple()
+    x = torch.randn(3, 4, 3, 2, dtype=torch.float64, requires_grad=True)
+    logs = {"orig": [], "conv": []}
+    handles = []
+
+    def hook_for(log):
+        if kind == "forward":
+            return lambda m, args, out: log.append(out.detach().clone())
+        if kind == "pre":
+            return lambda m, args: log.append(args[0].detach().clone())
+        return lambda m, gin, gout: log.append(gout[0].detach().clone())
+
+    for label, model in (("orig", orig), ("conv", conv)):
+        if where == "global":
+            reg = {"forward": nn.modules.module.register_module_forward_hook,
+                   "pre": nn.modules.module.register_module_forward_pre_hook,
+                   "backward": nn.modules.module.register_module_full_backward_hook}[kind]
+            continue_ = label == "conv"  # one global hook serves both models
+            if not continue_:
+                continue
+            handles.append(reg(hook_for(logs["conv"])))
+            break
+        m = model[int(where)]
+        reg = {"forward": m.register_forward_hook, "pre": m.register_forward_pre_hook,
+               "backward": m.register_full_backward_hook}[kind]
+        handles.append(reg(hook_for(logs[label])))
+    try:
+        assert ("conv_bn_act", 0, 2) not in _fused(conv)
+        if where == "global":
+            for model, label in ((orig, "orig"), (conv, "conv")):
+                logs["conv"].clear()
+                model(x).square().sum().backward()
+                logs[label] = list(logs["conv"])
+        else:
+            orig(x).square().sum().backward()
+            conv(x).square().sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(logs["conv"]) == len(logs["orig"]) > 0
+    for a, b in zip(logs["conv"], logs["orig"]):
+        assert_close(a, b, torch.float64, f"{kind} hook tensor")
+    # removing the hooks brings the fusion back
+    assert ("conv_bn_act", 0, 2) in _fused(conv)
+
+
+def test_sync_batchnorm_convert_after_genfast_convert_computes_the_unfused_model():
+    # nn.SyncBatchNorm.convert_sync_batchnorm replaces the BatchNorms genfast fused: the
+    # converted model must compute exactly what the unconverted one does (it was 0.338 off).
+    torch.manual_seed(3)
+    orig = models.DCGANGenerator(nz=8, ngf=4)
+    _randomise_bn(orig)
+    orig = orig.double()
+    conv = nn.SyncBatchNorm.convert_sync_batchnorm(genfast.convert(copy.deepcopy(orig)))
+    assert sum(type(m) is nn.SyncBatchNorm for m in conv.modules()) == 4
+    assert _fused(conv.main) == [("conv_act", 12, 13)]
+    _assert_same_training(orig, conv, (torch.randn(3, 8, dtype=torch.float64),))
+
+
+def test_readme_ddp_recipe_without_fuse_conv_bn_false():
+    torch.manual_seed(4)
+    orig = models.DCGANGenerator(nz=8, ngf=4)
+    _randomise_bn(orig)
+    orig = orig.double()
+    conv = gnn.SyncBatchNormAct2d.convert_sync_batchnorm(genfast.convert(copy.deepcopy(orig)))
+    syncs = [m for m in conv.modules() if type(m) is gnn.SyncBatchNormAct2d]
+    assert len(syncs) == 4 and all(m.activation == "relu" for m in syncs)
+    assert not any(type(m) is nn.SyncBatchNorm for m in conv.modules())
+    # no process group: local statistics, exactly the unconverted model
+    _assert_same_training(orig, conv, (torch.randn(3, 8, dtype=torch.float64),))
+
+
+def test_conv_transpose_bn_act_block_stands_down():
+    torch.manual_seed(5)
+    block = gnn.ConvTransposeBNAct2d(4, 3, 4, 2, 1, activation="leaky_relu", negative_slope=0.2).double()
+    _randomise_bn(block)
+    plain = nn.Sequential(nn.ConvTranspose2d(4, 3, 4, 2, 1), nn.BatchNorm2d(3), nn.LeakyReLU(0.2)).double()
+    plain.load_state_dict(block.state_dict(), strict=False)
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    for train in (True, False):
+        block.train(train), plain.train(train)
+        assert_close(block(x), plain(x), torch.float64, "fused block")
+    # replace the BatchNorm by a SyncBatchNorm, hook the conv: the block runs its children
+    block = nn.SyncBatchNorm.convert_sync_batchnorm(block)
+    assert type(block[1]) is nn.SyncBatchNorm
+    seen, seen_plain = [], []
+    block[0].register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    plain[0].register_forward_hook(lambda m, a, out: seen_plain.append(out.detach().clone()))
+    for train in (True, False):
+        block.train(train), plain.train(train)
+        assert_close(block(x), plain(x), torch.float64, "unfused block")
+    for a, b in zip(seen, seen_plain):
+        assert_close(a, b, torch.float64, "conv hook")
+    assert len(seen) == 2
+    assert_close(block[1].running_mean, plain[1].running_mean, torch.float64, "running_mean")
