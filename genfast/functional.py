@@ -118,6 +118,7 @@ def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: str = "bc
     Returns:
         A 0-dim float32 tensor (float64 for float64 logits), or the tuple for "none".
     """
+    _check_loss_dtypes(kind, (real_logits, "real_logits"), (fake_logits, "fake_logits"))
     _loss.check_gan(real_logits, fake_logits, kind, reduction, real_label)
     return _loss.discriminator_loss(real_logits, fake_logits, kind, reduction, real_label)
 
@@ -130,6 +131,7 @@ def generator_loss(fake_logits: Tensor, kind: str = "bce", reduction: str = "mea
     "hinge" and "wasserstein": -x; "lsgan": (x - 1)^2. reduction: "mean" (default), "sum" or
     "none" (per-element terms in fake_logits' shape). Returns float32 (float64 for float64).
     """
+    _check_loss_dtypes(kind, (fake_logits, "fake_logits"))
     _loss.check_gan(None, fake_logits, kind, reduction, 1.0)
     return _loss.generator_loss(fake_logits, kind, reduction)
 
@@ -152,6 +154,12 @@ def vae_loss(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, *, recon
         Gradients flow to recon, mu and logvar; when target requires grad the reference
         formulas run instead of the fused kernel.
     """
+    _check_loss_dtypes(recon_loss, (recon, "recon"))
+    if (recon_loss == "mse" and isinstance(recon, Tensor) and isinstance(target, Tensor)
+            and recon.shape != target.shape):
+        # torch's mse_loss raises RuntimeError here (BCE raises ValueError, as check_vae does)
+        raise RuntimeError(f"vae_loss: target {tuple(target.shape)} and recon {tuple(recon.shape)} must "
+                           "have the same shape")
     _loss.check_vae(recon, target, mu, logvar, recon_loss, reduction)
     loss, parts = _loss.vae_loss(recon, target, mu, logvar, recon_loss, beta, reduction)
     if return_parts:
@@ -168,13 +176,27 @@ def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
             raise TypeError(f"{name} must be a Tensor, not {type(t).__name__}")
     if mu.shape != logvar.shape:
         raise RuntimeError(f"mu {tuple(mu.shape)} and logvar {tuple(logvar.shape)} must have the same shape")
-    if mu.dtype != logvar.dtype or not mu.is_floating_point():
+    for t, name in ((mu, "mu"), (logvar, "logvar")):
+        if not t.is_floating_point():  # torch's randn_like / exp raise NotImplementedError
+            raise NotImplementedError(f"reparameterize: {name} must be a floating-point tensor, got {t.dtype}")
+    if mu.dtype != logvar.dtype:
         raise RuntimeError(f"mu and logvar must have the same floating-point dtype, got {mu.dtype} and {logvar.dtype}")
     if mu.device != logvar.device:
         raise RuntimeError(f"Expected all tensors to be on the same device, but found mu on {mu.device} and "
                            f"logvar on {logvar.device}")
     eps = torch.randn_like(mu)
     return _loss.reparameterize(mu, logvar, eps)
+
+
+def _check_loss_dtypes(kind: str, *named: tuple) -> None:
+    """Non-floating logits / reconstructions: NotImplementedError, as torch's BCE and MSE losses raise (the
+    hinge and wasserstein kinds are means, which raise RuntimeError in the op's own check)."""
+    if kind not in ("bce", "minimax", "lsgan", "mse", "bce_logits"):
+        return
+    for t, name in named:
+        if isinstance(t, Tensor) and not t.is_floating_point():
+            raise NotImplementedError(f"{name} must be a floating-point tensor for the {kind!r} loss, "
+                                      f"got {t.dtype}")
 
 
 def r1_penalty(real_logits: Tensor, real_inputs: Tensor) -> Tensor:
@@ -231,5 +253,11 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
         (N, C_out, H_out, W_out) (unbatched: without N), H_out = (H_in - 1) * stride - 2 *
         padding + dilation * (kH - 1) + output_padding + 1; channels_last when input is.
     """
+    if (isinstance(input, Tensor) and isinstance(weight, Tensor) and input.dtype == weight.dtype
+            and not input.is_floating_point()):
+        # torch raises NotImplementedError for the integer types it has no kernel for (and
+        # RuntimeError, as the op's check does, when input and weight dtypes differ)
+        raise NotImplementedError(f"conv_transpose2d: genfast supports floating-point input only, got "
+                                  f"input of dtype {input.dtype}")
     return _ct.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups,
                                 dilation, activation, negative_slope)

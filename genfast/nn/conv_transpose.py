@@ -122,8 +122,10 @@ class ConvTransposeBNAct2d(nn.Sequential):
         return s
 
     def forward(self, input: torch.Tensor, output_size: Optional[list[int]] = None) -> torch.Tensor:
+        _ct.check_activation(self.activation, self.negative_slope)
         children = list(self._modules.values())
         if len(children) == 2 and can_fuse_conv_bn(*children):
+            check_conv_bn_input(children[1], input)
             return conv_bn_act_forward(children[0], children[1], self.activation,
                                        self.negative_slope, input, output_size)
         # A child was replaced, changed or hooked: run each child on its own, then the activation.
@@ -131,6 +133,23 @@ class ConvTransposeBNAct2d(nn.Sequential):
         for child in children[1:]:
             x = child(x)
         return apply_activation(x, self.activation, self.negative_slope)
+
+
+def check_conv_bn_input(bn: nn.modules.batchnorm._BatchNorm, input: torch.Tensor) -> None:
+    """The checks that nn.ConvTranspose2d -> nn.BatchNorm2d make on the input's rank and on the
+    BatchNorm's eps (torch's exception types and messages), made before the fused op writes
+    anything (num_batches_tracked, running statistics)."""
+    if isinstance(input, torch.Tensor):
+        if input.dim() not in (3, 4):
+            raise RuntimeError("Expected 3D (unbatched) or 4D (batched) input to conv_transpose2d, "
+                               f"but got input of size: {list(input.shape)}")
+        if input.dim() == 3:  # the convolution takes it, the BatchNorm2d does not
+            raise ValueError("expected 4D input (got 3D input)")
+    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    if bn_training and bn.eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {bn.eps}")
+    if not bn_training and bn.eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {bn.eps}")
 
 
 def can_fuse_conv_bn(conv: nn.Module, bn: nn.Module) -> bool:

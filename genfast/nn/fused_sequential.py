@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from genfast.nn.batchnorm_act import batch_norm_act_forward
-from genfast.nn.conv_transpose import (ConvTranspose2d, can_fuse_conv_bn, conv_bn_act_forward,
-                                       conv_transpose_act_forward, has_hooks)
+from genfast.nn.conv_transpose import (ConvTranspose2d, can_fuse_conv_bn, check_conv_bn_input,
+                                       conv_bn_act_forward, conv_transpose_act_forward, has_hooks)
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 KINDS = {"conv_bn_act": 3, "bn_act": 2, "conv_act": 2}
@@ -67,6 +67,7 @@ class FusionStep:
         mods = self.modules
         if self.kind == "conv_bn_act":
             act, slope = activation_of(mods[2])
+            check_conv_bn_input(mods[1], input)
             return conv_bn_act_forward(mods[0], mods[1], act, slope, input, None)
         if self.kind == "bn_act":
             act, slope = activation_of(mods[1])
