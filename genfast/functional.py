@@ -79,11 +79,12 @@ def check_batch_norm_args(input: Tensor, running_mean: Optional[Tensor],
     if not training:
         for name, t in (("running_mean", running_mean), ("running_var", running_var)):
             if t is None:
-                raise RuntimeError(f"batch_norm_act: {name} must be defined in evaluation mode")
+                raise RuntimeError(f"batch_norm_act: {name} must be defined in evaluation mode "
+                                   "(running_mean and running_var are required when training=False)")
     if not input.is_floating_point():
         name = _SCALAR_TYPE_NAMES.get(input.dtype, str(input.dtype))
-        raise NotImplementedError(f"\"batch_norm\" not implemented for '{name}' (batch_norm_act "
-                                  f"input of dtype {input.dtype})")
+        raise NotImplementedError(f"\"batch_norm\" not implemented for '{name}': batch_norm_act "
+                                  f"input must be a floating-point tensor, got {input.dtype}")
     C = input.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         if t is not None and t.dim() != 1:

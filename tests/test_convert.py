@@ -488,3 +488,61 @@ def test_conv_transpose_bn_act_block_stands_down():
         assert_close(a, b, torch.float64, "conv hook")
     assert len(seen) == 2
     assert_close(block[1].running_mean, plain[1].running_mean, torch.float64, "running_mean")
+
+
+def _ddp_recipe_worker(rank, port, out_dir, world, per_rank):
+    import os
+
+    import torch.distributed as dist
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(7)
+        model = models.DCGANGenerator(nz=6, ngf=2)
+        _randomise_bn(model)
+        model = model.double()
+        # the README's recipe, as written (on CPU: no .cuda(rank), no device_ids)
+        model = genfast.convert(model)
+        model = gnn.SyncBatchNormAct2d.convert_sync_batchnorm(model)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        z = torch.randn(world * per_rank, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        out = ddp(z[rank * per_rank:(rank + 1) * per_rank])
+        # DDP averages the ranks' gradients: with equal batches, the mean of the local means'
+        # gradients is the gradient of the global mean
+        out.square().mean().backward()
+        opt.step()
+        torch.save({"out": out.detach(), "types": [type(m).__name__ for m in model.modules()],
+                    "state": {k: v.clone() for k, v in model.state_dict().items()}},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_readme_ddp_recipe_synchronises_over_ranks(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    world, per_rank = 2, 3
+    mp.spawn(_ddp_recipe_worker, args=(port, str(tmp_path), world, per_rank), nprocs=world, join=True)
+    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    # one process, the unconverted model, the whole batch: what the synchronised ranks compute
+    torch.manual_seed(7)
+    ref = models.DCGANGenerator(nz=6, ngf=2)
+    _randomise_bn(ref)
+    ref = ref.double()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    z = torch.randn(world * per_rank, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    out = ref(z)
+    out.square().mean().backward()
+    opt.step()
+    for r, res_r in enumerate(res):
+        assert res_r["types"].count("SyncBatchNormAct2d") == 4
+        assert_close(res_r["out"], out[r * per_rank:(r + 1) * per_rank].detach(), torch.float64, "DDP output")
+        assert list(res_r["state"]) == list(ref.state_dict())
+        for k, v in ref.state_dict().items():
+            assert_close(res_r["state"][k].double(), v.double(), torch.float64, f"DDP state {k}")
