@@ -439,13 +439,18 @@ def test_hook_added_after_convert_sees_the_unfused_tensors(where, kind):
     assert ("conv_bn_act", 0, 2) in _fused(conv)
 
 
+def _dcgan(seed, nz, ngf):
+    """The DCGAN generator of genfast.models in float64, BatchNorm state randomised."""
+    torch.manual_seed(seed)
+    model = models.DCGANGenerator(nz=nz, ngf=ngf)
+    _randomise_bn(model)
+    return model.double()
+
+
 def test_sync_batchnorm_convert_after_genfast_convert_computes_the_unfused_model():
     # nn.SyncBatchNorm.convert_sync_batchnorm replaces the BatchNorms genfast fused: the
     # converted model must compute exactly what the unconverted one does (it was 0.338 off).
-    torch.manual_seed(3)
-    orig = models.DCGANGenerator(nz=8, ngf=4)
-    _randomise_bn(orig)
-    orig = orig.double()
+    orig = _dcgan(3, 8, 4)
     conv = nn.SyncBatchNorm.convert_sync_batchnorm(genfast.convert(copy.deepcopy(orig)))
     assert sum(type(m) is nn.SyncBatchNorm for m in conv.modules()) == 4
     assert _fused(conv.main) == [("conv_act", 12, 13)]
@@ -453,10 +458,7 @@ def test_sync_batchnorm_convert_after_genfast_convert_computes_the_unfused_model
 
 
 def test_readme_ddp_recipe_without_fuse_conv_bn_false():
-    torch.manual_seed(4)
-    orig = models.DCGANGenerator(nz=8, ngf=4)
-    _randomise_bn(orig)
-    orig = orig.double()
+    orig = _dcgan(4, 8, 4)
     conv = gnn.SyncBatchNormAct2d.convert_sync_batchnorm(genfast.convert(copy.deepcopy(orig)))
     syncs = [m for m in conv.modules() if type(m) is gnn.SyncBatchNormAct2d]
     assert len(syncs) == 4 and all(m.activation == "relu" for m in syncs)
@@ -498,10 +500,7 @@ def _ddp_recipe_worker(rank, port, out_dir, world, per_rank):
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        torch.manual_seed(7)
-        model = models.DCGANGenerator(nz=6, ngf=2)
-        _randomise_bn(model)
-        model = model.double()
+        model = _dcgan(7, 6, 2)
         # the README's recipe, as written (on CPU: no .cuda(rank), no device_ids)
         model = genfast.convert(model)
         model = gnn.SyncBatchNormAct2d.convert_sync_batchnorm(model)
@@ -531,10 +530,7 @@ def test_readme_ddp_recipe_synchronises_over_ranks(tmp_path):
     mp.spawn(_ddp_recipe_worker, args=(port, str(tmp_path), world, per_rank), nprocs=world, join=True)
     res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     # one process, the unconverted model, the whole batch: what the synchronised ranks compute
-    torch.manual_seed(7)
-    ref = models.DCGANGenerator(nz=6, ngf=2)
-    _randomise_bn(ref)
-    ref = ref.double()
+    ref = _dcgan(7, 6, 2)
     opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     z = torch.randn(world * per_rank, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     out = ref(z)

@@ -257,6 +257,15 @@ add("bn_memory_efficient_zero_slope", lambda: (lambda rm, rv: Case(lambda: GF.ba
 
 # --- gnn.BatchNormAct1d/2d vs nn.BatchNorm1d/2d (+ the activation) ------------------------------
 
+def _align(ours, ref, training, mutate):
+    """Give torch's module genfast's state, then set both modes and apply the same mutation."""
+    ref.load_state_dict(ours.state_dict())
+    for m in (ours, ref):
+        m.train(training)
+        if mutate is not None:
+            mutate(m)
+
+
 def _bnm_case(dim, x, ctor=(3,), kwargs=None, training=True, mutate=None, act_kwargs=None):
     kwargs, act_kwargs = kwargs or {}, act_kwargs or {}
     ours_cls = gnn.BatchNormAct2d if dim == 2 else gnn.BatchNormAct1d
@@ -271,11 +280,7 @@ def _bnm_case(dim, x, ctor=(3,), kwargs=None, training=True, mutate=None, act_kw
             if ours.running_mean is not None:
                 ours.running_mean.uniform_(-1, 1)
                 ours.running_var.uniform_(0.5, 1.5)
-        ref.load_state_dict(ours.state_dict())
-        for m in (ours, ref):
-            m.train(training)
-            if mutate is not None:
-                mutate(m)
+        _align(ours, ref, training, mutate)
         xx = x()
         return Case(lambda: ours(xx), lambda: F.leaky_relu(ref(xx)), state=_state(ours, xx))
     return build
@@ -350,11 +355,7 @@ def _block_case(x, training=True, ct=(4, 3, 3), kwargs=None, mutate=None, fwd_kw
         with torch.no_grad():
             ours[1].running_mean.uniform_(-1, 1)
             ours[1].running_var.uniform_(0.5, 1.5)
-        ref.load_state_dict(ours.state_dict())
-        for m in (ours, ref):
-            m.train(training)
-            if mutate is not None:
-                mutate(m)
+        _align(ours, ref, training, mutate)
         xx = x()
 
         def ref_call():
