@@ -542,3 +542,22 @@ def test_readme_ddp_recipe_synchronises_over_ranks(tmp_path):
         assert list(res_r["state"]) == list(ref.state_dict())
         for k, v in ref.state_dict().items():
             assert_close(res_r["state"][k].double(), v.double(), torch.float64, f"DDP state {k}")
+
+
+def test_planned_fusions_really_run_fused(monkeypatch):
+    import genfast.nn.fused_sequential as fs
+    calls = []
+    for name in ("conv_bn_act_forward", "batch_norm_act_forward", "conv_transpose_act_forward"):
+        real = getattr(fs, name)
+        monkeypatch.setattr(fs, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    G = genfast.convert(_dcgan(8, 6, 2))
+    G(torch.randn(2, 6, dtype=torch.float64))
+    assert calls == ["conv_bn_act_forward"] * 4 + ["conv_transpose_act_forward"]
+    calls.clear()
+    h = G.main[4].register_forward_pre_hook(lambda m, args: None)
+    G(torch.randn(2, 6, dtype=torch.float64))
+    assert calls == ["conv_bn_act_forward"] * 3 + ["conv_transpose_act_forward"]
+    h.remove()
+    calls.clear()
+    G(torch.randn(2, 6, dtype=torch.float64))
+    assert calls == ["conv_bn_act_forward"] * 4 + ["conv_transpose_act_forward"]
