@@ -36,9 +36,66 @@ def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: O
         Tensor of the shape, dtype and memory format of ``input``.
     """
     _bn.check_activation(activation, negative_slope, memory_efficient)
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
+    if isinstance(input, Tensor) and input.dim() >= 2:
+        # torch takes affine parameters of any shape holding C elements, e.g. (C, 1)
+        C = input.shape[1]
+        weight = _as_channel_vector(weight, C)
+        bias = _as_channel_vector(bias, C)
     _bn.check_inputs(input, running_mean, running_var, weight, bias, training)
     return _bn.batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum,
                               eps, activation, negative_slope, memory_efficient)
+
+
+_SCALAR_TYPE_NAMES = {torch.bool: "Bool", torch.uint8: "Byte", torch.int8: "Char",
+                      torch.int16: "Short", torch.int32: "Int", torch.int64: "Long",
+                      torch.complex32: "ComplexHalf", torch.complex64: "ComplexFloat",
+                      torch.complex128: "ComplexDouble"}
+
+
+def _as_channel_vector(t: Optional[Tensor], C: int) -> Optional[Tensor]:
+    if t is None or not isinstance(t, Tensor) or t.dim() == 1 or t.numel() != C:
+        return t
+    return t.reshape(C)
+
+
+def check_batch_norm_args(input: Tensor, running_mean: Optional[Tensor],
+                          running_var: Optional[Tensor], weight: Optional[Tensor],
+                          bias: Optional[Tensor], training: bool, eps: float) -> None:
+    """The checks F.batch_norm / nn.BatchNorm make that genfast's op checks do not (torch's
+    exception types and messages, naming the argument), run before anything is written."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"batch_norm_act(): argument 'input' must be Tensor, not {type(input).__name__}")
+    if input.dim() < 2:
+        raise RuntimeError(f"batch_norm_act: expected input with at least 2 dims (N, C, *), got "
+                           f"{input.dim()}D input")
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if not training and eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if training and (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be "
+                         "None (batch_norm_act)")
+    if not training:
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is None:
+                raise RuntimeError(f"batch_norm_act: {name} must be defined in evaluation mode "
+                                   "(running_mean and running_var are required when training=False)")
+    if not input.is_floating_point():
+        name = _SCALAR_TYPE_NAMES.get(input.dtype, str(input.dtype))
+        raise NotImplementedError(f"\"batch_norm\" not implemented for '{name}': batch_norm_act "
+                                  f"input must be a floating-point tensor, got {input.dtype}")
+    C = input.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and t.dim() != 1:
+            raise RuntimeError(f"batch_norm_act: {name} should be a 1-D tensor of {C} elements, "
+                               f"got shape {tuple(t.shape)}")
+    if C == 0:
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None:
+                raise IndexError(f"batch_norm_act: {name} has no element for channel 0 (input has 0 "
+                                 "channels): select(): index 0 out of range for tensor of size [0] "
+                                 "at dimension 0")
 
 
 # --- losses (GAN, VAE, reparameterisation, gradient penalties) -----------------------------------
@@ -62,6 +119,7 @@ def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: str = "bc
     Returns:
         A 0-dim float32 tensor (float64 for float64 logits), or the tuple for "none".
     """
+    _check_loss_dtypes(kind, (real_logits, "real_logits"), (fake_logits, "fake_logits"))
     _loss.check_gan(real_logits, fake_logits, kind, reduction, real_label)
     return _loss.discriminator_loss(real_logits, fake_logits, kind, reduction, real_label)
 
@@ -74,6 +132,7 @@ def generator_loss(fake_logits: Tensor, kind: str = "bce", reduction: str = "mea
     "hinge" and "wasserstein": -x; "lsgan": (x - 1)^2. reduction: "mean" (default), "sum" or
     "none" (per-element terms in fake_logits' shape). Returns float32 (float64 for float64).
     """
+    _check_loss_dtypes(kind, (fake_logits, "fake_logits"))
     _loss.check_gan(None, fake_logits, kind, reduction, 1.0)
     return _loss.generator_loss(fake_logits, kind, reduction)
 
@@ -96,6 +155,12 @@ def vae_loss(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, *, recon
         Gradients flow to recon, mu and logvar; when target requires grad the reference
         formulas run instead of the fused kernel.
     """
+    _check_loss_dtypes(recon_loss, (recon, "recon"))
+    if (recon_loss == "mse" and isinstance(recon, Tensor) and isinstance(target, Tensor)
+            and recon.shape != target.shape):
+        # torch's mse_loss raises RuntimeError here (BCE raises ValueError, as check_vae does)
+        raise RuntimeError(f"vae_loss: target {tuple(target.shape)} and recon {tuple(recon.shape)} must "
+                           "have the same shape")
     _loss.check_vae(recon, target, mu, logvar, recon_loss, reduction)
     loss, parts = _loss.vae_loss(recon, target, mu, logvar, recon_loss, beta, reduction)
     if return_parts:
@@ -112,13 +177,27 @@ def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
             raise TypeError(f"{name} must be a Tensor, not {type(t).__name__}")
     if mu.shape != logvar.shape:
         raise RuntimeError(f"mu {tuple(mu.shape)} and logvar {tuple(logvar.shape)} must have the same shape")
-    if mu.dtype != logvar.dtype or not mu.is_floating_point():
+    for t, name in ((mu, "mu"), (logvar, "logvar")):
+        if not t.is_floating_point():  # torch's randn_like / exp raise NotImplementedError
+            raise NotImplementedError(f"reparameterize: {name} must be a floating-point tensor, got {t.dtype}")
+    if mu.dtype != logvar.dtype:
         raise RuntimeError(f"mu and logvar must have the same floating-point dtype, got {mu.dtype} and {logvar.dtype}")
     if mu.device != logvar.device:
         raise RuntimeError(f"Expected all tensors to be on the same device, but found mu on {mu.device} and "
                            f"logvar on {logvar.device}")
     eps = torch.randn_like(mu)
     return _loss.reparameterize(mu, logvar, eps)
+
+
+def _check_loss_dtypes(kind: str, *named: tuple) -> None:
+    """Non-floating logits / reconstructions: NotImplementedError, as torch's BCE and MSE losses raise (the
+    hinge and wasserstein kinds are means, which raise RuntimeError in the op's own check)."""
+    if kind not in ("bce", "minimax", "lsgan", "mse", "bce_logits"):
+        return
+    for t, name in named:
+        if isinstance(t, Tensor) and not t.is_floating_point():
+            raise NotImplementedError(f"{name} must be a floating-point tensor for the {kind!r} loss, "
+                                      f"got {t.dtype}")
 
 
 def r1_penalty(real_logits: Tensor, real_inputs: Tensor) -> Tensor:
@@ -175,5 +254,11 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
         (N, C_out, H_out, W_out) (unbatched: without N), H_out = (H_in - 1) * stride - 2 *
         padding + dilation * (kH - 1) + output_padding + 1; channels_last when input is.
     """
+    if (isinstance(input, Tensor) and isinstance(weight, Tensor) and input.dtype == weight.dtype
+            and not input.is_floating_point()):
+        # torch raises NotImplementedError for the integer types it has no kernel for (and
+        # RuntimeError, as the op's check does, when input and weight dtypes differ)
+        raise NotImplementedError(f"conv_transpose2d: genfast supports floating-point input only, got "
+                                  f"input of dtype {input.dtype}")
     return _ct.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups,
                                 dilation, activation, negative_slope)

@@ -12,6 +12,14 @@ from genfast import models
 from tests.utils import assert_close
 
 
+def _fused(seq):
+    """(kind, first index, last index) of the fusions that run now in a FusedSequential."""
+    if not isinstance(seq, gnn.FusedSequential):
+        return []
+    index = {id(m): i for i, m in enumerate(seq)}
+    return [(st.kind, index[id(st.modules[0])], index[id(st.modules[-1])]) for st in seq.active_fusions()]
+
+
 def _randomise_bn(model):
     with torch.no_grad():
         for m in model.modules():
@@ -68,11 +76,10 @@ def test_bn_act_in_sequential_is_fused():
                         nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(),
                         nn.Linear(8, 4), nn.BatchNorm1d(4), nn.Tanh())
     orig, conv = _pair(seq)
-    assert isinstance(conv[1], gnn.BatchNormAct1d) and conv[1].activation == "leaky_relu"
-    assert conv[1].negative_slope == 0.2 and isinstance(conv[2], nn.Identity)
-    assert isinstance(conv[4], gnn.BatchNormAct1d) and conv[4].activation == "relu"
-    # BN followed by something else stays a plain BN, and Tanh after it stays
-    assert type(conv[7]) is nn.BatchNorm1d and isinstance(conv[8], nn.Tanh)
+    assert isinstance(conv, gnn.FusedSequential)
+    assert _fused(conv) == [("bn_act", 1, 2), ("bn_act", 4, 5)]
+    # BN followed by something else is not fused; every child stays the torch module it was
+    assert [type(m) for m in conv] == [type(m) for m in orig]
     _assert_same_training(orig, conv, (torch.randn(5, 6, dtype=torch.float64),))
 
 
@@ -103,10 +110,12 @@ def test_convert_twice_is_harmless_and_skip_and_report():
     seq = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), nn.BatchNorm2d(3), nn.LeakyReLU())
     model, report = genfast.convert(seq, skip={"2"}, return_report=True)
     assert len(report) == 1 and "BatchNormAct2d" in str(report) and "skipped 2" in str(report)
-    assert isinstance(model[0], gnn.BatchNormAct2d) and type(model[2]) is nn.BatchNorm2d
+    assert _fused(model) == [("bn_act", 0, 1)]
     before = [type(m) for m in model.modules()]
+    plan = model.fusion_plan()
     _, report2 = genfast.convert(model, skip={"2"}, return_report=True)
     assert len(report2) == 0 and [type(m) for m in model.modules()] == before
+    assert [s.modules for _, s in model.fusion_plan()] == [s.modules for _, s in plan]
 
 
 def test_nothing_outside_the_patterns_is_touched():
@@ -137,7 +146,7 @@ def test_seed_models_train_identically(name, inputs):
     else:
         model = models.MODELS[name]()
     orig, conv = _pair(model)
-    assert any(isinstance(m, (gnn.BatchNormAct1d, gnn.BatchNormAct2d)) for m in conv.modules())
+    assert any(isinstance(m, gnn.FusedSequential) and m.active_fusions() for m in conv.modules())
     _assert_same_training(orig, conv, inputs())
 
 
@@ -149,12 +158,10 @@ def test_conv_transpose_swaps_and_epilogues():
                         nn.ConvTranspose2d(2, 2, 3, 1, 1), nn.Sigmoid(),
                         nn.ConvTranspose2d(2, 2, 1), nn.ReLU())
     orig, conv = _pair(seq)
-    assert isinstance(conv[0], gnn.ConvTranspose2d) and isinstance(conv[1], gnn.BatchNormAct2d)
-    assert type(conv[1]).__name__ == "FoldedBatchNormAct2d" and isinstance(conv[2], nn.Identity)
-    assert conv[3].activation == "tanh" and isinstance(conv[4], nn.Identity)
-    assert conv[5].activation == "sigmoid" and isinstance(conv[6], nn.Identity)
+    assert all(type(conv[i]) is gnn.ConvTranspose2d and conv[i].activation is None for i in (0, 3, 5, 7))
+    assert _fused(conv) == [("conv_bn_act", 0, 2), ("conv_act", 3, 4), ("conv_act", 5, 6)]
     # a ReLU right after a transposed convolution (no BatchNorm) is not in the list: it stays
-    assert conv[7].activation is None and isinstance(conv[8], nn.ReLU)
+    assert isinstance(conv[8], nn.ReLU)
     _assert_same_training(orig, conv, (torch.randn(2, 4, 5, 3, dtype=torch.float64),))
 
 
@@ -177,10 +184,7 @@ def test_conv_transpose_outside_sequential_is_swapped():
 def test_fuse_conv_bn_false_keeps_the_batchnorm_separate():
     seq = nn.Sequential(nn.ConvTranspose2d(4, 3, 4, 2, 1), nn.BatchNorm2d(3), nn.ReLU())
     conv = genfast.convert(seq, fuse_conv_bn=False)
-    assert type(conv[1]) is gnn.BatchNormAct2d and conv[0].__dict__.get("_folded_bn") is None
-    folded = genfast.convert(nn.Sequential(nn.ConvTranspose2d(4, 3, 4, 2, 1), nn.BatchNorm2d(3), nn.ReLU()))
-    with pytest.raises(ValueError, match="fuse_conv_bn=False"):
-        gnn.SyncBatchNormAct2d.convert_sync_batchnorm(folded)
+    assert _fused(conv) == [("bn_act", 1, 2)]
 
 
 @pytest.mark.parametrize("name,make_inputs", [
@@ -193,7 +197,7 @@ def test_conv_seed_models_train_identically(name, make_inputs):
     kwargs = {"dcgan_generator": dict(nz=8, ngf=4), "dcgan_discriminator": dict(ndf=4),
               "keras_dcgan_generator": dict(nz=8, width=16), "conv_vae": dict(width=8)}[name]
     orig, conv = _pair(models.MODELS[name](**kwargs))
-    assert any(isinstance(m, (gnn.BatchNormAct2d, gnn.ConvTranspose2d)) for m in conv.modules())
+    assert any(isinstance(m, gnn.FusedSequential) and m.active_fusions() for m in conv.modules())
     if name == "conv_vae":
         # the VAE draws eps: compare encoder + decoder paths with the same seed
         x = torch.rand(3, 1, 28, 28, dtype=torch.float64)
@@ -208,3 +212,352 @@ def test_conv_seed_models_train_identically(name, make_inputs):
             assert_close(mc, mo, torch.float64, "mu")
         return
     _assert_same_training(orig, conv, make_inputs())
+
+
+# --- hooks, spectral / weight norm, parametrizations (issue 11, item 10) -------------------------
+
+def _hook_log(model, names, log, pre=False):
+    """Register on the named submodules a hook that records the tensor it sees."""
+    mods = dict(model.named_modules())
+    for n in names:
+        if pre:
+            mods[n].register_forward_pre_hook(lambda m, args, n=n: log.append((n, args[0].detach().clone())))
+        else:
+            mods[n].register_forward_hook(lambda m, args, out, n=n: log.append((n, out.detach().clone())))
+
+
+def _assert_same_logs(log_c, log_o):
+    assert [n for n, _ in log_c] == [n for n, _ in log_o] and log_o
+    for (n, a), (_, b) in zip(log_c, log_o):
+        assert_close(a, b, torch.float64, f"hook at {n}")
+
+
+def _sn_convt(*args, **kwargs):
+    return nn.utils.spectral_norm(nn.ConvTranspose2d(*args, **kwargs))
+
+
+def _p_sn_convt(*args, **kwargs):
+    return nn.utils.parametrizations.spectral_norm(nn.ConvTranspose2d(*args, **kwargs))
+
+
+def _p_wn_convt(*args, **kwargs):
+    return nn.utils.parametrizations.weight_norm(nn.ConvTranspose2d(*args, **kwargs))
+
+
+def _wn_convt(*args, **kwargs):
+    with pytest.warns(FutureWarning):
+        return nn.utils.weight_norm(nn.ConvTranspose2d(*args, **kwargs))
+
+
+@pytest.mark.parametrize("wrap", [_sn_convt, _p_sn_convt, _wn_convt, _p_wn_convt],
+                         ids=["spectral_norm", "parametrizations.spectral_norm", "weight_norm",
+                              "parametrizations.weight_norm"])
+@pytest.mark.parametrize("with_bn", [False, True])
+def test_normalised_conv_transpose_converts_and_trains_identically(wrap, with_bn):
+    def build():  # twice from one seed: torch.nn.utils.weight_norm modules cannot be deep-copied
+        torch.manual_seed(0)
+        layers = [wrap(8, 4, 4, 2, 1)] + ([nn.BatchNorm2d(4), nn.ReLU()] if with_bn else [nn.Tanh()])
+        model = nn.Sequential(*layers).double()
+        _randomise_bn(model)
+        return model
+
+    orig = build()
+    conv, report = genfast.convert(build(), return_report=True)
+    x = torch.randn(3, 8, 5, 4, dtype=torch.float64)
+    # the normalised convolution is never fused with what follows; the report says why
+    assert all(first != 0 for _, first, _ in _fused(conv))
+    if wrap in (_p_sn_convt, _p_wn_convt):
+        assert "parametrized ConvTranspose2d" in str(report)
+    else:
+        assert type(conv[0]) is gnn.ConvTranspose2d and conv[0]._forward_pre_hooks
+        assert "forward pre-hook" in str(report)
+    if with_bn:  # the BatchNorm -> ReLU pair behind it is still fused
+        assert _fused(conv) == [("bn_act", 1, 2)]
+    assert list(conv.state_dict()) == list(orig.state_dict())
+    _assert_same_training(orig, conv, (x,))
+
+
+class _SNGANGenerator(nn.Module):
+    """An SNGAN-style generator: spectral norm on every layer, BatchNorm + ReLU blocks."""
+
+    def __init__(self, nz=8, ngf=4):
+        super().__init__()
+        self.ngf = ngf
+        self.fc = nn.utils.spectral_norm(nn.Linear(nz, 4 * 4 * ngf * 4))
+        self.main = nn.Sequential(
+            nn.BatchNorm2d(ngf * 4), nn.ReLU(),
+            _sn_convt(ngf * 4, ngf * 2, 4, 2, 1), nn.BatchNorm2d(ngf * 2), nn.ReLU(),
+            _sn_convt(ngf * 2, ngf, 4, 2, 1), nn.BatchNorm2d(ngf), nn.ReLU(),
+            nn.utils.spectral_norm(nn.Conv2d(ngf, 3, 3, 1, 1)), nn.Tanh())
+
+    def forward(self, z):
+        return self.main(self.fc(z).view(z.shape[0], self.ngf * 4, 4, 4))
+
+
+def test_sngan_generator_trains_identically():
+    torch.manual_seed(1)
+    orig, conv = _pair(_SNGANGenerator())
+    assert _fused(conv.main) == [("bn_act", 0, 1), ("bn_act", 3, 4), ("bn_act", 6, 7)]
+    assert sum(type(m) is gnn.ConvTranspose2d for m in conv.modules()) == 2
+    _assert_same_training(orig, conv, (torch.randn(4, 8, dtype=torch.float64),))
+    # the converted checkpoint loads into the original and back
+    fresh = _SNGANGenerator().double()
+    fresh.load_state_dict(conv.state_dict(), strict=True)
+    genfast.convert(fresh).load_state_dict(orig.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("where", ["conv", "bn", "act"])
+@pytest.mark.parametrize("pre", [False, True])
+def test_hooks_registered_before_convert_keep_firing(where, pre):
+    orig = nn.Sequential(nn.ConvTranspose2d(4, 3, 4, 2, 1), nn.BatchNorm2d(3), nn.LeakyReLU(0.2),
+                         nn.ConvTranspose2d(3, 2, 3, 1, 1), nn.Tanh()).double()
+    _randomise_bn(orig)
+    conv = copy.deepcopy(orig)
+    name = {"conv": "0", "bn": "1", "act": "2"}[where]
+    log_o, log_c = [], []
+    _hook_log(orig, [name, "4"], log_o, pre)
+    _hook_log(conv, [name, "4"], log_c, pre)
+    conv, report = genfast.convert(conv, return_report=True)
+    # the hooked triple is not fused (the report says why); the hooked Tanh is not either
+    assert f"{name} has forward {'pre-' if pre else ''}hook" in str(report)
+    hooked_kinds = {k for k, _, _ in _fused(conv)}
+    assert "conv_bn_act" not in hooked_kinds and "conv_act" not in hooked_kinds
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    for train in (True, False):
+        orig.train(train), conv.train(train)
+        log_o.clear(), log_c.clear()
+        assert_close(conv(x), orig(x), torch.float64, "output")
+        _assert_same_logs(log_c, log_o)
+
+
+# --- a fusion stands down when a child is replaced, hooked or retyped after convert (item 11) -----
+
+def _triple():
+    torch.manual_seed(2)
+    orig = nn.Sequential(nn.ConvTranspose2d(4, 3, 4, 2, 1), nn.BatchNorm2d(3), nn.ReLU(),
+                         nn.ConvTranspose2d(3, 2, 3, 1, 1), nn.Sigmoid()).double()
+    _randomise_bn(orig)
+    conv = genfast.convert(copy.deepcopy(orig))
+    assert _fused(conv) == [("conv_bn_act", 0, 2), ("conv_act", 3, 4)]
+    return orig, conv
+
+
+def _check_same(orig, conv, x):
+    for train in (True, False):
+        orig.train(train), conv.train(train)
+        assert_close(conv(x), orig(x), torch.float64, f"output (train={train})")
+    assert list(conv.state_dict()) == list(orig.state_dict())
+    for (k, a), (_, b) in zip(conv.state_dict().items(), orig.state_dict().items()):
+        assert_close(a.double(), b.double(), torch.float64, f"state {k}")
+
+
+@pytest.mark.parametrize("change", ["replace_bn", "replace_act", "replace_conv", "retype_act",
+                                    "parametrize_conv", "spectral_norm_conv", "delete_act"])
+def test_fusion_stands_down_when_a_child_is_replaced(change):
+    orig, conv = _triple()
+    x = torch.randn(3, 4, 3, 2, dtype=torch.float64)
+    if change == "replace_bn":
+        for m in (orig, conv):
+            m[1] = nn.GroupNorm(1, 3).double()
+        conv[1].load_state_dict(orig[1].state_dict())
+    elif change == "replace_act":
+        orig[2], conv[2] = nn.ELU(), nn.ELU()
+    elif change == "replace_conv":
+        for m in (orig, conv):
+            new = nn.ConvTranspose2d(4, 3, 4, 2, 1).double()
+            new.load_state_dict(orig[0].state_dict())
+            m[0] = new
+    elif change == "retype_act":  # same object, new class
+        orig[2].__class__ = nn.SiLU
+        conv[2].__class__ = nn.SiLU
+    elif change == "parametrize_conv":
+        for m in (orig, conv):
+            nn.utils.parametrize.register_parametrization(m[0], "weight", _Double())
+    elif change == "spectral_norm_conv":
+        for m in (orig, conv):
+            torch.manual_seed(6)  # the same initial power-iteration vectors
+            nn.utils.spectral_norm(m[0])
+    elif change == "delete_act":
+        del orig[2]
+        del conv[2]
+    assert ("conv_bn_act", 0, 2) not in _fused(conv)
+    torch.manual_seed(0)
+    _check_same(orig, conv, x)
+
+
+class _Double(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+@pytest.mark.parametrize("where", ["0", "1", "2", "global"])
+@pytest.mark.parametrize("kind", ["forward", "pre", "backward"])
+def test_hook_added_after_convert_sees_the_unfused_tensors(where, kind):
+    orig, conv = _triple()
+    x = torch.randn(3, 4, 3, 2, dtype=torch.float64, requires_grad=True)
+    logs = {"orig": [], "conv": []}
+    handles = []
+
+    def hook_for(log):
+        if kind == "forward":
+            return lambda m, args, out: log.append(out.detach().clone())
+        if kind == "pre":
+            return lambda m, args: log.append(args[0].detach().clone())
+        return lambda m, gin, gout: log.append(gout[0].detach().clone())
+
+    for label, model in (("orig", orig), ("conv", conv)):
+        if where == "global":
+            reg = {"forward": nn.modules.module.register_module_forward_hook,
+                   "pre": nn.modules.module.register_module_forward_pre_hook,
+                   "backward": nn.modules.module.register_module_full_backward_hook}[kind]
+            continue_ = label == "conv"  # one global hook serves both models
+            if not continue_:
+                continue
+            handles.append(reg(hook_for(logs["conv"])))
+            break
+        m = model[int(where)]
+        reg = {"forward": m.register_forward_hook, "pre": m.register_forward_pre_hook,
+               "backward": m.register_full_backward_hook}[kind]
+        handles.append(reg(hook_for(logs[label])))
+    try:
+        assert ("conv_bn_act", 0, 2) not in _fused(conv)
+        if where == "global":
+            for model, label in ((orig, "orig"), (conv, "conv")):
+                logs["conv"].clear()
+                model(x).square().sum().backward()
+                logs[label] = list(logs["conv"])
+        else:
+            orig(x).square().sum().backward()
+            conv(x).square().sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(logs["conv"]) == len(logs["orig"]) > 0
+    for a, b in zip(logs["conv"], logs["orig"]):
+        assert_close(a, b, torch.float64, f"{kind} hook tensor")
+    # removing the hooks brings the fusion back
+    assert ("conv_bn_act", 0, 2) in _fused(conv)
+
+
+def _dcgan(seed, nz, ngf):
+    """The DCGAN generator of genfast.models in float64, BatchNorm state randomised."""
+    torch.manual_seed(seed)
+    model = models.DCGANGenerator(nz=nz, ngf=ngf)
+    _randomise_bn(model)
+    return model.double()
+
+
+def test_sync_batchnorm_convert_after_genfast_convert_computes_the_unfused_model():
+    # nn.SyncBatchNorm.convert_sync_batchnorm replaces the BatchNorms genfast fused: the
+    # converted model must compute exactly what the unconverted one does (it was 0.338 off).
+    orig = _dcgan(3, 8, 4)
+    conv = nn.SyncBatchNorm.convert_sync_batchnorm(genfast.convert(copy.deepcopy(orig)))
+    assert sum(type(m) is nn.SyncBatchNorm for m in conv.modules()) == 4
+    assert _fused(conv.main) == [("conv_act", 12, 13)]
+    _assert_same_training(orig, conv, (torch.randn(3, 8, dtype=torch.float64),))
+
+
+def test_readme_ddp_recipe_without_fuse_conv_bn_false():
+    orig = _dcgan(4, 8, 4)
+    conv = gnn.SyncBatchNormAct2d.convert_sync_batchnorm(genfast.convert(copy.deepcopy(orig)))
+    syncs = [m for m in conv.modules() if type(m) is gnn.SyncBatchNormAct2d]
+    assert len(syncs) == 4 and all(m.activation == "relu" for m in syncs)
+    assert not any(type(m) is nn.SyncBatchNorm for m in conv.modules())
+    # no process group: local statistics, exactly the unconverted model
+    _assert_same_training(orig, conv, (torch.randn(3, 8, dtype=torch.float64),))
+
+
+def test_conv_transpose_bn_act_block_stands_down():
+    torch.manual_seed(5)
+    block = gnn.ConvTransposeBNAct2d(4, 3, 4, 2, 1, activation="leaky_relu", negative_slope=0.2).double()
+    _randomise_bn(block)
+    plain = nn.Sequential(nn.ConvTranspose2d(4, 3, 4, 2, 1), nn.BatchNorm2d(3), nn.LeakyReLU(0.2)).double()
+    plain.load_state_dict(block.state_dict(), strict=False)
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    for train in (True, False):
+        block.train(train), plain.train(train)
+        assert_close(block(x), plain(x), torch.float64, "fused block")
+    # replace the BatchNorm by a SyncBatchNorm, hook the conv: the block runs its children
+    block = nn.SyncBatchNorm.convert_sync_batchnorm(block)
+    assert type(block[1]) is nn.SyncBatchNorm
+    seen, seen_plain = [], []
+    block[0].register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    plain[0].register_forward_hook(lambda m, a, out: seen_plain.append(out.detach().clone()))
+    for train in (True, False):
+        block.train(train), plain.train(train)
+        assert_close(block(x), plain(x), torch.float64, "unfused block")
+    for a, b in zip(seen, seen_plain):
+        assert_close(a, b, torch.float64, "conv hook")
+    assert len(seen) == 2
+    assert_close(block[1].running_mean, plain[1].running_mean, torch.float64, "running_mean")
+
+
+def _ddp_recipe_worker(rank, port, out_dir, world, per_rank):
+    import os
+
+    import torch.distributed as dist
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = _dcgan(7, 6, 2)
+        # the README's recipe, as written (on CPU: no .cuda(rank), no device_ids)
+        model = genfast.convert(model)
+        model = gnn.SyncBatchNormAct2d.convert_sync_batchnorm(model)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        z = torch.randn(world * per_rank, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        out = ddp(z[rank * per_rank:(rank + 1) * per_rank])
+        # DDP averages the ranks' gradients: with equal batches, the mean of the local means'
+        # gradients is the gradient of the global mean
+        out.square().mean().backward()
+        opt.step()
+        torch.save({"out": out.detach(), "types": [type(m).__name__ for m in model.modules()],
+                    "state": {k: v.clone() for k, v in model.state_dict().items()}},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_readme_ddp_recipe_synchronises_over_ranks(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    world, per_rank = 2, 3
+    mp.spawn(_ddp_recipe_worker, args=(port, str(tmp_path), world, per_rank), nprocs=world, join=True)
+    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    # one process, the unconverted model, the whole batch: what the synchronised ranks compute
+    ref = _dcgan(7, 6, 2)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    z = torch.randn(world * per_rank, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    out = ref(z)
+    out.square().mean().backward()
+    opt.step()
+    for r, res_r in enumerate(res):
+        assert res_r["types"].count("SyncBatchNormAct2d") == 4
+        assert_close(res_r["out"], out[r * per_rank:(r + 1) * per_rank].detach(), torch.float64, "DDP output")
+        assert list(res_r["state"]) == list(ref.state_dict())
+        for k, v in ref.state_dict().items():
+            assert_close(res_r["state"][k].double(), v.double(), torch.float64, f"DDP state {k}")
+
+
+def test_planned_fusions_really_run_fused(monkeypatch):
+    import genfast.nn.fused_sequential as fs
+    calls = []
+    for name in ("conv_bn_act_forward", "batch_norm_act_forward", "conv_transpose_act_forward"):
+        real = getattr(fs, name)
+        monkeypatch.setattr(fs, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    G = genfast.convert(_dcgan(8, 6, 2))
+    G(torch.randn(2, 6, dtype=torch.float64))
+    assert calls == ["conv_bn_act_forward"] * 4 + ["conv_transpose_act_forward"]
+    calls.clear()
+    h = G.main[4].register_forward_pre_hook(lambda m, args: None)
+    G(torch.randn(2, 6, dtype=torch.float64))
+    assert calls == ["conv_bn_act_forward"] * 3 + ["conv_transpose_act_forward"]
+    h.remove()
+    calls.clear()
+    G(torch.randn(2, 6, dtype=torch.float64))
+    assert calls == ["conv_bn_act_forward"] * 4 + ["conv_transpose_act_forward"]

@@ -41,29 +41,38 @@ class _BatchNormActMixin:
         return s
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        # Buffers are passed only when they are to be used or updated, as in nn.BatchNorm.
-        use_buffers = not self.training or self.track_running_stats
-        rm = self.running_mean if use_buffers else None
-        rv = self.running_var if use_buffers else None
-        # Every check runs before num_batches_tracked or the running statistics change: the
-        # inputs, the activation attributes (which may have been reassigned) and the backend.
-        _bn.check_inputs(input, rm, rv, self.weight, self.bias, bn_training)
-        _bn.resolve_backend(input, self.activation, self.negative_slope, self.memory_efficient)
-        momentum = 0.0 if self.momentum is None else self.momentum
-        count = self.training and self.track_running_stats and self.num_batches_tracked is not None
-        if count and self.momentum is None:
-            momentum = 1.0 / (float(self.num_batches_tracked) + 1.0)
-        y = GF.batch_norm_act(input, rm, rv, self.weight, self.bias, bn_training, momentum,
-                              self.eps, activation=self.activation,
-                              negative_slope=self.negative_slope,
-                              memory_efficient=self.memory_efficient)
-        # Counted once the fused call has succeeded (nn.BatchNorm counts before F.batch_norm,
-        # which has nothing left to fail by then).
-        if count:
-            self.num_batches_tracked.add_(1)
-        return y
+        return batch_norm_act_forward(self, input, self.activation, self.negative_slope,
+                                      self.memory_efficient)
+
+
+def batch_norm_act_forward(bn: nn.modules.batchnorm._BatchNorm, input: torch.Tensor,
+                           activation: str, negative_slope: float,
+                           memory_efficient: bool = False) -> torch.Tensor:
+    """activation(bn(input)) in one fused op, with ``bn``'s parameters, buffers and mode (any
+    nn.BatchNorm1d/2d or BatchNormAct module): what nn.BatchNorm's forward does, checks first."""
+    bn._check_input_dim(input)
+    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    # Buffers are passed only when they are to be used or updated, as in nn.BatchNorm.
+    use_buffers = not bn.training or bn.track_running_stats
+    rm = bn.running_mean if use_buffers else None
+    rv = bn.running_var if use_buffers else None
+    # Every check runs before num_batches_tracked or the running statistics change: the
+    # inputs, the activation attributes (which may have been reassigned) and the backend.
+    GF.check_batch_norm_args(input, rm, rv, bn.weight, bn.bias, bn_training, bn.eps)
+    _bn.check_inputs(input, rm, rv, bn.weight, bn.bias, bn_training)
+    _bn.resolve_backend(input, activation, negative_slope, memory_efficient)
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    count = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
+    if count and bn.momentum is None:
+        momentum = 1.0 / (float(bn.num_batches_tracked) + 1.0)
+    y = GF.batch_norm_act(input, rm, rv, bn.weight, bn.bias, bn_training, momentum, bn.eps,
+                          activation=activation, negative_slope=negative_slope,
+                          memory_efficient=memory_efficient)
+    # Counted once the fused call has succeeded (nn.BatchNorm counts before F.batch_norm,
+    # which has nothing left to fail by then).
+    if count:
+        bn.num_batches_tracked.add_(1)
+    return y
 
 
 class BatchNormAct2d(_BatchNormActMixin, nn.BatchNorm2d):

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from genfast import functional as GF
-from genfast.nn.batchnorm_act import BatchNormAct2d
 from genfast.ops import conv_transpose as _ct
 
 
@@ -42,16 +41,47 @@ class ConvTranspose2d(nn.ConvTranspose2d):
         return s
 
     def forward(self, input: torch.Tensor, output_size: Optional[list[int]] = None) -> torch.Tensor:
-        bn = self.__dict__.get("_folded_bn")
-        if bn is not None:  # set by genfast.convert: this conv also runs the next BatchNorm + act
-            return conv_bn_act_forward(self, bn, bn.activation, bn.negative_slope, input, output_size)
-        if self.padding_mode != "zeros":
-            raise ValueError("Only `zeros` padding mode is supported for ConvTranspose2d")
-        output_padding = self._output_padding(input, output_size, self.stride, self.padding,
-                                              self.kernel_size, 2, self.dilation)
-        return GF.conv_transpose2d(input, self.weight, self.bias, self.stride, self.padding,
-                                   output_padding, self.groups, self.dilation,
-                                   activation=self.activation, negative_slope=self.negative_slope)
+        return conv_transpose_act_forward(self, input, self.activation, self.negative_slope,
+                                          output_size)
+
+
+def conv_transpose_act_forward(conv: nn.ConvTranspose2d, input: torch.Tensor,
+                               activation: Optional[str], negative_slope: float = 0.01,
+                               output_size: Optional[list[int]] = None) -> torch.Tensor:
+    """activation(conv(input)) with ``conv``'s weight, bias and geometry, the activation in the
+    convolution's epilogue (``conv`` is any nn.ConvTranspose2d; its own activation is ignored)."""
+    if conv.padding_mode != "zeros":
+        raise ValueError("Only `zeros` padding mode is supported for ConvTranspose2d")
+    output_padding = conv._output_padding(input, output_size, conv.stride, conv.padding,
+                                          conv.kernel_size, 2, conv.dilation)
+    return GF.conv_transpose2d(input, conv.weight, conv.bias, conv.stride, conv.padding,
+                               output_padding, conv.groups, conv.dilation,
+                               activation=activation, negative_slope=negative_slope)
+
+
+def apply_activation(x: torch.Tensor, activation: Optional[str], negative_slope: float) -> torch.Tensor:
+    """torch's own activation function named by ``activation`` (the unfused path)."""
+    if activation is None or activation == "identity":
+        return x
+    if activation == "relu":
+        return torch.relu(x)
+    if activation == "leaky_relu":
+        return nn.functional.leaky_relu(x, negative_slope)
+    if activation == "tanh":
+        return torch.tanh(x)
+    if activation == "sigmoid":
+        return torch.sigmoid(x)
+    raise ValueError(f"activation must be None or one of {_ct.ACTIVATIONS}, got {activation!r}")
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether a hook would see (or change) ``module``'s own input or output when it runs:
+    its forward/backward hooks and pre-hooks, and the global module hooks."""
+    from torch.nn.modules import module as _m
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or _m._global_forward_hooks
+                or _m._global_forward_pre_hooks or _m._global_backward_hooks
+                or _m._global_backward_pre_hooks)
 
 
 class ConvTransposeBNAct2d(nn.Sequential):
@@ -92,8 +122,43 @@ class ConvTransposeBNAct2d(nn.Sequential):
         return s
 
     def forward(self, input: torch.Tensor, output_size: Optional[list[int]] = None) -> torch.Tensor:
-        return conv_bn_act_forward(self[0], self[1], self.activation, self.negative_slope, input,
-                                   output_size)
+        _ct.check_activation(self.activation, self.negative_slope)
+        children = list(self._modules.values())
+        if len(children) == 2 and can_fuse_conv_bn(*children):
+            check_conv_bn_input(children[1], input)
+            return conv_bn_act_forward(children[0], children[1], self.activation,
+                                       self.negative_slope, input, output_size)
+        # A child was replaced, changed or hooked: run each child on its own, then the activation.
+        x = children[0](input, output_size) if isinstance(children[0], nn.ConvTranspose2d) else children[0](input)
+        for child in children[1:]:
+            x = child(x)
+        return apply_activation(x, self.activation, self.negative_slope)
+
+
+def check_conv_bn_input(bn: nn.modules.batchnorm._BatchNorm, input: torch.Tensor) -> None:
+    """The checks that nn.ConvTranspose2d -> nn.BatchNorm2d make on the input's rank and on the
+    BatchNorm's eps (torch's exception types and messages), made before the fused op writes
+    anything (num_batches_tracked, running statistics)."""
+    if isinstance(input, torch.Tensor):
+        if input.dim() not in (3, 4):
+            raise RuntimeError("Expected 3D (unbatched) or 4D (batched) input to conv_transpose2d, "
+                               f"but got input of size: {list(input.shape)}")
+        if input.dim() == 3:  # the convolution takes it, the BatchNorm2d does not
+            raise ValueError("expected 4D input (got 3D input)")
+    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    if bn_training and bn.eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {bn.eps}")
+    if not bn_training and bn.eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {bn.eps}")
+
+
+def can_fuse_conv_bn(conv: nn.Module, bn: nn.Module) -> bool:
+    """Whether conv -> bn may run as one fused conv_bn_act_forward: a genfast ConvTranspose2d
+    without activation and a plain nn.BatchNorm2d, neither hooked (nor parametrized: that
+    changes the type)."""
+    return (type(conv) is ConvTranspose2d and conv.activation is None
+            and conv.padding_mode == "zeros" and type(bn) is nn.BatchNorm2d
+            and not has_hooks(conv) and not has_hooks(bn))
 
 
 def conv_bn_act_forward(conv: nn.ConvTranspose2d, bn: nn.BatchNorm2d, activation: str,
@@ -125,7 +190,6 @@ def conv_bn_act_forward(conv: nn.ConvTranspose2d, bn: nn.BatchNorm2d, activation
         bn.weight, bn.bias, bn.running_mean if track else None, bn.running_var if track else None,
         bn.num_batches_tracked if track else None, bn.momentum, bn.eps, activation, negative_slope)
 
-
 def _conv_bn_act_eval(conv, bn, activation, negative_slope, input, output_size):
     # Eval: BatchNorm with running statistics is a per-channel affine map, folded into the
     # transposed convolution's weight and bias (computed in float32, or float64), so the
@@ -149,21 +213,3 @@ def _conv_bn_act_eval(conv, bn, activation, negative_slope, input, output_size):
     return GF.conv_transpose2d(input, wf, bf.to(w.dtype), conv.stride, conv.padding,
                                output_padding, conv.groups, conv.dilation,
                                activation=activation, negative_slope=negative_slope)
-
-
-class FoldedBatchNormAct2d(BatchNormAct2d):
-    """A BatchNormAct2d whose normalisation and activation run inside the preceding
-    gnn.ConvTranspose2d (``genfast.convert`` builds the pair from ConvTranspose2d -> BatchNorm2d
-    -> ReLU/LeakyReLU in an nn.Sequential). It keeps the parameters, buffers and state_dict keys
-    of the BatchNorm it replaces and passes its input through unchanged."""
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return input
-
-
-def fold_bn_into_conv(conv: ConvTranspose2d, bn: FoldedBatchNormAct2d) -> None:
-    """Make ``conv`` compute ``bn``'s normalisation and activation in its epilogue (the
-    reference is kept outside the module tree, so state_dict keys do not change)."""
-    if conv.activation is not None:
-        raise ValueError("fold_bn_into_conv: the transposed convolution already has an activation")
-    conv.__dict__["_folded_bn"] = bn

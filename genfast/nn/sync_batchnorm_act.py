@@ -67,36 +67,55 @@ class SyncBatchNormAct2d(_BatchNormActMixin, nn.modules.batchnorm._BatchNorm):
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
         """Like ``nn.SyncBatchNorm.convert_sync_batchnorm``: ``BatchNormAct1d/2d`` become
-        ``SyncBatchNormAct2d`` (keeping their activation), plain ``nn.BatchNorm*`` become
-        ``nn.SyncBatchNorm``; parameters and buffers are the same tensors. Returns the module
-        (a new one when ``module`` itself is converted)."""
-        from genfast.nn.conv_transpose import FoldedBatchNormAct2d
+        ``SyncBatchNormAct2d`` (keeping their activation), a BatchNorm that a
+        ``genfast.convert``-ed container fuses with the next ReLU/LeakyReLU becomes a
+        ``SyncBatchNormAct2d`` with that activation (the activation's slot an ``nn.Identity``),
+        other plain ``nn.BatchNorm*`` become ``nn.SyncBatchNorm``; parameters and buffers are
+        the same tensors, state_dict keys unchanged. Returns the module (a new one when
+        ``module`` itself is converted)."""
+        from genfast.nn.fused_sequential import FusedSequential, activation_of
 
+        if isinstance(module, FusedSequential):
+            names = {id(m): n for n, m in module.named_children()}
+            for step in module.active_fusions():
+                if step.kind not in ("bn_act", "conv_bn_act"):
+                    continue
+                bn, act = step.modules[-2:]
+                activation, slope = activation_of(act)
+                module.add_module(names[id(bn)], cls._from_batchnorm(bn, process_group, activation, slope))
+                module.add_module(names[id(act)], nn.Identity())
         out = module
-        if isinstance(module, FoldedBatchNormAct2d):
-            raise ValueError("convert_sync_batchnorm: this BatchNorm runs inside the preceding "
-                             "ConvTranspose2d; convert the model with genfast.convert(model, "
-                             "fuse_conv_bn=False) to synchronise its statistics")
         if isinstance(module, (BatchNormAct1d, BatchNormAct2d)):
             if module.memory_efficient:
                 raise ValueError("convert_sync_batchnorm: memory_efficient BatchNormAct has no synchronised "
                                  "variant; construct it with memory_efficient=False")
-            out = cls(module.num_features, module.eps, module.momentum, module.affine,
-                      module.track_running_stats, process_group, device="meta",
-                      activation=module.activation, negative_slope=module.negative_slope,
-                      **bias_kwargs(not module.affine or module.bias is not None))
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
-            out = nn.SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                   module.track_running_stats, process_group, device="meta",
-                                   **bias_kwargs(not module.affine or module.bias is not None))
-        if out is not module:
-            for name, p in module.named_parameters(recurse=False):
-                setattr(out, name, p)
-            for name, b in module.named_buffers(recurse=False):
-                setattr(out, name, b)
-            out.train(module.training)
-            if hasattr(module, "qconfig"):
-                out.qconfig = module.qconfig
+            out = cls._from_batchnorm(module, process_group, module.activation, module.negative_slope)
+        elif (isinstance(module, nn.modules.batchnorm._BatchNorm)
+              and not isinstance(module, (nn.SyncBatchNorm, SyncBatchNormAct2d))):
+            out = _move(module, nn.SyncBatchNorm(
+                module.num_features, module.eps, module.momentum, module.affine,
+                module.track_running_stats, process_group, device="meta",
+                **bias_kwargs(not module.affine or module.bias is not None)))
         for name, child in module.named_children():
             out.add_module(name, cls.convert_sync_batchnorm(child, process_group))
         return out
+
+    @classmethod
+    def _from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm, process_group, activation: str,
+                        negative_slope: float) -> "SyncBatchNormAct2d":
+        return _move(bn, cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                             process_group, device="meta", activation=activation,
+                             negative_slope=negative_slope,
+                             **bias_kwargs(not bn.affine or bn.bias is not None)))
+
+
+def _move(old: nn.Module, new: nn.Module) -> nn.Module:
+    """``new`` with the very parameters and buffers of ``old``, its mode and qconfig."""
+    for name, p in old.named_parameters(recurse=False):
+        setattr(new, name, p)
+    for name, b in old.named_buffers(recurse=False):
+        setattr(new, name, b)
+    new.train(old.training)
+    if hasattr(old, "qconfig"):
+        new.qconfig = old.qconfig
+    return new

@@ -1,0 +1,158 @@
+"""FusedSequential: an nn.Sequential that holds the fusion plan genfast.convert made for it, and
+runs a planned run of children fused only while those children are still the ones planned."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from genfast.nn.batchnorm_act import batch_norm_act_forward
+from genfast.nn.conv_transpose import (ConvTranspose2d, can_fuse_conv_bn, check_conv_bn_input,
+                                       conv_bn_act_forward, conv_transpose_act_forward, has_hooks)
+
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
+KINDS = {"conv_bn_act": 3, "bn_act": 2, "conv_act": 2}
+
+
+def _plain_conv(m: nn.Module) -> bool:
+    return type(m) is ConvTranspose2d and m.activation is None and m.padding_mode == "zeros"
+
+
+def activation_of(m: nn.Module) -> Optional[tuple[str, float]]:
+    """(activation, negative_slope) of an nn.ReLU / nn.LeakyReLU module (exact types), else
+    None. A LeakyReLU with a negative or NaN slope is not fused."""
+    if type(m) is nn.ReLU:
+        return "relu", 0.01
+    if type(m) is nn.LeakyReLU and m.negative_slope >= 0:
+        return "leaky_relu", float(m.negative_slope)
+    return None
+
+
+def epilogue_of(m: nn.Module) -> Optional[str]:
+    """The conv_transpose2d epilogue activation of an nn.Tanh / nn.Sigmoid module, else None."""
+    if type(m) is nn.Tanh:
+        return "tanh"
+    if type(m) is nn.Sigmoid:
+        return "sigmoid"
+    return None
+
+
+@dataclass(eq=False)
+class FusionStep:
+    """Children ``modules`` (the very objects, in order) that run as one fused op; ``kind`` is
+    "conv_bn_act" (ConvTranspose2d -> BatchNorm2d -> ReLU/LeakyReLU), "bn_act" (BatchNorm1d/2d
+    -> ReLU/LeakyReLU) or "conv_act" (ConvTranspose2d -> Tanh/Sigmoid)."""
+
+    kind: str
+    modules: tuple[nn.Module, ...]
+
+    def matches(self) -> bool:
+        """Whether the children have the types (and settings) this kind fuses."""
+        mods = self.modules
+        if self.kind == "conv_bn_act":
+            return (_plain_conv(mods[0]) and type(mods[1]) is nn.BatchNorm2d
+                    and activation_of(mods[2]) is not None)
+        if self.kind == "bn_act":
+            return type(mods[0]) in _BN_TYPES and activation_of(mods[1]) is not None
+        return _plain_conv(mods[0]) and epilogue_of(mods[1]) is not None
+
+    def still_valid(self) -> bool:
+        """Whether the planned children may run fused: :meth:`matches`, and no hook on any of
+        them (a hook must see each child's own input and output)."""
+        return self.matches() and not any(has_hooks(m) for m in self.modules)
+
+    def run(self, input: torch.Tensor) -> torch.Tensor:
+        mods = self.modules
+        if self.kind == "conv_bn_act":
+            act, slope = activation_of(mods[2])
+            check_conv_bn_input(mods[1], input)
+            return conv_bn_act_forward(mods[0], mods[1], act, slope, input, None)
+        if self.kind == "bn_act":
+            act, slope = activation_of(mods[1])
+            return batch_norm_act_forward(mods[0], input, act, slope)
+        return conv_transpose_act_forward(mods[0], input, epilogue_of(mods[1]))
+
+
+def plan_fusions(children: list[nn.Module], kinds=tuple(KINDS),
+                 blocked: frozenset = frozenset()) -> tuple[list[tuple[int, FusionStep]], list[tuple[int, FusionStep]]]:
+    """Plan the fusions of a run of children, greedy from the left (the ConvTranspose2d ->
+    BatchNorm2d -> activation triple first), never using an index in ``blocked``. Returns
+    (plan, hooked): the steps as (index of the first child, step), and the steps whose children
+    match a fused pattern but are not planned because one of them has a hook."""
+    plan, hooked = [], []
+    i = 0
+    while i < len(children):
+        step = None
+        for kind in kinds:
+            n = KINDS[kind]
+            if i + n > len(children) or any(i + k in blocked for k in range(n)):
+                continue
+            candidate = FusionStep(kind, tuple(children[i:i + n]))
+            if not candidate.matches():
+                continue
+            if candidate.still_valid():
+                step = candidate
+                break
+            hooked.append((i, candidate))
+        if step is None:
+            i += 1
+        else:
+            plan.append((i, step))
+            i += len(step.modules)
+    return plan, hooked
+
+
+class FusedSequential(nn.Sequential):
+    """An ``nn.Sequential`` (same children, same state_dict keys, same indexing) in which
+    ``genfast.convert`` planned runs of children to run as one fused op:
+    ConvTranspose2d -> BatchNorm2d -> ReLU/LeakyReLU (BatchNorm statistics in the convolution's
+    epilogue in training; BatchNorm folded into the convolution in eval), BatchNorm1d/2d ->
+    ReLU/LeakyReLU, ConvTranspose2d -> Tanh/Sigmoid.
+
+    The children stay the torch modules they were (the transposed convolutions become
+    gnn.ConvTranspose2d). At each forward, a planned run runs fused only while its children are
+    still the planned objects at the planned positions, of the planned types, with no hook on
+    any of them (and no global module hook); otherwise those children run one by one, exactly
+    as in nn.Sequential. Replacing a child (e.g. ``nn.SyncBatchNorm.convert_sync_batchnorm``),
+    hooking it or parametrizing it therefore never changes what the model computes.
+    """
+
+    _genfast_plan: tuple = ()
+
+    def set_fusion_plan(self, plan: list[tuple[int, FusionStep]]) -> None:
+        """Record ``plan`` (from :func:`plan_fusions` over this container's children)."""
+        self.__dict__["_genfast_plan"] = tuple(plan)
+
+    def fusion_plan(self) -> tuple:
+        """The recorded plan: (index of the first child, FusionStep) pairs."""
+        return self.__dict__.get("_genfast_plan", ())
+
+    def active_fusions(self) -> list[FusionStep]:
+        """The planned steps that would run fused now."""
+        children = list(self._modules.values())
+        return [step for start, step in self.fusion_plan() if self._runs_fused(children, start, step)]
+
+    @staticmethod
+    def _runs_fused(children: list, start: int, step: FusionStep) -> bool:
+        planned = step.modules
+        if start + len(planned) > len(children):
+            return False
+        if any(children[start + k] is not m for k, m in enumerate(planned)):
+            return False
+        return step.still_valid()
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        children = list(self._modules.values())
+        steps = dict(self.fusion_plan())
+        i = 0
+        while i < len(children):
+            step = steps.get(i)
+            if step is not None and self._runs_fused(children, i, step):
+                input = step.run(input)
+                i += len(step.modules)
+            else:
+                input = children[i](input)
+                i += 1
+        return input
