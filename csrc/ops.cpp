@@ -19,8 +19,8 @@ TORCH_LIBRARY(genfast, m) {
       "float negative_slope, float gamma_floor, bool saved_is_output) -> (Tensor, Tensor, Tensor)");
   // Transposed convolution + bias + activation (genfast/ops/conv_transpose.py). input (N, C_in,
   // H, W), weight (C_in, C_out/groups, KH, KW). Returns (out, partials, empty): with stats, the
-  // (3, 1, C_out) per-channel (count, mean, M2) of out (float32; float64 for float64) for a
-  // following BatchNorm (genfast::bn_block_finalize), else two empty tensors.
+  // (3, 1, C_out) per-channel (count, mean, M2) of out in float64 for a following BatchNorm
+  // (genfast::bn_block_finalize), else two empty tensors.
   m.def(
       "conv_transpose2d_fwd(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
       "int[2] output_padding, int groups, int[2] dilation, int activation, float negative_slope, "
@@ -37,7 +37,7 @@ TORCH_LIBRARY(genfast, m) {
   m.def(
       "bn_block_finalize(Tensor partials, Tensor? conv_bias, Tensor? weight, Tensor? bias, "
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, "
-      "float momentum, bool cumulative, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+      "float momentum, bool cumulative, float eps, ScalarType out_dtype) -> (Tensor, Tensor, Tensor, Tensor)");
   // The two passes of each direction as separate ops, for SyncBatchNormAct (a collective sits
   // between them). stats -> (mean, M2) per channel (Welford; float32, float64 for float64 input).
   m.def("batch_norm_act_stats(Tensor input) -> (Tensor, Tensor)");

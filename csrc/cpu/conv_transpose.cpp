@@ -282,12 +282,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, con
   // merge the per-task partials of each channel in task order into one (count, mean, M2) row:
   // the (3, P = 1, C) partials that genfast::bn_block_finalize reads
   const int64_t tasks = g.Cout == 0 ? 0 : static_cast<int64_t>(part.size()) / g.Cout;  // per channel, in merge order
-  at::Tensor merged = at::empty({3, 1, g.Cout}, acc_opts);
-  acc_t* mp = merged.data_ptr<acc_t>();
+  at::Tensor merged = at::empty({3, 1, g.Cout}, x.options().dtype(at::kDouble));
+  double* mp = merged.data_ptr<double>();
   for (int64_t c = 0; c < g.Cout; ++c) {
-    Welford<acc_t> t = welford_init<acc_t>();
-    for (int64_t k = 0; k < tasks; ++k) t = welford_merge(t, part[k * g.Cout + c]);
-    mp[c] = static_cast<acc_t>(t.count);
+    // float64 with an exact count across tasks: no saturation however many pixels
+    Welford<double, int64_t> t = welford_init<double, int64_t>();
+    for (int64_t k = 0; k < tasks; ++k) {
+      const Welford<acc_t>& p = part[k * g.Cout + c];
+      t = welford_merge(t, Welford<double, int64_t>{static_cast<int64_t>(p.count), static_cast<double>(p.mean),
+                                                     static_cast<double>(p.m2)});
+    }
+    mp[c] = static_cast<double>(t.count);
     mp[g.Cout + c] = t.mean;
     mp[2 * g.Cout + c] = t.m2;
   }
@@ -296,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, con
 
 // Per-channel finalize of the BatchNorm block (ConvTranspose2d -> BatchNorm2d -> activation):
 // merges the (3, P, C) (count, mean, M2) partials in row order (float64), returns (mean, invstd,
-// scale = weight * invstd, shift = bias - mean * scale) in the partials' dtype, and updates the
+// scale = weight * invstd, shift = bias - mean * scale) in out_dtype, and updates the
 // running statistics in place through their strides (the batch mean plus the preceding layer's
 // bias, which was left out of y; the unbiased variance) and num_batches_tracked. An empty batch
 // leaves the running statistics unchanged (num_batches_tracked still counts it, as in torch).
@@ -321,18 +326,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_block_finalize_cpu
     const at::Tensor& partials, const c10::optional<at::Tensor>& conv_bias, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& num_batches_tracked,
-    double momentum, bool cumulative, double eps) {
+    double momentum, bool cumulative, double eps, at::ScalarType out_dtype) {
   TORCH_CHECK(partials.dim() == 3 && partials.size(0) == 3, "bn_block_finalize: partials must be (3, P, C)");
   const int64_t P = partials.size(1), C = partials.size(2);
   at::Tensor part = partials.to(at::kDouble).contiguous();
   const double* pp = part.data_ptr<double>();
   const std::vector<double> cb = as_doubles(conv_bias, C, 0.0), wv = as_doubles(weight, C, 1.0),
                             bv = as_doubles(bias, C, 0.0);
-  at::Tensor mean = at::empty({C}, partials.options()), invstd = at::empty({C}, partials.options());
-  at::Tensor scale = at::empty({C}, partials.options()), shift = at::empty({C}, partials.options());
+  const auto out_opts = partials.options().dtype(out_dtype);
+  at::Tensor mean = at::empty({C}, out_opts), invstd = at::empty({C}, out_opts);
+  at::Tensor scale = at::empty({C}, out_opts), shift = at::empty({C}, out_opts);
   std::vector<double> rm_new(C), rv_new(C);
   std::vector<bool> upd(C);
-  AT_DISPATCH_FLOATING_TYPES(partials.scalar_type(), "bn_block_finalize_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(out_dtype, "bn_block_finalize_cpu", [&] {
     scalar_t *mp = mean.data_ptr<scalar_t>(), *ip = invstd.data_ptr<scalar_t>();
     scalar_t *sp = scale.data_ptr<scalar_t>(), *hp = shift.data_ptr<scalar_t>();
     for (int64_t c = 0; c < C; ++c) {

@@ -190,6 +190,7 @@ def conv_bn_act_forward(conv: nn.ConvTranspose2d, bn: nn.BatchNorm2d, activation
         bn.weight, bn.bias, bn.running_mean if track else None, bn.running_var if track else None,
         bn.num_batches_tracked if track else None, bn.momentum, bn.eps, activation, negative_slope)
 
+
 def _conv_bn_act_eval(conv, bn, activation, negative_slope, input, output_size):
     # Eval: BatchNorm with running statistics is a per-channel affine map, folded into the
     # transposed convolution's weight and bias (computed in float32, or float64), so the

@@ -59,7 +59,7 @@ def _fwd_fake_cpp(input, weight, bias, stride, padding, output_padding, groups, 
     H, W = _out_hw(input, weight, stride, padding, output_padding, dilation)
     y = torch.empty((input.shape[0], weight.shape[1] * groups, H, W), device=input.device,
                     dtype=input.dtype, memory_format=_memory_format(input))
-    part = (input.new_empty((3, 1, y.shape[1]), dtype=_acc(input.dtype)) if stats
+    part = (input.new_empty((3, 1, y.shape[1]), dtype=torch.float64) if stats
             else input.new_empty((0,), dtype=_acc(input.dtype)))
     return y, part, input.new_empty((0,), dtype=_acc(input.dtype))
 
@@ -244,7 +244,7 @@ _CPP_BN_ACTS = (0, 1, 2)
 def _partials_fake(y: Tensor, backend: str) -> Tensor:
     C = y.shape[1]
     if backend == "cpu":
-        return y.new_empty((3, 1, C), dtype=_acc(y.dtype))
+        return y.new_empty((3, 1, C), dtype=torch.float64)
     from genfast.kernels import conv_epilogue as E
 
     progs = E.PlaneView(y).split(y)[0] if y.numel() > 0 else 0
@@ -299,10 +299,9 @@ def bn_block_finalize_op(partials: Tensor, conv_bias: Optional[Tensor], weight: 
     running statistics (batch mean + conv_bias, unbiased variance) and num_batches_tracked are
     updated in place in the same launch."""
     if backend == "cpu":
-        out = torch.ops.genfast.bn_block_finalize(partials, conv_bias, weight, bias, running_mean,
-                                                  running_var, num_batches_tracked, momentum,
-                                                  cumulative, eps)
-        return tuple(t.to(acc_dtype) for t in out)
+        return torch.ops.genfast.bn_block_finalize(partials, conv_bias, weight, bias, running_mean,
+                                                   running_var, num_batches_tracked, momentum,
+                                                   cumulative, eps, acc_dtype)
     from genfast.kernels import conv_epilogue as E
 
     return E.bn_finalize(partials, conv_bias, weight, bias, running_mean, running_var,
