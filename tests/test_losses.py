@@ -1014,7 +1014,7 @@ def compile_losses_for_sm90():
                           SINGLE=False, NAN_ADD=False, ACC=f32, BLOCK=K.BLOCK),
         "bce_logits": build(K._bce_kernel, "fp32", LOGITS=True, HAS_W=False, HAS_P=True, MEAN=False, NONE=True,
                             SINGLE=True, NAN_ADD=False, ACC=f32, BLOCK=K.BLOCK),
-        "reparam_fwd": build(K._reparam_fwd_kernel, "fp32", LIBDEVICE=True, OP=f32, BLOCK=K.ELEM_BLOCK),
+        "reparam_fwd": build(K._reparam_fwd_kernel, "bf16", LIBDEVICE=True, DT=tl.bfloat16, OP=f32, BLOCK=K.ELEM_BLOCK),
         "reparam_bwd": build(K._reparam_bwd_kernel, "bf16", ACC=f32, BLOCK=K.ELEM_BLOCK),
     }
     print("RESULT" + json.dumps(out))
