@@ -169,9 +169,16 @@ def _(grad_z, logvar, eps, backend):
 # torch.compile traces them): the Python custom-op layer costs about 20 us per call on the CPU,
 # as much as a small loss kernel. The triton backend goes through the registered Python ops.
 
+_CPP_OPS: dict = {}
+
+
 def _call(cpp_name: str, py_op, backend: str, *args):
-    if backend in ("cpu", "cuda"):
-        return getattr(torch.ops.genfast, cpp_name)(*args)
+    if backend == "cpu" or backend == "cuda":
+        op = _CPP_OPS.get(cpp_name)
+        if op is None:
+            # the OpOverload itself: calling it skips the packet's overload resolution
+            op = _CPP_OPS[cpp_name] = getattr(torch.ops.genfast, cpp_name).default
+        return op(*args)
     return py_op(*args, backend)
 
 
@@ -370,14 +377,15 @@ for _op in ("genfast::gan_loss", "genfast::vae_loss", "genfast::bce_loss"):
 def autocast_enabled(device: torch.device) -> bool:
     """Whether an autocast region is active for this device type (False for device types autocast
     does not know, such as meta)."""
-    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+    t = device.type
+    return (t == "cpu" or t == "cuda" or torch.amp.is_autocast_available(t)) and torch.is_autocast_enabled(t)
 
 
 def autocast_float32(*ts):
     """torch's autocast rule for losses: inside an autocast region of the tensors' device type,
     float16/bfloat16 tensors are cast to float32 (float64 and None pass unchanged)."""
-    dev = next((t.device for t in ts if isinstance(t, Tensor)), None)
-    if dev is None or not autocast_enabled(dev):
+    first = ts[0] if isinstance(ts[0], Tensor) else next((t for t in ts if isinstance(t, Tensor)), None)
+    if first is None or not autocast_enabled(first.device):
         return ts
     return tuple(t.float() if isinstance(t, Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
                  for t in ts)
