@@ -1,7 +1,7 @@
 """GAN and VAE losses: forward + backward of one training step's losses.
 
 GAN: discriminator BCE loss on real and fake logits + non-saturating generator loss, and the
-gradients w.r.t. the logits (what D's and G's backward start from), at batch 64, 128, 1024 and
+gradients w.r.t. the logits (what D's and G's backward start from), at batch 64, 128, 1024, 4096 and
 patch-GAN logits 128x1x30x30. VAE: BCE-on-probabilities (MNIST 128x784, z=20) and MSE
 (64x3x64x64 images, z=128) reconstruction + KL, summed, with gradients w.r.t. recon, mu, logvar.
 Latency-bound at these sizes: the numbers that matter are microseconds and kernel launches per
@@ -16,7 +16,7 @@ import genfast.functional as GF
 from benchmarks import harness
 
 FAMILY = "losses"
-GAN_SHAPES = [(64, 1), (128, 1), (1024, 1), (128, 1, 30, 30)]
+GAN_SHAPES = [(64, 1), (128, 1), (1024, 1), (4096, 1), (128, 1, 30, 30)]
 VAE_SHAPES = [("mnist bce 128x784 z20", (128, 784), 20, "bce"), ("img mse 64x3x64x64 z128", (64, 3, 64, 64), 128, "mse")]
 
 

@@ -107,7 +107,8 @@ def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: str = "bc
 
     Args:
         real_logits, fake_logits: logits of any shapes (batch sizes may differ), same dtype
-            (float16/bfloat16 compute in float32).
+            (float16/bfloat16 compute in float32; under autocast they are cast to float32 first,
+            as torch does for its losses).
         kind: "bce" (default; = "minimax" on this side): BCE(real, real_label) + BCE(fake, 0) in
             the stable softplus form; "hinge": relu(1 - real) + relu(1 + fake); "wasserstein":
             -real + fake; "lsgan": (real - real_label)^2 + fake^2.
@@ -120,6 +121,7 @@ def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: str = "bc
         A 0-dim float32 tensor (float64 for float64 logits), or the tuple for "none".
     """
     _check_loss_dtypes(kind, (real_logits, "real_logits"), (fake_logits, "fake_logits"))
+    real_logits, fake_logits = _loss.autocast_float32(real_logits, fake_logits)
     _loss.check_gan(real_logits, fake_logits, kind, reduction, real_label)
     return _loss.discriminator_loss(real_logits, fake_logits, kind, reduction, real_label)
 
@@ -133,6 +135,7 @@ def generator_loss(fake_logits: Tensor, kind: str = "bce", reduction: str = "mea
     "none" (per-element terms in fake_logits' shape). Returns float32 (float64 for float64).
     """
     _check_loss_dtypes(kind, (fake_logits, "fake_logits"))
+    (fake_logits,) = _loss.autocast_float32(fake_logits)
     _loss.check_gan(None, fake_logits, kind, reduction, 1.0)
     return _loss.generator_loss(fake_logits, kind, reduction)
 
@@ -156,11 +159,7 @@ def vae_loss(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, *, recon
         formulas run instead of the fused kernel.
     """
     _check_loss_dtypes(recon_loss, (recon, "recon"))
-    if (recon_loss == "mse" and isinstance(recon, Tensor) and isinstance(target, Tensor)
-            and recon.shape != target.shape):
-        # torch's mse_loss raises RuntimeError here (BCE raises ValueError, as check_vae does)
-        raise RuntimeError(f"vae_loss: target {tuple(target.shape)} and recon {tuple(recon.shape)} must "
-                           "have the same shape")
+    recon, target, mu, logvar = _loss.autocast_float32(recon, target, mu, logvar)
     _loss.check_vae(recon, target, mu, logvar, recon_loss, reduction)
     loss, parts = _loss.vae_loss(recon, target, mu, logvar, recon_loss, beta, reduction)
     if return_parts:
@@ -169,9 +168,13 @@ def vae_loss(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, *, recon
 
 
 def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
-    """z = mu + eps * exp(0.5 * logvar) with eps = torch.randn_like(mu) (torch's generator: the
-    same seed gives the same z as the plain PyTorch expression). mu, logvar: same shape and dtype.
-    Returns z in mu's shape and dtype; exact gradients w.r.t. mu and logvar."""
+    """z = mu + eps * exp(0.5 * logvar) with eps = torch.randn_like(mu) (torch's generator).
+
+    With the same seed, z is bitwise the plain PyTorch expression on the "cpu" and "reference"
+    backends. On "triton", exp is the device's (libdevice on the GPU, numpy under the
+    interpreter): |z - z_torch| <= eps(dtype) * (|z_torch| + 2 |eps * exp(0.5 * logvar)|),
+    eps(dtype) = torch.finfo(dtype).eps. mu, logvar: same
+    shape and dtype. Returns z in mu's shape and dtype; exact gradients w.r.t. mu and logvar."""
     for t, name in ((mu, "mu"), (logvar, "logvar")):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a Tensor, not {type(t).__name__}")

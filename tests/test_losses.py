@@ -3,7 +3,9 @@ textbook PyTorch formulas, every backend against the float64 reference (forward 
 every kind, reduction, dtype, extreme logits), opcheck, gradcheck and double backward, one
 torch.compile(fullgraph=True) test, bad input, and a profiler check that the CPU path runs no
 PyTorch compute operator."""
+import contextlib
 import math
+import re
 
 import pytest
 import torch
@@ -545,7 +547,7 @@ def test_bad_input():
     with pytest.raises(RuntimeError, match="real_logits"):
         GF.discriminator_loss(r, f.double())
     recon, target, mu, lv = _vae_inputs(torch.float32, "mse")
-    with pytest.raises(RuntimeError, match="target"):  # torch's mse_loss: RuntimeError
+    with pytest.raises(RuntimeError, match="size of tensor"):  # torch's mse_loss broadcast error
         GF.vae_loss(recon, target[:, :5], mu, lv)
     with pytest.raises(RuntimeError, match="logvar"):
         GF.vae_loss(recon, target, mu, lv[:, :2])
@@ -604,6 +606,10 @@ def test_cpu_path_runs_no_torch_compute_op(which):
     assert any(n.startswith("genfast::") and n.endswith("_fwd") for n in names), names
     assert "genfast::loss_scale_grad" in names or "genfast::reparam_bwd" in names, names
     extra = {"aten::rand", "aten::uniform_", "aten::sigmoid"} if which in ("bce_logits", "bce") else set()
+    if which == "reparam":
+        # exp(0.5 logvar) from torch's own kernels inside genfast::reparam_fwd (z bitwise torch's);
+        # the scalar 0.5 becomes a 0-dim tensor (aten::to) as in torch's own 0.5 * logvar
+        extra = {"aten::mul", "aten::exp_", "aten::to", "aten::_to_copy", "aten::copy_"}
     aten = {n for n in names if n.startswith("aten::")} - ALLOWED_ATEN - extra
     assert not aten, aten
 
@@ -666,3 +672,369 @@ def test_gpu_vae_bce_reparam(cuda_device, backend_name, recon_loss, shape):
         zz = GF.reparameterize(mu, lv)
     torch.manual_seed(1)
     assert_close(zz, mu + torch.randn_like(mu) * torch.exp(0.5 * lv), torch.float32, "reparam")
+
+
+# --- issue 11: bad input, special values, empty batches, opcheck with grads, autocast ------------
+
+def _raises_like(torch_fn, fn):
+    """fn raises exactly what torch_fn raises (type and message)."""
+    with pytest.raises(Exception) as want:
+        torch_fn()
+    with pytest.raises(want.type, match=re.escape(str(want.value))):
+        fn()
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("bad", [1.5, -0.5, math.nan])
+def test_bce_on_probabilities_rejects_out_of_range_like_torch(backend_name, bad):
+    p, t = torch.rand(3, 5).clamp(0.1, 0.9), torch.rand(3, 5)
+    p[1, 2] = bad
+    with backend(backend_name):
+        _raises_like(lambda: F.binary_cross_entropy(p, t), lambda: gnn.BCELoss()(p, t))
+        _raises_like(lambda: F.binary_cross_entropy(p, t, reduction="none"),
+                     lambda: gnn.BCELoss(reduction="none")(p, t))
+        with pytest.raises(RuntimeError, match=re.escape("all elements of input should be between 0 and 1")):
+            GF.vae_loss(p, t, torch.zeros(3, 2), torch.zeros(3, 2), recon_loss="bce")
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "triton"])
+def test_bce_op_rejects_out_of_range_in_every_block(backend_name):
+    # one bad value in the last of several programs / blocks
+    p, t = torch.rand(40000).clamp(0.1, 0.9), torch.rand(40000)
+    p[-1] = 1.0 + 1e-3
+    with pytest.raises(RuntimeError, match="between 0 and 1"):
+        torch.ops.genfast.bce_loss.default(p, t, None, None, 1, False, backend_name)
+    recon = p.view(400, 100)
+    with pytest.raises(RuntimeError, match="between 0 and 1"):
+        torch.ops.genfast.vae_loss.default(recon, t.view(400, 100), torch.zeros(400, 2), torch.zeros(400, 2), 1, 1.0,
+                                           2, backend_name)
+
+
+def _nan_equal(a, b):
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(torch.nan_to_num(a, nan=123.0),
+                                                                     torch.nan_to_num(b, nan=123.0)) \
+        and torch.equal(a.isnan(), b.isnan())
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_every_loss_on_an_empty_batch_behaves_as_torch(backend_name):
+    e1, e2 = torch.randn(0, 1), torch.randn(0, 1)
+    for kind in KINDS:
+        for red in REDS:
+            r, f = e1.clone().requires_grad_(True), e2.clone().requires_grad_(True)
+            with backend(backend_name):
+                d = GF.discriminator_loss(r, f, kind, red)
+                g = GF.generator_loss(f, kind, red)
+            tr = textbook_terms(r.detach(), kind, "real")
+            tf = textbook_terms(f.detach(), kind, "fake")
+            tg = textbook_terms(f.detach(), kind, "gen")
+            if red == "none":
+                assert _nan_equal(d[0], tr) and _nan_equal(d[1], tf) and _nan_equal(g, tg), (kind, red)
+                dsum = d[0].sum() + d[1].sum()
+                gsum = g.sum()
+            else:
+                want_d = getattr(tr, red)() + getattr(tf, red)()
+                assert _nan_equal(d, want_d) and _nan_equal(g, getattr(tg, red)()), (kind, red, d, g)
+                dsum, gsum = d, g
+            gr, gf = torch.autograd.grad(dsum + gsum, (r, f))
+            assert gr.shape == r.shape and gf.shape == f.shape
+    for rl in ("mse", "bce", "bce_logits"):
+        for red in ("sum", "batchmean"):
+            recon = torch.rand(0, 12).requires_grad_(True)
+            mu, lv = torch.randn(0, 3).requires_grad_(True), torch.randn(0, 3).requires_grad_(True)
+            target = torch.rand(0, 12)
+            with backend(backend_name):
+                loss = GF.vae_loss(recon, target, mu, lv, recon_loss=rl, reduction=red)
+            rec = {"mse": F.mse_loss(recon, target, reduction="sum"),
+                   "bce": F.binary_cross_entropy(recon, target, reduction="sum"),
+                   "bce_logits": F.binary_cross_entropy_with_logits(recon, target, reduction="sum")}[rl]
+            kl = -0.5 * torch.sum(1 + lv - mu.pow(2) - lv.exp())
+            want = rec + kl if red == "sum" else (rec + kl) / recon.shape[0]
+            assert _nan_equal(loss.detach(), want.detach()), (rl, red, loss, want)
+            grads = torch.autograd.grad(loss, (recon, mu, lv))
+            assert [t.shape for t in grads] == [recon.shape, mu.shape, lv.shape]
+    for red in REDS:
+        x, t = torch.randn(0, 4).requires_grad_(True), torch.rand(0, 4)
+        with backend(backend_name):
+            a = gnn.BCEWithLogitsLoss(reduction=red, pos_weight=torch.ones(4))(x, t)
+            b = gnn.BCELoss(reduction=red)(torch.sigmoid(x), t)
+        assert _nan_equal(a.detach(), nn.BCEWithLogitsLoss(reduction=red, pos_weight=torch.ones(4))(x, t).detach())
+        assert _nan_equal(b.detach(), nn.BCELoss(reduction=red)(torch.sigmoid(x), t).detach())
+        (gx,) = torch.autograd.grad(a.sum() + b.sum(), x)
+        assert gx.shape == x.shape
+    mu, lv = torch.randn(0, 3).requires_grad_(True), torch.randn(0, 3).requires_grad_(True)
+    with backend(backend_name):
+        z = GF.reparameterize(mu, lv)
+    assert z.shape == mu.shape and z.dtype == mu.dtype
+    assert [g.shape for g in torch.autograd.grad(z.sum(), (mu, lv))] == [mu.shape, lv.shape]
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(5, 3), (129, 37), (70001,), "transposed"])
+def test_reparameterize_is_bitwise_torch(backend_name, dtype, shape):
+    if shape == "transposed":
+        mu, lv = torch.randn(40, 23).to(dtype), (torch.randn(23, 40) * 3).to(dtype).t()
+    else:
+        mu, lv = torch.randn(shape).to(dtype), (torch.randn(shape) * 3).to(dtype)
+    if lv.is_contiguous():
+        lv.view(-1)[:3] = torch.tensor([-200.0, 80.0, math.nan], dtype=dtype)
+    torch.manual_seed(11)
+    with backend(backend_name):
+        z = GF.reparameterize(mu, lv)
+    torch.manual_seed(11)
+    want = mu + torch.randn_like(mu) * torch.exp(0.5 * lv)
+    assert z.dtype == want.dtype and z.shape == want.shape
+    assert torch.equal(z.isnan(), want.isnan())
+    assert torch.equal(z.nan_to_num(), want.nan_to_num()), (z - want).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_reparameterize_on_triton_within_the_stated_tolerance(dtype):
+    # README / docstring: on the triton backend exp is the device's (CUDA's expf through libdevice
+    # on the GPU, numpy's under the interpreter), so z may differ from torch's CPU z by the
+    # rounding of exp: |z - z_torch| <= eps(dtype) * (|z_torch| + 2 |eps * exp(0.5 * logvar)|).
+    mu, lv = torch.randn(3000).to(dtype), (torch.randn(3000) * 3).to(dtype)
+    torch.manual_seed(5)
+    with backend("triton"):
+        z = GF.reparameterize(mu, lv)
+    torch.manual_seed(5)
+    eps = torch.randn_like(mu)
+    want = mu + eps * torch.exp(0.5 * lv)
+    fi = torch.finfo(dtype)
+    bound = fi.eps * (want.double().abs() + 2 * (eps.double() * torch.exp(0.5 * lv.double())).abs())
+    assert ((z.double() - want.double()).abs() <= bound + fi.tiny).all()
+
+
+def test_meta_tensors_like_torch():
+    m = torch.empty(6, 4, device="meta")
+    for red in REDS:
+        for mod_g, mod_t in ((gnn.BCELoss(reduction=red), nn.BCELoss(reduction=red)),
+                             (gnn.BCEWithLogitsLoss(reduction=red), nn.BCEWithLogitsLoss(reduction=red))):
+            a, b = mod_g(m, m), mod_t(m, m)
+            assert a.device.type == "meta" and a.shape == b.shape and a.dtype == b.dtype
+    d = GF.discriminator_loss(m, m)
+    assert d.device.type == "meta" and d.shape == ()
+    assert GF.generator_loss(m, "hinge", "none").shape == m.shape
+    v = GF.vae_loss(m, m, torch.empty(6, 2, device="meta"), torch.empty(6, 2, device="meta"), recon_loss="bce")
+    assert v.device.type == "meta" and v.shape == ()
+
+
+@pytest.mark.parametrize("recon_loss", ["mse", "bce", "bce_logits"])
+@pytest.mark.parametrize("tshape", [(4, 5), (3, 12, 2)])
+def test_vae_shape_mismatch_raises_like_torch(recon_loss, tshape):
+    recon, target = torch.rand(4, 12), torch.rand(tshape)
+    torch_fn = {"mse": F.mse_loss, "bce": F.binary_cross_entropy,
+                "bce_logits": F.binary_cross_entropy_with_logits}[recon_loss]
+    _raises_like(lambda: torch_fn(recon, target, reduction="sum"),
+                 lambda: GF.vae_loss(recon, target, torch.zeros(4, 2), torch.zeros(4, 2), recon_loss=recon_loss))
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "triton"])
+def test_opcheck_with_requires_grad(backend_name):
+    ops = torch.ops.genfast
+    r, f = torch.randn(4, 3, requires_grad=True), torch.randn(5, requires_grad=True)
+    for red in (0, 1, 2):
+        torch.library.opcheck(ops.gan_loss.default, (r, f, 0, False, red, 0.9, backend_name))
+        torch.library.opcheck(ops.gan_loss.default, (None, f, 4, True, red, 1.0, backend_name))
+    recon, target, mu, lv = _vae_inputs(torch.float32, "bce")
+    args = (recon.requires_grad_(True), target, mu.requires_grad_(True), lv.requires_grad_(True))
+    for rk in (0, 1, 2):
+        torch.library.opcheck(ops.vae_loss.default, args + (rk, 0.5, 3, backend_name))
+    x, t = torch.randn(3, 4, requires_grad=True), torch.rand(3, 4)
+    torch.library.opcheck(ops.bce_loss.default, (x, t, torch.rand(3, 4), torch.rand(3, 4), 1, True, backend_name))
+    p = torch.rand(3, 4).clamp(0.1, 0.9).requires_grad_(True)
+    torch.library.opcheck(ops.bce_loss.default, (p, t, None, None, 0, False, backend_name))
+    m, v = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+    torch.library.opcheck(ops.reparameterize_fwd.default, (m, v, torch.randn(4, 3), backend_name))
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "triton"])
+def test_registered_ops_differentiate_like_the_reference(backend_name):
+    ops = torch.ops.genfast
+    r, f = torch.randn(4, 3, dtype=torch.float64, requires_grad=True), torch.randn(5, dtype=torch.float64,
+                                                                                  requires_grad=True)
+    out = ops.gan_loss.default(r, f, 0, False, 1, 0.9, backend_name)[0]
+    want = ref.discriminator_loss(r, f, "bce", "mean", 0.9)
+    for a, b in zip(torch.autograd.grad(out, (r, f)), torch.autograd.grad(want, (r, f))):
+        assert_close(a, b, torch.float64, "gan op grad")
+    m, v, e = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True), torch.randn(4, 3)
+    z = ops.reparameterize_fwd.default(m, v, e, backend_name)
+    gm, gv = torch.autograd.grad(z, (m, v), torch.ones_like(z))
+    assert torch.equal(gm, torch.ones_like(m))
+    assert_close(gv, 0.5 * e * torch.exp(0.5 * v.detach()), torch.float32, "reparam op grad")
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_autocast_losses_run_in_float32_like_torch(backend_name):
+    lin = nn.Linear(5, 1)
+    x = torch.randn(6, 5)
+    fake32 = torch.randn(4, 1)
+    t16 = torch.rand(6, 1).to(torch.float16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        real = lin(x)
+        assert real.dtype == torch.bfloat16
+        want_d = (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+                  + F.binary_cross_entropy_with_logits(fake32, torch.zeros_like(fake32)))
+        want_b = F.binary_cross_entropy_with_logits(real, t16)
+        with backend(backend_name):
+            d = GF.discriminator_loss(real, fake32, "bce")  # bf16 and float32 logits, as torch allows
+            b = gnn.BCEWithLogitsLoss()(real, t16)
+            v = GF.vae_loss(real, t16.float(), real.view(2, 3), torch.zeros(2, 3), recon_loss="bce_logits")
+    assert d.dtype == want_d.dtype == torch.float32 and b.dtype == want_b.dtype
+    assert_close(d, want_d, torch.float32, "D autocast")
+    assert_close(b, want_b, torch.float32, "BCE autocast")
+    assert v.dtype == torch.float32
+    gw, = torch.autograd.grad(d, lin.weight, retain_graph=True)
+    gw_t, = torch.autograd.grad(want_d, lin.weight)
+    assert gw.dtype == gw_t.dtype
+    assert_close(gw, gw_t, torch.float32, "D autocast grad")
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "triton"])
+def test_ops_registered_for_autocast(backend_name):
+    ops = torch.ops.genfast
+    x, t = torch.randn(3, 4).half(), torch.rand(3, 4).bfloat16()
+    with pytest.raises(RuntimeError):
+        ops.bce_loss.default(x, t, None, None, 1, True, backend_name)  # mixed 16-bit dtypes outside autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = ops.bce_loss.default(x, t, None, None, 1, True, backend_name)
+        want = F.binary_cross_entropy_with_logits(x, t)
+        mu16 = torch.randn(2, 3).bfloat16()
+        loss = ops.vae_loss.default(torch.randn(2, 4), torch.rand(2, 4), mu16, torch.zeros(2, 3), 0, 1.0, 2,
+                                    backend_name)[0]
+        d = ops.gan_loss.default(x, t, 0, False, 1, 1.0, backend_name)[0]
+    assert out.dtype == want.dtype
+    assert_close(out, want, torch.float32, "bce op autocast")
+    assert loss.dtype == torch.float32 and d.dtype == torch.float32
+
+
+# --- issue 10: device guard, NaN-propagating clamps and 64-bit offsets in the Triton kernels -----
+
+def test_every_triton_launch_runs_under_the_input_device_guard(monkeypatch):
+    from genfast.kernels import losses as K
+
+    state = {"device": None, "launches": []}
+
+    class Guard:
+        def __init__(self, t):
+            self.device = t.device
+
+        def __enter__(self):
+            state["device"] = self.device
+
+        def __exit__(self, *a):
+            state["device"] = None
+
+    class Spy:
+        def __init__(self, name, fn):
+            self.name, self.fn = name, fn
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                state["launches"].append((self.name, state["device"]))
+                return self.fn[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(K, "_on_device", Guard)
+    names = [n for n in dir(K) if n.endswith("_kernel") and hasattr(getattr(K, n), "__getitem__")]
+    for n in names:
+        monkeypatch.setattr(K, n, Spy(n, getattr(K, n)))
+    x = torch.randn(20000)
+    K.gan_loss_fwd(x, x[:7], 0, False, 1, 1.0)
+    K.loss_scale_grad(torch.tensor(1.0), torch.tensor(2.0), x, 5, torch.float32, torch.float32)
+    K.vae_loss_fwd(x.view(200, 100).sigmoid(), x.view(200, 100).sigmoid(), x[:40].view(20, 2), x[:40].view(20, 2), 1,
+                   1.0, 2)
+    K.bce_loss_fwd(x.sigmoid(), x.sigmoid(), None, None, 1, False)
+    K.reparam_fwd(x, x, x)
+    K.reparam_bwd(x, x, x)
+    launched = {n for n, _ in state["launches"]}
+    assert launched == set(names), (launched, names)
+    assert all(dev == x.device for _, dev in state["launches"]), state["launches"]
+
+
+def test_device_guard_enters_the_tensors_cuda_device(monkeypatch):
+    from types import SimpleNamespace
+
+    from genfast.kernels import losses as K
+
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda d: entered.append(d) or contextlib.nullcontext())
+    with K._on_device(SimpleNamespace(device=torch.device("cuda", 1))):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+
+
+def compile_losses_for_sm90():
+    """Compile the loss kernels for sm_90 with Triton's own compiler (run in a subprocess without
+    TRITON_INTERPRET) and print, per kernel, whether its PTX uses only NaN-propagating float
+    max/min and whether its TTIR addresses memory with 64-bit offsets."""
+    import json
+    import re as _re
+
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from genfast.kernels import losses as K
+
+    acc_ptrs = {"grad_ptr", "terms_r_ptr", "terms_f_ptr", "out_ptr", "partial_ptr", "parts_ptr", "terms_ptr",
+                "saved_ptr", "w_ptr", "p_ptr", "ca_ptr", "cb_ptr", "ga_ptr", "gb_ptr"}
+
+    def build(fn, dt, **consts):
+        sig = {}
+        for p in fn.params:
+            if p.is_constexpr:
+                sig[p.name] = "constexpr"
+            elif p.name == "bad_ptr":
+                sig[p.name] = "*i32"
+            elif p.name.endswith("_ptr"):
+                sig[p.name] = "*fp32" if p.name in acc_ptrs else f"*{dt}"
+            elif p.name.endswith(("_hi", "_lo")):
+                sig[p.name] = "fp32"
+            else:
+                sig[p.name] = "i32"
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+        ptx, ttir = k.asm["ptx"], k.asm["ttir"]
+        return {"plain_fminmax": bool(_re.search(r"\b(max|min)(\.ftz)?\.f32\b", ptx)),
+                "nan_fminmax": bool(_re.search(r"\b(max|min)\.NaN\.f32\b", ptx)),
+                "i64_offsets": "arith.extsi" in ttir and bool(_re.search(r"tt\.addptr .*xi64>", ttir))}
+
+    f32 = tl.float32
+    out = {
+        "gan_bce": build(K._gan_loss_kernel, "bf16", KIND=0, FAKE_ROLE=1, MEAN=True, NONE=False, SINGLE=False,
+                         NAN_ADD=False, ACC=f32, BLOCK=K.BLOCK),
+        "gan_hinge": build(K._gan_loss_kernel, "fp32", KIND=2, FAKE_ROLE=2, MEAN=False, NONE=True, SINGLE=True,
+                           NAN_ADD=False, ACC=f32, BLOCK=K.BLOCK),
+        "scale": build(K._scale_kernel, "fp32", MODE_A=1, MODE_B=2, BLOCK=K.ELEM_BLOCK),
+        "vae_bce": build(K._vae_kernel, "fp32", RECON=1, SINGLE=False, ACC=f32, BLOCK=K.BLOCK),
+        "vae_logits": build(K._vae_kernel, "fp16", RECON=2, SINGLE=True, ACC=f32, BLOCK=K.BLOCK),
+        "bce_prob": build(K._bce_kernel, "fp32", LOGITS=False, HAS_W=True, HAS_P=False, MEAN=True, NONE=False,
+                          SINGLE=False, NAN_ADD=False, ACC=f32, BLOCK=K.BLOCK),
+        "bce_logits": build(K._bce_kernel, "fp32", LOGITS=True, HAS_W=False, HAS_P=True, MEAN=False, NONE=True,
+                            SINGLE=True, NAN_ADD=False, ACC=f32, BLOCK=K.BLOCK),
+        "reparam_fwd": build(K._reparam_fwd_kernel, "bf16", LIBDEVICE=True, DT=tl.bfloat16, OP=f32, BLOCK=K.ELEM_BLOCK),
+        "reparam_bwd": build(K._reparam_bwd_kernel, "bf16", ACC=f32, BLOCK=K.ELEM_BLOCK),
+    }
+    print("RESULT" + json.dumps(out))
+
+
+def test_loss_kernels_compile_for_sm90_with_nan_max_and_64bit_offsets():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    code = "from tests.test_losses import compile_losses_for_sm90; compile_losses_for_sm90()"
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    res = json.loads(r.stdout.split("RESULT", 1)[1])
+    for name, info in res.items():
+        assert not info["plain_fminmax"], f"{name}: float max/min that drops NaN on the GPU"
+        assert info["i64_offsets"], f"{name}: 32-bit offsets"
+    for name in ("gan_bce", "vae_bce", "bce_prob", "bce_logits"):
+        assert res[name]["nan_fminmax"], f"{name}: expected the NaN-propagating max"

@@ -10,9 +10,15 @@
 //   A coefficient of exactly 0 drops its term, so x = +-inf gives 0 (not 0 * inf = NaN) where the
 //   limit is finite, and the gradient never cancels: at x = -100 with t = 1 it is -1.
 // The integer codes match genfast/ops/losses.py.
+//
+// Every function is written with the element primitives below (sel, is_nan, abs_t, neg_t and the
+// exp/log family) instead of ?: and if, so that the same code also runs on SIMD vectors: the CPU
+// kernels declare overloads of the primitives for at::vec::Vectorized before including this
+// header (csrc/cpu/losses.cpp); CUDA uses the scalar ones.
 #pragma once
 #include <cmath>
 #include "macros.h"
+#include "reparam.h"
 
 namespace genfast {
 
@@ -22,6 +28,16 @@ enum GanRole : int { kRoleReal = 0, kRoleFake = 1, kRoleGen = 2 };
 // torch's at::Reduction values, plus VAE's batchmean.
 enum LossReduction : int { kReduceNone = 0, kReduceMean = 1, kReduceSum = 2, kReduceBatchMean = 3 };
 enum VaeRecon : int { kReconMse = 0, kReconBce = 1, kReconBceLogits = 2 };
+
+// sel(c, a, b): a where c holds, else b (both evaluated).
+template <typename T>
+GENFAST_HOST_DEVICE T sel(bool c, T a, T b) { return c ? a : b; }
+template <typename T>
+GENFAST_HOST_DEVICE bool is_nan(T x) { return x != x; }
+template <typename T>
+GENFAST_HOST_DEVICE T abs_t(T x) { return x < T(0) ? -x : x; }
+template <typename T>
+GENFAST_HOST_DEVICE T neg_t(T x) { return -x; }
 
 // exp / log1p / expm1 / log in T's own precision: std:: overloads, so that float stays float on
 // the host (the global ::exp(float) of the C library is the double function); CUDA provides the
@@ -38,42 +54,42 @@ GENFAST_HOST_DEVICE T log_t(T x) { return std::log(x); }
 // c * v with c == 0 giving 0 even for infinite v.
 template <typename T>
 GENFAST_HOST_DEVICE T mul_or_zero(T c, T v) {
-  return c == T(0) ? T(0) : c * v;
+  return sel(c == T(0), T(0), c * v);
 }
 
 // BCE with logits for one element: returns the loss, writes d loss / d x.
 template <typename T>
 GENFAST_HOST_DEVICE T bce_logits_elem(T x, T t, T pos_weight, T* grad) {
-  const T ax = x < T(0) ? -x : x;
-  const T e = exp_t(-ax);
+  const T zero(0), one(1);
+  const T e = exp_t(neg_t(abs_t(x)));
   const T l1p = log1p_t(e);
-  const T pos = x > T(0) ? x : T(0);   // max(x, 0)
-  const T neg = x < T(0) ? -x : T(0);  // max(-x, 0)
-  const T inv = T(1) / (T(1) + e);
-  const T sig = x >= T(0) ? inv : e * inv;   // sigmoid(x)
-  const T sign = x >= T(0) ? e * inv : inv;  // sigmoid(-x)
-  const T a = T(1) - t;
+  const T pos = sel(x > zero, x, zero);         // max(x, 0)
+  const T neg = sel(x < zero, neg_t(x), zero);  // max(-x, 0)
+  const T inv = one / (one + e);
+  const T sig = sel(x >= zero, inv, e * inv);   // sigmoid(x)
+  const T sign = sel(x >= zero, e * inv, inv);  // sigmoid(-x)
+  const T a = one - t;
   const T b = pos_weight * t;
   *grad = a * sig - b * sign;
-  const T sp_pos = pos + l1p;  // softplus(x)
-  const T sp_neg = neg + l1p;  // softplus(-x)
-  if (x != x) return x;        // NaN in, NaN out (the zero-coefficient rule must not hide it)
-  return mul_or_zero(a, sp_pos) + mul_or_zero(b, sp_neg);
+  // softplus(x) = pos + l1p, softplus(-x) = neg + l1p; NaN in, NaN out (the zero-coefficient
+  // rule must not hide it)
+  return sel(is_nan(x), x, mul_or_zero(a, pos + l1p) + mul_or_zero(b, neg + l1p));
 }
 
 // BCE on probabilities, torch's formula: each log clamped at -100; gradient
 // (p - t) / max(p (1 - p), 1e-12), with torch's EPSILON: the float32 value of 1e-12.
 template <typename T>
 GENFAST_HOST_DEVICE T bce_prob_elem(T p, T t, T* grad) {
+  const T floor_(-100), one(1);
   T lp = log_t(p);
-  T l1mp = log1p_t(-p);
-  lp = lp < T(-100) ? T(-100) : lp;
-  l1mp = l1mp < T(-100) ? T(-100) : l1mp;
-  T den = p * (T(1) - p);
-  const T eps = static_cast<T>(1e-12f);
-  den = den < eps ? eps : den;
+  T l1mp = log1p_t(neg_t(p));
+  lp = sel(lp < floor_, floor_, lp);  // NaN stays NaN, as with torch's std::max
+  l1mp = sel(l1mp < floor_, floor_, l1mp);
+  T den = p * (one - p);
+  const T eps(static_cast<float>(1e-12f));
+  den = sel(den < eps, eps, den);
   *grad = (p - t) / den;
-  return (t - T(1)) * l1mp - t * lp;
+  return (t - one) * l1mp - t * lp;
 }
 
 // One GAN loss term for a logit x in role `role`: returns the term, writes its derivative.
@@ -87,22 +103,20 @@ GENFAST_HOST_DEVICE T bce_prob_elem(T p, T t, T* grad) {
 template <typename T>
 GENFAST_HOST_DEVICE T gan_elem(T x, int kind, int role, T real_label, T* grad) {
   switch (kind) {
-    case kGanHinge:
-      if (role == kRoleReal) {
-        const bool on = T(1) - x > T(0);
-        *grad = on ? T(-1) : T(0);
-        return on ? T(1) - x : (x != x ? x : T(0));
+    case kGanHinge: {
+      if (role == kRoleGen) {
+        *grad = T(-1);
+        return neg_t(x);
       }
-      if (role == kRoleFake) {
-        const bool on = T(1) + x > T(0);
-        *grad = on ? T(1) : T(0);
-        return on ? T(1) + x : (x != x ? x : T(0));
-      }
-      *grad = T(-1);
-      return -x;
+      // relu(1 - x) (real) or relu(1 + x) (fake); NaN propagates
+      const T z = role == kRoleReal ? T(1) - x : T(1) + x;
+      const auto on = z > T(0);
+      *grad = sel(on, T(role == kRoleReal ? -1.0f : 1.0f), T(0));
+      return sel(on, z, sel(is_nan(x), x, T(0)));
+    }
     case kGanWasserstein:
-      *grad = role == kRoleFake ? T(1) : T(-1);
-      return role == kRoleFake ? x : -x;
+      *grad = T(role == kRoleFake ? 1.0f : -1.0f);
+      return role == kRoleFake ? x : neg_t(x);
     case kGanLsgan: {
       const T target = role == kRoleReal ? real_label : (role == kRoleFake ? T(0) : T(1));
       const T d = x - target;
@@ -115,8 +129,8 @@ GENFAST_HOST_DEVICE T gan_elem(T x, int kind, int role, T real_label, T* grad) {
       if (kind == kGanMinimax) {
         T g;
         const T l = bce_logits_elem<T>(x, T(0), T(1), &g);
-        *grad = -g;
-        return -l;
+        *grad = neg_t(g);
+        return neg_t(l);
       }
       return bce_logits_elem<T>(x, T(1), T(1), grad);
     }
@@ -142,17 +156,6 @@ GENFAST_HOST_DEVICE T kl_elem(T mu, T lv, T* grad_mu, T* grad_lv) {
   *grad_mu = mu;
   *grad_lv = T(0.5) * em1;
   return T(0.5) * (mu * mu + em1 - lv);
-}
-
-// z = mu + eps * exp(0.5 lv); d z / d lv = 0.5 eps exp(0.5 lv).
-template <typename T>
-GENFAST_HOST_DEVICE T reparam_elem(T mu, T lv, T eps) {
-  return mu + eps * exp_t(T(0.5) * lv);
-}
-
-template <typename T>
-GENFAST_HOST_DEVICE T reparam_grad_logvar(T g, T lv, T eps) {
-  return T(0.5) * g * eps * exp_t(T(0.5) * lv);
 }
 
 }  // namespace genfast

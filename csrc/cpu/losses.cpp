@@ -7,6 +7,12 @@
 // read saved, write grad). Reductions are deterministic: fixed blocks of kBlock elements, one
 // partial sum per block (at::parallel_for over blocks), then the partials summed in block order,
 // so the result does not depend on the number of threads.
+//
+// The loops run on at::vec::Vectorized<float/double> (exp, log1p, expm1, log from Sleef, as
+// torch's own CPU kernels): the losses.h math is written with element primitives that this file
+// overloads for vectors. float16/bfloat16 inputs are converted to float one vector at a time. On
+// x86-64 the kernels below are compiled for AVX2+FMA+F16C (the extension itself is built for the
+// baseline ISA), and every op checks at run time that the CPU has them.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -17,12 +23,85 @@
 #include <type_traits>
 #include <vector>
 
+// Before the SIMD region: the reparameterisation math stays on the baseline ISA, which has no
+// FMA to contract torch's separate product and sum.
+#include "../common/reparam.h"
+
+namespace genfast {
+namespace {
+
+// Whether this CPU runs the SIMD kernels of this file (compiled for AVX2+FMA on x86-64).
+void check_simd() {
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  TORCH_CHECK(ok, "genfast's CPU loss kernels need a CPU with AVX2, FMA and F16C, which this one lacks; "
+              "use genfast.set_backend('reference') for the losses");
+#endif
+}
+
+}  // namespace
+}  // namespace genfast
+
+// --- SIMD kernels (AVX2+FMA on x86-64) -------------------------------------------------------------
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(CPU_CAPABILITY)
+#if !defined(__AVX2__) || !defined(__FMA__)
+#define GENFAST_LOSSES_TARGET_PRAGMA 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+// g++ does not define the ISA macros for a target pragma; sleef.h and the vec headers test them.
+#define __AVX__ 1
+#define __AVX2__ 1
+#define __FMA__ 1
+#define __F16C__ 1
+#endif
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#endif
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+namespace genfast {
+
+using at::vec::Vectorized;
+
+// The element primitives of csrc/common/losses.h on vectors (declared before that header so that
+// its templates see them). Comparisons of Vectorized give lane masks.
+template <typename T>
+inline Vectorized<T> sel(const Vectorized<T>& c, const Vectorized<T>& a, const Vectorized<T>& b) {
+  return Vectorized<T>::blendv(b, a, c);
+}
+template <typename T>
+inline Vectorized<T> is_nan(const Vectorized<T>& x) { return x.isnan(); }
+template <typename T>
+inline Vectorized<T> abs_t(const Vectorized<T>& x) { return x.abs(); }
+template <typename T>
+inline Vectorized<T> neg_t(const Vectorized<T>& x) { return x.neg(); }
+template <typename T>
+inline Vectorized<T> exp_t(const Vectorized<T>& x) { return x.exp(); }
+// log1p through log (Sleef's vector log1p measured several times slower than its log here):
+// u = 1 + x rounded, log(u) * x / (u - 1) undoes the rounding of u; x itself where u rounds to 1.
+template <typename T>
+inline Vectorized<T> log1p_t(const Vectorized<T>& x) {
+  const Vectorized<T> one(T(1)), zero(T(0));
+  const Vectorized<T> u = one + x;
+  const Vectorized<T> d = u - one;
+  return sel(d == zero, x, u.log() * x / d);
+}
+template <typename T>
+inline Vectorized<T> expm1_t(const Vectorized<T>& x) { return x.expm1(); }
+template <typename T>
+inline Vectorized<T> log_t(const Vectorized<T>& x) { return x.log(); }
+
+}  // namespace genfast
+
 #include "../common/losses.h"
 
 namespace genfast {
 namespace {
 
-// Elements per reduction block (fixed: the summation order depends only on n).
+// Elements per reduction block (fixed: the summation order depends only on n; a multiple of
+// every vector width).
 constexpr int64_t kBlock = 4096;
 
 // Sum over [0, n) of f(i0, i1) -> partial, in fixed blocks, partials added in block order.
@@ -39,29 +118,63 @@ acc_t blocked_sum(int64_t n, const F& f) {
   return s;
 }
 
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+// `c` elements of p (c <= the vector width) as a vector of acc_t; missing lanes are 0.
+template <typename scalar_t, typename acc_t>
+inline Vectorized<acc_t> load_as(const scalar_t* p, int64_t c) {
+  using Vec = Vectorized<acc_t>;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return c == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, c);
+  } else {
+    if (c == Vec::size()) {
+      Vec out;
+      at::vec::load_to_float<scalar_t>(p, out);
+      return out;
+    }
+    __at_align__ acc_t tmp[Vec::size()] = {};
+    for (int64_t k = 0; k < c; ++k) tmp[k] = static_cast<acc_t>(p[k]);
+    return Vec::loadu(tmp);
+  }
+}
 
-void check_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_floating_point(), "genfast losses: ", name, " must be a floating-point tensor, got ",
-              t.scalar_type());
+// Sum over [i0, i1) of the loss vectors f(i, count) (count = the vector width except for the last
+// step); lanes past count are dropped; the lanes are added in a fixed order.
+template <typename acc_t, typename F>
+inline acc_t vec_sum(int64_t i0, int64_t i1, const F& f) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  Vec acc(acc_t(0));
+  int64_t i = i0;
+  for (; i + W <= i1; i += W) acc = acc + f(i, W);
+  if (i < i1) acc = acc + Vec::set(Vec(acc_t(0)), f(i, i1 - i), i1 - i);
+  __at_align__ acc_t lanes[W];
+  acc.store(lanes);
+  acc_t s = 0;
+  for (int64_t k = 0; k < W; ++k) s += lanes[k];
+  return s;
+}
+
+// Whether any lane of v is outside [0, 1] or NaN.
+template <typename acc_t>
+inline bool any_outside_unit(const Vectorized<acc_t>& v) {
+  using Vec = Vectorized<acc_t>;
+  return ((v >= Vec(acc_t(0))) & (v <= Vec(acc_t(1)))).zero_mask() != 0;
 }
 
 // One GAN side: terms and derivatives of x[0..n) in role ROLE; grad[i] = d term_i * gscale.
 // Writes terms[i] when TERMS. Returns the (unscaled) sum of the terms. KIND, ROLE and TERMS are
-// compile-time so that the per-element switch folds away and the loop can vectorise.
+// compile-time so that the per-element switch folds away.
 template <typename scalar_t, typename acc_t, int KIND, int ROLE, bool TERMS>
 acc_t gan_side_t(const scalar_t* x, int64_t n, acc_t label, acc_t gscale, acc_t* grad, acc_t* terms) {
+  using Vec = Vectorized<acc_t>;
+  const Vec lab(label), gs(gscale);
   return blocked_sum<acc_t>(n, [&](int64_t i0, int64_t i1) {
-    acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = i0; i < i1; ++i) {
-      acc_t g;
-      const acc_t l = gan_elem<acc_t>(static_cast<acc_t>(x[i]), KIND, ROLE, label, &g);
-      grad[i] = g * gscale;
-      if (TERMS) terms[i] = l;
-      s += l;
-    }
-    return s;
+    return vec_sum<acc_t>(i0, i1, [&](int64_t i, int64_t c) {
+      Vec g;
+      const Vec l = gan_elem<Vec>(load_as<scalar_t, acc_t>(x + i, c), KIND, ROLE, lab, &g);
+      (g * gs).store(grad + i, c);
+      if (TERMS) l.store(terms + i, c);
+      return l;
+    });
   });
 }
 
@@ -95,6 +208,108 @@ acc_t gan_side(const scalar_t* x, int64_t n, int kind, int role, acc_t label, ac
   }
 }
 
+// out[i] = src[i] * k (k a scalar) or src[i] * c[i] (c elementwise, COEF_ELEM), in out_t.
+template <typename acc_t, typename out_t, typename coef_t, bool COEF_ELEM>
+void scale_into(const acc_t* src, const coef_t* c, int64_t m, out_t* o) {
+  const acc_t k = COEF_ELEM ? acc_t(0) : static_cast<acc_t>(c[0]);
+  at::parallel_for(0, m, 16384, [&](int64_t i0, int64_t i1) {
+#pragma omp simd
+    for (int64_t i = i0; i < i1; ++i) o[i] = static_cast<out_t>(src[i] * (COEF_ELEM ? static_cast<acc_t>(c[i]) : k));
+  });
+}
+
+// Sum of the reconstruction terms of recon[0..n) (kind RK), d/d recon * s written to g; sets
+// *bad when RK is bce and a probability is outside [0, 1] or NaN.
+template <int RK, typename r_t, typename t_t, typename acc_t>
+acc_t vae_recon_sum(const r_t* r, const t_t* t, int64_t n, acc_t s, acc_t* g, std::atomic<bool>* bad) {
+  using Vec = Vectorized<acc_t>;
+  const Vec sv(s);
+  return blocked_sum<acc_t>(n, [&](int64_t i0, int64_t i1) {
+    bool out = false;
+    const acc_t a = vec_sum<acc_t>(i0, i1, [&](int64_t i, int64_t c) {
+      const Vec ri = load_as<r_t, acc_t>(r + i, c);
+      if (RK == kReconBce) out |= any_outside_unit<acc_t>(ri);
+      Vec gi;
+      const Vec l = vae_recon_elem<Vec>(ri, load_as<t_t, acc_t>(t + i, c), RK, &gi);
+      (gi * sv).store(g + i, c);
+      return l;
+    });
+    if (out) bad->store(true);
+    return a;
+  });
+}
+
+// Sum of the KL terms of (mu, logvar)[0..nz); d/d mu * k to gm, d/d logvar * k to gl.
+template <typename scalar_t, typename acc_t>
+acc_t kl_sum(const scalar_t* m, const scalar_t* lv, int64_t nz, acc_t k, acc_t* gm, acc_t* gl) {
+  using Vec = Vectorized<acc_t>;
+  const Vec kv(k);
+  return blocked_sum<acc_t>(nz, [&](int64_t i0, int64_t i1) {
+    return vec_sum<acc_t>(i0, i1, [&](int64_t i, int64_t c) {
+      Vec dm, dl;
+      const Vec l = kl_elem<Vec>(load_as<scalar_t, acc_t>(m + i, c), load_as<scalar_t, acc_t>(lv + i, c), &dm, &dl);
+      (dm * kv).store(gm + i, c);
+      (dl * kv).store(gl + i, c);
+      return l;
+    });
+  });
+}
+
+// BCE (LOGITS: with logits) of x against t, optional per-element weight wp and pos_weight pp;
+// d/dx * gs to g, the terms to terms (when not null). Returns the (unscaled) sum; sets *bad for a
+// probability outside [0, 1] or NaN (not LOGITS).
+template <bool LOGITS, typename x_t, typename t_t, typename acc_t>
+acc_t bce_sum(const x_t* x, const t_t* t, const acc_t* wp, const acc_t* pp, int64_t n, acc_t gs, acc_t* g,
+              acc_t* terms, std::atomic<bool>* bad) {
+  using Vec = Vectorized<acc_t>;
+  const Vec gsv(gs), one(acc_t(1));
+  return blocked_sum<acc_t>(n, [&](int64_t i0, int64_t i1) {
+    bool out = false;
+    const acc_t a = vec_sum<acc_t>(i0, i1, [&](int64_t i, int64_t c) {
+      const Vec xi = load_as<x_t, acc_t>(x + i, c), ti = load_as<t_t, acc_t>(t + i, c);
+      Vec gi, l;
+      if constexpr (LOGITS) {
+        l = bce_logits_elem<Vec>(xi, ti, pp ? load_as<acc_t, acc_t>(pp + i, c) : one, &gi);
+      } else {
+        out |= any_outside_unit<acc_t>(xi);
+        l = bce_prob_elem<Vec>(xi, ti, &gi);
+      }
+      if (wp) {
+        const Vec w = load_as<acc_t, acc_t>(wp + i, c);
+        l = l * w;
+        gi = gi * w;
+      }
+      (gi * gsv).store(g + i, c);
+      if (terms) l.store(terms + i, c);
+      return l;
+    });
+    if (out) bad->store(true);
+    return a;
+  });
+}
+
+}  // namespace
+}  // namespace genfast
+
+#ifdef GENFAST_LOSSES_TARGET_PRAGMA
+#pragma GCC pop_options
+#undef __AVX__
+#undef __AVX2__
+#undef __FMA__
+#undef __F16C__
+#endif
+
+// --- ops (baseline ISA: the run-time check comes first) --------------------------------------------
+namespace genfast {
+namespace {
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_floating_point(), "genfast losses: ", name, " must be a floating-point tensor, got ",
+              t.scalar_type());
+}
+
 // Returns (out_real, out_fake, grad). reduction mean/sum: out_real is the 0-dim loss
 // reduce(real terms) + reduce(fake terms) and out_fake is empty; none: the per-element terms in
 // the shapes of real and fake. grad: flat [real | fake] derivatives of the reduced loss (of each
@@ -106,6 +321,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gan_loss_fwd_cpu(const c10::optio
   const bool has_r = real_.has_value() && real_->defined();
   const bool has_f = fake_.has_value() && fake_->defined();
   TORCH_CHECK(has_r || has_f, "gan_loss: real_logits and fake_logits are both None");
+  check_simd();
   const at::Tensor& any = has_r ? *real_ : *fake_;
   if (has_r) check_float(*real_, "real_logits");
   if (has_f) check_float(*fake_, "fake_logits");
@@ -160,6 +376,7 @@ std::tuple<at::Tensor, at::Tensor> loss_scale_grad_cpu(const c10::optional<at::T
   const at::Tensor saved = saved_.contiguous();
   const int64_t n = saved.numel();
   TORCH_CHECK(split >= 0 && split <= n, "loss_scale_grad: split ", split, " outside [0, ", n, "]");
+  check_simd();
   at::Tensor ga = at::empty({split}, saved.options().dtype(dtype_a));
   at::Tensor gb = at::empty({n - split}, saved.options().dtype(dtype_b));
   AT_DISPATCH_FLOATING_TYPES(saved.scalar_type(), "loss_scale_grad_cpu", [&] {
@@ -183,16 +400,10 @@ std::tuple<at::Tensor, at::Tensor> loss_scale_grad_cpu(const c10::optional<at::T
           return;
         }
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, coef.scalar_type(), "loss_scale_grad_coef", [&] {
-          const scalar_t* c = coef.data_ptr<scalar_t>();
           if (coef.dim() == 0) {
-            const acc_t k = static_cast<acc_t>(c[0]);
-            at::parallel_for(0, m, 16384, [&](int64_t i0, int64_t i1) {
-              for (int64_t i = i0; i < i1; ++i) o[i] = static_cast<out_t>(src[i] * k);
-            });
+            scale_into<acc_t, out_t, scalar_t, false>(src, coef.data_ptr<scalar_t>(), m, o);
           } else {
-            at::parallel_for(0, m, 16384, [&](int64_t i0, int64_t i1) {
-              for (int64_t i = i0; i < i1; ++i) o[i] = static_cast<out_t>(src[i] * static_cast<acc_t>(c[i]));
-            });
+            scale_into<acc_t, out_t, scalar_t, true>(src, coef.data_ptr<scalar_t>(), m, o);
           }
         });
       });
@@ -237,6 +448,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vae_loss_fwd_cpu(const at::Tensor
   TORCH_CHECK(acc_type(mu_.scalar_type()) == acc, "vae_loss: mu (", mu_.scalar_type(), ") and recon (",
               recon_.scalar_type(), ") must both be float64 or both not");
   TORCH_CHECK(reduction == kReduceSum || reduction == kReduceBatchMean, "vae_loss: bad reduction code ", reduction);
+  check_simd();
   const at::Tensor recon = recon_.contiguous(), target = target_.contiguous();
   const at::Tensor mu = mu_.contiguous(), logvar = logvar_.contiguous();
   const int64_t n = recon.numel(), nz = mu.numel();
@@ -244,7 +456,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vae_loss_fwd_cpu(const at::Tensor
   at::Tensor loss = at::empty({}, opts), parts = at::empty({2}, opts), grad = at::empty({n + 2 * nz}, opts);
   const double N = reduction == kReduceBatchMean ? (recon.dim() > 0 ? double(recon.size(0)) : 1.0) : 1.0;
   std::atomic<bool> out_of_range{false};
-  double rec_sum = 0, kl_sum = 0;
+  double rec_sum = 0, kl_total = 0;
   dispatch_pair(recon.scalar_type(), target.scalar_type(), "vae_loss", [&](auto rz, auto tz, auto az) {
     using r_t = decltype(rz);
     using t_t = decltype(tz);
@@ -253,35 +465,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vae_loss_fwd_cpu(const at::Tensor
     const t_t* t = target.data_ptr<t_t>();
     acc_t* g = grad.data_ptr<acc_t>();
     const acc_t s = acc_t(1) / acc_t(N);
-    auto recon_sum = [&](auto rk_c) {
-      constexpr int RK = decltype(rk_c)::value;
-      return blocked_sum<acc_t>(n, [&](int64_t i0, int64_t i1) {
-        acc_t a = 0;
-        bool bad = false;
-#pragma omp simd reduction(+ : a) reduction(| : bad)
-        for (int64_t i = i0; i < i1; ++i) {
-          acc_t gi;
-          const acc_t ri = static_cast<acc_t>(r[i]);
-          if (RK == kReconBce) bad |= !(ri >= acc_t(0) && ri <= acc_t(1));
-          a += vae_recon_elem<acc_t>(ri, static_cast<acc_t>(t[i]), RK, &gi);
-          g[i] = gi * s;
-        }
-        if (bad) out_of_range.store(true);
-        return a;
-      });
-    };
     acc_t rs;
     if (recon_kind == kReconBce) {
-      rs = recon_sum(std::integral_constant<int, kReconBce>());
+      rs = vae_recon_sum<kReconBce>(r, t, n, s, g, &out_of_range);
     } else if (recon_kind == kReconBceLogits) {
-      rs = recon_sum(std::integral_constant<int, kReconBceLogits>());
+      rs = vae_recon_sum<kReconBceLogits>(r, t, n, s, g, &out_of_range);
     } else {
-      rs = recon_sum(std::integral_constant<int, kReconMse>());
+      rs = vae_recon_sum<kReconMse>(r, t, n, s, g, &out_of_range);
     }
     rec_sum = static_cast<double>(rs);
   });
-  TORCH_CHECK(!out_of_range.load(), "vae_loss: all elements of recon should be between 0 and 1 for "
-              "recon_loss='bce' (use 'bce_logits' for logits)");
+  TORCH_CHECK(!out_of_range.load(), "all elements of input should be between 0 and 1 (vae_loss: recon holds "
+              "probabilities for recon_loss='bce'; use 'bce_logits' for logits)");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "vae_kl", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* m = mu.data_ptr<scalar_t>();
@@ -289,21 +484,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vae_loss_fwd_cpu(const at::Tensor
     acc_t* gm = grad.data_ptr<acc_t>() + n;
     acc_t* gl = gm + nz;
     const acc_t k = static_cast<acc_t>(beta) / acc_t(N);
-    const acc_t ks = blocked_sum<acc_t>(nz, [&](int64_t i0, int64_t i1) {
-      acc_t a = 0;
-      for (int64_t i = i0; i < i1; ++i) {
-        acc_t dm, dl;
-        a += kl_elem<acc_t>(static_cast<acc_t>(m[i]), static_cast<acc_t>(lv[i]), &dm, &dl);
-        gm[i] = dm * k;
-        gl[i] = dl * k;
-      }
-      return a;
-    });
-    kl_sum = static_cast<double>(ks);
+    const acc_t ks = kl_sum<scalar_t, acc_t>(m, lv, nz, k, gm, gl);
+    kl_total = static_cast<double>(ks);
   });
   AT_DISPATCH_FLOATING_TYPES(acc, "vae_store", [&] {
     const scalar_t rec = static_cast<scalar_t>(rec_sum) / static_cast<scalar_t>(N);
-    const scalar_t kl = static_cast<scalar_t>(kl_sum) / static_cast<scalar_t>(N);
+    const scalar_t kl = static_cast<scalar_t>(kl_total) / static_cast<scalar_t>(N);
     *loss.data_ptr<scalar_t>() = rec + static_cast<scalar_t>(beta) * kl;
     parts.data_ptr<scalar_t>()[0] = rec;
     parts.data_ptr<scalar_t>()[1] = kl;
@@ -326,6 +512,7 @@ std::tuple<at::Tensor, at::Tensor> bce_loss_fwd_cpu(const at::Tensor& input_, co
   const bool has_w = weight_.has_value() && weight_->defined();
   const bool has_p = pos_weight_.has_value() && pos_weight_->defined();
   TORCH_CHECK(logits || !has_p, "bce_loss: pos_weight needs logits=True");
+  check_simd();
   const at::Tensor input = input_.contiguous(), target = target_.contiguous();
   const int64_t n = input.numel();
   const at::ScalarType acc = acc_type(input.scalar_type());
@@ -349,51 +536,34 @@ std::tuple<at::Tensor, at::Tensor> bce_loss_fwd_cpu(const at::Tensor& input_, co
     acc_t* g = grad.data_ptr<acc_t>();
     acc_t* terms = none ? out.data_ptr<acc_t>() : nullptr;
     const acc_t gs = reduction == kReduceMean ? acc_t(1) / acc_t(n) : acc_t(1);
-    const acc_t s = blocked_sum<acc_t>(n, [&](int64_t i0, int64_t i1) {
-      acc_t a = 0;
-      bool bad = false;
-      for (int64_t i = i0; i < i1; ++i) {
-        acc_t gi, l;
-        const acc_t xi = static_cast<acc_t>(x[i]);
-        if (logits) {
-          l = bce_logits_elem<acc_t>(xi, static_cast<acc_t>(t[i]), pp ? pp[i] : acc_t(1), &gi);
-        } else {
-          bad |= !(xi >= acc_t(0) && xi <= acc_t(1));
-          l = bce_prob_elem<acc_t>(xi, static_cast<acc_t>(t[i]), &gi);
-        }
-        if (wp) {
-          l *= wp[i];
-          gi *= wp[i];
-        }
-        g[i] = gi * gs;
-        if (terms) terms[i] = l;
-        a += l;
-      }
-      if (bad) out_of_range.store(true);
-      return a;
-    });
+    const acc_t s = logits ? bce_sum<true>(x, t, wp, pp, n, gs, g, terms, &out_of_range)
+                           : bce_sum<false>(x, t, wp, pp, n, gs, g, terms, &out_of_range);
     if (!none) *out.data_ptr<acc_t>() = reduction == kReduceMean ? s / acc_t(n) : s;
   });
   TORCH_CHECK(!out_of_range.load(), "all elements of input should be between 0 and 1");
   return {out, grad};
 }
 
-// z = mu + eps * exp(0.5 logvar) in mu's dtype (one pass).
+// z = mu + eps * exp(0.5 logvar) in mu's dtype, bitwise torch's expression: s = exp(0.5 logvar)
+// comes from torch's own mul and exp kernels (torch's vectorised exp differs from libm's in the
+// last bit for some inputs, and which one a lane gets depends on its position in torch's loop),
+// then one pass computes mu + eps * s with torch's roundings (csrc/common/reparam.h, compiled for
+// the baseline ISA: no FMA contraction).
 at::Tensor reparam_fwd_cpu(const at::Tensor& mu_, const at::Tensor& logvar_, const at::Tensor& eps_) {
   TORCH_CHECK(mu_.sizes() == logvar_.sizes() && mu_.sizes() == eps_.sizes(), "reparameterize: mu ", mu_.sizes(),
               ", logvar ", logvar_.sizes(), " and eps ", eps_.sizes(), " must have the same shape");
   TORCH_CHECK(mu_.scalar_type() == logvar_.scalar_type() && mu_.scalar_type() == eps_.scalar_type(),
               "reparameterize: mu, logvar and eps must have the same dtype");
-  const at::Tensor mu = mu_.contiguous(), lv = logvar_.contiguous(), eps = eps_.contiguous();
+  at::Tensor s = at::mul(logvar_, 0.5);
+  s.exp_();
+  const at::Tensor mu = mu_.contiguous(), eps = eps_.contiguous(), sc = s.contiguous();
   at::Tensor z = at::empty(mu.sizes(), mu.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "reparam_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t *m = mu.data_ptr<scalar_t>(), *l = lv.data_ptr<scalar_t>(), *e = eps.data_ptr<scalar_t>();
+    const scalar_t *m = mu.data_ptr<scalar_t>(), *e = eps.data_ptr<scalar_t>(), *sp = sc.data_ptr<scalar_t>();
     scalar_t* o = z.data_ptr<scalar_t>();
     at::parallel_for(0, mu.numel(), 16384, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i)
-        o[i] = static_cast<scalar_t>(reparam_elem<acc_t>(static_cast<acc_t>(m[i]), static_cast<acc_t>(l[i]),
-                                                         static_cast<acc_t>(e[i])));
+      for (int64_t i = i0; i < i1; ++i) o[i] = reparam_combine<scalar_t, acc_t>(m[i], e[i], sp[i]);
     });
   });
   return z;

@@ -223,8 +223,7 @@ __global__ void reparam_fwd_kernel(const scalar_t* __restrict__ mu, const scalar
                                    scalar_t* __restrict__ z, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-    z[i] = static_cast<scalar_t>(reparam_elem<acc_t>(static_cast<acc_t>(mu[i]), static_cast<acc_t>(lv[i]),
-                                                     static_cast<acc_t>(eps[i])));
+    z[i] = reparam_elem<scalar_t, acc_t>(mu[i], lv[i], eps[i]);
 }
 
 template <typename scalar_t>

@@ -17,6 +17,9 @@ import struct
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+
+from genfast.kernels.batchnorm_act import _on_device
 
 BLOCK = 1024
 SINGLE_MAX = 16384
@@ -29,8 +32,35 @@ def _split(v: float) -> tuple[float, float]:
     return hi, v - hi
 
 
+# torch's message for probabilities outside [0, 1] (or NaN) in binary_cross_entropy.
+RANGE_MSG = "all elements of input should be between 0 and 1"
+VAE_RANGE_MSG = (RANGE_MSG + " (vae_loss: recon holds probabilities for recon_loss='bce'; use 'bce_logits' "
+                 "for logits)")
+
+
+def _check_range(bad: torch.Tensor, msg: str) -> None:
+    """Raise torch's error when a kernel flagged a probability outside [0, 1]: at once for CPU
+    tensors (the interpreter), as a device-side assertion on the GPU (like torch's CUDA BCE
+    kernel: no host synchronisation)."""
+    if bad.device.type == "cuda":
+        torch._assert_async(bad == 0, msg)
+    elif bad.item():
+        raise RuntimeError(msg)
+
+
+def _check_target(input: torch.Tensor, target: torch.Tensor, name: str) -> None:
+    """The C++ ops' rule: the target has the input's dtype or the accumulation dtype."""
+    if target.dtype not in (input.dtype, _acc(input.dtype)):
+        raise RuntimeError(f"{name}: target must have the dtype of the input ({input.dtype}) or "
+                           f"{_acc(input.dtype)}, got {target.dtype}")
+
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+              torch.float64: tl.float64}
 
 
 def _tl(dtype: torch.dtype):
@@ -62,10 +92,21 @@ def _bce_logits(x, t, p):
     a = 1.0 - t
     b = p * t
     grad = a * sig - b * sign
-    sp_pos = tl.maximum(x, 0.0) + l1p
-    sp_neg = tl.maximum(-x, 0.0) + l1p
+    sp_pos = tl.maximum(x, 0.0, tl.PropagateNan.ALL) + l1p
+    sp_neg = tl.maximum(-x, 0.0, tl.PropagateNan.ALL) + l1p
     loss = tl.where(a == 0.0, 0.0, a * sp_pos) + tl.where(b == 0.0, 0.0, b * sp_neg)
     loss = tl.where(x != x, x, loss)
+    return loss, grad
+
+
+@triton.jit
+def _bce_prob(p, t):
+    # (loss, d/dp) of torch's BCE on probabilities: each log clamped at -100 (NaN stays NaN, as
+    # with torch's std::max), gradient (p - t) / max(p (1 - p), 1e-12).
+    lp = tl.maximum(tl.log(p), -100.0, tl.PropagateNan.ALL)
+    l1mp = tl.maximum(tl.log(1.0 - p), -100.0, tl.PropagateNan.ALL)
+    loss = (t - 1.0) * l1mp - t * lp
+    grad = (p - t) / tl.maximum(p * (1.0 - p), 1e-12, tl.PropagateNan.ALL)
     return loss, grad
 
 
@@ -126,7 +167,7 @@ def _gan_loss_kernel(real_ptr,       # [nr] logits, role real (any valid pointer
                      KIND: tl.constexpr, FAKE_ROLE: tl.constexpr, MEAN: tl.constexpr,
                      NONE: tl.constexpr, SINGLE: tl.constexpr, NAN_ADD: tl.constexpr,
                      ACC: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: pid * chunk can pass 2^31
     n = nr + nf
     one = tl.full([], 1.0, ACC)
     label = label_hi * one + label_lo * one
@@ -232,13 +273,14 @@ def gan_loss_fwd(real, fake, kind: int, generator: bool, reduction: int, real_la
     hi, lo = _split(float(real_label))
     rp = real_c if has_r else fake_c
     fp = fake_c if has_f else real_c
-    _gan_loss_kernel[(programs,)](
-        rp, fp, nr, nf, grad, out_r if none else grad, out_f if none else grad, out_r, partials,
-        hi, lo, chunk, KIND=kind, FAKE_ROLE=2 if generator else 1, MEAN=reduction == 1, NONE=none,
-        SINGLE=single, NAN_ADD=nan_add, ACC=_tl(acc), BLOCK=BLOCK)
-    if not none and not single:
-        _sum_partials_kernel[(1,)](partials, programs, out_r, out_r, 1, 0.0, 0.0,
-                                   NV=1, NAN_ADD=nan_add, ACC=_tl(acc), BLOCK=BLOCK)
+    with _on_device(any_):
+        _gan_loss_kernel[(programs,)](
+            rp, fp, nr, nf, grad, out_r if none else grad, out_f if none else grad, out_r, partials,
+            hi, lo, chunk, KIND=kind, FAKE_ROLE=2 if generator else 1, MEAN=reduction == 1, NONE=none,
+            SINGLE=single, NAN_ADD=nan_add, ACC=_tl(acc), BLOCK=BLOCK)
+        if not none and not single:
+            _sum_partials_kernel[(1,)](partials, programs, out_r, out_r, 1, 0.0, 0.0,
+                                       NV=1, NAN_ADD=nan_add, ACC=_tl(acc), BLOCK=BLOCK)
     return out_r, out_f, grad
 
 
@@ -248,7 +290,7 @@ def _scale_kernel(saved_ptr,      # [n] saved derivatives (acc dtype)
                   ca_ptr, cb_ptr,  # coefficients: 0-dim (MODE 1) or elementwise (MODE 2) or unused (MODE 0)
                   ga_ptr, gb_ptr,  # [split], [n - split] gradients in their own dtypes
                   MODE_A: tl.constexpr, MODE_B: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: pid * chunk can pass 2^31
     idx = pid * BLOCK + tl.arange(0, BLOCK)
     m = idx < n
     ina = idx < split
@@ -289,10 +331,11 @@ def loss_scale_grad(coef_a, coef_b, saved, split: int, dtype_a, dtype_b):
     gb = torch.empty((n - split,), dtype=dtype_b, device=saved.device)
     if n == 0:
         return ga, gb
-    _scale_kernel[(triton.cdiv(n, ELEM_BLOCK),)](
-        saved, split, n, ca if ca is not None else saved, cb if cb is not None else saved,
-        ga if split > 0 else saved, gb if n - split > 0 else saved,
-        MODE_A=ma, MODE_B=mb, BLOCK=ELEM_BLOCK)
+    with _on_device(saved):
+        _scale_kernel[(triton.cdiv(n, ELEM_BLOCK),)](
+            saved, split, n, ca if ca is not None else saved, cb if cb is not None else saved,
+            ga if split > 0 else saved, gb if n - split > 0 else saved,
+            MODE_A=ma, MODE_B=mb, BLOCK=ELEM_BLOCK)
     return ga, gb
 
 
@@ -306,9 +349,10 @@ def _vae_kernel(recon_ptr, target_ptr,  # [n] reconstruction and target
                 ndiv,                   # N for batchmean, else 1 (the terms are divided by it)
                 beta_hi, beta_lo,       # KL weight = hi + lo
                 chunk, programs,        # elements per program, number of programs
+                bad_ptr,                # int32 0-dim, set to 1 when a probability is outside [0, 1] or NaN (RECON 1)
                 RECON: tl.constexpr,    # 0 mse, 1 bce (probabilities), 2 bce_logits
                 SINGLE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: pid * chunk can pass 2^31
     total = n + nz
     one = tl.full([], 1.0, ACC)
     sc = one / (ndiv * one)
@@ -316,6 +360,7 @@ def _vae_kernel(recon_ptr, target_ptr,  # [n] reconstruction and target
     kb = beta * sc
     acc_r = tl.zeros([BLOCK], ACC)
     acc_k = tl.zeros([BLOCK], ACC)
+    bad = tl.zeros([BLOCK], tl.int32)
     start = pid * chunk
     for off in range(0, chunk, BLOCK):
         idx = start + off + tl.arange(0, BLOCK)
@@ -328,10 +373,8 @@ def _vae_kernel(recon_ptr, target_ptr,  # [n] reconstruction and target
             lr = d * d
             gr = 2.0 * d
         elif RECON == 1:
-            lp = tl.maximum(tl.log(r), -100.0)
-            l1mp = tl.maximum(tl.log(1.0 - r), -100.0)
-            lr = (t - 1.0) * l1mp - t * lp
-            gr = (r - t) / tl.maximum(r * (1.0 - r), 1e-12)
+            lr, gr = _bce_prob(r, t)
+            bad += tl.where(mr & ~((r >= 0.0) & (r <= 1.0)), 1, 0)
         else:
             lr, gr = _bce_logits(r, t, 1.0)
         tl.store(grad_ptr + idx, (gr * sc).to(ACC), mask=mr)
@@ -354,11 +397,14 @@ def _vae_kernel(recon_ptr, target_ptr,  # [n] reconstruction and target
     else:
         tl.store(partial_ptr + pid, sr)
         tl.store(partial_ptr + programs + pid, sk)
+    if RECON == 1:
+        tl.atomic_max(bad_ptr, tl.max(bad, axis=0))
 
 
 def vae_loss_fwd(recon, target, mu, logvar, recon_kind: int, beta: float, reduction: int):
     if recon.shape != target.shape:
         raise RuntimeError("vae_loss: recon and target must have the same shape")
+    _check_target(recon, target, "vae_loss")
     if mu.shape != logvar.shape or mu.dtype != logvar.dtype:
         raise RuntimeError("vae_loss: mu and logvar must have the same shape and dtype")
     acc = _acc(recon.dtype)
@@ -373,12 +419,16 @@ def vae_loss_fwd(recon, target, mu, logvar, recon_kind: int, beta: float, reduct
     programs, chunk, single = _grid(n + nz)
     partials = grad if single else torch.empty((2 * programs,), dtype=acc, device=dev)
     hi, lo = _split(float(beta))
-    _vae_kernel[(programs,)](recon_c, target_c, mu_c, lv_c, n, nz, grad, loss, parts, partials,
-                             N, hi, lo, chunk, programs, RECON=recon_kind, SINGLE=single, ACC=_tl(acc),
-                             BLOCK=BLOCK)
-    if not single:
-        _sum_partials_kernel[(1,)](partials, programs, loss, parts, N, hi, lo, NV=2,
-                                   NAN_ADD=False, ACC=_tl(acc), BLOCK=BLOCK)
+    bad = torch.zeros((), dtype=torch.int32, device=dev) if recon_kind == 1 else grad
+    with _on_device(recon):
+        _vae_kernel[(programs,)](recon_c, target_c, mu_c, lv_c, n, nz, grad, loss, parts, partials,
+                                 N, hi, lo, chunk, programs, bad, RECON=recon_kind, SINGLE=single, ACC=_tl(acc),
+                                 BLOCK=BLOCK)
+        if not single:
+            _sum_partials_kernel[(1,)](partials, programs, loss, parts, N, hi, lo, NV=2,
+                                       NAN_ADD=False, ACC=_tl(acc), BLOCK=BLOCK)
+    if recon_kind == 1:
+        _check_range(bad, VAE_RANGE_MSG)
     return loss, parts, grad
 
 
@@ -390,11 +440,14 @@ def _bce_kernel(x_ptr, t_ptr,    # [n] input (logits or probabilities) and targe
                 terms_ptr,       # [n] per-element terms (NONE)
                 out_ptr,         # 0-dim loss (SINGLE, reduced)
                 partial_ptr,     # [programs] partial sums
-                chunk,
+                chunk,           # elements per program
+                bad_ptr,         # int32 0-dim, set to 1 when a probability is outside [0, 1] or NaN (not LOGITS)
                 LOGITS: tl.constexpr, HAS_W: tl.constexpr, HAS_P: tl.constexpr, MEAN: tl.constexpr,
-                NONE: tl.constexpr, SINGLE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
+                NONE: tl.constexpr, SINGLE: tl.constexpr, NAN_ADD: tl.constexpr, ACC: tl.constexpr,
+                BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: pid * chunk can pass 2^31
     one = tl.full([], 1.0, ACC)
+    bad = tl.zeros([BLOCK], tl.int32)
     if MEAN:
         gs = one / (n * one)
     else:
@@ -413,10 +466,8 @@ def _bce_kernel(x_ptr, t_ptr,    # [n] input (logits or probabilities) and targe
                 p = tl.full([BLOCK], 1.0, ACC)
             loss, grad = _bce_logits(x, t, p)
         else:
-            lp = tl.maximum(tl.log(x), -100.0)
-            l1mp = tl.maximum(tl.log(1.0 - x), -100.0)
-            loss = (t - 1.0) * l1mp - t * lp
-            grad = (x - t) / tl.maximum(x * (1.0 - x), 1e-12)
+            loss, grad = _bce_prob(x, t)
+            bad += tl.where(m & ~((x >= 0.0) & (x <= 1.0)), 1, 0)
         if HAS_W:
             w = tl.load(w_ptr + idx, mask=m, other=0.0).to(ACC)
             loss = loss * w
@@ -429,14 +480,20 @@ def _bce_kernel(x_ptr, t_ptr,    # [n] input (logits or probabilities) and targe
     if not NONE:
         s = tl.sum(acc, axis=0)
         if SINGLE:
+            if NAN_ADD:
+                zero = s * 0.0
+                s = s + zero / zero  # NaN: the mean of an empty input
             tl.store(out_ptr, s)
         else:
             tl.store(partial_ptr + pid, s)
+    if not LOGITS:
+        tl.atomic_max(bad_ptr, tl.max(bad, axis=0))
 
 
 def bce_loss_fwd(input, target, weight, pos_weight, reduction: int, logits: bool):
     if input.shape != target.shape:
         raise RuntimeError(f"bce_loss: target size ({target.shape}) must be the same as input size ({input.shape})")
+    _check_target(input, target, "bce_loss")
     acc = _acc(input.dtype)
     x, t = input.contiguous(), target.contiguous()
     n = x.numel()
@@ -451,34 +508,60 @@ def bce_loss_fwd(input, target, weight, pos_weight, reduction: int, logits: bool
     grad = torch.empty((n,), dtype=acc, device=dev)
     programs, chunk, single = _grid(n)
     partials = grad if single or none else torch.empty((programs,), dtype=acc, device=dev)
-    _bce_kernel[(programs,)](x, t, w if w is not None else x, p if p is not None else x, n, grad,
-                             out if none else grad, out, partials, chunk, LOGITS=logits,
-                             HAS_W=w is not None, HAS_P=p is not None, MEAN=reduction == 1, NONE=none,
-                             SINGLE=single, ACC=_tl(acc), BLOCK=BLOCK)
-    if not none and not single:
-        _sum_partials_kernel[(1,)](partials, programs, out, out, 1, 0.0, 0.0, NV=1,
-                                   NAN_ADD=False, ACC=_tl(acc), BLOCK=BLOCK)
+    bad = grad if logits else torch.zeros((), dtype=torch.int32, device=dev)
+    with _on_device(input):
+        _bce_kernel[(programs,)](x, t, w if w is not None else x, p if p is not None else x, n, grad,
+                                 out if none else grad, out, partials, chunk, bad, LOGITS=logits,
+                                 HAS_W=w is not None, HAS_P=p is not None, MEAN=reduction == 1, NONE=none,
+                                 SINGLE=single, NAN_ADD=reduction == 1 and n == 0, ACC=_tl(acc), BLOCK=BLOCK)
+        if not none and not single:
+            _sum_partials_kernel[(1,)](partials, programs, out, out, 1, 0.0, 0.0, NV=1,
+                                       NAN_ADD=False, ACC=_tl(acc), BLOCK=BLOCK)
+    if not logits:
+        _check_range(bad, RANGE_MSG)
     return out, grad
 
 
 @triton.jit
-def _reparam_fwd_kernel(mu_ptr, lv_ptr, eps_ptr,  # [n] inputs
+def _round_to(x, DT: tl.constexpr, OP: tl.constexpr):
+    # x (dtype OP) rounded to DT to nearest even and back to OP: the rounding of a torch op's
+    # result stored in DT (nothing to do when DT is OP).
+    if DT == OP:
+        return x
+    else:
+        return x.to(DT, fp_downcast_rounding="rtne").to(OP)
+
+
+@triton.jit
+def _reparam_fwd_kernel(mu_ptr, lv_ptr, eps_ptr,  # [n] inputs, one dtype
                         z_ptr,                    # [n] output, mu's dtype
-                        n, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+                        n,                        # element count
+                        LIBDEVICE: tl.constexpr,  # exp from libdevice (CUDA's expf / exp), else tl.exp
+                        DT: tl.constexpr,         # the inputs' dtype
+                        OP: tl.constexpr,         # dtype of torch's arithmetic (fp32 for fp16/bf16)
+                        BLOCK: tl.constexpr):
+    # torch's mu + eps * exp(0.5 * logvar) step by step: every intermediate rounded to DT as
+    # torch's separate ops round it (the launch disables FMA contraction).
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # 64-bit offsets
     m = idx < n
-    mu = tl.load(mu_ptr + idx, mask=m, other=0.0)
-    lv = tl.load(lv_ptr + idx, mask=m, other=0.0).to(ACC)
-    e = tl.load(eps_ptr + idx, mask=m, other=0.0).to(ACC)
-    z = mu.to(ACC) + e * tl.exp(0.5 * lv)
-    tl.store(z_ptr + idx, z.to(z_ptr.dtype.element_ty), mask=m)
+    mu = tl.load(mu_ptr + idx, mask=m, other=0.0).to(OP)
+    lv = tl.load(lv_ptr + idx, mask=m, other=0.0).to(OP)
+    e = tl.load(eps_ptr + idx, mask=m, other=0.0).to(OP)
+    h = _round_to(lv * 0.5, DT, OP)
+    if LIBDEVICE:
+        s = libdevice.exp(h)
+    else:
+        s = tl.exp(h)
+    p = _round_to(e * _round_to(s, DT, OP), DT, OP)
+    z = _round_to(mu + p, DT, OP)
+    tl.store(z_ptr + idx, z.to(DT), mask=m)
 
 
 @triton.jit
 def _reparam_bwd_kernel(g_ptr, lv_ptr, eps_ptr,  # [n] incoming grad, logvar, eps
                         out_ptr,                 # [n] d logvar, logvar's dtype
                         n, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # 64-bit offsets
     m = idx < n
     lv = tl.load(lv_ptr + idx, mask=m, other=0.0)
     g = tl.load(g_ptr + idx, mask=m, other=0.0).to(ACC)
@@ -494,8 +577,10 @@ def reparam_fwd(mu, logvar, eps):
     z = torch.empty_like(mu_c)
     n = z.numel()
     if n:
-        _reparam_fwd_kernel[(triton.cdiv(n, ELEM_BLOCK),)](mu_c, lv_c, e_c, z, n, ACC=_tl(_acc(mu.dtype)),
-                                                           BLOCK=ELEM_BLOCK)
+        with _on_device(mu):
+            _reparam_fwd_kernel[(triton.cdiv(n, ELEM_BLOCK),)](mu_c, lv_c, e_c, z, n, LIBDEVICE=mu.device.type == "cuda",
+                                                               DT=_TL_DTYPES[mu.dtype], OP=_tl(_acc(mu.dtype)),
+                                                               BLOCK=ELEM_BLOCK, enable_fp_fusion=False)
     return z
 
 
@@ -506,6 +591,7 @@ def reparam_bwd(grad_z, logvar, eps):
     out = torch.empty_like(lv_c)
     n = out.numel()
     if n:
-        _reparam_bwd_kernel[(triton.cdiv(n, ELEM_BLOCK),)](g, lv_c, e_c, out, n, ACC=_tl(_acc(logvar.dtype)),
-                                                           BLOCK=ELEM_BLOCK)
+        with _on_device(logvar):
+            _reparam_bwd_kernel[(triton.cdiv(n, ELEM_BLOCK),)](g, lv_c, e_c, out, n, ACC=_tl(_acc(logvar.dtype)),
+                                                               BLOCK=ELEM_BLOCK)
     return out

@@ -72,7 +72,7 @@ class VAELoss(nn.Module):
 def _out_dtype(input: Tensor, target: Tensor) -> torch.dtype:
     # torch returns the loss in the promoted input/target dtype (float32 under autocast, which
     # casts both to float32 first); genfast's kernels return float32 for 16-bit inputs.
-    if torch.is_autocast_enabled(input.device.type):
+    if _loss.autocast_enabled(input.device):
         return torch.float32
     if input.dtype == target.dtype:
         return input.dtype
@@ -97,6 +97,7 @@ class BCEWithLogitsLoss(nn.BCEWithLogitsLoss):
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         _check_bce(input, target, "BCEWithLogitsLoss")
         _loss.check_reduction(self.reduction, _loss.REDUCTIONS)
+        input, target = _loss.autocast_float32(input, target)
         if target.dtype not in (input.dtype, _loss._acc(input.dtype)):
             warn_once("bce-logits-dtype", "genfast BCEWithLogitsLoss: target dtype differs from input's (and "
                       "is not float32); running torch's implementation")
@@ -113,7 +114,7 @@ class BCELoss(nn.BCELoss):
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         _check_bce(input, target, "BCELoss")
         _loss.check_reduction(self.reduction, _loss.REDUCTIONS)
-        if torch.is_autocast_enabled(input.device.type):
+        if _loss.autocast_enabled(input.device):
             # torch refuses binary_cross_entropy under autocast; keep its exception.
             return super().forward(input, target)
         if target.dtype not in (input.dtype, _loss._acc(input.dtype)):

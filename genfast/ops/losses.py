@@ -169,9 +169,16 @@ def _(grad_z, logvar, eps, backend):
 # torch.compile traces them): the Python custom-op layer costs about 20 us per call on the CPU,
 # as much as a small loss kernel. The triton backend goes through the registered Python ops.
 
+_CPP_OPS: dict = {}
+
+
 def _call(cpp_name: str, py_op, backend: str, *args):
-    if backend in ("cpu", "cuda"):
-        return getattr(torch.ops.genfast, cpp_name)(*args)
+    if backend == "cpu" or backend == "cuda":
+        op = _CPP_OPS.get(cpp_name)
+        if op is None:
+            # the OpOverload itself: calling it skips the packet's overload resolution
+            op = _CPP_OPS[cpp_name] = getattr(torch.ops.genfast, cpp_name).default
+        return op(*args)
     return py_op(*args, backend)
 
 
@@ -320,6 +327,70 @@ class ReparamFunction(torch.autograd.Function):
         return g, _call("reparam_bwd", reparam_bwd_op, ctx.backend, g, logvar, eps), None, None
 
 
+# Autograd formulas on the registered ops themselves (for callers of torch.ops.genfast.* and for
+# opcheck / AOT tracing): the same backward as the Functions above. The saved-derivative outputs
+# (and the VAE's parts) are not differentiable.
+
+def _gan_setup(ctx, inputs, output):
+    real, fake, kind, generator, reduction, real_label, backend = inputs
+    ctx.save_for_backward(output[2], real, fake)
+    ctx.cfg = (kind, generator, reduction, real_label, backend)
+    ctx.mark_non_differentiable(output[2])
+    if reduction != REDUCTIONS["none"]:
+        ctx.mark_non_differentiable(output[1])
+
+
+def _vae_setup(ctx, inputs, output):
+    recon, target, mu, logvar, recon_kind, beta, reduction, backend = inputs
+    ctx.save_for_backward(output[2], recon, target, mu, logvar)
+    ctx.cfg = (recon_kind, beta, reduction, backend)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _bce_setup(ctx, inputs, output):
+    input, target, weight, pos_weight, reduction, logits, backend = inputs
+    ctx.save_for_backward(output[1], input, target, weight, pos_weight)
+    ctx.cfg = (reduction, logits, backend)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _reparam_setup(ctx, inputs, output):
+    mu, logvar, eps, backend = inputs
+    ctx.save_for_backward(logvar, eps)
+    ctx.backend = backend
+
+
+gan_loss_op.register_autograd(lambda ctx, g_r, g_f, _g: GanLossFunction.backward(ctx, g_r, g_f),
+                              setup_context=_gan_setup)
+vae_loss_op.register_autograd(lambda ctx, g_loss, g_parts, _g: VaeLossFunction.backward(ctx, g_loss, g_parts),
+                              setup_context=_vae_setup)
+bce_loss_op.register_autograd(lambda ctx, g, _g: BceLossFunction.backward(ctx, g), setup_context=_bce_setup)
+reparam_fwd_op.register_autograd(ReparamFunction.backward, setup_context=_reparam_setup)
+
+# Autocast: the losses run in float32, as torch's own losses (binary_cross_entropy_with_logits,
+# mse_loss, ...) do under autocast on both device types.
+for _op in ("genfast::gan_loss", "genfast::vae_loss", "genfast::bce_loss"):
+    for _dev in ("cpu", "cuda"):
+        torch.library.register_autocast(_op, _dev, torch.float32, lib=_lib)
+
+
+def autocast_enabled(device: torch.device) -> bool:
+    """Whether an autocast region is active for this device type (False for device types autocast
+    does not know, such as meta)."""
+    t = device.type
+    return (t == "cpu" or t == "cuda" or torch.amp.is_autocast_available(t)) and torch.is_autocast_enabled(t)
+
+
+def autocast_float32(*ts):
+    """torch's autocast rule for losses: inside an autocast region of the tensors' device type,
+    float16/bfloat16 tensors are cast to float32 (float64 and None pass unchanged)."""
+    first = ts[0] if isinstance(ts[0], Tensor) else next((t for t in ts if isinstance(t, Tensor)), None)
+    if first is None or not autocast_enabled(first.device):
+        return ts
+    return tuple(t.float() if isinstance(t, Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
+                 for t in ts)
+
+
 # --- checks (torch's exception types, the argument named) ----------------------------------------
 
 def check_reduction(reduction: str, allowed) -> None:
@@ -358,6 +429,26 @@ def check_gan(real, fake, kind, reduction, real_label) -> None:
         raise ValueError(f"real_label must be finite, got {real_label}")
 
 
+def _raise_shape_mismatch(recon, target, recon_loss) -> None:
+    """The exception torch's reconstruction loss raises for recon and target of different shapes
+    (F.binary_cross_entropy, F.binary_cross_entropy_with_logits, or F.mse_loss's broadcast)."""
+    if recon_loss == "bce":
+        raise ValueError(f"Using a target size ({target.size()}) that is different to the input size ({recon.size()}) "
+                         "is deprecated. Please ensure they have the same size.")
+    if recon_loss == "bce_logits":
+        raise ValueError(f"Target size ({target.size()}) must be the same as input size ({recon.size()})")
+    a, b = tuple(recon.shape), tuple(target.shape)
+    nd = max(len(a), len(b))
+    a, b = (1,) * (nd - len(a)) + a, (1,) * (nd - len(b)) + b
+    for i in reversed(range(nd)):
+        if a[i] != b[i] and a[i] != 1 and b[i] != 1:
+            raise RuntimeError(f"The size of tensor a ({a[i]}) must match the size of tensor b ({b[i]}) at "
+                               f"non-singleton dimension {i}")
+    # Broadcastable: torch's mse_loss warns and broadcasts; the fused VAE loss refuses.
+    raise ValueError(f"Using a target size ({target.size()}) that is different to the input size ({recon.size()}) "
+                     "would broadcast (torch's mse_loss warns); vae_loss needs target and recon of the same shape")
+
+
 def check_vae(recon, target, mu, logvar, recon_loss, reduction) -> None:
     if recon_loss not in VAE_RECON:
         raise ValueError(f"recon_loss must be one of {tuple(VAE_RECON)}, got {recon_loss!r}")
@@ -365,8 +456,7 @@ def check_vae(recon, target, mu, logvar, recon_loss, reduction) -> None:
     for t, name in ((recon, "recon"), (target, "target"), (mu, "mu"), (logvar, "logvar")):
         _check_tensor(t, name)
     if recon.shape != target.shape:
-        raise ValueError(f"Using a target size ({target.shape}) that is different to the recon size "
-                         f"({recon.shape}) is not supported: target and recon must have the same shape")
+        _raise_shape_mismatch(recon, target, recon_loss)
     if mu.shape != logvar.shape:
         raise RuntimeError(f"mu {tuple(mu.shape)} and logvar {tuple(logvar.shape)} must have the same shape")
     for t, name in ((target, "target"), (mu, "mu"), (logvar, "logvar")):
@@ -383,13 +473,18 @@ def check_vae(recon, target, mu, logvar, recon_loss, reduction) -> None:
 
 # --- entry points used by genfast.functional -----------------------------------------------------
 
+def _backend(device: torch.device) -> str:
+    # Meta tensors carry no data: the reference formulas give torch's output shapes and dtypes.
+    return "reference" if device.type == "meta" else B.resolve(FAMILY, device)
+
+
 def _needs_reference(*ts) -> bool:
     # Gradients w.r.t. a target (or a loss weight) are not computed by the fused kernels.
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
 def discriminator_loss(real, fake, kind, reduction, real_label):
-    name = B.resolve(FAMILY, fake.device)
+    name = _backend(fake.device)
     if name == "reference":
         return ref.discriminator_loss(real, fake, kind, reduction, real_label)
     r, f = GanLossFunction.apply(real, fake, GAN_KINDS[kind], False, REDUCTIONS[reduction],
@@ -398,7 +493,7 @@ def discriminator_loss(real, fake, kind, reduction, real_label):
 
 
 def generator_loss(fake, kind, reduction):
-    name = B.resolve(FAMILY, fake.device)
+    name = _backend(fake.device)
     if name == "reference":
         return ref.generator_loss(fake, kind, reduction)
     r, f = GanLossFunction.apply(None, fake, GAN_KINDS[kind], True, REDUCTIONS[reduction], 1.0, name)
@@ -407,7 +502,7 @@ def generator_loss(fake, kind, reduction):
 
 def vae_loss(recon, target, mu, logvar, recon_loss, beta, reduction):
     """(loss, parts) with parts = [recon term, kl term] (detached, for logging)."""
-    name = B.resolve(FAMILY, recon.device)
+    name = _backend(recon.device)
     if name == "reference" or _needs_reference(target):
         loss, rec, kl = ref.vae_loss(recon, target, mu, logvar, recon_loss, beta, reduction)
         return loss, torch.stack([rec.detach(), kl.detach()])
@@ -418,7 +513,7 @@ def vae_loss(recon, target, mu, logvar, recon_loss, beta, reduction):
 def bce_loss(input, target, weight, pos_weight, reduction, logits):
     """Per-element weights are broadcast to input's shape here (a copy only when the broadcast
     view is not contiguous)."""
-    name = B.resolve(FAMILY, input.device)
+    name = _backend(input.device)
     if name == "reference" or _needs_reference(target, weight, pos_weight):
         if logits:
             return ref.bce_with_logits(input, target, weight, pos_weight, reduction)
@@ -429,7 +524,7 @@ def bce_loss(input, target, weight, pos_weight, reduction, logits):
 
 
 def reparameterize(mu, logvar, eps):
-    name = B.resolve(FAMILY, mu.device)
+    name = _backend(mu.device)
     if name == "reference":
         return ref.reparameterize(mu, logvar, eps)
     return ReparamFunction.apply(mu, logvar, eps, name)
