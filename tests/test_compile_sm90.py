@@ -308,6 +308,11 @@ def _check(results: dict, family: str, triton_label: str):
     res = results[family]
     print(f"\n[{triton_label}] {family}: {len(res['records'])} compiled specialisations")
     print(H.summary_table(res["records"]))
+    per_launcher = {}
+    for r in res["records"]:
+        per_launcher[r.launcher] = per_launcher.get(r.launcher, 0) + 1
+    print("specialisations per launcher over the grid: "
+          + ", ".join(f"{k.rsplit('.', 1)[-1]} {v}" for k, v in sorted(per_launcher.items())))
     problems = [f"{e['case']}: {e['error']}" for e in res["errors"]]
     notes = []
     for r in res["records"]:
