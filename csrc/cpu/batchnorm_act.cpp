@@ -1,6 +1,10 @@
 // BatchNorm + activation on the CPU: at::parallel_for over fixed-size blocks (results do not
 // depend on the thread count), inner loops over contiguous memory written for the compiler to
-// vectorise (`omp simd`).
+// vectorise (`omp simd`). Reductions accumulate in double with 64-bit counts, per block then
+// per channel in a fixed order; the batch mean is the total sum over the count (as torch: an inf
+// input gives an inf running_mean). Normalisation is (x - mean) * gamma * invstd + beta. An
+// (N, C) input is read as N rows of C channels (vector loads across channels), one channel as
+// one long row.
 //
 // Passes over memory:
 //   training forward: 2 reads of x (statistics; normalise) + 1 write of y.
@@ -173,6 +177,17 @@ void normalize_act(const scalar_t* x, scalar_t* y, const ChannelView& v, const s
   const int64_t C = v.C;
   const Tasks tk = make_tasks(v);
   if (tk.n == 0) return;
+  // NLC: a block of whole rows is one contiguous run whose channel repeats with period C. The
+  // coefficients are repeated to a period P (a multiple of C, at least kMinPeriod) so that the
+  // inner loop stays long when C is small (e.g. (N, 16) inputs).
+  constexpr int64_t kMinPeriod = 256;
+  const int64_t P = v.layout == RowLayout::kNLC ? C * std::max<int64_t>(1, kMinPeriod / std::max<int64_t>(C, 1)) : 0;
+  std::vector<acc_t> mp(P), ap(P), bp(P);
+  for (int64_t j = 0; j < P; ++j) {
+    mp[j] = mean[j % C];
+    ap[j] = scale[j % C];
+    bp[j] = beta[j % C];
+  }
   const acc_t* m = mean.data();
   const acc_t* a = scale.data();
   const acc_t* b = beta.data();
@@ -190,12 +205,16 @@ void normalize_act(const scalar_t* x, scalar_t* y, const ChannelView& v, const s
           o[i] = static_cast<scalar_t>(bn_act_forward_elem_c<act, acc_t>(static_cast<acc_t>(p[i]), mc, ac, bc, slope));
       } else {
         const int64_t lo = t * tk.R, hi = std::min(v.N * v.L, lo + tk.R);
-        for (int64_t r = lo; r < hi; ++r) {
-          const scalar_t* p = x + r * C;
-          scalar_t* o = y + r * C;
+        const int64_t n = (hi - lo) * C;
+        const scalar_t* p = x + lo * C;
+        scalar_t* o = y + lo * C;
+        const acc_t *mq = mp.data(), *aq = ap.data(), *bq = bp.data();
+        for (int64_t j = 0; j < n; j += P) {
+          const int64_t len = std::min(P, n - j);
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c)
-            o[c] = static_cast<scalar_t>(bn_act_forward_elem_c<act, acc_t>(static_cast<acc_t>(p[c]), m[c], a[c], b[c], slope));
+          for (int64_t i = 0; i < len; ++i)
+            o[j + i] = static_cast<scalar_t>(
+                bn_act_forward_elem_c<act, acc_t>(static_cast<acc_t>(p[j + i]), mq[i], aq[i], bq[i], slope));
         }
       }
     }

@@ -407,8 +407,9 @@ __device__ __forceinline__ BwdCoef<acc_t> bwd_coef(const BwdArgs<scalar_t, acc_t
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t bwd_dz(const BwdArgs<scalar_t, acc_t>& a, const BwdCoef<acc_t>& k, acc_t dy,
                                         acc_t sv, acc_t* xhat) {
-  return bn_act_dz_xhat<acc_t>(dy, sv, a.saved_is_output, k.mean, k.invstd, acc_t(0), k.scale, k.shift, k.gamma, k.beta,
-                               a.act, a.slope, xhat);
+  // z = x * scale + shift (center 0, offset shift), exactly as the forward computed it.
+  return bn_act_dz_xhat<acc_t>(dy, sv, a.saved_is_output, k.mean, k.invstd, acc_t(0), k.scale, k.shift, k.gamma,
+                               k.beta, a.act, a.slope, xhat);
 }
 
 // Writes grad_weight / grad_bias of channel c and returns (a, b) = (sum_dz / M, sum_dzx / M)

@@ -1,7 +1,8 @@
 """BatchNorm + activation in plain PyTorch, written from the formulas (not through
 F.batch_norm) so that the tests can check it against torch.nn independently.
 
-Statistics and arithmetic run in float32 for float16/bfloat16 inputs (float64 for float64)."""
+Statistics and arithmetic run in float32 for float16/bfloat16 inputs (float64 for float64); the
+statistics' sums accumulate in float64, as torch's CPU kernel does."""
 from __future__ import annotations
 
 import torch
