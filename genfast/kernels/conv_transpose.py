@@ -589,17 +589,19 @@ def _phase_geometry(k: int, s: int, d: int):
 
 
 class _PackCache:
-    """Repacked weights, one entry per (weight tensor, layout); an entry is used only while the
-    weight is the same tensor object with the same data_ptr and _version (an in-place update,
-    e.g. an optimizer step, bumps _version; a write through .data does not: such code must
-    call clear_weight_cache())."""
+    """Repacked weights of nn.Parameter weights, one entry per (parameter, layout); an entry is
+    used only while the weight is the same object with the same data_ptr and _version. An
+    in-place update (optimizer step, load_state_dict, torch.no_grad() ops) bumps _version; a
+    write through .data does not (`p.data.copy_(...)`, e.g. an old-style EMA update): such code
+    must call clear_weight_cache(). Plain tensors (functional calls, gradcheck's perturbations
+    through .data) are repacked on every call."""
 
     def __init__(self, size: int = 64):
         self.size = size
         self.entries: OrderedDict = OrderedDict()
 
     def get(self, weight: torch.Tensor, key: tuple, make):
-        if weight.is_inference():  # inference tensors have no version counter
+        if not isinstance(weight, torch.nn.Parameter) or weight.is_inference():
             return make()
         full = (id(weight),) + key
         hit = self.entries.get(full)
