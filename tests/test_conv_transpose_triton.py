@@ -263,6 +263,7 @@ def test_weight_repacked_once_per_version(monkeypatch):
     monkeypatch.setattr(K, "_repack_kernel", counter)
     geo = ((2, 2), (1, 1), (0, 0), 1, (1, 1))
     x, w, b = make(dict(N=1, cin=3, cout=2, H=2, W=2, k=(3, 3)), geo, True, False)
+    w = torch.nn.Parameter(w)
     y1, _ = launch(x, w, b, geo, "identity")
     y2, _ = launch(x, w, b, geo, "identity")
     assert counter.calls == 1 and torch.equal(y1, y2)
@@ -270,7 +271,14 @@ def test_weight_repacked_once_per_version(monkeypatch):
         w.mul_(2.0)  # in place: a new version
     y3, _ = launch(x, w, b, geo, "identity")
     assert counter.calls == 2
-    assert_close(y3, F.conv_transpose2d(x, w, b, 2, 1), torch.float64)
+    assert_close(y3, F.conv_transpose2d(x, w.detach(), b, 2, 1), torch.float64)
+    # a plain tensor is repacked on every call: a write through .data (no new version) is seen
+    wt = w.detach().clone()
+    launch(x, wt, b, geo, "identity")
+    wt.data.mul_(-1.0)
+    y4, _ = launch(x, wt, b, geo, "identity")
+    assert counter.calls == 4
+    assert_close(y4, F.conv_transpose2d(x, wt, b, 2, 1), torch.float64)
 
 
 # --- device guard, grids, index width, TF32 ---------------------------------------------------------

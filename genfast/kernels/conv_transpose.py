@@ -39,7 +39,6 @@ tests/test_conv_transpose_triton.py::test_gemm_compiles_for_sm90):
 """
 from __future__ import annotations
 
-import functools
 import math
 import weakref
 from collections import OrderedDict
@@ -73,6 +72,22 @@ def _phase_taps(p, S, PAD, D, K: tl.constexpr):
         count += ok.to(tl.int32)
     base = (p + PAD + S * K * D - t0 * D) // S - K * D
     return t0, count, base
+
+
+@triton.jit
+def _gather_dot(acc, a_rows, r, c, R, C, m_ok, SR, SC, ck, c_lim, b_ptr, ROW, offs_n,
+                PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    # One K step of an implicit GEMM, acc + A @ B. A: per GEMM row (pixel) the channels ck of the
+    # channel-innermost tensor at a_rows + r * SR + c * SC, zero where (r, c) is outside
+    # [0, R) x [0, C), m_ok is False or ck >= c_lim. B: rows ck (< c_lim) of the row-major
+    # matrix at b_ptr with row length ROW, columns offs_n (< ROW).
+    a_ok = m_ok & (r >= 0) & (r < R) & (c >= 0) & (c < C)
+    c_ok = ck < c_lim
+    a = tl.load(a_rows[:, None] + (r * SR + c * SC)[:, None] + ck[None, :],
+                mask=a_ok[:, None] & c_ok[None, :], other=0.0)
+    b = tl.load(b_ptr + ck[:, None] * ROW + offs_n[None, :],
+                mask=c_ok[:, None] & (offs_n < ROW)[None, :], other=0.0)
+    return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,15 +164,9 @@ def _convt_fwd_kernel(
         ck = (kk - t * n_cc) * BLOCK_K + offs_k
         ti = t // n_tw1
         tj = t - ti * n_tw1
-        ih = j + (base_h - ti * ISH)
-        iw = k + (base_w - tj * ISW)
-        a_ok = m_ok & (ih >= 0) & (ih < HIN) & (iw >= 0) & (iw < WIN)
-        c_ok = ck < cin_g
-        a = tl.load(x_img[:, None] + (ih * (XH_V * VEC_X) + iw * (XW_V * VEC_X))[:, None] + ck[None, :],
-                    mask=a_ok[:, None] & c_ok[None, :], other=0.0)
-        b = tl.load(w_phase + (t * cin_g + ck)[:, None] * COUT_P + offs_n[None, :],
-                    mask=c_ok[:, None] & (offs_n < COUT_P)[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        acc = _gather_dot(acc, x_img, j + (base_h - ti * ISH), k + (base_w - tj * ISW), HIN, WIN,
+                          m_ok, XH_V * VEC_X, XW_V * VEC_X, ck, cin_g,
+                          w_phase + t * cin_g * COUT_P, COUT_P, offs_n, PRECISION, ACC_DTYPE)
 
     co_ok = offs_n < COUT_G
     co = g * COUT_G + offs_n
@@ -331,15 +340,9 @@ def _convt_dgrad_kernel(
         ck = (kk - t * n_cc) * BLOCK_K + offs_k
         th = t // KW
         tw = t - th * KW
-        oh = ih * SH + (th * DH - PH)
-        ow = iw * SW + (tw * DW - PW)
-        a_ok = m_ok & (oh >= 0) & (oh < HOUT) & (ow >= 0) & (ow < WOUT)
-        c_ok = ck < cout_g
-        a = tl.load(dz_img[:, None] + (oh * (ZH_V * VEC_Z) + ow * (ZW_V * VEC_Z))[:, None] + ck[None, :],
-                    mask=a_ok[:, None] & c_ok[None, :], other=0.0)
-        b = tl.load(w_grp + (t * cout_g + ck)[:, None] * CIN_P + offs_n[None, :],
-                    mask=c_ok[:, None] & (offs_n < CIN_P)[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        acc = _gather_dot(acc, dz_img, ih * SH + (th * DH - PH), iw * SW + (tw * DW - PW), HOUT, WOUT,
+                          m_ok, ZH_V * VEC_Z, ZW_V * VEC_Z, ck, cout_g,
+                          w_grp + t * cout_g * CIN_P, CIN_P, offs_n, PRECISION, ACC_DTYPE)
 
     dx_ptrs = (dx_ptr + (n_idx * sxn + ih * sxh + iw * sxw)[:, None]
                + ((g * CIN_G + offs_n) * sxc)[None, :])
@@ -586,17 +589,19 @@ def _phase_geometry(k: int, s: int, d: int):
 
 
 class _PackCache:
-    """Repacked weights, one entry per (weight tensor, layout); an entry is used only while the
-    weight is the same tensor object with the same data_ptr and _version (an in-place update,
-    e.g. an optimizer step, bumps _version; a write through .data does not: such code must
-    call clear_weight_cache())."""
+    """Repacked weights of nn.Parameter weights, one entry per (parameter, layout); an entry is
+    used only while the weight is the same object with the same data_ptr and _version. An
+    in-place update (optimizer step, load_state_dict, torch.no_grad() ops) bumps _version; a
+    write through .data does not (`p.data.copy_(...)`, e.g. an old-style EMA update): such code
+    must call clear_weight_cache(). Plain tensors (functional calls, gradcheck's perturbations
+    through .data) are repacked on every call."""
 
     def __init__(self, size: int = 64):
         self.size = size
         self.entries: OrderedDict = OrderedDict()
 
     def get(self, weight: torch.Tensor, key: tuple, make):
-        if weight.is_inference():  # inference tensors have no version counter
+        if not isinstance(weight, torch.nn.Parameter) or weight.is_inference():
             return make()
         full = (id(weight),) + key
         hit = self.entries.get(full)
