@@ -74,6 +74,7 @@ def batch_norm_act_op(input: Tensor, weight: Optional[Tensor], bias: Optional[Te
                       running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
                       momentum: float, eps: float, activation: int, negative_slope: float,
                       gamma_floor: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    backend = B.at_run(FAMILY, backend, input.device)
     return _fwd_kernel(backend)(input, weight, bias, running_mean, running_var, training, momentum,
                                 eps, activation, negative_slope, gamma_floor)
 
@@ -84,6 +85,7 @@ def batch_norm_act_backward_op(grad_out: Tensor, saved: Tensor, weight: Optional
                                training: bool, activation: int, negative_slope: float,
                                gamma_floor: float, saved_is_output: bool,
                                backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    backend = B.at_run(FAMILY, backend, saved.device)
     return _bwd_kernel(backend)(grad_out, saved, weight, bias, save_mean, save_invstd, training,
                                 activation, negative_slope, gamma_floor, saved_is_output)
 
@@ -216,4 +218,4 @@ def batch_norm_act(input, running_mean, running_var, weight, bias, training, mom
                                   momentum, eps, activation, negative_slope, gamma_floor)
     return BatchNormActFunction.apply(input, weight, bias, running_mean, running_var, training,
                                       float(momentum), float(eps), code, float(negative_slope),
-                                      gamma_floor, name)
+                                      gamma_floor, B.for_op(name))

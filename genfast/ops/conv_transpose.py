@@ -66,6 +66,7 @@ def _bwd_fake_cpp(grad_out, input, weight, output, stride, padding, dilation, gr
 
 def _forward(backend, input, weight, bias, stride, padding, output_padding, groups, dilation,
              activation, negative_slope, stats):
+    backend = B.at_run(FAMILY, backend, input.device)
     if backend == "cpu":
         return torch.ops.genfast.conv_transpose2d_fwd(input, weight, bias, stride, padding,
                                                       output_padding, groups, dilation, activation,
@@ -84,6 +85,7 @@ def _forward(backend, input, weight, bias, stride, padding, output_padding, grou
 
 def _backward(backend, grad_out, input, weight, output, stride, padding, dilation, groups,
               activation, negative_slope, need_input, need_weight, has_bias):
+    backend = B.at_run(FAMILY, backend, grad_out.device)
     if backend == "cpu":
         return torch.ops.genfast.conv_transpose2d_bwd(grad_out, input, weight, output, stride,
                                                       padding, dilation, groups, activation,
@@ -322,7 +324,7 @@ def conv_transpose2d(input, weight, bias, stride, padding, output_padding, group
     else:
         y = conv_transpose2d_op(x, weight, bias, list(stride), list(padding), list(output_padding),
                                 int(groups), list(dilation), B.ACTIVATIONS[act],
-                                float(negative_slope), name)
+                                float(negative_slope), B.for_op(name))
     return y.squeeze(0) if unbatched else y
 
 
@@ -414,7 +416,7 @@ def conv_transpose_bn_act_train(input, weight, bias, stride, padding, output_pad
                                     momentum, eps, activation, negative_slope)
     y, mean, var = conv_transpose2d_stats_op(input, weight, bias, list(stride), list(padding),
                                              list(output_padding), int(groups), list(dilation),
-                                             0, 0.0, name)
+                                             0, 0.0, B.for_op(name))
     if running_mean is not None:
         n = y.numel() // max(y.shape[1], 1)
         with torch.no_grad():
