@@ -15,15 +15,18 @@ import os
 import sys
 import time
 
+from typing import Callable, Union
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 import genfast
 import genfast.functional as GF
 from genfast import models
 
 
-def load_digits_28(device) -> torch.Tensor:
+def load_digits_28(device: torch.device) -> torch.Tensor:
     """(1797, 1, 28, 28) float32 images in [0, 1]."""
     from sklearn.datasets import load_digits
 
@@ -31,16 +34,16 @@ def load_digits_28(device) -> torch.Tensor:
     return F.interpolate(imgs, size=(28, 28), mode="bilinear", align_corners=False).clamp(0, 1).to(device)
 
 
-def _plain_d_loss(real_logits, fake_logits):
+def _plain_d_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
     bce = F.binary_cross_entropy_with_logits
     return bce(real_logits, torch.ones_like(real_logits)) + bce(fake_logits, torch.zeros_like(fake_logits))
 
 
-def _plain_g_loss(fake_logits):
+def _plain_g_loss(fake_logits: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
 
 
-def _plain_vae_loss(recon, target, mu, logvar):
+def _plain_vae_loss(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
     rec = F.binary_cross_entropy_with_logits(recon, target, reduction="sum")
     kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
     return (rec + kl) / target.shape[0]
@@ -49,14 +52,16 @@ def _plain_vae_loss(recon, target, mu, logvar):
 class GANTrainer:
     """Adam, one D step and one G step per batch; `plain` uses the PyTorch loss formulas."""
 
-    def __init__(self, G, D, nz, lr=2e-4, plain=False):
+    def __init__(self, G: nn.Module, D: nn.Module, nz: int, lr: float = 2e-4, plain: bool = False) -> None:
         self.G, self.D, self.nz = G, D, nz
-        self.d_loss = _plain_d_loss if plain else (lambda r, f: GF.discriminator_loss(r, f, kind="bce"))
-        self.g_loss = _plain_g_loss if plain else (lambda f: GF.generator_loss(f, kind="bce"))
+        self.d_loss: Callable[[Tensor, Tensor], Tensor] = (
+            _plain_d_loss if plain else (lambda r, f: GF.discriminator_loss(r, f, kind="bce")))
+        self.g_loss: Callable[[Tensor], Tensor] = (
+            _plain_g_loss if plain else (lambda f: GF.generator_loss(f, kind="bce")))
         self.opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.5, 0.999))
         self.opt_d = torch.optim.Adam(D.parameters(), lr=lr, betas=(0.5, 0.999))
 
-    def step(self, real, z=None):
+    def step(self, real: Tensor, z: Tensor | None = None) -> tuple[Tensor, ...]:
         """One discriminator step and one generator step on `real` (noise `z`, drawn when None);
         returns (d_loss, g_loss)."""
         if z is None:
@@ -72,7 +77,7 @@ class GANTrainer:
         self.opt_g.step()
         return d_loss.detach(), g_loss.detach()
 
-    def sample(self, n, device):
+    def sample(self, n: int, device: torch.device) -> Tensor:
         self.G.eval()
         with torch.no_grad():
             out = self.G(torch.randn(n, self.nz, device=device))
@@ -81,13 +86,14 @@ class GANTrainer:
 
 
 class VAETrainer:
-    def __init__(self, vae, lr=1e-3, plain=False):
+    def __init__(self, vae: nn.Module, lr: float = 1e-3, plain: bool = False) -> None:
         self.vae = vae
+        self.z_dim = int(getattr(vae, "fc_mu").out_features)
         self.opt = torch.optim.Adam(vae.parameters(), lr=lr)
-        self.loss = _plain_vae_loss if plain else (
+        self.loss: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] = _plain_vae_loss if plain else (
             lambda r, x, mu, lv: GF.vae_loss(r, x, mu, lv, recon_loss="bce_logits", reduction="batchmean"))
 
-    def step(self, real):
+    def step(self, real: Tensor) -> tuple[Tensor, ...]:
         self.opt.zero_grad(set_to_none=True)
         recon, mu, logvar = self.vae(real)
         loss = self.loss(recon, real, mu, logvar)
@@ -95,15 +101,15 @@ class VAETrainer:
         self.opt.step()
         return (loss.detach(),)
 
-    def sample(self, n, device):
+    def sample(self, n: int, device: torch.device) -> Tensor:
         self.vae.eval()
         with torch.no_grad():
-            out = torch.sigmoid(self.vae.decode(torch.randn(n, self.vae.fc_mu.out_features, device=device)))
+            out = torch.sigmoid(getattr(self.vae, "decode")(torch.randn(n, self.z_dim, device=device)))
         self.vae.train()
         return out
 
 
-def build(kind, width, device, seed):
+def build(kind: str, width: int, device: torch.device, seed: int) -> tuple[nn.Module, ...]:
     torch.manual_seed(seed)
     if kind == "dcgan":
         G = models.KerasDCGANGenerator(nz=64, nc=1, width=width).to(device)
@@ -112,11 +118,16 @@ def build(kind, width, device, seed):
     return (models.ConvVAE(nc=1, z_dim=16, width=width // 4).to(device),)
 
 
-def trainer_for(kind, nets, plain=False):
-    return GANTrainer(*nets, nz=64, plain=plain) if kind == "dcgan" else VAETrainer(*nets, plain=plain)
+Trainer = Union["GANTrainer", "VAETrainer"]
 
 
-def time_steps(trainer, data, batch, steps, device) -> float:
+def trainer_for(kind: str, nets: tuple[nn.Module, ...], plain: bool = False) -> Trainer:
+    if kind == "dcgan":
+        return GANTrainer(nets[0], nets[1], nz=64, plain=plain)
+    return VAETrainer(nets[0], plain=plain)
+
+
+def time_steps(trainer: Trainer, data: Tensor, batch: int, steps: int, device: torch.device) -> float:
     """Seconds per training step (after two warm-up steps)."""
     gen = torch.Generator(device="cpu").manual_seed(1)
     for i in range(steps + 2):
@@ -131,7 +142,8 @@ def time_steps(trainer, data, batch, steps, device) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def save_plots(losses, names, samples, out_dir, kind):
+def save_plots(losses: list[list[float]], names: list[str], samples: Tensor, out_dir: str,
+               kind: str) -> tuple[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")

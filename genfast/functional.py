@@ -1,7 +1,7 @@
 """Public functions (thin): checks, then the registered op of the chosen backend."""
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional, Union, overload
+from typing import Callable, Literal, Optional, Sequence, Union, overload
 
 import torch
 from torch import Tensor
@@ -10,7 +10,7 @@ from genfast.ops import batchnorm_act as _bn
 from genfast.ops import conv_transpose as _ct
 from genfast.ops import losses as _loss
 
-_Size2 = Union[int, tuple[int, int], list[int]]  # an int or a (height, width) pair
+_Size2 = Union[int, Sequence[int]]  # an int or a (height, width) pair
 
 
 def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

@@ -14,12 +14,20 @@ from genfast import backend as B
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _generator():
+# The converted DCGAN generator's graph holds genfast::conv_transpose2d ops (eval mode folds its
+# BatchNorms into the convolutions); the MLP generator's holds genfast::batch_norm_act ops.
+OUT_SHAPE = {"dcgan": (3, 64, 64), "mlp": (48,)}
+
+
+def _generator(name="dcgan"):
     torch.manual_seed(0)
-    g = genfast.models.DCGANGenerator(nz=16, ngf=8, nc=3)
+    if name == "dcgan":
+        g = genfast.models.DCGANGenerator(nz=16, ngf=8, nc=3)
+    else:
+        g = genfast.models.MLPGenerator(nz=16, out_dim=48, hidden=(32, 64))
     with torch.no_grad():  # non-trivial running statistics, so eval mode normalises for real
         for m in g.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
     return genfast.convert(g).eval()
@@ -43,23 +51,25 @@ def _export(g, z):
     return torch.export.export(g, (z,))
 
 
-def test_exported_generator_runs_after_save_and_load(tmp_path):
-    g = _generator()
+@pytest.mark.parametrize("name,op", [("dcgan", "conv_transpose2d"), ("mlp", "batch_norm_act")])
+def test_exported_generator_runs_after_save_and_load(tmp_path, name, op):
+    g = _generator(name)
     z = torch.randn(4, 16)
     with torch.no_grad():
         eager = g(z)
     ep = _export(g, z)
+    assert any(f"genfast.{op}" in str(n.target) for n in ep.graph.nodes)
     backends = _genfast_backend_args(ep)
-    # conv_transpose and batch_norm_act ops are in the graph, none pinned to a device's backend
+    # genfast ops are in the graph, none pinned to a device's backend
     assert len(backends) >= 2 and set(backends) == {"auto"}, backends
     path = tmp_path / "generator.pt2"
     torch.export.save(ep, str(path))
     loaded = torch.export.load(str(path))
     out = loaded.module()(z)
-    assert out.shape == (4, 3, 64, 64)
+    assert out.shape == (4,) + OUT_SHAPE[name]
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
     z2 = torch.randn(4, 16)
-    with torch.no_grad():
+    with torch.no_grad():  # a second input: the program is not specialised to the first
         torch.testing.assert_close(loaded.module()(z2), g(z2), atol=1e-5, rtol=1e-5)
 
 
@@ -115,8 +125,9 @@ def test_jit_script_fails_with_a_clear_message():
 
 
 @pytest.mark.gpu
-def test_program_exported_on_cpu_runs_on_cuda(cuda_device, tmp_path):
-    g = _generator()
+@pytest.mark.parametrize("name", ["dcgan", "mlp"])
+def test_program_exported_on_cpu_runs_on_cuda(cuda_device, tmp_path, name):
+    g = _generator(name)
     z = torch.randn(4, 16)
     path = tmp_path / "generator.pt2"
     torch.export.save(_export(g, z), str(path))

@@ -91,7 +91,9 @@ def _package_copy(tmp_path, keep_extension):
 
 
 _FRESH_IMPORT = (
-    "import warnings, torch\n"
+    "import sys, warnings, torch\n"
+    # an editable install of genfast elsewhere in this environment would supply its genfast._C
+    "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
     "with warnings.catch_warnings(record=True) as w:\n"
     "    warnings.simplefilter('always')\n"
     "    import genfast\n"

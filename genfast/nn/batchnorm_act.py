@@ -15,7 +15,7 @@ from genfast.ops import batchnorm_act as _bn
 BN_HAS_BIAS_FLAG = "bias" in inspect.signature(nn.BatchNorm2d.__init__).parameters
 
 
-def bias_kwargs(bias: bool) -> dict[str, bool]:
+def bias_kwargs(bias: bool) -> dict:
     """The `bias` keyword for the torch BatchNorm constructor, as this torch accepts it."""
     if BN_HAS_BIAS_FLAG:
         return {"bias": bias}

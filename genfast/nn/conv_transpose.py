@@ -1,7 +1,7 @@
 """ConvTranspose2d: nn.ConvTranspose2d with the bias and an activation fused into one op."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ class ConvTranspose2d(nn.ConvTranspose2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] = 1,
                  padding: int | tuple[int, int] = 0, output_padding: int | tuple[int, int] = 0, groups: int = 1, bias: bool = True,
-                 dilation: int | tuple[int, int] = 1, padding_mode: str = "zeros",
+                 dilation: int | tuple[int, int] = 1, padding_mode: Literal["zeros", "reflect", "replicate", "circular"] = "zeros",
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None, *, activation: Optional[str] = None,
                  negative_slope: float = 0.01) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, output_padding,

@@ -80,7 +80,7 @@ def _out_dtype(input: Tensor, target: Tensor) -> torch.dtype:
     return torch.promote_types(input.dtype, target.dtype)
 
 
-def _check_bce(input, target, name: str) -> None:
+def _check_bce(input: object, target: object, name: str) -> None:
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
         raise TypeError(f"{name}: input and target must be Tensors")
     if target.size() != input.size():

@@ -66,7 +66,7 @@ class SyncBatchNormAct2d(_BatchNormActMixin, nn.modules.batchnorm._BatchNorm):
         return y
 
     @classmethod
-    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
         """Like ``nn.SyncBatchNorm.convert_sync_batchnorm``: ``BatchNormAct1d/2d`` become
         ``SyncBatchNormAct2d`` (keeping their activation), plain ``nn.BatchNorm*`` become
         ``nn.SyncBatchNorm``; parameters and buffers are the same tensors. Returns the module
