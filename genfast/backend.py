@@ -50,14 +50,24 @@ _EXT: list[Any] = []  # [module or None] once loaded
 BUILD_COMMAND = "pip install --no-build-isolation -e ."
 
 
-def _build_torch_version() -> str | None:
-    """The torch version genfast._C was compiled against (setup.py writes it), or None when the
-    extension was built without that record."""
+def _build_record(name: str) -> str | None:
+    """A value setup.py recorded in genfast/_build_info.py when it compiled genfast._C, or None
+    when the extension was built without that record."""
     try:
         from genfast import _build_info
     except ImportError:
         return None
-    return str(_build_info.TORCH_VERSION)
+    return str(getattr(_build_info, name))
+
+
+def _build_torch_version() -> str | None:
+    """The torch version genfast._C was compiled against, or None when not recorded."""
+    return _build_record("TORCH_VERSION")
+
+
+def build_cuda_archs() -> str:
+    """The CUDA architectures genfast._C's kernels were compiled for ("" when none or unknown)."""
+    return _build_record("CUDA_ARCHS") or ""
 
 
 def extension() -> Any:
