@@ -5,8 +5,8 @@ prints the time per training step of the converted model and of the same model i
 PyTorch.
 
 Needs the demo extra: pip install 'genfast[demo]' (scikit-learn, matplotlib, tqdm).
-Default length: 1200 steps on a GPU, 300 on the CPU (a few minutes on two cores; the DCGAN's
-digits are recognisable by then); an estimate of the duration is printed after the first steps."""
+Default length: 1200 steps on a GPU, 300 on the CPU (about 1 s per step on two idle cores);
+an estimate of the duration is printed after the first steps."""
 from __future__ import annotations
 
 import argparse
