@@ -1,18 +1,21 @@
-# make test : set up .venv (torch + deps), build genfast, run the whole test suite.
+# make test : set up .venv (torch + deps), build genfast, type-check genfast/ with mypy, run the
+#             whole test suite.
 # make bench: same set-up, then the benchmark suite on the device present (tables + plot).
+# make demo : same set-up, then `python -m genfast.demo` (writes demo_out/*.png).
 VENV    ?= .venv
 PYTHON  ?= python3
 TORCH   ?= torch==2.14.1
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.genfast-deps
-JOBS    ?= 2
+# Parallel compile jobs for the extension (setup.py's default is every usable core).
+JOBS    ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: test bench build setup demo clean triton36
+.PHONY: test bench build setup demo typecheck clean triton36
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q "$(TORCH)" triton numpy pybind11 ninja pytest pytest-benchmark matplotlib tqdm scikit-learn
+	$(PY) -m pip install -q "$(TORCH)" triton numpy pybind11 ninja pytest pytest-benchmark mypy matplotlib tqdm scikit-learn
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -21,20 +24,23 @@ build: setup
 	MAX_JOBS=$(JOBS) $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PY) -m genfast.info
 
+typecheck: setup
+	$(PY) -m mypy
+
 # Triton 3.6.0 (the GPU machine's version) beside the venv's, for tests/test_compile_sm90.py;
 # when pip cannot fetch it the test says so and skips.
 triton36:
 	test -f .triton36/triton/__init__.py || $(PY) -m pip install -q --no-deps --target .triton36 triton==3.6.0 \
 	  || echo "triton==3.6.0 not installable here: its sm_90 compile check will be skipped"
 
-test: build triton36
+test: build typecheck triton36
 	$(PY) -m pytest -q tests
 
 bench: build
 	$(PY) -m benchmarks.run_all
 
 clean:
-	rm -rf build genfast/*.so *.egg-info .triton36
+	rm -rf build genfast/*.so genfast/_build_info.py *.egg-info .triton36
 
 demo: build
 	$(PY) -m genfast.demo --out demo_out

@@ -1,12 +1,51 @@
 """Build genfast._C: C++ CPU kernels always, CUDA kernels when a CUDA toolkit and a CUDA build of
-torch are present (GENFAST_FORCE_CUDA=1 forces them, GENFAST_NO_CUDA=1 skips them)."""
+torch are present (GENFAST_FORCE_CUDA=1 forces them, GENFAST_NO_CUDA=1 skips them).
+
+Install with ``pip install --no-build-isolation .``: the extension must be compiled against the
+torch that will import it, so setup.py refuses to run inside pip's isolated build environment.
+CUDA kernels are compiled for TORCH_CUDA_ARCH_LIST, by default the architectures genfast targets
+(8.0 and 9.0), whether or not a GPU is visible; MAX_JOBS (default: the usable CPU cores) sets how
+many files compile at once."""
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# The architectures genfast's kernels are written and measured for (A100, H100/H200).
+DEFAULT_ARCHS = "8.0;9.0"
+
+NO_ISOLATION = (
+    "genfast compiles a C++/CUDA extension against the installed torch; build isolation would "
+    "build it against another torch in a throw-away environment. Install torch first, then run "
+    "`pip install --no-build-isolation .` (or `pip install --no-build-isolation -e .`).")
+
+# Path fragments of the throw-away environments that PEP 517 front ends build in
+# (pip: pip-build-env-*, pypa/build: build-env-*, uv: builds-v*).
+_ISOLATED_ENV_MARKS = ("pip-build-env-", "build-env-", os.sep + "builds-v")
+
+
+def _isolated(path):
+    return any(mark in path for mark in _ISOLATED_ENV_MARKS)
+
+
+def _import_torch():
+    """torch, checked to be the one the package will run with; exits with a clear message
+    otherwise (before any compilation)."""
+    isolated = any(_isolated(p) for p in sys.path)
+    try:
+        import torch
+    except ImportError:
+        sys.exit("genfast: torch is not importable here. " + NO_ISOLATION if isolated else
+                 "genfast: install torch first (https://pytorch.org), then "
+                 "`pip install --no-build-isolation .`")
+    if _isolated(torch.__file__):
+        sys.exit(f"genfast: torch {torch.__version__} was imported from a build environment "
+                 f"({os.path.dirname(torch.__file__)}). " + NO_ISOLATION)
+    return torch
 
 
 def _is_toolkit(home):
@@ -27,6 +66,7 @@ def _set_cuda_home():
         os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
 
+torch = _import_torch()
 _set_cuda_home()
 
 from torch.utils import cpp_extension  # noqa: E402
@@ -41,9 +81,13 @@ def _want_cuda():
         return False
     if _flag("GENFAST_FORCE_CUDA"):
         return True
-    import torch
-
     return _is_toolkit(cpp_extension.CUDA_HOME) and torch.version.cuda is not None
+
+
+def _cores():
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _extension():
@@ -56,8 +100,11 @@ def _extension():
             extra_link_args=["-fopenmp"],
         )
     cu = sorted(glob.glob("csrc/cuda/*.cu"))
-    # Hopper first; sm_80 keeps the extension usable on A100s. TORCH_CUDA_ARCH_LIST overrides.
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # Without this default, torch compiles for every architecture of its own build when no GPU
+    # is visible (about ten, each a full nvcc pass). TORCH_CUDA_ARCH_LIST overrides.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    print(f"genfast: compiling CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
+          "(GENFAST_NO_CUDA=1 skips them)")
     library_dirs = []
     home = cpp_extension.CUDA_HOME
     for sub in ("lib64", "lib"):
@@ -78,8 +125,25 @@ def _extension():
     )
 
 
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension (ninja, MAX_JOBS parallel compiles) that also writes
+    genfast/_build_info.py next to the extension: the torch version it was compiled against,
+    which genfast checks at import before loading the extension."""
+
+    def run(self):
+        os.environ.setdefault("MAX_JOBS", str(_cores()))
+        super().run()
+        target = os.path.join(os.path.dirname(self.get_ext_fullpath("genfast._C")), "_build_info.py")
+        with open(target, "w") as f:
+            f.write('"""Written by setup.py when it compiled genfast._C."""\n'
+                    f"TORCH_VERSION = {torch.__version__!r}\n"
+                    f"CUDA_VERSION = {torch.version.cuda!r}\n"
+                    f"CUDA_ARCHS = {os.environ.get('TORCH_CUDA_ARCH_LIST', '') if _want_cuda() else ''!r}\n")
+
+
 setup(
     packages=find_packages(include=["genfast", "genfast.*"]),
+    package_data={"genfast": ["py.typed"]},
     ext_modules=[_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -10,6 +10,7 @@ import importlib.util
 import os
 import threading
 import warnings
+from typing import Any
 
 import torch
 
@@ -45,27 +46,66 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-_EXT = []  # [module or None] once loaded
+_EXT: list[Any] = []  # [module or None] once loaded
+
+BUILD_COMMAND = "pip install --no-build-isolation -e ."
 
 
-def extension():
-    """The compiled module ``genfast._C``, or None (with one warning) when it is not built."""
+def _build_record(name: str) -> str | None:
+    """A value setup.py recorded in genfast/_build_info.py when it compiled genfast._C, or None
+    when the extension was built without that record."""
+    try:
+        from genfast import _build_info
+    except ImportError:
+        return None
+    return str(getattr(_build_info, name))
+
+
+def _build_torch_version() -> str | None:
+    """The torch version genfast._C was compiled against, or None when not recorded."""
+    return _build_record("TORCH_VERSION")
+
+
+def build_cuda_archs() -> str:
+    """The CUDA architectures genfast._C's kernels were compiled for ("" when none or unknown)."""
+    return _build_record("CUDA_ARCHS") or ""
+
+
+def extension() -> Any:
+    """The compiled module ``genfast._C``, or None (with one warning) when it is not built, fails
+    to load, or was built against another torch version than the running one."""
     if _EXT:
         return _EXT[0]
+    _EXT.append(_load_extension())
+    return _EXT[0]
+
+
+def _load_extension() -> Any:
+    fallback = ("the cpu and cuda backends are off and CPU tensors use the reference (plain "
+                "PyTorch) backend")
+    if importlib.util.find_spec("genfast._C") is None:
+        here = os.path.dirname(os.path.abspath(__file__))
+        warnings.warn(
+            f"genfast: the compiled extension genfast._C is not built (no _C*.so in {here}); "
+            f"{fallback}. Build it from the source tree with `{BUILD_COMMAND}`.",
+            RuntimeWarning, stacklevel=3)
+        return None
+    built = _build_torch_version()
+    if built is not None and built != torch.__version__:
+        warnings.warn(
+            f"genfast: genfast._C was built against torch {built} but torch {torch.__version__} is "
+            f"running; a C++ extension only works with the torch it was compiled against, so it is "
+            f"not loaded: {fallback}. Rebuild it with `{BUILD_COMMAND}`.",
+            RuntimeWarning, stacklevel=3)
+        return None
     try:
-        from genfast import _C  # noqa: F401  (registers the genfast:: C++ ops)
+        ext = importlib.import_module("genfast._C")  # registers the genfast:: C++ ops
     except ImportError as exc:
         warnings.warn(
-            f"genfast: the C++ extension genfast._C is not available ({exc}); the cpu and cuda "
-            "backends are off and CPU tensors use the reference (plain PyTorch) backend. "
-            "Build it with `pip install --no-build-isolation -e .`.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        _EXT.append(None)
+            f"genfast: genfast._C is present but does not load ({exc}); {fallback}. Rebuild it "
+            f"with `{BUILD_COMMAND}`.", RuntimeWarning, stacklevel=3)
         return None
-    _EXT.append(_C)
-    return _C
+    return ext
 
 
 def has_cpu_ext() -> bool:
@@ -108,17 +148,17 @@ def get_backend() -> str:
 class use_backend:
     """Context manager: ``with genfast.backend.use_backend("reference"): ...``."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str) -> None:
         if name not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
         self.name = name
 
-    def __enter__(self):
+    def __enter__(self) -> "use_backend":
         self.prev = getattr(_state, "name", None)
         _state.name = self.name
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         _state.name = self.prev
 
 
@@ -166,6 +206,10 @@ def resolve(family: str, device: torch.device) -> str:
         if not ok:
             raise RuntimeError(f"genfast: backend {name!r} cannot run on {device.type} tensors: {why}")
         return name
+    return _auto(family, device)
+
+
+def _auto(family: str, device: torch.device) -> str:
     if device.type == "cuda":
         for candidate in (AUTO_CUDA.get(family, "triton"), "cuda", "triton"):
             if available(candidate, device, family)[0]:
@@ -177,3 +221,29 @@ def resolve(family: str, device: torch.device) -> str:
     if device.type == "cpu" and has_cpu_ext():
         return "cpu"
     return "reference"
+
+
+def for_op(name: str) -> str:
+    """The ``backend`` argument an entry point passes to a registered op, given ``name`` =
+    resolve(...): ``name`` itself when the user pinned a backend (set_backend, use_backend or
+    GENFAST_BACKEND), else "auto", which the op resolves when it runs (:func:`at_run`). So a
+    graph traced by torch.export carries "auto" and picks the kernels for the device it runs on."""
+    return name if get_backend() != "auto" else "auto"
+
+
+def at_run(family: str, backend: str, device: torch.device) -> str:
+    """The backend a registered op of ``family`` runs on a tensor on ``device``: ``backend``
+    when it names one, else what "auto" picks for that device. Raises RuntimeError when "auto"
+    finds no fused kernel there (an exported program run where genfast._C or triton is missing:
+    the entry points take the reference path before reaching an op in that case)."""
+    if backend != "auto":
+        return backend
+    name = _auto(family, device)
+    if name == "reference":
+        raise RuntimeError(
+            f"genfast: this program calls a fused genfast {family} op on {device.type} tensors, "
+            f"but no fused {family} kernel is available for them in this install (genfast._C: "
+            f"{'built' if has_cpu_ext() else 'not built'}, CUDA kernels: "
+            f"{'yes' if has_cuda_ext() else 'no'}, triton: {'yes' if has_triton() else 'no'}). "
+            f"Build the extension with `{BUILD_COMMAND}`, or trace the model again in this install.")
+    return name

@@ -1,7 +1,7 @@
 """Public functions (thin): checks, then the registered op of the chosen backend."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Literal, Optional, Sequence, Union, overload
 
 import torch
 from torch import Tensor
@@ -9,6 +9,8 @@ from torch import Tensor
 from genfast.ops import batchnorm_act as _bn
 from genfast.ops import conv_transpose as _ct
 from genfast.ops import losses as _loss
+
+_Size2 = Union[int, Sequence[int]]  # an int or a (height, width) pair
 
 
 def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -101,8 +103,18 @@ def check_batch_norm_args(input: Tensor, running_mean: Optional[Tensor],
 # --- losses (GAN, VAE, reparameterisation, gradient penalties) -----------------------------------
 
 
+@overload
+def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: str = ...,
+                       reduction: Literal["mean", "sum"] = ..., *, real_label: float = ...) -> Tensor: ...
+@overload
+def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: str, reduction: Literal["none"], *,
+                       real_label: float = ...) -> tuple[Tensor, Tensor]: ...
+@overload
+def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: str = ..., reduction: str = ..., *,
+                       real_label: float = ...) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
 def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: str = "bce",
-                       reduction: str = "mean", *, real_label: float = 1.0):
+                       reduction: str = "mean", *, real_label: float = 1.0
+                       ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Discriminator loss of real and fake logits, one fused kernel for both.
 
     Args:
@@ -126,7 +138,7 @@ def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: str = "bc
     return _loss.discriminator_loss(real_logits, fake_logits, kind, reduction, real_label)
 
 
-def generator_loss(fake_logits: Tensor, kind: str = "bce", reduction: str = "mean"):
+def generator_loss(fake_logits: Tensor, kind: str = "bce", reduction: str = "mean") -> Tensor:
     """Generator loss of the discriminator's logits on generated samples.
 
     kind: "bce" (default): non-saturating softplus(-x) = -log D(G(z)), whose gradient does not
@@ -140,8 +152,18 @@ def generator_loss(fake_logits: Tensor, kind: str = "bce", reduction: str = "mea
     return _loss.generator_loss(fake_logits, kind, reduction)
 
 
+@overload
+def vae_loss(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, *, recon_loss: str = ...,
+             beta: float = ..., reduction: str = ..., return_parts: Literal[False] = ...) -> Tensor: ...
+@overload
+def vae_loss(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, *, recon_loss: str = ...,
+             beta: float = ..., reduction: str = ..., return_parts: Literal[True]) -> tuple[Tensor, Tensor, Tensor]: ...
+@overload
+def vae_loss(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, *, recon_loss: str = ...,
+             beta: float = ..., reduction: str = ..., return_parts: bool) -> Union[Tensor, tuple[Tensor, Tensor, Tensor]]: ...
 def vae_loss(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, *, recon_loss: str = "mse",
-             beta: float = 1.0, reduction: str = "sum", return_parts: bool = False):
+             beta: float = 1.0, reduction: str = "sum", return_parts: bool = False
+             ) -> Union[Tensor, tuple[Tensor, Tensor, Tensor]]:
     """VAE loss: reconstruction + beta * KL(N(mu, exp(logvar)) || N(0, I)), one fused kernel.
 
     Args:
@@ -216,7 +238,7 @@ def r1_penalty(real_logits: Tensor, real_inputs: Tensor) -> Tensor:
     return grad.reshape(grad.shape[0], -1).pow(2).sum(1).mean()
 
 
-def gradient_penalty(critic, real: Tensor, fake: Tensor) -> Tensor:
+def gradient_penalty(critic: Callable[[Tensor], Tensor], real: Tensor, fake: Tensor) -> Tensor:
     """WGAN-GP penalty (Gulrajani et al. 2017): mean over the batch of (||grad critic(x_hat)||_2 - 1)^2
     with x_hat = a * real + (1 - a) * fake, one a ~ U(0, 1) per sample (torch's generator), and
     the gradient norm taken per sample. real, fake: (N, *) of the same shape (both detached
@@ -234,8 +256,8 @@ def gradient_penalty(critic, real: Tensor, fake: Tensor) -> Tensor:
     return ((norm - 1) ** 2).mean()
 
 
-def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1,
-                     padding=0, output_padding=0, groups: int = 1, dilation=1, *,
+def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: _Size2 = 1,
+                     padding: _Size2 = 0, output_padding: _Size2 = 0, groups: int = 1, dilation: _Size2 = 1, *,
                      activation: Optional[str] = None, negative_slope: float = 0.01) -> Tensor:
     """Fused ``activation(F.conv_transpose2d(input, weight, bias, ...))``; arguments as
     ``F.conv_transpose2d``.

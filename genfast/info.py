@@ -21,8 +21,17 @@ def report() -> str:
     except ImportError:
         lines.append("triton: not installed")
     ext = B.extension()
-    lines.append("genfast._C: " + ("built, CPU kernels" + (" + CUDA kernels" if B.has_cuda_ext() else ", no CUDA kernels")
-                                   if ext is not None else "NOT built (reference backend on CPU)"))
+    built = B._build_torch_version()
+    if ext is not None:
+        archs = B.build_cuda_archs()
+        lines.append("genfast._C: built, CPU kernels" + (f" + CUDA kernels ({archs})" if B.has_cuda_ext() else
+                                                         ", no CUDA kernels")
+                     + (f"; compiled against torch {built}" if built else ""))
+    elif built is not None and built != torch.__version__:
+        lines.append(f"genfast._C: NOT loaded: built against torch {built}, running {torch.__version__} "
+                     f"(rebuild: {B.BUILD_COMMAND})")
+    else:
+        lines.append(f"genfast._C: NOT built (reference backend on CPU; build: {B.BUILD_COMMAND})")
     cuda_ok = torch.cuda.is_available()
     lines.append("CUDA device: " + (torch.cuda.get_device_name() if cuda_ok else "none"))
     lines.append(f"backend setting: {B.get_backend()}")
@@ -35,7 +44,7 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def _try(family, device):
+def _try(family: str, device: torch.device) -> str:
     try:
         return B.resolve(family, device)
     except RuntimeError as exc:

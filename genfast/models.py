@@ -7,8 +7,10 @@ transposed convolutions); an MLP GAN (Linear + BatchNorm1d + LeakyReLU); a convo
 label embedding is concatenated to the noise."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import genfast
 
@@ -27,7 +29,7 @@ def dcgan_init(m: nn.Module) -> None:
 class DCGANGenerator(nn.Module):
     """z (N, nz, 1, 1) or (N, nz) -> image (N, nc, 64, 64) in [-1, 1]."""
 
-    def __init__(self, nz: int = 100, ngf: int = 64, nc: int = 3):
+    def __init__(self, nz: int = 100, ngf: int = 64, nc: int = 3) -> None:
         super().__init__()
         self.nz = nz
         self.main = nn.Sequential(
@@ -39,14 +41,14 @@ class DCGANGenerator(nn.Module):
         )
         self.apply(dcgan_init)
 
-    def forward(self, z):
+    def forward(self, z: Tensor) -> Tensor:
         return self.main(z.view(z.shape[0], self.nz, 1, 1))
 
 
 class DCGANDiscriminator(nn.Module):
     """image (N, nc, 64, 64) -> logits (N,)."""
 
-    def __init__(self, ndf: int = 64, nc: int = 3):
+    def __init__(self, ndf: int = 64, nc: int = 3) -> None:
         super().__init__()
         self.main = nn.Sequential(
             nn.Conv2d(nc, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True),
@@ -57,7 +59,7 @@ class DCGANDiscriminator(nn.Module):
         )
         self.apply(dcgan_init)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return self.main(x).view(-1)
 
 
@@ -65,7 +67,7 @@ class KerasDCGANGenerator(nn.Module):
     """The Keras-tutorial generator at 28x28: Dense -> 7x7x256, then k5 transposed convolutions
     (s1 at 7x7, s2 p2 output_padding 1 to 14x14 and 28x28). z (N, nz) -> (N, nc, 28, 28)."""
 
-    def __init__(self, nz: int = 100, nc: int = 1, width: int = 256):
+    def __init__(self, nz: int = 100, nc: int = 1, width: int = 256) -> None:
         super().__init__()
         self.width = width
         self.fc = nn.Sequential(nn.Linear(nz, 7 * 7 * width, bias=False), nn.BatchNorm1d(7 * 7 * width),
@@ -78,14 +80,14 @@ class KerasDCGANGenerator(nn.Module):
         )
         self.apply(dcgan_init)
 
-    def forward(self, z):
+    def forward(self, z: Tensor) -> Tensor:
         return self.main(self.fc(z).view(z.shape[0], self.width, 7, 7))
 
 
 class KerasDCGANDiscriminator(nn.Module):
     """(N, nc, 28, 28) -> logits (N,)."""
 
-    def __init__(self, nc: int = 1):
+    def __init__(self, nc: int = 1) -> None:
         super().__init__()
         self.main = nn.Sequential(
             nn.Conv2d(nc, 64, 5, 2, 2), nn.LeakyReLU(0.3),
@@ -94,39 +96,41 @@ class KerasDCGANDiscriminator(nn.Module):
         )
         self.apply(dcgan_init)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return self.main(x).view(-1)
 
 
 class MLPGenerator(nn.Module):
     """z (N, nz) -> flat image (N, out_dim) in [-1, 1]."""
 
-    def __init__(self, nz: int = 100, out_dim: int = 784, hidden=(256, 512, 1024)):
+    def __init__(self, nz: int = 100, out_dim: int = 784, hidden: tuple[int, ...] = (256, 512, 1024)) -> None:
         super().__init__()
-        layers, d = [], nz
+        layers: list[nn.Module] = []
+        d = nz
         for h in hidden:
             layers += [nn.Linear(d, h), nn.BatchNorm1d(h), nn.LeakyReLU(0.2, inplace=True)]
             d = h
         layers += [nn.Linear(d, out_dim), nn.Tanh()]
         self.main = nn.Sequential(*layers)
 
-    def forward(self, z):
+    def forward(self, z: Tensor) -> Tensor:
         return self.main(z)
 
 
 class MLPDiscriminator(nn.Module):
     """flat image (N, in_dim) -> logits (N,)."""
 
-    def __init__(self, in_dim: int = 784, hidden=(512, 256)):
+    def __init__(self, in_dim: int = 784, hidden: tuple[int, ...] = (512, 256)) -> None:
         super().__init__()
-        layers, d = [], in_dim
+        layers: list[nn.Module] = []
+        d = in_dim
         for h in hidden:
             layers += [nn.Linear(d, h), nn.LeakyReLU(0.2, inplace=True)]
             d = h
         layers += [nn.Linear(d, 1)]
         self.main = nn.Sequential(*layers)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return self.main(x.flatten(1)).view(-1)
 
 
@@ -134,24 +138,24 @@ class ConditionalGenerator(nn.Module):
     """(z (N, nz), labels (N,)) -> flat image (N, out_dim): the label's embedding is
     concatenated to the noise, then an MLP generator."""
 
-    def __init__(self, nz: int = 100, num_classes: int = 10, embed_dim: int = 10, out_dim: int = 784):
+    def __init__(self, nz: int = 100, num_classes: int = 10, embed_dim: int = 10, out_dim: int = 784) -> None:
         super().__init__()
         self.embed = nn.Embedding(num_classes, embed_dim)
         self.net = MLPGenerator(nz + embed_dim, out_dim)
 
-    def forward(self, z, labels):
+    def forward(self, z: Tensor, labels: Tensor) -> Tensor:
         return self.net(torch.cat([z, self.embed(labels)], dim=1))
 
 
 class ConditionalDiscriminator(nn.Module):
     """(flat image (N, in_dim), labels (N,)) -> logits (N,)."""
 
-    def __init__(self, in_dim: int = 784, num_classes: int = 10, embed_dim: int = 10):
+    def __init__(self, in_dim: int = 784, num_classes: int = 10, embed_dim: int = 10) -> None:
         super().__init__()
         self.embed = nn.Embedding(num_classes, embed_dim)
         self.net = MLPDiscriminator(in_dim + embed_dim)
 
-    def forward(self, x, labels):
+    def forward(self, x: Tensor, labels: Tensor) -> Tensor:
         return self.net(torch.cat([x.flatten(1), self.embed(labels)], dim=1))
 
 
@@ -162,7 +166,7 @@ class ConvVAE(nn.Module):
     ends in logits (use the "bce_logits" reconstruction loss) unless ``sigmoid_output``.
     """
 
-    def __init__(self, nc: int = 1, z_dim: int = 20, width: int = 32, sigmoid_output: bool = False):
+    def __init__(self, nc: int = 1, z_dim: int = 20, width: int = 32, sigmoid_output: bool = False) -> None:
         super().__init__()
         self.width = width
         self.enc = nn.Sequential(
@@ -173,7 +177,7 @@ class ConvVAE(nn.Module):
         self.fc_mu = nn.Linear(width * 2 * 49, z_dim)
         self.fc_logvar = nn.Linear(width * 2 * 49, z_dim)
         self.fc_dec = nn.Linear(z_dim, width * 2 * 49)
-        dec = [
+        dec: list[nn.Module] = [
             nn.ConvTranspose2d(width * 2, width, 4, 2, 1), nn.BatchNorm2d(width), nn.ReLU(True),  # 14x14
             nn.ConvTranspose2d(width, nc, 4, 2, 1),                                                 # 28x28
         ]
@@ -181,20 +185,20 @@ class ConvVAE(nn.Module):
             dec.append(nn.Sigmoid())
         self.dec = nn.Sequential(*dec)
 
-    def encode(self, x):
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         h = self.enc(x)
         return self.fc_mu(h), self.fc_logvar(h)
 
-    def decode(self, z):
+    def decode(self, z: Tensor) -> Tensor:
         return self.dec(self.fc_dec(z).view(z.shape[0], self.width * 2, 7, 7))
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         mu, logvar = self.encode(x)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         return self.decode(z), mu, logvar
 
 
-MODELS = {
+MODELS: dict[str, type[nn.Module]] = {
     "dcgan_generator": DCGANGenerator,
     "dcgan_discriminator": DCGANDiscriminator,
     "keras_dcgan_generator": KerasDCGANGenerator,
@@ -207,6 +211,6 @@ MODELS = {
 }
 
 
-def converted(name: str, **kwargs) -> nn.Module:
+def converted(name: str, **kwargs: Any) -> nn.Module:
     """The model ``name`` (a key of MODELS) built in plain PyTorch, then genfast.convert-ed."""
     return genfast.convert(MODELS[name](**kwargs))

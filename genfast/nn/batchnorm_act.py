@@ -84,9 +84,10 @@ class BatchNormAct2d(_BatchNormActMixin, nn.BatchNorm2d):
     invertible activation). Parameters, buffers and state_dict keys are nn.BatchNorm2d's.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, device=None, dtype=None, *, bias=True,
-                 activation="leaky_relu", negative_slope=0.01, memory_efficient=False):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *, bias: bool = True,
+                 activation: str = "leaky_relu", negative_slope: float = 0.01, memory_efficient: bool = False
+                 ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          **bias_kwargs(bias))
         self._init_act(activation, negative_slope, memory_efficient)
@@ -98,9 +99,10 @@ class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):
     Arguments as :class:`BatchNormAct2d`; parameters and state_dict keys are nn.BatchNorm1d's.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, device=None, dtype=None, *, bias=True,
-                 activation="leaky_relu", negative_slope=0.01, memory_efficient=False):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *, bias: bool = True,
+                 activation: str = "leaky_relu", negative_slope: float = 0.01, memory_efficient: bool = False
+                 ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          **bias_kwargs(bias))
         self._init_act(activation, negative_slope, memory_efficient)

@@ -1,7 +1,7 @@
 """ConvTranspose2d: nn.ConvTranspose2d with the bias and an activation fused into one op."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from torch import nn
@@ -22,10 +22,11 @@ class ConvTranspose2d(nn.ConvTranspose2d):
     accepts ``output_size`` as nn.ConvTranspose2d does.
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
-                 output_padding=0, groups=1, bias=True, dilation=1, padding_mode="zeros",
-                 device=None, dtype=None, *, activation: Optional[str] = None,
-                 negative_slope: float = 0.01):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] = 1,
+                 padding: int | tuple[int, int] = 0, output_padding: int | tuple[int, int] = 0, groups: int = 1, bias: bool = True,
+                 dilation: int | tuple[int, int] = 1, padding_mode: Literal["zeros", "reflect", "replicate", "circular"] = "zeros",
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, *, activation: Optional[str] = None,
+                 negative_slope: float = 0.01) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, output_padding,
                          groups, bias, dilation, padding_mode, device, dtype)
         _ct.check_activation(activation, negative_slope)
@@ -103,10 +104,11 @@ class ConvTransposeBNAct2d(nn.Sequential):
     weight and bias: one fused transposed convolution with the activation in its epilogue.
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
-                 output_padding=0, groups=1, bias=True, dilation=1, eps=1e-5, momentum=0.1,
-                 affine=True, track_running_stats=True, device=None, dtype=None, *,
-                 activation: str = "relu", negative_slope: float = 0.01):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] = 1,
+                 padding: int | tuple[int, int] = 0, output_padding: int | tuple[int, int] = 0, groups: int = 1, bias: bool = True,
+                 dilation: int | tuple[int, int] = 1, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
+                 activation: str = "relu", negative_slope: float = 0.01) -> None:
         _ct.check_activation(activation, negative_slope)
         super().__init__(
             ConvTranspose2d(in_channels, out_channels, kernel_size, stride, padding, output_padding,

@@ -21,20 +21,20 @@ class GANLoss(nn.Module):
     ``forward(real_logits, fake_logits)`` is ``.discriminator``.
     """
 
-    def __init__(self, kind: str = "bce", reduction: str = "mean", *, real_label: float = 1.0):
+    def __init__(self, kind: str = "bce", reduction: str = "mean", *, real_label: float = 1.0) -> None:
         super().__init__()
         _loss.check_kind(kind)
         _loss.check_reduction(reduction, _loss.REDUCTIONS)
         self.kind, self.reduction, self.real_label = kind, reduction, float(real_label)
 
-    def discriminator(self, real_logits: Tensor, fake_logits: Tensor):
+    def discriminator(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         return GF.discriminator_loss(real_logits, fake_logits, self.kind, self.reduction,
                                      real_label=self.real_label)
 
-    def generator(self, fake_logits: Tensor):
+    def generator(self, fake_logits: Tensor) -> Tensor:
         return GF.generator_loss(fake_logits, self.kind, self.reduction)
 
-    def forward(self, real_logits: Tensor, fake_logits: Tensor):
+    def forward(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         return self.discriminator(real_logits, fake_logits)
 
     def extra_repr(self) -> str:
@@ -53,7 +53,7 @@ class VAELoss(nn.Module):
     """
 
     def __init__(self, recon_loss: str = "mse", beta: float = 1.0, reduction: str = "sum", *,
-                 return_parts: bool = False):
+                 return_parts: bool = False) -> None:
         super().__init__()
         if recon_loss not in _loss.VAE_RECON:
             raise ValueError(f"recon_loss must be one of {tuple(_loss.VAE_RECON)}, got {recon_loss!r}")
@@ -61,7 +61,8 @@ class VAELoss(nn.Module):
         self.recon_loss, self.beta, self.reduction = recon_loss, float(beta), reduction
         self.return_parts = bool(return_parts)
 
-    def forward(self, recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor):
+    def forward(self, recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor
+                ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
         return GF.vae_loss(recon, target, mu, logvar, recon_loss=self.recon_loss, beta=self.beta,
                            reduction=self.reduction, return_parts=self.return_parts)
 
@@ -79,7 +80,7 @@ def _out_dtype(input: Tensor, target: Tensor) -> torch.dtype:
     return torch.promote_types(input.dtype, target.dtype)
 
 
-def _check_bce(input, target, name: str) -> None:
+def _check_bce(input: object, target: object, name: str) -> None:
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
         raise TypeError(f"{name}: input and target must be Tensors")
     if target.size() != input.size():

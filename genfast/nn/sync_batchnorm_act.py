@@ -26,9 +26,10 @@ class SyncBatchNormAct2d(_BatchNormActMixin, nn.modules.batchnorm._BatchNorm):
     all ranks (uneven per-rank batches are fine); otherwise it is :class:`BatchNormAct2d`.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 process_group=None, device=None, dtype=None, *, bias=True, activation="leaky_relu",
-                 negative_slope=0.01):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group: dist.ProcessGroup | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, *, bias: bool = True, activation: str = "leaky_relu",
+                 negative_slope: float = 0.01) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          **bias_kwargs(bias))
         self.process_group = process_group
@@ -65,7 +66,7 @@ class SyncBatchNormAct2d(_BatchNormActMixin, nn.modules.batchnorm._BatchNorm):
         return y
 
     @classmethod
-    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
         """Like ``nn.SyncBatchNorm.convert_sync_batchnorm``: ``BatchNormAct1d/2d`` become
         ``SyncBatchNormAct2d`` (keeping their activation), a BatchNorm that a
         ``genfast.convert``-ed container fuses with the next ReLU/LeakyReLU becomes a

@@ -77,6 +77,7 @@ def batch_norm_act_op(input: Tensor, weight: Optional[Tensor], bias: Optional[Te
                       running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
                       momentum: float, eps: float, activation: int, negative_slope: float,
                       gamma_floor: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    backend = B.at_run(FAMILY, backend, input.device)
     return _fwd_kernel(backend)(input, weight, bias, running_mean, running_var, training, momentum,
                                 eps, activation, negative_slope, gamma_floor)
 
@@ -87,6 +88,7 @@ def batch_norm_act_backward_op(grad_out: Tensor, saved: Tensor, weight: Optional
                                training: bool, activation: int, negative_slope: float,
                                gamma_floor: float, saved_is_output: bool,
                                backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    backend = B.at_run(FAMILY, backend, saved.device)
     return _bwd_kernel(backend)(grad_out, saved, weight, bias, save_mean, save_invstd, training,
                                 activation, negative_slope, gamma_floor, saved_is_output)
 
@@ -239,5 +241,5 @@ def batch_norm_act(input, running_mean, running_var, weight, bias, training, mom
                                   momentum, eps, activation, negative_slope, gamma_floor)
     y, _, _ = batch_norm_act_op(input, weight, bias, running_mean, running_var, training,
                                 float(momentum), float(eps), B.ACTIVATIONS[activation],
-                                float(negative_slope), gamma_floor, name)
+                                float(negative_slope), gamma_floor, B.for_op(name))
     return y

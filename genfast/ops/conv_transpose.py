@@ -102,6 +102,7 @@ def _onednn_ok(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation
 
 def _forward(backend, input, weight, bias, stride, padding, output_padding, groups, dilation,
              activation, negative_slope):
+    backend = B.at_run(FAMILY, backend, input.device)
     if backend == "cpu" and _onednn_ok(input, weight, bias, activation):
         y = torch.ops.mkldnn._convolution_transpose_pointwise(
             input, weight, bias, padding, output_padding, stride, dilation, groups,
@@ -132,6 +133,7 @@ def _output_padding_of(input, weight, output, stride, padding, dilation):
 
 def _backward(backend, grad_out, input, weight, output, stride, padding, dilation, groups,
               activation, negative_slope, need_input, need_weight, has_bias):
+    backend = B.at_run(FAMILY, backend, grad_out.device)
     if backend == "cpu":
         return torch.ops.genfast.conv_transpose2d_bwd(grad_out, input, weight, output, stride,
                                                       padding, dilation, groups, activation,
@@ -243,7 +245,7 @@ _CPP_BN_ACTS = (0, 1, 2)
 
 def _partials_fake(y: Tensor, backend: str) -> Tensor:
     C = y.shape[1]
-    if backend == "cpu":
+    if B.at_run(FAMILY, backend, y.device) == "cpu":
         return y.new_empty((3, 1, C), dtype=torch.float64)
     from genfast.kernels import conv_epilogue as E
 
@@ -260,6 +262,7 @@ def conv_transpose2d_stats_op(input: Tensor, weight: Tensor, stride: Sequence[in
     C++ epilogue on cpu)."""
     stride, padding, output_padding, dilation = (list(stride), list(padding), list(output_padding),
                                                  list(dilation))
+    backend = B.at_run(FAMILY, backend, input.device)
     if backend == "cpu":
         y, part, _ = torch.ops.genfast.conv_transpose2d_fwd(input, weight, None, stride, padding,
                                                             output_padding, groups, dilation, 0,
@@ -298,6 +301,7 @@ def bn_block_finalize_op(partials: Tensor, conv_bias: Optional[Tensor], weight: 
     """(mean, invstd, scale, shift) per channel from the partials (merged in fixed order); the
     running statistics (batch mean + conv_bias, unbiased variance) and num_batches_tracked are
     updated in place in the same launch."""
+    backend = B.at_run(FAMILY, backend, partials.device)
     if backend == "cpu":
         return torch.ops.genfast.bn_block_finalize(partials, conv_bias, weight, bias, running_mean,
                                                    running_var, num_batches_tracked, momentum,
@@ -320,6 +324,7 @@ def bn_block_apply_op(y: Tensor, mean: Tensor, invstd: Tensor, scale: Tensor, sh
                       weight: Optional[Tensor], bias: Optional[Tensor], activation: int,
                       negative_slope: float, backend: str) -> Tensor:
     """act(y * scale + shift) = act(weight * (y - mean) * invstd + bias): one read of y."""
+    backend = B.at_run(FAMILY, backend, y.device)
     if backend == "cpu":
         if activation in _CPP_BN_ACTS:
             return torch.ops.genfast.batch_norm_act_apply(y, mean, invstd, weight, bias,
@@ -345,8 +350,9 @@ def bn_block_backward_op(grad_out: Tensor, y: Tensor, mean: Tensor, invstd: Tens
                          negative_slope: float, conv_bias_grad: bool,
                          backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dy, grad_weight, grad_bias, grad_conv_bias) of training-mode BatchNorm + activation
-    (the statistics are functions of y); absent gradients are empty (0,) tensors. On cpu the
-    conv bias gradient is left to the convolution backward (empty here)."""
+    (the statistics are functions of y); absent gradients are empty (0,) tensors.
+    grad_conv_bias (the sum of dy per channel) when conv_bias_grad."""
+    backend = B.at_run(FAMILY, backend, y.device)
     def empty():  # a distinct tensor per absent gradient (custom-op outputs must not alias)
         return y.new_empty((0,))
 
@@ -356,7 +362,8 @@ def bn_block_backward_op(grad_out: Tensor, y: Tensor, mean: Tensor, invstd: Tens
         dy, dw, db = bnref.batch_norm_act_backward(grad_out, y, weight, bias, mean, invstd, True,
                                                    _ACT_NAMES[activation], negative_slope)
         return (dy, dw.to(weight.dtype) if weight is not None else empty(),
-                db.to(bias.dtype) if bias is not None else empty(), empty())
+                db.to(bias.dtype) if bias is not None else empty(),
+                dy.sum((0, 2, 3)) if conv_bias_grad else empty())
     if backend == "cpu":
         sum_dz, sum_dzx = torch.ops.genfast.batch_norm_act_bwd_reduce(
             grad_out, y, weight, bias, mean, invstd, activation, negative_slope, 0.0, False)
@@ -366,7 +373,7 @@ def bn_block_backward_op(grad_out: Tensor, y: Tensor, mean: Tensor, invstd: Tens
                                                      negative_slope, 0.0, False)
         dw = sum_dzx.to(weight.dtype) if weight is not None else empty()
         db = sum_dz.to(bias.dtype) if bias is not None else empty()
-        return dy, dw, db, empty()
+        return dy, dw, db, dy.sum((0, 2, 3)) if conv_bias_grad else empty()
     from genfast.kernels import conv_epilogue as E
 
     dy, dw, db, dcb = E.bn_act_backward(grad_out, y, mean, invstd, weight, bias, activation,
@@ -380,7 +387,7 @@ def _(grad_out, y, mean, invstd, weight, bias, activation, negative_slope, conv_
     C = y.shape[1]
     return (torch.empty_like(y), weight.new_empty((C,)) if weight is not None else y.new_empty((0,)),
             bias.new_empty((C,)) if bias is not None else y.new_empty((0,)),
-            y.new_empty((C,)) if (conv_bias_grad and backend != "cpu") else y.new_empty((0,)))
+            y.new_empty((C,)) if conv_bias_grad else y.new_empty((0,)))
 
 
 HAS_CPP_OPS = B.has_cpu_ext()
@@ -507,7 +514,7 @@ def conv_transpose2d(input, weight, bias, stride, padding, output_padding, group
     else:
         y = conv_transpose2d_op(x, weight, bias, list(stride), list(padding), list(output_padding),
                                 int(groups), list(dilation), B.ACTIVATIONS[act],
-                                float(negative_slope), name)
+                                float(negative_slope), B.for_op(name))
     return y.squeeze(0) if unbatched else y
 
 
@@ -556,14 +563,11 @@ class _ConvTransposeBNAct(torch.autograd.Function):
         has_cb = conv_bias is not None and bool(need[2])
         dy, dgw, dgb, dcb = bn_block_backward_op(grad_out, y, mean, invstd, bn_weight, bn_bias,
                                                  B.ACTIVATIONS[act], slope, has_cb, backend)
-        cpu_cb = has_cb and backend == "cpu"
         dx = dw = None
-        if need[0] or need[1] or cpu_cb:
-            dx, dw, db = conv_transpose2d_backward_op(
+        if need[0] or need[1]:
+            dx, dw, _ = conv_transpose2d_backward_op(
                 dy, input, weight, y, stride, padding, dilation, groups, 0, 0.0, bool(need[0]),
-                bool(need[1]), cpu_cb, backend)
-            if cpu_cb:
-                dcb = db
+                bool(need[1]), False, backend)
         return (dx if need[0] else None, dw if need[1] else None, dcb if has_cb else None,
                 dgw if bn_weight is not None and need[3] else None,
                 dgb if bn_bias is not None and need[4] else None, None, None, None, None)
@@ -593,6 +597,6 @@ def conv_transpose_bn_act_train(input, weight, bias, stride, padding, output_pad
     cumulative = momentum is None and running_mean is not None
     cfg = (list(stride), list(padding), list(output_padding), int(groups), list(dilation),
            0.0 if momentum is None else float(momentum), cumulative, float(eps), activation,
-           float(negative_slope), name)
+           float(negative_slope), backend or B.for_op(name))
     return _ConvTransposeBNAct.apply(input, weight, bias, bn_weight, bn_bias, running_mean,
                                      running_var, num_batches_tracked, cfg)

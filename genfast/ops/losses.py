@@ -173,6 +173,7 @@ _CPP_OPS: dict = {}
 
 
 def _call(cpp_name: str, py_op, backend: str, *args):
+    backend = B.at_run(FAMILY, backend, next(a for a in args if isinstance(a, Tensor)).device)
     if backend == "cpu" or backend == "cuda":
         op = _CPP_OPS.get(cpp_name)
         if op is None:
@@ -488,7 +489,7 @@ def discriminator_loss(real, fake, kind, reduction, real_label):
     if name == "reference":
         return ref.discriminator_loss(real, fake, kind, reduction, real_label)
     r, f = GanLossFunction.apply(real, fake, GAN_KINDS[kind], False, REDUCTIONS[reduction],
-                                 float(real_label), name)
+                                 float(real_label), B.for_op(name))
     return (r, f) if reduction == "none" else r
 
 
@@ -496,7 +497,7 @@ def generator_loss(fake, kind, reduction):
     name = _backend(fake.device)
     if name == "reference":
         return ref.generator_loss(fake, kind, reduction)
-    r, f = GanLossFunction.apply(None, fake, GAN_KINDS[kind], True, REDUCTIONS[reduction], 1.0, name)
+    r, f = GanLossFunction.apply(None, fake, GAN_KINDS[kind], True, REDUCTIONS[reduction], 1.0, B.for_op(name))
     return f if reduction == "none" else r
 
 
@@ -507,7 +508,7 @@ def vae_loss(recon, target, mu, logvar, recon_loss, beta, reduction):
         loss, rec, kl = ref.vae_loss(recon, target, mu, logvar, recon_loss, beta, reduction)
         return loss, torch.stack([rec.detach(), kl.detach()])
     return VaeLossFunction.apply(recon, target, mu, logvar, VAE_RECON[recon_loss], float(beta),
-                                 VAE_REDUCTIONS[reduction], name)
+                                 VAE_REDUCTIONS[reduction], B.for_op(name))
 
 
 def bce_loss(input, target, weight, pos_weight, reduction, logits):
@@ -520,11 +521,11 @@ def bce_loss(input, target, weight, pos_weight, reduction, logits):
         return ref.bce(input, target, weight, reduction)
     w = None if weight is None else torch.broadcast_to(weight, input.shape).contiguous()
     p = None if pos_weight is None else torch.broadcast_to(pos_weight, input.shape).contiguous()
-    return BceLossFunction.apply(input, target, w, p, REDUCTIONS[reduction], logits, name)
+    return BceLossFunction.apply(input, target, w, p, REDUCTIONS[reduction], logits, B.for_op(name))
 
 
 def reparameterize(mu, logvar, eps):
     name = _backend(mu.device)
     if name == "reference":
         return ref.reparameterize(mu, logvar, eps)
-    return ReparamFunction.apply(mu, logvar, eps, name)
+    return ReparamFunction.apply(mu, logvar, eps, B.for_op(name))
