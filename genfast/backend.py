@@ -55,10 +55,10 @@ def _build_record(name: str) -> str | None:
     """A value setup.py recorded in genfast/_build_info.py when it compiled genfast._C, or None
     when the extension was built without that record."""
     try:
-        from genfast import _build_info
+        record = importlib.import_module("genfast._build_info")
     except ImportError:
         return None
-    return str(getattr(_build_info, name))
+    return str(getattr(record, name))
 
 
 def _build_torch_version() -> str | None:

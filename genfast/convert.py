@@ -110,8 +110,8 @@ def convert(model: nn.Module, *, skip: Iterable[str] = (), fuse_conv_bn: bool = 
             continue
         if type(m) is nn.ConvTranspose2d:
             m.__class__ = gnn.ConvTranspose2d
-            m.activation = None
-            m.negative_slope = 0.01
+            setattr(m, "activation", None)  # plain attributes (nn.Module's stubs type them as Tensor | Module)
+            setattr(m, "negative_slope", 0.01)
             kept = f" (its {_hook_names(m)} kept)" if has_hooks(m) else ""
             report.swaps.append(f"{name or '<model>'} (ConvTranspose2d) -> ConvTranspose2d{kept}")
         elif isinstance(m, nn.ConvTranspose2d) and parametrize.is_parametrized(m):

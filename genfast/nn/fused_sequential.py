@@ -75,7 +75,7 @@ class FusionStep:
         return conv_transpose_act_forward(mods[0], input, epilogue_of(mods[1]))
 
 
-def plan_fusions(children: list[nn.Module], kinds=tuple(KINDS),
+def plan_fusions(children: list[nn.Module], kinds: tuple[str, ...] = tuple(KINDS),
                  blocked: frozenset = frozenset()) -> tuple[list[tuple[int, FusionStep]], list[tuple[int, FusionStep]]]:
     """Plan the fusions of a run of children, greedy from the left (the ConvTranspose2d ->
     BatchNorm2d -> activation triple first), never using an index in ``blocked``. Returns

@@ -2,6 +2,8 @@
 a torch.distributed process group."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -102,7 +104,7 @@ class SyncBatchNormAct2d(_BatchNormActMixin, nn.modules.batchnorm._BatchNorm):
         return out
 
     @classmethod
-    def _from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm, process_group, activation: str,
+    def _from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm, process_group: Any, activation: str,
                         negative_slope: float) -> "SyncBatchNormAct2d":
         return _move(bn, cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                              process_group, device="meta", activation=activation,
