@@ -10,7 +10,7 @@ tests/test_conv_transpose_triton.py::test_gemm_compiles_for_sm90):
   shared memory; mma.sync where wgmma does not apply):
   activations are read channels_last (any tensor whose channel stride is 1 is used as it is; a
   contiguous NCHW tensor is converted once per call), weights are repacked once per weight
-  version (one tiny kernel, cached on (weight, _version, data_ptr)) into per-phase matrices
+  call (one tiny kernel) into per-phase matrices
   [taps * C_in/g, C_out/g padded to 16] (forward) and [taps * C_out/g, C_in/g padded to 16]
   (grad_input), whose rows are 16-byte aligned.
 - Alignment: a stride or channel count that is not a multiple of 16 (e.g. 100 input channels)
@@ -40,8 +40,6 @@ tests/test_conv_transpose_triton.py::test_gemm_compiles_for_sm90):
 from __future__ import annotations
 
 import math
-import weakref
-from collections import OrderedDict
 from typing import NamedTuple
 
 import torch
@@ -588,45 +586,8 @@ def _phase_geometry(k: int, s: int, d: int):
     return s // gcd, d // gcd, triton.cdiv(k, s // gcd)
 
 
-class _PackCache:
-    """Repacked weights of nn.Parameter weights, one entry per (parameter, layout); an entry is
-    used only while the weight is the same object with the same data_ptr and _version. An
-    in-place update (optimizer step, load_state_dict, torch.no_grad() ops) bumps _version; a
-    write through .data does not (`p.data.copy_(...)`, e.g. an old-style EMA update): such code
-    must call clear_weight_cache(). Plain tensors (functional calls, gradcheck's perturbations
-    through .data) are repacked on every call."""
-
-    def __init__(self, size: int = 64):
-        self.size = size
-        self.entries: OrderedDict = OrderedDict()
-
-    def get(self, weight: torch.Tensor, key: tuple, make):
-        if not isinstance(weight, torch.nn.Parameter) or weight.is_inference():
-            return make()
-        full = (id(weight),) + key
-        hit = self.entries.get(full)
-        if (hit is not None and hit[0]() is weight and hit[1] == weight._version
-                and hit[2] == weight.data_ptr()):
-            self.entries.move_to_end(full)
-            return hit[3]
-        packed = make()
-        self.entries[full] = (weakref.ref(weight), weight._version, weight.data_ptr(), packed)
-        self.entries.move_to_end(full)
-        while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
-        return packed
-
-
-_PACKED = _PackCache()
-
-
-def clear_weight_cache() -> None:
-    """Drops every repacked weight (needed only after writing a weight through .data)."""
-    _PACKED.entries.clear()
-
-
 def _repack(weight, groups, mode, stride=(1, 1), padding=(0, 0), dilation=(1, 1), cout_gp=0):
-    """The weight as the GEMM reads it (cached): mode 0 (forward) (G, SH*SW, MAXT, C_in/g, COUT_P),
+    """The weight as the GEMM reads it, repacked on every call: mode 0 (forward) (G, SH*SW, MAXT, C_in/g, COUT_P),
     mode 1 (grad_input) (G, KH*KW, cout_gp, CIN_P) with cout_gp >= C_out/g the channels per group
     of dz; rows padded to 16 elements with zeros, rows past C_out/g zero."""
     cin, cog, kh, kw = weight.shape
@@ -640,18 +601,16 @@ def _repack(weight, groups, mode, stride=(1, 1), padding=(0, 0), dilation=(1, 1)
     else:
         row = triton.cdiv(cig, 16) * 16
         shape = (groups, kh * kw, cout_gp, row)
-    key = (mode, groups, tuple(stride), tuple(padding), tuple(dilation)) if mode == 0 else (mode, groups, cout_gp)
     slots = mth * mtw if mode == 0 else cout_gp
-
-    def make():
-        out = torch.empty(shape, device=weight.device, dtype=weight.dtype)
-        total = out.numel()
-        _launch(_repack_kernel, (triton.cdiv(total, _REPACK_BLOCK),),
-                weight, out, total, cig, cog, row, slots, *weight.stride(),
-                sh, sw, ph, pw, dh, dw, tsh, tsw, KH=kh, KW=kw, MODE=mode, BLOCK=_REPACK_BLOCK)
-        return out
-
-    return _PACKED.get(weight, key, make), row
+    # Not cached across calls: a cache keyed on the weight's version would serve stale values
+    # after a write through .data (which does not bump the version), and a training step
+    # changes the weight anyway.
+    out = torch.empty(shape, device=weight.device, dtype=weight.dtype)
+    total = out.numel()
+    _launch(_repack_kernel, (triton.cdiv(total, _REPACK_BLOCK),),
+            weight, out, total, cig, cog, row, slots, *weight.stride(),
+            sh, sw, ph, pw, dh, dw, tsh, tsw, KH=kh, KW=kw, MODE=mode, BLOCK=_REPACK_BLOCK)
+    return out, row
 
 
 def conv_transpose2d_fwd(x, weight, bias, stride, padding, output_padding, groups, dilation,
