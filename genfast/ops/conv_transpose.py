@@ -499,6 +499,21 @@ def check_args(input, weight, bias, stride, padding, output_padding, groups, dil
     return stride, padding, output_padding, dilation
 
 
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_lower_precision(*tensors):
+    """Under torch.autocast on the tensors' device type, the floating-point tensors (not float64)
+    cast to the autocast dtype, as autocast does for F.conv_transpose2d (a lower-precision op);
+    the tensors unchanged otherwise. The custom ops themselves have no autocast rule."""
+    t0 = tensors[0]
+    dev = t0.device.type
+    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
+        return tensors
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) if t is not None and t.dtype in _AUTOCAST_CASTS else t for t in tensors)
+
+
 def conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation,
                      activation, negative_slope):
     """The checked entry point: argument checks, unbatched input, backend choice."""
@@ -507,6 +522,7 @@ def conv_transpose2d(input, weight, bias, stride, padding, output_padding, group
                                                            output_padding, groups, dilation)
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
+    x, weight, bias = autocast_lower_precision(x, weight, bias)
     name = B.resolve(FAMILY, x.device)
     if name == "reference":
         y = ref.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups,
@@ -581,6 +597,7 @@ def conv_transpose_bn_act_train(input, weight, bias, stride, padding, output_pad
     arguments already checked. Updates running_mean / running_var (unbiased variance) and
     num_batches_tracked in place; momentum None is the cumulative average. `backend` overrides
     the resolved backend (tests run the cuda path on CPU tensors this way)."""
+    input, weight, bias = autocast_lower_precision(input, weight, bias)
     name = backend or B.resolve(FAMILY, input.device)
     if name == "reference":
         from genfast.reference import batchnorm_act as bnref
