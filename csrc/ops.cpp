@@ -85,9 +85,12 @@ TORCH_LIBRARY(genfast, m) {
 
 namespace genfast {
 bool built_with_cuda();
+bool cpu_losses_supported();
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("built_with_cuda", &genfast::built_with_cuda,
         "True when the CUDA kernels were compiled into this extension");
+  m.def("cpu_losses_supported", &genfast::cpu_losses_supported,
+        "True when this CPU has the instructions the CPU loss kernels were compiled for");
 }

@@ -28,19 +28,29 @@
 #include "../common/reparam.h"
 
 namespace genfast {
+bool cpu_losses_supported();
 namespace {
 
-// Whether this CPU runs the SIMD kernels of this file (compiled for AVX2+FMA on x86-64).
+// Whether this CPU runs the SIMD kernels of this file (compiled for AVX2+FMA on x86-64). The
+// Python layer asks first (genfast.backend: `auto` then takes the reference backend for the
+// losses, with a warning); the op checks again so that a pinned backend fails clearly.
 void check_simd() {
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  TORCH_CHECK(ok, "genfast's CPU loss kernels need a CPU with AVX2, FMA and F16C, which this one lacks; "
-              "use genfast.set_backend('reference') for the losses");
-#endif
+  TORCH_CHECK(cpu_losses_supported(), "genfast's CPU loss kernels need a CPU with AVX2, FMA and F16C, "
+              "which this one lacks; use genfast.set_backend('reference') for the losses");
 }
 
 }  // namespace
+
+bool cpu_losses_supported() {
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+#else
+  return true;
+#endif
+}
+
 }  // namespace genfast
 
 // --- SIMD kernels (AVX2+FMA on x86-64) -------------------------------------------------------------
