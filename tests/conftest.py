@@ -5,6 +5,12 @@ No test queries a GPU at import time."""
 import os
 
 GPU_RUN = os.environ.get("GENFAST_TEST_DEVICE", "cpu") == "cuda"
+# A fresh inductor cache per test run: inductor's FX-graph cache does not key on a custom op's
+# fake implementation, so a cache left by an earlier build can replay stale output dtypes.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="genfast-inductor-")
 if not GPU_RUN:
     os.environ["TRITON_INTERPRET"] = "1"
 

@@ -93,8 +93,11 @@ _ONEDNN_ATTR = {0: "none", 2: "leaky_relu", 3: "tanh"}
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _onednn_ok(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation: int) -> bool:
+def _onednn_ok(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation: int,
+               stride, output_padding) -> bool:
+    # oneDNN's deconvolution needs output_padding < stride (torch also allows < dilation)
     return (activation in _ONEDNN_ATTR and input.dtype in _ONEDNN_DTYPES
+            and all(op < s for op, s in zip(output_padding, stride))
             and input.dtype == weight.dtype and input.shape[0] > 0
             and (bias is None or bias.is_contiguous()) and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_convolution_transpose_pointwise"))
@@ -103,7 +106,7 @@ def _onednn_ok(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation
 def _forward(backend, input, weight, bias, stride, padding, output_padding, groups, dilation,
              activation, negative_slope):
     backend = B.at_run(FAMILY, backend, input.device)
-    if backend == "cpu" and _onednn_ok(input, weight, bias, activation):
+    if backend == "cpu" and _onednn_ok(input, weight, bias, activation, stride, output_padding):
         y = torch.ops.mkldnn._convolution_transpose_pointwise(
             input, weight, bias, padding, output_padding, stride, dilation, groups,
             _ONEDNN_ATTR[activation], [negative_slope] if activation == 2 else [], "")
