@@ -747,7 +747,9 @@ class _Plan:
         splits = max(1, min(splits, self.n_tiles, MAX_SPLITS))
         self.tiles_per_split = triton.cdiv(self.n_tiles, splits)
         self.S = triton.cdiv(self.n_tiles, self.tiles_per_split) if self.n_tiles else 1
-        self.BS = max(1, min(triton.next_power_of_2(self.S), max(1, 2048 // self.BCH)))
+        # Partials merged per step: fixed per layout (not from S, which changes with the batch
+        # size and would recompile the kernels for each); the loop masks the rows past S.
+        self.BS = max(1, min(MAX_SPLITS, 2048 // self.BCH))
         self.num_warps = (8 if self.BA * self.BB >= 4096 else 4) if on_gpu else 1
 
 

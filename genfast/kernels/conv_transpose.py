@@ -496,7 +496,7 @@ def _gemm_config(kind: str, dtype: torch.dtype, m: int, n: int, k: int) -> _Cfg:
     return _Cfg(bm, bn, bk, warps, stages)
 
 
-_PROLOGUE_TILE = (16, 16) if _INTERPRET else (64, 64)
+_PROLOGUE_TILE = (16, 16) if _INTERPRET else (32, 64)  # 64x64 spilled on Triton 3.6 (255 registers)
 _FINISH_BLOCK = 64 if _INTERPRET else 1024
 _REPACK_BLOCK = 256 if _INTERPRET else 1024
 _I32_SAFE = 2 ** 31 - 2 ** 24  # index ranges below this stay int32 (tile overhang included)
