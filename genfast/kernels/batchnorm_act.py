@@ -76,11 +76,16 @@ RESIDENT_MAX_FWD = 16384
 RESIDENT_MAX_BWD = 8192
 # Channels per program in the channels-last layout (a row segment of BB contiguous values).
 NLC_BLOCK_C = 64
-# Elements per tile of the split kernels.
-TILE_GPU = 4096
+# Columns (contiguous positions of one channel) per tile in the NCL layout.
+NCL_BLOCK_L = 1024
+# Elements per tile of the split kernels (4096 spilled in the float64-refined statistics pass,
+# sm_90 compile check).
+TILE_GPU = 2048
 TILE_INTERPRET = 1024
 # Partial rows per channel: every program of the consumer kernels merges all of them.
 MAX_SPLITS = 64
+# Partial rows merged per step (32 spilled in the channels_last normalise kernel).
+MERGE_BLOCK = 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -736,7 +741,9 @@ class _Plan:
             self.tiles_b = 1
             self.n_cblocks = triton.cdiv(C, self.BB)
         else:
-            self.BB = min(triton.next_power_of_2(max(L, 1)), tile)
+            # at most NCL_BLOCK_L columns: the statistics pass keeps three float64 running
+            # vectors per column (2048 columns spilled, sm_90 compile check)
+            self.BB = min(triton.next_power_of_2(max(L, 1)), tile, NCL_BLOCK_L)
             self.tiles_b = triton.cdiv(L, self.BB)
             self.n_cblocks = C
         self.BA = max(1, min(tile // self.BB, triton.next_power_of_2(max(self.n_a, 1))))
@@ -749,7 +756,7 @@ class _Plan:
         self.S = triton.cdiv(self.n_tiles, self.tiles_per_split) if self.n_tiles else 1
         # Partials merged per step: fixed per layout (not from S, which changes with the batch
         # size and would recompile the kernels for each); the loop masks the rows past S.
-        self.BS = max(1, min(MAX_SPLITS, 2048 // self.BCH))
+        self.BS = max(1, min(MERGE_BLOCK, 2048 // self.BCH))
         self.num_warps = (8 if self.BA * self.BB >= 4096 else 4) if on_gpu else 1
 
 
