@@ -184,11 +184,7 @@ def available(name: str, device: torch.device, family: str | None = None) -> tup
     if name == "cpu":
         if cuda:
             return False, "the cpu backend runs on CPU tensors only"
-        if not has_cpu_ext():
-            return False, "genfast._C is not built"
-        if family == "losses" and not extension().cpu_losses_supported():
-            return False, "this CPU lacks the AVX2/FMA/F16C instructions of genfast's CPU loss kernels"
-        return True, ""
+        return has_cpu_ext(), "genfast._C is not built"
     if name == "cuda":
         if not cuda:
             return False, "the cuda backend runs on CUDA tensors only"
@@ -223,10 +219,7 @@ def _auto(family: str, device: torch.device) -> str:
                   "triton nor the CUDA extension); using the reference backend")
         return "reference"
     if device.type == "cpu" and has_cpu_ext():
-        ok, why = available("cpu", device, family)
-        if ok:
-            return "cpu"
-        warn_once(f"auto-ref-cpu-{family}", f"genfast: {why}; the {family} ops use the reference backend")
+        return "cpu"
     return "reference"
 
 

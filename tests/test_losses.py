@@ -1039,26 +1039,3 @@ def test_loss_kernels_compile_for_sm90_with_nan_max_and_64bit_offsets():
     for name in ("gan_bce", "vae_bce", "bce_prob", "bce_logits"):
         assert res[name]["nan_fminmax"], f"{name}: expected the NaN-propagating max"
 
-
-def test_cpu_without_simd_falls_back_with_a_warning(monkeypatch):
-    """On a CPU without the instructions of the CPU loss kernels, `auto` takes the reference
-    backend for the losses (one warning) and a pinned `cpu` backend raises; other families keep
-    the cpu backend."""
-    import warnings
-
-    ext = genfast.backend.extension()
-    if ext is None:
-        pytest.skip("genfast._C is not built")
-    monkeypatch.setattr(ext, "cpu_losses_supported", lambda: False, raising=False)
-    monkeypatch.setattr(genfast.backend, "_warned", set())
-    dev = torch.device("cpu")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert genfast.backend.resolve("losses", dev) == "reference"
-    assert any("AVX2" in str(w.message) for w in caught)
-    assert genfast.backend.resolve("batchnorm_act", dev) == "cpu"
-    logits = torch.randn(8)
-    loss = GF.generator_loss(logits, kind="bce")
-    torch.testing.assert_close(loss, F.softplus(-logits).mean())
-    with genfast.backend.use_backend("cpu"), pytest.raises(RuntimeError, match="AVX2"):
-        GF.generator_loss(logits, kind="bce")

@@ -169,17 +169,11 @@ def _(grad_z, logvar, eps, backend):
 # torch.compile traces them): the Python custom-op layer costs about 20 us per call on the CPU,
 # as much as a small loss kernel. The triton backend goes through the registered Python ops.
 
-_CPP_OPS: dict = {}
-
-
 def _call(cpp_name: str, py_op, backend: str, *args):
     backend = B.at_run(FAMILY, backend, next(a for a in args if isinstance(a, Tensor)).device)
     if backend == "cpu" or backend == "cuda":
-        op = _CPP_OPS.get(cpp_name)
-        if op is None:
-            # the OpOverload itself: calling it skips the packet's overload resolution
-            op = _CPP_OPS[cpp_name] = getattr(torch.ops.genfast, cpp_name).default
-        return op(*args)
+        # the OpOverload itself (no cache written here: this runs inside traced backwards too)
+        return getattr(torch.ops.genfast, cpp_name).default(*args)
     return py_op(*args, backend)
 
 
