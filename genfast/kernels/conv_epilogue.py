@@ -35,6 +35,7 @@ import triton.language as tl
 
 from genfast import backend as B
 from genfast.kernels.activation import act_forward, act_grad_from_y, act_grad_from_z
+from genfast.kernels.batchnorm_act import _on_device  # launches run under the tensor's device
 
 _INTERPRET = B.triton_interpret()
 
@@ -413,13 +414,6 @@ def _target_programs(t: torch.Tensor) -> int:
         return 2
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
     return 4 * _num_sms(index)
-
-
-def _on_device(t: torch.Tensor):
-    """Launches run under the tensor's device (Triton launches on the current device)."""
-    import contextlib
-
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 class PlaneView:
