@@ -31,6 +31,9 @@ AUTO_CUDA = {
     # vendor library, replace it only where a committed GPU benchmark shows genfast's GEMM
     # faster; none has been measured yet, so the Triton implicit GEMM runs only when asked for).
     "conv_transpose": "cuda",
+    # Conv2d / Linear: cuDNN / cuBLAS products + the same epilogue kernels (genfast has no GEMM
+    # of its own for them).
+    "conv_act": "cuda",
 }
 
 # Backends with kernels for each family; a family not listed has all four.
@@ -169,7 +172,7 @@ def family_supports(family: str, name: str) -> bool:
 
 # Families whose "cuda" backend is ATen's products + genfast's Triton epilogue kernels: it needs
 # Triton, not the CUDA C++ extension.
-_CUDA_VIA_TRITON = ("conv_transpose",)
+_CUDA_VIA_TRITON = ("conv_transpose", "conv_act")
 
 
 def available(name: str, device: torch.device, family: str | None = None) -> tuple[bool, str]:

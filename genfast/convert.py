@@ -41,12 +41,13 @@ def _hook_names(m: nn.Module) -> str:
 
 def _describe(kind: str, names: list[str], mods: tuple[nn.Module, ...]) -> str:
     parts = " + ".join(f"{n} ({type(m).__name__})" for n, m in zip(names, mods))
+    prod = "ConvTranspose2d" if isinstance(mods[0], nn.ConvTranspose2d) else type(mods[0]).__name__
     if kind == "conv_bn_act":
         act = type(mods[2]).__name__
-        return f"{parts} -> fused ConvTranspose2d with BatchNorm statistics epilogue + {act}"
+        return f"{parts} -> fused {prod} with BatchNorm statistics epilogue + {act}"
     if kind == "bn_act":
         return f"{parts} -> fused BatchNormAct{type(mods[0]).__name__[-2:]} ({type(mods[1]).__name__})"
-    return f"{parts} -> ConvTranspose2d with {type(mods[1]).__name__} in its epilogue"
+    return f"{parts} -> {prod} with {type(mods[1]).__name__} in its epilogue"
 
 
 def _in_skip(name: str, skip: set[str]) -> bool:
@@ -75,11 +76,12 @@ def convert(model: nn.Module, *, skip: Iterable[str] = (), fuse_conv_bn: bool = 
         ``torch.nn.utils.spectral_norm`` / ``weight_norm``, stay and keep working);
       * every ``nn.Sequential`` holding one of these runs of children becomes a
         :class:`genfast.nn.FusedSequential` (the same object and children) that runs the run
-        as one fused op: ``ConvTranspose2d -> BatchNorm2d -> ReLU/LeakyReLU`` (the BatchNorm
-        statistics taken in the convolution's epilogue in training, the BatchNorm folded into
-        the convolution in eval; not with ``fuse_conv_bn=False``), ``BatchNorm1d/2d ->
-        ReLU/LeakyReLU``, ``ConvTranspose2d -> Tanh/Sigmoid`` (the activation in the
-        convolution's epilogue).
+        as one fused op: ``ConvTranspose2d / Conv2d -> BatchNorm2d -> ReLU/LeakyReLU`` and
+        ``Linear -> BatchNorm1d -> ReLU/LeakyReLU`` (the BatchNorm statistics taken right after
+        the product in training, the BatchNorm folded into the product in eval; not with
+        ``fuse_conv_bn=False``), ``BatchNorm1d/2d -> ReLU/LeakyReLU``, ``ConvTranspose2d ->
+        Tanh/Sigmoid`` and ``Conv2d / Linear -> ReLU/LeakyReLU/Tanh/Sigmoid`` (the activation
+        in the product's epilogue). Conv2d and Linear modules keep their class.
     The BatchNorm and activation children stay the torch modules they were, so the state_dict
     keys do not change (the original checkpoint loads with ``strict=True``, and back), parameters
     and buffers are the same tensor objects, and a fusion stands down (its children run one by

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from genfast.ops import batchnorm_act as _bn
+from genfast.ops import conv_act as _ca
 from genfast.ops import conv_transpose as _ct
 from genfast.ops import losses as _loss
 
@@ -287,3 +288,57 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
                                   f"input of dtype {input.dtype}")
     return _ct.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups,
                                 dilation, activation, negative_slope)
+
+
+def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: _Size2 = 1,
+           padding: Union[_Size2, str] = 0, dilation: _Size2 = 1, groups: int = 1, *,
+           activation: Optional[str] = None, negative_slope: float = 0.01) -> Tensor:
+    """Fused ``activation(F.conv2d(input, weight, bias, ...))``; arguments as ``F.conv2d``.
+
+    The convolution comes from the vendor library (cuDNN through ATen on CUDA tensors, oneDNN
+    on CPU tensors); the bias and the activation are applied in one pass over its output (on
+    the CPU as a oneDNN post-op for identity, leaky_relu and tanh).
+
+    Args:
+        input: (N, C_in, H, W) or unbatched (C_in, H, W); floating point.
+        weight: (C_out, C_in / groups, kH, kW), the input's dtype.
+        bias: (C_out,) or None.
+        stride, dilation: int or (h, w) pair; defaults 1.
+        padding: int, (h, w) pair, "valid" or "same" (stride 1 only), default 0.
+        groups: int, default 1; divides C_in and C_out.
+        activation: None (identity, default), "relu", "leaky_relu", "tanh" or "sigmoid".
+        negative_slope: leaky_relu slope for negative inputs (default 0.01, must be >= 0).
+
+    Returns:
+        (N, C_out, H_out, W_out) (unbatched: without N); channels_last when input is.
+    """
+    if (isinstance(input, Tensor) and isinstance(weight, Tensor) and input.dtype == weight.dtype
+            and not input.is_floating_point()):
+        raise NotImplementedError(f"conv2d: genfast supports floating-point input only, got input "
+                                  f"of dtype {input.dtype}")
+    return _ca.conv2d_act(input, weight, bias, stride, padding, dilation, groups, activation,
+                          negative_slope)
+
+
+def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
+           activation: Optional[str] = None, negative_slope: float = 0.01) -> Tensor:
+    """Fused ``activation(F.linear(input, weight, bias))``; arguments as ``F.linear``.
+
+    The matmul comes from the vendor library (cuBLAS through ATen on CUDA tensors, oneDNN on
+    CPU tensors); the bias and the activation are applied in one pass over its output.
+
+    Args:
+        input: (*, in_features); floating point.
+        weight: (out_features, in_features), the input's dtype.
+        bias: (out_features,) or None.
+        activation: None (identity, default), "relu", "leaky_relu", "tanh" or "sigmoid".
+        negative_slope: leaky_relu slope for negative inputs (default 0.01, must be >= 0).
+
+    Returns:
+        (*, out_features).
+    """
+    if (isinstance(input, Tensor) and isinstance(weight, Tensor) and input.dtype == weight.dtype
+            and not input.is_floating_point()):
+        raise NotImplementedError(f"linear: genfast supports floating-point input only, got input "
+                                  f"of dtype {input.dtype}")
+    return _ca.linear_act(input, weight, bias, activation, negative_slope)

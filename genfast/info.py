@@ -8,7 +8,7 @@ import torch
 
 from genfast import backend as B
 
-FAMILIES = ("batchnorm_act", "losses", "conv_transpose")
+FAMILIES = ("batchnorm_act", "losses", "conv_transpose", "conv_act")
 
 
 def report() -> str:

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from genfast.nn.batchnorm_act import batch_norm_act_forward
+from genfast.nn.conv_act import (can_fuse_product_bn, plain_product, product_act_forward,
+                                 product_bn_act_forward)
 from genfast.nn.conv_transpose import (ConvTranspose2d, can_fuse_conv_bn, check_conv_bn_input,
                                        conv_bn_act_forward, conv_transpose_act_forward, has_hooks)
 
@@ -42,8 +44,9 @@ def epilogue_of(m: nn.Module) -> Optional[str]:
 @dataclass(eq=False)
 class FusionStep:
     """Children ``modules`` (the very objects, in order) that run as one fused op; ``kind`` is
-    "conv_bn_act" (ConvTranspose2d -> BatchNorm2d -> ReLU/LeakyReLU), "bn_act" (BatchNorm1d/2d
-    -> ReLU/LeakyReLU) or "conv_act" (ConvTranspose2d -> Tanh/Sigmoid)."""
+    "conv_bn_act" (ConvTranspose2d or Conv2d -> BatchNorm2d, or Linear -> BatchNorm1d, then
+    ReLU/LeakyReLU), "bn_act" (BatchNorm1d/2d -> ReLU/LeakyReLU) or "conv_act" (ConvTranspose2d
+    -> Tanh/Sigmoid; Conv2d or Linear -> ReLU/LeakyReLU/Tanh/Sigmoid)."""
 
     kind: str
     modules: tuple[nn.Module, ...]
@@ -52,10 +55,14 @@ class FusionStep:
         """Whether the children have the types (and settings) this kind fuses."""
         mods = self.modules
         if self.kind == "conv_bn_act":
-            return (_plain_conv(mods[0]) and type(mods[1]) is nn.BatchNorm2d
-                    and activation_of(mods[2]) is not None)
+            if activation_of(mods[2]) is None:
+                return False
+            return ((_plain_conv(mods[0]) and type(mods[1]) is nn.BatchNorm2d)
+                    or can_fuse_product_bn(mods[0], mods[1]))
         if self.kind == "bn_act":
             return type(mods[0]) in _BN_TYPES and activation_of(mods[1]) is not None
+        if plain_product(mods[0]):
+            return activation_of(mods[1]) is not None or epilogue_of(mods[1]) is not None
         return _plain_conv(mods[0]) and epilogue_of(mods[1]) is not None
 
     def still_valid(self) -> bool:
@@ -67,12 +74,18 @@ class FusionStep:
         mods = self.modules
         if self.kind == "conv_bn_act":
             act, slope = activation_of(mods[2])
+            if plain_product(mods[0]):
+                return product_bn_act_forward(mods[0], mods[1], act, slope, input)
             check_conv_bn_input(mods[1], input)
             return conv_bn_act_forward(mods[0], mods[1], act, slope, input, None)
         if self.kind == "bn_act":
             act, slope = activation_of(mods[1])
             return batch_norm_act_forward(mods[0], input, act, slope)
-        return conv_transpose_act_forward(mods[0], input, epilogue_of(mods[1]))
+        pair = activation_of(mods[1])
+        act, slope = pair if pair is not None else (epilogue_of(mods[1]), 0.01)
+        if plain_product(mods[0]):
+            return product_act_forward(mods[0], input, act, slope)
+        return conv_transpose_act_forward(mods[0], input, act)
 
 
 def plan_fusions(children: list[nn.Module], kinds: tuple[str, ...] = tuple(KINDS),
@@ -107,12 +120,14 @@ def plan_fusions(children: list[nn.Module], kinds: tuple[str, ...] = tuple(KINDS
 class FusedSequential(nn.Sequential):
     """An ``nn.Sequential`` (same children, same state_dict keys, same indexing) in which
     ``genfast.convert`` planned runs of children to run as one fused op:
-    ConvTranspose2d -> BatchNorm2d -> ReLU/LeakyReLU (BatchNorm statistics in the convolution's
-    epilogue in training; BatchNorm folded into the convolution in eval), BatchNorm1d/2d ->
-    ReLU/LeakyReLU, ConvTranspose2d -> Tanh/Sigmoid.
+    ConvTranspose2d / Conv2d -> BatchNorm2d -> ReLU/LeakyReLU and Linear -> BatchNorm1d ->
+    ReLU/LeakyReLU (BatchNorm statistics right after the product in training; BatchNorm folded
+    into the product in eval), BatchNorm1d/2d -> ReLU/LeakyReLU, ConvTranspose2d ->
+    Tanh/Sigmoid, Conv2d / Linear -> ReLU/LeakyReLU/Tanh/Sigmoid (bias and activation in one
+    pass after the product).
 
     The children stay the torch modules they were (the transposed convolutions become
-    gnn.ConvTranspose2d). At each forward, a planned run runs fused only while its children are
+    gnn.ConvTranspose2d; Conv2d and Linear keep their class). At each forward, a planned run runs fused only while its children are
     still the planned objects at the planned positions, of the planned types, with no hook on
     any of them (and no global module hook); otherwise those children run one by one, exactly
     as in nn.Sequential. Replacing a child (e.g. ``nn.SyncBatchNorm.convert_sync_batchnorm``),

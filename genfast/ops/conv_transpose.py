@@ -241,6 +241,11 @@ conv_transpose2d_op.register_autograd(_backward_formula, setup_context=_setup_co
 
 # --- the BatchNorm block's ops (no autograd of their own: _ConvTransposeBNAct below) ----------
 
+def _channel_sum(t: Tensor) -> Tensor:
+    """Per-channel sum of an (N, C, *) or (N, C) tensor."""
+    return t.sum([d for d in range(t.dim()) if d != 1])
+
+
 # Activations of the C++ BatchNorm kernels (identity, relu, leaky_relu); tanh and sigmoid after
 # a BatchNorm run the reference formulas on CPU tensors.
 _CPP_BN_ACTS = (0, 1, 2)
@@ -334,7 +339,7 @@ def bn_block_apply_op(y: Tensor, mean: Tensor, invstd: Tensor, scale: Tensor, sh
                                                           activation, negative_slope, 0.0)
         from genfast.reference.activation import act_forward
 
-        shape = (1, -1, 1, 1)
+        shape = (1, -1) + (1,) * (y.dim() - 2)
         z = y.to(scale.dtype) * scale.view(shape) + shift.view(shape)
         return act_forward(z, _ACT_NAMES[activation], negative_slope).to(y.dtype)
     from genfast.kernels import conv_epilogue as E
@@ -366,7 +371,7 @@ def bn_block_backward_op(grad_out: Tensor, y: Tensor, mean: Tensor, invstd: Tens
                                                    _ACT_NAMES[activation], negative_slope)
         return (dy, dw.to(weight.dtype) if weight is not None else empty(),
                 db.to(bias.dtype) if bias is not None else empty(),
-                dy.sum((0, 2, 3)) if conv_bias_grad else empty())
+                _channel_sum(dy) if conv_bias_grad else empty())
     if backend == "cpu":
         sum_dz, sum_dzx = torch.ops.genfast.batch_norm_act_bwd_reduce(
             grad_out, y, weight, bias, mean, invstd, activation, negative_slope, 0.0, False)
@@ -376,7 +381,7 @@ def bn_block_backward_op(grad_out: Tensor, y: Tensor, mean: Tensor, invstd: Tens
                                                      negative_slope, 0.0, False)
         dw = sum_dzx.to(weight.dtype) if weight is not None else empty()
         db = sum_dz.to(bias.dtype) if bias is not None else empty()
-        return dy, dw, db, dy.sum((0, 2, 3)) if conv_bias_grad else empty()
+        return dy, dw, db, _channel_sum(dy) if conv_bias_grad else empty()
     from genfast.kernels import conv_epilogue as E
 
     dy, dw, db, dcb = E.bn_act_backward(grad_out, y, mean, invstd, weight, bias, activation,
