@@ -190,7 +190,10 @@ EPILOGUE_CASES = (
     [_epi(chw, dt, lay, 1) for chw in ((512, 4, 4), (128, 16, 16), (64, 32, 32))
      for dt in (torch.float32, torch.bfloat16) for lay in ("contiguous", "channels_last")]
     + [_epi((3, 64, 64), torch.float32, "contiguous", 3), _epi((256,), torch.float16, "contiguous", 2),
-       _epi((64, 8, 8), torch.float32, "contiguous", 2, cumulative=True)]
+       _epi((64, 8, 8), torch.float32, "contiguous", 2, cumulative=True),
+       # Linear outputs (N, C) of the MLP GAN and the DCGAN discriminator's conv outputs
+       _epi((1024,), torch.bfloat16, "contiguous", 2), _epi((512,), torch.float32, "contiguous", 2),
+       _epi((1, 4, 4), torch.float32, "contiguous", 0)]
 )
 
 CASES: dict[str, list[Case]] = {

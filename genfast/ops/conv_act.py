@@ -83,11 +83,13 @@ def _vendor_product(kind, input, weight, stride, padding, dilation, groups):
     return _in_format(y, input)
 
 
-# oneDNN's convolution / linear with the activation as a post-op (CPU; float32 and bfloat16):
+# oneDNN's convolution / linear with the activation as a post-op (CPU, float32: its bfloat16
+# primitives need AVX-512 BW / AVX-NE-CONVERT, which not every CPU has; ATen picks its own
+# bfloat16 path):
 # the same post-ops as for the transposed convolution, those that treat NaN and +-inf as torch
 # does (oneDNN's relu post-op turns -inf into NaN, its sigmoid NaN into a number).
 _ONEDNN_ATTR = _ct._ONEDNN_ATTR
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+_ONEDNN_DTYPES = (torch.float32,)
 
 
 def _onednn_ok(kind, input, weight, bias, activation, stride, padding, dilation, groups) -> bool:
@@ -441,9 +443,9 @@ def resolve_padding(input: Tensor, weight: Tensor, stride, padding, dilation):
     if padding == "valid":
         return input, (0, 0)
     if padding != "same":
-        raise ValueError(f"Invalid padding string '{padding}', should be one of {{'valid', 'same'}}")
+        raise RuntimeError(f"Invalid padding string: '{padding}'")
     if any(s != 1 for s in _pair(stride, "stride")):
-        raise ValueError("padding='same' is not supported for strided convolutions")
+        raise RuntimeError("padding='same' is not supported for strided convolutions")
     dil = _pair(dilation, "dilation")
     if weight.dim() != 4:
         raise RuntimeError(f"conv2d: expected weight to be 4-D (C_out, C_in/groups, kH, kW), got "

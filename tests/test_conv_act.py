@@ -1,0 +1,532 @@
+"""Conv2d and Linear with bias + activation (+ BatchNorm) fused around the vendor's product
+(genfast/ops/conv_act.py): float64 parity with torch's unfused modules on every backend that
+runs here (cpu = oneDNN post-ops / ATen; triton and cuda = ATen's CPU product + genfast's
+Triton epilogue kernels under the interpreter; reference), outputs, every gradient, running
+statistics and num_batches_tracked; special values, empty batches, bad input, launch budgets,
+opcheck, gradcheck, compile, autocast, and convert on the seed discriminators and MLP models."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import genfast
+import genfast.functional as GF
+import genfast.nn as gnn
+from genfast import models
+from genfast.backend import use_backend
+from genfast.ops import conv_act as CA
+from launches import count_launches
+
+BACKENDS = ["reference", "cpu", "triton"]
+ACTS = ["identity", "relu", "leaky_relu", "tanh", "sigmoid"]
+ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4}
+D = torch.float64
+
+
+def torch_act(name, slope=0.2):
+    return {"identity": lambda t: t, "relu": F.relu, "leaky_relu": lambda t: F.leaky_relu(t, slope),
+            "tanh": torch.tanh, "sigmoid": torch.sigmoid}[name]
+
+
+def _grads(out, tensors, g):
+    return torch.autograd.grad(out, tensors, g)
+
+
+# --- standalone: GF.conv2d / GF.linear and the modules -----------------------------------------
+
+CONV_CASES = [
+    dict(n=3, cin=4, cout=6, hw=(9, 8), k=3, s=2, p=1, d=1, g=2, bias=True, cl=False),
+    dict(n=2, cin=3, cout=5, hw=(7, 7), k=4, s=1, p=0, d=2, g=1, bias=False, cl=True),
+    dict(n=1, cin=1, cout=3, hw=(6, 5), k=(3, 2), s=(1, 2), p=(2, 0), d=1, g=1, bias=True, cl=False),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv2d_matches_torch_float64(backend, act, case):
+    x = torch.randn(case["n"], case["cin"], *case["hw"], dtype=D)
+    if case["cl"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    k = case["k"] if isinstance(case["k"], tuple) else (case["k"], case["k"])
+    w = torch.randn(case["cout"], case["cin"] // case["g"], *k, dtype=D)
+    b = torch.randn(case["cout"], dtype=D) if case["bias"] else None
+    leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    ref = torch_act(act)(F.conv2d(x, w, b, case["s"], case["p"], case["d"], case["g"]))
+    with use_backend(backend):
+        out = GF.conv2d(x, w, b, case["s"], case["p"], case["d"], case["g"],
+                        activation=None if act == "identity" else act, negative_slope=0.2)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-11)
+    if case["cl"]:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(ref)
+    for a, r in zip(_grads(out, leaves, g), _grads(ref, leaves, g)):
+        torch.testing.assert_close(a, r, atol=1e-11, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape", [(7, 5), (5,), (2, 3, 5)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_torch_float64(backend, act, shape, bias):
+    x = torch.randn(*shape, dtype=D, requires_grad=True)
+    w = torch.randn(4, 5, dtype=D, requires_grad=True)
+    b = torch.randn(4, dtype=D, requires_grad=True) if bias else None
+    leaves = [t for t in (x, w, b) if t is not None]
+    ref = torch_act(act)(F.linear(x, w, b))
+    with use_backend(backend):
+        out = GF.linear(x, w, b, activation=None if act == "identity" else act, negative_slope=0.2)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-11)
+    g = torch.randn_like(ref)
+    for a, r in zip(_grads(out, leaves, g), _grads(ref, leaves, g)):
+        torch.testing.assert_close(a, r, atol=1e-11, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular", "same", "same_even", "valid"])
+def test_conv2d_module_padding_modes(backend, mode):
+    """gnn.Conv2d takes every nn.Conv2d padding mode and string padding (asymmetric "same"
+    for an even kernel) and matches nn.Conv2d + activation, state_dict included."""
+    kw = dict(padding=1, padding_mode=mode) if mode in ("reflect", "replicate", "circular") else \
+        dict(padding="same", kernel_size=4) if mode == "same_even" else dict(padding=mode)
+    k = kw.pop("kernel_size", 3)
+    ref_conv = nn.Conv2d(3, 4, k, dilation=1, dtype=D, **kw)
+    ours = gnn.Conv2d(3, 4, k, dtype=D, activation="leaky_relu", negative_slope=0.1, **kw)
+    ours.load_state_dict(ref_conv.state_dict())
+    assert list(ours.state_dict()) == list(ref_conv.state_dict())
+    x = torch.randn(2, 3, 6, 7, dtype=D)
+    with use_backend(backend):
+        out = ours(x)
+    torch.testing.assert_close(out, F.leaky_relu(ref_conv(x), 0.1), atol=1e-12, rtol=1e-11)
+
+
+def test_modules_repr_and_unbatched():
+    conv = gnn.Conv2d(3, 4, 3, activation="relu")
+    lin = gnn.Linear(5, 2, activation="leaky_relu", negative_slope=0.3)
+    assert "activation='relu'" in repr(conv) and "negative_slope=0.3" in repr(lin)
+    x = torch.randn(3, 6, 6)
+    torch.testing.assert_close(conv(x), F.relu(F.conv2d(x, conv.weight, conv.bias)))
+    assert conv(x).shape == (4, 4, 4)
+    assert isinstance(conv, nn.Conv2d) and isinstance(lin, nn.Linear)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("special", [float("nan"), float("inf"), -float("inf")])
+def test_special_values_like_torch(backend, act, special):
+    """NaN and +-inf give torch's pattern in float32 (oneDNN post-ops only where they agree)."""
+    x = torch.randn(2, 3, 6, 6)
+    x[0, 1, 2, 3] = special
+    w, b = torch.randn(4, 3, 3, 3), torch.randn(4)
+    xl = torch.randn(4, 6)
+    xl[1, 2] = special
+    wl, bl = torch.randn(3, 6), torch.randn(3)
+    name = None if act == "identity" else act
+    with use_backend(backend):
+        outs = [GF.conv2d(x, w, b, activation=name, negative_slope=0.2),
+                GF.linear(xl, wl, bl, activation=name, negative_slope=0.2)]
+    refs = [torch_act(act)(F.conv2d(x, w, b)), torch_act(act)(F.linear(xl, wl, bl))]
+    for y, r in zip(outs, refs):
+        assert torch.equal(y.isnan(), r.isnan()) and torch.equal(y.isposinf(), r.isposinf())
+        assert torch.equal(y.isneginf(), r.isneginf())
+        fin = r.isfinite()
+        torch.testing.assert_close(y[fin], r[fin], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    x = torch.randn(0, 3, 5, 5, dtype=D, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=D, requires_grad=True)
+    b = torch.randn(4, dtype=D, requires_grad=True)
+    xl = torch.randn(0, 5, dtype=D, requires_grad=True)
+    wl = torch.randn(2, 5, dtype=D, requires_grad=True)
+    with use_backend(backend):
+        y = GF.conv2d(x, w, b, activation="relu")
+        yl = GF.linear(xl, wl, None, activation="tanh")
+    assert y.shape == (0, 4, 3, 3) and yl.shape == (0, 2)
+    (y.sum() + yl.sum()).backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+    assert torch.equal(wl.grad, torch.zeros_like(wl)) and x.grad.shape == x.shape
+
+
+def test_gradcheck_and_gradgradcheck():
+    """float64 gradcheck of the fused op on the cpu and cuda (interpreted) paths, and
+    gradgradcheck through the create_graph (reference) backward."""
+    x = torch.randn(2, 2, 5, 5, dtype=D, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, dtype=D, requires_grad=True)
+    b = torch.randn(3, dtype=D, requires_grad=True)
+    xl = torch.randn(3, 4, dtype=D, requires_grad=True)
+    wl = torch.randn(2, 4, dtype=D, requires_grad=True)
+    for be in ("cpu", "cuda"):
+        fc = lambda x, w, b: CA.product_act_op(x, w, b, "conv2d", [2, 1], [1, 0], [1, 1], 1, 3, 0.0, be)  # noqa: E731
+        fl = lambda x, w: CA.product_act_op(x, w, None, "linear", [1, 1], [0, 0], [1, 1], 1, 4, 0.0, be)  # noqa: E731
+        assert torch.autograd.gradcheck(fc, (x, w, b))
+        assert torch.autograd.gradcheck(fl, (xl, wl))
+        assert torch.autograd.gradgradcheck(fc, (x, w, b))
+
+
+def test_opcheck():
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    xl = torch.randn(5, 3, requires_grad=True)
+    wl = torch.randn(4, 3, requires_grad=True)
+    torch.library.opcheck(torch.ops.genfast.product_act.default,
+                          (x, w, b, "conv2d", [2, 2], [1, 1], [1, 1], 1, 2, 0.2, "cpu"))
+    torch.library.opcheck(torch.ops.genfast.product_act.default,
+                          (xl, wl, None, "linear", [1, 1], [0, 0], [1, 1], 1, 1, 0.0, "cpu"))
+    torch.library.opcheck(torch.ops.genfast.product_stats.default,
+                          (x.detach(), w.detach(), "conv2d", [1, 1], [0, 0], [1, 1], 1, "cuda"))
+    torch.library.opcheck(torch.ops.genfast.product_stats.default,
+                          (xl.detach(), wl.detach(), "linear", [1, 1], [0, 0], [1, 1], 1, "cpu"))
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+BAD = [
+    (lambda: GF.conv2d(torch.randn(2, 3, 5, 5), torch.randn(4, 2, 3, 3)),
+     lambda: F.conv2d(torch.randn(2, 3, 5, 5), torch.randn(4, 2, 3, 3)), RuntimeError),
+    (lambda: GF.conv2d(torch.randn(1, 2, 2, 5, 5), torch.randn(4, 2, 3, 3)),
+     lambda: F.conv2d(torch.randn(1, 2, 2, 5, 5), torch.randn(4, 2, 3, 3)), RuntimeError),
+    (lambda: GF.conv2d(torch.randn(5, 5), torch.randn(4, 2, 3, 3)),
+     lambda: F.conv2d(torch.randn(5, 5), torch.randn(4, 2, 3, 3)), RuntimeError),
+    (lambda: GF.conv2d(torch.randn(1, 3, 2, 2), torch.randn(4, 3, 3, 3)),
+     lambda: F.conv2d(torch.randn(1, 3, 2, 2), torch.randn(4, 3, 3, 3)), RuntimeError),
+    (lambda: GF.conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), torch.randn(3)),
+     lambda: F.conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), torch.randn(3)), RuntimeError),
+    (lambda: GF.conv2d(torch.randn(1, 4, 5, 5), torch.randn(3, 2, 3, 3), groups=2),
+     lambda: F.conv2d(torch.randn(1, 4, 5, 5), torch.randn(3, 2, 3, 3), groups=2), RuntimeError),
+    (lambda: GF.conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), stride=0),
+     lambda: F.conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), stride=0), RuntimeError),
+    (lambda: GF.conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), padding=-1),
+     lambda: F.conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), padding=-1), RuntimeError),
+    (lambda: GF.conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), stride=2, padding="same"),
+     lambda: F.conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), stride=2, padding="same"),
+     RuntimeError),
+    (lambda: GF.conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), padding="full"),
+     lambda: F.conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), padding="full"), RuntimeError),
+    (lambda: GF.conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3, dtype=D)),
+     lambda: F.conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3, dtype=D)), RuntimeError),
+    (lambda: GF.conv2d("x", torch.randn(4, 3, 3, 3)),
+     lambda: F.conv2d("x", torch.randn(4, 3, 3, 3)), TypeError),
+    (lambda: GF.linear(torch.randn(4, 5), torch.randn(3, 4)),
+     lambda: F.linear(torch.randn(4, 5), torch.randn(3, 4)), RuntimeError),
+    (lambda: GF.linear(torch.randn(()), torch.randn(3, 4)),
+     lambda: F.linear(torch.randn(()), torch.randn(3, 4)), RuntimeError),
+    (lambda: GF.linear(torch.randn(4, 5), torch.randn(3, 5), torch.randn(4)),
+     lambda: F.linear(torch.randn(4, 5), torch.randn(3, 5), torch.randn(4)), RuntimeError),
+    (lambda: GF.linear(torch.randn(4, 5), torch.randn(3, 5, dtype=D)),
+     lambda: F.linear(torch.randn(4, 5), torch.randn(3, 5, dtype=D)), RuntimeError),
+    (lambda: gnn.Linear(4, 3, activation="gelu"), lambda: (_ for _ in ()).throw(ValueError()), ValueError),
+    (lambda: gnn.Conv2d(4, 3, 3, activation="leaky_relu", negative_slope=-1.0),
+     lambda: (_ for _ in ()).throw(ValueError()), ValueError),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("i", range(len(BAD)))
+def test_bad_input_raises_torch_exception_type(backend, i):
+    ours, theirs, exc = BAD[i]
+    with pytest.raises(exc):
+        theirs()
+    with use_backend(backend), pytest.raises(exc):
+        ours()
+
+
+def test_integer_input_is_refused_clearly():
+    """genfast's kernels are floating point; integer input (which torch's CPU convolution and
+    matmul accept) raises NotImplementedError naming the dtype instead of a wrong answer."""
+    with pytest.raises(NotImplementedError, match="floating-point input only.*int64"):
+        GF.conv2d(torch.ones(1, 3, 5, 5, dtype=torch.int64), torch.ones(4, 3, 3, 3, dtype=torch.int64))
+    with pytest.raises(NotImplementedError, match="floating-point input only.*int64"):
+        GF.linear(torch.ones(4, 5, dtype=torch.int64), torch.ones(3, 5, dtype=torch.int64))
+
+
+# --- the BatchNorm block through convert ------------------------------------------------------
+
+def _conv_block(act_mod, bias=False, momentum=0.1, track=True):
+    seq = nn.Sequential(nn.Conv2d(4, 6, 4, 2, 1, bias=bias), nn.BatchNorm2d(6, momentum=momentum,
+                        track_running_stats=track), act_mod).to(D)
+    return _randomise(seq)
+
+
+def _linear_block(act_mod, bias=True, momentum=0.1, track=True):
+    seq = nn.Sequential(nn.Linear(5, 70, bias=bias), nn.BatchNorm1d(70, momentum=momentum,
+                        track_running_stats=track), act_mod).to(D)
+    return _randomise(seq)
+
+
+def _randomise(seq):
+    bn = seq[1]
+    with torch.no_grad():
+        if bn.affine:
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+        if bn.track_running_stats:
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    return seq
+
+
+def _converted(seq):
+    twin = copy.deepcopy(seq)
+    genfast.convert(twin)
+    assert isinstance(twin, gnn.FusedSequential) and len(twin.active_fusions()) == 1, twin
+    return twin
+
+
+def _check_step(seq, twin, x, backend, train=True, steps=1):
+    seq.train(train)
+    twin.train(train)
+    for _ in range(steps):
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ref = seq(x1)
+        with use_backend(backend):
+            out = twin(x2)
+        torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-9)
+        g = torch.randn_like(ref)
+        ref.backward(g)
+        with use_backend(backend):
+            out.backward(g)
+        torch.testing.assert_close(x2.grad, x1.grad, atol=1e-9, rtol=1e-8)
+    for (n, p1), p2 in zip(seq.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p2.grad, p1.grad, atol=1e-9, rtol=1e-8, msg=n)
+    for k, v in seq.state_dict().items():
+        torch.testing.assert_close(twin.state_dict()[k], v, atol=1e-12, rtol=1e-12, msg=k)
+
+
+BLOCKS = {
+    "conv_relu": lambda **kw: _conv_block(nn.ReLU(), **kw),
+    "conv_leaky_bias": lambda **kw: _conv_block(nn.LeakyReLU(0.2), bias=True, **kw),
+    "linear_leaky": lambda **kw: _linear_block(nn.LeakyReLU(0.2, inplace=True), **kw),
+    "linear_relu_nobias": lambda **kw: _linear_block(nn.ReLU(), bias=False, **kw),
+}
+
+
+def _input(name, n=3):
+    return torch.randn(n, 4, 6, 5, dtype=D) if name.startswith("conv") else torch.randn(n, 5, dtype=D)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_block_train_matches_torch(backend, name):
+    seq = BLOCKS[name]()
+    _check_step(seq, _converted(seq), _input(name), backend, steps=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_block_eval_folds_like_torch(backend, name):
+    seq = BLOCKS[name]()
+    _check_step(seq, _converted(seq), _input(name), backend, train=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("momentum,track", [(None, True), (0.1, False)])
+def test_block_cumulative_momentum_and_no_running_stats(backend, momentum, track):
+    for name in ("conv_leaky_bias", "linear_leaky"):
+        seq = BLOCKS[name](momentum=momentum, track=track)
+        _check_step(seq, _converted(seq), _input(name), backend, steps=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_block_channels_last(backend):
+    seq = BLOCKS["conv_leaky_bias"]()
+    twin = _converted(seq)
+    x = _input("conv_leaky_bias").contiguous(memory_format=torch.channels_last)
+    _check_step(seq, twin, x, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_block_empty_batch_leaves_running_stats(backend, name):
+    seq = BLOCKS[name]()
+    twin = _converted(seq)
+    rm = twin[1].running_mean.clone()
+    x = _input(name, n=0)
+    with use_backend(backend):
+        out = twin(x)
+    assert out.shape == seq(x).shape
+    assert torch.equal(twin[1].running_mean, rm) and torch.equal(seq[1].running_mean, rm)
+    assert int(twin[1].num_batches_tracked) == int(seq[1].num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("special", [float("nan"), float("inf"), -float("inf")])
+def test_block_special_values_like_torch(backend, special):
+    for name in ("conv_leaky_bias", "linear_leaky"):
+        seq = BLOCKS[name]()
+        twin = _converted(seq)
+        x = _input(name)
+        x.view(-1)[7] = special
+        ref = seq(x)
+        with use_backend(backend):
+            out = twin(x)
+        assert torch.equal(out.isnan(), ref.isnan()), name
+        fin = ref.isfinite()
+        torch.testing.assert_close(out[fin], ref[fin])
+        torch.testing.assert_close(twin[1].running_mean, seq[1].running_mean, equal_nan=True)
+        torch.testing.assert_close(twin[1].running_var, seq[1].running_var, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_block_bad_input_changes_nothing(backend):
+    """Bad input to a fused block raises torch's exception type and leaves every buffer as it
+    was (the checks run before the finalize writes)."""
+    cases = [("conv_relu", torch.randn(3, 5, 6, 5, dtype=D), RuntimeError),   # channels
+             ("conv_relu", torch.randn(4, 6, 5, dtype=D), ValueError),         # 3-D into BN2d
+             ("conv_relu", torch.randn(1, 4, 2, 2, dtype=D), ValueError),      # one value per channel
+             ("linear_leaky", torch.randn(3, 6, dtype=D), RuntimeError),       # features
+             ("linear_leaky", torch.randn(1, 5, dtype=D), ValueError)]         # one value per channel
+    for name, x, exc in cases:
+        seq = BLOCKS[name]()
+        twin = _converted(seq)
+        with pytest.raises(exc):
+            seq(x)
+        before = {k: v.clone() for k, v in twin.state_dict().items()}
+        with use_backend(backend), pytest.raises(exc):
+            twin(x)
+        for k, v in twin.state_dict().items():
+            assert torch.equal(v, before[k]), (name, k)
+
+
+def test_linear_block_on_3d_input_runs_like_torch():
+    """Linear on (N, L, in) followed by BatchNorm1d(L): BatchNorm normalises dim 1 (L), as in
+    torch; the fusion must not normalise the features instead."""
+    seq = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(3), nn.ReLU()).to(D)
+    twin = copy.deepcopy(seq)
+    genfast.convert(twin)
+    x = torch.randn(2, 3, 5, dtype=D)
+    torch.testing.assert_close(twin(x), seq(x))
+    torch.testing.assert_close(twin[1].running_mean, seq[1].running_mean)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_block_compiles_fullgraph(backend):
+    torch._dynamo.reset()
+    seq = BLOCKS["linear_leaky"]()
+    twin = _converted(seq)
+    x = _input("linear_leaky")
+    with use_backend(backend):
+        compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+        out = compiled(x)
+    torch.testing.assert_close(out, seq(x))
+    for k, v in seq.state_dict().items():
+        torch.testing.assert_close(twin.state_dict()[k], v, msg=k)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_autocast_like_torch(backend):
+    """Under torch.autocast the products run in the autocast dtype, as nn.Conv2d / nn.Linear
+    do, alone and in a fused block."""
+    conv = gnn.Conv2d(3, 4, 3, activation="relu")
+    lin = gnn.Linear(6, 4, activation="tanh")
+    seq = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU())
+    twin = _converted(seq)
+    x, xl = torch.randn(2, 3, 5, 5), torch.randn(4, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16), use_backend(backend):
+        assert conv(x).dtype == F.conv2d(x, conv.weight).dtype == torch.bfloat16
+        assert lin(xl).dtype == torch.bfloat16
+        assert twin(xl).dtype == seq(xl).dtype
+
+
+# --- launch budgets (cuda path on CPU tensors; Triton under the interpreter) -----------------
+
+def test_standalone_launches():
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    xl = torch.randn(2, 108, requires_grad=True)
+    wl, bl = torch.randn(5, 108, requires_grad=True), torch.randn(5, requires_grad=True)
+    for kind, (xi, wi, bi) in (("conv2d", (x, w, b)), ("linear", (xl, wl, bl))):
+        with count_launches() as fwd:
+            y = CA.product_act_op(xi, wi, bi, kind, [1, 1], [0, 0], [1, 1], 1, 2, 0.2, "cuda")
+        g = torch.randn_like(y)
+        with count_launches() as bwd:
+            y.backward(g)
+        assert len(fwd.products) == 1 and fwd.triton == ["_epilogue_kernel"] and not fwd.ops, str(fwd)
+        assert bwd.triton == ["_prologue_kernel", "_row_sum_kernel"] and not bwd.ops, str(bwd)
+        assert len(bwd.products) == (1 if kind == "conv2d" else 2), str(bwd)
+
+
+@pytest.mark.parametrize("name", ["conv_leaky_bias", "linear_leaky"])
+def test_block_launch_budget(name):
+    """Training forward = product + 3 launches (stats, finalize with the running statistics and
+    num_batches_tracked, apply); backward = 3 launches + the products."""
+    seq = BLOCKS[name]().float()
+    twin = _converted(seq)
+    x = _input(name).float().requires_grad_()
+    with use_backend("triton"):
+        with count_launches() as fwd:
+            out = twin(x)
+        g = torch.randn_like(out)
+        with count_launches() as bwd:
+            out.backward(g)
+    assert len(fwd.products) == 1 and not fwd.ops, str(fwd)
+    assert fwd.triton == ["_stats_kernel", "_finalize_kernel", "_apply_kernel"], str(fwd)
+    assert bwd.triton == ["_bn_bwd_reduce_kernel", "_bn_bwd_finalize_kernel", "_bn_bwd_dx_kernel"], str(bwd)
+    assert not bwd.ops, str(bwd)
+
+
+# --- convert on the seed discriminators and MLP models ----------------------------------------
+
+SEEDS = {
+    "dcgan_D": (lambda: models.DCGANDiscriminator(ndf=8), lambda: torch.randn(4, 3, 64, 64, dtype=D), 3, 1),
+    "keras_D": (lambda: models.KerasDCGANDiscriminator(), lambda: torch.randn(4, 1, 28, 28, dtype=D), 1, 1),
+    "mlp_G": (lambda: models.MLPGenerator(nz=16, out_dim=20, hidden=(24, 32)), lambda: torch.randn(6, 16, dtype=D), 2, 1),
+    "mlp_D": (lambda: models.MLPDiscriminator(in_dim=20, hidden=(16, 8)), lambda: torch.randn(6, 20, dtype=D), 0, 2),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(SEEDS))
+def test_convert_seed_models(backend, name):
+    """convert fuses every Conv2d/Linear -> BatchNorm -> act triple and Conv2d/Linear -> act
+    pair of the seed discriminators and MLP models; the converted model keeps its state_dict
+    keys and matches the original in float64 (outputs, gradients, running statistics) for two
+    training steps and in eval."""
+    make, data, triples, pairs = SEEDS[name]
+    torch.manual_seed(0)
+    model = make().to(D)
+    twin = copy.deepcopy(model)
+    _, report = genfast.convert(twin, return_report=True)
+    assert list(twin.state_dict()) == list(model.state_dict())
+    fused = twin.main.active_fusions()
+    assert sum(s.kind == "conv_bn_act" for s in fused) == triples, report
+    assert sum(s.kind == "conv_act" for s in fused) == pairs, report
+    for train in (True, True, False):
+        model.train(train)
+        twin.train(train)
+        x = data()
+        ref = model(x)
+        with use_backend(backend):
+            out = twin(x)
+        torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-9)
+        if train:
+            ref.sum().backward()
+            with use_backend(backend):
+                out.sum().backward()
+    for (n, p1), p2 in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p2.grad, p1.grad, atol=1e-9, rtol=1e-8, msg=n)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(twin.state_dict()[k], v, atol=1e-12, rtol=1e-12, msg=k)
+
+
+def test_fusion_stands_down_when_a_child_is_hooked_or_replaced():
+    seq = BLOCKS["linear_leaky"]()
+    twin = _converted(seq)
+    seen = []
+    h = twin[1].register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+    x = _input("linear_leaky")
+    out = twin(x)
+    assert len(seen) == 1 and not twin.active_fusions()
+    torch.testing.assert_close(seen[0], seq[1](seq[0](x)))
+    torch.testing.assert_close(out, seq[2](seen[0]))
+    h.remove()
+    assert len(twin.active_fusions()) == 1
+    twin[2] = nn.Tanh()
+    assert not twin.active_fusions()
+    torch.testing.assert_close(twin(x), torch.tanh(seq[1](seq[0](x))))
