@@ -77,7 +77,9 @@ def test_bn_act_in_sequential_is_fused():
                         nn.Linear(8, 4), nn.BatchNorm1d(4), nn.Tanh())
     orig, conv = _pair(seq)
     assert isinstance(conv, gnn.FusedSequential)
-    assert _fused(conv) == [("bn_act", 1, 2), ("bn_act", 4, 5)]
+    # Linear -> BatchNorm1d -> act triples (issue 14); the last BatchNorm is followed by Tanh,
+    # which is neither fused after a BatchNorm nor with it
+    assert _fused(conv) == [("conv_bn_act", 0, 2), ("conv_bn_act", 3, 5)]
     # BN followed by something else is not fused; every child stays the torch module it was
     assert [type(m) for m in conv] == [type(m) for m in orig]
     _assert_same_training(orig, conv, (torch.randn(5, 6, dtype=torch.float64),))

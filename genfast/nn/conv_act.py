@@ -3,7 +3,7 @@ vendor's product, and the product -> BatchNorm -> activation block that genfast.
 (discriminators, MLP GANs, VAE encoders)."""
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +81,7 @@ class Linear(nn.Linear):
         return linear_act_forward(self, input, self.activation, self.negative_slope)
 
 
-def _conv_input(conv: nn.Conv2d, input: torch.Tensor):
+def _conv_input(conv: nn.Conv2d, input: torch.Tensor) -> tuple[torch.Tensor, Any]:
     """(input, padding) as nn.Conv2d's _conv_forward uses them: a non-zeros padding mode pads
     the input first and convolves with zero padding."""
     if conv.padding_mode != "zeros":
@@ -110,7 +110,7 @@ def product_act_forward(m: nn.Module, input: torch.Tensor, activation: Optional[
     """activation(m(input)) for an nn.Conv2d or nn.Linear ``m``, fused."""
     if isinstance(m, nn.Conv2d):
         return conv2d_act_forward(m, input, activation, negative_slope)
-    return linear_act_forward(m, input, activation, negative_slope)
+    return linear_act_forward(cast(nn.Linear, m), input, activation, negative_slope)
 
 
 def can_fuse_product_bn(m: nn.Module, bn: nn.Module) -> bool:
@@ -171,19 +171,22 @@ def product_bn_act_forward(m: nn.Module, bn: nn.modules.batchnorm._BatchNorm, ac
         # BatchNorm + activation (which checks its input before writing anything).
         y = product_act_forward(m, input, None)
         return batch_norm_act_forward(bn, y, activation, negative_slope)
+    weight = cast(torch.Tensor, m.weight)
+    hw: list[int] = []
     if linear:
         x, padding, stride, dilation, groups = input, [0, 0], [1, 1], [1, 1], 1
         rows = input.shape[0]
     else:
-        x, pad = _conv_input(m, input)
-        x, pad = _ca.resolve_padding(x, m.weight, m.stride, pad, m.dilation)
-        stride, padding, dilation = _ca.check_conv2d_args(x, m.weight, m.bias, m.stride, pad,
-                                                          m.dilation, m.groups)
-        groups = m.groups
-        hw = _ca.conv2d_out_hw(x.shape[2:], m.weight.shape[2:], stride, padding, dilation)
+        conv = cast(nn.Conv2d, m)
+        x, pad = _conv_input(conv, input)
+        x, pad = _ca.resolve_padding(x, weight, conv.stride, pad, conv.dilation)
+        stride, padding, dilation = _ca.check_conv2d_args(x, weight, conv.bias, conv.stride, pad,
+                                                          conv.dilation, conv.groups)
+        groups = conv.groups
+        hw = _ca.conv2d_out_hw(x.shape[2:], weight.shape[2:], stride, padding, dilation)
         rows = x.shape[0] * hw[0] * hw[1]
     if rows == 1:
-        c = m.weight.shape[0]
+        c = weight.shape[0]
         size = [1, c] if linear else [1, c, *hw]
         raise ValueError("Expected more than 1 value per channel when training, got input size "
                          f"{torch.Size(size)}")
@@ -191,7 +194,7 @@ def product_bn_act_forward(m: nn.Module, bn: nn.modules.batchnorm._BatchNorm, ac
     # num_batches_tracked are updated inside the block's finalize launch.
     track = bn.training and bn.track_running_stats and bn.running_mean is not None
     return _ca.product_bn_act_train(
-        "linear" if linear else "conv2d", x, m.weight, m.bias, list(stride), list(padding),
+        "linear" if linear else "conv2d", x, weight, m.bias, list(stride), list(padding),
         list(dilation), groups, bn.weight, bn.bias, bn.running_mean if track else None,
         bn.running_var if track else None, bn.num_batches_tracked if track else None,
         bn.momentum, bn.eps, activation, negative_slope, B.for_op(name))

@@ -83,13 +83,12 @@ def _vendor_product(kind, input, weight, stride, padding, dilation, groups):
     return _in_format(y, input)
 
 
-# oneDNN's convolution / linear with the activation as a post-op (CPU, float32: its bfloat16
-# primitives need AVX-512 BW / AVX-NE-CONVERT, which not every CPU has; ATen picks its own
-# bfloat16 path):
+# oneDNN's convolution / linear with the activation as a post-op (CPU; float32, and the reduced
+# precisions this CPU's oneDNN supports):
 # the same post-ops as for the transposed convolution, those that treat NaN and +-inf as torch
 # does (oneDNN's relu post-op turns -inf into NaN, its sigmoid NaN into a number).
 _ONEDNN_ATTR = _ct._ONEDNN_ATTR
-_ONEDNN_DTYPES = (torch.float32,)
+_ONEDNN_DTYPES = _ct._ONEDNN_DTYPES
 
 
 def _onednn_ok(kind, input, weight, bias, activation, stride, padding, dilation, groups) -> bool:

@@ -90,7 +90,11 @@ def _vendor_product(input, weight, stride, padding, output_padding, groups, dila
 # treat NaN and +-inf as torch does (checked on torch 2.14: oneDNN's relu post-op turns -inf
 # into NaN and its sigmoid turns NaN into a number); relu and sigmoid take the C++ path.
 _ONEDNN_ATTR = {0: "none", 2: "leaky_relu", 3: "tanh"}
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Reduced-precision primitives need CPU features (AVX-512 BW/VL/DQ or AVX-NE-CONVERT) that
+# not every CPU has: asked of torch once, at import.
+_ONEDNN_DTYPES = ((torch.float32,)
+                  + ((torch.bfloat16,) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ())
+                  + ((torch.float16,) if torch.ops.mkldnn._is_mkldnn_fp16_supported() else ()))
 
 
 def _onednn_ok(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation: int,
