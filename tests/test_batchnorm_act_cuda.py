@@ -499,3 +499,139 @@ def test_sync_batchnorm_uses_cuda_ops(cuda_device):
     assert _use_cpp(x)
     with backend("reference"):
         assert not _use_cpp(x)
+
+
+# --- issue 11 at the edges: double statistics, overlapping running buffers ---------------------
+
+def _ulp32(v: float) -> float:
+    a = abs(v)
+    return float(torch.nextafter(torch.tensor(a, dtype=torch.float32), torch.tensor(float("inf"))).item() - a)
+
+
+@pytest.mark.parametrize("shape,layout", [((1, 1, 4096, 4608), "ncl"), ((2 ** 24 + 2 ** 21, 1), "ncl"),
+                                          ((2 ** 21 + 2 ** 18, 8, 1, 1), "nlc")],
+                         ids=["plane", "column", "channels_last"])
+@pytest.mark.parametrize("offset", [3.0, 1e4])
+def test_long_float32_reduction_float64_parity(cuda_device, shape, layout, offset):
+    """1.125 * 2^24 float32 values per channel (a float count or sum saturates at 2^24), mean
+    offset 3 or 1e4: the batch mean and the running statistics are the float64 values rounded
+    once (within 1 ulp), invstd within float rounding, and grad_bias of unit gradients is the
+    exact count. Expected values: float64 statistics of the same float32 data."""
+    x = _layout((torch.randn(shape, dtype=torch.float64, device=cuda_device) * 2 + offset).float(), layout)
+    C = x.shape[1]
+    rm, rv = torch.zeros(C, device=cuda_device), torch.ones(C, device=cuda_device)
+    _, mean, invstd = torch.ops.genfast.batch_norm_act_fwd(x, None, None, rm, rv, True, 0.1, 1e-5, 0, 0.0, 0.0)
+    dims = [d for d in range(x.dim()) if d != 1]
+    x64 = x.double()
+    m64 = x64.mean(dim=dims)
+    var64 = x64.var(dim=dims, unbiased=False)
+    n = x.numel() // C
+    for c in range(C):
+        assert abs(mean[c].item() - m64[c].item()) <= _ulp32(m64[c].item()), "batch mean"
+        rm_exact = 0.1 * m64[c].item()
+        assert abs(rm[c].item() - rm_exact) <= _ulp32(rm_exact), "running_mean"
+        rv_exact = 0.9 + 0.1 * var64[c].item() * n / (n - 1)
+        assert abs(rv[c].item() - rv_exact) <= 2 * _ulp32(rv_exact), "running_var"
+    torch.testing.assert_close(invstd.double(), torch.rsqrt(var64 + 1e-5), atol=0, rtol=3e-7)
+    xg = x.clone().requires_grad_()
+    b = torch.zeros(C, device=cuda_device, requires_grad=True)
+    with backend("cuda"):
+        y = GF.batch_norm_act(xg, None, None, None, b, True, 0.1, 1e-5, activation="identity")
+    (gb,) = torch.autograd.grad(y, [b], torch.ones_like(y))
+    assert torch.equal(gb, torch.full_like(gb, float(n))), "grad_bias = the sum of n ones"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(16, 8, 32, 32), (128, 64, 4, 4)])
+def test_float32_error_at_large_mean_offset_reaches_torch(cuda_device, layout, shape):
+    """x = randn + 1e4 in float32: the output's error against float64 is no larger than torch's
+    CUDA kernel's (x * scale + shift rounded at the offset: 3x torch's before)."""
+    C = shape[1]
+    x64 = torch.randn(shape, dtype=torch.float64, device=cuda_device) + 1e4
+    x32 = _layout(x64.float(), layout)
+    w = torch.rand(C, dtype=torch.float64, device=cuda_device) + 0.5
+    b = torch.randn(C, dtype=torch.float64, device=cuda_device)
+    y64 = F.batch_norm(x32.double(), None, None, w, b, True, 0.1, 1e-5)
+    y_t = F.batch_norm(x32, None, None, w.float(), b.float(), True, 0.1, 1e-5)
+    with backend("cuda"):
+        y = GF.batch_norm_act(x32, None, None, w.float(), b.float(), True, 0.1, 1e-5, activation="identity")
+    err = (y.double() - y64).abs().max().item()
+    err_t = (y_t.double() - y64).abs().max().item()
+    assert err <= 1.25 * err_t, f"error {err:.3e} vs torch's {err_t:.3e}"
+
+
+def _running_views(kind, C, device, dtype):
+    """(base storages, running_mean view, running_var view) for C channels; the bases hold
+    every element the views can reach, so that a write outside the views would show."""
+    def t(vals):
+        return torch.tensor(vals, dtype=dtype, device=device)
+    if kind == "every_other":  # strided, no overlap: the parallel path
+        bm, bv = t([100.0 * i for i in range(2 * C)]), t([1.0 + i for i in range(2 * C)])
+        return (bm, bv), bm[::2], bv[::2]
+    if kind == "expanded":
+        bm, bv = t([100.0 * i for i in range(5)]), t([1.0 + i for i in range(5)])
+        return (bm, bv), bm[4:5].expand(C), bv[4:5].expand(C)
+    if kind == "expanded_whole_storage":
+        bm, bv = t([7.0]), t([2.0])
+        return (bm, bv), bm.expand(C), bv.expand(C)
+    # "shared": running_mean and running_var are overlapping views of one storage
+    base = t([0.5 + i for i in range(C + 1)])
+    return (base,), base[0:C], base[1:C + 1]
+
+
+@pytest.mark.parametrize("kind", ["every_other", "expanded", "expanded_whole_storage", "shared"])
+@pytest.mark.parametrize("shape,layout", [((4, 3, 5), "ncl"), ((64, 3, 64, 64), "ncl"),
+                                          ((32, 3, 16, 16), "nlc"), ((4096, 3), "ncl")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_overlapping_running_stats_like_cpu(cuda_device, kind, shape, layout, dtype):
+    """Running buffers that are strided, expanded (stride 0) or overlap each other: the cuda
+    backend writes them through the views exactly as genfast's CPU kernel does (channel after
+    channel, both buffers of a channel read before either is written; an expanded buffer
+    compounds the updates in channel order, as torch's CPU kernel on one thread), with no race
+    and nothing written outside the views: the whole base storage is compared. Shapes reach
+    the one-launch and the split paths in both layouts."""
+    C = shape[1]
+    tol = dict(rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+    x = torch.randn(shape, dtype=torch.float64).add_(1).to(dtype)
+    bases, rm, rv = _running_views(kind, C, cuda_device, dtype)
+    bases_c, rm_c, rv_c = _running_views(kind, C, "cpu", dtype)
+    with backend("cuda"):
+        y = GF.batch_norm_act(_layout(x.to(cuda_device), layout), rm, rv, None, None, True, 0.1, 1e-5,
+                              activation="identity")
+    with backend("cpu"):
+        y_c = GF.batch_norm_act(x, rm_c, rv_c, None, None, True, 0.1, 1e-5, activation="identity")
+    torch.testing.assert_close(y.cpu(), y_c)
+    for got, exp in zip(bases, bases_c):
+        torch.testing.assert_close(got.cpu(), exp, **tol)
+    if kind.startswith("expanded"):
+        # torch's CPU kernel on one thread: the updates compounded in channel order.
+        bases_t, rm_t, rv_t = _running_views(kind, C, "cpu", dtype)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            F.batch_norm(x, rm_t, rv_t, None, None, True, 0.1, 1e-5)
+        finally:
+            torch.set_num_threads(threads)
+        for got, exp in zip(bases, bases_t):
+            torch.testing.assert_close(got.cpu(), exp, **tol)
+
+
+def test_expanded_running_stats_module(cuda_device):
+    """BatchNormAct2d whose running buffers were replaced by expanded views: several training
+    steps on CUDA leave the same buffers as on the CPU backend."""
+    def make(device):
+        m = gnn.BatchNormAct2d(4, activation="leaky_relu", negative_slope=0.2).to(device)
+        m.running_mean = torch.zeros(1, device=device).expand(4)
+        m.running_var = torch.ones(1, device=device).expand(4)
+        return m
+    g, c = make(cuda_device), make("cpu")
+    for _ in range(3):
+        x = torch.randn(8, 4, 6, 6) * 2 + 1
+        with backend("cuda"):
+            y = g(x.to(cuda_device))
+        with backend("cpu"):
+            y_c = c(x)
+        torch.testing.assert_close(y.cpu(), y_c)
+    torch.testing.assert_close(g.running_mean.cpu(), c.running_mean)
+    torch.testing.assert_close(g.running_var.cpu(), c.running_var)
+    assert int(g.num_batches_tracked) == 3

@@ -2,10 +2,13 @@
 //
 // Notation per channel c over its M = N * L elements:
 //   mean, invstd = 1 / sqrt(var_biased + eps)
-//   xhat = (x - mean) * invstd,  z = gamma * xhat + beta = (x - center) * scale + offset,  y = f(z)
-// with scale = gamma * invstd and either center = mean, offset = beta (the CPU kernels: x - mean
-// is exact near the mean, so a large mean offset costs no precision, as in torch's CPU kernel)
-// or center = 0, offset = beta - mean * scale (the CUDA kernels: two per-channel values).
+//   xhat = (x - mean) * invstd,  z = gamma * xhat + beta = (x - mean) * scale + beta,  y = f(z)
+// with scale = gamma * invstd, in every kernel (CPU and CUDA): x - mean is exact near the mean,
+// so a large mean offset costs no precision, as in torch's kernels (x * scale + (beta - mean *
+// scale) would round at the offset: a float32 error 3x torch's at a 1e4 offset).
+// Statistics reduce in double (red_t) with 64-bit counts whatever the input dtype: per-block
+// SumPartials (count, sum, M2 about the block's own mean), merged in a fixed order; the mean is
+// the total sum over the total count, as torch computes it (an inf input gives an inf mean).
 // Backward, with dz = dy * f'(z):
 //   sum_dz = sum(dz), sum_dz_xhat = sum(dz * xhat)
 //   training: dx = gamma * invstd * (dz - sum_dz / M - xhat * sum_dz_xhat / M)
@@ -84,6 +87,60 @@ GENFAST_HOST_DEVICE Welford<red_t, int64_t> merge_sum_partials(const SumPartial<
   return Welford<red_t, int64_t>{count, mean, m2};
 }
 
+// Chan's merge of two partials (CUDA warps, blocks and splits, and a thread's runs): the
+// between-partial term is cross^2 * r with cross = sum_b * count_a - sum_a * count_b
+// (= (mean_b - mean_a) * count_a * count_b; its rounding is that of the difference of the two
+// means, as in the mean-based formula) and r = 1 / (count_a * count_b * (count_a + count_b)).
+// Partials with equal counts (the channels of one thread) share r: one division for all of
+// them. With an inf or NaN in either partial the merged sum is theirs (+-inf stays +-inf, inf -
+// inf is NaN) and the merged M2 is NaN (a partial holding an inf has a NaN M2).
+template <typename red_t>
+GENFAST_HOST_DEVICE red_t sum_partial_merge_factor(int64_t count_a, int64_t count_b) {
+  const red_t na = red_t(count_a), nb = red_t(count_b);
+  return red_t(1) / (na * nb * (na + nb));
+}
+
+// The merge with r = sum_partial_merge_factor(a.count, b.count); both counts > 0.
+template <typename red_t>
+GENFAST_HOST_DEVICE SumPartial<red_t> sum_partial_merge_with(const SumPartial<red_t>& a, const SumPartial<red_t>& b,
+                                                             red_t r) {
+  const red_t cross = b.sum * red_t(a.count) - a.sum * red_t(b.count);
+  return SumPartial<red_t>{a.count + b.count, a.sum + b.sum, a.m2 + b.m2 + cross * cross * r};
+}
+
+template <typename red_t>
+GENFAST_HOST_DEVICE SumPartial<red_t> sum_partial_merge(const SumPartial<red_t>& a, const SumPartial<red_t>& b) {
+  if (a.count == 0) return b;
+  if (b.count == 0) return a;
+  return sum_partial_merge_with(a, b, sum_partial_merge_factor<red_t>(a.count, b.count));
+}
+
+// True for a finite value (inf - inf and NaN - NaN are NaN, never 0).
+template <typename T>
+GENFAST_HOST_DEVICE bool is_finite_value(T v) {
+  return v - v == T(0);
+}
+
+// The SumPartial of a short run of n > 0 values, reduced in acc_t (float for float, half and
+// bfloat16 input) by two passes over registers: s = sum(x), the estimate m = s * inv_n
+// (inv_n = 1 / n in acc_t), then sd = sum(x - m) and q = sum((x - m)^2). The run's sum is
+// refined in red_t as n * m + sd: the deviations x - m are exact near the mean, so the rounding
+// of the acc_t sum at a large mean offset is gone (ulp(1.6e5) = 2^-6 for 16 float32 values near
+// 1e4). A non-finite m (an inf or NaN in the run) keeps the plain sum, so that +-inf stays +-inf
+// as in torch; q, and so M2, is then NaN. M2 = q - sd^2 / n: about the refined mean (the
+// correction is small against q, so acc_t precision suffices for it).
+template <typename red_t, typename acc_t>
+GENFAST_HOST_DEVICE SumPartial<red_t> sum_partial_of_run(int64_t n, acc_t inv_n, acc_t s, acc_t m, acc_t sd, acc_t q) {
+  const red_t sum = is_finite_value(m) ? red_t(n) * red_t(m) + red_t(sd) : red_t(s);
+  return SumPartial<red_t>{n, sum, red_t(q) - red_t(sd * sd * inv_n)};
+}
+
+// (count, mean, M2) of a merged partial: mean = sum / count (0 for an empty partial).
+template <typename red_t>
+GENFAST_HOST_DEVICE Welford<red_t, int64_t> sum_partial_stats(const SumPartial<red_t>& p) {
+  return Welford<red_t, int64_t>{p.count, p.count > 0 ? p.sum / red_t(p.count) : red_t(0), p.m2};
+}
+
 // Effective gamma. memory_efficient mode keeps |gamma| >= gamma_floor so that the backward can
 // recover xhat = (z - beta) / gamma from the output; gamma_floor = 0 leaves gamma unchanged.
 template <typename acc_t>
@@ -115,7 +172,8 @@ GENFAST_HOST_DEVICE void finish_stats(const Welford<acc_t, count_t>& w, acc_t ep
   }
 }
 
-// Forward element: y = f((x - center) * scale + offset).
+// Forward element: y = f((x - center) * scale + offset); every kernel passes center = mean,
+// offset = beta.
 template <int ACT, typename acc_t>
 GENFAST_HOST_DEVICE acc_t bn_act_forward_elem_c(acc_t x, acc_t center, acc_t scale, acc_t offset, acc_t slope) {
   return act_forward_c<ACT, acc_t>((x - center) * scale + offset, slope);

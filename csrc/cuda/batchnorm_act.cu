@@ -5,9 +5,16 @@
 // Work decomposition. A channel group is one channel (NCL layout: contiguous (N, C, L)) or
 // tx * VEC adjacent channels (NLC layout: (N, L, C) in memory, e.g. channels_last). Every kernel
 // runs on a grid of (channel group, split) blocks; the splits of a group share its N*L
-// elements in contiguous chunks. Reductions are Welford per thread (Chan merge across threads
-// and blocks) for the statistics and plain sums for the backward, combined in a fixed order:
-// the results do not depend on timing (no floating-point atomics). With more than one split,
+// elements in contiguous chunks. Reductions accumulate in double with 64-bit counts whatever
+// the input dtype, as on the CPU (a float count stops at 2^24, and float partials lose the mean
+// at large offsets): each thread reduces short runs of values in the accumulation type (float
+// for float, half and bfloat16 input), statistics by two passes over registers (sum_partial_of_run
+// in csrc/common: a SumPartial with a double sum refined by the deviations), backward sums as
+// plain sums, and adds the runs into double partials; threads, blocks and splits merge the
+// partials (Chan's formula for the statistics, sum_partial_merge) in a fixed order: the results
+// do not depend on timing (no floating-point atomics). The batch mean is the total sum over the
+// count (an inf input gives an inf running_mean, as torch), and the normalise pass computes
+// f((x - mean) * gamma * invstd + beta), as the CPU kernels. With more than one split,
 // each block writes its partial result, takes a ticket from an atomic counter, and the last
 // block of its group to arrive merges the partials (in split order) and finalises the group in
 // the same launch. With one split (small N*L per channel, or enough channels to fill the GPU),
@@ -33,8 +40,12 @@
 // Launches: training forward 1 (one split) or 2; eval forward 1; training backward 1 (one
 // split) or 2; eval backward 1. No memset or other launch besides (the arrival counters reset
 // themselves; see ticket_counters), except a copy of grad_output when its layout differs from
-// the saved tensor's, and a contiguous copy of inputs in neither layout (as on the CPU).
-// Vector loads of 16 bytes along L (NCL) or along C (NLC) when the sizes and pointers allow.
+// the saved tensor's, a contiguous copy of inputs in neither layout (as on the CPU), and one
+// single-thread launch (bn_running_serial_kernel) when the running buffers overlap in memory
+// (an expanded running_mean, or running_mean and running_var sharing storage): their update is
+// then made channel after channel, as the CPU kernel makes it, instead of by racing blocks.
+// Vector loads of 16 bytes along L (NCL) or along C (NLC) when the sizes and pointers allow
+// (8 bytes in the NLC backward of half / bfloat16, see vec_width).
 // (N, C) inputs (L == 1) are read as NLC: the same memory, coalesced along C.
 // Kernels run on c10::cuda::getCurrentCUDAStream() (the function at::cuda re-exports; the
 // ATen/cuda/CUDAContext.h header is not used because it needs the cuBLAS/cuSPARSE headers, which
@@ -70,6 +81,9 @@ constexpr int64_t kReduceMinElems = 8192;   // fewest elements per reduction blo
 constexpr int64_t kNormMinElems = 4096;     // fewest elements per elementwise block
 constexpr int kReduceBlocksPerSM = 4;       // reduction grids aim at this many blocks per SM
 constexpr int kNormBlocksPerSM = 8;         // elementwise grids aim at this many blocks per SM
+constexpr int kColGroup = 4;                // NLC block reductions: columns' values per shared-memory round
+// Reductions (statistics, backward sums, their partials) in double whatever the input dtype.
+using red_t = double;
 
 // ---------------------------------------------------------------------------------------------
 // Per-channel tensors (weight, bias, running stats, saved stats, grad_weight/bias) are read and
@@ -112,53 +126,45 @@ __device__ __forceinline__ void param_store(const ChannelParam& p, int64_t c, ac
 // ---------------------------------------------------------------------------------------------
 // Reduction values and their block-level combination (fixed order: deterministic).
 
-template <typename acc_t>
+template <typename T>
 struct SumPair {
-  acc_t dz;   // sum of dz
-  acc_t dzx;  // sum of dz * xhat
+  T dz;   // sum of dz
+  T dzx;  // sum of dz * xhat
 };
 
-template <typename acc_t>
-__device__ __forceinline__ Welford<acc_t> combine(const Welford<acc_t>& a, const Welford<acc_t>& b) {
-  return welford_merge<acc_t>(a, b);
+using StatPartial = SumPartial<red_t>;  // (count, sum, M2): csrc/common
+using BwdSums = SumPair<red_t>;
+
+__device__ __forceinline__ StatPartial combine(const StatPartial& a, const StatPartial& b) {
+  return sum_partial_merge<red_t>(a, b);
 }
 
-template <typename acc_t>
-__device__ __forceinline__ SumPair<acc_t> combine(const SumPair<acc_t>& a, const SumPair<acc_t>& b) {
-  return SumPair<acc_t>{a.dz + b.dz, a.dzx + b.dzx};
+__device__ __forceinline__ BwdSums combine(const BwdSums& a, const BwdSums& b) {
+  return BwdSums{a.dz + b.dz, a.dzx + b.dzx};
 }
 
-template <typename acc_t>
-__device__ __forceinline__ Welford<acc_t> shfl_down(const Welford<acc_t>& w, int o) {
-  return Welford<acc_t>{__shfl_down_sync(0xffffffffu, w.count, o), __shfl_down_sync(0xffffffffu, w.mean, o),
-                        __shfl_down_sync(0xffffffffu, w.m2, o)};
+__device__ __forceinline__ StatPartial shfl_down(const StatPartial& p, int o) {
+  return StatPartial{static_cast<int64_t>(__shfl_down_sync(0xffffffffu, static_cast<long long>(p.count), o)),
+                     __shfl_down_sync(0xffffffffu, p.sum, o), __shfl_down_sync(0xffffffffu, p.m2, o)};
 }
 
-template <typename acc_t>
-__device__ __forceinline__ SumPair<acc_t> shfl_down(const SumPair<acc_t>& s, int o) {
-  return SumPair<acc_t>{__shfl_down_sync(0xffffffffu, s.dz, o), __shfl_down_sync(0xffffffffu, s.dzx, o)};
+__device__ __forceinline__ BwdSums shfl_down(const BwdSums& s, int o) {
+  return BwdSums{__shfl_down_sync(0xffffffffu, s.dz, o), __shfl_down_sync(0xffffffffu, s.dzx, o)};
 }
 
 // L2 loads (bypassing L1) of partial results written by other blocks of the same launch.
-template <typename acc_t>
-__device__ __forceinline__ Welford<acc_t> load_partial(const Welford<acc_t>* p) {
-  return Welford<acc_t>{__ldcg(&p->count), __ldcg(&p->mean), __ldcg(&p->m2)};
+__device__ __forceinline__ StatPartial load_partial(const StatPartial* p) {
+  return StatPartial{static_cast<int64_t>(__ldcg(reinterpret_cast<const long long*>(&p->count))), __ldcg(&p->sum),
+                     __ldcg(&p->m2)};
 }
 
-template <typename acc_t>
-__device__ __forceinline__ SumPair<acc_t> load_partial(const SumPair<acc_t>* p) {
-  return SumPair<acc_t>{__ldcg(&p->dz), __ldcg(&p->dzx)};
+__device__ __forceinline__ BwdSums load_partial(const BwdSums* p) {
+  return BwdSums{__ldcg(&p->dz), __ldcg(&p->dzx)};
 }
 
-template <typename acc_t>
-__device__ __forceinline__ Welford<acc_t> identity_of(const Welford<acc_t>*) {
-  return welford_init<acc_t>();
-}
+__device__ __forceinline__ StatPartial identity_of(const StatPartial*) { return StatPartial{0, red_t(0), red_t(0)}; }
 
-template <typename acc_t>
-__device__ __forceinline__ SumPair<acc_t> identity_of(const SumPair<acc_t>*) {
-  return SumPair<acc_t>{acc_t(0), acc_t(0)};
-}
+__device__ __forceinline__ BwdSums identity_of(const BwdSums*) { return BwdSums{red_t(0), red_t(0)}; }
 
 // 1-D block of kThreads (NCL): combines every thread's v; the result is valid in thread 0.
 // smem: kWarps entries. Every thread of the block must call it.
@@ -178,11 +184,18 @@ __device__ R reduce_block_1d(R v, R* smem) {
   return v;
 }
 
+// Values per column that reduce_block_cols passes through shared memory at a time.
+template <int VEC>
+constexpr int kColGroupOf = VEC < kColGroup ? VEC : kColGroup;
+
 // 2-D block (tx, ty), tx a power of two <= 32, tx * ty = kThreads (NLC): combines v[k] over
 // threadIdx.y for every column threadIdx.x; results valid in the threads with threadIdx.y == 0.
-// smem: kWarps * 32 * VEC entries. Every thread of the block must call it.
+// smem: kWarps * 32 * kColGroupOf<VEC> entries (the VEC values go through it in groups, so that
+// 8 double partials per column stay within the static shared-memory limit). Every thread of the
+// block must call it.
 template <typename R, int VEC>
 __device__ void reduce_block_cols(R (&v)[VEC], R* smem) {
+  constexpr int G = kColGroupOf<VEC>;
   const int tx = blockDim.x;
   const int tid = threadIdx.y * tx + threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5;
@@ -191,21 +204,24 @@ __device__ void reduce_block_cols(R (&v)[VEC], R* smem) {
 #pragma unroll
     for (int k = 0; k < VEC; ++k) v[k] = combine(v[k], shfl_down(v[k], o));
   }
-  // Lanes [0, tx) of each warp are the columns x = lane, combined over the warp's rows.
-  if (lane < tx) {
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) smem[(warp * 32 + lane) * VEC + k] = v[k];
-  }
-  __syncthreads();
-  if (threadIdx.y == 0) {
+  for (int k0 = 0; k0 < VEC; k0 += G) {
+    // Lanes [0, tx) of each warp are the columns x = lane, combined over the warp's rows.
+    if (lane < tx) {
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      R r = smem[threadIdx.x * VEC + k];
-      for (int w = 1; w < kWarps; ++w) r = combine(r, smem[(w * 32 + threadIdx.x) * VEC + k]);
-      v[k] = r;
+      for (int k = 0; k < G; ++k) smem[(warp * 32 + lane) * G + k] = v[k0 + k];
     }
+    __syncthreads();
+    if (threadIdx.y == 0) {
+#pragma unroll
+      for (int k = 0; k < G; ++k) {
+        R r = smem[threadIdx.x * G + k];
+        for (int w = 1; w < kWarps; ++w) r = combine(r, smem[(w * 32 + threadIdx.x) * G + k]);
+        v[k0 + k] = r;
+      }
+    }
+    __syncthreads();
   }
-  __syncthreads();
 }
 
 // Ticket of a split block: after the block's partial results are written, returns true in
@@ -283,10 +299,13 @@ struct FwdArgs {
   ChannelParam run_var;        // running_var, updated in place when training (may be absent)
   acc_t* save_mean;            // (C,) out: batch mean (training) or running mean (eval)
   acc_t* save_invstd;          // (C,) out: 1 / sqrt(var + eps)
-  Welford<acc_t>* partials;    // (splits, C) per-split statistics (splits > 1 only)
+  StatPartial* partials;       // (splits, C) per-split statistics (splits > 1 only)
   unsigned* tickets;           // (groups,) arrival counters, 0 between launches (splits > 1)
-  acc_t eps;                   // added to the variance
-  acc_t momentum;              // running-statistics factor
+  Welford<red_t, int64_t>* deferred;  // (C,) out: the merged statistics, when the running buffers
+                               // overlap in memory (bn_running_serial_kernel then updates them;
+                               // run_mean / run_var are left alone here); nullptr otherwise
+  red_t eps;                   // added to the variance
+  red_t momentum;              // running-statistics factor
   acc_t slope;                 // leaky_relu negative slope
   acc_t gamma_floor;           // |gamma| lower bound (memory_efficient), 0 = off
   ChannelParam given_mean;     // (C,) mean for the normalise pass (batch_norm_act_apply); absent: see training
@@ -312,13 +331,13 @@ struct BwdArgs {
   ChannelParam save_invstd;    // (C,) invstd saved by the forward (acc dtype)
   ChannelParam grad_weight;    // (C,) out: sum(dz * xhat)
   ChannelParam grad_bias;      // (C,) out: sum(dz)
-  SumPair<acc_t>* partials;    // (splits, C) per-split sums (splits > 1 only)
+  BwdSums* partials;           // (splits, C) per-split sums (splits > 1 only)
   unsigned* tickets;           // (groups,) arrival counters, 0 between launches (splits > 1)
   acc_t* coef;                 // (C, 2) sum_dz / M and sum_dzx / M: written by the reduce kernel and
                                // read by bn_bwd_dx_kernel when not null
   ChannelParam sum_dz;         // (C,) global sum of dz for bn_bwd_dx_kernel when coef is null
   ChannelParam sum_dzx;        // (C,) global sum of dz * xhat for bn_bwd_dx_kernel when coef is null
-  acc_t count;                 // M: elements per channel (N * L, or the global count of the split op)
+  red_t count;                 // M: elements per channel (N * L, or the global count of the split op)
   acc_t slope;                 // leaky_relu negative slope
   acc_t gamma_floor;           // |gamma| lower bound (memory_efficient), 0 = off
   int act;                     // Activation code
@@ -330,11 +349,24 @@ struct BwdArgs {
 // ---------------------------------------------------------------------------------------------
 // Per-channel coefficients.
 
-// scale and shift of z = x * scale + shift, from the saved batch statistics (training) or the
-// running statistics (eval; the block that owns save_* for the channel writes them).
+// The coefficients of the normalise pass z = (x - mean) * scale + beta, scale = gamma * invstd.
+template <typename acc_t>
+struct NormCoef {
+  acc_t mean, scale, beta;
+};
+
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void fwd_coef(const FwdArgs<scalar_t, acc_t>& a, int64_t c, bool write_saved,
-                                         acc_t& scale, acc_t& shift) {
+__device__ __forceinline__ NormCoef<acc_t> norm_coef(const FwdArgs<scalar_t, acc_t>& a, int64_t c, acc_t mean,
+                                                     acc_t invstd) {
+  const acc_t g = effective_gamma<acc_t>(param_load<acc_t>(a.weight, c, acc_t(1)), a.gamma_floor);
+  return NormCoef<acc_t>{mean, g * invstd, param_load<acc_t>(a.bias, c, acc_t(0))};
+}
+
+// Coefficients from the given statistics (batch_norm_act_apply), the saved batch statistics
+// (training) or the running statistics (eval; the block that owns save_* for the channel writes
+// them).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ NormCoef<acc_t> fwd_coef(const FwdArgs<scalar_t, acc_t>& a, int64_t c, bool write_saved) {
   acc_t mean, invstd;
   if (a.given_mean.type != kParamNone) {
     mean = param_load<acc_t>(a.given_mean, c, acc_t(0));
@@ -344,52 +376,56 @@ __device__ __forceinline__ void fwd_coef(const FwdArgs<scalar_t, acc_t>& a, int6
     invstd = a.save_invstd[c];
   } else {
     mean = param_load<acc_t>(a.run_mean, c, acc_t(0));
-    invstd = acc_t(1) / ::sqrt(param_load<acc_t>(a.run_var, c, acc_t(1)) + a.eps);
+    invstd = acc_t(1) / ::sqrt(param_load<acc_t>(a.run_var, c, acc_t(1)) + static_cast<acc_t>(a.eps));
     if (write_saved) {
       a.save_mean[c] = mean;
       a.save_invstd[c] = invstd;
     }
   }
-  const acc_t g = effective_gamma<acc_t>(param_load<acc_t>(a.weight, c, acc_t(1)), a.gamma_floor);
-  scale = g * invstd;
-  shift = param_load<acc_t>(a.bias, c, acc_t(0)) - mean * scale;
+  return norm_coef(a, c, mean, invstd);
 }
 
-// Finishes channel c from its merged statistics: save_mean / save_invstd, running statistics,
-// and (returned) the scale and shift of the normalise pass.
+// Finishes channel c from its merged statistics, in double as on the CPU: save_mean /
+// save_invstd, the running statistics (or, when they overlap in memory, the statistics into
+// `deferred` for bn_running_serial_kernel), and (returned) the normalise coefficients.
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void fwd_finish(const FwdArgs<scalar_t, acc_t>& a, int64_t c, const Welford<acc_t>& w,
-                                           acc_t& scale, acc_t& shift) {
-  const bool have_rm = a.run_mean.type != kParamNone, have_rv = a.run_var.type != kParamNone;
-  acc_t rm = param_load<acc_t>(a.run_mean, c, acc_t(0));
-  acc_t rv = param_load<acc_t>(a.run_var, c, acc_t(1));
-  acc_t mean, invstd;
-  finish_stats<acc_t>(w, a.eps, a.momentum, &mean, &invstd, have_rm ? &rm : nullptr, have_rv ? &rv : nullptr);
-  if (have_rm) param_store<acc_t>(a.run_mean, c, rm);
-  if (have_rv) param_store<acc_t>(a.run_var, c, rv);
-  a.save_mean[c] = mean;
-  a.save_invstd[c] = invstd;
-  const acc_t g = effective_gamma<acc_t>(param_load<acc_t>(a.weight, c, acc_t(1)), a.gamma_floor);
-  scale = g * invstd;
-  shift = param_load<acc_t>(a.bias, c, acc_t(0)) - mean * scale;
+__device__ __forceinline__ NormCoef<acc_t> fwd_finish(const FwdArgs<scalar_t, acc_t>& a, int64_t c,
+                                                      const StatPartial& p) {
+  const Welford<red_t, int64_t> w = sum_partial_stats<red_t>(p);
+  red_t mean, invstd;
+  if (a.deferred != nullptr) {
+    a.deferred[c] = w;
+    finish_stats<red_t>(w, a.eps, a.momentum, &mean, &invstd, nullptr, nullptr);
+  } else {
+    const bool have_rm = a.run_mean.type != kParamNone, have_rv = a.run_var.type != kParamNone;
+    red_t rm = param_load<red_t>(a.run_mean, c, red_t(0));
+    red_t rv = param_load<red_t>(a.run_var, c, red_t(1));
+    finish_stats<red_t>(w, a.eps, a.momentum, &mean, &invstd, have_rm ? &rm : nullptr, have_rv ? &rv : nullptr);
+    if (have_rm) param_store<red_t>(a.run_mean, c, rm);
+    if (have_rv) param_store<red_t>(a.run_var, c, rv);
+  }
+  a.save_mean[c] = static_cast<acc_t>(mean);
+  a.save_invstd[c] = static_cast<acc_t>(invstd);
+  return norm_coef(a, c, static_cast<acc_t>(mean), static_cast<acc_t>(invstd));
 }
 
 // End of the statistics pass for channel c: fwd_finish, or (stats_only) the merged (mean, M2)
 // into save_mean / save_invstd.
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void stats_finish(const FwdArgs<scalar_t, acc_t>& a, int64_t c, const Welford<acc_t>& w,
-                                             acc_t& scale, acc_t& shift) {
+__device__ __forceinline__ NormCoef<acc_t> stats_finish(const FwdArgs<scalar_t, acc_t>& a, int64_t c,
+                                                        const StatPartial& p) {
   if (a.stats_only) {
-    a.save_mean[c] = w.mean;
-    a.save_invstd[c] = w.m2;
-    return;
+    const Welford<red_t, int64_t> w = sum_partial_stats<red_t>(p);
+    a.save_mean[c] = static_cast<acc_t>(w.mean);
+    a.save_invstd[c] = static_cast<acc_t>(w.m2);
+    return NormCoef<acc_t>{acc_t(0), acc_t(0), acc_t(0)};
   }
-  fwd_finish(a, c, w, scale, shift);
+  return fwd_finish(a, c, p);
 }
 
 template <typename acc_t>
 struct BwdCoef {
-  acc_t mean, invstd, scale, shift, gamma, beta;
+  acc_t mean, invstd, scale, gamma, beta;
 };
 
 template <typename scalar_t, typename acc_t>
@@ -400,30 +436,29 @@ __device__ __forceinline__ BwdCoef<acc_t> bwd_coef(const BwdArgs<scalar_t, acc_t
   k.gamma = effective_gamma<acc_t>(param_load<acc_t>(a.weight, c, acc_t(1)), a.gamma_floor);
   k.beta = param_load<acc_t>(a.bias, c, acc_t(0));
   k.scale = k.gamma * k.invstd;
-  k.shift = k.beta - k.mean * k.scale;
   return k;
 }
 
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t bwd_dz(const BwdArgs<scalar_t, acc_t>& a, const BwdCoef<acc_t>& k, acc_t dy,
                                         acc_t sv, acc_t* xhat) {
-  // z = x * scale + shift (center 0, offset shift), exactly as the forward computed it.
-  return bn_act_dz_xhat<acc_t>(dy, sv, a.saved_is_output, k.mean, k.invstd, acc_t(0), k.scale, k.shift, k.gamma,
+  // z = (x - mean) * scale + beta, exactly as the forward computed it.
+  return bn_act_dz_xhat<acc_t>(dy, sv, a.saved_is_output, k.mean, k.invstd, k.mean, k.scale, k.beta, k.gamma,
                                k.beta, a.act, a.slope, xhat);
 }
 
 // Writes grad_weight / grad_bias of channel c and returns (a, b) = (sum_dz / M, sum_dzx / M)
 // for the dx pass ((0, 0) in eval mode or for an empty batch, as on the CPU).
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void bwd_finish(const BwdArgs<scalar_t, acc_t>& a, int64_t c, const SumPair<acc_t>& s,
+__device__ __forceinline__ void bwd_finish(const BwdArgs<scalar_t, acc_t>& a, int64_t c, const BwdSums& s,
                                            acc_t& ka, acc_t& kb) {
-  param_store<acc_t>(a.grad_weight, c, s.dzx);
-  param_store<acc_t>(a.grad_bias, c, s.dz);
+  param_store<red_t>(a.grad_weight, c, s.dzx);
+  param_store<red_t>(a.grad_bias, c, s.dz);
   ka = acc_t(0);
   kb = acc_t(0);
-  if (a.training && a.count > acc_t(0)) {
-    ka = s.dz / a.count;
-    kb = s.dzx / a.count;
+  if (a.training && a.count > red_t(0)) {
+    ka = static_cast<acc_t>(s.dz / a.count);
+    kb = static_cast<acc_t>(s.dzx / a.count);
   }
 }
 
@@ -438,9 +473,9 @@ __device__ __forceinline__ void dx_coef(const BwdArgs<scalar_t, acc_t>& a, int64
   }
   ka = acc_t(0);
   kb = acc_t(0);
-  if (a.count > acc_t(0)) {
-    ka = param_load<acc_t>(a.sum_dz, c, acc_t(0)) / a.count;
-    kb = param_load<acc_t>(a.sum_dzx, c, acc_t(0)) / a.count;
+  if (a.count > red_t(0)) {
+    ka = param_load<acc_t>(a.sum_dz, c, acc_t(0)) / static_cast<acc_t>(a.count);
+    kb = param_load<acc_t>(a.sum_dzx, c, acc_t(0)) / static_cast<acc_t>(a.count);
   }
 }
 
@@ -449,8 +484,8 @@ __device__ __forceinline__ void dx_coef(const BwdArgs<scalar_t, acc_t>& a, int64
 
 // NCL: vectors [j0, j1) of channel c, each thread every kThreads-th vector.
 template <typename scalar_t, typename acc_t, int VEC>
-__device__ void ncl_normalize(const FwdArgs<scalar_t, acc_t>& a, int64_t c, int64_t j0, int64_t j1, acc_t scale,
-                              acc_t shift) {
+__device__ void ncl_normalize(const FwdArgs<scalar_t, acc_t>& a, int64_t c, int64_t j0, int64_t j1,
+                              const NormCoef<acc_t>& k) {
   using V = VecT<scalar_t, VEC>;
   const V* xv = reinterpret_cast<const V*>(a.x);
   V* yv = reinterpret_cast<V*>(a.y);
@@ -472,9 +507,9 @@ __device__ void ncl_normalize(const FwdArgs<scalar_t, acc_t>& a, int64_t c, int6
       if (!ok[u]) continue;
       V o;
 #pragma unroll
-      for (int k = 0; k < VEC; ++k)
-        o.v[k] = static_cast<scalar_t>(
-            bn_act_forward_elem<acc_t>(static_cast<acc_t>(v[u].v[k]), acc_t(0), scale, shift, a.act, a.slope));
+      for (int e = 0; e < VEC; ++e)
+        o.v[e] = static_cast<scalar_t>(
+            bn_act_forward_elem<acc_t>(static_cast<acc_t>(v[u].v[e]), k.mean, k.scale, k.beta, a.act, a.slope));
       yv[off[u]] = o;
     }
   }
@@ -483,7 +518,7 @@ __device__ void ncl_normalize(const FwdArgs<scalar_t, acc_t>& a, int64_t c, int6
 // NLC: rows [r0, r1) of the thread's VEC channels (vector column xv), every ty-th row.
 template <typename scalar_t, typename acc_t, int VEC>
 __device__ void nlc_normalize(const FwdArgs<scalar_t, acc_t>& a, int64_t xv_col, int64_t r0, int64_t r1,
-                              const acc_t (&scale)[VEC], const acc_t (&shift)[VEC]) {
+                              const NormCoef<acc_t> (&k)[VEC]) {
   using V = VecT<scalar_t, VEC>;
   const V* xv = reinterpret_cast<const V*>(a.x);
   V* yv = reinterpret_cast<V*>(a.y);
@@ -498,24 +533,24 @@ __device__ void nlc_normalize(const FwdArgs<scalar_t, acc_t>& a, int64_t xv_col,
       if (r + u * ty >= r1) continue;
       V o;
 #pragma unroll
-      for (int k = 0; k < VEC; ++k)
-        o.v[k] = static_cast<scalar_t>(
-            bn_act_forward_elem<acc_t>(static_cast<acc_t>(v[u].v[k]), acc_t(0), scale[k], shift[k], a.act,
-                                       a.slope));
+      for (int e = 0; e < VEC; ++e)
+        o.v[e] = static_cast<scalar_t>(bn_act_forward_elem<acc_t>(static_cast<acc_t>(v[u].v[e]), k[e].mean,
+                                                                  k[e].scale, k[e].beta, a.act, a.slope));
       yv[(r + u * ty) * Cv + xv_col] = o;
     }
   }
 }
 
-// Backward loops. REDUCE: accumulate the sums (returned); WRITE: write dx from (ka, kb).
+// Backward loops. REDUCE: accumulate the sums in double (NCL: each step's values summed in acc_t,
+// then added; NLC: each value added); WRITE: write dx from (ka, kb).
 template <typename scalar_t, typename acc_t, int VEC, bool REDUCE, bool WRITE>
-__device__ SumPair<acc_t> ncl_backward(const BwdArgs<scalar_t, acc_t>& a, int64_t c, int64_t j0, int64_t j1,
-                                       const BwdCoef<acc_t>& k, acc_t ka, acc_t kb) {
+__device__ BwdSums ncl_backward(const BwdArgs<scalar_t, acc_t>& a, int64_t c, int64_t j0, int64_t j1,
+                                const BwdCoef<acc_t>& k, acc_t ka, acc_t kb) {
   using V = VecT<scalar_t, VEC>;
   const V* dyv = reinterpret_cast<const V*>(a.dy);
   const V* sv = reinterpret_cast<const V*>(a.saved);
   V* dxv = reinterpret_cast<V*>(a.dx);
-  SumPair<acc_t> acc{acc_t(0), acc_t(0)};
+  BwdSums acc{red_t(0), red_t(0)};
   if (j0 + threadIdx.x >= j1) return acc;
   NclCursor cur(j0 + threadIdx.x, c, a.C, a.nvec, kThreads);
   while (cur.j < j1) {
@@ -532,6 +567,7 @@ __device__ SumPair<acc_t> ncl_backward(const BwdArgs<scalar_t, acc_t>& a, int64_
       }
       cur.advance(kThreads);
     }
+    acc_t sdz = acc_t(0), sdzx = acc_t(0);
 #pragma unroll
     for (int u = 0; u < kBwdUnroll; ++u) {
       if (!ok[u]) continue;
@@ -541,12 +577,16 @@ __device__ SumPair<acc_t> ncl_backward(const BwdArgs<scalar_t, acc_t>& a, int64_
         acc_t xh;
         const acc_t dz = bwd_dz(a, k, static_cast<acc_t>(g[u].v[e]), static_cast<acc_t>(s[u].v[e]), &xh);
         if (REDUCE) {
-          acc.dz += dz;
-          acc.dzx += dz * xh;
+          sdz += dz;
+          sdzx += dz * xh;
         }
         if (WRITE) o.v[e] = static_cast<scalar_t>(bn_act_dx_elem<acc_t>(dz, xh, k.scale, ka, kb));
       }
       if (WRITE) dxv[off[u]] = o;
+    }
+    if (REDUCE) {
+      acc.dz += static_cast<red_t>(sdz);
+      acc.dzx += static_cast<red_t>(sdzx);
     }
   }
   return acc;
@@ -555,7 +595,7 @@ __device__ SumPair<acc_t> ncl_backward(const BwdArgs<scalar_t, acc_t>& a, int64_
 template <typename scalar_t, typename acc_t, int VEC, bool REDUCE, bool WRITE>
 __device__ void nlc_backward(const BwdArgs<scalar_t, acc_t>& a, int64_t xv_col, int64_t r0, int64_t r1,
                              const BwdCoef<acc_t> (&k)[VEC], const acc_t (&ka)[VEC], const acc_t (&kb)[VEC],
-                             SumPair<acc_t> (&acc)[VEC]) {
+                             BwdSums (&acc)[VEC]) {
   using V = VecT<scalar_t, VEC>;
   const V* dyv = reinterpret_cast<const V*>(a.dy);
   const V* sv = reinterpret_cast<const V*>(a.saved);
@@ -579,8 +619,10 @@ __device__ void nlc_backward(const BwdArgs<scalar_t, acc_t>& a, int64_t xv_col, 
         acc_t xh;
         const acc_t dz = bwd_dz(a, k[e], static_cast<acc_t>(g[u].v[e]), static_cast<acc_t>(s[u].v[e]), &xh);
         if (REDUCE) {
-          acc[e].dz += dz;
-          acc[e].dzx += dz * xh;
+          // Each value straight into the double sums: a step holds only kBwdUnroll values of a
+          // channel, and acc_t step sums would need 2 * VEC more registers (spills at VEC = 8).
+          acc[e].dz += static_cast<red_t>(dz);
+          acc[e].dzx += static_cast<red_t>(dz * xh);
         }
         if (WRITE) o.v[e] = static_cast<scalar_t>(bn_act_dx_elem<acc_t>(dz, xh, k[e].scale, ka[e], kb[e]));
       }
@@ -593,14 +635,15 @@ __device__ void nlc_backward(const BwdArgs<scalar_t, acc_t>& a, int64_t xv_col, 
 // Kernels. Grid: (channel groups, splits). NCL: block (kThreads), group = channel blockIdx.x.
 // NLC: block (tx, ty), group blockIdx.x covers vector columns [blockIdx.x * tx, + tx).
 
-// Training statistics (and, with one split, the normalise pass).
+// Training statistics (and, with one split, the normalise pass). Each thread reduces one step's
+// loaded values (NCL: kUnroll vectors of its channel; NLC: kUnroll rows of each of its VEC
+// channels) as one run (sum_partial_of_run) and merges it into its double partial.
 template <typename scalar_t, typename acc_t, int VEC, bool NLC>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 bn_fwd_stats_kernel(const FwdArgs<scalar_t, acc_t> a /* see FwdArgs */) {
-  using W = Welford<acc_t>;
-  __shared__ W smem[NLC ? kWarps * 32 * VEC : kWarps];
-  __shared__ acc_t s_scale[NLC ? 32 * VEC : 1];
-  __shared__ acc_t s_shift[NLC ? 32 * VEC : 1];
+  using W = StatPartial;
+  __shared__ W smem[NLC ? kWarps * 32 * kColGroupOf<VEC> : kWarps];
+  __shared__ NormCoef<acc_t> s_coef[NLC ? 32 * VEC : 1];
   __shared__ bool s_last;
   const int64_t g = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
   if constexpr (!NLC) {
@@ -608,52 +651,58 @@ bn_fwd_stats_kernel(const FwdArgs<scalar_t, acc_t> a /* see FwdArgs */) {
     const V* xv = reinterpret_cast<const V*>(a.x);
     const int64_t c = g, total = a.N * a.nvec;
     const int64_t j0 = imin(total, split * a.chunk), j1 = imin(total, j0 + a.chunk);
-    W w = welford_init<acc_t>();
+    W w = identity_of(static_cast<W*>(nullptr));
     if (j0 + threadIdx.x < j1) {
       NclCursor cur(j0 + threadIdx.x, c, a.C, a.nvec, kThreads);
       while (cur.j < j1) {
         V v[kUnroll];
         bool ok[kUnroll];
+        int nok = 0;
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           ok[u] = cur.j < j1;
           if (ok[u]) v[u] = xv[cur.off];
+          nok += ok[u] ? 1 : 0;
           cur.advance(kThreads);
         }
+        // One run: the step's valid values (at least the first vector), two passes over registers.
+        const int64_t n = static_cast<int64_t>(nok) * VEC;
+        const acc_t inv_n = nok == kUnroll ? acc_t(1.0 / (kUnroll * VEC)) : acc_t(1) / static_cast<acc_t>(n);
+        acc_t sum = acc_t(0);
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           if (!ok[u]) continue;
-          if constexpr (VEC == 1) {
-            welford_push<acc_t>(w, static_cast<acc_t>(v[u].v[0]));
-          } else {
-            // The vector's own (count, mean, M2), then one Chan merge.
-            acc_t sum = acc_t(0);
 #pragma unroll
-            for (int k = 0; k < VEC; ++k) sum += static_cast<acc_t>(v[u].v[k]);
-            const acc_t m = sum / acc_t(VEC);
-            acc_t q = acc_t(0);
+          for (int e = 0; e < VEC; ++e) sum += static_cast<acc_t>(v[u].v[e]);
+        }
+        const acc_t m = sum * inv_n;
+        acc_t sd = acc_t(0), q = acc_t(0);
 #pragma unroll
-            for (int k = 0; k < VEC; ++k) {
-              const acc_t d = static_cast<acc_t>(v[u].v[k]) - m;
-              q += d * d;
-            }
-            w = welford_merge<acc_t>(w, W{acc_t(VEC), m, q});
+        for (int u = 0; u < kUnroll; ++u) {
+          if (!ok[u]) continue;
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            const acc_t d = static_cast<acc_t>(v[u].v[e]) - m;
+            sd += d;
+            q += d * d;
           }
         }
+        const W run = sum_partial_of_run<red_t, acc_t>(n, inv_n, sum, m, sd, q);
+        w = w.count == 0 ? run : sum_partial_merge_with<red_t>(w, run, sum_partial_merge_factor<red_t>(w.count, n));
       }
     }
     w = reduce_block_1d(w, smem);
     if (splits > 1) {
       if (threadIdx.x == 0) a.partials[split * a.C + c] = w;
       if (!arrive_last(a.tickets + g, static_cast<unsigned>(splits), &s_last)) return;
-      w = welford_init<acc_t>();
+      w = identity_of(static_cast<W*>(nullptr));
       for (int64_t s = threadIdx.x; s < splits; s += kThreads) w = combine(w, load_partial(a.partials + s * a.C + c));
       w = reduce_block_1d(w, smem);
     }
-    if (threadIdx.x == 0) stats_finish(a, c, w, s_scale[0], s_shift[0]);
+    if (threadIdx.x == 0) s_coef[0] = stats_finish(a, c, w);
     if (!a.fuse_normalize) return;
     __syncthreads();
-    ncl_normalize<scalar_t, acc_t, VEC>(a, c, j0, j1, s_scale[0], s_shift[0]);
+    ncl_normalize<scalar_t, acc_t, VEC>(a, c, j0, j1, s_coef[0]);
   } else {
     using V = VecT<scalar_t, VEC>;
     const V* xv = reinterpret_cast<const V*>(a.x);
@@ -663,71 +712,90 @@ bn_fwd_stats_kernel(const FwdArgs<scalar_t, acc_t> a /* see FwdArgs */) {
     const int64_t r0 = imin(rows, split * a.chunk), r1 = imin(rows, r0 + a.chunk);
     W w[VEC];
     {
-      acc_t cnt = acc_t(0), mean[VEC], m2[VEC];
+      // The VEC channels of a thread see the same rows: one count, one merge factor per step.
+      int64_t cnt = 0;
+      red_t sum[VEC], m2[VEC];
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) mean[k] = m2[k] = acc_t(0);
+      for (int e = 0; e < VEC; ++e) sum[e] = m2[e] = red_t(0);
       if (active) {
         for (int64_t r = r0 + threadIdx.y; r < r1; r += kUnroll * ty) {
           V v[kUnroll];
-#pragma unroll
-          for (int u = 0; u < kUnroll; ++u)
-            if (r + u * ty < r1) v[u] = xv[(r + u * ty) * Cv + col];
+          int nrow = 0;
 #pragma unroll
           for (int u = 0; u < kUnroll; ++u) {
-            if (r + u * ty >= r1) continue;
-            // Welford push into VEC streams of equal length: one reciprocal per row.
-            cnt += acc_t(1);
-            const acc_t rcp = acc_t(1) / cnt;
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) {
-              const acc_t xk = static_cast<acc_t>(v[u].v[k]);
-              const acc_t d = xk - mean[k];
-              mean[k] += d * rcp;
-              m2[k] += d * (xk - mean[k]);
+            if (r + u * ty < r1) {
+              v[u] = xv[(r + u * ty) * Cv + col];
+              ++nrow;
             }
           }
+          const acc_t inv_n = nrow == kUnroll ? acc_t(1.0 / kUnroll) : acc_t(1) / static_cast<acc_t>(nrow);
+          const red_t f = cnt > 0 ? sum_partial_merge_factor<red_t>(cnt, nrow) : red_t(0);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            acc_t s = acc_t(0);
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u)
+              if (u < nrow) s += static_cast<acc_t>(v[u].v[e]);
+            const acc_t m = s * inv_n;
+            acc_t sd = acc_t(0), q = acc_t(0);
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) {
+              if (u < nrow) {
+                const acc_t d = static_cast<acc_t>(v[u].v[e]) - m;
+                sd += d;
+                q += d * d;
+              }
+            }
+            const W run = sum_partial_of_run<red_t, acc_t>(nrow, inv_n, s, m, sd, q);
+            if (cnt == 0) {
+              sum[e] = run.sum;
+              m2[e] = run.m2;
+            } else {
+              const W merged = sum_partial_merge_with<red_t>(W{cnt, sum[e], m2[e]}, run, f);
+              sum[e] = merged.sum;
+              m2[e] = merged.m2;
+            }
+          }
+          cnt += nrow;
         }
       }
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) w[k] = W{cnt, mean[k], m2[k]};
+      for (int e = 0; e < VEC; ++e) w[e] = W{cnt, sum[e], m2[e]};
     }
     reduce_block_cols<W, VEC>(w, smem);
     if (splits > 1) {
       if (threadIdx.y == 0 && active) {
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) a.partials[split * a.C + col * VEC + k] = w[k];
+        for (int e = 0; e < VEC; ++e) a.partials[split * a.C + col * VEC + e] = w[e];
       }
       if (!arrive_last(a.tickets + g, static_cast<unsigned>(splits), &s_last)) return;
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) w[k] = welford_init<acc_t>();
+      for (int e = 0; e < VEC; ++e) w[e] = identity_of(static_cast<W*>(nullptr));
       if (active) {
         for (int64_t s = threadIdx.y; s < splits; s += ty) {
 #pragma unroll
-          for (int k = 0; k < VEC; ++k) w[k] = combine(w[k], load_partial(a.partials + s * a.C + col * VEC + k));
+          for (int e = 0; e < VEC; ++e) w[e] = combine(w[e], load_partial(a.partials + s * a.C + col * VEC + e));
         }
       }
       reduce_block_cols<W, VEC>(w, smem);
     }
     if (threadIdx.y == 0 && active) {
 #pragma unroll
-      for (int k = 0; k < VEC; ++k)
-        stats_finish(a, col * VEC + k, w[k], s_scale[threadIdx.x * VEC + k], s_shift[threadIdx.x * VEC + k]);
+      for (int e = 0; e < VEC; ++e) s_coef[threadIdx.x * VEC + e] = stats_finish(a, col * VEC + e, w[e]);
     }
     if (!a.fuse_normalize) return;
     __syncthreads();
     if (!active) return;
-    acc_t scale[VEC], shift[VEC];
+    NormCoef<acc_t> k[VEC];
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      scale[k] = s_scale[threadIdx.x * VEC + k];
-      shift[k] = s_shift[threadIdx.x * VEC + k];
-    }
-    nlc_normalize<scalar_t, acc_t, VEC>(a, col, r0, r1, scale, shift);
+    for (int e = 0; e < VEC; ++e) k[e] = s_coef[threadIdx.x * VEC + e];
+    nlc_normalize<scalar_t, acc_t, VEC>(a, col, r0, r1, k);
   }
 }
 
-// Normalise + activation: y = f(x * scale + shift) from the saved (training) or running (eval)
-// statistics; in eval mode the blocks of split 0 also write save_mean / save_invstd.
+// Normalise + activation: y = f((x - mean) * scale + beta) from the saved (training), given
+// (batch_norm_act_apply) or running (eval) statistics; in eval mode the blocks of split 0 also
+// write save_mean / save_invstd.
 template <typename scalar_t, typename acc_t, int VEC, bool NLC>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 bn_fwd_norm_kernel(const FwdArgs<scalar_t, acc_t> a /* see FwdArgs */) {
@@ -735,18 +803,38 @@ bn_fwd_norm_kernel(const FwdArgs<scalar_t, acc_t> a /* see FwdArgs */) {
   if constexpr (!NLC) {
     const int64_t c = g, total = a.N * a.nvec;
     const int64_t j0 = imin(total, split * a.chunk), j1 = imin(total, j0 + a.chunk);
-    acc_t scale, shift;
-    fwd_coef(a, c, split == 0 && threadIdx.x == 0, scale, shift);
-    ncl_normalize<scalar_t, acc_t, VEC>(a, c, j0, j1, scale, shift);
+    const NormCoef<acc_t> k = fwd_coef(a, c, split == 0 && threadIdx.x == 0);
+    ncl_normalize<scalar_t, acc_t, VEC>(a, c, j0, j1, k);
   } else {
     const int64_t rows = a.N * a.L;
     const int64_t col = g * blockDim.x + threadIdx.x;
     if (col >= a.nvec) return;
     const int64_t r0 = imin(rows, split * a.chunk), r1 = imin(rows, r0 + a.chunk);
-    acc_t scale[VEC], shift[VEC];
+    NormCoef<acc_t> k[VEC];
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) fwd_coef(a, col * VEC + k, split == 0 && threadIdx.y == 0, scale[k], shift[k]);
-    nlc_normalize<scalar_t, acc_t, VEC>(a, col, r0, r1, scale, shift);
+    for (int e = 0; e < VEC; ++e) k[e] = fwd_coef(a, col * VEC + e, split == 0 && threadIdx.y == 0);
+    nlc_normalize<scalar_t, acc_t, VEC>(a, col, r0, r1, k);
+  }
+}
+
+// The running statistics when their buffers overlap in memory (an expanded running_mean, or
+// running_mean and running_var sharing storage): one thread updates them channel after channel
+// from the merged statistics, reading both buffers of a channel before writing either, as the
+// CPU kernel's loop does (an expanded buffer compounds the updates in channel order; torch's CPU
+// kernel leaves the same on one thread). Every access goes through the views' strides.
+__global__ void bn_running_serial_kernel(const Welford<red_t, int64_t>* st,  // (C,) merged statistics
+                                         int64_t C,                          // channels
+                                         ChannelParam run_mean,              // may be absent
+                                         ChannelParam run_var,               // may be absent
+                                         red_t eps, red_t momentum) {
+  const bool have_rm = run_mean.type != kParamNone, have_rv = run_var.type != kParamNone;
+  for (int64_t c = 0; c < C; ++c) {
+    red_t mean, invstd;
+    red_t rm = have_rm ? param_load<red_t>(run_mean, c, red_t(0)) : red_t(0);
+    red_t rv = have_rv ? param_load<red_t>(run_var, c, red_t(1)) : red_t(0);
+    finish_stats<red_t>(st[c], eps, momentum, &mean, &invstd, have_rm ? &rm : nullptr, have_rv ? &rv : nullptr);
+    if (have_rm) param_store<red_t>(run_mean, c, rm);
+    if (have_rv) param_store<red_t>(run_var, c, rv);
   }
 }
 
@@ -755,8 +843,8 @@ bn_fwd_norm_kernel(const FwdArgs<scalar_t, acc_t> a /* see FwdArgs */) {
 template <typename scalar_t, typename acc_t, int VEC, bool NLC>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 bn_bwd_reduce_kernel(const BwdArgs<scalar_t, acc_t> a /* see BwdArgs */) {
-  using S = SumPair<acc_t>;
-  __shared__ S smem[NLC ? kWarps * 32 * VEC : kWarps];
+  using S = BwdSums;
+  __shared__ S smem[NLC ? kWarps * 32 * kColGroupOf<VEC> : kWarps];
   __shared__ acc_t s_ka[NLC ? 32 * VEC : 1];
   __shared__ acc_t s_kb[NLC ? 32 * VEC : 1];
   __shared__ bool s_last;
@@ -771,7 +859,7 @@ bn_bwd_reduce_kernel(const BwdArgs<scalar_t, acc_t> a /* see BwdArgs */) {
     if (splits > 1) {
       if (threadIdx.x == 0) a.partials[split * a.C + c] = acc;
       if (!arrive_last(a.tickets + g, static_cast<unsigned>(splits), &s_last)) return;
-      acc = S{acc_t(0), acc_t(0)};
+      acc = identity_of(static_cast<S*>(nullptr));
       for (int64_t s = threadIdx.x; s < splits; s += kThreads) acc = combine(acc, load_partial(a.partials + s * a.C + c));
       acc = reduce_block_1d(acc, smem);
     }
@@ -790,20 +878,23 @@ bn_bwd_reduce_kernel(const BwdArgs<scalar_t, acc_t> a /* see BwdArgs */) {
     const int64_t col = g * blockDim.x + threadIdx.x;
     const bool active = col < a.nvec;
     const int64_t r0 = imin(rows, split * a.chunk), r1 = imin(rows, r0 + a.chunk);
-    BwdCoef<acc_t> k[VEC];
-    acc_t ka[VEC], kb[VEC];
+    // The coefficients are loaded for each pass, not kept across the block reduction: with
+    // the VEC double sums and their shuffles they would not fit in registers (VEC = 8 spilled).
     S acc[VEC];
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      ka[e] = kb[e] = acc_t(0);
-      acc[e] = S{acc_t(0), acc_t(0)};
-      if (active) k[e] = bwd_coef(a, col * VEC + e);
-    }
+    for (int e = 0; e < VEC; ++e) acc[e] = identity_of(static_cast<S*>(nullptr));
     if (active) {
+      BwdCoef<acc_t> k[VEC];
+      acc_t zero[VEC];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        zero[e] = acc_t(0);
+        k[e] = bwd_coef(a, col * VEC + e);
+      }
       if (a.training)
-        nlc_backward<scalar_t, acc_t, VEC, true, false>(a, col, r0, r1, k, ka, kb, acc);
+        nlc_backward<scalar_t, acc_t, VEC, true, false>(a, col, r0, r1, k, zero, zero, acc);
       else
-        nlc_backward<scalar_t, acc_t, VEC, true, true>(a, col, r0, r1, k, ka, kb, acc);
+        nlc_backward<scalar_t, acc_t, VEC, true, true>(a, col, r0, r1, k, zero, zero, acc);
     }
     reduce_block_cols<S, VEC>(acc, smem);
     if (splits > 1) {
@@ -813,7 +904,7 @@ bn_bwd_reduce_kernel(const BwdArgs<scalar_t, acc_t> a /* see BwdArgs */) {
       }
       if (!arrive_last(a.tickets + g, static_cast<unsigned>(splits), &s_last)) return;
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) acc[e] = S{acc_t(0), acc_t(0)};
+      for (int e = 0; e < VEC; ++e) acc[e] = identity_of(static_cast<S*>(nullptr));
       if (active) {
         for (int64_t s = threadIdx.y; s < splits; s += ty) {
 #pragma unroll
@@ -839,8 +930,11 @@ bn_bwd_reduce_kernel(const BwdArgs<scalar_t, acc_t> a /* see BwdArgs */) {
     if (!(a.training && a.fuse_dx)) return;
     __syncthreads();
     if (!active) return;
+    BwdCoef<acc_t> k[VEC];
+    acc_t ka[VEC], kb[VEC];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
+      k[e] = bwd_coef(a, col * VEC + e);
       ka[e] = s_ka[threadIdx.x * VEC + e];
       kb[e] = s_kb[threadIdx.x * VEC + e];
     }
@@ -868,7 +962,7 @@ bn_bwd_dx_kernel(const BwdArgs<scalar_t, acc_t> a /* see BwdArgs */) {
     const int64_t r0 = imin(rows, split * a.chunk), r1 = imin(rows, r0 + a.chunk);
     BwdCoef<acc_t> k[VEC];
     acc_t ka[VEC], kb[VEC];
-    SumPair<acc_t> unused[VEC];
+    BwdSums unused[VEC];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
       const int64_t c = col * VEC + e;
@@ -901,16 +995,22 @@ struct Geometry {
   int64_t units;    // split units of a group: vectors (NCL) or rows (NLC)
 };
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+// Elements per vector access: 16 bytes, except in the NLC backward of 2-byte dtypes, which
+// reads 8 (4 channels per thread): with 8 channels a thread's double sums, their coefficients
+// and its loads did not fit in the 128-register cap (ptxas spilled 510 bytes at bfloat16).
+template <typename scalar_t, bool BWD>
+constexpr int vec_width(bool nlc) {
+  return BWD && nlc && sizeof(scalar_t) == 2 ? 8 / sizeof(scalar_t) : 16 / sizeof(scalar_t);
+}
 
-template <typename scalar_t>
+template <typename scalar_t, bool BWD = false>
 Geometry make_geometry(const ChannelView& v, std::initializer_list<const void*> ptrs) {
-  constexpr int kVec = 16 / sizeof(scalar_t);
   Geometry g;
   g.nlc = v.layout == RowLayout::kNLC;
+  const int kVec = vec_width<scalar_t, BWD>(g.nlc);
   const int64_t inner = g.nlc ? v.C : v.L;
   bool vec_ok = inner % kVec == 0;
-  for (const void* p : ptrs) vec_ok = vec_ok && aligned16(p);
+  for (const void* p : ptrs) vec_ok = vec_ok && reinterpret_cast<uintptr_t>(p) % (kVec * sizeof(scalar_t)) == 0;
   g.vec = vec_ok ? kVec : 1;
   g.nvec = inner / g.vec;
   if (g.nlc) {
@@ -1024,6 +1124,28 @@ ChannelView cuda_channel_view(at::Tensor& t) {
 
 dim3 block_of(const Geometry& g) { return dim3(g.tx, g.ty); }
 
+// Byte range [first, last] of a 1-D tensor's elements (empty tensors have none).
+std::pair<uintptr_t, uintptr_t> byte_range(const at::Tensor& t) {
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t span = static_cast<uintptr_t>((t.numel() - 1) * t.stride(0) * t.element_size());
+  return {p, p + span + t.element_size() - 1};
+}
+
+// True when the running buffers (1-D, checked) overlap in memory, so that blocks updating
+// different channels would write the same element: a buffer with stride 0 and more than one
+// element (an expanded tensor), or running_mean and running_var whose byte ranges intersect
+// (conservative: interleaved views such as base[::2] and base[1::2] count too).
+bool running_buffers_overlap(const c10::optional<at::Tensor>& rm, const c10::optional<at::Tensor>& rv) {
+  const bool have_rm = rm.has_value() && rm->defined() && rm->numel() > 0;
+  const bool have_rv = rv.has_value() && rv->defined() && rv->numel() > 0;
+  for (const auto* t : {&rm, &rv}) {
+    if (t->has_value() && (*t)->defined() && (*t)->numel() > 1 && (*t)->stride(0) == 0) return true;
+  }
+  if (!(have_rm && have_rv)) return false;
+  const auto a = byte_range(*rm), b = byte_range(*rv);
+  return a.first <= b.second && b.first <= a.second;
+}
+
 // The normalise pass alone (eval forward, training forward with splits, batch_norm_act_apply).
 template <typename scalar_t, typename acc_t, int VEC, bool NLC>
 void launch_norm(FwdArgs<scalar_t, acc_t> a, const Geometry& g) {
@@ -1045,9 +1167,9 @@ void launch_fwd(FwdArgs<scalar_t, acc_t> a, const Geometry& g, const at::Tensor&
     a.chunk = ceil_div(g.units, splits);
     a.fuse_normalize = splits == 1 && !a.stats_only;
     if (splits > 1) {
-      workspace = at::empty({static_cast<int64_t>(splits * a.C * sizeof(Welford<acc_t>))},
+      workspace = at::empty({static_cast<int64_t>(splits * a.C * sizeof(StatPartial))},
                             like.options().dtype(at::kByte));
-      a.partials = reinterpret_cast<Welford<acc_t>*>(workspace.data_ptr());
+      a.partials = reinterpret_cast<StatPartial*>(workspace.data_ptr());
       a.tickets = ticket_counters(g.groups, like, tickets);
     }
     bn_fwd_stats_kernel<scalar_t, acc_t, VEC, NLC>
@@ -1081,9 +1203,9 @@ void launch_bwd(BwdArgs<scalar_t, acc_t> a, const Geometry& g, const at::Tensor&
   a.chunk = ceil_div(g.units, splits);
   a.fuse_dx = splits == 1 && !reduce_only;
   if (splits > 1) {
-    workspace = at::empty({static_cast<int64_t>(splits * a.C * sizeof(SumPair<acc_t>))},
+    workspace = at::empty({static_cast<int64_t>(splits * a.C * sizeof(BwdSums))},
                           like.options().dtype(at::kByte));
-    a.partials = reinterpret_cast<SumPair<acc_t>*>(workspace.data_ptr());
+    a.partials = reinterpret_cast<BwdSums*>(workspace.data_ptr());
     a.tickets = ticket_counters(g.groups, like, tickets);
   }
   if (a.training && !a.fuse_dx && !reduce_only) {
@@ -1096,15 +1218,16 @@ void launch_bwd(BwdArgs<scalar_t, acc_t> a, const Geometry& g, const at::Tensor&
   launch_bwd_dx<scalar_t, acc_t, VEC, NLC>(a, g);
 }
 
-// Calls f.template operator()<VEC, NLC>() for the geometry's vector width and layout.
-template <typename scalar_t, typename F>
+// Calls f(VEC, NLC) (integral constants) for the geometry's vector width and layout; BWD as in
+// make_geometry.
+template <typename scalar_t, bool BWD = false, typename F>
 void dispatch_geometry(const Geometry& g, F&& f) {
-  constexpr int kVec = 16 / sizeof(scalar_t);
+  constexpr int kVecNlc = vec_width<scalar_t, BWD>(true), kVecNcl = vec_width<scalar_t, BWD>(false);
   if (g.nlc) {
-    if (g.vec == kVec) f(std::integral_constant<int, kVec>(), std::true_type());
+    if (g.vec == kVecNlc) f(std::integral_constant<int, kVecNlc>(), std::true_type());
     else f(std::integral_constant<int, 1>(), std::true_type());
   } else {
-    if (g.vec == kVec) f(std::integral_constant<int, kVec>(), std::false_type());
+    if (g.vec == kVecNcl) f(std::integral_constant<int, kVecNcl>(), std::false_type());
     else f(std::integral_constant<int, 1>(), std::false_type());
   }
 }
@@ -1139,6 +1262,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cuda(
   const ChannelParam rm = channel_param(running_mean, "running_mean");
   const ChannelParam rv = channel_param(running_var, "running_var");
   if (C == 0) return {out, save_mean, save_invstd};
+  // Overlapping running buffers: the statistics pass leaves them alone and writes the merged
+  // statistics here; bn_running_serial_kernel then updates them in channel order.
+  at::Tensor deferred;
+  if (training && running_buffers_overlap(running_mean, running_var)) {
+    deferred = at::empty({static_cast<int64_t>(C * sizeof(Welford<red_t, int64_t>))}, input.options().dtype(at::kByte));
+  }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_act_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -1158,8 +1287,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cuda(
     a.save_invstd = save_invstd.data_ptr<acc_t>();
     a.partials = nullptr;
     a.tickets = nullptr;
-    a.eps = static_cast<acc_t>(eps);
-    a.momentum = static_cast<acc_t>(momentum);
+    a.deferred = deferred.defined() ? reinterpret_cast<Welford<red_t, int64_t>*>(deferred.data_ptr()) : nullptr;
+    a.eps = eps;
+    a.momentum = momentum;
     a.slope = static_cast<acc_t>(negative_slope);
     a.gamma_floor = static_cast<acc_t>(gamma_floor);
     a.act = static_cast<int>(activation);
@@ -1169,6 +1299,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cuda(
       launch_fwd<scalar_t, acc_t, decltype(vec)::value, decltype(nlc)::value>(a, g, input);
     });
   });
+  if (deferred.defined()) {
+    bn_running_serial_kernel<<<1, 1, 0, c10::cuda::getCurrentCUDAStream().stream()>>>(
+        reinterpret_cast<const Welford<red_t, int64_t>*>(deferred.data_ptr()), C, rm, rv, eps, momentum);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   return {out, save_mean, save_invstd};
 }
 
@@ -1206,7 +1341,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(), "batch_norm_act_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Geometry g =
-        make_geometry<scalar_t>(v, {grad_out.data_ptr(), saved.data_ptr(), grad_input.data_ptr()});
+        make_geometry<scalar_t, true>(v, {grad_out.data_ptr(), saved.data_ptr(), grad_input.data_ptr()});
     BwdArgs<scalar_t, acc_t> a{};
     a.dy = grad_out.data_ptr<scalar_t>();
     a.saved = saved.data_ptr<scalar_t>();
@@ -1224,14 +1359,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cuda(
     a.partials = nullptr;
     a.tickets = nullptr;
     a.coef = nullptr;
-    a.count = static_cast<acc_t>(static_cast<double>(v.N) * static_cast<double>(v.L));
+    a.count = static_cast<red_t>(v.N) * static_cast<red_t>(v.L);
     a.slope = static_cast<acc_t>(negative_slope);
     a.gamma_floor = static_cast<acc_t>(gamma_floor);
     a.act = static_cast<int>(activation);
     a.training = training;
     a.saved_is_output = saved_is_output;
     a.fuse_dx = false;
-    dispatch_geometry<scalar_t>(g, [&](auto vec, auto nlc) {
+    dispatch_geometry<scalar_t, true>(g, [&](auto vec, auto nlc) {
       launch_bwd<scalar_t, acc_t, decltype(vec)::value, decltype(nlc)::value>(a, g, saved, false);
     });
   });
@@ -1374,13 +1509,13 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_act_bwd_reduce_cuda(
   if (v.C == 0) return {sum_dz, sum_dzx};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(), "batch_norm_act_bwd_reduce_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Geometry g = make_geometry<scalar_t>(v, {grad_out.data_ptr(), saved.data_ptr()});
+    const Geometry g = make_geometry<scalar_t, true>(v, {grad_out.data_ptr(), saved.data_ptr()});
     BwdArgs<scalar_t, acc_t> a = bwd_args<scalar_t, acc_t>(grad_out, saved, v, g, w, b, mean, invstd, activation,
                                                            negative_slope, gamma_floor, saved_is_output);
     a.grad_weight = channel_param(sum_dzx, "sum_dz_xhat");
     a.grad_bias = channel_param(sum_dz, "sum_dz");
-    a.count = static_cast<acc_t>(static_cast<double>(v.N) * static_cast<double>(v.L));
-    dispatch_geometry<scalar_t>(g, [&](auto vec, auto nlc) {
+    a.count = static_cast<red_t>(v.N) * static_cast<red_t>(v.L);
+    dispatch_geometry<scalar_t, true>(g, [&](auto vec, auto nlc) {
       launch_bwd<scalar_t, acc_t, decltype(vec)::value, decltype(nlc)::value>(a, g, saved, true);
     });
   });
@@ -1410,14 +1545,14 @@ at::Tensor batch_norm_act_bwd_dx_cuda(const at::Tensor& grad_out_, const at::Ten
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(), "batch_norm_act_bwd_dx_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Geometry g =
-        make_geometry<scalar_t>(v, {grad_out.data_ptr(), saved.data_ptr(), grad_input.data_ptr()});
+        make_geometry<scalar_t, true>(v, {grad_out.data_ptr(), saved.data_ptr(), grad_input.data_ptr()});
     BwdArgs<scalar_t, acc_t> a = bwd_args<scalar_t, acc_t>(grad_out, saved, v, g, w, b, mean, invstd, activation,
                                                            negative_slope, gamma_floor, saved_is_output);
     a.dx = grad_input.data_ptr<scalar_t>();
     a.sum_dz = ps;
     a.sum_dzx = psx;
-    a.count = static_cast<acc_t>(count);
-    dispatch_geometry<scalar_t>(g, [&](auto vec, auto nlc) {
+    a.count = count;
+    dispatch_geometry<scalar_t, true>(g, [&](auto vec, auto nlc) {
       launch_bwd_dx<scalar_t, acc_t, decltype(vec)::value, decltype(nlc)::value>(a, g);
     });
   });
