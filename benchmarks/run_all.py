@@ -25,12 +25,13 @@ import torch
 import genfast
 from benchmarks import harness, report
 
-FAMILIES = ["batchnorm_act", "losses", "conv_transpose", "end_to_end"]
+FAMILIES = ["batchnorm_act", "losses", "conv_transpose", "conv_act", "end_to_end"]
 # --quick: the cases kept per family (regular expressions over the case names of bench_<family>).
 QUICK = {
     "batchnorm_act": r"^fwd_bwd_train 128x64x32x32 \w+ nchw$",
     "losses": r"^gan D\+G bce fwd\+bwd 128x1$",
     "conv_transpose": r"^fwd_bwd dcgan2 .* b128 \w+ nchw$",
+    "conv_act": r"^conv\+BN\+LeakyReLU fwd_bwd dcgan D2 .* b128 \w+ nchw$",
     "end_to_end": r"^GAN step dcgan64 batch 128$",
 }
 

@@ -16,9 +16,10 @@ Backends (the `backend` argument of each op; "triton" runs the "cuda" path):
             activation in one read-modify-write pass of the output; backward dz = dy * act'(y)
             with the bias-gradient sums in one pass, then ATen's products for grad_input and
             grad_weight. What `auto` runs on CUDA tensors (backend.AUTO_CUDA).
-  "cpu"     oneDNN's convolution / linear with the activation as a post-op where oneDNN
-            treats NaN and inf as torch does (identity, leaky_relu, tanh); otherwise ATen's
-            product with its bias and torch's in-place activation (what eager runs). Backward:
+  "cpu"     oneDNN's convolution with the activation as a post-op where oneDNN treats NaN
+            and inf as torch does (identity, leaky_relu, tanh); otherwise (and for linear,
+            where oneDNN's post-op path measured slower) ATen's product with its bias and
+            torch's activation in place on the product's output. Backward:
             torch's activation-backward kernel (dz, from the saved output), ATen's products.
 Ops:
   genfast::product_act / product_act_backward   the registered pair (autograd, fake).
@@ -98,8 +99,10 @@ def _onednn_ok(kind, input, weight, bias, activation, stride, padding, dilation,
             and torch.backends.mkldnn.is_available()):
         return False
     if kind == "linear":
-        return (input.dim() == 2 and weight.dim() == 2 and input.shape[1] == weight.shape[1]
-                and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+        # oneDNN's linear post-op path reorders the plain weight on every call: measured slower
+        # than ATen's addmm + the in-place activation on a 2-core AVX2 CPU (64x784 @ 784x512:
+        # 0.85-1.1 ms vs 0.75-0.94 ms, one thread), so linear takes ATen's path.
+        return False
     # Only well-formed convolutions: anything else takes ATen's path, which raises torch's error.
     return (input.dim() == 4 and weight.dim() == 4 and input.shape[1] == weight.shape[1] * groups
             and weight.shape[0] % groups == 0
@@ -457,6 +460,31 @@ def resolve_padding(input: Tensor, weight: Tensor, stride, padding, dilation):
     return input, half
 
 
+def _eager_cpu(name: str) -> bool:
+    """Whether the cpu backend runs as torch's own ops (not being traced): on the CPU the
+    registered op adds nothing to ATen's product but the dispatch cost of a Python custom op
+    and its Python autograd (measured 100-150 us per forward+backward on the 2-core CI CPU,
+    against a whole eager Linear+LeakyReLU step of 130-220 us at small sizes). So eager CPU
+    calls take ATen's product with its bias and torch's activation in place on its output
+    (one allocation fewer than eager, autograd in C++); torch.compile and torch.export keep
+    the registered op, so an exported program carries "auto" and runs the fused kernels on
+    CUDA tensors."""
+    return name == "cpu" and not torch.compiler.is_compiling()
+
+
+def _act_eager(y: Tensor, act: str, negative_slope: float) -> Tensor:
+    F = torch.nn.functional
+    if act == "relu":
+        return F.relu(y, inplace=True)
+    if act == "leaky_relu":
+        return F.leaky_relu(y, negative_slope, inplace=True)
+    if act == "tanh":
+        return y.tanh_()
+    if act == "sigmoid":
+        return y.sigmoid_()
+    return y
+
+
 def conv2d_act(input, weight, bias, stride, padding, dilation, groups, activation,
                negative_slope):
     """The checked entry point of act(conv2d(input, weight) + bias): argument checks, "same"
@@ -473,6 +501,9 @@ def conv2d_act(input, weight, bias, stride, padding, dilation, groups, activatio
     if name == "reference":
         y = ref.product_act("conv2d", x, weight, bias, stride, padding, dilation, int(groups),
                             act, negative_slope)
+    elif _eager_cpu(name):
+        y = _act_eager(torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation,
+                                                  int(groups)), act, negative_slope)
     else:
         y = product_act_op(x, weight, bias, "conv2d", list(stride), list(padding), list(dilation),
                            int(groups), B.ACTIVATIONS[act], float(negative_slope), B.for_op(name))
@@ -490,6 +521,8 @@ def linear_act(input, weight, bias, activation, negative_slope):
     if name == "reference":
         y = ref.product_act("linear", x, weight, bias, activation=act,
                             negative_slope=negative_slope)
+    elif _eager_cpu(name):
+        y = _act_eager(torch.nn.functional.linear(x, weight, bias), act, negative_slope)
     else:
         y = product_act_op(x, weight, bias, "linear", [1, 1], [0, 0], [1, 1], 1,
                            B.ACTIVATIONS[act], float(negative_slope), B.for_op(name))
