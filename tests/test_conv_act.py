@@ -530,3 +530,37 @@ def test_fusion_stands_down_when_a_child_is_hooked_or_replaced():
     twin[2] = nn.Tanh()
     assert not twin.active_fusions()
     torch.testing.assert_close(twin(x), torch.tanh(seq[1](seq[0](x))))
+
+
+# --- GPU (run by benchmarks/gpu_suite.sh) ------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["conv_leaky_bias", "linear_leaky"])
+def test_gpu_block_matches_torch_and_launches_no_aten_elementwise(cuda_device, name):
+    """On the GPU the converted block matches torch in float64 (outputs, gradients, running
+    statistics), and in float32 it launches the vendor's product kernels plus exactly our three
+    Triton kernels forward and three backward; no ATen elementwise or reduction kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    seq = BLOCKS[name]().to(cuda_device)
+    _check_step(seq, _converted(seq), _input(name).to(cuda_device), "auto", steps=2)
+    seq = BLOCKS[name]().float().to(cuda_device)
+    twin = _converted(seq)
+    x = _input(name, n=16).float().to(cuda_device).requires_grad_()
+    twin(x).sum().backward()  # warm-up (compiles)
+    torch.cuda.synchronize()
+
+    def kernels(fn):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            out = fn()
+            torch.cuda.synchronize()
+        return out, [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    out, fwd = kernels(lambda: twin(x))
+    g = torch.randn_like(out)
+    _, bwd = kernels(lambda: out.backward(g))
+    ours_f = [n for n in fwd if n in ("_stats_kernel", "_finalize_kernel", "_apply_kernel")]
+    ours_b = [n for n in bwd if n.startswith("_bn_bwd_")]
+    assert len(ours_f) == 3 and len(ours_b) == 3, (fwd, bwd)
+    for n in fwd + bwd:
+        assert "elementwise" not in n and "reduce_kernel" not in n, (fwd, bwd)
