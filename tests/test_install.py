@@ -140,3 +140,52 @@ def test_pip_metadata():
     # torch is not a build requirement: build isolation must fail fast, not download a torch
     assert not any(r.split("=")[0].split(">")[0].strip() == "torch" for r in meta["build-system"]["requires"])
 
+
+
+# --- which CUDA architectures setup.py compiles for ------------------------------------------------
+
+_FAKE_GPU = ("import torch\n"
+             "torch.cuda.is_available = lambda: True\n"
+             "torch.cuda.device_count = lambda: 2\n"
+             "torch.cuda.get_device_capability = lambda i=0: [(8, 6), (9, 0)][i]\n")
+
+
+def _setup_line(tmp_path, fake_gpu=False, **env_vars):
+    """The line setup.py prints about the CUDA kernels, for this environment (torch's CUDA build
+    and a toolkit are made to look present through GENFAST_FORCE_CUDA where the test needs it)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TORCH_CUDA_ARCH_LIST", "GENFAST_NO_CUDA", "GENFAST_FORCE_CUDA")}
+    env.update(env_vars)
+    if fake_gpu:
+        (tmp_path / "sitecustomize.py").write_text(_FAKE_GPU)
+        env["PYTHONPATH"] = str(tmp_path)
+    res = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return next(line for line in res.stdout.splitlines() if line.startswith("genfast:"))
+
+
+def _cuda_buildable():
+    from torch.utils import cpp_extension
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def test_setup_skips_cuda_kernels_when_no_gpu_is_visible_and_no_arch_is_asked(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: setup.py compiles for it (covered by the fake-GPU test)")
+    line = _setup_line(tmp_path)
+    if _cuda_buildable():
+        assert "no GPU visible" in line and "not compiled" in line
+        assert "TORCH_CUDA_ARCH_LIST" in line and "GENFAST_FORCE_CUDA=1" in line
+    else:
+        assert "not compiled" in line
+
+
+def test_setup_compiles_for_the_asked_or_visible_or_default_architectures(tmp_path):
+    if not _cuda_buildable():
+        pytest.skip("no CUDA toolkit or CPU-only torch: setup.py compiles no CUDA kernels here")
+    assert _setup_line(tmp_path, TORCH_CUDA_ARCH_LIST="8.6").startswith(
+        "genfast: compiling CUDA kernels for TORCH_CUDA_ARCH_LIST=8.6")
+    assert "TORCH_CUDA_ARCH_LIST=8.0;9.0" in _setup_line(tmp_path, GENFAST_FORCE_CUDA="1")
+    assert "visible GPUs, TORCH_CUDA_ARCH_LIST=8.6;9.0" in _setup_line(tmp_path, fake_gpu=True)
+    assert "not compiled" in _setup_line(tmp_path, fake_gpu=True, GENFAST_NO_CUDA="1")
