@@ -43,5 +43,5 @@ def test_help_text_is_whole():
     # the description is the module's whole docstring, ending in the duration note
     assert "Needs the demo extra: pip install 'genfast[demo]'" in text
     assert "an estimate of the duration is printed after the first steps." in text
-    assert "300 on cpu" in text
+    assert "800 on cpu" in text
 
