@@ -51,6 +51,14 @@ GENFAST_HOST_DEVICE T expm1_t(T x) { return std::expm1(x); }
 template <typename T>
 GENFAST_HOST_DEVICE T log_t(T x) { return std::log(x); }
 
+// exp(x) for x <= 0 (or NaN) and log1p(e) for e in [0, 1]: the two transcendental steps of the
+// logistic losses, on arguments of known range. The CPU file overloads them for float vectors
+// with short polynomials; everywhere else they are exp and log1p.
+template <typename T>
+GENFAST_HOST_DEVICE T exp_nonpos_t(T x) { return exp_t(x); }
+template <typename T>
+GENFAST_HOST_DEVICE T log1p_unit_t(T e) { return log1p_t(e); }
+
 // c * v with c == 0 giving 0 even for infinite v.
 template <typename T>
 GENFAST_HOST_DEVICE T mul_or_zero(T c, T v) {
@@ -61,8 +69,8 @@ GENFAST_HOST_DEVICE T mul_or_zero(T c, T v) {
 template <typename T>
 GENFAST_HOST_DEVICE T bce_logits_elem(T x, T t, T pos_weight, T* grad) {
   const T zero(0), one(1);
-  const T e = exp_t(neg_t(abs_t(x)));
-  const T l1p = log1p_t(e);
+  const T e = exp_nonpos_t(neg_t(abs_t(x)));
+  const T l1p = log1p_unit_t(e);
   const T pos = sel(x > zero, x, zero);         // max(x, 0)
   const T neg = sel(x < zero, neg_t(x), zero);  // max(-x, 0)
   const T inv = one / (one + e);
