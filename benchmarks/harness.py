@@ -5,6 +5,7 @@ all variants are timed in interleaved rounds and the median is kept (CUDA events
 triton.testing.do_bench on a GPU; perf_counter on the CPU)."""
 from __future__ import annotations
 
+import gc
 import re
 import statistics
 import time
@@ -141,10 +142,17 @@ def _time_once(fn: Callable, device: torch.device, reps: int) -> float:
         import triton.testing
 
         return float(triton.testing.do_bench(fn, warmup=5, rep=max(reps, 20), return_mode="median"))
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) * 1e3 / reps
+    # As timeit does: Python's cyclic garbage collector is off while a round runs, so that a full
+    # collection - tens of ms once torch.compile has loaded its modules - is not charged to
+    # whichever variant happened to allocate the triggering object.
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / reps
+    finally:
+        gc.enable()
 
 
 def measure_copy_bandwidth(device: torch.device) -> float:
