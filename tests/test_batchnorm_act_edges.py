@@ -453,3 +453,33 @@ def test_split_plan_caps_partial_rows(monkeypatch, shape, cl):
     p = K._Plan(torch.device("cuda"), torch.float32, cl, N, C, L, K.RESIDENT_MAX_FWD, "split",
                 None, None)
     assert 1 <= p.S <= K.MAX_SPLITS == 64
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_nc_statistics_over_blocks_with_offset_and_nonfinite_pivots(backend_name):
+    """BatchNorm1d on (N, C) with N spanning several of the CPU kernel's row blocks: the block
+    statistics are sums shifted by each block's first row (the pivot). A mean offset of 1e4 still
+    gives the float64 statistics; an infinite or NaN first row (a pivot that is not finite), or
+    an infinity in a later block, gives torch's infinities and NaNs."""
+    N, C = 5000, 37
+    x = (torch.randn(N, C, dtype=torch.float64) * 0.5 + 1e4).float()
+    x[0, 3] = INF
+    x[0, 5] = float("nan")
+    x[4000, 7] = -INF
+    rm, rv = torch.zeros(C), torch.ones(C)
+    rm_t, rv_t = torch.zeros(C), torch.ones(C)
+    with backend(backend_name):
+        y = GF.batch_norm_act(x, rm, rv, torch.ones(C), torch.zeros(C), True, 0.1, 1e-5, activation="identity")
+    y_t = F.batch_norm(x, rm_t, rv_t, torch.ones(C), torch.zeros(C), True, 0.1, 1e-5)
+    assert torch.equal(rm.isnan(), rm_t.isnan()) and torch.equal(rm.isinf(), rm_t.isinf())
+    assert torch.equal(rv.isnan(), rv_t.isnan()) and torch.equal(rv.isinf(), rv_t.isinf())
+    assert rm[3].item() == INF and rm[7].item() == -INF and rm[5].isnan()
+    fin = torch.isfinite(rm_t)
+    x64 = x.double()[:, fin]
+    torch.testing.assert_close(rm[fin].double(), 0.1 * x64.mean(0), rtol=1e-7, atol=0)
+    torch.testing.assert_close(rv[fin].double(), 0.9 + 0.1 * x64.var(0), rtol=1e-5, atol=0)
+    assert torch.equal(y.isnan(), y_t.isnan())
+    y64 = F.batch_norm(x64, None, None, None, None, True, 0.1, 1e-5)
+    err = (y[:, fin].double() - y64).abs().max().item()
+    err_t = (y_t[:, fin].double() - y64).abs().max().item()
+    assert err <= 1.25 * err_t, f"output error {err:.3e} vs torch's {err_t:.3e}"
