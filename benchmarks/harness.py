@@ -234,7 +234,7 @@ def measure(family: str, case: str, variants: dict[str, Callable], *, reference:
     # repetitions per round so that a round lasts about min_round_ms
     reps = {}
     for name, fn in variants.items():
-        t = statistics.median(_time_once(fn, device, 1) for _ in range(3))
+        t = _time_once(fn, device, 1)
         reps[name] = max(1, int(min_round_ms / max(t, 1e-3)))
     rounds = rounds or (5 if device.type == "cuda" else 7)
     # On the CPU the rounds are repeated (up to STEAL_RETRIES times) while the hypervisor took

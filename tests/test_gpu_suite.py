@@ -93,6 +93,7 @@ def _fake_family(clock, n_cases=6):
 
 def _run(monkeypatch, tmp_path, clock, *flags):
     monkeypatch.setitem(sys.modules, "benchmarks.bench_fakefam", _fake_family(clock))
+    monkeypatch.setattr(harness, "STEAL_RETRIES", 1)  # no repeated rounds: the fake clock counts calls
     assert run_all.main(["--families", "fakefam", "--out", str(tmp_path), *flags], clock=clock) == 0
     (path,) = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
     return json.loads(path.read_text())
@@ -157,3 +158,23 @@ def test_tests_line_reads_pytest_counts_and_interruption():
     log = "..\n!!! KeyboardInterrupt !!!\n==== 12 passed in 45.01s ====\n"
     assert report.tests_line(log) == "12 passed in 45.01s (stopped at its time budget)"
     assert report.tests_line("").startswith("no pytest summary")
+
+
+def test_rounds_repeat_while_the_hypervisor_steals_and_keep_the_least_stolen(monkeypatch):
+    """On the CPU a case's rounds are timed again (after a pause) while steal time exceeds
+    STEAL_LIMIT; the attempt with the least steal is reported, with its steal fraction."""
+    # (steal, total) jiffies read before and after each attempt: 30%, 10%, then 1% steal
+    ticks = iter([(0, 0), (30, 100), (30, 100), (40, 200), (40, 200), (41, 300)])
+    monkeypatch.setattr(harness, "_cpu_ticks", lambda: next(ticks))
+    monkeypatch.setattr(harness.time, "sleep", lambda s: None)
+    harness.configure()  # no budget or filter left from an earlier test
+    calls = []
+    row = harness.measure("fakefam", "steal case", {"eager": lambda: calls.append(1) or torch.ones(2)},
+                          device=torch.device("cpu"), rounds=2, min_round_ms=1e-6)
+    assert row["cpu_steal"] == pytest.approx(0.01)
+    assert len(calls) == 1 + 1 + 3 * 2  # warm-up, sizing, three attempts of two one-call rounds
+    ticks2 = iter([(0, 0), (50, 100), (50, 100), (90, 200)] + [(90, 200), (190, 300)] * 3)
+    monkeypatch.setattr(harness, "_cpu_ticks", lambda: next(ticks2))
+    row = harness.measure("fakefam", "steal case 2", {"eager": lambda: torch.ones(2)},
+                          device=torch.device("cpu"), rounds=1, min_round_ms=1e-6)
+    assert row["cpu_steal"] == pytest.approx(0.4)  # all over the limit: the least of 50/40/100%
