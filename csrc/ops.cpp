@@ -64,6 +64,16 @@ TORCH_LIBRARY(genfast, m) {
   m.def(
       "gan_loss_fwd(Tensor? real, Tensor? fake, int kind, bool generator, int reduction, "
       "float real_label) -> (Tensor, Tensor, Tensor)");
+  // gan_loss_fwd with its autograd formula in C++ (csrc/loss_autograd.cpp): (out_real, out_fake)
+  // as gan_loss_fwd's, for eager calls. gan_loss_ref_grad: the gradients w.r.t. (real, fake) of
+  // the reference formulas, differentiable (its kernel is Python, genfast/ops/losses.py); the
+  // create_graph=True backward of gan_loss_train. real's gradient is empty when real is None.
+  m.def(
+      "gan_loss_train(Tensor? real, Tensor fake, int kind, bool generator, int reduction, "
+      "float real_label) -> (Tensor, Tensor)");
+  m.def(
+      "gan_loss_ref_grad(Tensor? real, Tensor fake, Tensor? coef_a, Tensor? coef_b, int kind, "
+      "bool generator, int reduction, float real_label) -> (Tensor, Tensor)");
   // (saved[:split] * coef_a, saved[split:] * coef_b) as flat tensors of dtype_a / dtype_b; a
   // coefficient is 0-dim, elementwise, or None (zero gradient).
   m.def(

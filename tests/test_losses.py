@@ -1071,3 +1071,29 @@ def test_cpu_logistic_terms_within_a_few_ulps_on_a_dense_grid():
     with backend("cpu"):
         nan_terms = L.bce_loss(torch.tensor([math.nan, 1.0]), torch.ones(2), None, None, "none", True)
     assert math.isnan(nan_terms[0].item()) and math.isfinite(nan_terms[1].item())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("red", ["mean", "sum", "none"])
+def test_cpu_gan_loss_autograd_in_cpp_double_backward(kind, red):
+    """Eager CPU GAN losses run genfast::gan_loss_train, whose autograd node is C++ (no Python
+    Function on the step's path); its create_graph backward goes through the differentiable
+    reference formulas (gan_loss_ref_grad): gradgradcheck on both sides, every kind and reduction."""
+    dt = torch.float64
+    r = (torch.randn(4, 2, dtype=dt) * 2).requires_grad_(True)
+    f = (torch.randn(3, 2, dtype=dt) * 2).requires_grad_(True)
+    label = 0.9 if kind in ("bce", "lsgan") else 1.0
+    with backend("cpu"):
+        d = GF.discriminator_loss(r, f, kind, red, real_label=label)
+        g = GF.generator_loss(f, kind, red)
+        for out in (d if red == "none" else (d,)) + (g,):
+            assert "GanLossTrain" in out.grad_fn.name(), out.grad_fn.name()
+        assert torch.autograd.gradgradcheck(lambda a, b: GF.discriminator_loss(a, b, kind, red, real_label=label),
+                                            (r, f))
+        assert torch.autograd.gradgradcheck(lambda b: GF.generator_loss(b, kind, red), (f,))
+    # inference mode (no autograd keys): the plain kernel
+    with torch.inference_mode(), backend("cpu"):
+        got = GF.generator_loss(f.detach(), kind, red)
+    with backend("reference"):
+        want = GF.generator_loss(f.detach(), kind, red)
+    assert_close(got, want, dt, f"{kind} {red} inference mode")

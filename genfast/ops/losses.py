@@ -79,7 +79,15 @@ def _reparam_bwd_fake(grad_z, logvar, eps):
 
 
 HAS_CPP_OPS = B.has_cpu_ext()
+
+
+def _gan_train_fake(real, fake, kind, generator, reduction, real_label):
+    out_r, out_f, _ = _gan_fake(real, fake, kind, generator, reduction, real_label)
+    return out_r, out_f
+
+
 if HAS_CPP_OPS:
+    torch.library.register_fake("genfast::gan_loss_train", _gan_train_fake, lib=_lib)
     for _name, _fn in (("gan_loss_fwd", _gan_fake), ("loss_scale_grad", _scale_fake),
                        ("vae_loss_fwd", _vae_fake), ("bce_loss_fwd", _bce_fake),
                        ("reparam_fwd", _reparam_fwd_fake), ("reparam_bwd", _reparam_bwd_fake)):
@@ -236,6 +244,28 @@ class GanLossFunction(torch.autograd.Function):
         return dr, df, None, None, None, None, None
 
 
+def _gan_ref_grad(real, fake, coef_a, coef_b, kind, generator, reduction, real_label):
+    """Kernel of genfast::gan_loss_ref_grad (CompositeImplicitAutograd: differentiable): the
+    gradients w.r.t. (real, fake) of the reference GAN terms, reduced, against the incoming
+    gradients coef_a (real side, or the reduced loss) and coef_b (fake side). An empty tensor
+    stands for a missing gradient."""
+    names = {v: k for k, v in GAN_KINDS.items()}
+    red = {v: k for k, v in REDUCTIONS.items()}[reduction]
+
+    def fn():
+        outs = []
+        if real is not None:
+            outs.append(_reduce_ref(ref.gan_terms(real, names[kind], "real", real_label), red))
+        outs.append(_reduce_ref(ref.gan_terms(fake, names[kind], "gen" if generator else "fake"), red))
+        return tuple(outs)
+
+    grads_out = ([coef_a] if real is not None else []) + [coef_b]
+    dr, df = _ref_grads(fn, (real, fake), grads_out)
+    dr = dr if dr is not None else fake.new_empty((0,))
+    df = df if df is not None else torch.zeros_like(fake)
+    return dr, df
+
+
 def _reduce_ref(terms, reduction):
     if reduction == "mean":
         return terms.mean()
@@ -362,6 +392,9 @@ vae_loss_op.register_autograd(lambda ctx, g_loss, g_parts, _g: VaeLossFunction.b
 bce_loss_op.register_autograd(lambda ctx, g, _g: BceLossFunction.backward(ctx, g), setup_context=_bce_setup)
 reparam_fwd_op.register_autograd(ReparamFunction.backward, setup_context=_reparam_setup)
 
+if HAS_CPP_OPS:
+    _lib.impl("gan_loss_ref_grad", _gan_ref_grad, "CompositeImplicitAutograd")
+
 # Autocast: the losses run in float32, as torch's own losses (binary_cross_entropy_with_logits,
 # mse_loss, ...) do under autocast on both device types.
 for _op in ("genfast::gan_loss", "genfast::vae_loss", "genfast::bce_loss"):
@@ -478,12 +511,20 @@ def _needs_reference(*ts) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
+def _gan(real, fake, kind, generator, reduction, real_label, name):
+    if name == "cpu" and HAS_CPP_OPS and not torch.compiler.is_compiling():
+        # eager CPU calls: the op with its autograd in C++ (csrc/loss_autograd.cpp)
+        return torch.ops.genfast.gan_loss_train.default(real, fake, GAN_KINDS[kind], generator,
+                                                        REDUCTIONS[reduction], float(real_label))
+    return GanLossFunction.apply(real, fake, GAN_KINDS[kind], generator, REDUCTIONS[reduction],
+                                 float(real_label), B.for_op(name))
+
+
 def discriminator_loss(real, fake, kind, reduction, real_label):
     name = _backend(fake.device)
     if name == "reference":
         return ref.discriminator_loss(real, fake, kind, reduction, real_label)
-    r, f = GanLossFunction.apply(real, fake, GAN_KINDS[kind], False, REDUCTIONS[reduction],
-                                 float(real_label), B.for_op(name))
+    r, f = _gan(real, fake, kind, False, reduction, real_label, name)
     return (r, f) if reduction == "none" else r
 
 
@@ -491,7 +532,7 @@ def generator_loss(fake, kind, reduction):
     name = _backend(fake.device)
     if name == "reference":
         return ref.generator_loss(fake, kind, reduction)
-    r, f = GanLossFunction.apply(None, fake, GAN_KINDS[kind], True, REDUCTIONS[reduction], 1.0, B.for_op(name))
+    r, f = _gan(None, fake, kind, True, reduction, 1.0, name)
     return f if reduction == "none" else r
 
 
