@@ -24,7 +24,7 @@ _CPP_KERNEL_OPS = {
     "genfast::batch_norm_act_stats": 0,
 }
 _PRODUCTS = {"aten::convolution", "aten::convolution_backward", "aten::mm", "aten::addmm",
-             "aten::linear"}
+             "aten::linear", "aten::conv_transpose2d", "aten::conv2d"}
 _FREE = {
     "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty",
     "aten::new_empty_strided", "aten::view", "aten::reshape", "aten::as_strided", "aten::detach",

@@ -361,8 +361,11 @@ def test_compile_fullgraph_cpu():
         y_comp = compiled(x)
         g_comp = torch.autograd.grad(y_comp.sum(), [x] + list(model.parameters()))
     assert_close(y_comp, y_eager, torch.float32)
+    # The block's conv-bias gradient is zero up to rounding (the BatchNorm removes the bias): eager
+    # CPU sums ATen's bias gradient, the compiled block its own; compared at the gradients' scale.
+    scale = max(float(g.abs().max()) for g in g_eager)
     for a, b in zip(g_comp, g_eager):
-        assert_close(a, b, torch.float32)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
 
 
 # --- the BatchNorm-statistics epilogue ---------------------------------------------------------
