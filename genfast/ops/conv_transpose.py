@@ -610,6 +610,18 @@ class _ConvTransposeBNAct(torch.autograd.Function):
                 dgb if bn_bias is not None and need[4] else None, None, None, None, None)
 
 
+def _count_batch(num_batches_tracked, momentum) -> float:
+    """nn.BatchNorm's training step bookkeeping for the unfused paths: num_batches_tracked + 1
+    (in place, when tracked) and the momentum to use, 1 / num_batches_tracked for the cumulative
+    average (momentum None); 0.0 when momentum is None and nothing is tracked."""
+    mom = momentum
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            mom = 1.0 / float(num_batches_tracked)
+    return 0.0 if mom is None else mom
+
+
 def conv_transpose_bn_act_train(input, weight, bias, stride, padding, output_padding, groups,
                                 dilation, bn_weight, bn_bias, running_mean, running_var,
                                 num_batches_tracked, momentum, eps, activation, negative_slope,
@@ -625,13 +637,9 @@ def conv_transpose_bn_act_train(input, weight, bias, stride, padding, output_pad
 
         y = ref.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups,
                                  dilation)
-        mom = momentum
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-            if momentum is None:
-                mom = 1.0 / float(num_batches_tracked)
         return bnref.batch_norm_act(y, running_mean, running_var, bn_weight, bn_bias, True,
-                                    0.0 if mom is None else mom, eps, activation, negative_slope)
+                                    _count_batch(num_batches_tracked, momentum), eps, activation,
+                                    negative_slope)
     if name == "cpu" and activation in ("relu", "leaky_relu", "identity") \
             and not torch.compiler.is_compiling():
         # Eager CPU calls: ATen's product (bias included), then genfast's fused C++ BatchNorm +
@@ -641,14 +649,9 @@ def conv_transpose_bn_act_train(input, weight, bias, stride, padding, output_pad
 
         y = torch.nn.functional.conv_transpose2d(input, weight, bias, stride, padding,
                                                  output_padding, int(groups), dilation)
-        mom = momentum
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-            if momentum is None:
-                mom = 1.0 / float(num_batches_tracked)
         return _bn.batch_norm_act(y, running_mean, running_var, bn_weight, bn_bias, True,
-                                  0.0 if mom is None else mom, eps, activation, negative_slope,
-                                  False)
+                                  _count_batch(num_batches_tracked, momentum), eps, activation,
+                                  negative_slope, False)
     cumulative = momentum is None and running_mean is not None
     cfg = (list(stride), list(padding), list(output_padding), int(groups), list(dilation),
            0.0 if momentum is None else float(momentum), cumulative, float(eps), activation,

@@ -221,19 +221,7 @@ class GanLossFunction(torch.autograd.Function):
         none = reduction == REDUCTIONS["none"]
         coef_a, coef_b = (g_r, g_f) if none else (g_r, g_r)
         if torch.is_grad_enabled():
-            names = {v: k for k, v in GAN_KINDS.items()}
-            red = {v: k for k, v in REDUCTIONS.items()}[reduction]
-
-            def fn():
-                outs = []
-                if real is not None:
-                    outs.append(_reduce_ref(ref.gan_terms(real, names[kind], "real", real_label), red))
-                if fake is not None:
-                    outs.append(_reduce_ref(ref.gan_terms(fake, names[kind], "gen" if generator else "fake"), red))
-                return tuple(outs)
-
-            grads_out = ([coef_a] if real is not None else []) + ([coef_b] if fake is not None else [])
-            dr, df = _ref_grads(fn, (real, fake), grads_out)
+            dr, df = _gan_ref_grads(real, fake, coef_a, coef_b, kind, generator, reduction, real_label)
             return dr, df, None, None, None, None, None
         nr = real.numel() if real is not None else 0
         dt_r = real.dtype if real is not None else grad.dtype
@@ -244,11 +232,10 @@ class GanLossFunction(torch.autograd.Function):
         return dr, df, None, None, None, None, None
 
 
-def _gan_ref_grad(real, fake, coef_a, coef_b, kind, generator, reduction, real_label):
-    """Kernel of genfast::gan_loss_ref_grad (CompositeImplicitAutograd: differentiable): the
-    gradients w.r.t. (real, fake) of the reference GAN terms, reduced, against the incoming
-    gradients coef_a (real side, or the reduced loss) and coef_b (fake side). An empty tensor
-    stands for a missing gradient."""
+def _gan_ref_grads(real, fake, coef_a, coef_b, kind, generator, reduction, real_label):
+    """Differentiable gradients w.r.t. (real, fake) of the reference GAN terms, reduced, against
+    the incoming gradients coef_a (real side, or the reduced loss) and coef_b (fake side); None
+    for a side that is missing or needs none (the create_graph=True backward)."""
     names = {v: k for k, v in GAN_KINDS.items()}
     red = {v: k for k, v in REDUCTIONS.items()}[reduction]
 
@@ -261,6 +248,13 @@ def _gan_ref_grad(real, fake, coef_a, coef_b, kind, generator, reduction, real_l
 
     grads_out = ([coef_a] if real is not None else []) + [coef_b]
     dr, df = _ref_grads(fn, (real, fake), grads_out)
+    return dr, df
+
+
+def _gan_ref_grad(real, fake, coef_a, coef_b, kind, generator, reduction, real_label):
+    """Kernel of genfast::gan_loss_ref_grad (CompositeImplicitAutograd: differentiable):
+    _gan_ref_grads with an empty tensor for a missing real gradient and zeros for fake's."""
+    dr, df = _gan_ref_grads(real, fake, coef_a, coef_b, kind, generator, reduction, real_label)
     dr = dr if dr is not None else fake.new_empty((0,))
     df = df if df is not None else torch.zeros_like(fake)
     return dr, df
