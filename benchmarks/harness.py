@@ -241,7 +241,6 @@ def measure(family: str, case: str, variants: dict[str, Callable], *, reference:
     # more than STEAL_LIMIT of the machine's time during them (steal time, /proc/stat): on the
     # shared 2-core CI VM a burst of steal slowed single variants 10-100x. The attempt with the
     # least steal is kept and its steal fraction recorded in the row.
-    best = None
     gc.collect()  # once, before timing; the collector stays off until the rounds are done
     gc.disable()
     try:
