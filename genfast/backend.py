@@ -226,6 +226,21 @@ def _auto(family: str, device: torch.device) -> str:
     return "reference"
 
 
+def eager_cpu(input: object) -> bool:
+    """Whether a call on ``input`` runs genfast's eager CPU path: a CPU tensor, the backend
+    setting "auto" or "cpu" with genfast._C loaded, and not inside torch.compile / export
+    tracing. Those calls go straight to torch's products and genfast's C++ kernels (autograd
+    in C++ or one autograd.Function), skipping the registered Python custom ops, whose dispatch
+    cost as much as the kernels at GAN layer sizes on the CPU. A pinned backend that cannot
+    run here ("cuda", "triton") is left to :func:`resolve`, which raises."""
+    if not isinstance(input, torch.Tensor) or input.device.type != "cpu":
+        return False
+    name = getattr(_state, "name", None)
+    if name is None:
+        name = get_backend()
+    return name in ("auto", "cpu") and has_cpu_ext() and not torch.compiler.is_compiling()
+
+
 def for_op(name: str) -> str:
     """The ``backend`` argument an entry point passes to a registered op, given ``name`` =
     resolve(...): ``name`` itself when the user pinned a backend (set_backend, use_backend or

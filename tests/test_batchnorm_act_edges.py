@@ -483,3 +483,43 @@ def test_nc_statistics_over_blocks_with_offset_and_nonfinite_pivots(backend_name
     err = (y[:, fin].double() - y64).abs().max().item()
     err_t = (y_t[:, fin].double() - y64).abs().max().item()
     assert err <= 1.25 * err_t, f"output error {err:.3e} vs torch's {err_t:.3e}"
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(64, 1000), (40, 300, 3, 1)], ids=["nc", "nhwc"])
+def test_wide_channels_split_into_tiles_match_float64(backend_name, shape):
+    """Wide (N, C) and channels-last batches, which the CPU kernels cut into tiles of 256
+    channels (1000 = 3 whole tiles and a partial one): statistics, output and every gradient
+    match float64, and a NaN in one channel of one tile stays in that channel."""
+    torch.manual_seed(7)
+    C = shape[1]
+    x = torch.randn(shape, dtype=torch.float64) * 1.5 + 0.7
+    if len(shape) == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x[1, 600 % C] = float("nan")  # channel 600 (nc: tile 2) or 0 (nhwc)
+    bad = 600 % C
+    w = torch.randn(C, dtype=torch.float64)
+    b = torch.randn(C, dtype=torch.float64)
+    dy = torch.randn(shape, dtype=torch.float64)
+    rm, rv = torch.zeros(C), torch.ones(C)
+    xf, wf, bf = (t.float().detach().requires_grad_() for t in (x, w, b))
+    with backend(backend_name):
+        y = GF.batch_norm_act(xf, rm, rv, wf, bf, True, 0.1, 1e-5, activation="leaky_relu",
+                              negative_slope=SLOPE)
+    y.backward(dy.float())
+    x64, w64, b64 = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    y64 = F.leaky_relu(F.batch_norm(x64, None, None, w64, b64, True, 0.1, 1e-5), SLOPE)
+    y64.backward(dy)
+    ok = [c for c in range(C) if c != bad]
+    assert y.is_contiguous(memory_format=torch.channels_last) == (len(shape) == 4)
+    assert y[:, bad].isnan().all() and not y[:, ok].isnan().any()
+    assert rm[bad].isnan() and not rm[ok].isnan().any()
+    rest = x.detach()[:, ok]
+    dims = [d for d in range(x.dim()) if d != 1]
+    torch.testing.assert_close(rm[ok].double(), 0.1 * rest.mean(dims), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(rv[ok].double(), 0.9 + 0.1 * rest.var(dims), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y[:, ok].double(), y64[:, ok], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(xf.grad[:, ok].double(), x64.grad[:, ok], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(wf.grad[ok].double(), w64.grad[ok], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(bf.grad[ok].double(), b64.grad[ok], rtol=1e-4, atol=1e-4)
+    assert xf.grad[:, bad].isnan().all() and wf.grad[bad].isnan()

@@ -36,6 +36,17 @@ constexpr int64_t kChunk = 16384;
 // (which accumulate in double) do not.
 using red_t = double;
 
+// The inner loops below are compiled three times, for AVX-512 (x86-64-v4), AVX2 + FMA
+// (x86-64-v3) and the baseline, and the loader picks the one this CPU runs (GCC function
+// multi-versioning, an ifunc per function): torch's own CPU kernels dispatch on the same
+// capabilities. Only these loop functions carry the attribute (the lambdas passed to
+// at::parallel_for call them), so no inline ATen function is ever emitted for a wider ISA.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define GENFAST_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define GENFAST_SIMD_CLONES
+#endif
+
 // (N, C) / channels-last blocks: 64K elements (256 KB of float32, read twice from L2), so that a
 // wide BatchNorm1d makes few partials (16K-element blocks made 16 partial rows of 4096 channels
 // for a (64, 4096) batch, whose strided merge cost more than the reads).
@@ -53,22 +64,46 @@ ChannelView bn_view(at::Tensor& t) {
   return v;
 }
 
+// NLC tiles: a block of rows is also cut into channel ranges of kTileC channels when C is wider
+// and a tile still holds at least kMinTileElems elements, so that a (64, 1024) BatchNorm1d batch
+// (one 64K-element block) runs as 4 tasks on several threads instead of one. A tile's partial
+// sums go to its own channels of its block's partial row: the merge is unchanged.
+constexpr int64_t kTileC = 256;
+constexpr int64_t kMinTileElems = 8192;
+
 // Work decomposition. NCL: each of the N*C rows is cut into `cpr` chunks of at most kChunk
 // elements; task t is chunk t % cpr of row t / cpr (channel (t / cpr) % C). NLC: the N*L rows
-// of C values go in blocks of `R` rows; task t is block t.
+// of C values go in `nb` blocks of `R` rows, each cut into `nc` tiles of `cw` channels; task t
+// is tile t % nc of block t / nc.
 struct Tasks {
   int64_t cpr;  // NCL: chunks per row
   int64_t R;    // NLC: rows per block
   int64_t n;    // number of tasks
+  int64_t nb;   // NLC: row blocks
+  int64_t cw;   // NLC: channels per tile
+  int64_t nc;   // NLC: tiles per block
 };
 
 Tasks make_tasks(const ChannelView& v) {
   if (v.layout == RowLayout::kNCL) {
     const int64_t cpr = std::max<int64_t>(1, (v.L + kChunk - 1) / kChunk);
-    return {cpr, 0, v.L > 0 ? v.N * v.C * cpr : 0};
+    return {cpr, 0, v.L > 0 ? v.N * v.C * cpr : 0, 0, 0, 0};
   }
   const int64_t R = nlc_rows_per_block(v.C), rows = v.N * v.L;
-  return {1, R, (rows + R - 1) / R};
+  const int64_t nb = (rows + R - 1) / R;
+  const int64_t cw = (v.C > kTileC && std::min(R, rows) * kTileC >= kMinTileElems) ? kTileC : v.C;
+  const int64_t nc = cw > 0 ? (v.C + cw - 1) / cw : 0;
+  return {1, R, nb * nc, nb, cw, nc};
+}
+
+// Rows [lo, hi) and channels [c0, c1) of NLC task t.
+inline void nlc_tile(const Tasks& tk, const ChannelView& v, int64_t t, int64_t* lo, int64_t* hi, int64_t* c0,
+                     int64_t* c1) {
+  const int64_t b = t / tk.nc, j = t % tk.nc;
+  *lo = b * tk.R;
+  *hi = std::min(v.N * v.L, *lo + tk.R);
+  *c0 = j * tk.cw;
+  *c1 = std::min(v.C, *c0 + tk.cw);
 }
 
 // Half-open element range [lo, hi) of NCL task t along its row.
@@ -80,7 +115,7 @@ inline void ncl_range(const Tasks& tk, const ChannelView& v, int64_t t, int64_t*
 
 // Grain for at::parallel_for over the tasks of an elementwise pass: about 4096 elements.
 int64_t elementwise_grain(const Tasks& tk, const ChannelView& v) {
-  const int64_t per_task = v.layout == RowLayout::kNCL ? std::min(v.L, kChunk) : tk.R * v.C;
+  const int64_t per_task = v.layout == RowLayout::kNCL ? std::min(v.L, kChunk) : tk.R * tk.cw;
   return std::max<int64_t>(1, 4096 / std::max<int64_t>(per_task, 1));
 }
 
@@ -102,8 +137,9 @@ std::vector<acc_t> load_param(const c10::optional<at::Tensor>& p, int64_t C, acc
 // Sums of d = x - k and d^2 in double, shifted by a pivot k per channel (the block's first
 // value, or 0 when that is not finite) so that M2 = sum d^2 - (sum d)^2 / n does not cancel for
 // a mean far from 0; an infinite or NaN input still gives an infinite or NaN sum and a NaN M2.
+// x points at the tile's first element; rows are `stride` apart and hold `C` channels of the tile.
 template <typename scalar_t>
-void nlc_block_stats(const scalar_t* x, int64_t rows, int64_t C, SumPartial<red_t>* part) {
+GENFAST_SIMD_CLONES void nlc_block_stats(const scalar_t* x, int64_t rows, int64_t stride, int64_t C, SumPartial<red_t>* part) {
   constexpr int64_t kW = 256;
   const red_t n = static_cast<red_t>(rows);
   alignas(64) red_t k[kW], s[kW], q[kW];
@@ -116,7 +152,7 @@ void nlc_block_stats(const scalar_t* x, int64_t rows, int64_t C, SumPartial<red_
       q[j] = 0;
     }
     for (int64_t r = 0; r < rows; ++r) {
-      const scalar_t* p = x + r * C + c0;
+      const scalar_t* p = x + r * stride + c0;
 #pragma omp simd
       for (int64_t j = 0; j < w; ++j) {
         const red_t d = static_cast<red_t>(p[j]) - k[j];
@@ -130,6 +166,23 @@ void nlc_block_stats(const scalar_t* x, int64_t rows, int64_t C, SumPartial<red_
       part[c0 + j] = SumPartial<red_t>{rows, k[j] * n + s[j], m2};
     }
   }
+}
+
+// Sum and M2 (about the chunk's own mean) of n contiguous values.
+template <typename scalar_t>
+GENFAST_SIMD_CLONES void ncl_chunk_stats(const scalar_t* p, int64_t n, red_t* sum, red_t* m2) {
+  red_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += static_cast<red_t>(p[i]);
+  const red_t m = s / red_t(n);
+  red_t q = 0;
+#pragma omp simd reduction(+ : q)
+  for (int64_t i = 0; i < n; ++i) {
+    const red_t d = static_cast<red_t>(p[i]) - m;
+    q += d * d;
+  }
+  *sum = s;
+  *m2 = q;
 }
 
 // Per-channel statistics of x (count, mean, M2) from one read of x (each chunk or block is
@@ -148,32 +201,23 @@ std::vector<Welford<red_t, int64_t>> channel_stats(const scalar_t* x, const Chan
       for (int64_t t = t0; t < t1; ++t) {
         int64_t r, lo, hi;
         ncl_range(tk, v, t, &r, &lo, &hi);
-        const scalar_t* p = x + r * v.L;
-        red_t s = 0;
-#pragma omp simd reduction(+ : s)
-        for (int64_t i = lo; i < hi; ++i) s += static_cast<red_t>(p[i]);
-        const red_t m = s / red_t(hi - lo);
-        red_t q = 0;
-#pragma omp simd reduction(+ : q)
-        for (int64_t i = lo; i < hi; ++i) {
-          const red_t d = static_cast<red_t>(p[i]) - m;
-          q += d * d;
-        }
+        red_t s, q;
+        ncl_chunk_stats(x + r * v.L + lo, hi - lo, &s, &q);
         const int64_t n = r / C, c = r % C;
         part[(c * v.N + n) * tk.cpr + t % tk.cpr] = SumPartial<red_t>{hi - lo, s, q};
       }
     });
     for (int64_t c = 0; c < C; ++c) out[c] = merge_sum_partials(part.data() + c * v.N * tk.cpr, v.N * tk.cpr, 1);
   } else {
-    const int64_t rows = v.N * v.L;
-    part.resize(tk.n * C);
-    at::parallel_for(0, tk.n, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t lo = b * tk.R, hi = std::min(rows, lo + tk.R);
-        nlc_block_stats(x + lo * C, hi - lo, C, part.data() + b * C);
+    part.resize(tk.nb * C);
+    at::parallel_for(0, tk.n, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        int64_t lo, hi, c0, c1;
+        nlc_tile(tk, v, t, &lo, &hi, &c0, &c1);
+        nlc_block_stats(x + lo * C + c0, hi - lo, C, c1 - c0, part.data() + (t / tk.nc) * C + c0);
       }
     });
-    for (int64_t c = 0; c < C; ++c) out[c] = merge_sum_partials(part.data() + c, tk.n, C);
+    for (int64_t c = 0; c < C; ++c) out[c] = merge_sum_partials(part.data() + c, tk.nb, C);
   }
   return out;
 }
@@ -189,6 +233,24 @@ void dispatch_act(int64_t act, F&& f) {
   }
 }
 
+// y = act((x - m) * a + b) over n contiguous values with one channel's coefficients ...
+template <typename scalar_t, typename acc_t, int act>
+GENFAST_SIMD_CLONES void normalize_run(const scalar_t* p, scalar_t* o, int64_t n, acc_t mc, acc_t ac, acc_t bc,
+                                       acc_t slope) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i)
+    o[i] = static_cast<scalar_t>(bn_act_forward_elem_c<act, acc_t>(static_cast<acc_t>(p[i]), mc, ac, bc, slope));
+}
+
+// ... and with per-element coefficients (n values of consecutive channels).
+template <typename scalar_t, typename acc_t, int act>
+GENFAST_SIMD_CLONES void normalize_vec(const scalar_t* p, scalar_t* o, int64_t n, const acc_t* m, const acc_t* a,
+                                       const acc_t* b, acc_t slope) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i)
+    o[i] = static_cast<scalar_t>(bn_act_forward_elem_c<act, acc_t>(static_cast<acc_t>(p[i]), m[i], a[i], b[i], slope));
+}
+
 template <typename scalar_t, typename acc_t, int act>
 void normalize_act(const scalar_t* x, scalar_t* y, const ChannelView& v, const std::vector<acc_t>& mean,
                    const std::vector<acc_t>& scale, const std::vector<acc_t>& beta, acc_t slope_in) {
@@ -199,13 +261,15 @@ void normalize_act(const scalar_t* x, scalar_t* y, const ChannelView& v, const s
   // coefficients are repeated to a period P (a multiple of C, at least kMinPeriod) so that the
   // inner loop stays long when C is small (e.g. (N, 16) inputs).
   constexpr int64_t kMinPeriod = 256;
-  const int64_t P = v.layout == RowLayout::kNLC ? C * std::max<int64_t>(1, kMinPeriod / std::max<int64_t>(C, 1)) : 0;
+  const int64_t P =
+      v.layout == RowLayout::kNLC && tk.nc == 1 ? C * std::max<int64_t>(1, kMinPeriod / std::max<int64_t>(C, 1)) : 0;
   std::vector<acc_t> mp(P), ap(P), bp(P);
-  for (int64_t j = 0; j < P; ++j) {
-    mp[j] = mean[j % C];
-    ap[j] = scale[j % C];
-    bp[j] = beta[j % C];
-  }
+  for (int64_t j0 = 0; j0 < P; j0 += C)
+    for (int64_t c = 0; c < C; ++c) {
+      mp[j0 + c] = mean[c];
+      ap[j0 + c] = scale[c];
+      bp[j0 + c] = beta[c];
+    }
   const acc_t* m = mean.data();
   const acc_t* a = scale.data();
   const acc_t* b = beta.data();
@@ -215,25 +279,21 @@ void normalize_act(const scalar_t* x, scalar_t* y, const ChannelView& v, const s
       if (v.layout == RowLayout::kNCL) {
         int64_t r, lo, hi;
         ncl_range(tk, v, t, &r, &lo, &hi);
-        const acc_t mc = m[r % C], ac = a[r % C], bc = b[r % C];
-        const scalar_t* p = x + r * v.L;
-        scalar_t* o = y + r * v.L;
-#pragma omp simd
-        for (int64_t i = lo; i < hi; ++i)
-          o[i] = static_cast<scalar_t>(bn_act_forward_elem_c<act, acc_t>(static_cast<acc_t>(p[i]), mc, ac, bc, slope));
+        normalize_run<scalar_t, acc_t, act>(x + r * v.L + lo, y + r * v.L + lo, hi - lo, m[r % C], a[r % C], b[r % C],
+                                            slope);
+      } else if (tk.nc > 1) {  // a tile of whole-row channel ranges
+        int64_t lo, hi, c0, c1;
+        nlc_tile(tk, v, t, &lo, &hi, &c0, &c1);
+        for (int64_t r = lo; r < hi; ++r)
+          normalize_vec<scalar_t, acc_t, act>(x + r * C + c0, y + r * C + c0, c1 - c0, m + c0, a + c0, b + c0, slope);
       } else {
         const int64_t lo = t * tk.R, hi = std::min(v.N * v.L, lo + tk.R);
         const int64_t n = (hi - lo) * C;
         const scalar_t* p = x + lo * C;
         scalar_t* o = y + lo * C;
         const acc_t *mq = mp.data(), *aq = ap.data(), *bq = bp.data();
-        for (int64_t j = 0; j < n; j += P) {
-          const int64_t len = std::min(P, n - j);
-#pragma omp simd
-          for (int64_t i = 0; i < len; ++i)
-            o[j + i] = static_cast<scalar_t>(
-                bn_act_forward_elem_c<act, acc_t>(static_cast<acc_t>(p[j + i]), mq[i], aq[i], bq[i], slope));
-        }
+        for (int64_t j = 0; j < n; j += P)
+          normalize_vec<scalar_t, acc_t, act>(p + j, o + j, std::min(P, n - j), mq, aq, bq, slope);
       }
     }
   });
@@ -370,6 +430,68 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cpu(
   return {out, save_mean, save_invstd};
 }
 
+// The backward's loops (multi-versioned as the forward's). One channel's n contiguous values:
+// the sums of dz and dz * xhat ...
+template <typename scalar_t, typename acc_t, int act, bool saved_is_output>
+GENFAST_SIMD_CLONES void bwd_sums_run(const scalar_t* pd, const scalar_t* ps, int64_t n, acc_t m, acc_t is, acc_t a,
+                                      acc_t g, acc_t be, acc_t slope, red_t* sum, red_t* sum_x) {
+  red_t s = 0, sx = 0;
+#pragma omp simd reduction(+ : s, sx)
+  for (int64_t i = 0; i < n; ++i) {
+    const auto d = bn_act_dz_xhat_c<act, saved_is_output, acc_t>(static_cast<acc_t>(pd[i]), static_cast<acc_t>(ps[i]),
+                                                                  m, is, m, a, be, g, be, slope);
+    s += static_cast<red_t>(d.dz);
+    sx += static_cast<red_t>(d.dz * d.xhat);
+  }
+  *sum = s;
+  *sum_x = sx;
+}
+
+// ... the same sums of `rows` rows (`stride` apart) of w consecutive channels, added to s, sx ...
+template <typename scalar_t, typename acc_t, int act, bool saved_is_output>
+GENFAST_SIMD_CLONES void bwd_sums_rows(const scalar_t* dy, const scalar_t* sv, int64_t rows, int64_t stride, int64_t w,
+                                       const acc_t* mean, const acc_t* invstd, const acc_t* scale, const acc_t* gamma,
+                                       const acc_t* beta, acc_t slope, red_t* s, red_t* sx) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* pd = dy + r * stride;
+    const scalar_t* ps = sv + r * stride;
+#pragma omp simd
+    for (int64_t c = 0; c < w; ++c) {
+      const auto d = bn_act_dz_xhat_c<act, saved_is_output, acc_t>(static_cast<acc_t>(pd[c]), static_cast<acc_t>(ps[c]),
+                                                                    mean[c], invstd[c], mean[c], scale[c], beta[c],
+                                                                    gamma[c], beta[c], slope);
+      s[c] += static_cast<red_t>(d.dz);
+      sx[c] += static_cast<red_t>(d.dz * d.xhat);
+    }
+  }
+}
+
+// ... dx of one channel's n contiguous values ...
+template <typename scalar_t, typename acc_t, int act, bool saved_is_output>
+GENFAST_SIMD_CLONES void bwd_dx_run(const scalar_t* pd, const scalar_t* ps, scalar_t* o, int64_t n, acc_t m, acc_t is,
+                                    acc_t a, acc_t g, acc_t be, acc_t kc, acc_t kac, acc_t kbc, acc_t slope) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const auto d = bn_act_dz_xhat_c<act, saved_is_output, acc_t>(static_cast<acc_t>(pd[i]), static_cast<acc_t>(ps[i]),
+                                                                  m, is, m, a, be, g, be, slope);
+    o[i] = static_cast<scalar_t>(bn_act_dx_elem<acc_t>(d.dz, d.xhat, kc, kac, kbc));
+  }
+}
+
+// ... and dx of n consecutive channels.
+template <typename scalar_t, typename acc_t, int act, bool saved_is_output>
+GENFAST_SIMD_CLONES void bwd_dx_vec(const scalar_t* pd, const scalar_t* ps, scalar_t* o, int64_t n, const acc_t* mean,
+                                    const acc_t* invstd, const acc_t* scale, const acc_t* gamma, const acc_t* beta,
+                                    const acc_t* k, const acc_t* ka, const acc_t* kb, acc_t slope) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) {
+    const auto d = bn_act_dz_xhat_c<act, saved_is_output, acc_t>(static_cast<acc_t>(pd[c]), static_cast<acc_t>(ps[c]),
+                                                                  mean[c], invstd[c], mean[c], scale[c], beta[c],
+                                                                  gamma[c], beta[c], slope);
+    o[c] = static_cast<scalar_t>(bn_act_dx_elem<acc_t>(d.dz, d.xhat, k[c], ka[c], kb[c]));
+  }
+}
+
 // Per-channel sums of dz and dz * xhat (one read of dy and saved): double partials per task,
 // added per channel in a fixed order.
 template <typename scalar_t, typename acc_t, int act, bool saved_is_output>
@@ -391,17 +513,9 @@ void backward_sums(const scalar_t* dy, const scalar_t* sv, const ChannelView& v,
         int64_t r, lo, hi;
         ncl_range(tk, v, t, &r, &lo, &hi);
         const int64_t c = r % C;
-        const acc_t m = mean[c], is = invstd[c], a = scale[c], g = gamma[c], be = beta[c];
-        const scalar_t* pd = dy + r * v.L;
-        const scalar_t* ps = sv + r * v.L;
-        red_t s = 0, sx = 0;
-#pragma omp simd reduction(+ : s, sx)
-        for (int64_t i = lo; i < hi; ++i) {
-          const auto d = bn_act_dz_xhat_c<act, saved_is_output, acc_t>(
-              static_cast<acc_t>(pd[i]), static_cast<acc_t>(ps[i]), m, is, m, a, be, g, be, slope);
-          s += static_cast<red_t>(d.dz);
-          sx += static_cast<red_t>(d.dz * d.xhat);
-        }
+        red_t s, sx;
+        bwd_sums_run<scalar_t, acc_t, act, saved_is_output>(dy + r * v.L + lo, sv + r * v.L + lo, hi - lo, mean[c],
+                                                            invstd[c], scale[c], gamma[c], beta[c], slope, &s, &sx);
         const int64_t at_ = (c * v.N + r / C) * tk.cpr + t % tk.cpr;
         ps_[at_] = s;
         px_[at_] = sx;
@@ -414,29 +528,20 @@ void backward_sums(const scalar_t* dy, const scalar_t* sv, const ChannelView& v,
         sum_dzx[c] += px_[c * per + i];
       }
   } else {
-    const int64_t rows = v.N * v.L;
-    std::vector<red_t> bs(tk.n * C, red_t(0)), bx(tk.n * C, red_t(0));
-    at::parallel_for(0, tk.n, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<red_t> bs(tk.nb * C, red_t(0)), bx(tk.nb * C, red_t(0));
+    at::parallel_for(0, tk.n, 1, [&](int64_t t0, int64_t t1) {
       const acc_t slope = slope_in;  // a private copy per thread
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t lo = blk * tk.R, hi = std::min(rows, lo + tk.R);
-        red_t* s = bs.data() + blk * C;
-        red_t* sx = bx.data() + blk * C;
-        for (int64_t r = lo; r < hi; ++r) {
-          const scalar_t* pd = dy + r * C;
-          const scalar_t* ps = sv + r * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const auto d = bn_act_dz_xhat_c<act, saved_is_output, acc_t>(
-                static_cast<acc_t>(pd[c]), static_cast<acc_t>(ps[c]), mean[c], invstd[c], mean[c], scale[c], beta[c],
-                gamma[c], beta[c], slope);
-            s[c] += static_cast<red_t>(d.dz);
-            sx[c] += static_cast<red_t>(d.dz * d.xhat);
-          }
-        }
+      for (int64_t t = t0; t < t1; ++t) {
+        int64_t lo, hi, c0, c1;
+        nlc_tile(tk, v, t, &lo, &hi, &c0, &c1);
+        const int64_t off = (t / tk.nc) * C + c0;
+        bwd_sums_rows<scalar_t, acc_t, act, saved_is_output>(dy + lo * C + c0, sv + lo * C + c0, hi - lo, C, c1 - c0,
+                                                             mean.data() + c0, invstd.data() + c0, scale.data() + c0,
+                                                             gamma.data() + c0, beta.data() + c0, slope, bs.data() + off,
+                                                             bx.data() + off);
       }
     });
-    for (int64_t blk = 0; blk < tk.n; ++blk)
+    for (int64_t blk = 0; blk < tk.nb; ++blk)
       for (int64_t c = 0; c < C; ++c) {
         sum_dz[c] += bs[blk * C + c];
         sum_dzx[c] += bx[blk * C + c];
@@ -459,31 +564,18 @@ void backward_dx(const scalar_t* dy, const scalar_t* sv, scalar_t* dx, const Cha
       if (v.layout == RowLayout::kNCL) {
         int64_t r, lo, hi;
         ncl_range(tk, v, t, &r, &lo, &hi);
-        const int64_t c = r % C;
-        const acc_t m = mean[c], is = invstd[c], a = scale[c], g = gamma[c], be = beta[c];
-        const acc_t kc = k[c], kac = ka[c], kbc = kb[c];
-        const scalar_t* pd = dy + r * v.L;
-        const scalar_t* ps = sv + r * v.L;
-        scalar_t* o = dx + r * v.L;
-#pragma omp simd
-        for (int64_t i = lo; i < hi; ++i) {
-          const auto d = bn_act_dz_xhat_c<act, saved_is_output, acc_t>(
-              static_cast<acc_t>(pd[i]), static_cast<acc_t>(ps[i]), m, is, m, a, be, g, be, slope);
-          o[i] = static_cast<scalar_t>(bn_act_dx_elem<acc_t>(d.dz, d.xhat, kc, kac, kbc));
-        }
+        const int64_t c = r % C, off = r * v.L + lo;
+        bwd_dx_run<scalar_t, acc_t, act, saved_is_output>(dy + off, sv + off, dx + off, hi - lo, mean[c], invstd[c],
+                                                          scale[c], gamma[c], beta[c], k[c], ka[c], kb[c], slope);
       } else {
-        const int64_t lo = t * tk.R, hi = std::min(v.N * v.L, lo + tk.R);
+        int64_t lo, hi, c0, c1;
+        nlc_tile(tk, v, t, &lo, &hi, &c0, &c1);
         for (int64_t r = lo; r < hi; ++r) {
-          const scalar_t* pd = dy + r * C;
-          const scalar_t* ps = sv + r * C;
-          scalar_t* o = dx + r * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const auto d = bn_act_dz_xhat_c<act, saved_is_output, acc_t>(
-                static_cast<acc_t>(pd[c]), static_cast<acc_t>(ps[c]), mean[c], invstd[c], mean[c], scale[c], beta[c],
-                gamma[c], beta[c], slope);
-            o[c] = static_cast<scalar_t>(bn_act_dx_elem<acc_t>(d.dz, d.xhat, k[c], ka[c], kb[c]));
-          }
+          const int64_t off = r * C + c0;
+          bwd_dx_vec<scalar_t, acc_t, act, saved_is_output>(dy + off, sv + off, dx + off, c1 - c0, mean.data() + c0,
+                                                            invstd.data() + c0, scale.data() + c0, gamma.data() + c0,
+                                                            beta.data() + c0, k.data() + c0, ka.data() + c0,
+                                                            kb.data() + c0, slope);
         }
       }
     }

@@ -89,10 +89,23 @@ def _conv_input(conv: nn.Conv2d, input: torch.Tensor) -> tuple[torch.Tensor, Any
     return input, conv.padding
 
 
+def product_eager(m: nn.Module, input: torch.Tensor) -> torch.Tensor:
+    """torch's own product of an nn.Conv2d / nn.Linear ``m`` (bias included; every padding mode
+    and string padding as nn.Conv2d; torch's checks and exceptions), whatever activation a
+    genfast subclass carries: the eager CPU path (B.eager_cpu)."""
+    if isinstance(m, nn.Conv2d):
+        return nn.Conv2d._conv_forward(m, input, m.weight, m.bias)
+    return F.linear(input, m.weight, m.bias)
+
+
 def conv2d_act_forward(conv: nn.Conv2d, input: torch.Tensor, activation: Optional[str],
                        negative_slope: float = 0.01) -> torch.Tensor:
     """activation(conv(input)) with ``conv``'s weight, bias and geometry, fused (``conv`` is any
-    nn.Conv2d; its own activation attribute is ignored)."""
+    nn.Conv2d; its own activation attribute is ignored). Eager CPU calls: torch's convolution
+    (oneDNN, bias included) and torch's activation in place on its output."""
+    if B.eager_cpu(input):
+        act = _ca.check_activation(activation, negative_slope)
+        return _ca._act_eager(product_eager(conv, input), act, negative_slope)
     x, padding = _conv_input(conv, input)
     return GF.conv2d(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups,
                      activation=activation, negative_slope=negative_slope)
@@ -100,7 +113,11 @@ def conv2d_act_forward(conv: nn.Conv2d, input: torch.Tensor, activation: Optiona
 
 def linear_act_forward(lin: nn.Linear, input: torch.Tensor, activation: Optional[str],
                        negative_slope: float = 0.01) -> torch.Tensor:
-    """activation(lin(input)) with ``lin``'s weight and bias, fused."""
+    """activation(lin(input)) with ``lin``'s weight and bias, fused (eager CPU calls: torch's
+    matmul with the bias, then torch's activation in place)."""
+    if B.eager_cpu(input):
+        act = _ca.check_activation(activation, negative_slope)
+        return _ca._act_eager(F.linear(input, lin.weight, lin.bias), act, negative_slope)
     return GF.linear(input, lin.weight, lin.bias, activation=activation,
                      negative_slope=negative_slope)
 
@@ -157,6 +174,10 @@ def product_bn_act_forward(m: nn.Module, bn: nn.modules.batchnorm._BatchNorm, ac
     bn_training = _check_bn(bn)
     if not bn_training:
         return _product_bn_act_eval(m, bn, activation, negative_slope, input)
+    if B.eager_cpu(input):
+        # The product as torch runs it (its checks raise before anything is written), then
+        # genfast's fused C++ BatchNorm + activation, which checks its input first.
+        return batch_norm_act_forward(bn, product_eager(m, input), activation, negative_slope)
     if linear:
         _ca.check_linear_args(input, m.weight, m.bias)
     else:

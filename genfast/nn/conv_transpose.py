@@ -5,9 +5,13 @@ from typing import Literal, Optional
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _m
 
+from genfast import backend as B
 from genfast import functional as GF
+from genfast.nn.batchnorm_act import batch_norm_act_forward
 from genfast.ops import conv_transpose as _ct
+from genfast.ops.conv_act import _act_eager
 
 
 class ConvTranspose2d(nn.ConvTranspose2d):
@@ -51,6 +55,12 @@ def conv_transpose_act_forward(conv: nn.ConvTranspose2d, input: torch.Tensor,
                                output_size: Optional[list[int]] = None) -> torch.Tensor:
     """activation(conv(input)) with ``conv``'s weight, bias and geometry, the activation in the
     convolution's epilogue (``conv`` is any nn.ConvTranspose2d; its own activation is ignored)."""
+    if B.eager_cpu(input):
+        # torch's transposed convolution (bias included; its checks), then torch's activation
+        # in place on its output.
+        act = _ct.check_activation(activation, negative_slope)
+        y = nn.ConvTranspose2d.forward(conv, input, output_size)
+        return _act_eager(y, act, negative_slope)
     if conv.padding_mode != "zeros":
         raise ValueError("Only `zeros` padding mode is supported for ConvTranspose2d")
     output_padding = conv._output_padding(input, output_size, conv.stride, conv.padding,
@@ -78,7 +88,6 @@ def apply_activation(x: torch.Tensor, activation: Optional[str], negative_slope:
 def has_hooks(module: nn.Module) -> bool:
     """Whether a hook would see (or change) ``module``'s own input or output when it runs:
     its forward/backward hooks and pre-hooks, and the global module hooks."""
-    from torch.nn.modules import module as _m
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks or _m._global_forward_hooks
                 or _m._global_forward_pre_hooks or _m._global_backward_hooks
@@ -174,6 +183,12 @@ def conv_bn_act_forward(conv: nn.ConvTranspose2d, bn: nn.BatchNorm2d, activation
         return _conv_bn_act_eval(conv, bn, activation, negative_slope, input, output_size)
     if input.dim() != 4:
         raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+    if B.eager_cpu(input) and activation in ("relu", "leaky_relu", "identity"):
+        # torch's transposed convolution (bias included; its checks raise before anything is
+        # written), then genfast's fused C++ BatchNorm + activation, which checks its input
+        # (more than one value per channel) before the running statistics change.
+        y = nn.ConvTranspose2d.forward(conv, input, output_size)
+        return batch_norm_act_forward(bn, y, activation, negative_slope)
     output_padding = conv._output_padding(input, output_size, conv.stride, conv.padding,
                                           conv.kernel_size, 2, conv.dilation)
     stride, padding, output_padding, dilation = _ct.check_args(

@@ -235,6 +235,13 @@ def resolve_backend(input: Tensor, activation: str, negative_slope: float,
 def batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps,
                    activation, negative_slope, memory_efficient):
     name = resolve_backend(input, activation, negative_slope, memory_efficient)
+    return run_resolved(name, input, running_mean, running_var, weight, bias, training, momentum,
+                        eps, activation, negative_slope, memory_efficient)
+
+
+def run_resolved(name, input, running_mean, running_var, weight, bias, training, momentum, eps,
+                 activation, negative_slope, memory_efficient):
+    """batch_norm_act on backend ``name`` (from resolve_backend), inputs already checked."""
     gamma_floor = GAMMA_FLOOR if memory_efficient else 0.0
     if name == "reference":
         return ref.batch_norm_act(input, running_mean, running_var, weight, bias, training,

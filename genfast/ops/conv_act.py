@@ -514,8 +514,9 @@ def linear_act(input, weight, bias, activation, negative_slope):
     """The checked entry point of act(input @ weight.T + bias) for input (*, in_features)."""
     act = check_activation(activation, negative_slope)
     check_linear_args(input, weight, bias)
-    lead = input.shape[:-1]
-    x = input.reshape(-1, input.shape[-1])
+    flat = input.dim() != 2  # (*, in) runs as (M, in); a 2-D input needs no view (nor its
+    lead = input.shape[:-1]  # autograd node)
+    x = input.reshape(-1, input.shape[-1]) if flat else input
     x, weight, bias = _ct.autocast_lower_precision(x, weight, bias)
     name = B.resolve(FAMILY, x.device)
     if name == "reference":
@@ -526,7 +527,7 @@ def linear_act(input, weight, bias, activation, negative_slope):
     else:
         y = product_act_op(x, weight, bias, "linear", [1, 1], [0, 0], [1, 1], 1,
                            B.ACTIVATIONS[act], float(negative_slope), B.for_op(name))
-    return y.reshape(*lead, weight.shape[0])
+    return y.reshape(*lead, weight.shape[0]) if flat else y
 
 
 # --- product + BatchNorm + activation (training) ---------------------------------------------
