@@ -46,6 +46,12 @@ using red_t = double;
 #else
 #define GENFAST_SIMD_CLONES
 #endif
+// Per-row helpers, inlined into each multi-versioned caller (compiled for the caller's ISA).
+#if defined(__GNUC__)
+#define GENFAST_INLINE inline __attribute__((always_inline))
+#else
+#define GENFAST_INLINE inline
+#endif
 
 // (N, C) / channels-last blocks: 64K elements (256 KB of float32, read twice from L2), so that a
 // wide BatchNorm1d makes few partials (16K-element blocks made 16 partial rows of 4096 channels
@@ -106,12 +112,27 @@ inline void nlc_tile(const Tasks& tk, const ChannelView& v, int64_t t, int64_t* 
   *c1 = std::min(v.C, *c0 + tk.cw);
 }
 
-// Half-open element range [lo, hi) of NCL task t along its row.
-inline void ncl_range(const Tasks& tk, const ChannelView& v, int64_t t, int64_t* row, int64_t* lo, int64_t* hi) {
-  *row = t / tk.cpr;
-  *lo = (t % tk.cpr) * kChunk;
-  *hi = std::min(v.L, *lo + kChunk);
-}
+// The NCL tasks t0, t0 + 1, ... in order: row r = n * C + c and chunk k of that row, advanced
+// without a division per task (an NCL row of a 7x7 plane is 49 values: a division per row cost
+// as much as the row's arithmetic).
+struct NclCursor {
+  int64_t r, k, n, c;
+  NclCursor(const Tasks& tk, const ChannelView& v, int64_t t) {
+    r = t / tk.cpr;
+    k = t % tk.cpr;
+    n = r / v.C;
+    c = r % v.C;
+  }
+  void next(const Tasks& tk, const ChannelView& v) {
+    if (++k < tk.cpr) return;
+    k = 0;
+    ++r;
+    if (++c == v.C) {
+      c = 0;
+      ++n;
+    }
+  }
+};
 
 // Grain for at::parallel_for over the tasks of an elementwise pass: about 4096 elements.
 int64_t elementwise_grain(const Tasks& tk, const ChannelView& v) {
@@ -170,7 +191,7 @@ GENFAST_SIMD_CLONES void nlc_block_stats(const scalar_t* x, int64_t rows, int64_
 
 // Sum and M2 (about the chunk's own mean) of n contiguous values.
 template <typename scalar_t>
-GENFAST_SIMD_CLONES void ncl_chunk_stats(const scalar_t* p, int64_t n, red_t* sum, red_t* m2) {
+GENFAST_INLINE void ncl_chunk_stats(const scalar_t* p, int64_t n, red_t* sum, red_t* m2) {
   red_t s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += static_cast<red_t>(p[i]);
@@ -185,6 +206,19 @@ GENFAST_SIMD_CLONES void ncl_chunk_stats(const scalar_t* p, int64_t n, red_t* su
   *m2 = q;
 }
 
+// NCL tasks [t0, t1): each chunk's partial at part[(c * N + n) * cpr + k].
+template <typename scalar_t>
+GENFAST_SIMD_CLONES void ncl_stats_tasks(const scalar_t* x, const ChannelView& v, const Tasks& tk, int64_t t0,
+                                         int64_t t1, SumPartial<red_t>* part) {
+  NclCursor q(tk, v, t0);
+  for (int64_t t = t0; t < t1; ++t, q.next(tk, v)) {
+    const int64_t lo = q.k * kChunk, hi = std::min(v.L, lo + kChunk);
+    red_t s, m2;
+    ncl_chunk_stats(x + q.r * v.L + lo, hi - lo, &s, &m2);
+    part[(q.c * v.N + q.n) * tk.cpr + q.k] = SumPartial<red_t>{hi - lo, s, m2};
+  }
+}
+
 // Per-channel statistics of x (count, mean, M2) from one read of x (each chunk or block is
 // re-read from cache): double partials per task, merged per channel in a fixed order.
 template <typename scalar_t>
@@ -197,16 +231,7 @@ std::vector<Welford<red_t, int64_t>> channel_stats(const scalar_t* x, const Chan
   if (v.layout == RowLayout::kNCL) {
     // Channel-major partials: part[(c * N + n) * cpr + k], so that a channel's are contiguous.
     part.resize(tk.n);
-    at::parallel_for(0, tk.n, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        int64_t r, lo, hi;
-        ncl_range(tk, v, t, &r, &lo, &hi);
-        red_t s, q;
-        ncl_chunk_stats(x + r * v.L + lo, hi - lo, &s, &q);
-        const int64_t n = r / C, c = r % C;
-        part[(c * v.N + n) * tk.cpr + t % tk.cpr] = SumPartial<red_t>{hi - lo, s, q};
-      }
-    });
+    at::parallel_for(0, tk.n, 1, [&](int64_t t0, int64_t t1) { ncl_stats_tasks(x, v, tk, t0, t1, part.data()); });
     for (int64_t c = 0; c < C; ++c) out[c] = merge_sum_partials(part.data() + c * v.N * tk.cpr, v.N * tk.cpr, 1);
   } else {
     part.resize(tk.nb * C);
@@ -235,7 +260,7 @@ void dispatch_act(int64_t act, F&& f) {
 
 // y = act((x - m) * a + b) over n contiguous values with one channel's coefficients ...
 template <typename scalar_t, typename acc_t, int act>
-GENFAST_SIMD_CLONES void normalize_run(const scalar_t* p, scalar_t* o, int64_t n, acc_t mc, acc_t ac, acc_t bc,
+GENFAST_INLINE void normalize_run(const scalar_t* p, scalar_t* o, int64_t n, acc_t mc, acc_t ac, acc_t bc,
                                        acc_t slope) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i)
@@ -249,6 +274,18 @@ GENFAST_SIMD_CLONES void normalize_vec(const scalar_t* p, scalar_t* o, int64_t n
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i)
     o[i] = static_cast<scalar_t>(bn_act_forward_elem_c<act, acc_t>(static_cast<acc_t>(p[i]), m[i], a[i], b[i], slope));
+}
+
+// NCL tasks [t0, t1) of the normalisation.
+template <typename scalar_t, typename acc_t, int act>
+GENFAST_SIMD_CLONES void ncl_normalize_tasks(const scalar_t* x, scalar_t* y, const ChannelView& v, const Tasks& tk,
+                                             int64_t t0, int64_t t1, const acc_t* m, const acc_t* a, const acc_t* b,
+                                             acc_t slope) {
+  NclCursor q(tk, v, t0);
+  for (int64_t t = t0; t < t1; ++t, q.next(tk, v)) {
+    const int64_t lo = q.k * kChunk, hi = std::min(v.L, lo + kChunk), off = q.r * v.L + lo;
+    normalize_run<scalar_t, acc_t, act>(x + off, y + off, hi - lo, m[q.c], a[q.c], b[q.c], slope);
+  }
 }
 
 template <typename scalar_t, typename acc_t, int act>
@@ -275,13 +312,12 @@ void normalize_act(const scalar_t* x, scalar_t* y, const ChannelView& v, const s
   const acc_t* b = beta.data();
   at::parallel_for(0, tk.n, elementwise_grain(tk, v), [&](int64_t t0, int64_t t1) {
     const acc_t slope = slope_in;  // a private copy per thread
+    if (v.layout == RowLayout::kNCL) {
+      ncl_normalize_tasks<scalar_t, acc_t, act>(x, y, v, tk, t0, t1, m, a, b, slope);
+      return;
+    }
     for (int64_t t = t0; t < t1; ++t) {
-      if (v.layout == RowLayout::kNCL) {
-        int64_t r, lo, hi;
-        ncl_range(tk, v, t, &r, &lo, &hi);
-        normalize_run<scalar_t, acc_t, act>(x + r * v.L + lo, y + r * v.L + lo, hi - lo, m[r % C], a[r % C], b[r % C],
-                                            slope);
-      } else if (tk.nc > 1) {  // a tile of whole-row channel ranges
+      if (tk.nc > 1) {  // a tile of whole-row channel ranges
         int64_t lo, hi, c0, c1;
         nlc_tile(tk, v, t, &lo, &hi, &c0, &c1);
         for (int64_t r = lo; r < hi; ++r)
@@ -433,7 +469,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cpu(
 // The backward's loops (multi-versioned as the forward's). One channel's n contiguous values:
 // the sums of dz and dz * xhat ...
 template <typename scalar_t, typename acc_t, int act, bool saved_is_output>
-GENFAST_SIMD_CLONES void bwd_sums_run(const scalar_t* pd, const scalar_t* ps, int64_t n, acc_t m, acc_t is, acc_t a,
+GENFAST_INLINE void bwd_sums_run(const scalar_t* pd, const scalar_t* ps, int64_t n, acc_t m, acc_t is, acc_t a,
                                       acc_t g, acc_t be, acc_t slope, red_t* sum, red_t* sum_x) {
   red_t s = 0, sx = 0;
 #pragma omp simd reduction(+ : s, sx)
@@ -468,7 +504,7 @@ GENFAST_SIMD_CLONES void bwd_sums_rows(const scalar_t* dy, const scalar_t* sv, i
 
 // ... dx of one channel's n contiguous values ...
 template <typename scalar_t, typename acc_t, int act, bool saved_is_output>
-GENFAST_SIMD_CLONES void bwd_dx_run(const scalar_t* pd, const scalar_t* ps, scalar_t* o, int64_t n, acc_t m, acc_t is,
+GENFAST_INLINE void bwd_dx_run(const scalar_t* pd, const scalar_t* ps, scalar_t* o, int64_t n, acc_t m, acc_t is,
                                     acc_t a, acc_t g, acc_t be, acc_t kc, acc_t kac, acc_t kbc, acc_t slope) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
@@ -492,6 +528,36 @@ GENFAST_SIMD_CLONES void bwd_dx_vec(const scalar_t* pd, const scalar_t* ps, scal
   }
 }
 
+// NCL tasks [t0, t1) of the backward sums: partials at (c * N + n) * cpr + k.
+template <typename scalar_t, typename acc_t, int act, bool saved_is_output>
+GENFAST_SIMD_CLONES void ncl_bwd_sums_tasks(const scalar_t* dy, const scalar_t* sv, const ChannelView& v,
+                                            const Tasks& tk, int64_t t0, int64_t t1, const acc_t* mean,
+                                            const acc_t* invstd, const acc_t* scale, const acc_t* gamma,
+                                            const acc_t* beta, acc_t slope, red_t* ps, red_t* px) {
+  NclCursor q(tk, v, t0);
+  for (int64_t t = t0; t < t1; ++t, q.next(tk, v)) {
+    const int64_t lo = q.k * kChunk, hi = std::min(v.L, lo + kChunk), off = q.r * v.L + lo, c = q.c;
+    const int64_t at = (c * v.N + q.n) * tk.cpr + q.k;
+    bwd_sums_run<scalar_t, acc_t, act, saved_is_output>(dy + off, sv + off, hi - lo, mean[c], invstd[c], scale[c],
+                                                        gamma[c], beta[c], slope, ps + at, px + at);
+  }
+}
+
+// NCL tasks [t0, t1) of dx.
+template <typename scalar_t, typename acc_t, int act, bool saved_is_output>
+GENFAST_SIMD_CLONES void ncl_bwd_dx_tasks(const scalar_t* dy, const scalar_t* sv, scalar_t* dx, const ChannelView& v,
+                                          const Tasks& tk, int64_t t0, int64_t t1, const acc_t* mean,
+                                          const acc_t* invstd, const acc_t* scale, const acc_t* gamma,
+                                          const acc_t* beta, const acc_t* k, const acc_t* ka, const acc_t* kb,
+                                          acc_t slope) {
+  NclCursor q(tk, v, t0);
+  for (int64_t t = t0; t < t1; ++t, q.next(tk, v)) {
+    const int64_t lo = q.k * kChunk, hi = std::min(v.L, lo + kChunk), off = q.r * v.L + lo, c = q.c;
+    bwd_dx_run<scalar_t, acc_t, act, saved_is_output>(dy + off, sv + off, dx + off, hi - lo, mean[c], invstd[c],
+                                                      scale[c], gamma[c], beta[c], k[c], ka[c], kb[c], slope);
+  }
+}
+
 // Per-channel sums of dz and dz * xhat (one read of dy and saved): double partials per task,
 // added per channel in a fixed order.
 template <typename scalar_t, typename acc_t, int act, bool saved_is_output>
@@ -508,18 +574,9 @@ void backward_sums(const scalar_t* dy, const scalar_t* sv, const ChannelView& v,
     // Channel-major partials, as in channel_stats.
     std::vector<red_t> ps_(tk.n), px_(tk.n);
     at::parallel_for(0, tk.n, 1, [&](int64_t t0, int64_t t1) {
-      const acc_t slope = slope_in;  // a private copy per thread
-      for (int64_t t = t0; t < t1; ++t) {
-        int64_t r, lo, hi;
-        ncl_range(tk, v, t, &r, &lo, &hi);
-        const int64_t c = r % C;
-        red_t s, sx;
-        bwd_sums_run<scalar_t, acc_t, act, saved_is_output>(dy + r * v.L + lo, sv + r * v.L + lo, hi - lo, mean[c],
-                                                            invstd[c], scale[c], gamma[c], beta[c], slope, &s, &sx);
-        const int64_t at_ = (c * v.N + r / C) * tk.cpr + t % tk.cpr;
-        ps_[at_] = s;
-        px_[at_] = sx;
-      }
+      ncl_bwd_sums_tasks<scalar_t, acc_t, act, saved_is_output>(dy, sv, v, tk, t0, t1, mean.data(), invstd.data(),
+                                                                scale.data(), gamma.data(), beta.data(), slope_in,
+                                                                ps_.data(), px_.data());
     });
     const int64_t per = v.N * tk.cpr;
     for (int64_t c = 0; c < C; ++c)
@@ -560,14 +617,14 @@ void backward_dx(const scalar_t* dy, const scalar_t* sv, scalar_t* dx, const Cha
   if (tk.n == 0) return;
   at::parallel_for(0, tk.n, elementwise_grain(tk, v), [&](int64_t t0, int64_t t1) {
     const acc_t slope = slope_in;  // a private copy per thread
+    if (v.layout == RowLayout::kNCL) {
+      ncl_bwd_dx_tasks<scalar_t, acc_t, act, saved_is_output>(dy, sv, dx, v, tk, t0, t1, mean.data(), invstd.data(),
+                                                              scale.data(), gamma.data(), beta.data(), k.data(),
+                                                              ka.data(), kb.data(), slope);
+      return;
+    }
     for (int64_t t = t0; t < t1; ++t) {
-      if (v.layout == RowLayout::kNCL) {
-        int64_t r, lo, hi;
-        ncl_range(tk, v, t, &r, &lo, &hi);
-        const int64_t c = r % C, off = r * v.L + lo;
-        bwd_dx_run<scalar_t, acc_t, act, saved_is_output>(dy + off, sv + off, dx + off, hi - lo, mean[c], invstd[c],
-                                                          scale[c], gamma[c], beta[c], k[c], ka[c], kb[c], slope);
-      } else {
+      {
         int64_t lo, hi, c0, c1;
         nlc_tile(tk, v, t, &lo, &hi, &c0, &c1);
         for (int64_t r = lo; r < hi; ++r) {
