@@ -133,18 +133,26 @@ def has_triton() -> bool:
 
 def set_backend(name: str) -> None:
     """Select the backend for every genfast op in this thread: "auto" (default), "triton",
-    "cuda", "cpu" or "reference". The environment variable GENFAST_BACKEND sets the default."""
+    "cuda", "cpu" or "reference". The environment variable GENFAST_BACKEND sets the default (read
+    once, at the first genfast op call)."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     _state.name = name
 
 
+_ENV_DEFAULT: list[str] = []  # GENFAST_BACKEND, read at the first call that needs it
+
+
 def get_backend() -> str:
     name = getattr(_state, "name", None)
     if name is None:
-        name = os.environ.get("GENFAST_BACKEND", "auto") or "auto"
-        if name not in BACKENDS:
-            raise ValueError(f"GENFAST_BACKEND must be one of {BACKENDS}, got {name!r}")
+        if not _ENV_DEFAULT:
+            # Read once: os.environ lookups cost microseconds on every op call.
+            env = os.environ.get("GENFAST_BACKEND", "auto") or "auto"
+            if env not in BACKENDS:
+                raise ValueError(f"GENFAST_BACKEND must be one of {BACKENDS}, got {env!r}")
+            _ENV_DEFAULT.append(env)
+        name = _ENV_DEFAULT[0]
     return name
 
 

@@ -189,3 +189,31 @@ def test_setup_compiles_for_the_asked_or_visible_or_default_architectures(tmp_pa
     assert "TORCH_CUDA_ARCH_LIST=8.0;9.0" in _setup_line(tmp_path, GENFAST_FORCE_CUDA="1")
     assert "visible GPUs, TORCH_CUDA_ARCH_LIST=8.6;9.0" in _setup_line(tmp_path, fake_gpu=True)
     assert "not compiled" in _setup_line(tmp_path, fake_gpu=True, GENFAST_NO_CUDA="1")
+
+
+_ENV_BACKEND = """
+import os, torch, genfast, genfast.functional as GF
+x = torch.randn(8, 3)
+print(genfast.backend.get_backend(), genfast.backend.resolve("batchnorm_act", x.device))
+os.environ["GENFAST_BACKEND"] = "cpu"  # read once, at the first call: no effect now
+print(genfast.backend.get_backend())
+"""
+
+
+@pytest.mark.parametrize("value, expected", [("reference", "reference reference"), ("", "auto cpu")])
+def test_genfast_backend_environment_variable_sets_the_default(value, expected):
+    env = dict(os.environ, GENFAST_BACKEND=value)
+    res = subprocess.run([sys.executable, "-c", _ENV_BACKEND], cwd=ROOT, capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert lines[0] == expected
+    assert lines[1] == expected.split()[0]
+
+
+def test_bad_genfast_backend_environment_variable_names_itself():
+    env = dict(os.environ, GENFAST_BACKEND="gpu")
+    res = subprocess.run([sys.executable, "-c", _ENV_BACKEND], cwd=ROOT, capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert res.returncode != 0
+    assert "ValueError: GENFAST_BACKEND must be one of" in res.stderr and "'gpu'" in res.stderr
