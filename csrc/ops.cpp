@@ -17,6 +17,19 @@ TORCH_LIBRARY(genfast, m) {
       "batch_norm_act_bwd(Tensor grad_out, Tensor saved, Tensor? weight, Tensor? bias, "
       "Tensor save_mean, Tensor save_invstd, bool training, int activation, "
       "float negative_slope, float gamma_floor, bool saved_is_output) -> (Tensor, Tensor, Tensor)");
+  // batch_norm_act_fwd with its autograd formula in C++ (csrc/batchnorm_autograd.cpp): the
+  // output alone, for eager calls. batch_norm_act_ref_grad: (grad_input, grad_weight,
+  // grad_bias) of the reference formulas, differentiable (its kernel is Python,
+  // genfast/ops/batchnorm_act.py); the create_graph=True backward of batch_norm_act_train.
+  // grad_weight / grad_bias are empty when weight / bias are None.
+  m.def(
+      "batch_norm_act_train(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, bool training, float momentum, float eps, int activation, "
+      "float negative_slope, float gamma_floor) -> Tensor");
+  m.def(
+      "batch_norm_act_ref_grad(Tensor grad_out, Tensor saved, Tensor? weight, Tensor? bias, "
+      "Tensor save_mean, Tensor save_invstd, bool training, int activation, float negative_slope, "
+      "float gamma_floor, float eps) -> (Tensor, Tensor, Tensor)");
   // Transposed convolution + bias + activation (genfast/ops/conv_transpose.py). input (N, C_in,
   // H, W), weight (C_in, C_out/groups, KH, KW). Returns (out, partials, empty): with stats, the
   // (3, 1, C_out) per-channel (count, mean, M2) of out in float64 for a following BatchNorm

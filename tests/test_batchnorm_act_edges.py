@@ -523,3 +523,40 @@ def test_wide_channels_split_into_tiles_match_float64(backend_name, shape):
     torch.testing.assert_close(wf.grad[ok].double(), w64.grad[ok], rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(bf.grad[ok].double(), b64.grad[ok], rtol=1e-4, atol=1e-4)
     assert xf.grad[:, bad].isnan().all() and wf.grad[bad].isnan()
+
+
+@pytest.mark.parametrize("activation", ["leaky_relu", "relu", "identity"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_cpu_eager_batchnorm_autograd_in_cpp_double_backward(activation, affine):
+    """Eager CPU BatchNorm+act runs genfast::batch_norm_act_train, whose autograd node is C++;
+    its create_graph backward goes through the differentiable reference formulas
+    (batch_norm_act_ref_grad): gradgradcheck in training and eval, the node's name, inference
+    mode, and memory_efficient's double backward refused with RuntimeError."""
+    dt = torch.float64
+    torch.manual_seed(3)
+    x = (torch.randn(6, 3, 2, dtype=dt) * 1.5 + 0.5).requires_grad_()
+    w = (torch.rand(3, dtype=dt) + 0.5).requires_grad_() if affine else None
+    b = torch.randn(3, dtype=dt).requires_grad_() if affine else None
+    rm, rv = torch.zeros(3, dtype=dt), torch.ones(3, dtype=dt)
+    with backend("cpu"):
+        y = GF.batch_norm_act(x, rm, rv, w, b, True, 0.1, 1e-5, activation=activation, negative_slope=SLOPE)
+        assert "BatchNormActTrain" in y.grad_fn.name(), y.grad_fn.name()
+        ins = (x, w, b) if affine else (x,)
+        for training in (True, False):
+            def f(*t, training=training):
+                return GF.batch_norm_act(t[0], rm.clone(), rv.clone() + 0.5, *(t[1:] if affine else (None, None)),
+                                         training, 0.1, 1e-5, activation=activation, negative_slope=SLOPE)
+            assert torch.autograd.gradcheck(f, ins)
+            assert torch.autograd.gradgradcheck(f, ins)
+        with torch.inference_mode():
+            got = GF.batch_norm_act(x.detach(), rm.clone(), rv.clone(), w, b, True, 0.1, 1e-5,
+                                    activation=activation, negative_slope=SLOPE)
+        want = torch_act(F.batch_norm(x.detach(), None, None, w, b, True, 0.1, 1e-5), activation)
+        torch.testing.assert_close(got, want)
+        if affine and activation != "relu":
+            y = GF.batch_norm_act(x, rm, rv, w, b, True, 0.1, 1e-5, activation=activation,
+                                  negative_slope=SLOPE, memory_efficient=True)
+            (g,) = torch.autograd.grad(y.sum(), x, retain_graph=True)  # first order works
+            assert torch.isfinite(g).all()
+            with pytest.raises(RuntimeError, match="double backward is not supported with memory_efficient"):
+                torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)

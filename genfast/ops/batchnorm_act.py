@@ -134,12 +134,10 @@ def _backward(ctx, grad_out, _grad_mean, _grad_invstd):
             raise RuntimeError(
                 "batch_norm_act: double backward is not supported with memory_efficient=True "
                 "(the input is not saved); use memory_efficient=False for gradient penalties")
-        dx, dw, db = ref.batch_norm_act_backward(
-            grad_out, saved, weight, bias, None if training else mean,
-            None if training else invstd, training, _ACT_NAMES[activation], slope,
-            gamma_floor, eps)
-        dw = dw.to(weight.dtype) if weight is not None else None
-        db = db.to(bias.dtype) if bias is not None else None
+        dx, dw, db = _ref_grad(grad_out, saved, weight, bias, mean, invstd, training, activation,
+                               slope, gamma_floor, eps)
+        dw = dw if weight is not None else None
+        db = db if bias is not None else None
     else:
         dx, dw, db = batch_norm_act_backward_op(grad_out, saved, weight, bias, mean, invstd,
                                                 training, activation, slope, gamma_floor,
@@ -164,10 +162,31 @@ def _register_autograd_on_mutating_op(op, backward, setup_context) -> None:
 _register_autograd_on_mutating_op(batch_norm_act_op, _backward, _setup_context)
 
 
+def _ref_grad(grad_out, saved, weight, bias, save_mean, save_invstd, training, activation,
+              negative_slope, gamma_floor, eps):
+    """Kernel of genfast::batch_norm_act_ref_grad (CompositeImplicitAutograd: differentiable):
+    the reference backward with the batch statistics recomputed from x in training, so that the
+    gradients are differentiable in x too; empty tensors for a missing weight or bias."""
+    dx, dw, db = ref.batch_norm_act_backward(
+        grad_out, saved, weight, bias, None if training else save_mean,
+        None if training else save_invstd, training, _ACT_NAMES[activation], negative_slope,
+        gamma_floor, eps)
+    empty = saved.new_empty((0,))
+    return (dx, dw.to(weight.dtype) if weight is not None else empty,
+            db.to(bias.dtype) if bias is not None else empty)
+
+
+def _train_fake(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                activation, negative_slope, gamma_floor):
+    return torch.empty_like(input)
+
+
 HAS_CPP_OPS = B.has_cpu_ext()
 if HAS_CPP_OPS:
     torch.library.register_fake("genfast::batch_norm_act_fwd", _fwd_fake, lib=_lib)
     torch.library.register_fake("genfast::batch_norm_act_bwd", _bwd_fake, lib=_lib)
+    torch.library.register_fake("genfast::batch_norm_act_train", _train_fake, lib=_lib)
+    _lib.impl("batch_norm_act_ref_grad", _ref_grad, "CompositeImplicitAutograd")
 
 
 # --- checks shared by the functional and the modules -----------------------------------------
@@ -247,45 +266,15 @@ def run_resolved(name, input, running_mean, running_var, weight, bias, training,
         return ref.batch_norm_act(input, running_mean, running_var, weight, bias, training,
                                   momentum, eps, activation, negative_slope, gamma_floor)
     if name == "cpu" and not torch.compiler.is_compiling():
-        return _BatchNormActEager.apply(input, weight, bias, running_mean, running_var, training,
-                                        float(momentum), float(eps), B.ACTIVATIONS[activation],
-                                        float(negative_slope), gamma_floor)
+        # Eager CPU calls: the C++ op with its autograd in C++ (csrc/batchnorm_autograd.cpp).
+        # The registered op genfast::batch_norm_act (what torch.compile and torch.export see)
+        # runs the same kernels with the same formula, but a Python custom op with a Python
+        # autograd kernel costs its dispatch twice per direction: 60-150 us per forward +
+        # backward on the 2-core CI CPU, as much as the kernels at discriminator and MLP sizes.
+        return torch.ops.genfast.batch_norm_act_train.default(
+            input, weight, bias, running_mean, running_var, training, float(momentum), float(eps),
+            B.ACTIVATIONS[activation], float(negative_slope), gamma_floor)
     y, _, _ = batch_norm_act_op(input, weight, bias, running_mean, running_var, training,
                                 float(momentum), float(eps), B.ACTIVATIONS[activation],
                                 float(negative_slope), gamma_floor, B.for_op(name))
     return y
-
-
-class _BatchNormActEager(torch.autograd.Function):
-    """Eager CPU calls: the C++ kernels straight from a Python autograd.Function. The registered
-    op genfast::batch_norm_act (what torch.compile and torch.export see) runs the same kernels
-    with the same formula, but a Python custom op with a Python autograd kernel costs its
-    dispatch twice per direction: measured 60-150 us per forward+backward on the 2-core CI CPU,
-    as much as the kernels themselves at DCGAN-discriminator and VAE sizes."""
-
-    @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps,
-                activation, negative_slope, gamma_floor):
-        y, mean, invstd = torch.ops.genfast.batch_norm_act_fwd.default(
-            input, weight, bias, running_mean, running_var, training, momentum, eps, activation,
-            negative_slope, gamma_floor)
-        ctx.set_materialize_grads(False)
-        ctx.saved_is_output = gamma_floor > 0
-        ctx.save_for_backward(y if ctx.saved_is_output else input, weight, bias, mean, invstd)
-        ctx.cfg = (training, activation, negative_slope, gamma_floor, eps, "cpu")
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        if grad_out is None:
-            return (None,) * 11
-        saved, weight, bias, mean, invstd = ctx.saved_tensors
-        training, activation, slope, gamma_floor, eps, _ = ctx.cfg
-        need = ctx.needs_input_grad
-        if torch.is_grad_enabled():
-            return _backward(ctx, grad_out, None, None)[:3] + (None,) * 8
-        dx, dw, db = torch.ops.genfast.batch_norm_act_bwd.default(
-            grad_out, saved, weight, bias, mean, invstd, training, activation, slope, gamma_floor,
-            ctx.saved_is_output)
-        return ((dx if need[0] else None, dw if need[1] else None, db if need[2] else None)
-                + (None,) * 8)
