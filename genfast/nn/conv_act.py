@@ -95,7 +95,8 @@ def product_eager(m: nn.Module, input: torch.Tensor) -> torch.Tensor:
     genfast subclass carries: the eager CPU path (B.eager_cpu)."""
     if isinstance(m, nn.Conv2d):
         return nn.Conv2d._conv_forward(m, input, m.weight, m.bias)
-    return F.linear(input, m.weight, m.bias)
+    lin = cast(nn.Linear, m)
+    return F.linear(input, lin.weight, lin.bias)
 
 
 def conv2d_act_forward(conv: nn.Conv2d, input: torch.Tensor, activation: Optional[str],
