@@ -460,18 +460,6 @@ def resolve_padding(input: Tensor, weight: Tensor, stride, padding, dilation):
     return input, half
 
 
-def _eager_cpu(name: str) -> bool:
-    """Whether the cpu backend runs as torch's own ops (not being traced): on the CPU the
-    registered op adds nothing to ATen's product but the dispatch cost of a Python custom op
-    and its Python autograd (measured 100-150 us per forward+backward on the 2-core CI CPU,
-    against a whole eager Linear+LeakyReLU step of 130-220 us at small sizes). So eager CPU
-    calls take ATen's product with its bias and torch's activation in place on its output
-    (one allocation fewer than eager, autograd in C++); torch.compile and torch.export keep
-    the registered op, so an exported program carries "auto" and runs the fused kernels on
-    CUDA tensors."""
-    return name == "cpu" and not torch.compiler.is_compiling()
-
-
 def _act_eager(y: Tensor, act: str, negative_slope: float) -> Tensor:
     F = torch.nn.functional
     if act == "relu":
@@ -490,6 +478,11 @@ def conv2d_act(input, weight, bias, stride, padding, dilation, groups, activatio
     """The checked entry point of act(conv2d(input, weight) + bias): argument checks, "same"
     padding, unbatched input, autocast, backend choice."""
     act = check_activation(activation, negative_slope)
+    if B.eager_cpu(input):
+        # Eager CPU calls: torch's convolution (its checks, "same" padding, unbatched input,
+        # autocast) with the bias, then torch's activation in place (see B.eager_cpu).
+        return _act_eager(torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation,
+                                                     groups), act, negative_slope)
     _check_tensors("conv2d", input, weight, bias)
     input, padding = resolve_padding(input, weight, stride, padding, dilation)
     stride, padding, dilation = check_conv2d_args(input, weight, bias, stride, padding, dilation,
@@ -501,9 +494,6 @@ def conv2d_act(input, weight, bias, stride, padding, dilation, groups, activatio
     if name == "reference":
         y = ref.product_act("conv2d", x, weight, bias, stride, padding, dilation, int(groups),
                             act, negative_slope)
-    elif _eager_cpu(name):
-        y = _act_eager(torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation,
-                                                  int(groups)), act, negative_slope)
     else:
         y = product_act_op(x, weight, bias, "conv2d", list(stride), list(padding), list(dilation),
                            int(groups), B.ACTIVATIONS[act], float(negative_slope), B.for_op(name))
@@ -513,6 +503,9 @@ def conv2d_act(input, weight, bias, stride, padding, dilation, groups, activatio
 def linear_act(input, weight, bias, activation, negative_slope):
     """The checked entry point of act(input @ weight.T + bias) for input (*, in_features)."""
     act = check_activation(activation, negative_slope)
+    if B.eager_cpu(input):
+        # Eager CPU calls: torch's matmul with the bias (its checks), torch's activation in place.
+        return _act_eager(torch.nn.functional.linear(input, weight, bias), act, negative_slope)
     check_linear_args(input, weight, bias)
     flat = input.dim() != 2  # (*, in) runs as (M, in); a 2-D input needs no view (nor its
     lead = input.shape[:-1]  # autograd node)
@@ -522,8 +515,6 @@ def linear_act(input, weight, bias, activation, negative_slope):
     if name == "reference":
         y = ref.product_act("linear", x, weight, bias, activation=act,
                             negative_slope=negative_slope)
-    elif _eager_cpu(name):
-        y = _act_eager(torch.nn.functional.linear(x, weight, bias), act, negative_slope)
     else:
         y = product_act_op(x, weight, bias, "linear", [1, 1], [0, 0], [1, 1], 1,
                            B.ACTIVATIONS[act], float(negative_slope), B.for_op(name))
