@@ -1097,3 +1097,21 @@ def test_cpu_gan_loss_autograd_in_cpp_double_backward(kind, red):
     with backend("reference"):
         want = GF.generator_loss(f.detach(), kind, red)
     assert_close(got, want, dt, f"{kind} {red} inference mode")
+
+
+def test_auto_takes_the_reference_losses_on_a_cpu_without_avx2(monkeypatch):
+    """genfast._C's CPU loss kernels need AVX2/FMA/F16C: on a CPU without them `auto` resolves the
+    losses (only) to the reference backend, with one warning, and the loss is still torch's."""
+    from genfast import backend as B
+
+    assert B.resolve("losses", torch.device("cpu")) == "cpu"
+    monkeypatch.setattr(B, "_CPU_LOSSES", [False])
+    monkeypatch.setattr(B, "_warned", set())
+    with genfast.backend.use_backend("auto"):
+        with pytest.warns(RuntimeWarning, match="lacks AVX2"):
+            assert B.resolve("losses", torch.device("cpu")) == "reference"
+        assert B.resolve("batchnorm_act", torch.device("cpu")) == "cpu"
+        x = torch.randn(5, 1, dtype=torch.float64)
+        got = GF.generator_loss(x)
+    want = F.binary_cross_entropy_with_logits(x, torch.ones_like(x))
+    torch.testing.assert_close(got, want)
