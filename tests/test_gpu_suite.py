@@ -178,3 +178,21 @@ def test_rounds_repeat_while_the_hypervisor_steals_and_keep_the_least_stolen(mon
     row = harness.measure("fakefam", "steal case 2", {"eager": lambda: torch.ones(2)},
                           device=torch.device("cpu"), rounds=1, min_round_ms=1e-6)
     assert row["cpu_steal"] == pytest.approx(0.4)  # all over the limit: the least of 50/40/100%
+
+
+def test_markdown_gives_each_variant_its_own_error_column():
+    """torch.compile's error against eager must not show as genfast's: one column per variant."""
+    meta = {"device": "cpu-test", "torch": "t", "triton": "t", "cuda": None, "commit": "0123456789ab",
+            "date": "d", "copy_bandwidth_GBps": 1.0}
+    row = {"family": "fam", "case": "c", "reference": "eager",
+           "variants": {"eager": {"median_ms": 1.0, "max_abs_err": 0.0},
+                        "compile": {"median_ms": 0.5, "max_abs_err": 0.36, "speedup_vs_eager": 2.0},
+                        "genfast-cpu": {"median_ms": 0.25, "max_abs_err": 7.6e-05, "speedup_vs_eager": 4.0,
+                                        "speedup_vs_compile": 2.0}}}
+    lines = report.markdown({"meta": meta, "rows": [row]}).splitlines()
+    head = next(ln for ln in lines if ln.startswith("| case"))
+    cells = [c.strip() for c in head.strip("|").split("|")]
+    body = [c.strip() for c in lines[lines.index(head) + 2].strip("|").split("|")]
+    got = dict(zip(cells, body))
+    assert got["compile max err"] == "3.6e-01" and got["genfast-cpu max err"] == "7.6e-05"
+    assert "eager max err" not in got and "max err" not in got
