@@ -230,7 +230,7 @@ def _auto(family: str, device: torch.device) -> str:
                   "triton nor the CUDA extension); using the reference backend")
         return "reference"
     if device.type == "cpu" and has_cpu_ext():
-        if family == "losses" and not _cpu_losses_supported():
+        if family == "losses" and not cpu_losses_supported():
             warn_once("auto-ref-cpu-losses",
                       "genfast: this CPU lacks AVX2/FMA/F16C, which genfast's CPU loss kernels need; "
                       "the losses use the reference backend")
@@ -242,7 +242,7 @@ def _auto(family: str, device: torch.device) -> str:
 _CPU_LOSSES: list[bool] = []
 
 
-def _cpu_losses_supported() -> bool:
+def cpu_losses_supported() -> bool:
     """Whether this CPU runs genfast's SIMD loss kernels (asked once of genfast._C)."""
     if not _CPU_LOSSES:
         _CPU_LOSSES.append(bool(extension().cpu_losses_supported()))

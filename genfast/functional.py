@@ -133,6 +133,9 @@ def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: str = "bc
     Returns:
         A 0-dim float32 tensor (float64 for float64 logits), or the tuple for "none".
     """
+    out = _loss.eager_gan(real_logits, fake_logits, kind, False, reduction, real_label)
+    if out is not None:
+        return out
     _check_loss_dtypes(kind, (real_logits, "real_logits"), (fake_logits, "fake_logits"))
     real_logits, fake_logits = _loss.autocast_float32(real_logits, fake_logits)
     _loss.check_gan(real_logits, fake_logits, kind, reduction, real_label)
@@ -147,6 +150,9 @@ def generator_loss(fake_logits: Tensor, kind: str = "bce", reduction: str = "mea
     "hinge" and "wasserstein": -x; "lsgan": (x - 1)^2. reduction: "mean" (default), "sum" or
     "none" (per-element terms in fake_logits' shape). Returns float32 (float64 for float64).
     """
+    out = _loss.eager_gan(None, fake_logits, kind, True, reduction, 1.0)
+    if out is not None:
+        return out
     _check_loss_dtypes(kind, (fake_logits, "fake_logits"))
     (fake_logits,) = _loss.autocast_float32(fake_logits)
     _loss.check_gan(None, fake_logits, kind, reduction, 1.0)

@@ -1115,3 +1115,35 @@ def test_auto_takes_the_reference_losses_on_a_cpu_without_avx2(monkeypatch):
         got = GF.generator_loss(x)
     want = F.binary_cross_entropy_with_logits(x, torch.ones_like(x))
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("red", ["mean", "sum", "none"])
+def test_eager_cpu_gan_fast_path_matches_the_checked_path(kind, red):
+    """GF.discriminator_loss / generator_loss take ops.losses.eager_gan for plain float CPU
+    logits; its result and gradients are bitwise those of the checked path, and a bad argument
+    still raises the checked path's exception."""
+    from genfast.ops import losses as L
+
+    r = (torch.randn(6, 1) * 3).requires_grad_()
+    f = (torch.randn(5, 1) * 3).requires_grad_()
+    label = 0.9 if kind in ("bce", "lsgan") else 1.0
+    with backend("cpu"):
+        assert L.eager_gan(r, f, kind, False, red, label) is not None
+        fast = (GF.discriminator_loss(r, f, kind, red, real_label=label), GF.generator_loss(f, kind, red))
+        slow = (L.discriminator_loss(r, f, kind, red, label), L.generator_loss(f, kind, red))
+    flat = [t for out in (fast, slow) for o in out for t in (o if isinstance(o, tuple) else (o,))]
+    half = len(flat) // 2
+    for a, b in zip(flat[:half], flat[half:]):
+        assert torch.equal(a, b)
+        ga = torch.autograd.grad(a.sum(), (r, f), allow_unused=True, retain_graph=True)
+        gb = torch.autograd.grad(b.sum(), (r, f), allow_unused=True, retain_graph=True)
+        for x, y in zip(ga, gb):
+            assert (x is None and y is None) or torch.equal(x, y)
+    with backend("cpu"):
+        with pytest.raises(ValueError, match="kind must be one of"):
+            GF.discriminator_loss(r, f, "bogus")
+        with pytest.raises(ValueError, match="real_label must be finite"):
+            GF.discriminator_loss(r, f, "bce", real_label=float("inf"))
+        with pytest.raises(RuntimeError, match="same dtype"):
+            GF.discriminator_loss(r.double(), f, kind)

@@ -505,6 +505,34 @@ def _needs_reference(*ts) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
+_EAGER_DTYPES = (torch.float32, torch.float64)
+
+
+def eager_gan(real, fake, kind, generator, reduction, real_label):
+    """The GAN loss of the common eager CPU call (float32/float64 logits of one dtype on the CPU,
+    a known kind and reduction, a valid real_label, the cpu backend by "auto" or pin, not being
+    traced) straight through gan_loss_train; None for any other call, which then takes the
+    checked path (and raises there when it must). The checks of discriminator_loss /
+    generator_loss cost about as much Python as the op itself at DCGAN batch sizes. Under
+    autocast float32/float64 logits are not cast (autocast_float32), so it needs no check here."""
+    k = GAN_KINDS.get(kind) if isinstance(kind, str) else None
+    red = REDUCTIONS.get(reduction) if isinstance(reduction, str) else None
+    if k is None or red is None or not isinstance(fake, Tensor) or fake.dtype not in _EAGER_DTYPES:
+        return None
+    if real is not None and not (isinstance(real, Tensor) and real.dtype == fake.dtype
+                                 and real.device == fake.device):
+        return None
+    if real_label != 1.0 and (k in (GAN_KINDS["hinge"], GAN_KINDS["wasserstein"])
+                              or not math.isfinite(real_label)):
+        return None
+    if not (HAS_CPP_OPS and B.eager_cpu(fake) and B.cpu_losses_supported()):
+        return None
+    r, f = torch.ops.genfast.gan_loss_train.default(real, fake, k, generator, red, float(real_label))
+    if red == REDUCTIONS["none"]:
+        return f if generator else (r, f)
+    return r
+
+
 def _gan(real, fake, kind, generator, reduction, real_label, name):
     if name == "cpu" and HAS_CPP_OPS and not torch.compiler.is_compiling():
         # eager CPU calls: the op with its autograd in C++ (csrc/loss_autograd.cpp)
