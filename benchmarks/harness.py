@@ -236,7 +236,9 @@ def measure(family: str, case: str, variants: dict[str, Callable], *, reference:
     for name, fn in variants.items():
         t = _time_once(fn, device, 1)
         reps[name] = max(1, int(min_round_ms / max(t, 1e-3)))
-    rounds = rounds or (5 if device.type == "cuda" else 7)
+    # CPU: 7 rounds; 15 when a variant runs once per round (calls of 20 ms or more, e.g. the
+    # training steps), whose median of 7 single calls moved 10% between runs on the CI VM.
+    rounds = rounds or (5 if device.type == "cuda" else (15 if min(reps.values()) == 1 else 7))
     # On the CPU the rounds are repeated (up to STEAL_RETRIES times) while the hypervisor took
     # more than STEAL_LIMIT of the machine's time during them (steal time, /proc/stat): on the
     # shared 2-core CI VM a burst of steal slowed single variants 10-100x. The attempt with the

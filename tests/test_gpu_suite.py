@@ -196,3 +196,21 @@ def test_markdown_gives_each_variant_its_own_error_column():
     got = dict(zip(cells, body))
     assert got["compile max err"] == "3.6e-01" and got["genfast-cpu max err"] == "7.6e-05"
     assert "eager max err" not in got and "max err" not in got
+
+
+@pytest.mark.parametrize("call_ms, rounds", [(30.0, 15), (1.0, 7)])
+def test_cpu_cases_of_single_call_rounds_get_more_rounds(monkeypatch, call_ms, rounds):
+    """On the CPU a case whose variants run once per round (calls of min_round_ms or more) is
+    timed over 15 rounds instead of 7: a median of 7 single calls moved 10% between runs."""
+    monkeypatch.setattr(harness, "STEAL_RETRIES", 1)
+    harness.configure()
+    seen = []
+
+    def fake_time_once(fn, device, reps):
+        seen.append(reps)
+        return call_ms
+
+    monkeypatch.setattr(harness, "_time_once", fake_time_once)
+    harness.measure("fakefam", "rounds case", {"eager": lambda: torch.ones(2), "other": lambda: torch.ones(2)},
+                    device=torch.device("cpu"))
+    assert len(seen) == 2 + 2 * rounds  # one sizing call per variant, then the rounds
