@@ -253,15 +253,12 @@ def eager_cpu(input: object) -> bool:
     """Whether a call on ``input`` runs genfast's eager CPU path: a CPU tensor, the backend
     setting "auto" or "cpu" with genfast._C loaded, and not inside torch.compile / export
     tracing. Those calls go straight to torch's products and genfast's C++ kernels (autograd
-    in C++ or one autograd.Function), skipping the registered Python custom ops, whose dispatch
-    cost as much as the kernels at GAN layer sizes on the CPU. A pinned backend that cannot
-    run here ("cuda", "triton") is left to :func:`resolve`, which raises."""
+    in C++), skipping the registered Python custom ops, whose dispatch cost as much as the
+    kernels at GAN layer sizes on the CPU. A pinned backend that cannot run here ("cuda",
+    "triton") is left to :func:`resolve`, which raises."""
     if not isinstance(input, torch.Tensor) or input.device.type != "cpu":
         return False
-    name = getattr(_state, "name", None)
-    if name is None:
-        name = get_backend()
-    return name in ("auto", "cpu") and has_cpu_ext() and not torch.compiler.is_compiling()
+    return get_backend() in ("auto", "cpu") and has_cpu_ext() and not torch.compiler.is_compiling()
 
 
 def for_op(name: str) -> str:

@@ -1104,6 +1104,7 @@ def test_auto_takes_the_reference_losses_on_a_cpu_without_avx2(monkeypatch):
     losses (only) to the reference backend, with one warning, and the loss is still torch's."""
     from genfast import backend as B
 
+    monkeypatch.setattr(B, "_CPU_LOSSES", [True])
     assert B.resolve("losses", torch.device("cpu")) == "cpu"
     monkeypatch.setattr(B, "_CPU_LOSSES", [False])
     monkeypatch.setattr(B, "_warned", set())

@@ -261,7 +261,7 @@ void dispatch_act(int64_t act, F&& f) {
 // y = act((x - m) * a + b) over n contiguous values with one channel's coefficients ...
 template <typename scalar_t, typename acc_t, int act>
 GENFAST_INLINE void normalize_run(const scalar_t* p, scalar_t* o, int64_t n, acc_t mc, acc_t ac, acc_t bc,
-                                       acc_t slope) {
+                                  acc_t slope) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i)
     o[i] = static_cast<scalar_t>(bn_act_forward_elem_c<act, acc_t>(static_cast<acc_t>(p[i]), mc, ac, bc, slope));
@@ -470,7 +470,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cpu(
 // the sums of dz and dz * xhat ...
 template <typename scalar_t, typename acc_t, int act, bool saved_is_output>
 GENFAST_INLINE void bwd_sums_run(const scalar_t* pd, const scalar_t* ps, int64_t n, acc_t m, acc_t is, acc_t a,
-                                      acc_t g, acc_t be, acc_t slope, red_t* sum, red_t* sum_x) {
+                                 acc_t g, acc_t be, acc_t slope, red_t* sum, red_t* sum_x) {
   red_t s = 0, sx = 0;
 #pragma omp simd reduction(+ : s, sx)
   for (int64_t i = 0; i < n; ++i) {
@@ -505,7 +505,7 @@ GENFAST_SIMD_CLONES void bwd_sums_rows(const scalar_t* dy, const scalar_t* sv, i
 // ... dx of one channel's n contiguous values ...
 template <typename scalar_t, typename acc_t, int act, bool saved_is_output>
 GENFAST_INLINE void bwd_dx_run(const scalar_t* pd, const scalar_t* ps, scalar_t* o, int64_t n, acc_t m, acc_t is,
-                                    acc_t a, acc_t g, acc_t be, acc_t kc, acc_t kac, acc_t kbc, acc_t slope) {
+                               acc_t a, acc_t g, acc_t be, acc_t kc, acc_t kac, acc_t kbc, acc_t slope) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const auto d = bn_act_dz_xhat_c<act, saved_is_output, acc_t>(static_cast<acc_t>(pd[i]), static_cast<acc_t>(ps[i]),

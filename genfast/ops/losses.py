@@ -527,7 +527,7 @@ def eager_gan(real, fake, kind, generator, reduction, real_label):
         return None
     if not (HAS_CPP_OPS and B.eager_cpu(fake) and B.cpu_losses_supported()):
         return None
-    r, f = torch.ops.genfast.gan_loss_train.default(real, fake, k, generator, red, float(real_label))
+    r, f = _gan(real, fake, kind, generator, reduction, real_label, "cpu")
     if red == REDUCTIONS["none"]:
         return f if generator else (r, f)
     return r
