@@ -38,6 +38,11 @@ TORCH_LIBRARY(genfast, m) {
       "conv_transpose2d_fwd(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
       "int[2] output_padding, int groups, int[2] dilation, int activation, float negative_slope, "
       "bool stats) -> (Tensor, Tensor, Tensor)");
+  // The same with its autograd formula in C++ (csrc/conv_transpose_autograd.cpp): the eager CPU
+  // path of the modules; arguments its kernel does not take run torch's own conv_transpose2d.
+  m.def(
+      "conv_transpose2d_act(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+      "int[2] output_padding, int groups, int[2] dilation, int activation, float negative_slope) -> Tensor");
   // Backward from the saved input and output (act' from the output). Returns (grad_input,
   // grad_weight, grad_bias); each is an empty (0,) tensor when not requested.
   m.def(

@@ -31,10 +31,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../common/activation.h"
@@ -241,6 +243,209 @@ void grad_pre(const scalar_t* dy,                     // grad of the output, lay
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// The GEMM product (NCHW tensors, groups == 1). Measured on the 2-core AVX-512 CI CPU: ATen's
+// oneDNN transposed convolution ran the DCGAN generator layers at 80-160 GFLOP/s where one BLAS
+// product of the same FLOPs ran at 190-250 GFLOP/s, and a 1-channel output layer 6x slower. So
+// the transposed convolution is written as one product and our scatter:
+//   cols[(n, ih, iw), (i, j, co)] = sum_ci x[n, ci, ih, iw] * w[ci, co, i, j]
+// (at::mm of x as the (N*H_in*W_in, C_in) matrix, one transposing copy, by w as the
+// (C_in, KH*KW*C_out) matrix, a small copy); then col2im adds row (n, ih, iw)'s tap (i, j), a
+// run of channels, into output pixel (ih*SH - PH + i*DH, iw*SW - PW + j*DW) of a per-thread
+// (pixel, channel) buffer: contiguous, vectorised adds. The buffer leaves through `epilogue`'s
+// bias, activation and statistics, plane by plane, while in cache.
+// Backward: dz = dy * act'(y) is built in the same buffer (with the bias gradient's per-plane
+// sums), im2col copies its runs of channels into the same column layout (zeros outside), then
+// two BLAS products:
+//   grad_input^T (N*HW, C_in) = cols x w2^T,   grad_weight (C_in, K*C_out) = x^T x cols.
+// Tasks are (n, run of channels); each output value sums its taps in a fixed order, whatever the
+// number of threads (deterministic).
+// Memory: cols holds C_out*K*N*H_in*W_in values, (KH*KW)/(SH*SW) times the output (4x for
+// k4 s2); above kMaxColsBytes the ATen path runs instead.
+constexpr int64_t kMaxColsBytes = int64_t(1) << 29;
+constexpr int64_t kBufElems = int64_t(1) << 17;  // per-thread (pixel, channel) buffer: 512 KiB of float
+constexpr int64_t kTile = 32;                     // pixels per step of the buffer <-> planes transposes
+
+bool gemm_eligible(const at::Tensor& x, const Geometry& g) {
+  if (g.G != 1 || g.N == 0 || g.Cin == 0 || g.Cout == 0) return false;
+  if (memory_format_of(x) != at::MemoryFormat::Contiguous) return false;
+  const int64_t elem = x.scalar_type() == at::kDouble ? 8 : 4;
+  return double(g.Cout) * g.KH * g.KW * g.N * g.Hin * g.Win * elem <= double(kMaxColsBytes);
+}
+
+// Which form of the products: from 128 input pixels per image, one batched product per image
+// on x's own (C_in, H*W) planes (no transposing copy of x or of grad_input); below, one product
+// over the whole batch, whose images alone are too small to keep the BLAS kernel busy (measured
+// on the CI CPU at 4x4 to 32x32 inputs).
+bool per_image(const Geometry& g) { return g.N > 1 && g.Hin * g.Win >= 128; }
+
+// cols (N*H*W, K*C_out) = x as (N*H*W, C_in) by wt (C_in, K*C_out)
+at::Tensor gemm_cols(const at::Tensor& xa, const at::Tensor& wt, const Geometry& g) {
+  const int64_t HW = g.Hin * g.Win, KC = wt.size(1);
+  const at::Tensor xc = xa.contiguous();
+  if (g.N == 1) return at::mm(xc.view({g.Cin, HW}).t(), wt);
+  if (per_image(g)) return at::bmm(xc.view({g.N, g.Cin, HW}).transpose(1, 2), wt.expand({g.N, g.Cin, KC})).view({g.N * HW, KC});
+  return at::mm(xc.permute({0, 2, 3, 1}).contiguous().view({g.N * HW, g.Cin}), wt);
+}
+
+// grad_input (N, C_in, H, W) from cols (N*H*W, K*C_out) and wt (C_in, K*C_out)
+at::Tensor gemm_grad_input(const at::Tensor& cols, const at::Tensor& wt, const Geometry& g) {
+  const int64_t HW = g.Hin * g.Win, KC = wt.size(1);
+  if (g.N == 1) return at::mm(wt, cols.t()).view({1, g.Cin, g.Hin, g.Win});
+  if (per_image(g))
+    return at::bmm(wt.expand({g.N, g.Cin, KC}), cols.view({g.N, HW, KC}).transpose(1, 2)).view({g.N, g.Cin, g.Hin, g.Win});
+  return at::mm(cols, wt.t()).view({g.N, g.Hin, g.Win, g.Cin}).permute({0, 3, 1, 2});
+}
+
+// x as the (C_in, N*H*W) matrix (a view when N == 1, else a copy of whole planes)
+at::Tensor x_cols(const at::Tensor& xa, const Geometry& g) {
+  const int64_t HW = g.Hin * g.Win;
+  if (g.N == 1) return xa.contiguous().view({g.Cin, HW});
+  return xa.contiguous().view({g.N, g.Cin, HW}).transpose(0, 1).contiguous().view({g.Cin, g.N * HW});
+}
+
+// w (C_in, C_out, KH, KW) as the (C_in, KH*KW*C_out) matrix of the products
+at::Tensor w_taps(const at::Tensor& wa, const Geometry& g) {
+  return wa.permute({0, 2, 3, 1}).contiguous().view({g.Cin, g.KH * g.KW * g.Cout});
+}
+
+// The task grid: (n, run of `run` channels), N * runs tasks
+struct Runs {
+  int64_t run, per_n;
+};
+Runs channel_runs(const Geometry& g) {
+  const int64_t L = std::max<int64_t>(1, g.Hout * g.Wout);
+  int64_t run = std::max<int64_t>(1, std::min(g.Cout, kBufElems / L));
+  // enough tasks for every thread when the batch is small
+  const int64_t want = 4 * at::get_num_threads();
+  if (g.N * ((g.Cout + run - 1) / run) < want) {
+    const int64_t per_n = (want + g.N - 1) / g.N;
+    run = std::max<int64_t>(std::min<int64_t>(16, g.Cout), (g.Cout + per_n - 1) / per_n);
+  }
+  return Runs{run, (g.Cout + run - 1) / run};
+}
+
+// Visits the taps of input row (ih, iw) that land inside the output: fn(tap index, output pixel)
+template <typename F>
+inline void for_taps(const Geometry& g, int64_t ih, int64_t iw, F&& fn) {
+  const int64_t oh0 = ih * g.SH - g.PH, ow0 = iw * g.SW - g.PW;
+  for (int64_t i = 0; i < g.KH; ++i) {
+    const int64_t oh = oh0 + i * g.DH;
+    if (oh < 0 || oh >= g.Hout) continue;
+    for (int64_t j = 0; j < g.KW; ++j) {
+      const int64_t ow = ow0 + j * g.DW;
+      if (ow < 0 || ow >= g.Wout) continue;
+      fn(i * g.KW + j, oh * g.Wout + ow);
+    }
+  }
+}
+
+// y = act(col2im(cols) + bias) (NCHW), with the statistics of `epilogue`
+template <int ACT, typename scalar_t, typename acc_t>
+void col2im_epilogue(const acc_t* cols, scalar_t* y, const acc_t* bias, const Geometry& g_in, acc_t slope_in,
+                     std::vector<Welford<acc_t>>* part) {
+  const bool stats = part != nullptr;
+  const int64_t C = g_in.Cout, L = g_in.Hout * g_in.Wout;
+  if (stats) part->assign(g_in.N * C, welford_init<acc_t>());
+  Welford<acc_t>* pp = stats ? part->data() : nullptr;
+  const Runs runs = channel_runs(g_in);
+  at::parallel_for(0, g_in.N * runs.per_n, 1, [=](int64_t t0, int64_t t1) {
+    const Geometry g = g_in;
+    const acc_t slope = slope_in;
+    const int64_t KC = g.KH * g.KW * C;
+    std::vector<acc_t> buf(runs.run * L);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t n = task / runs.per_n, c0 = (task % runs.per_n) * runs.run, cw = std::min(C, c0 + runs.run) - c0;
+      acc_t* o = buf.data();
+      for (int64_t e = 0; e < L; ++e)
+        for (int64_t c = 0; c < cw; ++c) o[e * cw + c] = bias[c0 + c];
+      const acc_t* row = cols + n * g.Hin * g.Win * KC + c0;
+      for (int64_t ih = 0; ih < g.Hin; ++ih)
+        for (int64_t iw = 0; iw < g.Win; ++iw, row += KC)
+          for_taps(g, ih, iw, [&](int64_t tap, int64_t pix) {
+            acc_t* ob = o + pix * cw;
+            const acc_t* sb = row + tap * C;
+            for (int64_t c = 0; c < cw; ++c) ob[c] += sb[c];
+          });
+      // (pixel, channel) -> planes, kTile pixels at a time (their lines stay in L1 across channels)
+      scalar_t* yn = y + (n * C + c0) * L;
+      for (int64_t e0 = 0; e0 < L; e0 += kTile) {
+        const int64_t e1 = std::min(L, e0 + kTile);
+        for (int64_t c = 0; c < cw; ++c)
+          for (int64_t e = e0; e < e1; ++e)
+            yn[c * L + e] = static_cast<scalar_t>(act_forward_c<ACT, acc_t>(o[e * cw + c], slope));
+      }
+      for (int64_t c = 0; c < cw && stats; ++c) {
+        const int64_t r = n * C + c0 + c;
+        const scalar_t* dst = y + r * L;
+        if (L > 0) {
+          const acc_t mean = lane_sum<false>(dst, L, acc_t(0)) / acc_t(L);
+          const acc_t q = lane_sum<true>(dst, L, mean);
+          pp[r] = Welford<acc_t>{acc_t(L), mean, q};
+        }
+      }
+    }
+  });
+}
+
+// cols[(n, ih, iw), (i, j, co)] = dz[n, co, ih*SH - PH + i*DH, iw*SW - PW + j*DW] (0 outside),
+// dz = dy * act'(y); part[n * C + co] = the plane's sum of dz.
+template <int ACT, typename scalar_t, typename acc_t>
+void im2col_grad(const scalar_t* dy, const scalar_t* y, acc_t* cols, const Geometry& g_in, acc_t slope_in,
+                 std::vector<acc_t>* part) {
+  const bool sums = part != nullptr;
+  const int64_t C = g_in.Cout, L = g_in.Hout * g_in.Wout;
+  if (sums) part->assign(g_in.N * C, acc_t(0));
+  acc_t* pp = sums ? part->data() : nullptr;
+  const Runs runs = channel_runs(g_in);
+  at::parallel_for(0, g_in.N * runs.per_n, 1, [=](int64_t t0, int64_t t1) {
+    const Geometry g = g_in;
+    const acc_t slope = slope_in;
+    const int64_t K = g.KH * g.KW, KC = K * C;
+    std::vector<acc_t> buf(runs.run * L);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t n = task / runs.per_n, c0 = (task % runs.per_n) * runs.run, cw = std::min(C, c0 + runs.run) - c0;
+      acc_t* d = buf.data();
+      // planes -> (pixel, channel), kTile pixels at a time; the bias sums in kTile-pixel steps
+      const scalar_t* gn = dy + (n * C + c0) * L;
+      const scalar_t* yn = y + (n * C + c0) * L;
+      if (sums)
+        for (int64_t c = 0; c < cw; ++c) pp[n * C + c0 + c] = acc_t(0);
+      for (int64_t e0 = 0; e0 < L; e0 += kTile) {
+        const int64_t e1 = std::min(L, e0 + kTile);
+        for (int64_t c = 0; c < cw; ++c) {
+          acc_t s = 0;
+          for (int64_t e = e0; e < e1; ++e) {
+            const acc_t v = static_cast<acc_t>(gn[c * L + e]) *
+                            act_grad_from_output_c<ACT, acc_t>(static_cast<acc_t>(yn[c * L + e]), slope);
+            d[e * cw + c] = v;
+            s += v;
+          }
+          if (sums) pp[n * C + c0 + c] += s;
+        }
+      }
+      acc_t* row = cols + n * g.Hin * g.Win * KC + c0;
+      for (int64_t ih = 0; ih < g.Hin; ++ih)
+        for (int64_t iw = 0; iw < g.Win; ++iw, row += KC) {
+          const int64_t oh0 = ih * g.SH - g.PH, ow0 = iw * g.SW - g.PW;
+          for (int64_t i = 0; i < g.KH; ++i) {
+            const int64_t oh = oh0 + i * g.DH;
+            for (int64_t j = 0; j < g.KW; ++j) {
+              const int64_t ow = ow0 + j * g.DW;
+              acc_t* rb = row + (i * g.KW + j) * C;
+              if (oh < 0 || oh >= g.Hout || ow < 0 || ow >= g.Wout) {
+                for (int64_t c = 0; c < cw; ++c) rb[c] = acc_t(0);
+              } else {
+                const acc_t* db = d + (oh * g.Wout + ow) * cw;
+                for (int64_t c = 0; c < cw; ++c) rb[c] = db[c];
+              }
+            }
+          }
+        }
+    }
+  });
+}
+
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, const at::Tensor& w,
                                                         const c10::optional<at::Tensor>& bias, const Geometry& g,
@@ -259,7 +464,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, con
   }
   at::Tensor y;
   std::vector<Welford<acc_t>> part;
-  if (g.N > 0) {
+  if (g.N > 0 && gemm_eligible(x, g)) {
+    // the GEMM product, then col2im + bias + activation (+ statistics) plane by plane
+    const at::Tensor cols = gemm_cols(x.to(acc_opts.dtype()), w_taps(w.to(acc_opts.dtype()), g), g);
+    y = at::empty({g.N, g.Cout, g.Hout, g.Wout}, x.options());
+    dispatch_activation(act, [&](auto a) {
+      col2im_epilogue<decltype(a)::value, scalar_t, acc_t>(cols.data_ptr<acc_t>(), y.data_ptr<scalar_t>(),
+                                                           bvec.data(), g, static_cast<acc_t>(slope_d),
+                                                           stats ? &part : nullptr);
+    });
+  } else if (g.N > 0) {
     // the product, without bias, in the accumulation type (a no-op conversion for float / double)
     at::Tensor prod = at::convolution(x.to(acc_opts.dtype()), w.to(acc_opts.dtype()), c10::nullopt, stride, padding,
                                       dilation, /*transposed=*/true, output_padding, g.G);
@@ -392,6 +606,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy_in,
   const at::Tensor dy = dy_in.contiguous(fmt), y = y_in.contiguous(fmt);
   // unrequested results: distinct empty tensors (outputs of an op must not alias each other)
   at::Tensor dx = at::empty({0}, x.options()), dwt = at::empty({0}, x.options()), dbt = at::empty({0}, x.options());
+  auto bias_grad = [&](const std::vector<acc_t>& part) {
+    dbt = at::empty({g.Cout}, w.options());
+    scalar_t* o = dbt.data_ptr<scalar_t>();
+    const int64_t tasks = g.Cout == 0 ? 0 : static_cast<int64_t>(part.size()) / g.Cout;
+    for (int64_t c = 0; c < g.Cout; ++c) {
+      acc_t s = 0;
+      for (int64_t k = 0; k < tasks; ++k) s += part[k * g.Cout + c];
+      o[c] = static_cast<scalar_t>(s);
+    }
+  };
+  if ((need_input || need_weight) && g.N > 0 && !cl && gemm_eligible(x, g)) {
+    // dz gathered into columns (with the bias gradient), then the two BLAS products
+    at::Tensor cols = at::empty({g.N * g.Hin * g.Win, g.Cout * g.KH * g.KW}, acc_opts);
+    std::vector<acc_t> part;
+    dispatch_activation(act, [&](auto a) {
+      im2col_grad<decltype(a)::value, scalar_t, acc_t>(dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                                       cols.data_ptr<acc_t>(), g, static_cast<acc_t>(slope_d),
+                                                       has_bias ? &part : nullptr);
+    });
+    if (has_bias) bias_grad(part);
+    if (need_input) {
+      dx = canonical(gemm_grad_input(cols, w_taps(w.to(acc_opts.dtype()), g), g).to(x.scalar_type()),
+                     memory_format_of(x));
+    }
+    if (need_weight) {
+      const at::Tensor gw =
+          at::mm(x_cols(x.to(acc_opts.dtype()), g), cols).view({g.Cin, g.KH, g.KW, g.Cout}).permute({0, 3, 1, 2});
+      dwt = canonical(gw.to(w.scalar_type()), memory_format_of(w));
+    }
+    return {dx, dwt, dbt};
+  }
   const bool dz_is_dy = std::is_same_v<scalar_t, acc_t> && act == kIdentity;
   at::Tensor dz = dz_is_dy ? dy : at::empty(dy.sizes(), acc_opts.memory_format(fmt));
   std::vector<acc_t> part;
@@ -403,16 +648,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy_in,
                                                     has_bias ? &part : nullptr);
     });
   }
-  if (has_bias) {
-    dbt = at::empty({g.Cout}, w.options());
-    scalar_t* o = dbt.data_ptr<scalar_t>();
-    const int64_t tasks = g.Cout == 0 ? 0 : static_cast<int64_t>(part.size()) / g.Cout;
-    for (int64_t c = 0; c < g.Cout; ++c) {
-      acc_t s = 0;
-      for (int64_t k = 0; k < tasks; ++k) s += part[k * g.Cout + c];
-      o[c] = static_cast<scalar_t>(s);
-    }
-  }
+  if (has_bias) bias_grad(part);
   if (need_input || need_weight) {
     // output_padding recovered from the output size (the forward's, validated there)
     const int64_t op[2] = {g.Hout - ((g.Hin - 1) * g.SH - 2 * g.PH + g.DH * (g.KH - 1) + 1),

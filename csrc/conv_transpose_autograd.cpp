@@ -1,0 +1,178 @@
+// genfast::conv_transpose2d_act: transposed convolution + bias + activation with its autograd
+// formula in C++, for eager calls on the CPU (genfast/nn/conv_transpose.py calls it outside
+// torch.compile for the drop-in modules and the blocks' products). A Python autograd.Function
+// around conv_transpose2d_fwd / _bwd would cost tens of microseconds per layer and step.
+//
+// Forward: genfast::conv_transpose2d_fwd (the GEMM product + col2im epilogue where it applies,
+// csrc/cpu/conv_transpose.cpp), saving input, weight and output. Backward:
+// genfast::conv_transpose2d_bwd. A create_graph backward runs the same formula in differentiable
+// ATen ops (dz = dy * act'(y), then at::convolution_backward, which has a double backward).
+//
+// Arguments the C++ kernel does not take (not a 4-D float32 / float64 NCHW input, groups > 1,
+// mismatched shapes or dtypes, invalid geometry) run torch's own at::conv_transpose2d and
+// activation, so that torch raises its own exceptions for bad input.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "common/activation.h"
+
+namespace genfast {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptT = c10::optional<at::Tensor>;
+using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+Triple call_fwd(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
+                at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef dilation,
+                int64_t act, double slope) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("genfast::conv_transpose2d_fwd", "")
+                             .typed<Triple(const at::Tensor&, const at::Tensor&, const OptT&, at::IntArrayRef,
+                                           at::IntArrayRef, at::IntArrayRef, int64_t, at::IntArrayRef, int64_t, double,
+                                           bool)>();
+  return op.call(x, w, b, stride, padding, output_padding, groups, dilation, act, slope, false);
+}
+
+Triple call_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const at::Tensor& y,
+                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t act,
+                double slope, bool need_input, bool need_weight, bool has_bias) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("genfast::conv_transpose2d_bwd", "")
+                             .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, int64_t, double,
+                                           bool, bool, bool)>();
+  return op.call(dy, x, w, y, stride, padding, dilation, groups, act, slope, need_input, need_weight, has_bias);
+}
+
+// torch's activation, in place on a fresh product
+at::Tensor torch_act_(at::Tensor y, int64_t act, double slope) {
+  switch (act) {
+    case kRelu: return at::relu_(y);
+    case kLeakyRelu: return at::leaky_relu_(y, slope);
+    case kTanh: return at::tanh_(y);
+    case kSigmoid: return at::sigmoid_(y);
+    default: return y;
+  }
+}
+
+// Whether the C++ kernel takes these arguments (everything else goes to torch)
+bool kernel_takes(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
+                  at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef dilation) {
+  if (x.dim() != 4 || w.dim() != 4 || groups != 1 || !x.device().is_cpu() || !w.device().is_cpu()) return false;
+  if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble) return false;
+  if (w.scalar_type() != x.scalar_type() || !x.is_contiguous() || x.size(0) == 0 || x.size(1) != w.size(0))
+    return false;
+  if (stride.size() != 2 || padding.size() != 2 || output_padding.size() != 2 || dilation.size() != 2) return false;
+  int64_t out[2];
+  for (int d = 0; d < 2; ++d) {
+    if (stride[d] <= 0 || dilation[d] <= 0 || padding[d] < 0 || output_padding[d] < 0) return false;
+    if (output_padding[d] >= stride[d] && output_padding[d] >= dilation[d]) return false;
+    out[d] = (x.size(2 + d) - 1) * stride[d] - 2 * padding[d] + dilation[d] * (w.size(2 + d) - 1) +
+             output_padding[d] + 1;
+    if (out[d] <= 0 || x.size(2 + d) == 0) return false;
+  }
+  if (b.has_value() && b->defined()) {
+    if (b->dim() != 1 || b->numel() != w.size(1) || b->scalar_type() != x.scalar_type() || !b->device().is_cpu())
+      return false;
+  }
+  return w.size(1) > 0;
+}
+
+struct ConvTransposeAct : public torch::autograd::Function<ConvTransposeAct> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const OptT& b,
+                               std::vector<int64_t> stride, std::vector<int64_t> padding,
+                               std::vector<int64_t> output_padding, int64_t groups, std::vector<int64_t> dilation,
+                               int64_t act, double slope) {
+    at::Tensor y;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      y = std::get<0>(call_fwd(x, w, b, stride, padding, output_padding, groups, dilation, act, slope));
+    }
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({x, w, y});
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["output_padding"] = output_padding;
+    ctx->saved_data["dilation"] = dilation;
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["slope"] = slope;
+    ctx->saved_data["has_bias"] = b.has_value() && b->defined();
+    return {y};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(10);
+    const at::Tensor& dy = grads[0];
+    if (!dy.defined()) return out;
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1], &y = saved[2];
+    const auto stride = ctx->saved_data["stride"].toIntVector();
+    const auto padding = ctx->saved_data["padding"].toIntVector();
+    const auto output_padding = ctx->saved_data["output_padding"].toIntVector();
+    const auto dilation = ctx->saved_data["dilation"].toIntVector();
+    const int64_t groups = ctx->saved_data["groups"].toInt(), act = ctx->saved_data["act"].toInt();
+    const double slope = ctx->saved_data["slope"].toDouble();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
+    const bool need_b = has_bias && ctx->needs_input_grad(2);
+    at::Tensor dx, dw, db;
+    if (at::GradMode::is_enabled()) {
+      // differentiable: dz = dy * act'(y) in ATen ops, then ATen's convolution backward
+      at::Tensor dz;
+      switch (act) {
+        case kRelu: dz = dy * (y > 0).to(dy.scalar_type()); break;
+        case kLeakyRelu: dz = at::where(y > 0, dy, dy * slope); break;
+        case kTanh: dz = dy * (1 - y * y); break;
+        case kSigmoid: dz = dy * y * (1 - y); break;
+        default: dz = dy; break;
+      }
+      const std::vector<int64_t> bias_sizes{w.size(1) * groups};
+      std::tie(dx, dw, db) = at::convolution_backward(dz, x, w, has_bias ? at::OptionalIntArrayRef(bias_sizes)
+                                                                         : at::OptionalIntArrayRef(c10::nullopt),
+                                                      stride, padding, dilation, true, output_padding, groups,
+                                                      {need_x, need_w, need_b});
+    } else {
+      std::tie(dx, dw, db) = call_bwd(dy, x, w, y, stride, padding, dilation, groups, act, slope, need_x, need_w,
+                                      need_b);
+    }
+    if (need_x) out[0] = dx;
+    if (need_w) out[1] = dw;
+    if (need_b) out[2] = db;
+    return out;
+  }
+};
+
+at::Tensor conv_transpose2d_act_autograd(const at::Tensor& x, const at::Tensor& w, const OptT& b,
+                                         at::IntArrayRef stride, at::IntArrayRef padding,
+                                         at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef dilation,
+                                         int64_t act, double slope) {
+  if (!kernel_takes(x, w, b, stride, padding, output_padding, groups, dilation))
+    return torch_act_(at::conv_transpose2d(x, w, b, stride, padding, output_padding, groups, dilation), act, slope);
+  return ConvTransposeAct::apply(x, w, b, stride.vec(), padding.vec(), output_padding.vec(), groups, dilation.vec(),
+                                 act, slope)[0];
+}
+
+// Without autograd (inference mode): the forward kernel alone.
+at::Tensor conv_transpose2d_act_plain(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
+                                      at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups,
+                                      at::IntArrayRef dilation, int64_t act, double slope) {
+  if (!kernel_takes(x, w, b, stride, padding, output_padding, groups, dilation))
+    return torch_act_(at::conv_transpose2d(x, w, b, stride, padding, output_padding, groups, dilation), act, slope);
+  return std::get<0>(call_fwd(x, w, b, stride, padding, output_padding, groups, dilation, act, slope));
+}
+
+}  // namespace
+}  // namespace genfast
+
+TORCH_LIBRARY_IMPL(genfast, Autograd, m) {
+  m.impl("conv_transpose2d_act", &genfast::conv_transpose2d_act_autograd);
+}
+
+TORCH_LIBRARY_IMPL(genfast, CompositeExplicitAutograd, m) {
+  m.impl("conv_transpose2d_act", &genfast::conv_transpose2d_act_plain);
+}
