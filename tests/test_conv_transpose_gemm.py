@@ -1,0 +1,221 @@
+"""The CPU transposed convolution's GEMM form (csrc/cpu/conv_transpose.cpp: one BLAS product, then
+our col2im epilogue; backward: our im2col prologue, then two products) and the eager op around it,
+genfast::conv_transpose2d_act (C++ autograd; torch's own op for arguments its kernel does not
+take). Every expected value comes from F.conv_transpose2d and torch's activations in float64."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import genfast  # noqa: F401  (registers the ops)
+import genfast.nn as gnn
+from genfast import backend as B
+from tests.utils import assert_close
+
+pytestmark = pytest.mark.skipif(not B.has_cpu_ext(), reason="genfast._C not built")
+
+CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4}
+SLOPE = 0.2
+TORCH_ACT = {"identity": lambda z: z, "relu": F.relu, "leaky_relu": lambda z: F.leaky_relu(z, SLOPE),
+             "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+
+# (N, C_in, C_out, H, W, kernel, stride, padding, output_padding, dilation): each takes the GEMM
+# form (groups 1, NCHW, at most 64 input pixels or at most 8 output channels), covering one image
+# (products on views), whole-batch products (<= 64 pixels), one product per image (>= 128 pixels,
+# few channels), 1x1 inputs, odd strides, dilation and output padding, and border taps.
+GEMM_CASES = [
+    (1, 3, 5, 4, 5, (4, 4), (2, 2), (1, 1), (0, 0), (1, 1)),
+    (3, 4, 6, 4, 4, (4, 4), (2, 2), (1, 1), (0, 0), (1, 1)),
+    (2, 5, 7, 1, 1, (4, 4), (1, 1), (0, 0), (0, 0), (1, 1)),
+    (2, 4, 3, 7, 6, (5, 5), (2, 2), (2, 2), (1, 1), (1, 1)),
+    (3, 3, 2, 12, 11, (4, 3), (2, 3), (1, 0), (1, 2), (1, 1)),
+    (2, 3, 4, 5, 4, (3, 2), (3, 1), (0, 1), (2, 0), (2, 3)),
+]
+
+
+def _ref(x, w, b, case, act, dy):
+    N, ci, co, H, W, k, s, p, op, d = case
+    xs, ws = x.double().requires_grad_(), w.double().requires_grad_()
+    bs = b.double().requires_grad_() if b is not None else None
+    y = TORCH_ACT[act](F.conv_transpose2d(xs, ws, bs, s, p, op, 1, d))
+    grads = torch.autograd.grad(y, [t for t in (xs, ws, bs) if t is not None], dy.double())
+    return y.detach(), grads
+
+
+def _inputs(case, dtype, bias=True):
+    N, ci, co, H, W, k, s, p, op, d = case
+    x = torch.randn(N, ci, H, W, dtype=dtype)
+    w = torch.randn(ci, co, *k, dtype=dtype) / (ci * k[0] * k[1]) ** 0.5
+    b = torch.randn(co, dtype=dtype) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("act", list(CODES))
+@pytest.mark.parametrize("ci", range(len(GEMM_CASES)))
+def test_gemm_form_matches_float64(ci, act, dtype):
+    case = GEMM_CASES[ci]
+    N, _, co, H, W, k, s, p, op, d = case
+    x, w, b = _inputs(case, dtype, bias=ci % 2 == 0)
+    y, part, _ = torch.ops.genfast.conv_transpose2d_fwd(x, w, b, s, p, op, 1, d, CODES[act], SLOPE, True)
+    dy = torch.randn_like(y)
+    yr, grads = _ref(x, w, b, case, act, dy)
+    assert_close(y, yr, msg="output")
+    # the epilogue's per-channel statistics of the stored output: count, mean and M2
+    count = y.numel() // co
+    assert torch.equal(part[0, 0], torch.full((co,), float(count), dtype=torch.float64))
+    assert_close(part[1, 0], yr.mean((0, 2, 3)), dtype=dtype, msg="mean")
+    m2 = ((yr - yr.mean((0, 2, 3), keepdim=True)) ** 2).sum((0, 2, 3))
+    assert_close(part[2, 0], m2, dtype=dtype, msg="M2", scale=count)
+    dx, dw, db = torch.ops.genfast.conv_transpose2d_bwd(dy, x, w, y, s, p, d, 1, CODES[act], SLOPE,
+                                                        True, True, b is not None)
+    assert_close(dx, grads[0], msg="grad_input")
+    assert_close(dw, grads[1], msg="grad_weight")
+    if b is not None:
+        assert_close(db, grads[2], msg="grad_bias")
+    else:
+        assert db.numel() == 0
+
+
+@pytest.mark.parametrize("special", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu", "tanh"])
+def test_gemm_form_special_values_like_torch(special, act):
+    """A NaN or inf in the input reaches exactly the outputs (and the weight gradient) torch's
+    float64 result has it in: the product, col2im and im2col drop no tap and mix no tap in."""
+    case = GEMM_CASES[1]
+    N, _, co, H, W, k, s, p, op, d = case
+    x, w, b = _inputs(case, torch.float32)
+    x[1, 2, 1, 3] = special
+    y = torch.ops.genfast.conv_transpose2d_act(x, w, b, s, p, op, 1, d, CODES[act], SLOPE)
+    wg = w.clone().requires_grad_()
+    dy = torch.randn_like(y)
+    yr, grads = _ref(x, w, b, case, act, dy)
+    assert torch.equal(torch.isnan(y), torch.isnan(yr))
+    assert torch.equal(torch.isinf(y) & (y > 0), torch.isinf(yr) & (yr > 0))
+    assert torch.equal(torch.isinf(y) & (y < 0), torch.isinf(yr) & (yr < 0))
+    fin = torch.isfinite(yr)
+    assert_close(y[fin], yr[fin], msg="finite outputs")
+    y2 = torch.ops.genfast.conv_transpose2d_act(x, wg, b, s, p, op, 1, d, CODES[act], SLOPE)
+    (gw,) = torch.autograd.grad(y2, wg, dy)
+    assert torch.equal(torch.isnan(gw), torch.isnan(grads[1]))
+    fin = torch.isfinite(grads[1])
+    assert_close(gw[fin], grads[1][fin], msg="finite grad_weight")
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "tanh", "sigmoid", "identity"])
+def test_eager_op_gradcheck_and_gradgradcheck(act):
+    torch.manual_seed(1)
+    case = GEMM_CASES[3]
+    N, _, co, H, W, k, s, p, op, d = case
+    x, w, b = _inputs((2, 2, 3, 3, 3, k, s, p, op, d), torch.float64)
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+
+    def fn(x, w, b):
+        return torch.ops.genfast.conv_transpose2d_act(x, w, b, s, p, op, 1, d, CODES[act], SLOPE)
+
+    # the C++ node, not torch's fallback
+    assert fn(x, w, b).grad_fn.name().endswith("ConvTransposeAct>")
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+def test_eager_op_only_the_requested_gradients():
+    case = GEMM_CASES[1]
+    N, _, co, H, W, k, s, p, op, d = case
+    x, w, b = _inputs(case, torch.float64)
+    w.requires_grad_()
+    y = torch.ops.genfast.conv_transpose2d_act(x, w, b, s, p, op, 1, d, CODES["relu"], SLOPE)
+    dy = torch.randn_like(y)
+    (gw,) = torch.autograd.grad(y, w, dy)
+    _, grads = _ref(x, w.detach(), b, case, "relu", dy)
+    assert_close(gw, grads[1])
+    assert x.grad is None
+
+
+@pytest.mark.parametrize("kind", ["groups", "channels_last", "unbatched", "bfloat16", "empty_batch", "large"])
+def test_eager_op_falls_back_to_torch(kind):
+    """Arguments the C++ kernel does not take run torch's own op: the result is torch's, bit for
+    bit (the same ATen calls), with torch's autograd node."""
+    g, x_shape, dtype = 1, (2, 4, 3, 3), torch.float32
+    if kind == "groups":
+        g = 2
+    elif kind == "unbatched":
+        x_shape = (4, 3, 3)
+    elif kind == "bfloat16":
+        dtype = torch.bfloat16
+    elif kind == "empty_batch":
+        x_shape = (0, 4, 3, 3)
+    elif kind == "large":
+        x_shape = (2, 4, 12, 12)  # > 64 input pixels and > 8 output channels: ATen's product
+    x = torch.randn(*x_shape, dtype=dtype)
+    if kind == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(4, 12 // g, 4, 4, dtype=dtype, requires_grad=True)
+    b = torch.randn(12, dtype=dtype, requires_grad=True)
+    y = torch.ops.genfast.conv_transpose2d_act(x, w, b, (2, 2), (1, 1), (0, 0), g, (1, 1), 2, SLOPE)
+    expect = F.leaky_relu(F.conv_transpose2d(x, w, b, 2, 1, 0, g, 1), SLOPE)
+    if kind == "large":
+        # the C++ op on ATen's product: its epilogue, not torch's op, so close rather than equal
+        assert_close(y, expect)
+        return
+    assert torch.equal(y, expect)
+    assert not y.grad_fn.name().endswith("ConvTransposeAct>")
+    dy = torch.randn_like(y)
+    assert all(torch.equal(a, e) for a, e in zip(torch.autograd.grad(y, (w, b), dy),
+                                                  torch.autograd.grad(expect, (w, b), dy)))
+
+
+def test_eager_op_bad_input_raises_torch_exception():
+    x, w = torch.randn(2, 4, 3, 3), torch.randn(5, 6, 4, 4)
+    with pytest.raises(RuntimeError) as ours:
+        torch.ops.genfast.conv_transpose2d_act(x, w, None, (2, 2), (1, 1), (0, 0), 1, (1, 1), 1, 0.0)
+    with pytest.raises(RuntimeError) as theirs:
+        F.conv_transpose2d(x, w, None, 2, 1)
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_gemm_form_deterministic_across_thread_counts():
+    case = GEMM_CASES[1]
+    N, _, co, H, W, k, s, p, op, d = case
+    x, w, b = _inputs(case, torch.float32)
+    results = []
+    prev = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            y, part, _ = torch.ops.genfast.conv_transpose2d_fwd(x, w, b, s, p, op, 1, d, 2, SLOPE, True)
+            dy = torch.linspace(-1, 1, y.numel()).view_as(y)
+            results.append((y, part, *torch.ops.genfast.conv_transpose2d_bwd(dy, x, w, y, s, p, d, 1, 2, SLOPE,
+                                                                              True, True, True)))
+    finally:
+        torch.set_num_threads(prev)
+    # BLAS products may block differently per thread count; our passes must not add to that:
+    # the per-channel sums (statistics, bias gradient) are exact functions of the stored values
+    assert_close(results[0][0], results[1][0])
+    assert torch.equal(results[0][1][0], results[1][1][0])
+    for a, e in zip(results[0][2:], results[1][2:]):
+        assert_close(a, e)
+
+
+def test_module_and_block_take_the_eager_op():
+    """gnn.ConvTranspose2d and the ConvT+BN+act block on eager CPU calls run the C++ op (its
+    autograd node), and match torch's modules in float64."""
+    torch.manual_seed(2)
+    m = gnn.ConvTranspose2d(8, 6, 4, 2, 1, activation="relu").double()
+    ref = torch.nn.ConvTranspose2d(8, 6, 4, 2, 1).double()
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(3, 8, 4, 4, dtype=torch.float64)
+    y = m(x)
+    assert y.grad_fn.name().endswith("ConvTransposeAct>")
+    assert_close(y, F.relu(ref(x)))
+    blk = gnn.ConvTransposeBNAct2d(8, 6, 4, 2, 1, activation="relu").double()
+    seq = torch.nn.Sequential(torch.nn.ConvTranspose2d(8, 6, 4, 2, 1), torch.nn.BatchNorm2d(6),
+                              torch.nn.ReLU()).double()
+    seq.load_state_dict(blk.state_dict())
+    yb, ys = blk(x), seq(x)
+    assert_close(yb, ys)
+    gb = torch.autograd.grad(yb.sum(), blk[0].weight)[0]
+    gs = torch.autograd.grad(ys.sum(), seq[0].weight)[0]
+    assert_close(gb, gs, scale=10)
+    assert_close(blk[1].running_var, seq[1].running_var)
