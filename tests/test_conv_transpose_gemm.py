@@ -21,16 +21,16 @@ TORCH_ACT = {"identity": lambda z: z, "relu": F.relu, "leaky_relu": lambda z: F.
              "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 
 # (N, C_in, C_out, H, W, kernel, stride, padding, output_padding, dilation): each takes the GEMM
-# form (groups 1, NCHW, at most 64 input pixels or at most 8 output channels), covering one image
-# (products on views), whole-batch products (<= 64 pixels), one product per image (>= 128 pixels,
-# few channels), 1x1 inputs, odd strides, dilation and output padding, and border taps.
+# form (groups 1, NCHW, at most 16 input pixels or one output channel), covering one image
+# (products on views), whole-batch products, one product per image (>= 128 pixels, one channel),
+# 1x1 inputs, odd strides, dilation and output padding, and border taps.
 GEMM_CASES = [
     (1, 3, 5, 4, 5, (4, 4), (2, 2), (1, 1), (0, 0), (1, 1)),
     (3, 4, 6, 4, 4, (4, 4), (2, 2), (1, 1), (0, 0), (1, 1)),
     (2, 5, 7, 1, 1, (4, 4), (1, 1), (0, 0), (0, 0), (1, 1)),
-    (2, 4, 3, 7, 6, (5, 5), (2, 2), (2, 2), (1, 1), (1, 1)),
-    (3, 3, 2, 12, 11, (4, 3), (2, 3), (1, 0), (1, 2), (1, 1)),
-    (2, 3, 4, 5, 4, (3, 2), (3, 1), (0, 1), (2, 0), (2, 3)),
+    (2, 4, 1, 7, 6, (5, 5), (2, 2), (2, 2), (1, 1), (1, 1)),
+    (3, 3, 1, 12, 11, (4, 3), (2, 3), (1, 0), (1, 2), (1, 1)),
+    (2, 3, 4, 4, 4, (3, 2), (3, 1), (0, 1), (2, 0), (2, 3)),
 ]
 
 
@@ -147,7 +147,7 @@ def test_eager_op_falls_back_to_torch(kind):
     elif kind == "empty_batch":
         x_shape = (0, 4, 3, 3)
     elif kind == "large":
-        x_shape = (2, 4, 12, 12)  # > 64 input pixels and > 8 output channels: ATen's product
+        x_shape = (2, 4, 12, 12)  # > 16 input pixels and > 1 output channel: ATen's product
     x = torch.randn(*x_shape, dtype=dtype)
     if kind == "channels_last":
         x = x.to(memory_format=torch.channels_last)

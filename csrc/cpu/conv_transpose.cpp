@@ -267,12 +267,14 @@ constexpr int64_t kBufElems = int64_t(1) << 17;  // per-thread (pixel, channel) 
 constexpr int64_t kTile = 32;                     // pixels per step of the buffer <-> planes transposes
 
 // Where it runs: measured interleaved against ATen's product on the CI CPU (forward+backward),
-// the GEMM form won 1.1-1.6x from inputs of up to 8x8 pixels (DCGAN's 4x4 and 8x8 layers,
-// Keras-style 7x7 ones) and 2-4x on 1-channel output layers and 1x1 noise inputs, but lost
-// up to 0.55x on the 16x16 -> 32x32, 128 -> 64 channel layer, where oneDNN's product is
-// efficient and our scatter and gather passes over 4x the output cost as much as the FLOPs saved.
-constexpr int64_t kGemmMaxPixels = 64;    // input pixels per image, up to which the GEMM form runs
-constexpr int64_t kGemmAnyPixelsCout = 8;  // output channels, up to which it runs at any input size
+// the GEMM form won 1.2-1.6x on DCGAN's 4x4-input layer, about 3x from 1x1 noise inputs and
+// 1.3-2.3x on 1-channel output layers; at 7x7 and 8x8 inputs and on RGB output layers it
+// measured 0.9-1.4x from run to run, and on the 16x16 -> 32x32, 128 -> 64 channel layer as low
+// as 0.55x (oneDNN's product is efficient there, and our passes over 4x the output cost as much
+// as the FLOPs saved); in the converted seed models' training steps, enabling it up to 64
+// pixels measured 0.95-0.99x of ATen's product. So it runs only where it won every run.
+constexpr int64_t kGemmMaxPixels = 16;     // input pixels per image, up to which the GEMM form runs
+constexpr int64_t kGemmAnyPixelsCout = 1;  // output channels, up to which it runs at any input size
 
 bool gemm_eligible(const at::Tensor& x, const Geometry& g) {
   if (g.G != 1 || g.N == 0 || g.Cin == 0 || g.Cout == 0) return false;
