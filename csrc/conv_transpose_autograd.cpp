@@ -9,8 +9,9 @@
 // ATen ops (dz = dy * act'(y), then at::convolution_backward, which has a double backward).
 //
 // Arguments the C++ kernel does not take (not a 4-D float32 / float64 NCHW input, groups > 1,
-// mismatched shapes or dtypes, invalid geometry) run torch's own at::conv_transpose2d and
-// activation, so that torch raises its own exceptions for bad input.
+// mismatched shapes or dtypes, invalid geometry, or a shape outside the GEMM form's range) run
+// torch's own at::conv_transpose2d and activation, so that torch raises its own exceptions for
+// bad input.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -19,6 +20,9 @@
 #include "common/activation.h"
 
 namespace genfast {
+
+bool conv_transpose_gemm_form(const at::Tensor& x, const at::Tensor& w, int64_t groups);  // csrc/cpu/conv_transpose.cpp
+
 namespace {
 
 using torch::autograd::AutogradContext;
@@ -79,7 +83,9 @@ bool kernel_takes(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::I
     if (b->dim() != 1 || b->numel() != w.size(1) || b->scalar_type() != x.scalar_type() || !b->device().is_cpu())
       return false;
   }
-  return w.size(1) > 0;
+  // only where the GEMM form runs: elsewhere torch's product with its bias and torch's
+  // activation measured at least as fast as ATen's product without bias plus our epilogue
+  return w.size(1) > 0 && conv_transpose_gemm_form(x, w, groups);
 }
 
 struct ConvTransposeAct : public torch::autograd::Function<ConvTransposeAct> {

@@ -284,6 +284,26 @@ bool gemm_eligible(const at::Tensor& x, const Geometry& g) {
   return double(g.Cout) * g.KH * g.KW * g.N * g.Hin * g.Win * elem <= double(kMaxColsBytes);
 }
 
+}  // namespace
+
+// For genfast::conv_transpose2d_act (csrc/conv_transpose_autograd.cpp): whether this input and
+// weight take the GEMM form; its eager CPU calls run torch's own product everywhere else.
+bool conv_transpose_gemm_form(const at::Tensor& x, const at::Tensor& w, int64_t groups) {
+  if (x.dim() != 4 || w.dim() != 4) return false;
+  Geometry g{};
+  g.N = x.size(0);
+  g.Cin = x.size(1);
+  g.Hin = x.size(2);
+  g.Win = x.size(3);
+  g.G = groups;
+  g.Cout = w.size(1) * groups;
+  g.KH = w.size(2);
+  g.KW = w.size(3);
+  return gemm_eligible(x, g);
+}
+
+namespace {
+
 // Which form of the products: from 128 input pixels per image (the few-channel layers), one
 // batched product per image on x's own (C_in, H*W) planes (no transposing copy of x or of
 // grad_input); below, one product over the whole batch, whose images alone are too small to keep
