@@ -3,9 +3,10 @@
 // torch.compile for the drop-in modules and the blocks' products). A Python autograd.Function
 // around conv_transpose2d_fwd / _bwd would cost tens of microseconds per layer and step.
 //
-// Forward: genfast::conv_transpose2d_fwd (the GEMM product + col2im epilogue where it applies,
-// csrc/cpu/conv_transpose.cpp), saving input, weight and output. Backward:
-// genfast::conv_transpose2d_bwd. A create_graph backward runs the same formula in differentiable
+// Forward: genfast::conv_transpose2d_fwd (the GEMM product + col2im epilogue, csrc/cpu/
+// conv_transpose.cpp), saving input, weight and output. Backward: genfast::conv_transpose2d_bwd
+// (our dz prologue, then the GEMM form from inputs of up to 16 pixels, ATen's convolution
+// backward above). A create_graph backward runs the same formula in differentiable
 // ATen ops (dz = dy * act'(y), then at::convolution_backward, which has a double backward).
 //
 // Arguments the C++ kernel does not take (not a 4-D float32 / float64 NCHW input, groups > 1,
@@ -21,7 +22,8 @@
 
 namespace genfast {
 
-bool conv_transpose_gemm_form(const at::Tensor& x, const at::Tensor& w, int64_t groups);  // csrc/cpu/conv_transpose.cpp
+// csrc/cpu/conv_transpose.cpp
+bool conv_transpose_gemm_form(const at::Tensor& x, const at::Tensor& w, int64_t groups, at::IntArrayRef stride);
 
 namespace {
 
@@ -85,7 +87,7 @@ bool kernel_takes(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::I
   }
   // only where the GEMM form runs: elsewhere torch's product with its bias and torch's
   // activation measured at least as fast as ATen's product without bias plus our epilogue
-  return w.size(1) > 0 && conv_transpose_gemm_form(x, w, groups);
+  return w.size(1) > 0 && conv_transpose_gemm_form(x, w, groups, stride);
 }
 
 struct ConvTransposeAct : public torch::autograd::Function<ConvTransposeAct> {

@@ -21,9 +21,10 @@ TORCH_ACT = {"identity": lambda z: z, "relu": F.relu, "leaky_relu": lambda z: F.
              "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 
 # (N, C_in, C_out, H, W, kernel, stride, padding, output_padding, dilation): each takes the GEMM
-# form (groups 1, NCHW, at most 16 input pixels or one output channel), covering one image
-# (products on views), whole-batch products, one product per image (>= 128 pixels, one channel),
-# 1x1 inputs, odd strides, dilation and output padding, and border taps.
+# form's forward (groups 1, NCHW, stride > 1 or a 1x1 input, at most 64 input pixels or at most
+# 8 output channels), covering one image (products on views), whole-batch products, one product
+# per image (>= 128 pixels, one channel), 1x1 inputs, odd strides, dilation and output padding,
+# border taps, and both backward forms (GEMM up to 16 input pixels, ATen's above).
 GEMM_CASES = [
     (1, 3, 5, 4, 5, (4, 4), (2, 2), (1, 1), (0, 0), (1, 1)),
     (3, 4, 6, 4, 4, (4, 4), (2, 2), (1, 1), (0, 0), (1, 1)),
@@ -133,11 +134,12 @@ def test_eager_op_only_the_requested_gradients():
     assert x.grad is None
 
 
-@pytest.mark.parametrize("kind", ["groups", "channels_last", "unbatched", "bfloat16", "empty_batch", "large"])
+@pytest.mark.parametrize("kind", ["groups", "channels_last", "unbatched", "bfloat16", "empty_batch", "large",
+                                  "stride_one"])
 def test_eager_op_falls_back_to_torch(kind):
     """Arguments the C++ kernel does not take run torch's own op: the result is torch's, bit for
     bit (the same ATen calls), with torch's autograd node."""
-    g, x_shape, dtype = 1, (2, 4, 3, 3), torch.float32
+    g, x_shape, dtype, stride = 1, (2, 4, 3, 3), torch.float32, 2
     if kind == "groups":
         g = 2
     elif kind == "unbatched":
@@ -147,14 +149,16 @@ def test_eager_op_falls_back_to_torch(kind):
     elif kind == "empty_batch":
         x_shape = (0, 4, 3, 3)
     elif kind == "large":
-        x_shape = (2, 4, 12, 12)  # > 16 input pixels and > 1 output channel: ATen's product
+        x_shape = (2, 4, 12, 12)  # > 64 input pixels and > 8 output channels: ATen's product
+    elif kind == "stride_one":
+        stride = 1  # stride 1 from a 3x3 input: ATen's product
     x = torch.randn(*x_shape, dtype=dtype)
     if kind == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     w = torch.randn(4, 12 // g, 4, 4, dtype=dtype, requires_grad=True)
     b = torch.randn(12, dtype=dtype, requires_grad=True)
-    y = torch.ops.genfast.conv_transpose2d_act(x, w, b, (2, 2), (1, 1), (0, 0), g, (1, 1), 2, SLOPE)
-    expect = F.leaky_relu(F.conv_transpose2d(x, w, b, 2, 1, 0, g, 1), SLOPE)
+    y = torch.ops.genfast.conv_transpose2d_act(x, w, b, (stride, stride), (1, 1), (0, 0), g, (1, 1), 2, SLOPE)
+    expect = F.leaky_relu(F.conv_transpose2d(x, w, b, stride, 1, 0, g, 1), SLOPE)
     assert torch.equal(y, expect)
     assert not y.grad_fn.name().endswith("ConvTransposeAct>")
     dy = torch.randn_like(y)

@@ -266,29 +266,39 @@ constexpr int64_t kMaxColsBytes = int64_t(1) << 29;
 constexpr int64_t kBufElems = int64_t(1) << 17;  // per-thread (pixel, channel) buffer: 512 KiB of float
 constexpr int64_t kTile = 32;                     // pixels per step of the buffer <-> planes transposes
 
-// Where it runs: measured interleaved against ATen's product on the CI CPU (forward+backward),
-// the GEMM form won 1.2-1.6x on DCGAN's 4x4-input layer, about 3x from 1x1 noise inputs and
-// 1.3-2.3x on 1-channel output layers; at 7x7 and 8x8 inputs and on RGB output layers it
-// measured 0.9-1.4x from run to run, and on the 16x16 -> 32x32, 128 -> 64 channel layer as low
-// as 0.55x (oneDNN's product is efficient there, and our passes over 4x the output cost as much
-// as the FLOPs saved); in the converted seed models' training steps, enabling it up to 64
-// pixels measured 0.95-0.99x of ATen's product. So it runs only where it won every run.
-constexpr int64_t kGemmMaxPixels = 16;     // input pixels per image, up to which the GEMM form runs
-constexpr int64_t kGemmAnyPixelsCout = 1;  // output channels, up to which it runs at any input size
+// Where it runs, per direction: measured interleaved against ATen's product on the idle CI CPU
+// (forward and forward+backward, 11 generator layers of the seed models at their batch sizes):
+// - forward: 1.1-1.6x from inputs of up to 8x8 pixels with stride 2 (DCGAN's 4x4 and 8x8
+//   layers, the Keras and VAE 7x7 ones), 1.5x from 1x1 noise inputs, 1.8-3.7x on 1- and
+//   3-channel output layers at any size; lost on stride-1 k5 layers (0.6x: the columns are 25x
+//   the input) and on the 16x16 -> 32x32, 128 -> 64 channel layer (0.9x), where oneDNN's
+//   product is efficient and our passes over 4x the output cost as much as the FLOPs saved;
+// - backward: the GEMM form (im2col, then two products) won only from 1x1 and 4x4 inputs
+//   (1.5x and 1.1x); elsewhere ATen's convolution backward on our dz was as fast or faster
+//   (on the few-channel output layers 1.5-1.9x eager against 1.2-1.7x).
+constexpr int64_t kGemmFwdMaxPixels = 64;   // input pixels per image, up to which the forward runs it
+constexpr int64_t kGemmFwdAnyPixelsCout = 8;  // output channels, up to which it runs at any input size
+constexpr int64_t kGemmBwdMaxPixels = 16;   // input pixels per image, up to which the backward runs it
 
 bool gemm_eligible(const at::Tensor& x, const Geometry& g) {
   if (g.G != 1 || g.N == 0 || g.Cin == 0 || g.Cout == 0) return false;
-  if (g.Hin * g.Win > kGemmMaxPixels && g.Cout > kGemmAnyPixelsCout) return false;
+  const int64_t pixels = g.Hin * g.Win;
+  if (pixels > 1 && (g.SH * g.SW == 1 || (pixels > kGemmFwdMaxPixels && g.Cout > kGemmFwdAnyPixelsCout)))
+    return false;
   if (memory_format_of(x) != at::MemoryFormat::Contiguous) return false;
   const int64_t elem = x.scalar_type() == at::kDouble ? 8 : 4;
-  return double(g.Cout) * g.KH * g.KW * g.N * g.Hin * g.Win * elem <= double(kMaxColsBytes);
+  return double(g.Cout) * g.KH * g.KW * g.N * pixels * elem <= double(kMaxColsBytes);
+}
+
+bool gemm_backward(const at::Tensor& x, const Geometry& g) {
+  return g.Hin * g.Win <= kGemmBwdMaxPixels && gemm_eligible(x, g);
 }
 
 }  // namespace
 
 // For genfast::conv_transpose2d_act (csrc/conv_transpose_autograd.cpp): whether this input and
-// weight take the GEMM form; its eager CPU calls run torch's own product everywhere else.
-bool conv_transpose_gemm_form(const at::Tensor& x, const at::Tensor& w, int64_t groups) {
+// weight take the GEMM form's forward; its eager CPU calls run torch's own product elsewhere.
+bool conv_transpose_gemm_form(const at::Tensor& x, const at::Tensor& w, int64_t groups, at::IntArrayRef stride) {
   if (x.dim() != 4 || w.dim() != 4) return false;
   Geometry g{};
   g.N = x.size(0);
@@ -299,6 +309,8 @@ bool conv_transpose_gemm_form(const at::Tensor& x, const at::Tensor& w, int64_t 
   g.Cout = w.size(1) * groups;
   g.KH = w.size(2);
   g.KW = w.size(3);
+  g.SH = stride[0];
+  g.SW = stride[1];
   return gemm_eligible(x, g);
 }
 
@@ -647,7 +659,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy_in,
       o[c] = static_cast<scalar_t>(s);
     }
   };
-  if ((need_input || need_weight) && g.N > 0 && !cl && gemm_eligible(x, g)) {
+  if ((need_input || need_weight) && g.N > 0 && !cl && gemm_backward(x, g)) {
     // dz gathered into columns (with the bias gradient), then the two BLAS products
     at::Tensor cols = at::empty({g.N * g.Hin * g.Win, g.Cout * g.KH * g.KW}, acc_opts);
     std::vector<acc_t> part;
