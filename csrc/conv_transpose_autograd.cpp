@@ -68,6 +68,9 @@ at::Tensor torch_act_(at::Tensor y, int64_t act, double slope) {
 // Whether the C++ kernel takes these arguments (everything else goes to torch)
 bool kernel_takes(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
                   at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef dilation) {
+  // traced with symbolic sizes (torch.export / AOT dispatch): the registered ops and their fakes
+  if (x.unsafeGetTensorImpl()->has_symbolic_sizes_strides() || w.unsafeGetTensorImpl()->has_symbolic_sizes_strides())
+    return true;
   if (x.dim() != 4 || w.dim() != 4 || groups != 1 || !x.device().is_cpu() || !w.device().is_cpu()) return false;
   if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble) return false;
   if (w.scalar_type() != x.scalar_type() || !x.is_contiguous() || x.size(0) == 0 || x.size(1) != w.size(0))

@@ -260,34 +260,39 @@ void grad_pre(const scalar_t* dy,                     // grad of the output, lay
 //   grad_input^T (N*HW, C_in) = cols x w2^T,   grad_weight (C_in, K*C_out) = x^T x cols.
 // Tasks are (n, run of channels); each output value sums its taps in a fixed order, whatever the
 // number of threads (deterministic).
-// Memory: cols holds C_out*K*N*H_in*W_in values, (KH*KW)/(SH*SW) times the output (4x for
-// k4 s2); above kMaxColsBytes the ATen path runs instead.
+// Memory: cols holds C_out*K*H_in*W_in values per image, (KH*KW)/(SH*SW) times the output (4x
+// for k4 s2), for the whole batch or one image at a time (per_image); above kMaxColsBytes the
+// ATen path runs instead.
 constexpr int64_t kMaxColsBytes = int64_t(1) << 29;
 constexpr int64_t kBufElems = int64_t(1) << 17;  // per-thread (pixel, channel) buffer: 512 KiB of float
 constexpr int64_t kTile = 32;                     // pixels per step of the buffer <-> planes transposes
 
 // Where it runs, per direction: measured interleaved against ATen's product on the idle CI CPU
-// (forward and forward+backward, 11 generator layers of the seed models at their batch sizes):
-// - forward: 1.1-1.6x from inputs of up to 8x8 pixels with stride 2 (DCGAN's 4x4 and 8x8
-//   layers, the Keras and VAE 7x7 ones), 1.5x from 1x1 noise inputs, 1.8-3.7x on 1- and
-//   3-channel output layers at any size; lost on stride-1 k5 layers (0.6x: the columns are 25x
-//   the input) and on the 16x16 -> 32x32, 128 -> 64 channel layer (0.9x), where oneDNN's
-//   product is efficient and our passes over 4x the output cost as much as the FLOPs saved;
+// (61 alternating calls each, medians, two runs; generator layers of the seed models):
+// - forward, with stride > 1 or from a 1x1 input: 1.2-1.5x on DCGAN's 4x4 layer, 1.1-1.3x on
+//   its 16x16 layers (one product per image, its columns consumed while in cache), 1.4-1.5x from
+//   1x1 noise inputs, 1.4-3x on 1- and 3-channel output layers; a tie (0.9-1.1x) on the 7x7
+//   and 8x8 layers. It lost on stride-1 k5 layers (0.6x: the columns are 25x the input).
 // - backward: the GEMM form (im2col, then two products) won only from 1x1 and 4x4 inputs
 //   (1.5x and 1.1x); elsewhere ATen's convolution backward on our dz was as fast or faster
 //   (on the few-channel output layers 1.5-1.9x eager against 1.2-1.7x).
-constexpr int64_t kGemmFwdMaxPixels = 64;   // input pixels per image, up to which the forward runs it
-constexpr int64_t kGemmFwdAnyPixelsCout = 8;  // output channels, up to which it runs at any input size
-constexpr int64_t kGemmBwdMaxPixels = 16;   // input pixels per image, up to which the backward runs it
+constexpr int64_t kGemmBwdMaxPixels = 16;  // input pixels per image, up to which the backward runs it
+
+// Which form of the forward: from 128 input pixels per image, one product per image on x's own
+// (C_in, H*W) plane (no transposing copy of x), each image's columns consumed by col2im while
+// they are in cache; below, one product over the whole batch, whose images alone are too small
+// to keep the BLAS kernel busy (measured on the CI CPU at 4x4 to 32x32 inputs).
+bool per_image(const Geometry& g) { return g.N > 1 && g.Hin * g.Win >= 128; }
 
 bool gemm_eligible(const at::Tensor& x, const Geometry& g) {
   if (g.G != 1 || g.N == 0 || g.Cin == 0 || g.Cout == 0) return false;
   const int64_t pixels = g.Hin * g.Win;
-  if (pixels > 1 && (g.SH * g.SW == 1 || (pixels > kGemmFwdMaxPixels && g.Cout > kGemmFwdAnyPixelsCout)))
-    return false;
+  if (pixels > 1 && g.SH * g.SW == 1) return false;
   if (memory_format_of(x) != at::MemoryFormat::Contiguous) return false;
   const int64_t elem = x.scalar_type() == at::kDouble ? 8 : 4;
-  return double(g.Cout) * g.KH * g.KW * g.N * pixels * elem <= double(kMaxColsBytes);
+  // the columns: the whole batch's, or one image's (per_image)
+  const int64_t images = per_image(g) ? 1 : g.N;
+  return double(g.Cout) * g.KH * g.KW * images * pixels * elem <= double(kMaxColsBytes);
 }
 
 bool gemm_backward(const at::Tensor& x, const Geometry& g) {
@@ -316,27 +321,16 @@ bool conv_transpose_gemm_form(const at::Tensor& x, const at::Tensor& w, int64_t 
 
 namespace {
 
-// Which form of the products: from 128 input pixels per image (the few-channel layers), one
-// batched product per image on x's own (C_in, H*W) planes (no transposing copy of x or of
-// grad_input); below, one product over the whole batch, whose images alone are too small to keep
-// the BLAS kernel busy (measured on the CI CPU at 4x4 to 32x32 inputs).
-bool per_image(const Geometry& g) { return g.N > 1 && g.Hin * g.Win >= 128; }
-
-// cols (N*H*W, K*C_out) = x as (N*H*W, C_in) by wt (C_in, K*C_out)
-at::Tensor gemm_cols(const at::Tensor& xa, const at::Tensor& wt, const Geometry& g) {
-  const int64_t HW = g.Hin * g.Win, KC = wt.size(1);
-  const at::Tensor xc = xa.contiguous();
+// cols (N*H*W, K*C_out) = x as (N*H*W, C_in) by wt (C_in, K*C_out), over the whole batch
+at::Tensor gemm_cols(const at::Tensor& xc, const at::Tensor& wt, const Geometry& g) {
+  const int64_t HW = g.Hin * g.Win;
   if (g.N == 1) return at::mm(xc.view({g.Cin, HW}).t(), wt);
-  if (per_image(g)) return at::bmm(xc.view({g.N, g.Cin, HW}).transpose(1, 2), wt.expand({g.N, g.Cin, KC})).view({g.N * HW, KC});
   return at::mm(xc.permute({0, 2, 3, 1}).contiguous().view({g.N * HW, g.Cin}), wt);
 }
 
 // grad_input (N, C_in, H, W) from cols (N*H*W, K*C_out) and wt (C_in, K*C_out)
 at::Tensor gemm_grad_input(const at::Tensor& cols, const at::Tensor& wt, const Geometry& g) {
-  const int64_t HW = g.Hin * g.Win, KC = wt.size(1);
   if (g.N == 1) return at::mm(wt, cols.t()).view({1, g.Cin, g.Hin, g.Win});
-  if (per_image(g))
-    return at::bmm(wt.expand({g.N, g.Cin, KC}), cols.view({g.N, HW, KC}).transpose(1, 2)).view({g.N, g.Cin, g.Hin, g.Win});
   return at::mm(cols, wt.t()).view({g.N, g.Hin, g.Win, g.Cin}).permute({0, 3, 1, 2});
 }
 
@@ -383,14 +377,13 @@ inline void for_taps(const Geometry& g, int64_t ih, int64_t iw, F&& fn) {
   }
 }
 
-// y = act(col2im(cols) + bias) (NCHW), with the statistics of `epilogue`
+// y = act(col2im(cols) + bias) (NCHW) for the g_in.N images of cols and y, with the statistics
+// of `epilogue`
 template <int ACT, typename scalar_t, typename acc_t>
 void col2im_epilogue(const acc_t* cols, scalar_t* y, const acc_t* bias, const Geometry& g_in, acc_t slope_in,
-                     std::vector<Welford<acc_t>>* part) {
-  const bool stats = part != nullptr;
+                     Welford<acc_t>* pp) {  // pp: g_in.N * C_out per-plane statistics, or nullptr
+  const bool stats = pp != nullptr;
   const int64_t C = g_in.Cout, L = g_in.Hout * g_in.Wout;
-  if (stats) part->assign(g_in.N * C, welford_init<acc_t>());
-  Welford<acc_t>* pp = stats ? part->data() : nullptr;
   const Runs runs = channel_runs(g_in);
   at::parallel_for(0, g_in.N * runs.per_n, 1, [=](int64_t t0, int64_t t1) {
     const Geometry g = g_in;
@@ -509,12 +502,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, con
   std::vector<Welford<acc_t>> part;
   if (g.N > 0 && gemm_eligible(x, g)) {
     // the GEMM product, then col2im + bias + activation (+ statistics) plane by plane
-    const at::Tensor cols = gemm_cols(x.to(acc_opts.dtype()), w_taps(w.to(acc_opts.dtype()), g), g);
+    const at::Tensor xc = x.to(acc_opts.dtype()).contiguous(), wt = w_taps(w.to(acc_opts.dtype()), g);
     y = at::empty({g.N, g.Cout, g.Hout, g.Wout}, x.options());
+    if (stats) part.assign(g.N * g.Cout, welford_init<acc_t>());
+    Welford<acc_t>* pp = stats ? part.data() : nullptr;
     dispatch_activation(act, [&](auto a) {
-      col2im_epilogue<decltype(a)::value, scalar_t, acc_t>(cols.data_ptr<acc_t>(), y.data_ptr<scalar_t>(),
-                                                           bvec.data(), g, static_cast<acc_t>(slope_d),
-                                                           stats ? &part : nullptr);
+      constexpr int A = decltype(a)::value;
+      const acc_t slope = static_cast<acc_t>(slope_d);
+      if (per_image(g)) {
+        Geometry g1 = g;
+        g1.N = 1;
+        const int64_t HW = g.Hin * g.Win, CL = g.Cout * g.Hout * g.Wout;
+        at::Tensor cols = at::empty({HW, wt.size(1)}, acc_opts);
+        for (int64_t n = 0; n < g.N; ++n) {
+          at::mm_out(cols, xc[n].view({g.Cin, HW}).t(), wt);
+          col2im_epilogue<A, scalar_t, acc_t>(cols.data_ptr<acc_t>(), y.data_ptr<scalar_t>() + n * CL, bvec.data(),
+                                              g1, slope, stats ? pp + n * g.Cout : nullptr);
+        }
+      } else {
+        const at::Tensor cols = gemm_cols(xc, wt, g);
+        col2im_epilogue<A, scalar_t, acc_t>(cols.data_ptr<acc_t>(), y.data_ptr<scalar_t>(), bvec.data(), g, slope,
+                                            pp);
+      }
     });
   } else if (g.N > 0) {
     // the product, without bias, in the accumulation type (a no-op conversion for float / double)
