@@ -21,10 +21,10 @@ TORCH_ACT = {"identity": lambda z: z, "relu": F.relu, "leaky_relu": lambda z: F.
              "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 
 # (N, C_in, C_out, H, W, kernel, stride, padding, output_padding, dilation): each takes the GEMM
-# form's forward (groups 1, NCHW, stride > 1 or a 1x1 input), covering one image (products on
-# views), whole-batch products, one product per image (>= 128 pixels), 1x1 inputs, odd strides,
-# dilation and output padding, border taps, and both backward forms (GEMM up to 16 input
-# pixels, ATen's above).
+# form's forward (groups 1, NCHW, stride > 1 or a 1x1 input; at most 64 input pixels or at most
+# 8 output channels), covering one image (products on views), whole-batch products, one product
+# per image (>= 128 pixels), 1x1 inputs, odd strides, dilation and output padding, border taps,
+# and both backward forms (GEMM up to 16 input pixels, ATen's above).
 GEMM_CASES = [
     (1, 3, 5, 4, 5, (4, 4), (2, 2), (1, 1), (0, 0), (1, 1)),
     (3, 4, 6, 4, 4, (4, 4), (2, 2), (1, 1), (0, 0), (1, 1)),
@@ -134,7 +134,8 @@ def test_eager_op_only_the_requested_gradients():
     assert x.grad is None
 
 
-@pytest.mark.parametrize("kind", ["groups", "channels_last", "unbatched", "bfloat16", "empty_batch", "stride_one"])
+@pytest.mark.parametrize("kind", ["groups", "channels_last", "unbatched", "bfloat16", "empty_batch", "stride_one",
+                                  "large"])
 def test_eager_op_falls_back_to_torch(kind):
     """Arguments the C++ kernel does not take run torch's own op: the result is torch's, bit for
     bit (the same ATen calls), with torch's autograd node."""
@@ -147,6 +148,8 @@ def test_eager_op_falls_back_to_torch(kind):
         dtype = torch.bfloat16
     elif kind == "empty_batch":
         x_shape = (0, 4, 3, 3)
+    elif kind == "large":
+        x_shape = (2, 4, 12, 12)  # > 64 input pixels and > 8 output channels: ATen's product
     elif kind == "stride_one":
         stride = 1  # stride 1 from a 3x3 input: ATen's product
     x = torch.randn(*x_shape, dtype=dtype)

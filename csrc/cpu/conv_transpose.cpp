@@ -268,14 +268,19 @@ constexpr int64_t kBufElems = int64_t(1) << 17;  // per-thread (pixel, channel) 
 constexpr int64_t kTile = 32;                     // pixels per step of the buffer <-> planes transposes
 
 // Where it runs, per direction: measured interleaved against ATen's product on the idle CI CPU
-// (61 alternating calls each, medians, two runs; generator layers of the seed models):
-// - forward, with stride > 1 or from a 1x1 input: 1.2-1.5x on DCGAN's 4x4 layer, 1.1-1.3x on
-//   its 16x16 layers (one product per image, its columns consumed while in cache), 1.4-1.5x from
-//   1x1 noise inputs, 1.4-3x on 1- and 3-channel output layers; a tie (0.9-1.1x) on the 7x7
-//   and 8x8 layers. It lost on stride-1 k5 layers (0.6x: the columns are 25x the input).
+// (alternating calls, medians, repeated runs; generator layers of the seed models; this VM's
+// speed drifts, so single runs move 10-20%):
+// - forward, with stride > 1 or from a 1x1 input: 1.2-1.5x on DCGAN's 4x4 layer, 1.4-1.6x from
+//   1x1 noise inputs, 1.4-3x on 1- and 3-channel output layers at 14x14 to 32x32; a tie
+//   (0.9-1.1x) on the 7x7 and 8x8 layers. On the 16x16 -> 32x32, 128 -> 64 channel layer it
+//   measured 0.82-1.19x from run to run (col2im reads 4x the output, about 0.7 ns per value,
+//   as much time as the product saves), so from 65 input pixels it runs only up to 8 output
+//   channels. It lost on stride-1 k5 layers (0.6x: the columns are 25x the input).
 // - backward: the GEMM form (im2col, then two products) won only from 1x1 and 4x4 inputs
 //   (1.5x and 1.1x); elsewhere ATen's convolution backward on our dz was as fast or faster
 //   (on the few-channel output layers 1.5-1.9x eager against 1.2-1.7x).
+constexpr int64_t kGemmFwdMaxPixels = 64;     // input pixels per image, up to which the forward runs it
+constexpr int64_t kGemmFwdAnyPixelsCout = 8;  // output channels, up to which it runs at any input size
 constexpr int64_t kGemmBwdMaxPixels = 16;  // input pixels per image, up to which the backward runs it
 
 // Which form of the forward: from 128 input pixels per image, one product per image on x's own
@@ -287,7 +292,8 @@ bool per_image(const Geometry& g) { return g.N > 1 && g.Hin * g.Win >= 128; }
 bool gemm_eligible(const at::Tensor& x, const Geometry& g) {
   if (g.G != 1 || g.N == 0 || g.Cin == 0 || g.Cout == 0) return false;
   const int64_t pixels = g.Hin * g.Win;
-  if (pixels > 1 && g.SH * g.SW == 1) return false;
+  if (pixels > 1 && (g.SH * g.SW == 1 || (pixels > kGemmFwdMaxPixels && g.Cout > kGemmFwdAnyPixelsCout)))
+    return false;
   if (memory_format_of(x) != at::MemoryFormat::Contiguous) return false;
   const int64_t elem = x.scalar_type() == at::kDouble ? 8 : 4;
   // the columns: the whole batch's, or one image's (per_image)
@@ -362,19 +368,12 @@ Runs channel_runs(const Geometry& g) {
   return Runs{run, (g.Cout + run - 1) / run};
 }
 
-// Visits the taps of input row (ih, iw) that land inside the output: fn(tap index, output pixel)
-template <typename F>
-inline void for_taps(const Geometry& g, int64_t ih, int64_t iw, F&& fn) {
-  const int64_t oh0 = ih * g.SH - g.PH, ow0 = iw * g.SW - g.PW;
-  for (int64_t i = 0; i < g.KH; ++i) {
-    const int64_t oh = oh0 + i * g.DH;
-    if (oh < 0 || oh >= g.Hout) continue;
-    for (int64_t j = 0; j < g.KW; ++j) {
-      const int64_t ow = ow0 + j * g.DW;
-      if (ow < 0 || ow >= g.Wout) continue;
-      fn(i * g.KW + j, oh * g.Wout + ow);
-    }
-  }
+// [lo, hi): the input positions t whose output position t*S - P + kD lies in [0, out)
+inline std::pair<int64_t, int64_t> tap_range(int64_t in, int64_t out, int64_t S, int64_t P, int64_t kD) {
+  const int64_t a = P - kD, b = out - 1 + P - kD;
+  const int64_t lo = a <= 0 ? 0 : (a + S - 1) / S;
+  const int64_t hi = b < 0 ? 0 : std::min(in, b / S + 1);
+  return {lo, std::max(lo, hi)};
 }
 
 // y = act(col2im(cols) + bias) (NCHW) for the g_in.N images of cols and y, with the statistics
@@ -395,14 +394,22 @@ void col2im_epilogue(const acc_t* cols, scalar_t* y, const acc_t* bias, const Ge
       acc_t* o = buf.data();
       for (int64_t e = 0; e < L; ++e)
         for (int64_t c = 0; c < cw; ++c) o[e * cw + c] = bias[c0 + c];
-      const acc_t* row = cols + n * g.Hin * g.Win * KC + c0;
-      for (int64_t ih = 0; ih < g.Hin; ++ih)
-        for (int64_t iw = 0; iw < g.Win; ++iw, row += KC)
-          for_taps(g, ih, iw, [&](int64_t tap, int64_t pix) {
-            acc_t* ob = o + pix * cw;
-            const acc_t* sb = row + tap * C;
-            for (int64_t c = 0; c < cw; ++c) ob[c] += sb[c];
-          });
+      // tap by tap over the input rows whose output pixel lies inside (no test per pixel); each
+      // output value sums its taps in tap order
+      const acc_t* img = cols + n * g.Hin * g.Win * KC + c0;
+      for (int64_t i = 0; i < g.KH; ++i) {
+        const auto [h0, h1] = tap_range(g.Hin, g.Hout, g.SH, g.PH, i * g.DH);
+        for (int64_t j = 0; j < g.KW; ++j) {
+          const auto [w0, w1] = tap_range(g.Win, g.Wout, g.SW, g.PW, j * g.DW);
+          const int64_t tap = i * g.KW + j, step = g.SW * cw;
+          for (int64_t ih = h0; ih < h1; ++ih) {
+            const acc_t* src = img + (ih * g.Win + w0) * KC + tap * C;
+            acc_t* dst = o + ((ih * g.SH - g.PH + i * g.DH) * g.Wout + w0 * g.SW - g.PW + j * g.DW) * cw;
+            for (int64_t iw = w0; iw < w1; ++iw, src += KC, dst += step)
+              for (int64_t c = 0; c < cw; ++c) dst[c] += src[c];
+          }
+        }
+      }
       // (pixel, channel) -> planes, kTile pixels at a time (their lines stay in L1 across channels)
       scalar_t* yn = y + (n * C + c0) * L;
       for (int64_t e0 = 0; e0 < L; e0 += kTile) {
