@@ -245,3 +245,44 @@ def test_eager_op_compiles_fullgraph():
     torch._dynamo.reset()
     got = torch.compile(fn, fullgraph=True, backend="eager")(x, w, b)
     assert_close(got, fn(x, w, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gemm_form_large_batch_in_chunks(dtype):
+    """A batch whose columns exceed one product's budget (32 MiB) runs chunk by chunk of images:
+    outputs, statistics and every gradient (grad_weight summed over the chunks) as in float64."""
+    case = (600, 2, 64, 4, 4, (4, 4), (2, 2), (1, 1), (0, 0), (1, 1))  # 64 KiB of float columns per image
+    N, _, co, H, W, k, s, p, op, d = case
+    x, w, b = _inputs(case, dtype)
+    y, part, _ = torch.ops.genfast.conv_transpose2d_fwd(x, w, b, s, p, op, 1, d, CODES["leaky_relu"], SLOPE, True)
+    dy = torch.randn_like(y)
+    yr, grads = _ref(x, w, b, case, "leaky_relu", dy)
+    assert_close(y, yr, msg="output")
+    assert_close(part[1, 0], yr.mean((0, 2, 3)), dtype=dtype, msg="mean")
+    dx, dw, db = torch.ops.genfast.conv_transpose2d_bwd(dy, x, w, y, s, p, d, 1, CODES["leaky_relu"], SLOPE,
+                                                        True, True, True)
+    assert_close(dx, grads[0], msg="grad_input")
+    assert_close(dw, grads[1], msg="grad_weight", scale=10)
+    assert_close(db, grads[2], msg="grad_bias", scale=10)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemm_form_low_precision(dtype):
+    """float16 / bfloat16 (the registered op, as torch.compile runs it): the products in float32
+    on float32 copies, one rounding on the way out; the error against float64 stays within a few
+    units in the last place of the dtype."""
+    case = GEMM_CASES[1]
+    N, _, co, H, W, k, s, p, op, d = case
+    x, w, b = _inputs(case, torch.float32)
+    xl, wl, bl = x.to(dtype), w.to(dtype), b.to(dtype)
+    y, _, _ = torch.ops.genfast.conv_transpose2d_fwd(xl, wl, bl, s, p, op, 1, d, CODES["relu"], SLOPE, False)
+    assert y.dtype == dtype
+    dy = torch.randn(y.shape).to(dtype)
+    yr, grads = _ref(xl.float(), wl.float(), bl.float(), case, "relu", dy.float())
+    eps = torch.finfo(dtype).eps
+    assert ((y.double() - yr).abs() <= 4 * eps * (yr.abs() + 1)).all()
+    dx, dw, db = torch.ops.genfast.conv_transpose2d_bwd(dy, xl, wl, y, s, p, d, 1, CODES["relu"], SLOPE,
+                                                        True, True, True)
+    for got, want in zip((dx, dw, db), grads):
+        assert got.dtype == dtype
+        assert ((got.double() - want).abs() <= 8 * eps * (want.abs().max() + 1)).all()

@@ -263,7 +263,8 @@ void grad_pre(const scalar_t* dy,                     // grad of the output, lay
 // Memory: cols holds C_out*K*H_in*W_in values per image, (KH*KW)/(SH*SW) times the output (4x
 // for k4 s2), for the whole batch or one image at a time (per_image); above kMaxColsBytes the
 // ATen path runs instead.
-constexpr int64_t kMaxColsBytes = int64_t(1) << 29;
+constexpr int64_t kMaxColsBytes = int64_t(1) << 28;  // one image's columns, above which ATen's path runs
+constexpr int64_t kChunkBytes = int64_t(1) << 25;    // the columns of one product, unless one image needs more
 constexpr int64_t kBufElems = int64_t(1) << 17;  // per-thread (pixel, channel) buffer: 512 KiB of float
 constexpr int64_t kTile = 32;                     // pixels per step of the buffer <-> planes transposes
 
@@ -289,6 +290,14 @@ constexpr int64_t kGemmBwdMaxPixels = 16;  // input pixels per image, up to whic
 // to keep the BLAS kernel busy (measured on the CI CPU at 4x4 to 32x32 inputs).
 bool per_image(const Geometry& g) { return g.N > 1 && g.Hin * g.Win >= 128; }
 
+// Images per product: one (per_image), else as many as keep the columns within kChunkBytes, so
+// that a large batch does not hold (KH*KW)/(SH*SW) times its output at once.
+int64_t chunk_images(const Geometry& g, int64_t elem) {
+  if (per_image(g)) return 1;
+  const int64_t per = std::max<int64_t>(1, g.Hin * g.Win * g.KH * g.KW * g.Cout * elem);
+  return std::max<int64_t>(1, std::min(g.N, kChunkBytes / per));
+}
+
 bool gemm_eligible(const at::Tensor& x, const Geometry& g) {
   if (g.G != 1 || g.N == 0 || g.Cin == 0 || g.Cout == 0) return false;
   const int64_t pixels = g.Hin * g.Win;
@@ -296,9 +305,7 @@ bool gemm_eligible(const at::Tensor& x, const Geometry& g) {
     return false;
   if (memory_format_of(x) != at::MemoryFormat::Contiguous) return false;
   const int64_t elem = x.scalar_type() == at::kDouble ? 8 : 4;
-  // the columns: the whole batch's, or one image's (per_image)
-  const int64_t images = per_image(g) ? 1 : g.N;
-  return double(g.Cout) * g.KH * g.KW * images * pixels * elem <= double(kMaxColsBytes);
+  return double(g.Cout) * g.KH * g.KW * pixels * elem <= double(kMaxColsBytes);
 }
 
 bool gemm_backward(const at::Tensor& x, const Geometry& g) {
@@ -327,11 +334,11 @@ bool conv_transpose_gemm_form(const at::Tensor& x, const at::Tensor& w, int64_t 
 
 namespace {
 
-// cols (N*H*W, K*C_out) = x as (N*H*W, C_in) by wt (C_in, K*C_out), over the whole batch
-at::Tensor gemm_cols(const at::Tensor& xc, const at::Tensor& wt, const Geometry& g) {
+// x (N, C_in, H, W) as the (N*H*W, C_in) matrix of the products (a transposed view for one image)
+at::Tensor x_rows(const at::Tensor& xc, const Geometry& g) {
   const int64_t HW = g.Hin * g.Win;
-  if (g.N == 1) return at::mm(xc.view({g.Cin, HW}).t(), wt);
-  return at::mm(xc.permute({0, 2, 3, 1}).contiguous().view({g.N * HW, g.Cin}), wt);
+  if (g.N == 1) return xc.view({g.Cin, HW}).t();
+  return xc.permute({0, 2, 3, 1}).contiguous().view({g.N * HW, g.Cin});
 }
 
 // grad_input (N, C_in, H, W) from cols (N*H*W, K*C_out) and wt (C_in, K*C_out)
@@ -432,14 +439,12 @@ void col2im_epilogue(const acc_t* cols, scalar_t* y, const acc_t* bias, const Ge
 }
 
 // cols[(n, ih, iw), (i, j, co)] = dz[n, co, ih*SH - PH + i*DH, iw*SW - PW + j*DW] (0 outside),
-// dz = dy * act'(y); part[n * C + co] = the plane's sum of dz.
+// dz = dy * act'(y); pp[n * C + co] = the plane's sum of dz.
 template <int ACT, typename scalar_t, typename acc_t>
 void im2col_grad(const scalar_t* dy, const scalar_t* y, acc_t* cols, const Geometry& g_in, acc_t slope_in,
-                 std::vector<acc_t>* part) {
-  const bool sums = part != nullptr;
+                 acc_t* pp) {  // pp: g_in.N * C_out per-plane sums of dz, or nullptr
+  const bool sums = pp != nullptr;
   const int64_t C = g_in.Cout, L = g_in.Hout * g_in.Wout;
-  if (sums) part->assign(g_in.N * C, acc_t(0));
-  acc_t* pp = sums ? part->data() : nullptr;
   const Runs runs = channel_runs(g_in);
   at::parallel_for(0, g_in.N * runs.per_n, 1, [=](int64_t t0, int64_t t1) {
     const Geometry g = g_in;
@@ -516,20 +521,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, con
     dispatch_activation(act, [&](auto a) {
       constexpr int A = decltype(a)::value;
       const acc_t slope = static_cast<acc_t>(slope_d);
-      if (per_image(g)) {
-        Geometry g1 = g;
-        g1.N = 1;
-        const int64_t HW = g.Hin * g.Win, CL = g.Cout * g.Hout * g.Wout;
-        at::Tensor cols = at::empty({HW, wt.size(1)}, acc_opts);
-        for (int64_t n = 0; n < g.N; ++n) {
-          at::mm_out(cols, xc[n].view({g.Cin, HW}).t(), wt);
-          col2im_epilogue<A, scalar_t, acc_t>(cols.data_ptr<acc_t>(), y.data_ptr<scalar_t>() + n * CL, bvec.data(),
-                                              g1, slope, stats ? pp + n * g.Cout : nullptr);
-        }
-      } else {
-        const at::Tensor cols = gemm_cols(xc, wt, g);
-        col2im_epilogue<A, scalar_t, acc_t>(cols.data_ptr<acc_t>(), y.data_ptr<scalar_t>(), bvec.data(), g, slope,
-                                            pp);
+      // the products chunk by chunk of images, each chunk's columns consumed by col2im
+      const int64_t HW = g.Hin * g.Win, CL = g.Cout * g.Hout * g.Wout;
+      const int64_t nb = chunk_images(g, static_cast<int64_t>(sizeof(acc_t)));
+      at::Tensor cols = at::empty({nb * HW, wt.size(1)}, acc_opts);
+      Geometry gc = g;
+      for (int64_t n0 = 0; n0 < g.N; n0 += nb) {
+        gc.N = std::min(nb, g.N - n0);
+        at::Tensor out = cols.narrow(0, 0, gc.N * HW);
+        at::mm_out(out, x_rows(xc.narrow(0, n0, gc.N), gc), wt);
+        col2im_epilogue<A, scalar_t, acc_t>(out.data_ptr<acc_t>(), y.data_ptr<scalar_t>() + n0 * CL, bvec.data(), gc,
+                                            slope, stats ? pp + n0 * g.Cout : nullptr);
       }
     });
   } else if (g.N > 0) {
@@ -677,21 +679,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy_in,
   };
   if ((need_input || need_weight) && g.N > 0 && !cl && gemm_backward(x, g)) {
     // dz gathered into columns (with the bias gradient), then the two BLAS products
-    at::Tensor cols = at::empty({g.N * g.Hin * g.Win, g.Cout * g.KH * g.KW}, acc_opts);
-    std::vector<acc_t> part;
-    dispatch_activation(act, [&](auto a) {
-      im2col_grad<decltype(a)::value, scalar_t, acc_t>(dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                                       cols.data_ptr<acc_t>(), g, static_cast<acc_t>(slope_d),
-                                                       has_bias ? &part : nullptr);
-    });
-    if (has_bias) bias_grad(part);
-    if (need_input) {
-      dx = canonical(gemm_grad_input(cols, w_taps(w.to(acc_opts.dtype()), g), g).to(x.scalar_type()),
-                     memory_format_of(x));
+    // chunk by chunk of images, as the forward
+    const int64_t HW = g.Hin * g.Win, CL = g.Cout * g.Hout * g.Wout;
+    const int64_t nb = chunk_images(g, static_cast<int64_t>(sizeof(acc_t)));
+    const at::Tensor xc = x.to(acc_opts.dtype()).contiguous(), wt = w_taps(w.to(acc_opts.dtype()), g);
+    at::Tensor cols = at::empty({nb * HW, wt.size(1)}, acc_opts);
+    at::Tensor gi = need_input ? at::empty({g.N, g.Cin, g.Hin, g.Win}, acc_opts) : at::Tensor();
+    at::Tensor gw;
+    std::vector<acc_t> part(has_bias ? g.N * g.Cout : 0);
+    Geometry gc = g;
+    for (int64_t n0 = 0; n0 < g.N; n0 += nb) {
+      gc.N = std::min(nb, g.N - n0);
+      at::Tensor cc = cols.narrow(0, 0, gc.N * HW);
+      dispatch_activation(act, [&](auto a) {
+        im2col_grad<decltype(a)::value, scalar_t, acc_t>(
+            dy.data_ptr<scalar_t>() + n0 * CL, y.data_ptr<scalar_t>() + n0 * CL, cc.data_ptr<acc_t>(), gc,
+            static_cast<acc_t>(slope_d), has_bias ? part.data() + n0 * g.Cout : nullptr);
+      });
+      if (need_input) gi.narrow(0, n0, gc.N).copy_(gemm_grad_input(cc, wt, gc));
+      if (need_weight) {
+        const at::Tensor xcols = x_cols(xc.narrow(0, n0, gc.N), gc);
+        if (n0 == 0) gw = at::mm(xcols, cc);
+        else gw.addmm_(xcols, cc);  // chunks summed in batch order (deterministic)
+      }
     }
+    if (has_bias) bias_grad(part);
+    if (need_input) dx = canonical(gi.to(x.scalar_type()), memory_format_of(x));
     if (need_weight) {
-      const at::Tensor gw =
-          at::mm(x_cols(x.to(acc_opts.dtype()), g), cols).view({g.Cin, g.KH, g.KW, g.Cout}).permute({0, 3, 1, 2});
+      gw = gw.view({g.Cin, g.KH, g.KW, g.Cout}).permute({0, 3, 1, 2});
       dwt = canonical(gw.to(w.scalar_type()), memory_format_of(w));
     }
     return {dx, dwt, dbt};
