@@ -23,7 +23,9 @@
 namespace genfast {
 
 // csrc/cpu/conv_transpose.cpp
-bool conv_transpose_gemm_form(const at::Tensor& x, const at::Tensor& w, int64_t groups, at::IntArrayRef stride);
+bool conv_transpose_gemm_form(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups,
+                              at::IntArrayRef dilation);
 
 namespace {
 
@@ -90,7 +92,7 @@ bool kernel_takes(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::I
   }
   // only where the GEMM form runs: elsewhere torch's product with its bias and torch's
   // activation measured at least as fast as ATen's product without bias plus our epilogue
-  return w.size(1) > 0 && conv_transpose_gemm_form(x, w, groups, stride);
+  return w.size(1) > 0 && conv_transpose_gemm_form(x, w, stride, padding, output_padding, groups, dilation);
 }
 
 struct ConvTransposeAct : public torch::autograd::Function<ConvTransposeAct> {

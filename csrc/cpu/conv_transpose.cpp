@@ -114,6 +114,14 @@ inline acc_t lane_sum(const T* v, int64_t n, acc_t mean) {
   return t;
 }
 
+// (count, mean, M2) of one stored plane v[0..L), L > 0: the mean, then the squared deviations
+// (the plane is still in cache)
+template <typename acc_t, typename T>
+inline Welford<acc_t> plane_welford(const T* v, int64_t L) {
+  const acc_t mean = lane_sum<false>(v, L, acc_t(0)) / acc_t(L);
+  return Welford<acc_t>{acc_t(L), mean, lane_sum<true>(v, L, mean)};
+}
+
 // y = act(p + bias[c]) over a dense (N, C, HW) tensor in layout `fmt` (p and y share the linear
 // layout; they may be the same buffer). With stats, part[task * C + c] receives the Welford
 // partial of channel c's stored values in that task; tasks: one (n, c) plane (NCHW, so part
@@ -141,12 +149,7 @@ void epilogue(const acc_t* p,                        // product, N * C * HW valu
         scalar_t* dst = y + r * L;
         const acc_t* src = INPLACE ? reinterpret_cast<const acc_t*>(dst) : p + r * L;
         for (int64_t i = 0; i < L; ++i) dst[i] = static_cast<scalar_t>(act_forward_c<ACT, acc_t>(src[i] + bv, slope));
-        if (stats && L > 0) {
-          // plane mean, then squared deviations (the plane is still in cache)
-          const acc_t mean = lane_sum<false>(dst, L, acc_t(0)) / acc_t(L);
-          const acc_t q = lane_sum<true>(dst, L, mean);
-          pp[r] = Welford<acc_t>{acc_t(L), mean, q};
-        }
+        if (stats && L > 0) pp[r] = plane_welford<acc_t>(dst, L);
       }
     });
     return;
@@ -315,27 +318,6 @@ bool gemm_backward(const at::Tensor& x, const Geometry& g) {
   return g.Hin * g.Win <= kGemmBwdMaxPixels && gemm_eligible(x, g);
 }
 
-}  // namespace
-
-// For genfast::conv_transpose2d_act (csrc/conv_transpose_autograd.cpp): whether this input and
-// weight take the GEMM form's forward; its eager CPU calls run torch's own product elsewhere.
-bool conv_transpose_gemm_form(const at::Tensor& x, const at::Tensor& w, int64_t groups, at::IntArrayRef stride) {
-  if (x.dim() != 4 || w.dim() != 4) return false;
-  Geometry g{};
-  g.N = x.size(0);
-  g.Cin = x.size(1);
-  g.Hin = x.size(2);
-  g.Win = x.size(3);
-  g.G = groups;
-  g.Cout = w.size(1) * groups;
-  g.KH = w.size(2);
-  g.KW = w.size(3);
-  g.SH = stride[0];
-  g.SW = stride[1];
-  return gemm_eligible(x, g);
-}
-
-namespace {
 
 // x (N, C_in, H, W) as the (N*H*W, C_in) matrix of the products (a transposed view for one image)
 at::Tensor x_rows(const at::Tensor& xc, const Geometry& g) {
@@ -362,7 +344,7 @@ at::Tensor w_taps(const at::Tensor& wa, const Geometry& g) {
   return wa.permute({0, 2, 3, 1}).contiguous().view({g.Cin, g.KH * g.KW * g.Cout});
 }
 
-// The task grid: (n, run of `run` channels), N * runs tasks
+// The task grid: (n, run of `run` channels), N * per_n tasks
 struct Runs {
   int64_t run, per_n;
 };
@@ -376,6 +358,22 @@ Runs channel_runs(const Geometry& g) {
     run = std::max<int64_t>(std::min<int64_t>(16, g.Cout), (g.Cout + per_n - 1) / per_n);
   }
   return Runs{run, (g.Cout + run - 1) / run};
+}
+
+// Runs fn(g, n, c0, cw, buf) for every task (image n, channels [c0, c0 + cw)) of g's grid on
+// the thread pool; g is the thread's private copy and buf its (pixel, channel) buffer of
+// runs.run * H_out * W_out values.
+template <typename acc_t, typename F>
+void for_channel_runs(const Geometry& g_in, F&& fn) {
+  const Runs runs = channel_runs(g_in);
+  at::parallel_for(0, g_in.N * runs.per_n, 1, [&](int64_t t0, int64_t t1) {
+    const Geometry g = g_in;
+    std::vector<acc_t> buf(runs.run * g.Hout * g.Wout);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t n = task / runs.per_n, c0 = (task % runs.per_n) * runs.run;
+      fn(g, n, c0, std::min(g.Cout, c0 + runs.run) - c0, buf.data());
+    }
+  });
 }
 
 // [lo, hi): the input positions t whose output position t*S - P + kD lies in [0, out)
@@ -393,51 +391,36 @@ void col2im_epilogue(const acc_t* cols, scalar_t* y, const acc_t* bias, const Ge
                      Welford<acc_t>* pp) {  // pp: g_in.N * C_out per-plane statistics, or nullptr
   const bool stats = pp != nullptr;
   const int64_t C = g_in.Cout, L = g_in.Hout * g_in.Wout;
-  const Runs runs = channel_runs(g_in);
-  at::parallel_for(0, g_in.N * runs.per_n, 1, [=](int64_t t0, int64_t t1) {
-    const Geometry g = g_in;
+  for_channel_runs<acc_t>(g_in, [=](const Geometry& g, int64_t n, int64_t c0, int64_t cw, acc_t* o) {
     const acc_t slope = slope_in;
     const int64_t KC = g.KH * g.KW * C;
-    std::vector<acc_t> buf(runs.run * L);
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t n = task / runs.per_n, c0 = (task % runs.per_n) * runs.run, cw = std::min(C, c0 + runs.run) - c0;
-      acc_t* o = buf.data();
-      for (int64_t e = 0; e < L; ++e)
-        for (int64_t c = 0; c < cw; ++c) o[e * cw + c] = bias[c0 + c];
-      // tap by tap over the input rows whose output pixel lies inside (no test per pixel); each
-      // output value sums its taps in tap order
-      const acc_t* img = cols + n * g.Hin * g.Win * KC + c0;
-      for (int64_t i = 0; i < g.KH; ++i) {
-        const auto [h0, h1] = tap_range(g.Hin, g.Hout, g.SH, g.PH, i * g.DH);
-        for (int64_t j = 0; j < g.KW; ++j) {
-          const auto [w0, w1] = tap_range(g.Win, g.Wout, g.SW, g.PW, j * g.DW);
-          const int64_t tap = i * g.KW + j, step = g.SW * cw;
-          for (int64_t ih = h0; ih < h1; ++ih) {
-            const acc_t* src = img + (ih * g.Win + w0) * KC + tap * C;
-            acc_t* dst = o + ((ih * g.SH - g.PH + i * g.DH) * g.Wout + w0 * g.SW - g.PW + j * g.DW) * cw;
-            for (int64_t iw = w0; iw < w1; ++iw, src += KC, dst += step)
-              for (int64_t c = 0; c < cw; ++c) dst[c] += src[c];
-          }
-        }
-      }
-      // (pixel, channel) -> planes, kTile pixels at a time (their lines stay in L1 across channels)
-      scalar_t* yn = y + (n * C + c0) * L;
-      for (int64_t e0 = 0; e0 < L; e0 += kTile) {
-        const int64_t e1 = std::min(L, e0 + kTile);
-        for (int64_t c = 0; c < cw; ++c)
-          for (int64_t e = e0; e < e1; ++e)
-            yn[c * L + e] = static_cast<scalar_t>(act_forward_c<ACT, acc_t>(o[e * cw + c], slope));
-      }
-      for (int64_t c = 0; c < cw && stats; ++c) {
-        const int64_t r = n * C + c0 + c;
-        const scalar_t* dst = y + r * L;
-        if (L > 0) {
-          const acc_t mean = lane_sum<false>(dst, L, acc_t(0)) / acc_t(L);
-          const acc_t q = lane_sum<true>(dst, L, mean);
-          pp[r] = Welford<acc_t>{acc_t(L), mean, q};
+    for (int64_t e = 0; e < L; ++e)
+      for (int64_t c = 0; c < cw; ++c) o[e * cw + c] = bias[c0 + c];
+    // tap by tap over the input rows whose output pixel lies inside (no test per pixel); each
+    // output value sums its taps in tap order
+    const acc_t* img = cols + n * g.Hin * g.Win * KC + c0;
+    for (int64_t i = 0; i < g.KH; ++i) {
+      const auto [h0, h1] = tap_range(g.Hin, g.Hout, g.SH, g.PH, i * g.DH);
+      for (int64_t j = 0; j < g.KW; ++j) {
+        const auto [w0, w1] = tap_range(g.Win, g.Wout, g.SW, g.PW, j * g.DW);
+        const int64_t tap = i * g.KW + j, step = g.SW * cw;
+        for (int64_t ih = h0; ih < h1; ++ih) {
+          const acc_t* src = img + (ih * g.Win + w0) * KC + tap * C;
+          acc_t* dst = o + ((ih * g.SH - g.PH + i * g.DH) * g.Wout + w0 * g.SW - g.PW + j * g.DW) * cw;
+          for (int64_t iw = w0; iw < w1; ++iw, src += KC, dst += step)
+            for (int64_t c = 0; c < cw; ++c) dst[c] += src[c];
         }
       }
     }
+    // (pixel, channel) -> planes, kTile pixels at a time (their lines stay in L1 across channels)
+    scalar_t* yn = y + (n * C + c0) * L;
+    for (int64_t e0 = 0; e0 < L; e0 += kTile) {
+      const int64_t e1 = std::min(L, e0 + kTile);
+      for (int64_t c = 0; c < cw; ++c)
+        for (int64_t e = e0; e < e1; ++e)
+          yn[c * L + e] = static_cast<scalar_t>(act_forward_c<ACT, acc_t>(o[e * cw + c], slope));
+    }
+    for (int64_t c = 0; c < cw && stats && L > 0; ++c) pp[n * C + c0 + c] = plane_welford<acc_t>(yn + c * L, L);
   });
 }
 
@@ -448,52 +431,45 @@ void im2col_grad(const scalar_t* dy, const scalar_t* y, acc_t* cols, const Geome
                  acc_t* pp) {  // pp: g_in.N * C_out per-plane sums of dz, or nullptr
   const bool sums = pp != nullptr;
   const int64_t C = g_in.Cout, L = g_in.Hout * g_in.Wout;
-  const Runs runs = channel_runs(g_in);
-  at::parallel_for(0, g_in.N * runs.per_n, 1, [=](int64_t t0, int64_t t1) {
-    const Geometry g = g_in;
+  for_channel_runs<acc_t>(g_in, [=](const Geometry& g, int64_t n, int64_t c0, int64_t cw, acc_t* d) {
     const acc_t slope = slope_in;
-    const int64_t K = g.KH * g.KW, KC = K * C;
-    std::vector<acc_t> buf(runs.run * L);
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t n = task / runs.per_n, c0 = (task % runs.per_n) * runs.run, cw = std::min(C, c0 + runs.run) - c0;
-      acc_t* d = buf.data();
-      // planes -> (pixel, channel), kTile pixels at a time; the bias sums in kTile-pixel steps
-      const scalar_t* gn = dy + (n * C + c0) * L;
-      const scalar_t* yn = y + (n * C + c0) * L;
-      if (sums)
-        for (int64_t c = 0; c < cw; ++c) pp[n * C + c0 + c] = acc_t(0);
-      for (int64_t e0 = 0; e0 < L; e0 += kTile) {
-        const int64_t e1 = std::min(L, e0 + kTile);
-        for (int64_t c = 0; c < cw; ++c) {
-          acc_t s = 0;
-          for (int64_t e = e0; e < e1; ++e) {
-            const acc_t v = static_cast<acc_t>(gn[c * L + e]) *
-                            act_grad_from_output_c<ACT, acc_t>(static_cast<acc_t>(yn[c * L + e]), slope);
-            d[e * cw + c] = v;
-            s += v;
-          }
-          if (sums) pp[n * C + c0 + c] += s;
+    const int64_t KC = g.KH * g.KW * C;
+    // planes -> (pixel, channel), kTile pixels at a time; the bias sums in kTile-pixel steps
+    const scalar_t* gn = dy + (n * C + c0) * L;
+    const scalar_t* yn = y + (n * C + c0) * L;
+    if (sums)
+      for (int64_t c = 0; c < cw; ++c) pp[n * C + c0 + c] = acc_t(0);
+    for (int64_t e0 = 0; e0 < L; e0 += kTile) {
+      const int64_t e1 = std::min(L, e0 + kTile);
+      for (int64_t c = 0; c < cw; ++c) {
+        acc_t s = 0;
+        for (int64_t e = e0; e < e1; ++e) {
+          const acc_t v = static_cast<acc_t>(gn[c * L + e]) *
+                          act_grad_from_output_c<ACT, acc_t>(static_cast<acc_t>(yn[c * L + e]), slope);
+          d[e * cw + c] = v;
+          s += v;
         }
+        if (sums) pp[n * C + c0 + c] += s;
       }
-      acc_t* row = cols + n * g.Hin * g.Win * KC + c0;
-      for (int64_t ih = 0; ih < g.Hin; ++ih)
-        for (int64_t iw = 0; iw < g.Win; ++iw, row += KC) {
-          const int64_t oh0 = ih * g.SH - g.PH, ow0 = iw * g.SW - g.PW;
-          for (int64_t i = 0; i < g.KH; ++i) {
-            const int64_t oh = oh0 + i * g.DH;
-            for (int64_t j = 0; j < g.KW; ++j) {
-              const int64_t ow = ow0 + j * g.DW;
-              acc_t* rb = row + (i * g.KW + j) * C;
-              if (oh < 0 || oh >= g.Hout || ow < 0 || ow >= g.Wout) {
-                for (int64_t c = 0; c < cw; ++c) rb[c] = acc_t(0);
-              } else {
-                const acc_t* db = d + (oh * g.Wout + ow) * cw;
-                for (int64_t c = 0; c < cw; ++c) rb[c] = db[c];
-              }
+    }
+    acc_t* row = cols + n * g.Hin * g.Win * KC + c0;
+    for (int64_t ih = 0; ih < g.Hin; ++ih)
+      for (int64_t iw = 0; iw < g.Win; ++iw, row += KC) {
+        const int64_t oh0 = ih * g.SH - g.PH, ow0 = iw * g.SW - g.PW;
+        for (int64_t i = 0; i < g.KH; ++i) {
+          const int64_t oh = oh0 + i * g.DH;
+          for (int64_t j = 0; j < g.KW; ++j) {
+            const int64_t ow = ow0 + j * g.DW;
+            acc_t* rb = row + (i * g.KW + j) * C;
+            if (oh < 0 || oh >= g.Hout || ow < 0 || ow >= g.Wout) {
+              for (int64_t c = 0; c < cw; ++c) rb[c] = acc_t(0);
+            } else {
+              const acc_t* db = d + (oh * g.Wout + ow) * cw;
+              for (int64_t c = 0; c < cw; ++c) rb[c] = db[c];
             }
           }
         }
-    }
+      }
   });
 }
 
@@ -816,6 +792,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2d_bwd_cpu(
 }
 
 }  // namespace
+
+// For genfast::conv_transpose2d_act (csrc/conv_transpose_autograd.cpp), on arguments it has
+// validated: whether they take the GEMM form's forward; its eager CPU calls run torch's own
+// product elsewhere.
+bool conv_transpose_gemm_form(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups,
+                              at::IntArrayRef dilation) {
+  return gemm_eligible(x, geometry(x, w, stride, padding, output_padding, groups, dilation, -1, -1));
+}
 
 TORCH_LIBRARY_IMPL(genfast, CPU, m) {
   m.impl("conv_transpose2d_fwd", &conv_transpose2d_fwd_cpu);

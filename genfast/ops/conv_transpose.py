@@ -538,25 +538,22 @@ def conv_transpose_eager(input, weight, bias, stride, padding, output_padding, g
                          act, negative_slope):
     """act(conv_transpose2d(input) + bias) for an eager CPU call (B.eager_cpu; ``act`` checked):
     genfast::conv_transpose2d_act, whose autograd is C++ and whose kernel is the GEMM product with
-    our col2im epilogue (csrc/cpu/conv_transpose.cpp: 1.1-5x ATen's oneDNN product on the CI CPU
-    at generator shapes); arguments that kernel does not take run torch's own conv_transpose2d
-    (its checks and exceptions) and activation. Python checks of our own measured 50-100 us per
+    our col2im epilogue, for the shapes where that measured faster than ATen's oneDNN product on
+    the CI CPU (csrc/cpu/conv_transpose.cpp); everything else (and arguments the kernel does not
+    take) runs torch's own conv_transpose2d (its checks and exceptions) and activation. The op's
+    int[2] arguments take an int or a pair, as torch's do. Python checks of our own measured 50-100 us per
     call on the 2-core CI CPU, so there are none here. Under CPU autocast: torch's product in the
     autocast dtype, then torch's activation in place."""
     if not torch.is_autocast_enabled("cpu"):
         try:
-            return _CT_ACT(input, weight, bias, _two(stride), _two(padding), _two(output_padding),
-                           groups, _two(dilation), B.ACTIVATIONS[act], float(negative_slope))
+            return _CT_ACT(input, weight, bias, stride, padding, output_padding, groups, dilation,
+                           B.ACTIVATIONS[act], float(negative_slope))
         except (RuntimeError, TypeError, ValueError):
             pass  # arguments of types the schema does not take: torch's call raises its exception
     from genfast.ops.conv_act import _act_eager
 
     return _act_eager(torch.nn.functional.conv_transpose2d(
         input, weight, bias, stride, padding, output_padding, groups, dilation), act, negative_slope)
-
-
-def _two(v):
-    return v if isinstance(v, (tuple, list)) else (v, v)
 
 
 def conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation,
