@@ -21,18 +21,27 @@ TORCH_ACT = {"identity": lambda z: z, "relu": F.relu, "leaky_relu": lambda z: F.
              "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 
 # (N, C_in, C_out, H, W, kernel, stride, padding, output_padding, dilation): each takes the GEMM
-# form's forward (groups 1, NCHW, stride > 1 or a 1x1 input; at most 64 input pixels or at most
-# 8 output channels), covering one image (products on views), whole-batch products, one product
-# per image (>= 128 pixels), 1x1 inputs, odd strides, dilation and output padding, border taps,
-# and both backward forms (GEMM up to 16 input pixels, ATen's above).
+# form's forward (groups 1, NCHW, stride > 1 or a 1x1 input). Cases 0-5 and 11 have up to 8
+# output channels (the plane layout of the columns), 6-10 more (the row layout). Between them:
+# one image (products on views), products over the batch, a thread per image (>= 128 input
+# pixels, at least as many images as threads: N = 4 here), 1x1 inputs, odd strides (the
+# general interleave), dilation and output padding, border taps, phase rows wider than the
+# input (11: no flat runs), and both backward forms (GEMM up to 16 input pixels, ATen's above).
 GEMM_CASES = [
     (1, 3, 5, 4, 5, (4, 4), (2, 2), (1, 1), (0, 0), (1, 1)),
     (3, 4, 6, 4, 4, (4, 4), (2, 2), (1, 1), (0, 0), (1, 1)),
     (2, 5, 7, 1, 1, (4, 4), (1, 1), (0, 0), (0, 0), (1, 1)),
     (2, 4, 1, 7, 6, (5, 5), (2, 2), (2, 2), (1, 1), (1, 1)),
-    (3, 3, 5, 12, 11, (4, 3), (2, 3), (1, 0), (1, 2), (1, 1)),
+    (4, 3, 5, 12, 11, (4, 3), (2, 3), (1, 0), (1, 2), (1, 1)),
     (2, 3, 4, 4, 4, (3, 2), (3, 1), (0, 1), (2, 0), (2, 3)),
+    (1, 6, 12, 5, 4, (4, 4), (2, 2), (1, 1), (0, 0), (1, 1)),
+    (3, 5, 10, 4, 4, (3, 3), (2, 2), (1, 1), (1, 1), (1, 1)),
+    (2, 6, 16, 1, 1, (4, 4), (1, 1), (0, 0), (0, 0), (1, 1)),
+    (4, 3, 9, 12, 11, (4, 3), (2, 3), (1, 0), (1, 2), (1, 1)),
+    (2, 3, 10, 4, 4, (3, 2), (3, 1), (0, 1), (2, 0), (2, 3)),
+    (2, 3, 2, 5, 5, (4, 4), (2, 2), (0, 0), (0, 0), (1, 1)),
 ]
+PLANE, ROWS = 1, 7  # a case of each layout, over a batch
 
 
 def _ref(x, w, b, case, act, dy):
@@ -79,12 +88,13 @@ def test_gemm_form_matches_float64(ci, act, dtype):
         assert db.numel() == 0
 
 
+@pytest.mark.parametrize("layout", [PLANE, ROWS])
 @pytest.mark.parametrize("special", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu", "tanh"])
-def test_gemm_form_special_values_like_torch(special, act):
+def test_gemm_form_special_values_like_torch(special, act, layout):
     """A NaN or inf in the input reaches exactly the outputs (and the weight gradient) torch's
     float64 result has it in: the product, col2im and im2col drop no tap and mix no tap in."""
-    case = GEMM_CASES[1]
+    case = GEMM_CASES[layout]
     N, _, co, H, W, k, s, p, op, d = case
     x, w, b = _inputs(case, torch.float32)
     x[1, 2, 1, 3] = special
@@ -134,8 +144,7 @@ def test_eager_op_only_the_requested_gradients():
     assert x.grad is None
 
 
-@pytest.mark.parametrize("kind", ["groups", "channels_last", "unbatched", "bfloat16", "empty_batch", "stride_one",
-                                  "large"])
+@pytest.mark.parametrize("kind", ["groups", "channels_last", "unbatched", "bfloat16", "empty_batch", "stride_one"])
 def test_eager_op_falls_back_to_torch(kind):
     """Arguments the C++ kernel does not take run torch's own op: the result is torch's, bit for
     bit (the same ATen calls), with torch's autograd node."""
@@ -148,8 +157,6 @@ def test_eager_op_falls_back_to_torch(kind):
         dtype = torch.bfloat16
     elif kind == "empty_batch":
         x_shape = (0, 4, 3, 3)
-    elif kind == "large":
-        x_shape = (2, 4, 12, 12)  # > 64 input pixels and > 8 output channels: ATen's product
     elif kind == "stride_one":
         stride = 1  # stride 1 from a 3x3 input: ATen's product
     x = torch.randn(*x_shape, dtype=dtype)
@@ -175,11 +182,16 @@ def test_eager_op_bad_input_raises_torch_exception():
     assert str(ours.value) == str(theirs.value)
 
 
-def test_gemm_form_deterministic_across_thread_counts():
-    case = GEMM_CASES[1]
+@pytest.mark.parametrize("ci", [1, 4, 7, 9])
+def test_gemm_form_deterministic_across_thread_counts(ci):
+    """Over the batch (1, 7) and a thread per image (4, 9; N = 4 >= both thread counts), in each
+    layout of the columns."""
+    case = GEMM_CASES[ci]
     N, _, co, H, W, k, s, p, op, d = case
     x, w, b = _inputs(case, torch.float32)
-    dy = torch.linspace(-1, 1, N * co * 8 * 8).view(N, co, 8, 8)
+    Ho, Wo = ((H - 1) * s[0] - 2 * p[0] + d[0] * (k[0] - 1) + op[0] + 1,
+              (W - 1) * s[1] - 2 * p[1] + d[1] * (k[1] - 1) + op[1] + 1)
+    dy = torch.linspace(-1, 1, N * co * Ho * Wo).view(N, co, Ho, Wo)
 
     def run():
         y, part, _ = torch.ops.genfast.conv_transpose2d_fwd(x, w, b, s, p, op, 1, d, 2, SLOPE, True)

@@ -253,53 +253,51 @@ void grad_pre(const scalar_t* dy,                     // grad of the output, lay
 // The GEMM product (NCHW tensors, groups == 1). Measured on the 2-core AVX-512 CI CPU: ATen's
 // oneDNN transposed convolution ran the DCGAN generator layers at 80-160 GFLOP/s where one BLAS
 // product of the same FLOPs ran at 190-250 GFLOP/s, and a 1-channel output layer 6x slower. So
-// the transposed convolution is written as one product and our scatter:
-//   cols[(n, ih, iw), (i, j, co)] = sum_ci x[n, ci, ih, iw] * w[ci, co, i, j]
-// (at::mm of x as the (N*H_in*W_in, C_in) matrix, one transposing copy, by w as the
-// (C_in, KH*KW*C_out) matrix, a small copy); then col2im adds row (n, ih, iw)'s tap (i, j), a
-// run of channels, into output pixel (ih*SH - PH + i*DH, iw*SW - PW + j*DW) of a per-thread
-// (pixel, channel) buffer: contiguous, vectorised adds. The buffer leaves through `epilogue`'s
-// bias, activation and statistics, plane by plane, while in cache.
-// Backward: dz = dy * act'(y) is built in the same buffer (with the bias gradient's per-plane
-// sums), im2col copies its runs of channels into the same column layout (zeros outside), then
-// two BLAS products:
+// the transposed convolution is written as one product and our col2im:
+//   columns[(n, ih, iw), (i, j, co)] = sum_ci x[n, ci, ih, iw] * w[ci, co, i, j]
+// (at::mm; w as the (C_in, KH*KW*C_out) matrix, a small copy), then each output value is the
+// bias plus its taps (i, j) in tap order, gathered from the columns, through the activation,
+// with the plane's BatchNorm statistics while it is in cache (gemm_forward: the two layouts of
+// the columns, rows of channels or planes of pixels, and the two ways of running the products).
+// Backward: dz = dy * act'(y) is built in a per-thread (pixel, channel) buffer (with the bias
+// gradient's per-plane sums), im2col copies its runs of channels into the row layout (zeros
+// outside), then two BLAS products:
 //   grad_input^T (N*HW, C_in) = cols x w2^T,   grad_weight (C_in, K*C_out) = x^T x cols.
-// Tasks are (n, run of channels); each output value sums its taps in a fixed order, whatever the
-// number of threads (deterministic).
-// Memory: cols holds C_out*K*H_in*W_in values per image, (KH*KW)/(SH*SW) times the output (4x
-// for k4 s2), for the whole batch or one image at a time (per_image); above kMaxColsBytes the
-// ATen path runs instead.
+// Each output value sums its taps in a fixed order, whatever the number of threads; grad_weight
+// sums the chunks of the batch in batch order (deterministic).
+// Memory: the columns hold C_out*K*H_in*W_in values per image, (KH*KW)/(SH*SW) times the output
+// (4x for k4 s2), for one image per thread or a chunk of the batch at a time; above
+// kMaxColsBytes per image the ATen path runs instead.
 constexpr int64_t kMaxColsBytes = int64_t(1) << 28;  // one image's columns, above which ATen's path runs
 constexpr int64_t kChunkBytes = int64_t(1) << 25;    // the columns of one product, unless one image needs more
-constexpr int64_t kBufElems = int64_t(1) << 17;  // per-thread (pixel, channel) buffer: 512 KiB of float
-constexpr int64_t kTile = 32;                     // pixels per step of the buffer <-> planes transposes
+constexpr int64_t kBufElems = int64_t(1) << 17;  // backward's per-thread (pixel, channel) buffer: 512 KiB of float
+constexpr int64_t kTile = 32;                     // pixels per step of the (pixel, channel) <-> planes transposes
 
-// Where it runs, per direction: measured interleaved against ATen's product on the idle CI CPU
-// (alternating calls, medians, repeated runs; generator layers of the seed models; this VM's
-// speed drifts, so single runs move 10-20%):
-// - forward, with stride > 1 or from a 1x1 input: 1.2-1.5x on DCGAN's 4x4 layer, 1.4-1.6x from
-//   1x1 noise inputs, 1.4-3x on 1- and 3-channel output layers at 14x14 to 32x32; a tie
-//   (0.9-1.1x) on the 7x7 and 8x8 layers. On the 16x16 -> 32x32, 128 -> 64 channel layer it
-//   measured 0.82-1.19x from run to run (col2im reads 4x the output, about 0.7 ns per value,
-//   as much time as the product saves), so from 65 input pixels it runs only up to 8 output
-//   channels. It lost on stride-1 k5 layers (0.6x: the columns are 25x the input).
+// Where it runs, per direction: measured interleaved against ATen's product + torch's activation
+// on the idle CI CPU (alternating calls, medians and minima, repeated runs; generator layers of
+// the seed models; this VM's speed drifts, so single runs move 10-20%):
+// - forward, with stride > 1 or from a 1x1 input: 2.6x from 1x1 noise inputs (100 -> 512, batch
+//   64); 1.3x on DCGAN's 4x4 layer; 1.1x on the 7x7 and 8x8 layers; 1.05-1.12x on the 16x16,
+//   128 -> 64 layer (batch 8 and 16; thread per image); 1.25x on a 14x14, 32 -> 16 layer;
+//   4-5.5x on 1- and 3-channel output layers (plane layout). It lost on stride-1 k5 layers
+//   (0.6-0.8x: the columns are 25x the input), so stride 1 keeps ATen's product.
 // - backward: the GEMM form (im2col, then two products) won only from 1x1 and 4x4 inputs
 //   (1.5x and 1.1x); elsewhere ATen's convolution backward on our dz was as fast or faster
 //   (on the few-channel output layers 1.5-1.9x eager against 1.2-1.7x).
-constexpr int64_t kGemmFwdMaxPixels = 64;     // input pixels per image, up to which the forward runs it
-constexpr int64_t kGemmFwdAnyPixelsCout = 8;  // output channels, up to which it runs at any input size
+constexpr int64_t kPlaneFormMaxCout = 8;   // output channels, up to which the forward's columns are planes
 constexpr int64_t kGemmBwdMaxPixels = 16;  // input pixels per image, up to which the backward runs it
 
-// Which form of the forward: from 128 input pixels per image, one product per image on x's own
-// (C_in, H*W) plane (no transposing copy of x), each image's columns consumed by col2im while
-// they are in cache; below, one product over the whole batch, whose images alone are too small
-// to keep the BLAS kernel busy (measured on the CI CPU at 4x4 to 32x32 inputs).
-bool per_image(const Geometry& g) { return g.N > 1 && g.Hin * g.Win >= 128; }
+// Which form of the forward: from 128 input pixels per image, and with at least as many images
+// as threads, a thread per image (gemm_forward); else the products over chunks of the batch,
+// whose images alone are too small to keep the BLAS kernel busy (measured on the CI CPU at 4x4
+// to 32x32 inputs).
+bool thread_per_image(const Geometry& g) {
+  return g.N > 1 && g.Hin * g.Win >= 128 && g.N >= at::get_num_threads();
+}
 
-// Images per product: one (per_image), else as many as keep the columns within kChunkBytes, so
-// that a large batch does not hold (KH*KW)/(SH*SW) times its output at once.
+// Images per product: as many as keep the columns within kChunkBytes, so that a large batch
+// does not hold (KH*KW)/(SH*SW) times its output at once.
 int64_t chunk_images(const Geometry& g, int64_t elem) {
-  if (per_image(g)) return 1;
   const int64_t per = std::max<int64_t>(1, g.Hin * g.Win * g.KH * g.KW * g.Cout * elem);
   return std::max<int64_t>(1, std::min(g.N, kChunkBytes / per));
 }
@@ -307,7 +305,7 @@ int64_t chunk_images(const Geometry& g, int64_t elem) {
 bool gemm_eligible(const at::Tensor& x, const Geometry& g) {
   if (g.G != 1 || g.N == 0 || g.Cin == 0 || g.Cout == 0) return false;
   const int64_t pixels = g.Hin * g.Win;
-  if (pixels > 1 && (g.SH * g.SW == 1 || (pixels > kGemmFwdMaxPixels && g.Cout > kGemmFwdAnyPixelsCout)))
+  if (pixels > 1 && g.SH * g.SW == 1)
     return false;
   if (memory_format_of(x) != at::MemoryFormat::Contiguous) return false;
   const int64_t elem = x.scalar_type() == at::kDouble ? 8 : 4;
@@ -319,11 +317,11 @@ bool gemm_backward(const at::Tensor& x, const Geometry& g) {
 }
 
 
-// x (N, C_in, H, W) as the (N*H*W, C_in) matrix of the products (a transposed view for one image)
+// x's images (n, C_in, H, W) as the (n*H*W, C_in) matrix (a transposed view for one image)
 at::Tensor x_rows(const at::Tensor& xc, const Geometry& g) {
-  const int64_t HW = g.Hin * g.Win;
-  if (g.N == 1) return xc.view({g.Cin, HW}).t();
-  return xc.permute({0, 2, 3, 1}).contiguous().view({g.N * HW, g.Cin});
+  const int64_t HW = g.Hin * g.Win, n = xc.size(0);
+  if (n == 1) return xc.view({g.Cin, HW}).t();
+  return xc.permute({0, 2, 3, 1}).contiguous().view({n * HW, g.Cin});
 }
 
 // grad_input (N, C_in, H, W) from cols (N*H*W, K*C_out) and wt (C_in, K*C_out)
@@ -332,11 +330,12 @@ at::Tensor gemm_grad_input(const at::Tensor& cols, const at::Tensor& wt, const G
   return at::mm(cols, wt.t()).view({g.N, g.Hin, g.Win, g.Cin}).permute({0, 3, 1, 2});
 }
 
-// x as the (C_in, N*H*W) matrix (a view when N == 1, else a copy of whole planes)
+// x's images (n, C_in, H, W) as the (C_in, n*H*W) matrix (a view for one image, else a copy of
+// whole planes)
 at::Tensor x_cols(const at::Tensor& xa, const Geometry& g) {
-  const int64_t HW = g.Hin * g.Win;
-  if (g.N == 1) return xa.contiguous().view({g.Cin, HW});
-  return xa.contiguous().view({g.N, g.Cin, HW}).transpose(0, 1).contiguous().view({g.Cin, g.N * HW});
+  const int64_t HW = g.Hin * g.Win, n = xa.size(0);
+  if (n == 1) return xa.contiguous().view({g.Cin, HW});
+  return xa.contiguous().view({n, g.Cin, HW}).transpose(0, 1).contiguous().view({g.Cin, n * HW});
 }
 
 // w (C_in, C_out, KH, KW) as the (C_in, KH*KW*C_out) matrix of the products
@@ -362,13 +361,13 @@ Runs channel_runs(const Geometry& g) {
 
 // Runs fn(g, n, c0, cw, buf) for every task (image n, channels [c0, c0 + cw)) of g's grid on
 // the thread pool; g is the thread's private copy and buf its (pixel, channel) buffer of
-// runs.run * H_out * W_out values.
+// runs.run * pixels values.
 template <typename acc_t, typename F>
-void for_channel_runs(const Geometry& g_in, F&& fn) {
+void for_channel_runs(const Geometry& g_in, int64_t pixels, F&& fn) {
   const Runs runs = channel_runs(g_in);
   at::parallel_for(0, g_in.N * runs.per_n, 1, [&](int64_t t0, int64_t t1) {
     const Geometry g = g_in;
-    std::vector<acc_t> buf(runs.run * g.Hout * g.Wout);
+    std::vector<acc_t> buf(runs.run * pixels);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t n = task / runs.per_n, c0 = (task % runs.per_n) * runs.run;
       fn(g, n, c0, std::min(g.Cout, c0 + runs.run) - c0, buf.data());
@@ -384,44 +383,260 @@ inline std::pair<int64_t, int64_t> tap_range(int64_t in, int64_t out, int64_t S,
   return {lo, std::max(lo, hi)};
 }
 
-// y = act(col2im(cols) + bias) (NCHW) for the g_in.N images of cols and y, with the statistics
-// of `epilogue`
+// Along one axis, the output positions o = r + S*q of phase r (q in [0, Q[r])) receive, per tap
+// k with (r + P - k*D) divisible by S, input position q + delta, for q in [q0, q1) (the input
+// positions inside [0, in)); taps[r] lists them in increasing k.
+struct PhaseTap {
+  int64_t k, delta, q0, q1;
+};
+struct AxisPhases {
+  int64_t S = 1;
+  std::vector<int64_t> Q;
+  std::vector<std::vector<PhaseTap>> taps;
+};
+AxisPhases axis_phases(int64_t in, int64_t out, int64_t K, int64_t S, int64_t P, int64_t D) {
+  AxisPhases a;
+  a.S = S;
+  a.Q.assign(S, 0);
+  a.taps.resize(S);
+  for (int64_t r = 0; r < S; ++r) {
+    a.Q[r] = r < out ? (out - r + S - 1) / S : 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t num = r + P - k * D;
+      if (((num % S) + S) % S != 0) continue;
+      const int64_t delta = num / S;  // exact
+      const int64_t q0 = std::max<int64_t>(0, -delta), q1 = std::min(a.Q[r], in - delta);
+      if (q1 > q0) a.taps[r].push_back(PhaseTap{k, delta, q0, q1});
+    }
+  }
+  return a;
+}
+
+// Row stride of phase rw's buffer in col2im_plane: W_in when its Q_w fits (the columns' own
+// stride, so that a tap's rows add as one flat run), else Q_w.
+inline int64_t phase_stride(const AxisPhases& pw, int64_t rw, int64_t Win) { return std::max(pw.Q[rw], Win); }
+
+// Values of col2im_plane's buffer: the phases' buffers, then as many for the saved values.
+int64_t plane_buffer(const Geometry& g, const AxisPhases& pw) {
+  int64_t r = 0;
+  for (int64_t rw = 0; rw < pw.S; ++rw) r += phase_stride(pw, rw, g.Win);
+  return 2 * g.Hout * r;
+}
+
+// One output plane (image n, channel co) of the forward from the transposed columns
+//   ct[(i*KW + j)*C_out + co][ih*W_in + iw]  (row stride ldc; the image's first pixel at ct).
+// The plane is summed phase by phase of the stride in buf (phase (rh, rw) holds the outputs
+// (rh + S_H*qh, rw + S_W*qw) in Q_h[rh] rows of phase_stride values): the bias, then each tap of
+// the phase in tap order (i, j). A tap whose rows share the columns' stride adds as one flat
+// run over its rows; the few values of that run which lie outside the tap's columns (where the
+// run wraps from one row to the next) are saved before and put back after, untouched. The
+// phases are then interleaved into y's plane through the activation, and the plane's
+// statistics taken while it is in cache.
 template <int ACT, typename scalar_t, typename acc_t>
-void col2im_epilogue(const acc_t* cols, scalar_t* y, const acc_t* bias, const Geometry& g_in, acc_t slope_in,
-                     Welford<acc_t>* pp) {  // pp: g_in.N * C_out per-plane statistics, or nullptr
-  const bool stats = pp != nullptr;
-  const int64_t C = g_in.Cout, L = g_in.Hout * g_in.Wout;
-  for_channel_runs<acc_t>(g_in, [=](const Geometry& g, int64_t n, int64_t c0, int64_t cw, acc_t* o) {
-    const acc_t slope = slope_in;
-    const int64_t KC = g.KH * g.KW * C;
-    for (int64_t e = 0; e < L; ++e)
-      for (int64_t c = 0; c < cw; ++c) o[e * cw + c] = bias[c0 + c];
-    // tap by tap over the input rows whose output pixel lies inside (no test per pixel); each
-    // output value sums its taps in tap order
-    const acc_t* img = cols + n * g.Hin * g.Win * KC + c0;
-    for (int64_t i = 0; i < g.KH; ++i) {
-      const auto [h0, h1] = tap_range(g.Hin, g.Hout, g.SH, g.PH, i * g.DH);
-      for (int64_t j = 0; j < g.KW; ++j) {
-        const auto [w0, w1] = tap_range(g.Win, g.Wout, g.SW, g.PW, j * g.DW);
-        const int64_t tap = i * g.KW + j, step = g.SW * cw;
-        for (int64_t ih = h0; ih < h1; ++ih) {
-          const acc_t* src = img + (ih * g.Win + w0) * KC + tap * C;
-          acc_t* dst = o + ((ih * g.SH - g.PH + i * g.DH) * g.Wout + w0 * g.SW - g.PW + j * g.DW) * cw;
-          for (int64_t iw = w0; iw < w1; ++iw, src += KC, dst += step)
-            for (int64_t c = 0; c < cw; ++c) dst[c] += src[c];
+GENFAST_SIMD_CLONES void col2im_plane(const acc_t* ct, int64_t ldc, int64_t co, scalar_t* yp, acc_t bias,
+                                      const Geometry& g, const AxisPhases& ph, const AxisPhases& pw, acc_t* buf,
+                                      acc_t** off, acc_t slope, Welford<acc_t>* stat) {
+  const int64_t Win = g.Win, KW = g.KW, C = g.Cout, Wout = g.Wout, SH = ph.S, SW = pw.S;
+  acc_t* base = buf;
+  acc_t* saved = buf + plane_buffer(g, pw) / 2;
+  for (int64_t rh = 0; rh < SH; ++rh)
+    for (int64_t rw = 0; rw < SW; ++rw) {
+      const int64_t Qh = ph.Q[rh], Qw = pw.Q[rw], R = phase_stride(pw, rw, Win);
+      acc_t* P = base;
+      off[rh * SW + rw] = P;
+      base += Qh * R;
+      for (int64_t e = 0; e < Qh * R; ++e) P[e] = bias;
+      for (const PhaseTap& a : ph.taps[rh])
+        for (const PhaseTap& b : pw.taps[rw]) {
+          const acc_t* src = ct + ((a.k * KW + b.k) * C + co) * ldc + a.delta * Win + b.delta;
+          if (R != Win) {
+            for (int64_t qh = a.q0; qh < a.q1; ++qh) {
+              const acc_t* sr = src + qh * Win;
+              acc_t* d = P + qh * R;
+              for (int64_t qw = b.q0; qw < b.q1; ++qw) d[qw] += sr[qw];
+            }
+            continue;
+          }
+          // one run from (a.q0, b.q0) to (a.q1 - 1, b.q1 - 1); the values it passes outside
+          // [b.q0, b.q1) are columns [b.q1, Qw) of its rows but the last and [0, b.q0) of its
+          // rows but the first
+          const int64_t e0 = a.q0 * R + b.q0, e1 = (a.q1 - 1) * R + b.q1;
+          int64_t ns = 0;
+          for (int64_t qh = a.q0; qh < a.q1; ++qh) {
+            if (qh + 1 < a.q1)
+              for (int64_t qw = b.q1; qw < Qw; ++qw) saved[ns++] = P[qh * R + qw];
+            if (qh > a.q0)
+              for (int64_t qw = 0; qw < b.q0; ++qw) saved[ns++] = P[qh * R + qw];
+          }
+          for (int64_t e = e0; e < e1; ++e) P[e] += src[e];
+          ns = 0;
+          for (int64_t qh = a.q0; qh < a.q1; ++qh) {
+            if (qh + 1 < a.q1)
+              for (int64_t qw = b.q1; qw < Qw; ++qw) P[qh * R + qw] = saved[ns++];
+            if (qh > a.q0)
+              for (int64_t qw = 0; qw < b.q0; ++qw) P[qh * R + qw] = saved[ns++];
+          }
+        }
+    }
+  for (int64_t oh = 0; oh < g.Hout; ++oh) {
+    const int64_t rh = oh % SH, qh = oh / SH;
+    scalar_t* yr = yp + oh * Wout;
+    acc_t* const* o = off + rh * SW;
+    if (SW == 1) {
+      const acc_t* A = o[0] + qh * phase_stride(pw, 0, Win);
+      for (int64_t ow = 0; ow < Wout; ++ow) yr[ow] = static_cast<scalar_t>(act_forward_c<ACT, acc_t>(A[ow], slope));
+    } else if (SW == 2) {
+      const acc_t* A = o[0] + qh * phase_stride(pw, 0, Win);
+      const acc_t* B = o[1] + qh * phase_stride(pw, 1, Win);
+      const int64_t pairs = Wout / 2;
+      for (int64_t q = 0; q < pairs; ++q) {
+        yr[2 * q] = static_cast<scalar_t>(act_forward_c<ACT, acc_t>(A[q], slope));
+        yr[2 * q + 1] = static_cast<scalar_t>(act_forward_c<ACT, acc_t>(B[q], slope));
+      }
+      if (Wout % 2) yr[Wout - 1] = static_cast<scalar_t>(act_forward_c<ACT, acc_t>(A[pairs], slope));
+    } else {
+      for (int64_t ow = 0; ow < Wout; ++ow) {
+        const int64_t rw = ow % SW;
+        yr[ow] = static_cast<scalar_t>(
+            act_forward_c<ACT, acc_t>(o[rw][qh * phase_stride(pw, rw, Win) + ow / SW], slope));
+      }
+    }
+  }
+  if (stat != nullptr) *stat = plane_welford<acc_t>(yp, g.Hout * Wout);
+}
+
+// Along one axis, the taps that land on each output position o: the m-th of count[o] is kernel
+// index k[o * K + m] from input position t[o * K + m] (o = t*S - P + k*D), in increasing k.
+struct AxisTaps {
+  int64_t K = 0;
+  std::vector<int32_t> count, k, t;
+};
+AxisTaps axis_taps(int64_t in, int64_t out, int64_t K, int64_t S, int64_t P, int64_t D) {
+  AxisTaps a;
+  a.K = K;
+  a.count.assign(out, 0);
+  a.k.resize(out * K);
+  a.t.resize(out * K);
+  for (int64_t o = 0; o < out; ++o)
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t num = o + P - k * D;
+      if (num < 0 || num % S != 0 || num / S >= in) continue;
+      const int64_t m = a.count[o]++;
+      a.k[o * K + m] = static_cast<int32_t>(k);
+      a.t[o * K + m] = static_cast<int32_t>(num / S);
+    }
+  return a;
+}
+
+// One task of the row form's col2im: channels [c0, c0 + cw) of image n from its columns
+//   img[(ih*W_in + iw)*KH*KW*C_out + (i*KW + j)*C_out + co].
+// Output pixels go kTile at a time: each sums the bias and its taps (gathered from the columns,
+// in tap order (i, j)) into the (pixel, channel) tile o, which then leaves through the
+// activation into y's planes; the statistics follow per plane (in cache).
+template <int ACT, typename scalar_t, typename acc_t>
+GENFAST_SIMD_CLONES void col2im_rows(const acc_t* img, scalar_t* y, const acc_t* bias, const Geometry& g,
+                                     const AxisTaps& th, const AxisTaps& tw, int64_t n, int64_t c0, int64_t cw,
+                                     acc_t* o, acc_t slope, Welford<acc_t>* pp) {
+  const int64_t C = g.Cout, L = g.Hout * g.Wout, KC = g.KH * g.KW * C, Win = g.Win, KW = g.KW;
+  img += c0;
+  bias += c0;
+  scalar_t* yn = y + (n * C + c0) * L;
+  for (int64_t e0 = 0; e0 < L; e0 += kTile) {
+    const int64_t e1 = std::min(L, e0 + kTile);
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t oh = e / g.Wout, ow = e % g.Wout;
+      acc_t* t = o + (e - e0) * cw;
+      for (int64_t c = 0; c < cw; ++c) t[c] = bias[c];
+      const int64_t nh = th.count[oh], nw = tw.count[ow];
+      for (int64_t a = 0; a < nh; ++a) {
+        const int64_t i = th.k[oh * th.K + a], ih = th.t[oh * th.K + a];
+        for (int64_t b = 0; b < nw; ++b) {
+          const int64_t j = tw.k[ow * tw.K + b], iw = tw.t[ow * tw.K + b];
+          const acc_t* src = img + (ih * Win + iw) * KC + (i * KW + j) * C;
+          for (int64_t c = 0; c < cw; ++c) t[c] += src[c];
         }
       }
     }
-    // (pixel, channel) -> planes, kTile pixels at a time (their lines stay in L1 across channels)
-    scalar_t* yn = y + (n * C + c0) * L;
-    for (int64_t e0 = 0; e0 < L; e0 += kTile) {
-      const int64_t e1 = std::min(L, e0 + kTile);
-      for (int64_t c = 0; c < cw; ++c)
-        for (int64_t e = e0; e < e1; ++e)
-          yn[c * L + e] = static_cast<scalar_t>(act_forward_c<ACT, acc_t>(o[e * cw + c], slope));
+    for (int64_t c = 0; c < cw; ++c)
+      for (int64_t e = e0; e < e1; ++e)
+        yn[c * L + e] = static_cast<scalar_t>(act_forward_c<ACT, acc_t>(o[(e - e0) * cw + c], slope));
+  }
+  for (int64_t c = 0; c < cw && pp != nullptr && L > 0; ++c) pp[n * C + c0 + c] = plane_welford<acc_t>(yn + c * L, L);
+}
+
+// The forward's GEMM form, in one of two layouts of the columns (the product's output):
+// - rows (many output channels): cols (H_in*W_in per image, KH*KW*C_out) = x as rows of C_in by
+//   wt; each output pixel's taps are runs of channels (col2im_rows);
+// - planes (up to kPlaneFormMaxCout output channels): ct (KH*KW*C_out, H_in*W_in per
+//   image) = wt^T by x's own (C_in, H_in*W_in) planes; each output plane's taps are rows of
+//   pixels (col2im_plane).
+// With a thread per image (thread_per_image), each thread runs its images' products on its own
+// core into its own columns (one image's, in that core's cache) and consumes them there; else
+// the products run over chunks of the batch (chunk_images) and col2im over the chunk's tasks.
+template <int ACT, typename scalar_t, typename acc_t>
+void gemm_forward(const at::Tensor& xc, const at::Tensor& wt, scalar_t* y, const acc_t* bias, const Geometry& g,
+                  acc_t slope, Welford<acc_t>* pp) {  // pp: N * C_out per-plane statistics, or nullptr
+  const int64_t HW = g.Hin * g.Win, L = g.Hout * g.Wout, C = g.Cout, KC = wt.size(1);
+  const bool threads = thread_per_image(g);
+  const int64_t nb = threads ? 1 : chunk_images(g, static_cast<int64_t>(sizeof(acc_t)));
+  if (g.Cout > kPlaneFormMaxCout) {
+    const AxisTaps th = axis_taps(g.Hin, g.Hout, g.KH, g.SH, g.PH, g.DH);
+    const AxisTaps tw = axis_taps(g.Win, g.Wout, g.KW, g.SW, g.PW, g.DW);
+    if (threads) {
+      at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
+        at::Tensor cols = at::empty({HW, KC}, wt.options());
+        std::vector<acc_t> buf(kTile * C);
+        for (int64_t n = n0; n < n1; ++n) {
+          at::mm_out(cols, xc.select(0, n).view({g.Cin, HW}).t(), wt);
+          col2im_rows<ACT, scalar_t, acc_t>(cols.data_ptr<acc_t>(), y, bias, g, th, tw, n, 0, C, buf.data(), slope,
+                                            pp);
+        }
+      });
+      return;
     }
-    for (int64_t c = 0; c < cw && stats && L > 0; ++c) pp[n * C + c0 + c] = plane_welford<acc_t>(yn + c * L, L);
-  });
+    for (int64_t n0 = 0; n0 < g.N; n0 += nb) {
+      Geometry gc = g;
+      gc.N = std::min(nb, g.N - n0);
+      const at::Tensor cols = at::mm(x_rows(xc.narrow(0, n0, gc.N), g), wt);
+      const acc_t* cp = cols.data_ptr<acc_t>();
+      scalar_t* yc = y + n0 * C * L;
+      Welford<acc_t>* pc = pp != nullptr ? pp + n0 * C : nullptr;
+      for_channel_runs<acc_t>(gc, kTile, [&](const Geometry& gt, int64_t n, int64_t c0, int64_t cw, acc_t* o) {
+        col2im_rows<ACT, scalar_t, acc_t>(cp + n * HW * KC, yc, bias, gt, th, tw, n, c0, cw, o, slope, pc);
+      });
+    }
+    return;
+  }
+  const AxisPhases ph = axis_phases(g.Hin, g.Hout, g.KH, g.SH, g.PH, g.DH);
+  const AxisPhases pw = axis_phases(g.Win, g.Wout, g.KW, g.SW, g.PW, g.DW);
+  const at::Tensor wT = wt.t();  // (KH*KW*C_out, C_in), a transposed view
+  auto plane = [&](const acc_t* cp, int64_t ldc, int64_t n, int64_t co, acc_t* buf, acc_t** off) {
+    col2im_plane<ACT, scalar_t, acc_t>(cp, ldc, co, y + (n * C + co) * L, bias[co], g, ph, pw, buf, off, slope,
+                                       pp != nullptr ? pp + n * C + co : nullptr);
+  };
+  if (threads) {
+    at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
+      at::Tensor ct = at::empty({KC, HW}, wt.options());
+      std::vector<acc_t> buf(plane_buffer(g, pw));
+      std::vector<acc_t*> off(g.SH * g.SW);
+      for (int64_t n = n0; n < n1; ++n) {
+        at::mm_out(ct, wT, xc.select(0, n).view({g.Cin, HW}));
+        for (int64_t co = 0; co < C; ++co) plane(ct.data_ptr<acc_t>(), HW, n, co, buf.data(), off.data());
+      }
+    });
+    return;
+  }
+  for (int64_t n0 = 0; n0 < g.N; n0 += nb) {
+    const int64_t m = std::min(nb, g.N - n0);
+    const at::Tensor ct = at::mm(wT, x_cols(xc.narrow(0, n0, m), g));
+    const acc_t* cp = ct.data_ptr<acc_t>();
+    at::parallel_for(0, m * C, 1, [&](int64_t r0, int64_t r1) {
+      std::vector<acc_t> buf(plane_buffer(g, pw));
+      std::vector<acc_t*> off(g.SH * g.SW);
+      for (int64_t r = r0; r < r1; ++r)
+        plane(cp + (r / C) * HW, m * HW, n0 + r / C, r % C, buf.data(), off.data());
+    });
+  }
 }
 
 // cols[(n, ih, iw), (i, j, co)] = dz[n, co, ih*SH - PH + i*DH, iw*SW - PW + j*DW] (0 outside),
@@ -431,7 +646,7 @@ void im2col_grad(const scalar_t* dy, const scalar_t* y, acc_t* cols, const Geome
                  acc_t* pp) {  // pp: g_in.N * C_out per-plane sums of dz, or nullptr
   const bool sums = pp != nullptr;
   const int64_t C = g_in.Cout, L = g_in.Hout * g_in.Wout;
-  for_channel_runs<acc_t>(g_in, [=](const Geometry& g, int64_t n, int64_t c0, int64_t cw, acc_t* d) {
+  for_channel_runs<acc_t>(g_in, L, [=](const Geometry& g, int64_t n, int64_t c0, int64_t cw, acc_t* d) {
     const acc_t slope = slope_in;
     const int64_t KC = g.KH * g.KW * C;
     // planes -> (pixel, channel), kTile pixels at a time; the bias sums in kTile-pixel steps
@@ -500,18 +715,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, con
     dispatch_activation(act, [&](auto a) {
       constexpr int A = decltype(a)::value;
       const acc_t slope = static_cast<acc_t>(slope_d);
-      // the products chunk by chunk of images, each chunk's columns consumed by col2im
-      const int64_t HW = g.Hin * g.Win, CL = g.Cout * g.Hout * g.Wout;
-      const int64_t nb = chunk_images(g, static_cast<int64_t>(sizeof(acc_t)));
-      at::Tensor cols = at::empty({nb * HW, wt.size(1)}, acc_opts);
-      Geometry gc = g;
-      for (int64_t n0 = 0; n0 < g.N; n0 += nb) {
-        gc.N = std::min(nb, g.N - n0);
-        at::Tensor out = cols.narrow(0, 0, gc.N * HW);
-        at::mm_out(out, x_rows(xc.narrow(0, n0, gc.N), gc), wt);
-        col2im_epilogue<A, scalar_t, acc_t>(out.data_ptr<acc_t>(), y.data_ptr<scalar_t>() + n0 * CL, bvec.data(), gc,
-                                            slope, stats ? pp + n0 * g.Cout : nullptr);
-      }
+      gemm_forward<A, scalar_t, acc_t>(xc, wt, y.data_ptr<scalar_t>(), bvec.data(), g, slope, pp);
     });
   } else if (g.N > 0) {
     // the product, without bias, in the accumulation type (a no-op conversion for float / double)
