@@ -302,3 +302,17 @@ def test_gemm_form_low_precision(dtype):
     for got, want in zip((dx, dw, db), grads):
         assert got.dtype == dtype
         assert ((got.double() - want).abs() <= 8 * eps * (want.abs().max() + 1)).all()
+
+
+@pytest.mark.parametrize("ci", [4, 9])
+def test_thread_per_image_with_inputs_that_require_grad(ci):
+    """The registered forward called on tensors that require grad (as export and the block's
+    autograd.Function call it): the products on the pool's threads run below autograd too."""
+    case = GEMM_CASES[ci]
+    N, _, co, H, W, k, s, p, op, d = case
+    x, w, b = _inputs(case, torch.float64)
+    for t in (x, w, b):
+        t.requires_grad_()
+    y, _, _ = torch.ops.genfast.conv_transpose2d_fwd(x, w, b, s, p, op, 1, d, CODES["relu"], SLOPE, False)
+    yr, _ = _ref(x.detach(), w.detach(), b.detach(), case, "relu", torch.zeros(y.shape, dtype=torch.float64))
+    assert_close(y.detach(), yr)

@@ -584,6 +584,7 @@ void gemm_forward(const at::Tensor& xc, const at::Tensor& wt, scalar_t* y, const
     const AxisTaps tw = axis_taps(g.Win, g.Wout, g.KW, g.SW, g.PW, g.DW);
     if (threads) {
       at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
+        at::AutoDispatchBelowADInplaceOrView below_autograd;  // per thread: the caller's guard is its own
         at::Tensor cols = at::empty({HW, KC}, wt.options());
         std::vector<acc_t> buf(kTile * C);
         for (int64_t n = n0; n < n1; ++n) {
@@ -616,6 +617,7 @@ void gemm_forward(const at::Tensor& xc, const at::Tensor& wt, scalar_t* y, const
   };
   if (threads) {
     at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // per thread: the caller's guard is its own
       at::Tensor ct = at::empty({KC, HW}, wt.options());
       std::vector<acc_t> buf(plane_buffer(g, pw));
       std::vector<acc_t*> off(g.SH * g.SW);
