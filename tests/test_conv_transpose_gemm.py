@@ -88,7 +88,7 @@ def test_gemm_form_matches_float64(ci, act, dtype):
         assert db.numel() == 0
 
 
-@pytest.mark.parametrize("layout", [PLANE, ROWS])
+@pytest.mark.parametrize("layout", [PLANE, ROWS, 4, 9])  # 4, 9: a thread per image
 @pytest.mark.parametrize("special", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu", "tanh"])
 def test_gemm_form_special_values_like_torch(special, act, layout):
@@ -131,8 +131,9 @@ def test_eager_op_gradcheck_and_gradgradcheck(act):
     assert torch.autograd.gradgradcheck(fn, (x, w, b))
 
 
-def test_eager_op_only_the_requested_gradients():
-    case = GEMM_CASES[1]
+@pytest.mark.parametrize("ci", [1, 9])  # over the batch; a thread per image
+def test_eager_op_only_the_requested_gradients(ci):
+    case = GEMM_CASES[ci]
     N, _, co, H, W, k, s, p, op, d = case
     x, w, b = _inputs(case, torch.float64)
     w.requires_grad_()

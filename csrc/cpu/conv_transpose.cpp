@@ -281,9 +281,12 @@ constexpr int64_t kTile = 32;                     // pixels per step of the (pix
 //   128 -> 64 layer (batch 8 and 16; thread per image); 1.25x on a 14x14, 32 -> 16 layer;
 //   4-5.5x on 1- and 3-channel output layers (plane layout). It lost on stride-1 k5 layers
 //   (0.6-0.8x: the columns are 25x the input), so stride 1 keeps ATen's product.
-// - backward: the GEMM form (im2col, then two products) won only from 1x1 and 4x4 inputs
-//   (1.5x and 1.1x); elsewhere ATen's convolution backward on our dz was as fast or faster
-//   (on the few-channel output layers 1.5-1.9x eager against 1.2-1.7x).
+// - backward: the GEMM form (im2col, then two products) over the batch won only from 1x1 and
+//   4x4 inputs (1.5x and 1.1x); with a thread per image (thread_per_image) it won from 128
+//   input pixels: forward + backward of the 16x16, 128 -> 64 layer 1.13-1.45x eager against
+//   1.04-1.31x with ATen's backward on our dz (batch 8 and 16, with and without grad_input),
+//   the 14x14, 32 -> 16 layer 1.19-1.29x against 1.17-1.22x. At 7x7 and 8x8 a thread per image
+//   lost (0.92-1.0x against 1.03-1.07x), so there ATen's convolution backward runs on our dz.
 constexpr int64_t kPlaneFormMaxCout = 8;   // output channels, up to which the forward's columns are planes
 constexpr int64_t kGemmBwdMaxPixels = 16;  // input pixels per image, up to which the backward runs it
 
@@ -641,53 +644,100 @@ void gemm_forward(const at::Tensor& xc, const at::Tensor& wt, scalar_t* y, const
   }
 }
 
-// cols[(n, ih, iw), (i, j, co)] = dz[n, co, ih*SH - PH + i*DH, iw*SW - PW + j*DW] (0 outside),
-// dz = dy * act'(y); pp[n * C + co] = the plane's sum of dz.
+// One task of im2col_grad: channels [c0, c0 + cw) of image n into its columns img (the image's
+// first row): img[(ih*W_in + iw)*KH*KW*C_out + (i*KW + j)*C_out + co] = dz[n, co, ih*SH - PH +
+// i*DH, iw*SW - PW + j*DW] (0 outside), dz = dy * act'(y), through the (pixel, channel) buffer d
+// (cw * H_out * W_out values); pp[n * C + co] = the plane's sum of dz.
 template <int ACT, typename scalar_t, typename acc_t>
-void im2col_grad(const scalar_t* dy, const scalar_t* y, acc_t* cols, const Geometry& g_in, acc_t slope_in,
-                 acc_t* pp) {  // pp: g_in.N * C_out per-plane sums of dz, or nullptr
-  const bool sums = pp != nullptr;
-  const int64_t C = g_in.Cout, L = g_in.Hout * g_in.Wout;
-  for_channel_runs<acc_t>(g_in, L, [=](const Geometry& g, int64_t n, int64_t c0, int64_t cw, acc_t* d) {
-    const acc_t slope = slope_in;
-    const int64_t KC = g.KH * g.KW * C;
-    // planes -> (pixel, channel), kTile pixels at a time; the bias sums in kTile-pixel steps
-    const scalar_t* gn = dy + (n * C + c0) * L;
-    const scalar_t* yn = y + (n * C + c0) * L;
-    if (sums)
-      for (int64_t c = 0; c < cw; ++c) pp[n * C + c0 + c] = acc_t(0);
-    for (int64_t e0 = 0; e0 < L; e0 += kTile) {
-      const int64_t e1 = std::min(L, e0 + kTile);
-      for (int64_t c = 0; c < cw; ++c) {
-        acc_t s = 0;
-        for (int64_t e = e0; e < e1; ++e) {
-          const acc_t v = static_cast<acc_t>(gn[c * L + e]) *
-                          act_grad_from_output_c<ACT, acc_t>(static_cast<acc_t>(yn[c * L + e]), slope);
-          d[e * cw + c] = v;
-          s += v;
-        }
-        if (sums) pp[n * C + c0 + c] += s;
+GENFAST_SIMD_CLONES void im2col_task(const scalar_t* dy, const scalar_t* y, acc_t* img, const Geometry& g, int64_t n,
+                                     int64_t c0, int64_t cw, acc_t* d, acc_t slope, acc_t* pp) {
+  const int64_t C = g.Cout, L = g.Hout * g.Wout, KC = g.KH * g.KW * C;
+  // planes -> (pixel, channel), kTile pixels at a time; the bias sums in kTile-pixel steps
+  const scalar_t* gn = dy + (n * C + c0) * L;
+  const scalar_t* yn = y + (n * C + c0) * L;
+  if (pp != nullptr)
+    for (int64_t c = 0; c < cw; ++c) pp[n * C + c0 + c] = acc_t(0);
+  for (int64_t e0 = 0; e0 < L; e0 += kTile) {
+    const int64_t e1 = std::min(L, e0 + kTile);
+    for (int64_t c = 0; c < cw; ++c) {
+      acc_t s = 0;
+      for (int64_t e = e0; e < e1; ++e) {
+        const acc_t v = static_cast<acc_t>(gn[c * L + e]) *
+                        act_grad_from_output_c<ACT, acc_t>(static_cast<acc_t>(yn[c * L + e]), slope);
+        d[e * cw + c] = v;
+        s += v;
       }
+      if (pp != nullptr) pp[n * C + c0 + c] += s;
     }
-    acc_t* row = cols + n * g.Hin * g.Win * KC + c0;
-    for (int64_t ih = 0; ih < g.Hin; ++ih)
-      for (int64_t iw = 0; iw < g.Win; ++iw, row += KC) {
-        const int64_t oh0 = ih * g.SH - g.PH, ow0 = iw * g.SW - g.PW;
-        for (int64_t i = 0; i < g.KH; ++i) {
-          const int64_t oh = oh0 + i * g.DH;
-          for (int64_t j = 0; j < g.KW; ++j) {
-            const int64_t ow = ow0 + j * g.DW;
-            acc_t* rb = row + (i * g.KW + j) * C;
-            if (oh < 0 || oh >= g.Hout || ow < 0 || ow >= g.Wout) {
-              for (int64_t c = 0; c < cw; ++c) rb[c] = acc_t(0);
-            } else {
-              const acc_t* db = d + (oh * g.Wout + ow) * cw;
-              for (int64_t c = 0; c < cw; ++c) rb[c] = db[c];
-            }
+  }
+  acc_t* row = img + c0;
+  for (int64_t ih = 0; ih < g.Hin; ++ih)
+    for (int64_t iw = 0; iw < g.Win; ++iw, row += KC) {
+      const int64_t oh0 = ih * g.SH - g.PH, ow0 = iw * g.SW - g.PW;
+      for (int64_t i = 0; i < g.KH; ++i) {
+        const int64_t oh = oh0 + i * g.DH;
+        for (int64_t j = 0; j < g.KW; ++j) {
+          const int64_t ow = ow0 + j * g.DW;
+          acc_t* rb = row + (i * g.KW + j) * C;
+          if (oh < 0 || oh >= g.Hout || ow < 0 || ow >= g.Wout) {
+            for (int64_t c = 0; c < cw; ++c) rb[c] = acc_t(0);
+          } else {
+            const acc_t* db = d + (oh * g.Wout + ow) * cw;
+            for (int64_t c = 0; c < cw; ++c) rb[c] = db[c];
           }
         }
       }
+    }
+}
+
+// im2col_task over the g_in.N images of dy, y and cols (tasks (image, run of channels) in
+// parallel); pp: g_in.N * C_out per-plane sums of dz, or nullptr.
+template <int ACT, typename scalar_t, typename acc_t>
+void im2col_grad(const scalar_t* dy, const scalar_t* y, acc_t* cols, const Geometry& g_in, acc_t slope, acc_t* pp) {
+  const int64_t per = g_in.Hin * g_in.Win * g_in.KH * g_in.KW * g_in.Cout;
+  for_channel_runs<acc_t>(g_in, g_in.Hout * g_in.Wout,
+                          [&](const Geometry& g, int64_t n, int64_t c0, int64_t cw, acc_t* d) {
+                            im2col_task<ACT, scalar_t, acc_t>(dy, y, cols + n * per, g, n, c0, cw, d, slope, pp);
+                          });
+}
+
+// The backward's GEMM form with a thread per image (thread_per_image): each thread gathers its
+// images' dz into its own columns (one image's) and runs both products on its own core:
+// grad_input's plane block (C_in, H*W) = wt x cols^T, and its partial grad_weight += x's planes
+// x cols. The partials are summed in the order of the threads' image ranges (deterministic for a
+// thread count). gi: (N, C_in, H, W) or undefined; returns grad_weight (C_in, KH*KW*C_out) or an
+// undefined tensor.
+template <int ACT, typename scalar_t, typename acc_t>
+at::Tensor gemm_backward_threads(const scalar_t* dy, const scalar_t* y, const at::Tensor& xc, const at::Tensor& wt,
+                                 const at::Tensor& gi, bool need_weight, const Geometry& g, acc_t slope, acc_t* pp) {
+  const int64_t HW = g.Hin * g.Win, L = g.Hout * g.Wout, KC = wt.size(1);
+  std::vector<at::Tensor> partial(g.N);  // at each range's first image
+  at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // per thread: the caller's guard is its own
+    at::Tensor cols = at::empty({HW, KC}, wt.options());
+    std::vector<acc_t> d(g.Cout * L);
+    at::Tensor gw;
+    for (int64_t n = n0; n < n1; ++n) {
+      im2col_task<ACT, scalar_t, acc_t>(dy, y, cols.data_ptr<acc_t>(), g, n, 0, g.Cout, d.data(), slope, pp);
+      if (gi.defined()) {
+        at::Tensor plane = gi.select(0, n).view({g.Cin, HW});
+        at::mm_out(plane, wt, cols.t());
+      }
+      if (need_weight) {
+        const at::Tensor xn = xc.select(0, n).view({g.Cin, HW});
+        if (n == n0) gw = at::mm(xn, cols);
+        else gw.addmm_(xn, cols);
+      }
+    }
+    partial[n0] = gw;
   });
+  at::Tensor total;
+  for (const at::Tensor& t : partial) {
+    if (!t.defined()) continue;
+    if (!total.defined()) total = t;
+    else total.add_(t);
+  }
+  return total;
 }
 
 template <typename scalar_t>
@@ -862,6 +912,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy_in,
       o[c] = static_cast<scalar_t>(s);
     }
   };
+  if ((need_input || need_weight) && g.N > 0 && !cl && gemm_eligible(x, g) && thread_per_image(g)) {
+    // a thread per image: dz gathered into each thread's columns, both products on its core
+    const at::Tensor xc = x.to(acc_opts.dtype()).contiguous(), wt = w_taps(w.to(acc_opts.dtype()), g);
+    at::Tensor gi = need_input ? at::empty({g.N, g.Cin, g.Hin, g.Win}, acc_opts) : at::Tensor();
+    std::vector<acc_t> part(has_bias ? g.N * g.Cout : 0);
+    at::Tensor gw;
+    dispatch_activation(act, [&](auto a) {
+      gw = gemm_backward_threads<decltype(a)::value, scalar_t, acc_t>(
+          dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), xc, wt, gi, need_weight, g, static_cast<acc_t>(slope_d),
+          has_bias ? part.data() : nullptr);
+    });
+    if (has_bias) bias_grad(part);
+    if (need_input) dx = canonical(gi.to(x.scalar_type()), memory_format_of(x));
+    if (need_weight) {
+      gw = gw.view({g.Cin, g.KH, g.KW, g.Cout}).permute({0, 3, 1, 2});
+      dwt = canonical(gw.to(w.scalar_type()), memory_format_of(w));
+    }
+    return {dx, dwt, dbt};
+  }
   if ((need_input || need_weight) && g.N > 0 && !cl && gemm_backward(x, g)) {
     // dz gathered into columns (with the bias gradient), then the two BLAS products
     // chunk by chunk of images, as the forward
