@@ -317,3 +317,29 @@ def test_thread_per_image_with_inputs_that_require_grad(ci):
     y, _, _ = torch.ops.genfast.conv_transpose2d_fwd(x, w, b, s, p, op, 1, d, CODES["relu"], SLOPE, False)
     yr, _ = _ref(x.detach(), w.detach(), b.detach(), case, "relu", torch.zeros(y.shape, dtype=torch.float64))
     assert_close(y.detach(), yr)
+
+
+@pytest.mark.parametrize("act", ["tanh", "sigmoid"])
+def test_float32_tanh_sigmoid_epilogue_accuracy(act):
+    """The epilogues' own float32 tanh and sigmoid (vectorised, not libm) against float64: within
+    2 float32 ulps over magnitudes 1e-6 to 100; sigmoid's outputs below float32's normal range
+    within two subnormal steps of the true value (torch's float32 sigmoid flushes them to 0 from
+    x < -88.7); NaN and +-inf as torch. The values pass through exactly: a 1x1 kernel of weight 1 at stride 2 puts
+    act(x) at the even output pixels."""
+    torch.manual_seed(5)
+    v = torch.cat([torch.randn(20000) * s for s in (1e-6, 1e-3, 0.1, 1, 3, 10, 30, 100)]
+                  + [torch.tensor([0.0, float("inf"), -float("inf"), float("nan"), 87.0, -87.0, -87.4, -100.0,
+                                   -103.0, -105.0, 1e-30, -1e-30, 9.0, 44.0, -44.0])])
+    y = torch.ops.genfast.conv_transpose2d_act(v.view(1, 1, 1, -1), torch.ones(1, 1, 1, 1), None, (2, 2), (0, 0),
+                                               (0, 0), 1, (1, 1), CODES[act], 0.0)[0, 0, 0, ::2]
+    ref = TORCH_ACT[act](v.double())
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    fin = torch.isfinite(ref)
+    tiny = torch.finfo(torch.float32).tiny
+    normal = fin & (ref.abs() >= tiny)
+    ulps = (y.double() - ref).abs()[normal] / (torch.finfo(torch.float32).eps * ref.abs()[normal])
+    assert ulps.max() <= 2.0, ulps.max()
+    sub = fin & ~normal
+    assert (sub & (ref != 0)).any() == (act == "sigmoid")  # sigmoid reaches subnormal outputs
+    assert ((y.double() - ref).abs()[sub] <= 2.0 ** -148).all()
+    assert torch.equal(y[torch.isinf(v)], TORCH_ACT[act](v[torch.isinf(v)]))
