@@ -1,9 +1,8 @@
 // Transposed convolution + bias + activation on the CPU.
 //
 // Two forms of the matrix work. The GEMM form (below, "The GEMM product"; where it measured
-// faster: stride > 1 or a 1x1 input, groups 1, NCHW, at most 64 input pixels or 8 output
-// channels) runs BLAS products (at::mm) and our col2im / im2col passes, which carry the bias,
-// activation, statistics and dz prologue. Everything else goes through ATen's CPU convolution
+// faster: stride > 1 or a 1x1 input, groups 1, NCHW) runs BLAS products (at::mm) and our
+// col2im / im2col passes, which carry the bias, activation, statistics and dz prologue. Everything else goes through ATen's CPU convolution
 // primitives (oneDNN or ATen's GEMM paths), without bias, with our own loops around them:
 //   forward:  P = conv_transpose(x, w) (at::convolution, transposed, no bias), then ONE epilogue
 //             pass y = act(P + bias), optionally with per-channel Welford statistics of the
@@ -15,7 +14,8 @@
 // accumulation), and round once when the epilogue stores y (and grad_input / grad_weight).
 // Deterministic: our loops split the work into fixed tasks (planes or pixel blocks) whose
 // partial sums are merged in a fixed order, independent of the thread count; ATen's CPU
-// convolutions are deterministic run to run for a fixed thread count.
+// convolutions and the GEMM form's products (whose split over images follows the thread
+// count) are deterministic run to run for a fixed thread count.
 //
 // Passes over memory of the ATen form (besides the traffic inside ATen's products, including any
 // layout reorder of their own):
@@ -351,7 +351,7 @@ constexpr int64_t kTile = 32;                     // pixels per step of the (pix
 //   the 14x14, 32 -> 16 layer 1.19-1.29x against 1.17-1.22x. At 7x7 and 8x8 a thread per image
 //   lost (0.92-1.0x against 1.03-1.07x), so there ATen's convolution backward runs on our dz.
 constexpr int64_t kPlaneFormMaxCout = 8;   // output channels, up to which the forward's columns are planes
-constexpr int64_t kGemmBwdMaxPixels = 16;  // input pixels per image, up to which the backward runs it
+constexpr int64_t kGemmBwdMaxPixels = 16;  // input pixels per image, up to which the backward runs it over the batch
 
 // Which form of the forward: from 128 input pixels per image, and with at least as many images
 // as threads, a thread per image (gemm_forward); else the products over chunks of the batch,
@@ -379,7 +379,7 @@ bool gemm_eligible(const at::Tensor& x, const Geometry& g) {
 }
 
 bool gemm_backward(const at::Tensor& x, const Geometry& g) {
-  return g.Hin * g.Win <= kGemmBwdMaxPixels && gemm_eligible(x, g);
+  return (g.Hin * g.Win <= kGemmBwdMaxPixels || thread_per_image(g)) && gemm_eligible(x, g);
 }
 
 
@@ -975,49 +975,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy_in,
       o[c] = static_cast<scalar_t>(s);
     }
   };
-  if ((need_input || need_weight) && g.N > 0 && !cl && gemm_eligible(x, g) && thread_per_image(g)) {
-    // a thread per image: dz gathered into each thread's columns, both products on its core
-    const at::Tensor xc = x.to(acc_opts.dtype()).contiguous(), wt = w_taps(w.to(acc_opts.dtype()), g);
-    at::Tensor gi = need_input ? at::empty({g.N, g.Cin, g.Hin, g.Win}, acc_opts) : at::Tensor();
-    std::vector<acc_t> part(has_bias ? g.N * g.Cout : 0);
-    at::Tensor gw;
-    dispatch_activation(act, [&](auto a) {
-      gw = gemm_backward_threads<decltype(a)::value, scalar_t, acc_t>(
-          dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), xc, wt, gi, need_weight, g, static_cast<acc_t>(slope_d),
-          has_bias ? part.data() : nullptr);
-    });
-    if (has_bias) bias_grad(part);
-    if (need_input) dx = canonical(gi.to(x.scalar_type()), memory_format_of(x));
-    if (need_weight) {
-      gw = gw.view({g.Cin, g.KH, g.KW, g.Cout}).permute({0, 3, 1, 2});
-      dwt = canonical(gw.to(w.scalar_type()), memory_format_of(w));
-    }
-    return {dx, dwt, dbt};
-  }
   if ((need_input || need_weight) && g.N > 0 && !cl && gemm_backward(x, g)) {
-    // dz gathered into columns (with the bias gradient), then the two BLAS products
-    // chunk by chunk of images, as the forward
-    const int64_t HW = g.Hin * g.Win, CL = g.Cout * g.Hout * g.Wout;
-    const int64_t nb = chunk_images(g, static_cast<int64_t>(sizeof(acc_t)));
+    // dz gathered into columns (with the bias gradient), then the two BLAS products: a thread
+    // per image, or chunk by chunk of images as the forward
     const at::Tensor xc = x.to(acc_opts.dtype()).contiguous(), wt = w_taps(w.to(acc_opts.dtype()), g);
-    at::Tensor cols = at::empty({nb * HW, wt.size(1)}, acc_opts);
     at::Tensor gi = need_input ? at::empty({g.N, g.Cin, g.Hin, g.Win}, acc_opts) : at::Tensor();
     at::Tensor gw;
     std::vector<acc_t> part(has_bias ? g.N * g.Cout : 0);
-    Geometry gc = g;
-    for (int64_t n0 = 0; n0 < g.N; n0 += nb) {
-      gc.N = std::min(nb, g.N - n0);
-      at::Tensor cc = cols.narrow(0, 0, gc.N * HW);
+    if (thread_per_image(g)) {
       dispatch_activation(act, [&](auto a) {
-        im2col_grad<decltype(a)::value, scalar_t, acc_t>(
-            dy.data_ptr<scalar_t>() + n0 * CL, y.data_ptr<scalar_t>() + n0 * CL, cc.data_ptr<acc_t>(), gc,
-            static_cast<acc_t>(slope_d), has_bias ? part.data() + n0 * g.Cout : nullptr);
+        gw = gemm_backward_threads<decltype(a)::value, scalar_t, acc_t>(
+            dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), xc, wt, gi, need_weight, g,
+            static_cast<acc_t>(slope_d), has_bias ? part.data() : nullptr);
       });
-      if (need_input) gi.narrow(0, n0, gc.N).copy_(gemm_grad_input(cc, wt, gc));
-      if (need_weight) {
-        const at::Tensor xcols = x_cols(xc.narrow(0, n0, gc.N), gc);
-        if (n0 == 0) gw = at::mm(xcols, cc);
-        else gw.addmm_(xcols, cc);  // chunks summed in batch order (deterministic)
+    } else {
+      const int64_t HW = g.Hin * g.Win, CL = g.Cout * g.Hout * g.Wout;
+      const int64_t nb = chunk_images(g, static_cast<int64_t>(sizeof(acc_t)));
+      at::Tensor cols = at::empty({nb * HW, wt.size(1)}, acc_opts);
+      Geometry gc = g;
+      for (int64_t n0 = 0; n0 < g.N; n0 += nb) {
+        gc.N = std::min(nb, g.N - n0);
+        at::Tensor cc = cols.narrow(0, 0, gc.N * HW);
+        dispatch_activation(act, [&](auto a) {
+          im2col_grad<decltype(a)::value, scalar_t, acc_t>(
+              dy.data_ptr<scalar_t>() + n0 * CL, y.data_ptr<scalar_t>() + n0 * CL, cc.data_ptr<acc_t>(), gc,
+              static_cast<acc_t>(slope_d), has_bias ? part.data() + n0 * g.Cout : nullptr);
+        });
+        if (need_input) gi.narrow(0, n0, gc.N).copy_(gemm_grad_input(cc, wt, gc));
+        if (need_weight) {
+          const at::Tensor xcols = x_cols(xc.narrow(0, n0, gc.N), gc);
+          if (n0 == 0) gw = at::mm(xcols, cc);
+          else gw.addmm_(xcols, cc);  // chunks summed in batch order (deterministic)
+        }
       }
     }
     if (has_bias) bias_grad(part);
