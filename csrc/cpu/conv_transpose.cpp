@@ -353,12 +353,17 @@ constexpr int64_t kTile = 32;                     // pixels per step of the (pix
 constexpr int64_t kPlaneFormMaxCout = 8;   // output channels, up to which the forward's columns are planes
 constexpr int64_t kGemmBwdMaxPixels = 16;  // input pixels per image, up to which the backward runs it over the batch
 
-// Which form of the forward: from 128 input pixels per image, and with at least as many images
-// as threads, a thread per image (gemm_forward); else the products over chunks of the batch,
-// whose images alone are too small to keep the BLAS kernel busy (measured on the CI CPU at 4x4
-// to 32x32 inputs).
-bool thread_per_image(const Geometry& g) {
-  return g.N > 1 && g.Hin * g.Win >= 128 && g.N >= at::get_num_threads();
+// Which way of running the products: from 128 input pixels per image, with at least as many
+// images as threads, and while one image's columns and a weight-sized partial grad_weight stay
+// within kThreadBytes each (a core's cache, which is the point; and each thread holds both), a
+// thread per image (gemm_forward, gemm_backward_threads); else the products over chunks of the
+// batch, whose images alone are too small to keep the BLAS kernel busy (measured on the CI CPU
+// at 4x4 to 32x32 inputs).
+constexpr int64_t kThreadBytes = int64_t(1) << 22;
+bool thread_per_image(const Geometry& g, int64_t elem) {
+  const double kc = double(g.KH) * g.KW * g.Cout * elem;
+  return g.N > 1 && g.Hin * g.Win >= 128 && g.N >= at::get_num_threads() && kc * g.Hin * g.Win <= kThreadBytes &&
+         kc * g.Cin <= kThreadBytes;
 }
 
 // Images per product: as many as keep the columns within kChunkBytes, so that a large batch
@@ -379,7 +384,8 @@ bool gemm_eligible(const at::Tensor& x, const Geometry& g) {
 }
 
 bool gemm_backward(const at::Tensor& x, const Geometry& g) {
-  return (g.Hin * g.Win <= kGemmBwdMaxPixels || thread_per_image(g)) && gemm_eligible(x, g);
+  return (g.Hin * g.Win <= kGemmBwdMaxPixels || thread_per_image(g, x.scalar_type() == at::kDouble ? 8 : 4)) &&
+         gemm_eligible(x, g);
 }
 
 
@@ -643,7 +649,7 @@ template <int ACT, typename scalar_t, typename acc_t>
 void gemm_forward(const at::Tensor& xc, const at::Tensor& wt, scalar_t* y, const acc_t* bias, const Geometry& g,
                   acc_t slope, Welford<acc_t>* pp) {  // pp: N * C_out per-plane statistics, or nullptr
   const int64_t HW = g.Hin * g.Win, L = g.Hout * g.Wout, C = g.Cout, KC = wt.size(1);
-  const bool threads = thread_per_image(g);
+  const bool threads = thread_per_image(g, static_cast<int64_t>(sizeof(acc_t)));
   const int64_t nb = threads ? 1 : chunk_images(g, static_cast<int64_t>(sizeof(acc_t)));
   if (g.Cout > kPlaneFormMaxCout) {
     const AxisTaps th = axis_taps(g.Hin, g.Hout, g.KH, g.SH, g.PH, g.DH);
@@ -982,7 +988,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy_in,
     at::Tensor gi = need_input ? at::empty({g.N, g.Cin, g.Hin, g.Win}, acc_opts) : at::Tensor();
     at::Tensor gw;
     std::vector<acc_t> part(has_bias ? g.N * g.Cout : 0);
-    if (thread_per_image(g)) {
+    if (thread_per_image(g, static_cast<int64_t>(sizeof(acc_t)))) {
       dispatch_activation(act, [&](auto a) {
         gw = gemm_backward_threads<decltype(a)::value, scalar_t, acc_t>(
             dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), xc, wt, gi, need_weight, g,
