@@ -6,8 +6,9 @@
 // Forward: genfast::conv_transpose2d_fwd (the GEMM product + col2im epilogue, csrc/cpu/
 // conv_transpose.cpp), saving input, weight and output. Backward: genfast::conv_transpose2d_bwd
 // (our dz prologue, then the GEMM form over the batch from inputs of up to 16 pixels or with a
-// thread per image from 128, ATen's convolution backward between). A create_graph backward runs the same formula in differentiable
-// ATen ops (dz = dy * act'(y), then at::convolution_backward, which has a double backward).
+// thread per image from 128, ATen's convolution backward between). A create_graph backward
+// runs the same formula in differentiable ATen ops (dz = dy * act'(y), then
+// at::convolution_backward, which has a double backward).
 //
 // Arguments the C++ kernel does not take (not a 4-D float32 / float64 NCHW input, groups > 1,
 // mismatched shapes or dtypes, invalid geometry, or a shape outside the GEMM form's range) run

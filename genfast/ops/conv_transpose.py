@@ -541,8 +541,8 @@ def conv_transpose_eager(input, weight, bias, stride, padding, output_padding, g
     our col2im epilogue, for the shapes where that measured faster than ATen's oneDNN product on
     the CI CPU (csrc/cpu/conv_transpose.cpp); everything else (and arguments the kernel does not
     take) runs torch's own conv_transpose2d (its checks and exceptions) and activation. The op's
-    int[2] arguments take an int or a pair, as torch's do. Python checks of our own measured 50-100 us per
-    call on the 2-core CI CPU, so there are none here. Under CPU autocast: torch's product in the
+    int[2] arguments take an int or a pair, as torch's do. Python checks of our own measured
+    50-100 us per call on the 2-core CI CPU, so there are none here. Under CPU autocast: torch's product in the
     autocast dtype, then torch's activation in place."""
     if not torch.is_autocast_enabled("cpu"):
         try:
