@@ -19,14 +19,9 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include "common/activation.h"
+#include "product_act.h"
 
 namespace genfast {
-
-// csrc/cpu/conv_transpose.cpp
-bool conv_transpose_gemm_form(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
-                              at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups,
-                              at::IntArrayRef dilation);
 
 namespace {
 
@@ -34,17 +29,6 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptT = c10::optional<at::Tensor>;
 using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-
-Triple call_fwd(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
-                at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef dilation,
-                int64_t act, double slope) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("genfast::conv_transpose2d_fwd", "")
-                             .typed<Triple(const at::Tensor&, const at::Tensor&, const OptT&, at::IntArrayRef,
-                                           at::IntArrayRef, at::IntArrayRef, int64_t, at::IntArrayRef, int64_t, double,
-                                           bool)>();
-  return op.call(x, w, b, stride, padding, output_padding, groups, dilation, act, slope, false);
-}
 
 Triple call_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const at::Tensor& y,
                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t act,
@@ -55,17 +39,6 @@ Triple call_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, 
                                            at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, int64_t, double,
                                            bool, bool, bool)>();
   return op.call(dy, x, w, y, stride, padding, dilation, groups, act, slope, need_input, need_weight, has_bias);
-}
-
-// torch's activation, in place on a fresh product
-at::Tensor torch_act_(at::Tensor y, int64_t act, double slope) {
-  switch (act) {
-    case kRelu: return at::relu_(y);
-    case kLeakyRelu: return at::leaky_relu_(y, slope);
-    case kTanh: return at::tanh_(y);
-    case kSigmoid: return at::sigmoid_(y);
-    default: return y;
-  }
 }
 
 // Whether the C++ kernel takes these arguments (everything else goes to torch)
@@ -104,7 +77,7 @@ struct ConvTransposeAct : public torch::autograd::Function<ConvTransposeAct> {
     at::Tensor y;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      y = std::get<0>(call_fwd(x, w, b, stride, padding, output_padding, groups, dilation, act, slope));
+      y = std::get<0>(conv_transpose_fwd_call(x, w, b, stride, padding, output_padding, groups, dilation, act, slope));
     }
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({x, w, y});
@@ -137,14 +110,7 @@ struct ConvTransposeAct : public torch::autograd::Function<ConvTransposeAct> {
     at::Tensor dx, dw, db;
     if (at::GradMode::is_enabled()) {
       // differentiable: dz = dy * act'(y) in ATen ops, then ATen's convolution backward
-      at::Tensor dz;
-      switch (act) {
-        case kRelu: dz = dy * (y > 0).to(dy.scalar_type()); break;
-        case kLeakyRelu: dz = at::where(y > 0, dy, dy * slope); break;
-        case kTanh: dz = dy * (1 - y * y); break;
-        case kSigmoid: dz = dy * y * (1 - y); break;
-        default: dz = dy; break;
-      }
+      const at::Tensor dz = act_grad_from_output(dy, y, act, slope);
       const std::vector<int64_t> bias_sizes{w.size(1) * groups};
       std::tie(dx, dw, db) = at::convolution_backward(dz, x, w, has_bias ? at::OptionalIntArrayRef(bias_sizes)
                                                                          : at::OptionalIntArrayRef(c10::nullopt),
@@ -177,7 +143,7 @@ at::Tensor conv_transpose2d_act_plain(const at::Tensor& x, const at::Tensor& w, 
                                       at::IntArrayRef dilation, int64_t act, double slope) {
   if (!kernel_takes(x, w, b, stride, padding, output_padding, groups, dilation))
     return torch_act_(at::conv_transpose2d(x, w, b, stride, padding, output_padding, groups, dilation), act, slope);
-  return std::get<0>(call_fwd(x, w, b, stride, padding, output_padding, groups, dilation, act, slope));
+  return std::get<0>(conv_transpose_fwd_call(x, w, b, stride, padding, output_padding, groups, dilation, act, slope));
 }
 
 }  // namespace

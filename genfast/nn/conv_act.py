@@ -90,11 +90,14 @@ def _conv_input(conv: nn.Conv2d, input: torch.Tensor) -> tuple[torch.Tensor, Any
 
 
 def product_eager(m: nn.Module, input: torch.Tensor) -> torch.Tensor:
-    """torch's own product of an nn.Conv2d / nn.Linear ``m`` (bias included; every padding mode
-    and string padding as nn.Conv2d; torch's checks and exceptions), whatever activation a
-    genfast subclass carries: the eager CPU path (B.eager_cpu)."""
+    """The product of an nn.Conv2d / nn.Linear ``m`` (bias included; every padding mode and
+    string padding as nn.Conv2d; torch's checks and exceptions), whatever activation a genfast
+    subclass carries: the eager CPU path (B.eager_cpu). Conv2d: genfast::conv2d_act (torch's
+    product, grad_input from the transposed convolution's GEMM form); Linear: torch's."""
     if isinstance(m, nn.Conv2d):
-        return nn.Conv2d._conv_forward(m, input, m.weight, m.bias)
+        x, padding = _conv_input(m, input)
+        return _ca.conv2d_eager(x, m.weight, m.bias, m.stride, padding, m.dilation, m.groups,
+                                "identity", 0.0)
     lin = cast(nn.Linear, m)
     return F.linear(input, lin.weight, lin.bias)
 
@@ -102,11 +105,13 @@ def product_eager(m: nn.Module, input: torch.Tensor) -> torch.Tensor:
 def conv2d_act_forward(conv: nn.Conv2d, input: torch.Tensor, activation: Optional[str],
                        negative_slope: float = 0.01) -> torch.Tensor:
     """activation(conv(input)) with ``conv``'s weight, bias and geometry, fused (``conv`` is any
-    nn.Conv2d; its own activation attribute is ignored). Eager CPU calls: torch's convolution
-    (oneDNN, bias included) and torch's activation in place on its output."""
+    nn.Conv2d; its own activation attribute is ignored). Eager CPU calls: genfast::conv2d_act
+    (torch's oneDNN product with the bias, the activation in place, C++ autograd)."""
     if B.eager_cpu(input):
         act = _ca.check_activation(activation, negative_slope)
-        return _ca._act_eager(product_eager(conv, input), act, negative_slope)
+        x, padding = _conv_input(conv, input)
+        return _ca.conv2d_eager(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation,
+                                conv.groups, act, negative_slope)
     x, padding = _conv_input(conv, input)
     return GF.conv2d(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups,
                      activation=activation, negative_slope=negative_slope)

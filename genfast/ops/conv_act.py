@@ -473,16 +473,44 @@ def _act_eager(y: Tensor, act: str, negative_slope: float) -> Tensor:
     return y
 
 
+def _conv2d_act_fake(input, weight, bias, stride, padding, dilation, groups, activation,
+                     negative_slope):
+    return torch.ops.aten.convolution(input, weight, bias, stride, padding, dilation, False,
+                                      [0, 0], groups)
+
+
+if _ct.HAS_CPP_OPS:
+    torch.library.register_fake("genfast::conv2d_act", _conv2d_act_fake, lib=_ct._lib)
+    _CONV_ACT = torch.ops.genfast.conv2d_act.default
+
+
+def conv2d_eager(input, weight, bias, stride, padding, dilation, groups, act: str,
+                 negative_slope: float) -> Tensor:
+    """act(conv2d(input) + bias) for an eager CPU call (B.eager_cpu; ``act`` checked; ``padding``
+    as conv2d takes it): genfast::conv2d_act, torch's oneDNN product forward with its autograd
+    in C++, whose backward takes grad_input from the transposed convolution's GEMM form where
+    that measured faster (csrc/conv_act_autograd.cpp). String padding, autocast, and arguments
+    the op does not take run torch's own conv2d (its checks and exceptions) and activation."""
+    if not torch.is_autocast_enabled("cpu") and not isinstance(padding, str):
+        try:
+            return _CONV_ACT(input, weight, bias, stride, padding, dilation, groups,
+                             B.ACTIVATIONS[act], float(negative_slope))
+        except (RuntimeError, TypeError, ValueError):
+            pass  # arguments of types the schema does not take: torch's call raises its exception
+    return _act_eager(torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation,
+                                                 groups), act, negative_slope)
+
+
 def conv2d_act(input, weight, bias, stride, padding, dilation, groups, activation,
                negative_slope):
     """The checked entry point of act(conv2d(input, weight) + bias): argument checks, "same"
     padding, unbatched input, autocast, backend choice."""
     act = check_activation(activation, negative_slope)
     if B.eager_cpu(input):
-        # Eager CPU calls: torch's convolution (its checks, "same" padding, unbatched input,
-        # autocast) with the bias, then torch's activation in place (see B.eager_cpu).
-        return _act_eager(torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation,
-                                                     groups), act, negative_slope)
+        # Eager CPU calls: genfast::conv2d_act (torch's product, C++ autograd), or torch's own
+        # conv2d and activation where it does not apply (see conv2d_eager, B.eager_cpu).
+        return conv2d_eager(input, weight, bias, stride, padding, dilation, groups, act,
+                            negative_slope)
     _check_tensors("conv2d", input, weight, bias)
     input, padding = resolve_padding(input, weight, stride, padding, dilation)
     stride, padding, dilation = check_conv2d_args(input, weight, bias, stride, padding, dilation,

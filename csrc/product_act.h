@@ -1,0 +1,57 @@
+// Helpers shared by the C++ autograd functions of the products with an activation
+// (conv_transpose_autograd.cpp, conv_act_autograd.cpp): torch's activation in place on a fresh
+// product, dz = dy * act'(y) from the saved output in ATen ops, and the call of the transposed
+// convolution's GEMM-form kernel.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include "common/activation.h"
+
+namespace genfast {
+
+// torch's activation, in place on a fresh product
+inline at::Tensor torch_act_(at::Tensor y, int64_t act, double slope) {
+  switch (act) {
+    case kRelu: return at::relu_(y);
+    case kLeakyRelu: return at::leaky_relu_(y, slope);
+    case kTanh: return at::tanh_(y);
+    case kSigmoid: return at::sigmoid_(y);
+    default: return y;
+  }
+}
+
+// dz = dy * act'(y) from the activation's output y: torch's own activation backward ops, which
+// have derivatives in dy and y (a create_graph backward connects y as torch's does).
+inline at::Tensor act_grad_from_output(const at::Tensor& dy, const at::Tensor& y, int64_t act, double slope) {
+  switch (act) {
+    case kRelu: return at::threshold_backward(dy, y, 0);
+    case kLeakyRelu: return at::leaky_relu_backward(dy, y, slope, /*self_is_result=*/true);
+    case kTanh: return at::tanh_backward(dy, y);
+    case kSigmoid: return at::sigmoid_backward(dy, y);
+    default: return dy;
+  }
+}
+
+// csrc/cpu/conv_transpose.cpp, on arguments the caller has validated: whether the transposed
+// convolution of x by w takes the GEMM form (conv_transpose2d_fwd's own product).
+bool conv_transpose_gemm_form(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups,
+                              at::IntArrayRef dilation);
+
+// genfast::conv_transpose2d_fwd through the dispatcher (its CPU kernel is in csrc/cpu), without
+// BatchNorm statistics: (out, empty, empty).
+using ProductTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+inline ProductTriple conv_transpose_fwd_call(const at::Tensor& x, const at::Tensor& w,
+                                             const c10::optional<at::Tensor>& b, at::IntArrayRef stride,
+                                             at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups,
+                                             at::IntArrayRef dilation, int64_t act, double slope) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("genfast::conv_transpose2d_fwd", "")
+          .typed<ProductTriple(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, at::IntArrayRef,
+                               at::IntArrayRef, at::IntArrayRef, int64_t, at::IntArrayRef, int64_t, double, bool)>();
+  return op.call(x, w, b, stride, padding, output_padding, groups, dilation, act, slope, false);
+}
+
+}  // namespace genfast

@@ -1,0 +1,232 @@
+"""genfast::conv2d_act, the eager CPU path of Conv2d + bias + activation (the drop-in module,
+GF.conv2d, and the products of the Conv2d -> BatchNorm -> activation blocks): torch's product
+forward with the autograd formula in C++, whose backward takes grad_input from the transposed
+convolution's GEMM form (csrc/conv_act_autograd.cpp) where that applies, ATen's convolution
+backward elsewhere. float64 parity of the output and every gradient with torch's unfused
+modules, which path the backward takes, subsets of requested gradients, special values in the
+input and in the incoming gradient, gradcheck / gradgradcheck, a gradient penalty
+(create_graph), opcheck, determinism, and torch's behaviour for what the op does not take."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import profile
+
+import genfast
+import genfast.functional as GF
+import genfast.nn as gnn
+
+D = torch.float64
+ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4}
+SLOPE = 0.2
+
+# (N, C_in, C_out, (H, W), kernel, stride, padding, dilation, groups, gemm): gemm = whether the
+# backward's grad_input takes the transposed convolution's GEMM form.
+CASES = {
+    # 3 input channels: grad_input's GEMM in the plane layout (C_in <= 8), k4 s2 p1
+    "plane_k4s2": (2, 3, 6, (10, 9), 4, 2, 1, 1, 1, True),
+    # 10 input channels: the row layout, k5 s2 p2 with odd sizes (output_padding 1 / 0)
+    "rows_k5s2": (2, 10, 4, (9, 8), 5, 2, 2, 1, 1, True),
+    # a thread per image: N = 4 and grad_output planes of 16x16 = 256 pixels (>= 128)
+    "threads": (4, 9, 5, (32, 33), 4, 2, 1, 1, 1, True),
+    # stride (1, 3), padding (2, 0), dilation (1, 2), a non-square kernel
+    "mixed": (2, 2, 3, (8, 13), (3, 2), (1, 3), (2, 0), (1, 2), 1, True),
+    # a 1x1 output (stride 1): grad_input's GEMM over the batch
+    "one_pixel": (3, 5, 7, (4, 4), 4, 1, 0, 1, 1, True),
+    # stride 1 with many output pixels, and groups: ATen's convolution backward
+    "stride1": (2, 4, 6, (7, 6), 3, 1, 1, 1, 1, False),
+    "groups": (2, 4, 6, (9, 9), 3, 2, 1, 1, 2, False),
+}
+
+
+def _case(name, dtype=D, seed=0):
+    N, ci, co, hw, k, s, p, d, g, _ = CASES[name]
+    gen = torch.Generator().manual_seed(seed)
+    k2 = k if isinstance(k, tuple) else (k, k)
+    x = torch.randn(N, ci, *hw, dtype=dtype, generator=gen)
+    w = torch.randn(co, ci // g, *k2, dtype=dtype, generator=gen) / (ci * k2[0] * k2[1]) ** 0.5
+    b = torch.randn(co, dtype=dtype, generator=gen)
+    return x, w, b, dict(stride=s, padding=p, dilation=d, groups=g)
+
+
+def torch_act(name):
+    return {"identity": lambda t: t, "relu": F.relu, "leaky_relu": lambda t: F.leaky_relu(t, SLOPE),
+            "tanh": torch.tanh, "sigmoid": torch.sigmoid}[name]
+
+
+def _ours(x, w, b, geo, act):
+    return GF.conv2d(x, w, b, geo["stride"], geo["padding"], geo["dilation"], geo["groups"],
+                     activation=None if act == "identity" else act, negative_slope=SLOPE)
+
+
+def _theirs(x, w, b, geo, act):
+    return torch_act(act)(F.conv2d(x, w, b, geo["stride"], geo["padding"], geo["dilation"],
+                                   geo["groups"]))
+
+
+@pytest.mark.parametrize("act", list(ACT_CODES))
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_torch_float64(name, act):
+    x, w, b, geo = _case(name)
+    leaves = [t.requires_grad_() for t in (x, w, b)]
+    out = _ours(x, w, b, geo, act)
+    ref = _theirs(x, w, b, geo, act)
+    assert "Conv2dAct" in out.grad_fn.name()
+    torch.testing.assert_close(out, ref, atol=1e-13, rtol=1e-12)
+    dy = torch.randn(ref.shape, dtype=D, generator=torch.Generator().manual_seed(1))
+    for a, r in zip(torch.autograd.grad(out, leaves, dy), torch.autograd.grad(ref, leaves, dy)):
+        torch.testing.assert_close(a, r, atol=1e-12, rtol=1e-11)
+
+
+def _backward_ops(fn):
+    with profile() as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_grad_input_path(name):
+    """grad_input from genfast::conv_transpose2d_fwd exactly where the GEMM form applies (and not
+    when only grad_weight is asked for)."""
+    x, w, b, geo = _case(name, torch.float32)
+    x.requires_grad_()
+    w.requires_grad_()
+    out = _ours(x, w, b, geo, "leaky_relu")
+    dy = torch.randn_like(out)
+    ops = _backward_ops(lambda: torch.autograd.grad(out, (x, w), dy, retain_graph=True))
+    assert ("genfast::conv_transpose2d_fwd" in ops) == CASES[name][-1], ops
+    ops = _backward_ops(lambda: torch.autograd.grad(out, (w,), dy))
+    assert "genfast::conv_transpose2d_fwd" not in ops
+
+
+@pytest.mark.parametrize("wanted", [(0,), (1,), (2,), (0, 2), (1, 2)])
+@pytest.mark.parametrize("name", ["plane_k4s2", "threads", "groups"])
+def test_requested_gradients(name, wanted):
+    x, w, b, geo = _case(name)
+    leaves = (x, w, b)
+    for i in wanted:
+        leaves[i].requires_grad_()
+    out = _ours(x, w, b, geo, "relu")
+    ref = _theirs(x, w, b, geo, "relu")
+    dy = torch.randn_like(ref)
+    got = torch.autograd.grad(out, [leaves[i] for i in wanted], dy)
+    exp = torch.autograd.grad(ref, [leaves[i] for i in wanted], dy)
+    for a, r in zip(got, exp):
+        torch.testing.assert_close(a, r, atol=1e-12, rtol=1e-11)
+
+
+@pytest.mark.parametrize("special", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("act", ["identity", "leaky_relu", "tanh"])
+@pytest.mark.parametrize("name", ["plane_k4s2", "rows_k5s2", "threads"])
+def test_special_values_like_torch(name, act, special):
+    """A NaN / inf in the input and another in the incoming gradient: torch's NaN and inf pattern
+    in the output and in every gradient (float32), finite values close."""
+    x, w, b, geo = _case(name, torch.float32)
+    x[0, 0, 1, 2] = special
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    ws = [w.clone().requires_grad_() for _ in range(2)]
+    bs = [b.clone().requires_grad_() for _ in range(2)]
+    out = _ours(xs[0], ws[0], bs[0], geo, act)
+    ref = _theirs(xs[1], ws[1], bs[1], geo, act)
+    dy = torch.randn_like(ref)
+    dy[-1, -1, -1, 0] = special
+    got = (out,) + torch.autograd.grad(out, (xs[0], ws[0], bs[0]), dy)
+    exp = (ref,) + torch.autograd.grad(ref, (xs[1], ws[1], bs[1]), dy)
+    for a, r in zip(got, exp):
+        assert torch.equal(a.isnan(), r.isnan())
+        assert torch.equal(a.isposinf(), r.isposinf()) and torch.equal(a.isneginf(), r.isneginf())
+        fin = r.isfinite()
+        torch.testing.assert_close(a[fin], r[fin], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["plane_k4s2", "rows_k5s2", "mixed"])
+def test_gradcheck_and_gradgradcheck(name):
+    x, w, b, geo = _case(name)
+    x = x[:1].clone()
+    ints = lambda v: list(v) if isinstance(v, tuple) else [v, v]  # noqa: E731
+
+    def f(x, w, b):
+        return torch.ops.genfast.conv2d_act(x, w, b, ints(geo["stride"]), ints(geo["padding"]),
+                                            ints(geo["dilation"]), geo["groups"], 3, 0.0)
+
+    args = tuple(t.requires_grad_() for t in (x, w, b))
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)
+
+
+def test_gradient_penalty_matches_torch():
+    """A WGAN-GP style penalty on a converted two-layer discriminator: the create_graph backward
+    (differentiable formula) gives torch's parameter gradients."""
+    torch.manual_seed(3)
+    ref = nn.Sequential(nn.Conv2d(3, 8, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(8, 4, 4, 2, 1),
+                        nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(4 * 4 * 4, 1)).double()
+    ours = genfast.convert(copy.deepcopy(ref))
+    x = torch.randn(3, 3, 16, 16, dtype=D)
+
+    def penalty(model):
+        xi = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(model(xi).sum(), xi, create_graph=True)
+        return ((g.flatten(1).norm(dim=1) - 1) ** 2).mean()
+
+    p_ours, p_ref = penalty(ours), penalty(ref)
+    assert p_ours.grad_fn is not None
+    torch.testing.assert_close(p_ours, p_ref, atol=1e-12, rtol=1e-11)
+    # (the last bias does not reach the penalty: None on both sides)
+    got = torch.autograd.grad(p_ours, list(ours.parameters()), allow_unused=True)
+    exp = torch.autograd.grad(p_ref, list(ref.parameters()), allow_unused=True)
+    assert [a is None for a in got] == [r is None for r in exp]
+    for a, r in zip(got, exp):
+        if r is not None:
+            torch.testing.assert_close(a, r, atol=1e-11, rtol=1e-10)
+
+
+def test_deterministic():
+    x, w, b, geo = _case("threads", torch.float32)
+    leaves = [t.requires_grad_() for t in (x, w, b)]
+
+    def run():
+        out = _ours(x, w, b, geo, "leaky_relu")
+        return (out,) + torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+    first, again = run(), run()
+    assert all(torch.equal(a, e) for a, e in zip(first, again))
+
+
+def test_opcheck():
+    x, w, b, _ = _case("plane_k4s2", torch.float32)
+    args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), [2, 2], [1, 1], [1, 1], 1,
+            2, SLOPE)
+    torch.library.opcheck(torch.ops.genfast.conv2d_act.default, args)
+
+
+@pytest.mark.parametrize("kind", ["unbatched", "same", "channels_last", "float16", "reflect",
+                                  "inference"])
+def test_what_the_op_does_not_take_runs_like_torch(kind):
+    """Unbatched input, string padding, channels_last, half precision, a padding mode and
+    inference mode: torch's result (and torch's gradients)."""
+    torch.manual_seed(4)
+    m = gnn.Conv2d(3, 5, 3, 2 if kind != "same" else 1, "same" if kind == "same" else 1,
+                   padding_mode="reflect" if kind == "reflect" else "zeros", activation="leaky_relu",
+                   negative_slope=SLOPE)
+    ref = nn.Sequential(nn.Conv2d(3, 5, 3, m.stride, m.padding, padding_mode=m.padding_mode),
+                        nn.LeakyReLU(SLOPE))
+    ref[0].load_state_dict(m.state_dict())
+    x = torch.randn(3, 9, 9) if kind == "unbatched" else torch.randn(2, 3, 9, 9)
+    if kind == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if kind == "float16":
+        m, ref, x = m.half(), ref.half(), x.half()
+    if kind == "inference":
+        with torch.inference_mode():
+            torch.testing.assert_close(m(x), ref(x))
+        return
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, exp = m(xa), ref(xb)
+    tol = dict(atol=1e-2, rtol=1e-2) if kind == "float16" else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, exp, **tol)
+    dy = torch.randn_like(exp)
+    for a, r in zip(torch.autograd.grad(out, (xa, m.weight), dy),
+                    torch.autograd.grad(exp, (xb, ref[0].weight), dy)):
+        torch.testing.assert_close(a, r, **tol)
