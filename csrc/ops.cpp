@@ -43,13 +43,13 @@ TORCH_LIBRARY(genfast, m) {
   m.def(
       "conv_transpose2d_act(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
       "int[2] output_padding, int groups, int[2] dilation, int activation, float negative_slope) -> Tensor");
-  // Convolution + bias + activation with its autograd formula in C++ (csrc/conv_act_autograd.cpp):
-  // the eager CPU path of the Conv2d modules, blocks and GF.conv2d; torch's product forward, the
-  // transposed convolution's GEMM form for grad_input. Arguments it does not take run torch's
-  // own conv2d.
+  // Convolution / linear + bias + activation with autograd formulas in C++
+  // (csrc/conv_act_autograd.cpp): the eager CPU path of the Conv2d / Linear modules, blocks and
+  // GF.conv2d / GF.linear. Arguments they do not take run torch's own conv2d / linear.
   m.def(
       "conv2d_act(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
       "int[2] dilation, int groups, int activation, float negative_slope) -> Tensor");
+  m.def("linear_act(Tensor input, Tensor weight, Tensor? bias, int activation, float negative_slope) -> Tensor");
   // Backward from the saved input and output (act' from the output). Returns (grad_input,
   // grad_weight, grad_bias); each is an empty (0,) tensor when not requested.
   m.def(

@@ -39,6 +39,12 @@ bool conv_transpose_gemm_form(const at::Tensor& x, const at::Tensor& w, at::IntA
                               at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups,
                               at::IntArrayRef dilation);
 
+// csrc/cpu/conv_transpose.cpp: the Linear layer's epilogue (y = act(y + bias) in place) and
+// backward prologue ((dz, grad_bias or undefined)) on dense (M, C) float32 / float64 rows.
+void rows_bias_act_(const at::Tensor& y, const at::Tensor& bias, int64_t act, double slope);
+std::tuple<at::Tensor, at::Tensor> rows_grad_pre(const at::Tensor& dy, const at::Tensor& y, int64_t act, double slope,
+                                                 bool need_bias);
+
 // genfast::conv_transpose2d_fwd through the dispatcher (its CPU kernel is in csrc/cpu), without
 // BatchNorm statistics: (out, empty, empty).
 using ProductTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;

@@ -1104,6 +1104,49 @@ bool conv_transpose_gemm_form(const at::Tensor& x, const at::Tensor& w, at::IntA
   return gemm_eligible(x, geometry(x, w, stride, padding, output_padding, groups, dilation, -1, -1));
 }
 
+// For genfast::linear_act (csrc/conv_act_autograd.cpp), on a dense (M, C) row-major product of
+// float32 / float64 that the caller has validated: the Linear layer's epilogue, y = act(y + bias)
+// in place (one pass; the Linear without bias runs torch's activation instead, which keeps the
+// sign of a zero product as torch's does), and its backward prologue, dz = dy * act'(y) with
+// grad_bias = the column sums of dz in one pass (blocks of kPixelBlock rows, summed in block
+// order: deterministic).
+void rows_bias_act_(const at::Tensor& y, const at::Tensor& bias, int64_t act, double slope) {
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "rows_bias_act_", [&] {
+    scalar_t* p = y.data_ptr<scalar_t>();
+    const at::Tensor bc = bias.contiguous();
+    dispatch_activation(act, [&](auto a) {
+      epilogue<decltype(a)::value, true, scalar_t, scalar_t>(p, p, bc.data_ptr<scalar_t>(), y.size(0), y.size(1), 1,
+                                                             true, static_cast<scalar_t>(slope), nullptr);
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> rows_grad_pre(const at::Tensor& dy, const at::Tensor& y, int64_t act, double slope,
+                                                 bool need_bias) {
+  const int64_t M = dy.size(0), C = dy.size(1);
+  at::Tensor dz = act == kIdentity ? dy : at::empty({M, C}, dy.options());
+  at::Tensor db;
+  AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "rows_grad_pre", [&] {
+    std::vector<scalar_t> part;
+    dispatch_activation(act, [&](auto a) {
+      grad_pre<decltype(a)::value, scalar_t, scalar_t>(dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                                       act == kIdentity ? nullptr : dz.data_ptr<scalar_t>(), M, C, 1,
+                                                       true, static_cast<scalar_t>(slope),
+                                                       need_bias ? &part : nullptr);
+    });
+    if (!need_bias) return;
+    db = at::empty({C}, dy.options());
+    scalar_t* o = db.data_ptr<scalar_t>();
+    const int64_t blocks = C == 0 ? 0 : static_cast<int64_t>(part.size()) / C;
+    for (int64_t c = 0; c < C; ++c) {
+      scalar_t t = 0;
+      for (int64_t k = 0; k < blocks; ++k) t += part[k * C + c];
+      o[c] = t;
+    }
+  });
+  return {dz, db};
+}
+
 TORCH_LIBRARY_IMPL(genfast, CPU, m) {
   m.impl("conv_transpose2d_fwd", &conv_transpose2d_fwd_cpu);
   m.impl("conv_transpose2d_bwd", &conv_transpose2d_bwd_cpu);

@@ -92,14 +92,14 @@ def _conv_input(conv: nn.Conv2d, input: torch.Tensor) -> tuple[torch.Tensor, Any
 def product_eager(m: nn.Module, input: torch.Tensor) -> torch.Tensor:
     """The product of an nn.Conv2d / nn.Linear ``m`` (bias included; every padding mode and
     string padding as nn.Conv2d; torch's checks and exceptions), whatever activation a genfast
-    subclass carries: the eager CPU path (B.eager_cpu). Conv2d: genfast::conv2d_act (torch's
-    product, grad_input from the transposed convolution's GEMM form); Linear: torch's."""
+    subclass carries: the eager CPU path (B.eager_cpu): genfast::conv2d_act (torch's product,
+    grad_input from the transposed convolution's GEMM form) / genfast::linear_act."""
     if isinstance(m, nn.Conv2d):
         x, padding = _conv_input(m, input)
         return _ca.conv2d_eager(x, m.weight, m.bias, m.stride, padding, m.dilation, m.groups,
                                 "identity", 0.0)
     lin = cast(nn.Linear, m)
-    return F.linear(input, lin.weight, lin.bias)
+    return _ca.linear_eager(input, lin.weight, lin.bias, "identity", 0.0)
 
 
 def conv2d_act_forward(conv: nn.Conv2d, input: torch.Tensor, activation: Optional[str],
@@ -119,11 +119,11 @@ def conv2d_act_forward(conv: nn.Conv2d, input: torch.Tensor, activation: Optiona
 
 def linear_act_forward(lin: nn.Linear, input: torch.Tensor, activation: Optional[str],
                        negative_slope: float = 0.01) -> torch.Tensor:
-    """activation(lin(input)) with ``lin``'s weight and bias, fused (eager CPU calls: torch's
-    matmul with the bias, then torch's activation in place)."""
+    """activation(lin(input)) with ``lin``'s weight and bias, fused (eager CPU calls:
+    genfast::linear_act, the BLAS product and our bias + activation pass, C++ autograd)."""
     if B.eager_cpu(input):
         act = _ca.check_activation(activation, negative_slope)
-        return _ca._act_eager(F.linear(input, lin.weight, lin.bias), act, negative_slope)
+        return _ca.linear_eager(input, lin.weight, lin.bias, act, negative_slope)
     return GF.linear(input, lin.weight, lin.bias, activation=activation,
                      negative_slope=negative_slope)
 

@@ -479,9 +479,15 @@ def _conv2d_act_fake(input, weight, bias, stride, padding, dilation, groups, act
                                       [0, 0], groups)
 
 
+def _linear_act_fake(input, weight, bias, activation, negative_slope):
+    return torch.ops.aten.linear(input, weight, bias)
+
+
 if _ct.HAS_CPP_OPS:
     torch.library.register_fake("genfast::conv2d_act", _conv2d_act_fake, lib=_ct._lib)
+    torch.library.register_fake("genfast::linear_act", _linear_act_fake, lib=_ct._lib)
     _CONV_ACT = torch.ops.genfast.conv2d_act.default
+    _LINEAR_ACT = torch.ops.genfast.linear_act.default
 
 
 def conv2d_eager(input, weight, bias, stride, padding, dilation, groups, act: str,
@@ -499,6 +505,20 @@ def conv2d_eager(input, weight, bias, stride, padding, dilation, groups, act: st
             pass  # arguments of types the schema does not take: torch's call raises its exception
     return _act_eager(torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation,
                                                  groups), act, negative_slope)
+
+
+def linear_eager(input, weight, bias, act: str, negative_slope: float) -> Tensor:
+    """act(linear(input) + bias) for an eager CPU call (B.eager_cpu; ``act`` checked):
+    genfast::linear_act (BLAS product, our bias + activation pass, autograd in C++ with the two
+    backward products side by side on a two-thread CPU) for 2-D float32 / float64 input;
+    autocast and everything else run torch's own linear (its checks and exceptions) and
+    activation."""
+    if not torch.is_autocast_enabled("cpu"):
+        try:
+            return _LINEAR_ACT(input, weight, bias, B.ACTIVATIONS[act], float(negative_slope))
+        except (RuntimeError, TypeError, ValueError):
+            pass  # arguments of types the schema does not take: torch's call raises its exception
+    return _act_eager(torch.nn.functional.linear(input, weight, bias), act, negative_slope)
 
 
 def conv2d_act(input, weight, bias, stride, padding, dilation, groups, activation,
@@ -533,7 +553,7 @@ def linear_act(input, weight, bias, activation, negative_slope):
     act = check_activation(activation, negative_slope)
     if B.eager_cpu(input):
         # Eager CPU calls: torch's matmul with the bias (its checks), torch's activation in place.
-        return _act_eager(torch.nn.functional.linear(input, weight, bias), act, negative_slope)
+        return linear_eager(input, weight, bias, act, negative_slope)
     check_linear_args(input, weight, bias)
     flat = input.dim() != 2  # (*, in) runs as (M, in); a 2-D input needs no view (nor its
     lead = input.shape[:-1]  # autograd node)

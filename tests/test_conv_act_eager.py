@@ -1,11 +1,13 @@
-"""genfast::conv2d_act, the eager CPU path of Conv2d + bias + activation (the drop-in module,
-GF.conv2d, and the products of the Conv2d -> BatchNorm -> activation blocks): torch's product
-forward with the autograd formula in C++, whose backward takes grad_input from the transposed
-convolution's GEMM form (csrc/conv_act_autograd.cpp) where that applies, ATen's convolution
-backward elsewhere. float64 parity of the output and every gradient with torch's unfused
-modules, which path the backward takes, subsets of requested gradients, special values in the
-input and in the incoming gradient, gradcheck / gradgradcheck, a gradient penalty
-(create_graph), opcheck, determinism, and torch's behaviour for what the op does not take."""
+"""genfast::conv2d_act and genfast::linear_act, the eager CPU paths of Conv2d / Linear + bias +
+activation (the drop-in modules, GF.conv2d / GF.linear, and the products of the blocks with a
+BatchNorm), with their autograd formulas in C++ (csrc/conv_act_autograd.cpp). conv2d_act:
+torch's product forward, grad_input from the transposed convolution's GEMM form where that
+applies, ATen's convolution backward elsewhere. linear_act: BLAS products, our bias + activation
+and dz + grad_bias passes, the backward's two products side by side on two threads.
+float64 parity of the output and every gradient with torch's unfused modules, which path the
+backward takes, subsets of requested gradients, special values in the input and in the
+incoming gradient, gradcheck / gradgradcheck, a gradient penalty (create_graph), opcheck,
+determinism, and torch's behaviour for what the ops do not take."""
 import copy
 
 import pytest
@@ -229,4 +231,131 @@ def test_what_the_op_does_not_take_runs_like_torch(kind):
     dy = torch.randn_like(exp)
     for a, r in zip(torch.autograd.grad(out, (xa, m.weight), dy),
                     torch.autograd.grad(exp, (xb, ref[0].weight), dy)):
+        torch.testing.assert_close(a, r, **tol)
+
+
+# --- genfast::linear_act ----------------------------------------------------------------------
+
+
+def _lin(M, fin, fout, bias, dtype=D, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, fin, dtype=dtype, generator=gen)
+    w = torch.randn(fout, fin, dtype=dtype, generator=gen) / fin ** 0.5
+    b = torch.randn(fout, dtype=dtype, generator=gen) if bias else None
+    return x, w, b
+
+
+def _lin_ours(x, w, b, act):
+    return GF.linear(x, w, b, activation=None if act == "identity" else act, negative_slope=SLOPE)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("act", list(ACT_CODES))
+@pytest.mark.parametrize("shape", [(64, 33, 70), (1, 5, 3), (300, 17, 9)])
+def test_linear_matches_torch_float64(shape, act, bias):
+    x, w, b = _lin(*shape, bias)
+    leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    out = _lin_ours(x, w, b, act)
+    ref = torch_act(act)(F.linear(x, w, b))
+    assert "LinearAct" in out.grad_fn.name()
+    torch.testing.assert_close(out, ref, atol=1e-13, rtol=1e-12)
+    dy = torch.randn(ref.shape, dtype=D, generator=torch.Generator().manual_seed(1))
+    for a, r in zip(torch.autograd.grad(out, leaves, dy), torch.autograd.grad(ref, leaves, dy)):
+        torch.testing.assert_close(a, r, atol=1e-12, rtol=1e-11)
+
+
+@pytest.mark.parametrize("wanted", [(0,), (1,), (2,), (0, 1), (1, 2)])
+def test_linear_requested_gradients(wanted):
+    x, w, b = _lin(8, 6, 5, True)
+    leaves = (x, w, b)
+    for i in wanted:
+        leaves[i].requires_grad_()
+    out, ref = _lin_ours(x, w, b, "tanh"), torch.tanh(F.linear(x, w, b))
+    dy = torch.randn_like(ref)
+    for a, r in zip(torch.autograd.grad(out, [leaves[i] for i in wanted], dy),
+                    torch.autograd.grad(ref, [leaves[i] for i in wanted], dy)):
+        torch.testing.assert_close(a, r, atol=1e-12, rtol=1e-11)
+
+
+@pytest.mark.parametrize("special", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("act", list(ACT_CODES))
+def test_linear_special_values_like_torch(act, special):
+    x, w, b = _lin(6, 5, 4, True, torch.float32)
+    x[1, 2] = special
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    ws = [w.clone().requires_grad_() for _ in range(2)]
+    bs = [b.clone().requires_grad_() for _ in range(2)]
+    out = _lin_ours(xs[0], ws[0], bs[0], act)
+    ref = torch_act(act)(F.linear(xs[1], ws[1], bs[1]))
+    dy = torch.randn_like(ref)
+    dy[4, 3] = special
+    got = (out,) + torch.autograd.grad(out, (xs[0], ws[0], bs[0]), dy)
+    exp = (ref,) + torch.autograd.grad(ref, (xs[1], ws[1], bs[1]), dy)
+    for a, r in zip(got, exp):
+        assert torch.equal(a.isnan(), r.isnan())
+        assert torch.equal(a.isposinf(), r.isposinf()) and torch.equal(a.isneginf(), r.isneginf())
+        fin = r.isfinite()
+        torch.testing.assert_close(a[fin], r[fin], atol=1e-5, rtol=1e-5)
+
+
+def test_linear_gradcheck_and_gradgradcheck():
+    x, w, b = _lin(4, 5, 3, True)
+    args = tuple(t.requires_grad_() for t in (x, w, b))
+    for act in (0, 2, 4):
+        f = lambda x, w, b, a=act: torch.ops.genfast.linear_act(x, w, b, a, SLOPE)  # noqa: E731
+        assert torch.autograd.gradcheck(f, args)
+        assert torch.autograd.gradgradcheck(f, args)
+
+
+def test_linear_same_results_on_one_and_two_threads():
+    """With two threads the backward's two products run side by side, one thread each: the same
+    BLAS calls as on one thread, so the same bits."""
+    x, w, b = _lin(64, 96, 80, True, torch.float32)
+    leaves = [t.requires_grad_() for t in (x, w, b)]
+
+    def run():
+        out = _lin_ours(x, w, b, "leaky_relu")
+        return (out,) + torch.autograd.grad(out, leaves, torch.linspace(-1, 1, out.numel()).view_as(out))
+
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two, again = run(), run()
+    finally:
+        torch.set_num_threads(prev)
+    assert all(torch.equal(a, e) for a, e in zip(two, again))
+    assert all(torch.equal(a, e) for a, e in zip(one, two))
+    ref = F.leaky_relu(F.linear(*leaves), SLOPE)
+    torch.testing.assert_close(one[0], ref)
+
+
+def test_linear_opcheck():
+    x, w, b = _lin(5, 4, 3, True, torch.float32)
+    torch.library.opcheck(torch.ops.genfast.linear_act.default,
+                          (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), 2, SLOPE))
+
+
+@pytest.mark.parametrize("kind", ["3d", "1d", "float16", "inference", "empty"])
+def test_linear_what_the_op_does_not_take_runs_like_torch(kind):
+    torch.manual_seed(5)
+    m = gnn.Linear(6, 4, activation="relu")
+    ref = nn.Sequential(nn.Linear(6, 4), nn.ReLU())
+    ref[0].load_state_dict(m.state_dict())
+    x = {"3d": torch.randn(2, 3, 6), "1d": torch.randn(6), "empty": torch.randn(0, 6)}.get(
+        kind, torch.randn(5, 6))
+    if kind == "float16":
+        m, ref, x = m.half(), ref.half(), x.half()
+    if kind == "inference":
+        with torch.inference_mode():
+            torch.testing.assert_close(m(x), ref(x))
+        return
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, exp = m(xa), ref(xb)
+    tol = dict(atol=1e-2, rtol=1e-2) if kind == "float16" else dict(atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out, exp, **tol)
+    dy = torch.randn_like(exp)
+    for a, r in zip(torch.autograd.grad(out, (xa, m.weight, m.bias), dy),
+                    torch.autograd.grad(exp, (xb, ref[0].weight, ref[0].bias), dy)):
         torch.testing.assert_close(a, r, **tol)
