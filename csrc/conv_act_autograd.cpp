@@ -8,15 +8,13 @@
 // Forward: torch's own product (at::convolution, oneDNN, bias included), the activation in
 // place; saves input, weight and (for an activation) the output.
 // Backward: dz = dy * act'(y) (torch's activation backward kernels), then
-//   grad_input  = the transposed convolution of dz by the same weight. Where its GEMM form
-//                 applies (groups 1, NCHW, every strided layer: csrc/cpu/conv_transpose.cpp),
-//                 genfast::conv_transpose2d_fwd computes it: measured on the 2-core CI CPU,
-//                 1.2-1.6x faster than ATen's convolution backward for the DCGAN discriminator's
-//                 k4 s2 layers, 4-9x for 1- and 3-channel inputs (ATen's oneDNN backward runs
-//                 those at a few GFLOP/s), a tie for the 28x28 Keras k5 s2 layer;
+//   grad_input  = the transposed convolution of dz by the same weight: genfast::
+//                 conv_transpose2d_fwd's GEMM form where it measured faster than ATen's
+//                 convolution backward (conv2d_grad_input_gemm in csrc/cpu/conv_transpose.cpp:
+//                 groups 1, NCHW, strided; 3-9x for inputs of up to 8 channels, where ATen's
+//                 oneDNN backward runs at a few GFLOP/s; 1.0-1.8x for the DCGAN k4 s2 layers);
 //   grad_weight, grad_bias = ATen's convolution backward (oneDNN), without grad_input.
-// Elsewhere (groups > 1, channels_last, stride 1) ATen's convolution backward computes all
-// three at once. A create_graph backward runs dz in differentiable ATen ops and
+// Elsewhere ATen's convolution backward computes all three at once. A create_graph backward runs dz in differentiable ATen ops and
 // at::convolution_backward (which has a double backward): gradient-penalty GANs.
 //
 //
@@ -119,7 +117,7 @@ struct Conv2dAct : public torch::autograd::Function<Conv2dAct> {
     bool gemm = !differentiable && need_x && groups == 1 && x.is_contiguous() && !symbolic(x);
     if (gemm) {
       dz = dz.contiguous();
-      gemm = conv_transpose_gemm_form(dz, w, stride, padding, at::IntArrayRef(op, 2), 1, dilation);
+      gemm = conv2d_grad_input_gemm(dz, w, stride, padding, at::IntArrayRef(op, 2), dilation);
     }
     if (gemm) {
       dx = std::get<0>(conv_transpose_fwd_call(dz, w, c10::nullopt, stride, padding, at::IntArrayRef(op, 2), 1,

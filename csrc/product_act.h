@@ -39,6 +39,11 @@ bool conv_transpose_gemm_form(const at::Tensor& x, const at::Tensor& w, at::IntA
                               at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups,
                               at::IntArrayRef dilation);
 
+// csrc/cpu/conv_transpose.cpp: whether conv2d_act's grad_input (the transposed convolution of dz
+// by w, groups 1) runs the GEMM form, on arguments the caller has validated.
+bool conv2d_grad_input_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef output_padding, at::IntArrayRef dilation);
+
 // csrc/cpu/conv_transpose.cpp: the Linear layer's epilogue (y = act(y + bias) in place) and
 // backward prologue ((dz, grad_bias or undefined)) on dense (M, C) float32 / float64 rows.
 void rows_bias_act_(const at::Tensor& y, const at::Tensor& bias, int64_t act, double slope);

@@ -29,8 +29,11 @@ SLOPE = 0.2
 CASES = {
     # 3 input channels: grad_input's GEMM in the plane layout (C_in <= 8), k4 s2 p1
     "plane_k4s2": (2, 3, 6, (10, 9), 4, 2, 1, 1, 1, True),
-    # 10 input channels: the row layout, k5 s2 p2 with odd sizes (output_padding 1 / 0)
-    "rows_k5s2": (2, 10, 4, (9, 8), 5, 2, 2, 1, 1, True),
+    # 10 input channels: the row layout over the batch (grad_output planes of up to 16 pixels),
+    # k5 s2 p2 with odd sizes (output_padding 1 / 0)
+    "rows_k5s2": (2, 10, 4, (7, 8), 5, 2, 2, 1, 1, True),
+    # the row layout over chunks of the batch (5x4 grad_output planes): ATen's backward
+    "rows_chunks": (2, 10, 4, (9, 8), 5, 2, 2, 1, 1, False),
     # a thread per image: N = 4 and grad_output planes of 16x16 = 256 pixels (>= 128)
     "threads": (4, 9, 5, (32, 33), 4, 2, 1, 1, 1, True),
     # stride (1, 3), padding (2, 0), dilation (1, 2), a non-square kernel
@@ -121,7 +124,7 @@ def test_requested_gradients(name, wanted):
 
 @pytest.mark.parametrize("special", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("act", ["identity", "leaky_relu", "tanh"])
-@pytest.mark.parametrize("name", ["plane_k4s2", "rows_k5s2", "threads"])
+@pytest.mark.parametrize("name", ["plane_k4s2", "rows_k5s2", "threads", "rows_chunks"])
 def test_special_values_like_torch(name, act, special):
     """A NaN / inf in the input and another in the incoming gradient: torch's NaN and inf pattern
     in the output and in every gradient (float32), finite values close."""

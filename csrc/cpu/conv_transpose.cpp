@@ -1104,6 +1104,20 @@ bool conv_transpose_gemm_form(const at::Tensor& x, const at::Tensor& w, at::IntA
   return gemm_eligible(x, geometry(x, w, stride, padding, output_padding, groups, dilation, -1, -1));
 }
 
+// For genfast::conv2d_act's backward (csrc/conv_act_autograd.cpp): whether grad_input, the
+// transposed convolution of dz (x here) by the convolution's weight, runs the GEMM form. Only
+// where it measured faster than ATen's convolution backward, interleaved on the CI CPU: the
+// plane layout (a convolution of up to kPlaneFormMaxCout input channels: 3-9x for the first
+// layers of the DCGAN, Keras and VAE discriminators), a thread per image (DCGAN 16x16 -> 32x32
+// k4 s2: 1.0-1.8x, ATen's time there being bimodal) and inputs of up to kGemmBwdMaxPixels
+// pixels (DCGAN 4x4 -> 8x8: 1.4-1.5x). Over chunks of the batch in the row layout (7x7 ->
+// 14x14 and 8x8 -> 16x16) it tied or lost by up to 25% (Keras k5 s2), so ATen's runs there.
+bool conv2d_grad_input_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef output_padding, at::IntArrayRef dilation) {
+  const Geometry g = geometry(x, w, stride, padding, output_padding, 1, dilation, -1, -1);
+  return gemm_eligible(x, g) && (g.Cout <= kPlaneFormMaxCout || gemm_backward(x, g));
+}
+
 // For genfast::linear_act (csrc/conv_act_autograd.cpp), on a dense (M, C) row-major product of
 // float32 / float64 that the caller has validated: the Linear layer's epilogue, y = act(y + bias)
 // in place (one pass; the Linear without bias runs torch's activation instead, which keeps the
