@@ -571,12 +571,55 @@ GENFAST_SIMD_CLONES void col2im_plane(const acc_t* ct, int64_t ldc, int64_t co, 
   if (stat != nullptr) *stat = plane_welford<acc_t>(yp, g.Hout * Wout);
 }
 
+// The 8x8 block transpose of the (pixel, channel) <-> planes passes: in[p * ld_in + c] ->
+// out[c * ld_out + p] for p, c < 8, in three stages of two-source lane shuffles (GCC's vector
+// extension: the compiler picks each ISA's shuffle instructions), instead of one scalar load
+// and store per value.
+template <typename T>
+GENFAST_INLINE void transpose8(const T* in, int64_t ld_in, T* out, int64_t ld_out) {
+  typedef T V __attribute__((vector_size(8 * sizeof(T))));
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> I;
+  typedef I M __attribute__((vector_size(8 * sizeof(T))));
+  V r[8], t[8], u[8];
+  for (int p = 0; p < 8; ++p) std::memcpy(&r[p], in + p * ld_in, sizeof(V));
+  const M lo1 = {0, 8, 1, 9, 4, 12, 5, 13}, hi1 = {2, 10, 3, 11, 6, 14, 7, 15};
+  const M lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+  const M lo3 = {0, 1, 2, 3, 8, 9, 10, 11}, hi3 = {4, 5, 6, 7, 12, 13, 14, 15};
+  for (int i = 0; i < 4; ++i) {  // rows 2i, 2i+1 interleaved: channels (0,1,4,5) and (2,3,6,7)
+    t[2 * i] = __builtin_shuffle(r[2 * i], r[2 * i + 1], lo1);
+    t[2 * i + 1] = __builtin_shuffle(r[2 * i], r[2 * i + 1], hi1);
+  }
+  for (int j = 0; j < 2; ++j) {  // rows 4j..4j+3 of channels (0|4), (1|5), (2|6), (3|7)
+    u[4 * j] = __builtin_shuffle(t[4 * j], t[4 * j + 2], lo2);
+    u[4 * j + 1] = __builtin_shuffle(t[4 * j], t[4 * j + 2], hi2);
+    u[4 * j + 2] = __builtin_shuffle(t[4 * j + 1], t[4 * j + 3], lo2);
+    u[4 * j + 3] = __builtin_shuffle(t[4 * j + 1], t[4 * j + 3], hi2);
+  }
+  for (int c = 0; c < 4; ++c) {  // channel c and c + 4, all 8 rows
+    const V a = __builtin_shuffle(u[c], u[4 + c], lo3), b = __builtin_shuffle(u[c], u[4 + c], hi3);
+    std::memcpy(out + c * ld_out, &a, sizeof(V));
+    std::memcpy(out + (c + 4) * ld_out, &b, sizeof(V));
+  }
+}
+
+// in[p * ld_in + c] -> out[c * ld_out + p] for p < P, c < Cn: 8x8 blocks, scalar edges.
+template <typename T>
+GENFAST_INLINE void transpose_tile(const T* in, int64_t ld_in, T* out, int64_t ld_out, int64_t P, int64_t Cn) {
+  const int64_t P8 = P & ~int64_t(7), C8 = Cn & ~int64_t(7);
+  for (int64_t c = 0; c < C8; c += 8)
+    for (int64_t p = 0; p < P8; p += 8) transpose8<T>(in + p * ld_in + c, ld_in, out + c * ld_out + p, ld_out);
+  for (int64_t c = 0; c < Cn; ++c)
+    for (int64_t p = c < C8 ? P8 : 0; p < P; ++p) out[c * ld_out + p] = in[p * ld_in + c];
+}
+
 // One task of the row form's col2im: channels [c0, c0 + cw) of image n from its columns
 //   img[(ih*W_in + iw)*KH*KW*C_out + (i*KW + j)*C_out + co].
 // Output pixels go kTile at a time: each sums the bias and its taps (those of its phase whose
 // input lies inside, gathered from the columns in tap order (i, j)) into the (pixel, channel)
-// tile o, which then leaves through the
-// activation into y's planes; the statistics follow per plane (in cache).
+// tile o, one pass over the channels with the running sum in registers (the taps' pointers
+// found first, the pixel's row and column advanced without a division); the tile then goes
+// through the activation and, transposed 8x8 at a time, into y's planes; the statistics follow
+// per plane (in cache).
 template <int ACT, typename scalar_t, typename acc_t>
 GENFAST_SIMD_CLONES void col2im_rows(const acc_t* img, scalar_t* y, const acc_t* bias, const Geometry& g,
                                      const AxisPhases& ph, const AxisPhases& pw, int64_t n, int64_t c0, int64_t cw,
@@ -585,24 +628,62 @@ GENFAST_SIMD_CLONES void col2im_rows(const acc_t* img, scalar_t* y, const acc_t*
   img += c0;
   bias += c0;
   scalar_t* yn = y + (n * C + c0) * L;
+  constexpr int kMaxTaps = 64;
+  const acc_t* tap[kMaxTaps];
+  int64_t oh = 0, ow = 0;  // the pixel e = oh * W_out + ow, advanced with e
   for (int64_t e0 = 0; e0 < L; e0 += kTile) {
     const int64_t e1 = std::min(L, e0 + kTile);
     for (int64_t e = e0; e < e1; ++e) {
-      const int64_t oh = e / g.Wout, ow = e % g.Wout, qh = oh / ph.S, qw = ow / pw.S;
-      acc_t* t = o + (e - e0) * cw;
-      for (int64_t c = 0; c < cw; ++c) t[c] = bias[c];
-      for (const PhaseTap& a : ph.taps[oh % ph.S]) {
+      const int64_t rh = oh % ph.S, qh = oh / ph.S, rw = ow % pw.S, qw = ow / pw.S;
+      int nt = 0;
+      for (const PhaseTap& a : ph.taps[rh]) {
         if (qh < a.q0 || qh >= a.q1) continue;
-        for (const PhaseTap& b : pw.taps[ow % pw.S]) {
+        const acc_t* row = img + (qh + a.delta) * Win * KC + a.k * KW * C;
+        for (const PhaseTap& b : pw.taps[rw]) {
           if (qw < b.q0 || qw >= b.q1) continue;
-          const acc_t* src = img + ((qh + a.delta) * Win + qw + b.delta) * KC + (a.k * KW + b.k) * C;
-          for (int64_t c = 0; c < cw; ++c) t[c] += src[c];
+          if (nt < kMaxTaps) tap[nt] = row + (qw + b.delta) * KC + b.k * C;
+          ++nt;
         }
       }
+      acc_t* t = o + (e - e0) * cw;
+      if (nt == 4) {
+        const acc_t *s0 = tap[0], *s1 = tap[1], *s2 = tap[2], *s3 = tap[3];
+        for (int64_t c = 0; c < cw; ++c) t[c] = (((bias[c] + s0[c]) + s1[c]) + s2[c]) + s3[c];
+      } else if (nt == 2) {
+        const acc_t *s0 = tap[0], *s1 = tap[1];
+        for (int64_t c = 0; c < cw; ++c) t[c] = (bias[c] + s0[c]) + s1[c];
+      } else if (nt <= kMaxTaps) {
+        for (int64_t c = 0; c < cw; ++c) t[c] = bias[c];
+        for (int j = 0; j < nt; ++j) {
+          const acc_t* s = tap[j];
+          for (int64_t c = 0; c < cw; ++c) t[c] += s[c];
+        }
+      } else {  // more taps than kMaxTaps (dilated or very large kernels): gathered again in order
+        for (int64_t c = 0; c < cw; ++c) t[c] = bias[c];
+        for (const PhaseTap& a : ph.taps[rh]) {
+          if (qh < a.q0 || qh >= a.q1) continue;
+          for (const PhaseTap& b : pw.taps[rw]) {
+            if (qw < b.q0 || qw >= b.q1) continue;
+            const acc_t* s = img + ((qh + a.delta) * Win + qw + b.delta) * KC + (a.k * KW + b.k) * C;
+            for (int64_t c = 0; c < cw; ++c) t[c] += s[c];
+          }
+        }
+      }
+      if (++ow == g.Wout) {
+        ow = 0;
+        ++oh;
+      }
     }
-    for (int64_t c = 0; c < cw; ++c)
-      for (int64_t e = e0; e < e1; ++e)
-        yn[c * L + e] = static_cast<scalar_t>(act_out<ACT, acc_t>(o[(e - e0) * cw + c], slope));
+    const int64_t ne = e1 - e0;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if constexpr (ACT != kIdentity)
+        for (int64_t i = 0; i < ne * cw; ++i) o[i] = act_out<ACT, acc_t>(o[i], slope);
+      transpose_tile<acc_t>(o, cw, yn + e0, L, ne, cw);
+    } else {
+      for (int64_t c = 0; c < cw; ++c)
+        for (int64_t e = e0; e < e1; ++e)
+          yn[c * L + e] = static_cast<scalar_t>(act_out<ACT, acc_t>(o[(e - e0) * cw + c], slope));
+    }
   }
   for (int64_t c = 0; c < cw && pp != nullptr && L > 0; ++c) pp[n * C + c0 + c] = plane_welford<acc_t>(yn + c * L, L);
 }
@@ -690,23 +771,31 @@ template <int ACT, typename scalar_t, typename acc_t>
 GENFAST_SIMD_CLONES void im2col_task(const scalar_t* dy, const scalar_t* y, acc_t* img, const Geometry& g, int64_t n,
                                      int64_t c0, int64_t cw, acc_t* d, acc_t slope, acc_t* pp) {
   const int64_t C = g.Cout, L = g.Hout * g.Wout, KC = g.KH * g.KW * C;
-  // planes -> (pixel, channel), kTile pixels at a time; the bias sums in kTile-pixel steps
+  // planes -> (pixel, channel), kTile pixels at a time: dz of the tile's pixels plane by plane
+  // into tmp (contiguous, vectorised), then transposed 8x8 at a time into d; the bias sums in
+  // kTile-pixel steps, in pixel order
   const scalar_t* gn = dy + (n * C + c0) * L;
   const scalar_t* yn = y + (n * C + c0) * L;
   if (pp != nullptr)
     for (int64_t c = 0; c < cw; ++c) pp[n * C + c0 + c] = acc_t(0);
+  static thread_local std::vector<acc_t> tmp_buf;
+  if (static_cast<int64_t>(tmp_buf.size()) < cw * kTile) tmp_buf.resize(cw * kTile);
+  acc_t* tmp = tmp_buf.data();
   for (int64_t e0 = 0; e0 < L; e0 += kTile) {
-    const int64_t e1 = std::min(L, e0 + kTile);
+    const int64_t ne = std::min(L, e0 + kTile) - e0;
     for (int64_t c = 0; c < cw; ++c) {
-      acc_t s = 0;
-      for (int64_t e = e0; e < e1; ++e) {
-        const acc_t v = static_cast<acc_t>(gn[c * L + e]) *
-                        act_grad_from_output_c<ACT, acc_t>(static_cast<acc_t>(yn[c * L + e]), slope);
-        d[e * cw + c] = v;
-        s += v;
+      const scalar_t* gp = gn + c * L + e0;
+      const scalar_t* yp = yn + c * L + e0;
+      acc_t* tp = tmp + c * ne;
+      for (int64_t i = 0; i < ne; ++i)
+        tp[i] = static_cast<acc_t>(gp[i]) * act_grad_from_output_c<ACT, acc_t>(static_cast<acc_t>(yp[i]), slope);
+      if (pp != nullptr) {
+        acc_t s = 0;
+        for (int64_t i = 0; i < ne; ++i) s += tp[i];
+        pp[n * C + c0 + c] += s;
       }
-      if (pp != nullptr) pp[n * C + c0 + c] += s;
     }
+    transpose_tile<acc_t>(tmp, ne, d + e0 * cw, cw, cw, ne);
   }
   acc_t* row = img + c0;
   for (int64_t ih = 0; ih < g.Hin; ++ih)
