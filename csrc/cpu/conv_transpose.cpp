@@ -39,6 +39,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
@@ -412,6 +413,41 @@ at::Tensor x_cols(const at::Tensor& xa, const Geometry& g) {
   return xa.contiguous().view({n, g.Cin, HW}).transpose(0, 1).contiguous().view({g.Cin, n * HW});
 }
 
+// Scratch memory of the GEMM form, kept per thread and per slot from one call to the next:
+// the weight in the products' layout (slot kScratchW) and the columns (kScratchCols over the
+// batch, kScratchThread per image on each pool thread, kScratchGw for grad_weight before its
+// transposition) were allocated afresh by every call, and glibc hands blocks of megabytes back
+// to the system when they are freed and faults them in again when they return, which made the
+// forward of the DCGAN 512-256 layer bimodal (3.6 or 5.9 ms) on the CI VM. A slot grows to the
+// largest size asked of it (the columns stay within kChunkBytes over the batch, kThreadBytes
+// per image) and is freed when its thread ends; its tensors never leave the op.
+enum ScratchSlot : int { kScratchW = 0, kScratchCols = 1, kScratchThread = 2, kScratchGw = 3, kScratchSlots = 4 };
+struct ScratchBuf {
+  void* p = nullptr;
+  size_t bytes = 0;
+  ~ScratchBuf() { std::free(p); }
+};
+at::Tensor scratch(int slot, at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  static thread_local ScratchBuf bufs[kScratchSlots];
+  int64_t n = 1;
+  for (int64_t s : sizes) n *= s;
+  const size_t need = ((static_cast<size_t>(n) * at::elementSize(c10::typeMetaToScalarType(opts.dtype())) + 63) / 64) * 64;
+  ScratchBuf& b = bufs[slot];
+  if (b.bytes < need) {
+    std::free(b.p);
+    b.p = std::aligned_alloc(64, std::max<size_t>(need, 64));
+    b.bytes = b.p != nullptr ? need : 0;
+    TORCH_CHECK(b.p != nullptr, "conv_transpose2d: out of memory allocating ", need, " bytes of scratch");
+  }
+  return at::from_blob(b.p, sizes, opts.device(at::kCPU));
+}
+
+// a x b into out (a scratch tensor), returned
+at::Tensor mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
+  at::mm_out(out, a, b);
+  return out;
+}
+
 // The 8x8 block transpose of the (pixel, channel) <-> planes passes: in[p * ld_in + c] ->
 // out[c * ld_out + p] for p, c < 8, in three stages of two-source lane shuffles (GCC's vector
 // extension: the compiler picks each ISA's shuffle instructions), instead of one scalar load
@@ -460,12 +496,13 @@ GENFAST_SIMD_CLONES void transpose_batch(const T* src, T* dst, int64_t b0, int64
 }
 
 // B row-major (P, Cn) matrices of t (float32 / float64) as B (Cn, P) matrices, in a
-// fresh contiguous tensor of `sizes`; the matrices in parallel. The weight-layout copies of the
+// contiguous tensor of `sizes` (fresh, or a scratch slot); the matrices in parallel. The weight-layout copies of the
 // GEMM form: ATen's permute-copy ran at half the speed of a clone (0.9 ms each way for the 8 MB
 // weight of the DCGAN 512-256 layer, three times per training step).
-at::Tensor transposed_batch(const at::Tensor& t_in, int64_t B, int64_t P, int64_t Cn, at::IntArrayRef sizes) {
+at::Tensor transposed_batch(const at::Tensor& t_in, int64_t B, int64_t P, int64_t Cn, at::IntArrayRef sizes,
+                            int slot = -1) {  // slot: into that scratch slot, else a fresh tensor
   const at::Tensor t = t_in.contiguous();
-  at::Tensor out = at::empty(sizes, t.options());
+  at::Tensor out = slot >= 0 ? scratch(slot, sizes, t.options()) : at::empty(sizes, t.options());
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "transposed_batch", [&] {
     const scalar_t* src = t.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
@@ -476,10 +513,11 @@ at::Tensor transposed_batch(const at::Tensor& t_in, int64_t B, int64_t P, int64_
   return out;
 }
 
-// w (C_in, C_out, KH, KW) as the (C_in, KH*KW*C_out) matrix of the products
+// w (C_in, C_out, KH, KW) as the (C_in, KH*KW*C_out) matrix of the products (scratch: used
+// within the op only)
 at::Tensor w_taps(const at::Tensor& wa, const Geometry& g) {
   if (!wa.is_contiguous()) return wa.permute({0, 2, 3, 1}).contiguous().view({g.Cin, g.KH * g.KW * g.Cout});
-  return transposed_batch(wa, g.Cin, g.Cout, g.KH * g.KW, {g.Cin, g.KH * g.KW * g.Cout});
+  return transposed_batch(wa, g.Cin, g.Cout, g.KH * g.KW, {g.Cin, g.KH * g.KW * g.Cout}, kScratchW);
 }
 
 // The task grid: (n, run of `run` channels), N * per_n tasks
@@ -733,7 +771,7 @@ void gemm_forward(const at::Tensor& xc, const at::Tensor& wt, scalar_t* y, const
     if (threads) {
       at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
         at::AutoDispatchBelowADInplaceOrView below_autograd;  // per thread: the caller's guard is its own
-        at::Tensor cols = at::empty({HW, KC}, wt.options());
+        at::Tensor cols = scratch(kScratchThread, {HW, KC}, wt.options());
         std::vector<acc_t> buf(kTile * C);
         for (int64_t n = n0; n < n1; ++n) {
           at::mm_out(cols, xc.select(0, n).view({g.Cin, HW}).t(), wt);
@@ -746,7 +784,8 @@ void gemm_forward(const at::Tensor& xc, const at::Tensor& wt, scalar_t* y, const
     for (int64_t n0 = 0; n0 < g.N; n0 += nb) {
       Geometry gc = g;
       gc.N = std::min(nb, g.N - n0);
-      const at::Tensor cols = at::mm(x_rows(xc.narrow(0, n0, gc.N), g), wt);
+      const at::Tensor cols = mm_into(scratch(kScratchCols, {gc.N * HW, KC}, wt.options()),
+                                      x_rows(xc.narrow(0, n0, gc.N), g), wt);
       const acc_t* cp = cols.data_ptr<acc_t>();
       scalar_t* yc = y + n0 * C * L;
       Welford<acc_t>* pc = pp != nullptr ? pp + n0 * C : nullptr;
@@ -764,7 +803,7 @@ void gemm_forward(const at::Tensor& xc, const at::Tensor& wt, scalar_t* y, const
   if (threads) {
     at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;  // per thread: the caller's guard is its own
-      at::Tensor ct = at::empty({KC, HW}, wt.options());
+      at::Tensor ct = scratch(kScratchThread, {KC, HW}, wt.options());
       std::vector<acc_t> buf(plane_buffer(g, pw));
       std::vector<acc_t*> off(g.SH * g.SW);
       for (int64_t n = n0; n < n1; ++n) {
@@ -776,7 +815,8 @@ void gemm_forward(const at::Tensor& xc, const at::Tensor& wt, scalar_t* y, const
   }
   for (int64_t n0 = 0; n0 < g.N; n0 += nb) {
     const int64_t m = std::min(nb, g.N - n0);
-    const at::Tensor ct = at::mm(wT, x_cols(xc.narrow(0, n0, m), g));
+    const at::Tensor ct = mm_into(scratch(kScratchCols, {KC, m * HW}, wt.options()), wT,
+                                  x_cols(xc.narrow(0, n0, m), g));
     const acc_t* cp = ct.data_ptr<acc_t>();
     at::parallel_for(0, m * C, 1, [&](int64_t r0, int64_t r1) {
       std::vector<acc_t> buf(plane_buffer(g, pw));
@@ -865,7 +905,7 @@ at::Tensor gemm_backward_threads(const scalar_t* dy, const scalar_t* y, const at
   std::vector<at::Tensor> partial(g.N);  // at each range's first image
   at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // per thread: the caller's guard is its own
-    at::Tensor cols = at::empty({HW, KC}, wt.options());
+    at::Tensor cols = scratch(kScratchThread, {HW, KC}, wt.options());
     std::vector<acc_t> d(g.Cout * L);
     at::Tensor gw;
     for (int64_t n = n0; n < n1; ++n) {
@@ -1079,7 +1119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy_in,
     } else {
       const int64_t HW = g.Hin * g.Win, CL = g.Cout * g.Hout * g.Wout;
       const int64_t nb = chunk_images(g, static_cast<int64_t>(sizeof(acc_t)));
-      at::Tensor cols = at::empty({nb * HW, wt.size(1)}, acc_opts);
+      at::Tensor cols = scratch(kScratchCols, {nb * HW, wt.size(1)}, acc_opts);
       Geometry gc = g;
       for (int64_t n0 = 0; n0 < g.N; n0 += nb) {
         gc.N = std::min(nb, g.N - n0);
@@ -1092,7 +1132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy_in,
         if (need_input) gi.narrow(0, n0, gc.N).copy_(gemm_grad_input(cc, wt, gc));
         if (need_weight) {
           const at::Tensor xcols = x_cols(xc.narrow(0, n0, gc.N), gc);
-          if (n0 == 0) gw = at::mm(xcols, cc);
+          if (n0 == 0) gw = mm_into(scratch(kScratchGw, {g.Cin, wt.size(1)}, acc_opts), xcols, cc);
           else gw.addmm_(xcols, cc);  // chunks summed in batch order (deterministic)
         }
       }
