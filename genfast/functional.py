@@ -38,6 +38,10 @@ def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: O
     Returns:
         Tensor of the shape, dtype and memory format of ``input``.
     """
+    out = _bn.eager_fast(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                         activation, negative_slope, memory_efficient)
+    if out is not None:
+        return out
     _bn.check_activation(activation, negative_slope, memory_efficient)
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
     if isinstance(input, Tensor) and input.dim() >= 2:

@@ -221,20 +221,26 @@ def test_what_the_op_does_not_take_runs_like_torch(kind):
     x = torch.randn(3, 9, 9) if kind == "unbatched" else torch.randn(2, 3, 9, 9)
     if kind == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
+    _runs_like_torch(m, ref, x, kind, 1e-5)
+
+
+def _runs_like_torch(m, ref, x, kind, tol):
+    """m(x) against ref(x) (ref[0] holding m's parameters): outputs and the gradients of x and
+    of every parameter; float16 and inference mode as ``kind`` says."""
     if kind == "float16":
         m, ref, x = m.half(), ref.half(), x.half()
+        tol = 1e-2
     if kind == "inference":
         with torch.inference_mode():
             torch.testing.assert_close(m(x), ref(x))
         return
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     out, exp = m(xa), ref(xb)
-    tol = dict(atol=1e-2, rtol=1e-2) if kind == "float16" else dict(atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out, exp, **tol)
+    torch.testing.assert_close(out, exp, atol=tol, rtol=tol)
     dy = torch.randn_like(exp)
-    for a, r in zip(torch.autograd.grad(out, (xa, m.weight), dy),
-                    torch.autograd.grad(exp, (xb, ref[0].weight), dy)):
-        torch.testing.assert_close(a, r, **tol)
+    for a, r in zip(torch.autograd.grad(out, (xa, *m.parameters()), dy),
+                    torch.autograd.grad(exp, (xb, *ref[0].parameters()), dy)):
+        torch.testing.assert_close(a, r, atol=tol, rtol=tol)
 
 
 # --- genfast::linear_act ----------------------------------------------------------------------
@@ -348,17 +354,4 @@ def test_linear_what_the_op_does_not_take_runs_like_torch(kind):
     ref[0].load_state_dict(m.state_dict())
     x = {"3d": torch.randn(2, 3, 6), "1d": torch.randn(6), "empty": torch.randn(0, 6)}.get(
         kind, torch.randn(5, 6))
-    if kind == "float16":
-        m, ref, x = m.half(), ref.half(), x.half()
-    if kind == "inference":
-        with torch.inference_mode():
-            torch.testing.assert_close(m(x), ref(x))
-        return
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out, exp = m(xa), ref(xb)
-    tol = dict(atol=1e-2, rtol=1e-2) if kind == "float16" else dict(atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(out, exp, **tol)
-    dy = torch.randn_like(exp)
-    for a, r in zip(torch.autograd.grad(out, (xa, m.weight, m.bias), dy),
-                    torch.autograd.grad(exp, (xb, ref[0].weight, ref[0].bias), dy)):
-        torch.testing.assert_close(a, r, **tol)
+    _runs_like_torch(m, ref, x, kind, 1e-5)

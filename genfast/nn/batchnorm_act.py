@@ -59,16 +59,20 @@ def batch_norm_act_forward(bn: nn.modules.batchnorm._BatchNorm, input: torch.Ten
     # Every check runs before num_batches_tracked or the running statistics change: the
     # inputs, the activation attributes (which may have been reassigned) and the backend.
     weight, bias, eps = bn.weight, bn.bias, bn.eps
-    GF.check_batch_norm_args(input, rm, rv, weight, bias, bn_training, eps)
-    _bn.check_inputs(input, rm, rv, weight, bias, bn_training)
-    name = _bn.resolve_backend(input, activation, negative_slope, memory_efficient)
     momentum = 0.0 if bn.momentum is None else bn.momentum
     count = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
     if count and bn.momentum is None:
         momentum = 1.0 / (float(bn.num_batches_tracked) + 1.0)
-    # The checks of GF.batch_norm_act have all run above (a module's parameters are (C,)).
-    y = _bn.run_resolved(name, input, rm, rv, weight, bias, bn_training, momentum, eps,
-                         activation, negative_slope, memory_efficient)
+    # the common eager CPU call, whose arguments pass every check below, straight to the op
+    y = _bn.eager_fast(input, rm, rv, weight, bias, bn_training, momentum, eps, activation,
+                       negative_slope, memory_efficient)
+    if y is None:
+        GF.check_batch_norm_args(input, rm, rv, weight, bias, bn_training, eps)
+        _bn.check_inputs(input, rm, rv, weight, bias, bn_training)
+        name = _bn.resolve_backend(input, activation, negative_slope, memory_efficient)
+        # The checks of GF.batch_norm_act have all run above (a module's parameters are (C,)).
+        y = _bn.run_resolved(name, input, rm, rv, weight, bias, bn_training, momentum, eps,
+                             activation, negative_slope, memory_efficient)
     # Counted once the fused call has succeeded (nn.BatchNorm counts before F.batch_norm,
     # which has nothing left to fail by then).
     if count:
