@@ -79,13 +79,7 @@ struct Conv2dAct : public torch::autograd::Function<Conv2dAct> {
     ctx->set_materialize_grads(false);
     // the output only when act' needs it (an identity product keeps no second activation alive)
     ctx->save_for_backward({x, w, act == kIdentity ? at::Tensor() : y});
-    ctx->saved_data["stride"] = stride;
-    ctx->saved_data["padding"] = padding;
-    ctx->saved_data["dilation"] = dilation;
-    ctx->saved_data["groups"] = groups;
-    ctx->saved_data["act"] = act;
-    ctx->saved_data["slope"] = slope;
-    ctx->saved_data["has_bias"] = b.has_value() && b->defined();
+    ProductArgs{stride, padding, {}, dilation, groups, act, slope, b.has_value() && b->defined()}.save(ctx);
     return {y};
   }
 
@@ -95,12 +89,11 @@ struct Conv2dAct : public torch::autograd::Function<Conv2dAct> {
     if (!dy.defined()) return out;
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &w = saved[1], &y = saved[2];
-    const auto stride = ctx->saved_data["stride"].toIntVector();
-    const auto padding = ctx->saved_data["padding"].toIntVector();
-    const auto dilation = ctx->saved_data["dilation"].toIntVector();
-    const int64_t groups = ctx->saved_data["groups"].toInt(), act = ctx->saved_data["act"].toInt();
-    const double slope = ctx->saved_data["slope"].toDouble();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const ProductArgs args = ProductArgs::load(ctx);
+    const std::vector<int64_t>&stride = args.stride, &padding = args.padding, &dilation = args.dilation;
+    const int64_t groups = args.groups, act = args.act;
+    const double slope = args.slope;
+    const bool has_bias = args.has_bias;
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
     const bool need_b = has_bias && ctx->needs_input_grad(2);
     const bool differentiable = at::GradMode::is_enabled();
@@ -213,9 +206,7 @@ struct LinearAct : public torch::autograd::Function<LinearAct> {
     }
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({x, w, act == kIdentity ? at::Tensor() : y});
-    ctx->saved_data["act"] = act;
-    ctx->saved_data["slope"] = slope;
-    ctx->saved_data["has_bias"] = b.has_value() && b->defined();
+    ProductArgs{{}, {}, {}, {}, 1, act, slope, b.has_value() && b->defined()}.save(ctx);
     return {y};
   }
 
@@ -225,10 +216,11 @@ struct LinearAct : public torch::autograd::Function<LinearAct> {
     if (!dy.defined()) return out;
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &w = saved[1], &y = saved[2];
-    const int64_t act = ctx->saved_data["act"].toInt();
-    const double slope = ctx->saved_data["slope"].toDouble();
+    const ProductArgs args = ProductArgs::load(ctx);
+    const int64_t act = args.act;
+    const double slope = args.slope;
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
-    const bool need_b = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
+    const bool need_b = args.has_bias && ctx->needs_input_grad(2);
     at::Tensor dz, dx, dw, db;
     if (at::GradMode::is_enabled() || symbolic(dy) || !dy.device().is_cpu()) {
       // differentiable (create_graph): ATen ops with derivatives

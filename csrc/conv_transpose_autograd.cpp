@@ -81,14 +81,8 @@ struct ConvTransposeAct : public torch::autograd::Function<ConvTransposeAct> {
     }
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({x, w, y});
-    ctx->saved_data["stride"] = stride;
-    ctx->saved_data["padding"] = padding;
-    ctx->saved_data["output_padding"] = output_padding;
-    ctx->saved_data["dilation"] = dilation;
-    ctx->saved_data["groups"] = groups;
-    ctx->saved_data["act"] = act;
-    ctx->saved_data["slope"] = slope;
-    ctx->saved_data["has_bias"] = b.has_value() && b->defined();
+    ProductArgs{stride, padding, output_padding, dilation, groups, act, slope, b.has_value() && b->defined()}.save(
+        ctx);
     return {y};
   }
 
@@ -98,13 +92,12 @@ struct ConvTransposeAct : public torch::autograd::Function<ConvTransposeAct> {
     if (!dy.defined()) return out;
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &w = saved[1], &y = saved[2];
-    const auto stride = ctx->saved_data["stride"].toIntVector();
-    const auto padding = ctx->saved_data["padding"].toIntVector();
-    const auto output_padding = ctx->saved_data["output_padding"].toIntVector();
-    const auto dilation = ctx->saved_data["dilation"].toIntVector();
-    const int64_t groups = ctx->saved_data["groups"].toInt(), act = ctx->saved_data["act"].toInt();
-    const double slope = ctx->saved_data["slope"].toDouble();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const ProductArgs args = ProductArgs::load(ctx);
+    const std::vector<int64_t>&stride = args.stride, &padding = args.padding, &output_padding = args.output_padding,
+                               &dilation = args.dilation;
+    const int64_t groups = args.groups, act = args.act;
+    const double slope = args.slope;
+    const bool has_bias = args.has_bias;
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
     const bool need_b = has_bias && ctx->needs_input_grad(2);
     at::Tensor dx, dw, db;

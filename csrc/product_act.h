@@ -5,10 +5,43 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
 
 #include "common/activation.h"
 
 namespace genfast {
+
+// The non-tensor arguments a product's autograd node keeps for its backward (output_padding is
+// the transposed convolution's; the Linear node keeps no geometry).
+struct ProductArgs {
+  std::vector<int64_t> stride, padding, output_padding, dilation;
+  int64_t groups = 1, act = 0;
+  double slope = 0.0;
+  bool has_bias = false;
+
+  void save(torch::autograd::AutogradContext* ctx) const {
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["output_padding"] = output_padding;
+    ctx->saved_data["dilation"] = dilation;
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["slope"] = slope;
+    ctx->saved_data["has_bias"] = has_bias;
+  }
+  static ProductArgs load(torch::autograd::AutogradContext* ctx) {
+    ProductArgs a;
+    a.stride = ctx->saved_data["stride"].toIntVector();
+    a.padding = ctx->saved_data["padding"].toIntVector();
+    a.output_padding = ctx->saved_data["output_padding"].toIntVector();
+    a.dilation = ctx->saved_data["dilation"].toIntVector();
+    a.groups = ctx->saved_data["groups"].toInt();
+    a.act = ctx->saved_data["act"].toInt();
+    a.slope = ctx->saved_data["slope"].toDouble();
+    a.has_bias = ctx->saved_data["has_bias"].toBool();
+    return a;
+  }
+};
 
 // torch's activation, in place on a fresh product
 inline at::Tensor torch_act_(at::Tensor y, int64_t act, double slope) {

@@ -130,20 +130,26 @@ def test_special_values_like_torch(name, act, special):
     in the output and in every gradient (float32), finite values close."""
     x, w, b, geo = _case(name, torch.float32)
     x[0, 0, 1, 2] = special
-    xs = [x.clone().requires_grad_() for _ in range(2)]
-    ws = [w.clone().requires_grad_() for _ in range(2)]
-    bs = [b.clone().requires_grad_() for _ in range(2)]
-    out = _ours(xs[0], ws[0], bs[0], geo, act)
-    ref = _theirs(xs[1], ws[1], bs[1], geo, act)
+    _special_like_torch(lambda *a: _ours(*a, geo, act), lambda *a: _theirs(*a, geo, act), (x, w, b),
+                        (-1, -1, -1, 0), special, 1e-4)
+
+
+def _special_like_torch(ours, theirs, inputs, dy_index, special, tol):
+    """ours(*inputs) against theirs(*inputs) with `special` also in the incoming gradient at
+    dy_index: the same NaN / +inf / -inf pattern in the output and every gradient, finite values
+    close."""
+    mine = [t.clone().requires_grad_() for t in inputs]
+    ref_in = [t.clone().requires_grad_() for t in inputs]
+    out, ref = ours(*mine), theirs(*ref_in)
     dy = torch.randn_like(ref)
-    dy[-1, -1, -1, 0] = special
-    got = (out,) + torch.autograd.grad(out, (xs[0], ws[0], bs[0]), dy)
-    exp = (ref,) + torch.autograd.grad(ref, (xs[1], ws[1], bs[1]), dy)
+    dy[dy_index] = special
+    got = (out,) + torch.autograd.grad(out, mine, dy)
+    exp = (ref,) + torch.autograd.grad(ref, ref_in, dy)
     for a, r in zip(got, exp):
         assert torch.equal(a.isnan(), r.isnan())
         assert torch.equal(a.isposinf(), r.isposinf()) and torch.equal(a.isneginf(), r.isneginf())
         fin = r.isfinite()
-        torch.testing.assert_close(a[fin], r[fin], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a[fin], r[fin], atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("name", ["plane_k4s2", "rows_k5s2", "mixed"])
@@ -291,20 +297,8 @@ def test_linear_requested_gradients(wanted):
 def test_linear_special_values_like_torch(act, special):
     x, w, b = _lin(6, 5, 4, True, torch.float32)
     x[1, 2] = special
-    xs = [x.clone().requires_grad_() for _ in range(2)]
-    ws = [w.clone().requires_grad_() for _ in range(2)]
-    bs = [b.clone().requires_grad_() for _ in range(2)]
-    out = _lin_ours(xs[0], ws[0], bs[0], act)
-    ref = torch_act(act)(F.linear(xs[1], ws[1], bs[1]))
-    dy = torch.randn_like(ref)
-    dy[4, 3] = special
-    got = (out,) + torch.autograd.grad(out, (xs[0], ws[0], bs[0]), dy)
-    exp = (ref,) + torch.autograd.grad(ref, (xs[1], ws[1], bs[1]), dy)
-    for a, r in zip(got, exp):
-        assert torch.equal(a.isnan(), r.isnan())
-        assert torch.equal(a.isposinf(), r.isposinf()) and torch.equal(a.isneginf(), r.isneginf())
-        fin = r.isfinite()
-        torch.testing.assert_close(a[fin], r[fin], atol=1e-5, rtol=1e-5)
+    _special_like_torch(lambda *a: _lin_ours(*a, act), lambda x, w, b: torch_act(act)(F.linear(x, w, b)),
+                        (x, w, b), (4, 3), special, 1e-5)
 
 
 def test_linear_gradcheck_and_gradgradcheck():
