@@ -3,10 +3,8 @@
 // drop-in Conv2d and Linear, GF.conv2d / GF.linear and the products of the Conv2d / Linear ->
 // BatchNorm -> activation blocks, outside torch.compile).
 //
-// conv2d_act:
-//
-// Forward: torch's own product (at::convolution, oneDNN, bias included), the activation in
-// place; saves input, weight and (for an activation) the output.
+// conv2d_act. Forward: torch's own product (at::convolution, oneDNN, bias included), the
+// activation in place; saves input, weight and (for an activation) the output.
 // Backward: dz = dy * act'(y) (torch's activation backward kernels), then
 //   grad_input  = the transposed convolution of dz by the same weight: genfast::
 //                 conv_transpose2d_fwd's GEMM form where it measured faster than ATen's
@@ -14,9 +12,9 @@
 //                 groups 1, NCHW, strided; 3-9x for inputs of up to 8 channels, where ATen's
 //                 oneDNN backward runs at a few GFLOP/s; 1.0-1.8x for the DCGAN k4 s2 layers);
 //   grad_weight, grad_bias = ATen's convolution backward (oneDNN), without grad_input.
-// Elsewhere ATen's convolution backward computes all three at once. A create_graph backward runs dz in differentiable ATen ops and
-// at::convolution_backward (which has a double backward): gradient-penalty GANs.
-//
+// Elsewhere ATen's convolution backward computes all three at once. A create_graph backward
+// runs dz in differentiable ATen ops and at::convolution_backward (which has a double
+// backward): gradient-penalty GANs.
 //
 // linear_act: forward = at::mm, then bias + activation in one pass of our own; backward = dz =
 // dy * act'(y) with grad_bias in one pass, then grad_input and grad_weight (at::mm), side by side
