@@ -690,8 +690,10 @@ GENFAST_SIMD_CLONES void col2im_rows(const acc_t* img, scalar_t* y, const acc_t*
   img += c0;
   bias += c0;
   scalar_t* yn = y + (n * C + c0) * L;
-  constexpr int kMaxTaps = 64;
-  const acc_t* tap[kMaxTaps];
+  size_t max_h = 0, max_w = 0;  // taps per pixel: at most the largest phase's on each axis
+  for (const auto& t : ph.taps) max_h = std::max(max_h, t.size());
+  for (const auto& t : pw.taps) max_w = std::max(max_w, t.size());
+  std::vector<const acc_t*> tap(max_h * max_w);
   int64_t oh = 0, ow = 0;  // the pixel e = oh * W_out + ow, advanced with e
   for (int64_t e0 = 0; e0 < L; e0 += kTile) {
     const int64_t e1 = std::min(L, e0 + kTile);
@@ -703,8 +705,7 @@ GENFAST_SIMD_CLONES void col2im_rows(const acc_t* img, scalar_t* y, const acc_t*
         const acc_t* row = img + (qh + a.delta) * Win * KC + a.k * KW * C;
         for (const PhaseTap& b : pw.taps[rw]) {
           if (qw < b.q0 || qw >= b.q1) continue;
-          if (nt < kMaxTaps) tap[nt] = row + (qw + b.delta) * KC + b.k * C;
-          ++nt;
+          tap[nt++] = row + (qw + b.delta) * KC + b.k * C;
         }
       }
       acc_t* t = o + (e - e0) * cw;
@@ -714,21 +715,11 @@ GENFAST_SIMD_CLONES void col2im_rows(const acc_t* img, scalar_t* y, const acc_t*
       } else if (nt == 2) {
         const acc_t *s0 = tap[0], *s1 = tap[1];
         for (int64_t c = 0; c < cw; ++c) t[c] = (bias[c] + s0[c]) + s1[c];
-      } else if (nt <= kMaxTaps) {
+      } else {
         for (int64_t c = 0; c < cw; ++c) t[c] = bias[c];
         for (int j = 0; j < nt; ++j) {
-          const acc_t* s = tap[j];
-          for (int64_t c = 0; c < cw; ++c) t[c] += s[c];
-        }
-      } else {  // more taps than kMaxTaps (dilated or very large kernels): gathered again in order
-        for (int64_t c = 0; c < cw; ++c) t[c] = bias[c];
-        for (const PhaseTap& a : ph.taps[rh]) {
-          if (qh < a.q0 || qh >= a.q1) continue;
-          for (const PhaseTap& b : pw.taps[rw]) {
-            if (qw < b.q0 || qw >= b.q1) continue;
-            const acc_t* s = img + ((qh + a.delta) * Win + qw + b.delta) * KC + (a.k * KW + b.k) * C;
-            for (int64_t c = 0; c < cw; ++c) t[c] += s[c];
-          }
+          const acc_t* src = tap[j];
+          for (int64_t c = 0; c < cw; ++c) t[c] += src[c];
         }
       }
       if (++ow == g.Wout) {
