@@ -2,11 +2,13 @@
 PyTorch eager, torch.compile, genfast-converted, and converted + compiled. Time per step and,
 on a GPU, peak memory of one step.
 
-GPU: DCGAN 64x64 at batch 64 and 128, the convolutional VAE at batch 128.
-CPU (quick): the 28x28 Keras-style DCGAN (width 64) and the VAE at batch 64."""
+GAN steps of every seed GAN: the DCGAN 64x64 (GPU: batch 64 and 128) or the 28x28 Keras-style
+DCGAN (width 64; CPU: batch 64), the MLP GAN and the conditional (label-embedding) MLP GAN
+(batch 128 on a GPU, 64 on the CPU); the convolutional VAE at batch 128 (GPU) or 64 (CPU)."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 import genfast
 from benchmarks import harness
@@ -15,11 +17,30 @@ from genfast import demo, models
 FAMILY = "end_to_end"
 
 
-def _gan_factory(name, device, width):
+class _WithLabels(nn.Module):
+    """A conditional seed model with the step's class labels bound: forward(x) = net(x, labels),
+    so that the conditional GAN trains through the same GANTrainer as the others."""
+
+    def __init__(self, net: nn.Module, labels: torch.Tensor) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("labels", labels, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x, self.labels)
+
+
+def _gan_factory(name, device, width, batch):
     def make():
         torch.manual_seed(0)
         if name == "dcgan64":
             return models.DCGANGenerator().to(device), models.DCGANDiscriminator().to(device), 100, (3, 64, 64)
+        if name == "mlp_gan":
+            return models.MLPGenerator().to(device), models.MLPDiscriminator().to(device), 100, (784,)
+        if name == "cgan":
+            labels = torch.randint(0, 10, (batch,), device=device)
+            return (_WithLabels(models.ConditionalGenerator(), labels).to(device),
+                    _WithLabels(models.ConditionalDiscriminator(), labels).to(device), 100, (784,))
         return (models.KerasDCGANGenerator(nz=64, nc=1, width=width).to(device),
                 models.KerasDCGANDiscriminator(nc=1).to(device), 64, (1, 28, 28))
     return make
@@ -86,15 +107,15 @@ def _peak_memory(fn, device):
 def run(device: torch.device, quick: bool) -> list[dict]:
     rows = []
     if device.type == "cuda":
-        gan_cases = [("dcgan64", 64), ("dcgan64", 128)]
+        gan_cases = [("dcgan64", 64), ("dcgan64", 128), ("mlp_gan", 128), ("cgan", 128)]
         vae_batches = [128]
     else:
-        gan_cases = [("keras_dcgan28", 64)]
+        gan_cases = [("keras_dcgan28", 64), ("mlp_gan", 64), ("cgan", 64)]
         vae_batches = [64]
     for name, batch in gan_cases:
         if not harness.should_run(FAMILY, f"GAN step {name} batch {batch}"):
             continue
-        variants = _variants_gan(_gan_factory(name, device, 64), batch, device)
+        variants = _variants_gan(_gan_factory(name, device, 64, batch), batch, device)
         for fn in variants.values():
             fn()  # compile / warm up before the memory reading
         extra = {k: _peak_memory(fn, device) for k, fn in variants.items()}
