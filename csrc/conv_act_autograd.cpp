@@ -105,7 +105,9 @@ struct Conv2dAct : public torch::autograd::Function<Conv2dAct> {
     const int64_t op[2] = {
         x.size(2) - ((dy.size(2) - 1) * stride[0] - 2 * padding[0] + dilation[0] * (w.size(2) - 1) + 1),
         x.size(3) - ((dy.size(3) - 1) * stride[1] - 2 * padding[1] + dilation[1] * (w.size(3) - 1) + 1)};
-    bool gemm = !differentiable && need_x && groups == 1 && x.is_contiguous() && !symbolic(x);
+    // (an empty input or weight, e.g. 0 input channels, takes ATen's backward, which gives zeros)
+    bool gemm = !differentiable && need_x && groups == 1 && x.is_contiguous() && !symbolic(x) && x.numel() > 0 &&
+                w.numel() > 0;
     if (gemm) {
       dz = dz.contiguous();
       gemm = conv2d_grad_input_gemm(dz, w, stride, padding, at::IntArrayRef(op, 2), dilation);

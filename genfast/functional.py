@@ -308,6 +308,9 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride:
     The convolution comes from the vendor library (cuDNN through ATen on CUDA tensors, oneDNN
     on CPU tensors); the bias and the activation are applied in one pass over its output (on
     the CPU as a oneDNN post-op for identity, leaky_relu and tanh).
+    The activation is applied in place on the product's output and its backward reads that
+    output, as after torch's in-place activations (nn.LeakyReLU(inplace=True)): modifying the
+    result in place before the backward raises autograd's error.
 
     Args:
         input: (N, C_in, H, W) or unbatched (C_in, H, W); floating point.
@@ -336,6 +339,9 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
 
     The matmul comes from the vendor library (cuBLAS through ATen on CUDA tensors, oneDNN on
     CPU tensors); the bias and the activation are applied in one pass over its output.
+    The activation is applied in place on the product's output and its backward reads that
+    output, as after torch's in-place activations (nn.LeakyReLU(inplace=True)): modifying the
+    result in place before the backward raises autograd's error.
 
     Args:
         input: (*, in_features); floating point.

@@ -19,12 +19,14 @@ enum Activation : int {
 // vectorise.
 
 // f(z), propagating NaN and +-inf exactly as torch: relu(NaN) = NaN, relu(-0.0) = -0.0,
-// leaky_relu(-inf) = -inf. Selects between z and a constant (a select between computed values
-// GCC does not vectorise): a NaN z fails both comparisons, so it reaches the sum.
+// leaky_relu(-inf) = -inf. Selects between a computed value and a constant (a select between
+// two computed values GCC does not vectorise): a NaN z fails both comparisons, so it reaches
+// the sum. The slope multiplies z before the select, so an infinite slope gives z (not
+// z + inf * 0 = NaN) for z > 0, and z * slope (torch's value, NaN at z = 0) otherwise.
 template <int ACT, typename T>
 GENFAST_HOST_DEVICE T act_forward_c(T z, T slope) {
   if constexpr (ACT == kRelu) return z < T(0) ? T(0) : z;
-  else if constexpr (ACT == kLeakyRelu) return (z < T(0) ? T(0) : z) + slope * (z > T(0) ? T(0) : z);
+  else if constexpr (ACT == kLeakyRelu) return (z < T(0) ? T(0) : z) + (z > T(0) ? T(0) : z * slope);
   else if constexpr (ACT == kTanh) return ::tanh(z);
   else if constexpr (ACT == kSigmoid) return T(1) / (T(1) + ::exp(-z));
   else return z;
@@ -58,7 +60,7 @@ GENFAST_HOST_DEVICE T act_grad_from_output_c(T y, T slope) {
 // z = f^-1(y) for the invertible activations (identity, leaky_relu with slope > 0); NaN stays NaN.
 template <int ACT, typename T>
 GENFAST_HOST_DEVICE T act_invert_c(T y, T slope) {
-  if constexpr (ACT == kLeakyRelu) return (y < T(0) ? T(0) : y) + (y > T(0) ? T(0) : y) / slope;
+  if constexpr (ACT == kLeakyRelu) return (y < T(0) ? T(0) : y) + (y > T(0) ? T(0) : y / slope);
   else return y;
 }
 

@@ -34,7 +34,8 @@ class Conv2d(nn.Conv2d):
     bias=True, padding_mode="zeros", device=None, dtype=None), plus keyword-only
     ``activation`` (None = identity, "relu", "leaky_relu", "tanh", "sigmoid") and
     ``negative_slope`` (0.01, leaky_relu only, >= 0). Every padding mode and "same"/"valid"
-    padding works as in nn.Conv2d.
+    padding works as in nn.Conv2d. The activation's backward reads the output, as after
+    nn.LeakyReLU(inplace=True): modify the output in place only after the backward.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Union[int, tuple[int, int]],
@@ -147,6 +148,31 @@ def can_fuse_product_bn(m: nn.Module, bn: nn.Module) -> bool:
             and bn.num_features == m.out_features))
 
 
+def bn_foldable(bn: nn.modules.batchnorm._BatchNorm, weight: Any, input: Any,
+                dim: int) -> bool:
+    """Whether an eval-mode BatchNorm may be folded into the product before it: the input has the
+    rank the BatchNorm takes after the product (``dim``), and the BatchNorm's parameters and
+    running statistics have the product weight's dtype (torch's CPU batch_norm rejects a mix,
+    which a fold would hide)."""
+    if not isinstance(input, torch.Tensor) or input.dim() != dim:
+        return False
+    return all(t is None or t.dtype == weight.dtype
+               for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
+
+
+def _ca_act(y: torch.Tensor, activation: Optional[str], negative_slope: float) -> torch.Tensor:
+    """torch's own activation, out of place (its autograd saves what torch's modules save)."""
+    if activation == "relu":
+        return torch.nn.functional.relu(y)
+    if activation == "leaky_relu":
+        return torch.nn.functional.leaky_relu(y, negative_slope)
+    if activation == "tanh":
+        return torch.tanh(y)
+    if activation == "sigmoid":
+        return torch.sigmoid(y)
+    return y
+
+
 def plain_product(m: nn.Module) -> bool:
     """An nn.Conv2d / nn.Linear, or a genfast Conv2d / Linear without its own activation."""
     return (type(m) in (nn.Conv2d, nn.Linear)
@@ -163,13 +189,18 @@ def _check_bn(bn: nn.modules.batchnorm._BatchNorm) -> bool:
 
 
 def product_bn_act_forward(m: nn.Module, bn: nn.modules.batchnorm._BatchNorm, activation: str,
-                           negative_slope: float, input: torch.Tensor) -> torch.Tensor:
+                           negative_slope: float, input: torch.Tensor,
+                           keep_input: bool = False) -> torch.Tensor:
     """activation(bn(m(input))) for m = genfast Conv2d -> nn.BatchNorm2d or genfast Linear ->
     nn.BatchNorm1d (``can_fuse_product_bn``). Training: on CUDA tensors the BatchNorm
     statistics are taken right after the vendor's product and the bias, normalisation,
     activation and running-statistics update run in the block's kernels; on CPU tensors the
     product (oneDNN) is followed by genfast's fused BatchNorm + activation. Eval: the BatchNorm
-    is folded into the product's weight and bias (one fused product + activation)."""
+    is folded into the product's weight and bias (one fused product + activation).
+    ``keep_input``: the activation is an nn.LeakyReLU(inplace=False), whose backward torch
+    takes from its input, so that its output may be modified in place before the backward; the
+    eval block then applies it out of place after the folded product (the training block saves
+    the BatchNorm's input, never the output)."""
     _ca.check_activation(activation, negative_slope)
     linear = isinstance(m, nn.Linear)
     if linear and isinstance(input, torch.Tensor) and input.dim() != 2:
@@ -179,6 +210,13 @@ def product_bn_act_forward(m: nn.Module, bn: nn.modules.batchnorm._BatchNorm, ac
                                       negative_slope)
     bn_training = _check_bn(bn)
     if not bn_training:
+        if not bn_foldable(bn, m.weight, input, 2 if linear else 4):
+            # torch's modules one by one: their checks and exceptions (an unbatched conv input
+            # that BatchNorm2d rejects, parameters of another dtype than the product's)
+            return _ca_act(bn(m(input)), activation, negative_slope)
+        if keep_input and activation == "leaky_relu":
+            return _ca_act(_product_bn_act_eval(m, bn, None, negative_slope, input), activation,
+                           negative_slope)
         return _product_bn_act_eval(m, bn, activation, negative_slope, input)
     if B.eager_cpu(input):
         # The product as torch runs it (its checks raise before anything is written), then

@@ -180,12 +180,24 @@ def can_fuse_conv_bn(conv: nn.Module, bn: nn.Module) -> bool:
 
 def conv_bn_act_forward(conv: nn.ConvTranspose2d, bn: nn.BatchNorm2d, activation: str,
                         negative_slope: float, input: torch.Tensor,
-                        output_size: Optional[list[int]] = None) -> torch.Tensor:
+                        output_size: Optional[list[int]] = None,
+                        keep_input: bool = False) -> torch.Tensor:
     """activation(bn(conv(input))) with the BatchNorm statistics taken in the convolution's
-    epilogue (training) or the BatchNorm folded into the convolution (eval)."""
+    epilogue (training) or the BatchNorm folded into the convolution (eval). ``keep_input``: the
+    activation is an nn.LeakyReLU(inplace=False) (torch's backward reads its input, so its output
+    may be modified in place): the eval block applies it out of place after the folded
+    convolution."""
     _ct.check_activation(activation, negative_slope)
     bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
     if not bn_training:
+        from genfast.nn.conv_act import _ca_act, bn_foldable
+
+        if not bn_foldable(bn, conv.weight, input, 4):
+            # torch's modules one by one (their checks: parameters of another dtype)
+            return _ca_act(bn(conv(input, output_size)), activation, negative_slope)
+        if keep_input and activation == "leaky_relu":
+            return _ca_act(_conv_bn_act_eval(conv, bn, "identity", negative_slope, input, output_size),
+                           activation, negative_slope)
         return _conv_bn_act_eval(conv, bn, activation, negative_slope, input, output_size)
     if input.dim() != 4:
         raise ValueError(f"expected 4D input (got {input.dim()}D input)")

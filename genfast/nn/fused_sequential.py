@@ -32,6 +32,14 @@ def activation_of(m: nn.Module) -> Optional[tuple[str, float]]:
     return None
 
 
+def saves_input(m: nn.Module) -> bool:
+    """Whether torch's backward of activation module ``m`` reads its input rather than its output:
+    nn.LeakyReLU(inplace=False) (ReLU, Tanh, Sigmoid and an in-place LeakyReLU read the output, as
+    genfast's fused activations do). Its output may then be modified in place before the
+    backward, so the fused op, which saves the output, does not apply the activation itself."""
+    return type(m) is nn.LeakyReLU and not m.inplace
+
+
 def epilogue_of(m: nn.Module) -> Optional[str]:
     """The conv_transpose2d epilogue activation of an nn.Tanh / nn.Sigmoid module, else None."""
     if type(m) is nn.Tanh:
@@ -74,16 +82,20 @@ class FusionStep:
         mods = self.modules
         if self.kind == "conv_bn_act":
             act, slope = activation_of(mods[2])
+            keep = saves_input(mods[2])
             if plain_product(mods[0]):
-                return product_bn_act_forward(mods[0], mods[1], act, slope, input)
+                return product_bn_act_forward(mods[0], mods[1], act, slope, input, keep_input=keep)
             check_conv_bn_input(mods[1], input)
-            return conv_bn_act_forward(mods[0], mods[1], act, slope, input, None)
+            return conv_bn_act_forward(mods[0], mods[1], act, slope, input, None, keep_input=keep)
         if self.kind == "bn_act":
             act, slope = activation_of(mods[1])
             return batch_norm_act_forward(mods[0], input, act, slope)
         pair = activation_of(mods[1])
         act, slope = pair if pair is not None else (epilogue_of(mods[1]), 0.01)
         if plain_product(mods[0]):
+            if saves_input(mods[1]):
+                # the product (bias in its epilogue), then torch's LeakyReLU out of place
+                return mods[1](product_act_forward(mods[0], input, None))
             return product_act_forward(mods[0], input, act, slope)
         return conv_transpose_act_forward(mods[0], input, act)
 
@@ -124,7 +136,10 @@ class FusedSequential(nn.Sequential):
     ReLU/LeakyReLU (BatchNorm statistics right after the product in training; BatchNorm folded
     into the product in eval), BatchNorm1d/2d -> ReLU/LeakyReLU, ConvTranspose2d ->
     Tanh/Sigmoid, Conv2d / Linear -> ReLU/LeakyReLU/Tanh/Sigmoid (bias and activation in one
-    pass after the product).
+    pass after the product). A fused activation saves its output for the backward, as torch's
+    ReLU, Tanh, Sigmoid and in-place LeakyReLU do; after an nn.LeakyReLU(inplace=False), whose
+    output torch lets the caller modify in place, the pair or eval block runs the product fused
+    and the LeakyReLU as torch's own (the training blocks save the BatchNorm's input).
 
     The children stay the torch modules they were (the transposed convolutions become
     gnn.ConvTranspose2d; Conv2d and Linear keep their class). At each forward, a planned run runs fused only while its children are

@@ -36,6 +36,7 @@ apply; backward = bn reduce + bn finalize + bn dx + the products.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Sequence
 
@@ -332,6 +333,25 @@ def check_activation(activation: Optional[str], negative_slope: float) -> str:
     return act
 
 
+def _check_slope_range(act: str, negative_slope: float, input) -> None:
+    """torch's error for a LeakyReLU slope that the input's (accumulation) dtype cannot hold:
+    a finite slope beyond float32's range with a float32 / float16 / bfloat16 input."""
+    if (act == "leaky_relu" and isinstance(input, torch.Tensor) and input.dtype != torch.float64
+            and math.isfinite(negative_slope)
+            and abs(negative_slope) > torch.finfo(torch.float32).max):
+        raise RuntimeError("value cannot be converted to type float without overflow")
+
+
+def _int_args(*values) -> bool:
+    """Whether each value is an int or a tuple/list of ints, none of them a bool (the op schema
+    would take True as 1; torch's conv2d raises TypeError)."""
+    for v in values:
+        items = v if isinstance(v, (tuple, list)) else (v,)
+        if any(isinstance(e, bool) for e in items):
+            return False
+    return True
+
+
 def _pair(value, name: str, op: str = "conv2d") -> tuple[int, int]:
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return (int(value), int(value))
@@ -497,7 +517,9 @@ def conv2d_eager(input, weight, bias, stride, padding, dilation, groups, act: st
     in C++, whose backward takes grad_input from the transposed convolution's GEMM form where
     that measured faster (csrc/conv_act_autograd.cpp). String padding, autocast, and arguments
     the op does not take run torch's own conv2d (its checks and exceptions) and activation."""
-    if not torch.is_autocast_enabled("cpu") and not isinstance(padding, str):
+    _check_slope_range(act, negative_slope, input)
+    if (not torch.is_autocast_enabled("cpu") and not isinstance(padding, str)
+            and _int_args(stride, padding, dilation, groups)):
         try:
             return _CONV_ACT(input, weight, bias, stride, padding, dilation, groups,
                              B.ACTIVATIONS[act], float(negative_slope))
@@ -513,6 +535,7 @@ def linear_eager(input, weight, bias, act: str, negative_slope: float) -> Tensor
     backward products side by side on a two-thread CPU) for 2-D float32 / float64 input;
     autocast and everything else run torch's own linear (its checks and exceptions) and
     activation."""
+    _check_slope_range(act, negative_slope, input)
     if not torch.is_autocast_enabled("cpu"):
         try:
             return _LINEAR_ACT(input, weight, bias, B.ACTIVATIONS[act], float(negative_slope))
@@ -532,6 +555,7 @@ def conv2d_act(input, weight, bias, stride, padding, dilation, groups, activatio
         return conv2d_eager(input, weight, bias, stride, padding, dilation, groups, act,
                             negative_slope)
     _check_tensors("conv2d", input, weight, bias)
+    _check_slope_range(act, negative_slope, input)
     input, padding = resolve_padding(input, weight, stride, padding, dilation)
     stride, padding, dilation = check_conv2d_args(input, weight, bias, stride, padding, dilation,
                                                   groups)
@@ -555,6 +579,7 @@ def linear_act(input, weight, bias, activation, negative_slope):
         # Eager CPU calls: torch's matmul with the bias (its checks), torch's activation in place.
         return linear_eager(input, weight, bias, act, negative_slope)
     check_linear_args(input, weight, bias)
+    _check_slope_range(act, negative_slope, input)
     flat = input.dim() != 2  # (*, in) runs as (M, in); a 2-D input needs no view (nor its
     lead = input.shape[:-1]  # autograd node)
     x = input.reshape(-1, input.shape[-1]) if flat else input

@@ -33,3 +33,18 @@ def act_grad(z: torch.Tensor, activation: str, negative_slope: float) -> torch.T
         s = torch.sigmoid(z)
         return s * (1 - s)
     raise ValueError(f"unknown activation {activation!r}")
+
+
+def act_backward(dy: torch.Tensor, z: torch.Tensor, activation: str,
+                 negative_slope: float) -> torch.Tensor:
+    """dy * f'(z) through torch's own activation-backward ops where torch has them (relu,
+    leaky_relu): those are differentiable in z, with a zero derivative, so that a gradient taken
+    through them reaches whatever z depends on (a BatchNorm bias gets zeros, not None, in a
+    double backward, as through torch's modules)."""
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(dy, z, 0)
+    if activation == "leaky_relu":
+        return torch.ops.aten.leaky_relu_backward(dy, z, negative_slope, False)
+    if activation == "identity":
+        return dy
+    return dy * act_grad(z, activation, negative_slope)

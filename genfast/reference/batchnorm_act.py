@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from genfast.reference.activation import act_forward, act_grad
+from genfast.reference.activation import act_backward, act_forward, act_grad
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -100,7 +100,10 @@ def batch_norm_act_backward(grad_out, x, weight, bias, mean, invstd, training,
     b = torch.zeros(C, dtype=acc, device=x.device) if bias is None else bias.to(acc)
     xhat = (xf - mean.to(acc).view(shape)) * invstd.to(acc).view(shape)
     z = xhat * g.view(shape) + b.view(shape)
-    dz = dy * act_grad(z, activation, negative_slope)
+    # differentiable (double backward): torch's activation-backward ops, connected to z
+    dz = (act_backward(dy, z, activation, negative_slope)
+          if torch.is_grad_enabled() and (dy.requires_grad or z.requires_grad)
+          else dy * act_grad(z, activation, negative_slope))
     sum_dz = dz.sum(dims)
     sum_dzx = (dz * xhat).sum(dims)
     k = (g * invstd.to(acc)).view(shape)
