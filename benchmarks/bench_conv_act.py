@@ -4,7 +4,9 @@ forward+backward, per layer of the seed models.
 Cases: the DCGAN 64x64 discriminator at batch 128 (Conv2d 3->64 k4 s2 -> LeakyReLU(0.2), then
 three Conv2d k4 s2 -> BatchNorm2d -> LeakyReLU(0.2) blocks), the Keras-style 28x28 one (k5 s2
 p2), and the MLP GAN (Linear -> BatchNorm1d -> LeakyReLU(0.2) generator blocks, Linear ->
-LeakyReLU(0.2) discriminator layers). Each case is an nn.Sequential of torch's modules:
+LeakyReLU(0.2) discriminator layers), each with the seed model's activation module (in place in
+the DCGAN and MLP GAN, out of place LeakyReLU(0.3) in the Keras one). Each case is an
+nn.Sequential of torch's modules:
 "eager" runs it, "compile" runs torch.compile of it, "genfast-<backend>" runs a
 genfast.convert copy (same weights) on that backend. FLOPs: 2 * M * K * N per product and pass
 (forward+backward: 3 passes). On CPU (quick) the batch is reduced and a subset runs; the
@@ -41,11 +43,13 @@ LINEAR = [
 QUICK_CPU = ("dcgan D2 64-128 32->16", "keras D2 64-128 14->7", "mlp G3 512-1024", "mlp D1 784-512")
 
 
-def _layer(product: nn.Module, channels: int, bn: bool, conv: bool) -> nn.Sequential:
+def _layer(name: str, product: nn.Module, channels: int, bn: bool, conv: bool) -> nn.Sequential:
     mods = [product]
     if bn:
         mods.append(nn.BatchNorm2d(channels) if conv else nn.BatchNorm1d(channels))
-    mods.append(nn.LeakyReLU(0.2))
+    # the seed models' activation: LeakyReLU(0.2, inplace=True) in the DCGAN and MLP GAN,
+    # LeakyReLU(0.3) (out of place) in the Keras-style discriminator
+    mods.append(nn.LeakyReLU(0.3) if name.startswith("keras") else nn.LeakyReLU(0.2, inplace=True))
     return nn.Sequential(*mods)
 
 
@@ -56,13 +60,13 @@ def _cases(device, quick):
             continue
         batch = 128 if on_gpu else (16 if quick else 64)
         hout = (hin + 2 * p - k) // s + 1
-        seq = _layer(nn.Conv2d(cin, cout, k, s, p, bias=not bn), cout, bn, True)
+        seq = _layer(name, nn.Conv2d(cin, cout, k, s, p, bias=not bn), cout, bn, True)
         yield (name, seq, (batch, cin, hin, hin), 2 * batch * hout * hout * cout * cin * k * k, True)
     for name, fin, fout, bn in LINEAR:
         if quick and not on_gpu and name not in QUICK_CPU:
             continue
         batch = 128 if on_gpu else 64
-        seq = _layer(nn.Linear(fin, fout), fout, bn, False)
+        seq = _layer(name, nn.Linear(fin, fout), fout, bn, False)
         yield (name, seq, (batch, fin), 2 * batch * fin * fout, False)
 
 
