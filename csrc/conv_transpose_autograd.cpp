@@ -80,7 +80,9 @@ struct ConvTransposeAct : public torch::autograd::Function<ConvTransposeAct> {
       y = std::get<0>(conv_transpose_fwd_call(x, w, b, stride, padding, output_padding, groups, dilation, act, slope));
     }
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({x, w, y});
+    // the output only where the backward reads it: with no activation, the caller may modify it in
+    // place before the backward, as after torch's conv_transpose2d
+    ctx->save_for_backward({x, w, act == kIdentity ? at::Tensor() : y});
     ProductArgs{stride, padding, output_padding, dilation, groups, act, slope, b.has_value() && b->defined()}.save(
         ctx);
     return {y};
@@ -91,8 +93,9 @@ struct ConvTransposeAct : public torch::autograd::Function<ConvTransposeAct> {
     const at::Tensor& dy = grads[0];
     if (!dy.defined()) return out;
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &w = saved[1], &y = saved[2];
     const ProductArgs args = ProductArgs::load(ctx);
+    // with no activation y is not saved: dy stands in for it (the kernels do not read it then)
+    const at::Tensor &x = saved[0], &w = saved[1], &y = args.act == kIdentity ? dy : saved[2];
     const std::vector<int64_t>&stride = args.stride, &padding = args.padding, &output_padding = args.output_padding,
                                &dilation = args.dilation;
     const int64_t groups = args.groups, act = args.act;

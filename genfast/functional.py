@@ -273,6 +273,11 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
     """Fused ``activation(F.conv_transpose2d(input, weight, bias, ...))``; arguments as
     ``F.conv_transpose2d``.
 
+    An activation is applied in place on the product's output and its backward reads that
+    output, as after torch's in-place activations (nn.LeakyReLU(inplace=True)): modifying the
+    result in place before the backward raises autograd's error. Without an activation the
+    output is not saved, and may be modified in place as torch's.
+
     Args:
         input: (N, C_in, H_in, W_in) or unbatched (C_in, H_in, W_in); float16/bfloat16/float32/
             float64, contiguous or channels_last (any strides accepted; the triton backend reads them

@@ -281,23 +281,31 @@ void scale_into(const acc_t* src, const coef_t* c, int64_t m, out_t* o) {
   });
 }
 
-// Sum of the reconstruction terms of recon[0..n) (kind RK), d/d recon * s written to g; sets
-// *bad when RK is bce and a probability is outside [0, 1] or NaN.
+// Bits of the range flag the probability losses set: a probability (input) or a target outside
+// [0, 1] or NaN, which torch's binary_cross_entropy rejects (torch names the first bad element it
+// meets; with both kinds present, the target's error is raised here).
+constexpr int kBadInput = 1, kBadTarget = 2;
+
+// Sum of the reconstruction terms of recon[0..n) (kind RK), d/d recon * s written to g; when RK
+// is bce, sets kBadInput / kBadTarget in *bad for a recon / target value outside [0, 1] or NaN.
 template <int RK, typename r_t, typename t_t, typename acc_t>
-acc_t vae_recon_sum(const r_t* r, const t_t* t, int64_t n, acc_t s, acc_t* g, std::atomic<bool>* bad) {
+acc_t vae_recon_sum(const r_t* r, const t_t* t, int64_t n, acc_t s, acc_t* g, std::atomic<int>* bad) {
   using Vec = Vectorized<acc_t>;
   const Vec sv(s);
   return blocked_sum<acc_t>(n, [&](int64_t i0, int64_t i1) {
-    bool out = false;
+    bool out = false, tout = false;
     const acc_t a = vec_sum<acc_t>(i0, i1, [&](int64_t i, int64_t c) {
-      const Vec ri = load_as<r_t, acc_t>(r + i, c);
-      if (RK == kReconBce) out |= any_outside_unit<acc_t>(ri);
+      const Vec ri = load_as<r_t, acc_t>(r + i, c), ti = load_as<t_t, acc_t>(t + i, c);
+      if (RK == kReconBce) {
+        out |= any_outside_unit<acc_t>(ri);
+        tout |= any_outside_unit<acc_t>(ti);
+      }
       Vec gi;
-      const Vec l = vae_recon_elem<Vec>(ri, load_as<t_t, acc_t>(t + i, c), RK, &gi);
+      const Vec l = vae_recon_elem<Vec>(ri, ti, RK, &gi);
       (gi * sv).store(g + i, c);
       return l;
     });
-    if (out) bad->store(true);
+    if (out || tout) bad->fetch_or((out ? kBadInput : 0) | (tout ? kBadTarget : 0));
     return a;
   });
 }
@@ -319,15 +327,15 @@ acc_t kl_sum(const scalar_t* m, const scalar_t* lv, int64_t nz, acc_t k, acc_t* 
 }
 
 // BCE (LOGITS: with logits) of x against t, optional per-element weight wp and pos_weight pp;
-// d/dx * gs to g, the terms to terms (when not null). Returns the (unscaled) sum; sets *bad for a
-// probability outside [0, 1] or NaN (not LOGITS).
+// d/dx * gs to g, the terms to terms (when not null). Returns the (unscaled) sum; sets kBadInput /
+// kBadTarget in *bad for a probability / target outside [0, 1] or NaN (not LOGITS).
 template <bool LOGITS, typename x_t, typename t_t, typename acc_t>
 acc_t bce_sum(const x_t* x, const t_t* t, const acc_t* wp, const acc_t* pp, int64_t n, acc_t gs, acc_t* g,
-              acc_t* terms, std::atomic<bool>* bad) {
+              acc_t* terms, std::atomic<int>* bad) {
   using Vec = Vectorized<acc_t>;
   const Vec gsv(gs), one(acc_t(1));
   return blocked_sum<acc_t>(n, [&](int64_t i0, int64_t i1) {
-    bool out = false;
+    bool out = false, tout = false;
     const acc_t a = vec_sum<acc_t>(i0, i1, [&](int64_t i, int64_t c) {
       const Vec xi = load_as<x_t, acc_t>(x + i, c), ti = load_as<t_t, acc_t>(t + i, c);
       Vec gi, l;
@@ -335,6 +343,7 @@ acc_t bce_sum(const x_t* x, const t_t* t, const acc_t* wp, const acc_t* pp, int6
         l = bce_logits_elem<Vec>(xi, ti, pp ? load_as<acc_t, acc_t>(pp + i, c) : one, &gi);
       } else {
         out |= any_outside_unit<acc_t>(xi);
+        tout |= any_outside_unit<acc_t>(ti);
         l = bce_prob_elem<Vec>(xi, ti, &gi);
       }
       if (wp) {
@@ -346,7 +355,7 @@ acc_t bce_sum(const x_t* x, const t_t* t, const acc_t* wp, const acc_t* pp, int6
       if (terms) l.store(terms + i, c);
       return l;
     });
-    if (out) bad->store(true);
+    if (out || tout) bad->fetch_or((out ? kBadInput : 0) | (tout ? kBadTarget : 0));
     return a;
   });
 }
@@ -518,7 +527,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vae_loss_fwd_cpu(const at::Tensor
   const auto opts = recon.options().dtype(acc);
   at::Tensor loss = at::empty({}, opts), parts = at::empty({2}, opts), grad = at::empty({n + 2 * nz}, opts);
   const double N = reduction == kReduceBatchMean ? (recon.dim() > 0 ? double(recon.size(0)) : 1.0) : 1.0;
-  std::atomic<bool> out_of_range{false};
+  std::atomic<int> out_of_range{0};
   double rec_sum = 0, kl_total = 0;
   dispatch_pair(recon.scalar_type(), target.scalar_type(), "vae_loss", [&](auto rz, auto tz, auto az) {
     using r_t = decltype(rz);
@@ -538,7 +547,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vae_loss_fwd_cpu(const at::Tensor
     }
     rec_sum = static_cast<double>(rs);
   });
-  TORCH_CHECK(!out_of_range.load(), "all elements of input should be between 0 and 1 (vae_loss: recon holds "
+  TORCH_CHECK(!(out_of_range.load() & kBadTarget), "all elements of target should be between 0 and 1");
+  TORCH_CHECK(!(out_of_range.load() & kBadInput), "all elements of input should be between 0 and 1 (vae_loss: recon holds "
               "probabilities for recon_loss='bce'; use 'bce_logits' for logits)");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "vae_kl", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -587,7 +597,7 @@ std::tuple<at::Tensor, at::Tensor> bce_loss_fwd_cpu(const at::Tensor& input_, co
   const bool none = reduction == kReduceNone;
   at::Tensor out = none ? at::empty(input.sizes(), opts) : at::empty({}, opts);
   at::Tensor grad = at::empty({n}, opts);
-  std::atomic<bool> out_of_range{false};
+  std::atomic<int> out_of_range{0};
   dispatch_pair(input.scalar_type(), target.scalar_type(), "bce_loss", [&](auto xz, auto tz, auto az) {
     using x_t = decltype(xz);
     using t_t = decltype(tz);
@@ -603,7 +613,8 @@ std::tuple<at::Tensor, at::Tensor> bce_loss_fwd_cpu(const at::Tensor& input_, co
                            : bce_sum<false>(x, t, wp, pp, n, gs, g, terms, &out_of_range);
     if (!none) *out.data_ptr<acc_t>() = reduction == kReduceMean ? s / acc_t(n) : s;
   });
-  TORCH_CHECK(!out_of_range.load(), "all elements of input should be between 0 and 1");
+  TORCH_CHECK(!(out_of_range.load() & kBadTarget), "all elements of target should be between 0 and 1");
+  TORCH_CHECK(!(out_of_range.load() & kBadInput), "all elements of input should be between 0 and 1");
   return {out, grad};
 }
 

@@ -38,14 +38,21 @@ VAE_RANGE_MSG = (RANGE_MSG + " (vae_loss: recon holds probabilities for recon_lo
                  "for logits)")
 
 
+TARGET_RANGE_MSG = "all elements of target should be between 0 and 1"
+
+
 def _check_range(bad: torch.Tensor, msg: str) -> None:
-    """Raise torch's error when a kernel flagged a probability outside [0, 1]: at once for CPU
-    tensors (the interpreter), as a device-side assertion on the GPU (like torch's CUDA BCE
+    """Raise torch's error when a kernel flagged a probability (1) or a target (2, reported when
+    both are; torch names the first bad element it meets) outside [0, 1] or NaN: at once for
+    CPU tensors (the interpreter), as a device-side assertion on the GPU (like torch's CUDA BCE
     kernel: no host synchronisation)."""
     if bad.device.type == "cuda":
-        torch._assert_async(bad == 0, msg)
-    elif bad.item():
-        raise RuntimeError(msg)
+        torch._assert_async(bad != 2, TARGET_RANGE_MSG)
+        torch._assert_async(bad != 1, msg)
+    else:
+        flag = int(bad.item())
+        if flag:
+            raise RuntimeError(TARGET_RANGE_MSG if flag == 2 else msg)
 
 
 def _check_target(input: torch.Tensor, target: torch.Tensor, name: str) -> None:
@@ -349,7 +356,7 @@ def _vae_kernel(recon_ptr, target_ptr,  # [n] reconstruction and target
                 ndiv,                   # N for batchmean, else 1 (the terms are divided by it)
                 beta_hi, beta_lo,       # KL weight = hi + lo
                 chunk, programs,        # elements per program, number of programs
-                bad_ptr,                # int32 0-dim, set to 1 when a probability is outside [0, 1] or NaN (RECON 1)
+                bad_ptr,                # int32 0-dim: 1 recon, 2 target outside [0, 1] or NaN (RECON 1)
                 RECON: tl.constexpr,    # 0 mse, 1 bce (probabilities), 2 bce_logits
                 SINGLE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: pid * chunk can pass 2^31
@@ -374,7 +381,8 @@ def _vae_kernel(recon_ptr, target_ptr,  # [n] reconstruction and target
             gr = 2.0 * d
         elif RECON == 1:
             lr, gr = _bce_prob(r, t)
-            bad += tl.where(mr & ~((r >= 0.0) & (r <= 1.0)), 1, 0)
+            bad = tl.maximum(bad, tl.where(mr & ~((r >= 0.0) & (r <= 1.0)), 1, 0))
+            bad = tl.maximum(bad, tl.where(mr & ~((t >= 0.0) & (t <= 1.0)), 2, 0))
         else:
             lr, gr = _bce_logits(r, t, 1.0)
         tl.store(grad_ptr + idx, (gr * sc).to(ACC), mask=mr)
@@ -441,7 +449,7 @@ def _bce_kernel(x_ptr, t_ptr,    # [n] input (logits or probabilities) and targe
                 out_ptr,         # 0-dim loss (SINGLE, reduced)
                 partial_ptr,     # [programs] partial sums
                 chunk,           # elements per program
-                bad_ptr,         # int32 0-dim, set to 1 when a probability is outside [0, 1] or NaN (not LOGITS)
+                bad_ptr,         # int32 0-dim: 1 input, 2 target outside [0, 1] or NaN (not LOGITS)
                 LOGITS: tl.constexpr, HAS_W: tl.constexpr, HAS_P: tl.constexpr, MEAN: tl.constexpr,
                 NONE: tl.constexpr, SINGLE: tl.constexpr, NAN_ADD: tl.constexpr, ACC: tl.constexpr,
                 BLOCK: tl.constexpr):
@@ -467,7 +475,8 @@ def _bce_kernel(x_ptr, t_ptr,    # [n] input (logits or probabilities) and targe
             loss, grad = _bce_logits(x, t, p)
         else:
             loss, grad = _bce_prob(x, t)
-            bad += tl.where(m & ~((x >= 0.0) & (x <= 1.0)), 1, 0)
+            bad = tl.maximum(bad, tl.where(m & ~((x >= 0.0) & (x <= 1.0)), 1, 0))
+            bad = tl.maximum(bad, tl.where(m & ~((t >= 0.0) & (t <= 1.0)), 2, 0))
         if HAS_W:
             w = tl.load(w_ptr + idx, mask=m, other=0.0).to(ACC)
             loss = loss * w

@@ -23,7 +23,9 @@ class ConvTranspose2d(nn.ConvTranspose2d):
     bias=True, dilation=1, padding_mode="zeros", device=None, dtype=None), plus keyword-only
     ``activation`` (None = identity, "relu", "leaky_relu", "tanh", "sigmoid") and
     ``negative_slope`` (0.01, leaky_relu only, >= 0). ``forward(input, output_size=None)``
-    accepts ``output_size`` as nn.ConvTranspose2d does.
+    accepts ``output_size`` as nn.ConvTranspose2d does. An activation's backward reads the
+    output, as after nn.LeakyReLU(inplace=True): modify the output in place only after the
+    backward (without an activation the output is not saved).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] = 1,

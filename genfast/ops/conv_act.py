@@ -252,13 +252,16 @@ def _(grad_out, input, weight, output, kind, stride, padding, dilation, groups, 
 def _setup_context(ctx, inputs, output):
     (input, weight, bias, kind, stride, padding, dilation, groups, activation, negative_slope,
      backend) = inputs
-    ctx.save_for_backward(input, weight, bias, output)
+    # the output only where the backward reads it (an activation): with none, the caller may
+    # modify it in place before the backward, as after torch's own product
+    ctx.save_for_backward(input, weight, bias, output if activation != 0 else None)
     ctx.cfg = (kind, list(stride), list(padding), list(dilation), groups, activation,
                negative_slope, backend)
 
 
 def _backward_formula(ctx, grad_out):
     input, weight, bias, y = ctx.saved_tensors
+    y = grad_out if y is None else y  # no activation: the kernels do not read it
     kind, stride, padding, dilation, groups, activation, slope, backend = ctx.cfg
     need = ctx.needs_input_grad
     if torch.is_grad_enabled():

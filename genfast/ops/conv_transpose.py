@@ -213,13 +213,16 @@ def _(grad_out, input, weight, output, stride, padding, dilation, groups, activa
 def _setup_context(ctx, inputs, output):
     (input, weight, bias, stride, padding, output_padding, groups, dilation, activation,
      negative_slope, backend) = inputs
-    ctx.save_for_backward(input, weight, bias, output)
+    # the output only where the backward reads it (an activation): with none, the caller may
+    # modify it in place before the backward, as after torch's own product
+    ctx.save_for_backward(input, weight, bias, output if activation != 0 else None)
     ctx.cfg = (list(stride), list(padding), list(output_padding), groups, list(dilation),
                activation, negative_slope, backend)
 
 
 def _backward_formula(ctx, grad_out):
     input, weight, bias, y = ctx.saved_tensors
+    y = grad_out if y is None else y  # no activation: the kernels do not read it
     stride, padding, output_padding, groups, dilation, activation, slope, backend = ctx.cfg
     need = ctx.needs_input_grad
     if torch.is_grad_enabled():

@@ -189,13 +189,21 @@ def _call(cpp_name: str, py_op, backend: str, *args):
 # materialised zero gradients: a reduced loss's backward is exactly one loss_backward launch.
 
 def _ref_grads(fn, inputs, outputs_grads):
-    """Gradients of the reference formulas, differentiable (the create_graph=True path)."""
+    """Gradients of the reference formulas, differentiable (the create_graph=True path).
+    ``fn(*inputs)`` computes the outputs. Each input that requires grad reaches fn as a view of
+    its own, so that the gradient w.r.t. each argument is that argument's partial derivative
+    even when one tensor is passed as two arguments (their sum is then the full derivative,
+    once), and the result stays differentiable in the input itself. Outputs that do not depend
+    on any input that requires grad contribute nothing."""
     with torch.enable_grad():
-        outs = fn()
+        args = [t.view_as(t) if (t is not None and t.requires_grad) else t for t in inputs]
+        outs = fn(*args)
         if not isinstance(outs, tuple):
             outs = (outs,)
-        pairs = [(o, g) for o, g in zip(outs, outputs_grads) if g is not None]
-        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        pairs = [(o, g) for o, g in zip(outs, outputs_grads) if g is not None and o.requires_grad]
+        wanted = [a for a, t in zip(args, inputs) if t is not None and t.requires_grad]
+        if not pairs or not wanted:
+            return [None for _ in inputs]
         got = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
                                   create_graph=True, allow_unused=True)
     it = iter(got)
@@ -239,11 +247,11 @@ def _gan_ref_grads(real, fake, coef_a, coef_b, kind, generator, reduction, real_
     names = {v: k for k, v in GAN_KINDS.items()}
     red = {v: k for k, v in REDUCTIONS.items()}[reduction]
 
-    def fn():
+    def fn(r, f):
         outs = []
-        if real is not None:
-            outs.append(_reduce_ref(ref.gan_terms(real, names[kind], "real", real_label), red))
-        outs.append(_reduce_ref(ref.gan_terms(fake, names[kind], "gen" if generator else "fake"), red))
+        if r is not None:
+            outs.append(_reduce_ref(ref.gan_terms(r, names[kind], "real", real_label), red))
+        outs.append(_reduce_ref(ref.gan_terms(f, names[kind], "gen" if generator else "fake"), red))
         return tuple(outs)
 
     grads_out = ([coef_a] if real is not None else []) + [coef_b]
@@ -288,7 +296,7 @@ class VaeLossFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             rk = {v: k for k, v in VAE_RECON.items()}[recon_kind]
             red = {v: k for k, v in VAE_REDUCTIONS.items()}[reduction]
-            dr, dm, dl = _ref_grads(lambda: ref.vae_loss(recon, target, mu, logvar, rk, beta, red)[0],
+            dr, dm, dl = _ref_grads(lambda r, m, lv: ref.vae_loss(r, target, m, lv, rk, beta, red)[0],
                                     (recon, mu, logvar), [g_loss])
             return dr, None, dm, dl, None, None, None, None
         n, nz = recon.numel(), mu.numel()
@@ -317,9 +325,9 @@ class BceLossFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             red = {v: k for k, v in REDUCTIONS.items()}[reduction]
             if logits:
-                fn = lambda: ref.bce_with_logits(input, target, weight, pos_weight, red)  # noqa: E731
+                fn = lambda x: ref.bce_with_logits(x, target, weight, pos_weight, red)  # noqa: E731
             else:
-                fn = lambda: ref.bce(input, target, weight, red)  # noqa: E731
+                fn = lambda x: ref.bce(x, target, weight, red)  # noqa: E731
             (dx,) = _ref_grads(fn, (input,), [g])
             return dx, None, None, None, None, None, None
         ga, _ = _call("loss_scale_grad", loss_backward_op, backend, g, None, grad, input.numel(), input.dtype,

@@ -1,0 +1,142 @@
+"""Losses and the transposed convolution at the edges, against torch's own formulas on the same
+inputs: double backward with one side detached or one tensor passed twice, BCE targets outside
+[0, 1], and a transposed convolution output modified in place before the backward."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import genfast
+import genfast.functional as GF
+import genfast.nn as gnn
+from tests.utils import CPU_BACKENDS, backend
+
+
+def _torch_d_loss(kind, r, f):
+    if kind == "bce":
+        return (F.binary_cross_entropy_with_logits(r, torch.ones_like(r))
+                + F.binary_cross_entropy_with_logits(f, torch.zeros_like(f)))
+    if kind == "hinge":
+        return F.relu(1 - r).mean() + F.relu(1 + f).mean()
+    return ((r - 1) ** 2).mean() + (f ** 2).mean()  # lsgan, real label 1
+
+
+def _grads_2nd(loss_fn, wrt):
+    """First gradients (create_graph) and the gradient of their squared norm."""
+    g = torch.autograd.grad(loss_fn(), wrt, create_graph=True)
+    h = torch.autograd.grad(sum(t.pow(2).sum() for t in g), wrt)
+    return g, h
+
+
+def _close_pairs(a, b):
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "reference"])
+@pytest.mark.parametrize("kind", ["bce", "hinge", "lsgan"])
+@pytest.mark.parametrize("side", ["real", "fake"])
+def test_double_backward_one_side_detached(backend_name, kind, side):
+    torch.manual_seed(0)
+    r = torch.randn(5, dtype=torch.float64) * 2
+    f = torch.randn(3, dtype=torch.float64) * 2
+    x = (r if side == "real" else f).requires_grad_()
+    with backend(backend_name):
+        got = _grads_2nd(lambda: GF.discriminator_loss(r, f, kind), [x])
+    want = _grads_2nd(lambda: _torch_d_loss(kind, r, f), [x])
+    _close_pairs(got[0], want[0])
+    _close_pairs(got[1], want[1])
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "reference"])
+@pytest.mark.parametrize("kind", ["bce", "hinge", "lsgan"])
+def test_double_backward_same_tensor_both_sides(backend_name, kind):
+    torch.manual_seed(1)
+    x = (torch.randn(6, dtype=torch.float64) * 2).requires_grad_()
+    with backend(backend_name):
+        got = _grads_2nd(lambda: GF.discriminator_loss(x, x, kind), [x])
+    want = _grads_2nd(lambda: _torch_d_loss(kind, x, x), [x])
+    _close_pairs(got[0], want[0])
+    _close_pairs(got[1], want[1])
+
+
+def test_vae_double_backward_mu_passed_as_logvar():
+    torch.manual_seed(2)
+    m = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    rc = torch.rand(3, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.rand(3, 5, dtype=torch.float64)
+
+    def torch_vae():
+        return F.mse_loss(rc, t, reduction="sum") - 0.5 * torch.sum(1 + m - m.pow(2) - m.exp())
+
+    got = _grads_2nd(lambda: GF.vae_loss(rc, t, m, m, recon_loss="mse"), [rc, m])
+    want = _grads_2nd(torch_vae, [rc, m])
+    _close_pairs(got[0], want[0])
+    _close_pairs(got[1], want[1])
+
+
+# --- BCE targets outside [0, 1] -------------------------------------------------------------
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("bad", [2.0, -0.5, float("nan")])
+def test_bce_target_outside_unit_raises_like_torch(backend_name, bad):
+    torch.manual_seed(3)
+    x = torch.rand(4, 5).clamp(0.05, 0.95)
+    t = torch.rand(4, 5)
+    t[1, 2] = bad
+    with pytest.raises(RuntimeError, match="target should be between 0 and 1"):
+        F.binary_cross_entropy(x, t)
+    with backend(backend_name):
+        with pytest.raises(RuntimeError, match="target should be between 0 and 1"):
+            gnn.BCELoss()(x, t)
+        mu, lv = torch.randn(4, 3), torch.randn(4, 3)
+        with pytest.raises(RuntimeError, match="target should be between 0 and 1"):
+            GF.vae_loss(x, t, mu, lv, recon_loss="bce")
+        # both out of range: torch names whichever element it meets first; either message
+        x2 = x.clone()
+        x2[0, 0] = 1.5
+        with pytest.raises(RuntimeError, match="should be between 0 and 1"):
+            gnn.BCELoss()(x2, t)
+        # targets of exactly 0 and 1 are fine, and give torch's value
+        t2 = (torch.rand(4, 5) > 0.5).float()
+        torch.testing.assert_close(gnn.BCELoss()(x, t2), F.binary_cross_entropy(x, t2))
+        # logits take any target (torch does not check it)
+        torch.testing.assert_close(gnn.BCEWithLogitsLoss()(x, t.nan_to_num(2.0)),
+                                   F.binary_cross_entropy_with_logits(x, t.nan_to_num(2.0)))
+
+
+# --- the transposed convolution's output modified in place -----------------------------------
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_transpose_output_modified_in_place(stride):
+    """Without an activation the output is not saved: an in-place op on it (e.g. an in-place
+    ReLU right after, as in many generators) leaves the backward as torch's."""
+    torch.manual_seed(4)
+    m = nn.Sequential(nn.ConvTranspose2d(3, 4, 3, stride, 1, output_padding=stride - 1),
+                      nn.ReLU(inplace=True)).double()
+    g = genfast.convert(copy.deepcopy(m))
+    assert isinstance(g[0], gnn.ConvTranspose2d)
+    x0 = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    dy = None
+    grads = []
+    for model in (m, g):
+        x = x0.clone().requires_grad_()
+        y = model(x)  # the in-place ReLU modifies the transposed convolution's output
+        dy = torch.randn_like(y) if dy is None else dy
+        y.backward(dy)
+        grads.append([x.grad] + [p.grad for p in model.parameters()])
+    _close_pairs(grads[1], grads[0])
+    # the functional form, weight only
+    w = torch.randn(3, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    y = GF.conv_transpose2d(x0, w, stride=stride)
+    y.mul_(3.0)
+    (gw,) = torch.autograd.grad(y.sum(), w)
+    w2 = w.detach().requires_grad_()
+    y2 = F.conv_transpose2d(x0, w2, stride=stride)
+    y2.mul_(3.0)
+    (gw2,) = torch.autograd.grad(y2.sum(), w2)
+    torch.testing.assert_close(gw, gw2)
