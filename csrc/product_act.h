@@ -77,9 +77,8 @@ bool conv_transpose_gemm_form(const at::Tensor& x, const at::Tensor& w, at::IntA
 bool conv2d_grad_input_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
                             at::IntArrayRef padding, at::IntArrayRef output_padding, at::IntArrayRef dilation);
 
-// csrc/cpu/conv_transpose.cpp: the Linear layer's epilogue (y = act(y + bias) in place) and
-// backward prologue ((dz, grad_bias or undefined)) on dense (M, C) float32 / float64 rows.
-void rows_bias_act_(const at::Tensor& y, const at::Tensor& bias, int64_t act, double slope);
+// csrc/cpu/conv_transpose.cpp: the Linear layer's backward prologue ((dz, grad_bias or
+// undefined)) on dense (M, C) float32 / float64 rows.
 std::tuple<at::Tensor, at::Tensor> rows_grad_pre(const at::Tensor& dy, const at::Tensor& y, int64_t act, double slope,
                                                  bool need_bias);
 

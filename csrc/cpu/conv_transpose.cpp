@@ -1262,23 +1262,10 @@ bool conv2d_grad_input_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArr
   return gemm_eligible(x, g) && (g.Cout <= kPlaneFormMaxCout || gemm_backward(x, g));
 }
 
-// For genfast::linear_act (csrc/conv_act_autograd.cpp), on a dense (M, C) row-major product of
-// float32 / float64 that the caller has validated: the Linear layer's epilogue, y = act(y + bias)
-// in place (one pass; the Linear without bias runs torch's activation instead, which keeps the
-// sign of a zero product as torch's does), and its backward prologue, dz = dy * act'(y) with
-// grad_bias = the column sums of dz in one pass (blocks of kPixelBlock rows, summed in block
-// order: deterministic).
-void rows_bias_act_(const at::Tensor& y, const at::Tensor& bias, int64_t act, double slope) {
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "rows_bias_act_", [&] {
-    scalar_t* p = y.data_ptr<scalar_t>();
-    const at::Tensor bc = bias.contiguous();
-    dispatch_activation(act, [&](auto a) {
-      epilogue<decltype(a)::value, true, scalar_t, scalar_t>(p, p, bc.data_ptr<scalar_t>(), y.size(0), y.size(1), 1,
-                                                             true, static_cast<scalar_t>(slope), nullptr);
-    });
-  });
-}
-
+// For genfast::linear_act's backward (csrc/conv_act_autograd.cpp), on a dense (M, C) row-major
+// product of float32 / float64 that the caller has validated: dz = dy * act'(y) with grad_bias =
+// the column sums of dz in one pass (blocks of kPixelBlock rows, summed in block order:
+// deterministic).
 std::tuple<at::Tensor, at::Tensor> rows_grad_pre(const at::Tensor& dy, const at::Tensor& y, int64_t act, double slope,
                                                  bool need_bias) {
   const int64_t M = dy.size(0), C = dy.size(1);

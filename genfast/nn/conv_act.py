@@ -121,7 +121,7 @@ def conv2d_act_forward(conv: nn.Conv2d, input: torch.Tensor, activation: Optiona
 def linear_act_forward(lin: nn.Linear, input: torch.Tensor, activation: Optional[str],
                        negative_slope: float = 0.01) -> torch.Tensor:
     """activation(lin(input)) with ``lin``'s weight and bias, fused (eager CPU calls:
-    genfast::linear_act, the BLAS product and our bias + activation pass, C++ autograd)."""
+    genfast::linear_act: ATen's addmm and torch's activation in place, C++ autograd)."""
     if B.eager_cpu(input):
         act = _ca.check_activation(activation, negative_slope)
         return _ca.linear_eager(input, lin.weight, lin.bias, act, negative_slope)

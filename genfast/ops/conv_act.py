@@ -534,7 +534,7 @@ def conv2d_eager(input, weight, bias, stride, padding, dilation, groups, act: st
 
 def linear_eager(input, weight, bias, act: str, negative_slope: float) -> Tensor:
     """act(linear(input) + bias) for an eager CPU call (B.eager_cpu; ``act`` checked):
-    genfast::linear_act (BLAS product, our bias + activation pass, autograd in C++ with the two
+    genfast::linear_act (ATen's addmm, torch's activation in place, autograd in C++ with the two
     backward products side by side on a two-thread CPU) for 2-D float32 / float64 input;
     autocast and everything else run torch's own linear (its checks and exceptions) and
     activation."""
