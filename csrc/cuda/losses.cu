@@ -162,7 +162,10 @@ __global__ void vae_loss_kernel(const r_t* __restrict__ recon, const t_t* __rest
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
     if (i < n) {
       acc_t g;
-      if (recon_kind == kReconBce) CUDA_KERNEL_ASSERT(recon[i] >= r_t(0) && recon[i] <= r_t(1));
+      if (recon_kind == kReconBce) {  // torch's CUDA BCE asserts on both, in the kernel
+        CUDA_KERNEL_ASSERT(recon[i] >= r_t(0) && recon[i] <= r_t(1));
+        CUDA_KERNEL_ASSERT(target[i] >= t_t(0) && target[i] <= t_t(1));
+      }
       v[0] += vae_recon_elem<acc_t>(static_cast<acc_t>(recon[i]), static_cast<acc_t>(target[i]), recon_kind, &g);
       grad[i] = g * inv_n;
     } else {
@@ -203,6 +206,7 @@ __global__ void bce_loss_kernel(const x_t* __restrict__ input, const t_t* __rest
       l = bce_logits_elem<acc_t>(xi, ti, pos_weight ? pos_weight[i] : acc_t(1), &g);
     } else {
       CUDA_KERNEL_ASSERT(xi >= acc_t(0) && xi <= acc_t(1));
+      CUDA_KERNEL_ASSERT(ti >= acc_t(0) && ti <= acc_t(1));
       l = bce_prob_elem<acc_t>(xi, ti, &g);
     }
     if (weight) {
