@@ -12,6 +12,7 @@ from torch import nn
 from genfast import backend as B
 from genfast import functional as GF
 from genfast.nn.batchnorm_act import batch_norm_act_forward
+from genfast.nn.conv_transpose import apply_activation, bn_foldable
 from genfast.ops import conv_act as _ca
 
 
@@ -148,31 +149,6 @@ def can_fuse_product_bn(m: nn.Module, bn: nn.Module) -> bool:
             and bn.num_features == m.out_features))
 
 
-def bn_foldable(bn: nn.modules.batchnorm._BatchNorm, weight: Any, input: Any,
-                dim: int) -> bool:
-    """Whether an eval-mode BatchNorm may be folded into the product before it: the input has the
-    rank the BatchNorm takes after the product (``dim``), and the BatchNorm's parameters and
-    running statistics have the product weight's dtype (torch's CPU batch_norm rejects a mix,
-    which a fold would hide)."""
-    if not isinstance(input, torch.Tensor) or input.dim() != dim:
-        return False
-    return all(t is None or t.dtype == weight.dtype
-               for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
-
-
-def _ca_act(y: torch.Tensor, activation: Optional[str], negative_slope: float) -> torch.Tensor:
-    """torch's own activation, out of place (its autograd saves what torch's modules save)."""
-    if activation == "relu":
-        return torch.nn.functional.relu(y)
-    if activation == "leaky_relu":
-        return torch.nn.functional.leaky_relu(y, negative_slope)
-    if activation == "tanh":
-        return torch.tanh(y)
-    if activation == "sigmoid":
-        return torch.sigmoid(y)
-    return y
-
-
 def plain_product(m: nn.Module) -> bool:
     """An nn.Conv2d / nn.Linear, or a genfast Conv2d / Linear without its own activation."""
     return (type(m) in (nn.Conv2d, nn.Linear)
@@ -210,13 +186,13 @@ def product_bn_act_forward(m: nn.Module, bn: nn.modules.batchnorm._BatchNorm, ac
                                       negative_slope)
     bn_training = _check_bn(bn)
     if not bn_training:
-        if not bn_foldable(bn, m.weight, input, 2 if linear else 4):
+        if not bn_foldable(bn, cast(torch.Tensor, m.weight), input, 2 if linear else 4):
             # torch's modules one by one: their checks and exceptions (an unbatched conv input
             # that BatchNorm2d rejects, parameters of another dtype than the product's)
-            return _ca_act(bn(m(input)), activation, negative_slope)
+            return apply_activation(bn(m(input)), activation, negative_slope)
         if keep_input and activation == "leaky_relu":
-            return _ca_act(_product_bn_act_eval(m, bn, None, negative_slope, input), activation,
-                           negative_slope)
+            return apply_activation(_product_bn_act_eval(m, bn, None, negative_slope, input),
+                                    activation, negative_slope)
         return _product_bn_act_eval(m, bn, activation, negative_slope, input)
     if B.eager_cpu(input):
         # The product as torch runs it (its checks raise before anything is written), then

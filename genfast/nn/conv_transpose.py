@@ -93,6 +93,18 @@ def apply_activation(x: torch.Tensor, activation: Optional[str], negative_slope:
     raise ValueError(f"activation must be None or one of {_ct.ACTIVATIONS}, got {activation!r}")
 
 
+def bn_foldable(bn: nn.modules.batchnorm._BatchNorm, weight: torch.Tensor, input: object,
+                dim: int) -> bool:
+    """Whether an eval-mode BatchNorm may be folded into the product before it: the input has the
+    rank the BatchNorm takes after the product (``dim``), and the BatchNorm's parameters and
+    running statistics have the product weight's dtype (torch's CPU batch_norm rejects a mix,
+    which a fold would hide)."""
+    if not isinstance(input, torch.Tensor) or input.dim() != dim:
+        return False
+    return all(t is None or t.dtype == weight.dtype
+               for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
+
+
 def has_hooks(module: nn.Module) -> bool:
     """Whether a hook would see (or change) ``module``'s own input or output when it runs:
     its forward/backward hooks and pre-hooks, and the global module hooks."""
@@ -192,14 +204,13 @@ def conv_bn_act_forward(conv: nn.ConvTranspose2d, bn: nn.BatchNorm2d, activation
     _ct.check_activation(activation, negative_slope)
     bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
     if not bn_training:
-        from genfast.nn.conv_act import _ca_act, bn_foldable
-
         if not bn_foldable(bn, conv.weight, input, 4):
             # torch's modules one by one (their checks: parameters of another dtype)
-            return _ca_act(bn(conv(input, output_size)), activation, negative_slope)
+            return apply_activation(bn(conv(input, output_size)), activation, negative_slope)
         if keep_input and activation == "leaky_relu":
-            return _ca_act(_conv_bn_act_eval(conv, bn, "identity", negative_slope, input, output_size),
-                           activation, negative_slope)
+            return apply_activation(
+                _conv_bn_act_eval(conv, bn, "identity", negative_slope, input, output_size),
+                activation, negative_slope)
         return _conv_bn_act_eval(conv, bn, activation, negative_slope, input, output_size)
     if input.dim() != 4:
         raise ValueError(f"expected 4D input (got {input.dim()}D input)")
