@@ -100,6 +100,22 @@ def device_name(device: torch.device) -> str:
     return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo, else platform.processor()) and the vector ISA torch's
+    kernels dispatch to: CPU timings are only comparable on the same kind of CPU (the CI VM has
+    been an Intel Xeon with AVX-512 and an AMD EPYC with AVX2 only, under the same device name)."""
+    import platform
+
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    name = name or platform.processor() or platform.machine()
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}"
+
+
 def genfast_backends(device: torch.device, family: str) -> list[str]:
     """The genfast backends that can run `family` on `device` (not the reference)."""
     names = ["cuda", "triton"] if device.type == "cuda" else ["cpu"]

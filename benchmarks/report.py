@@ -24,7 +24,8 @@ def _variants(rows):
 
 def markdown(result: dict) -> str:
     meta, rows = result["meta"], result["rows"]
-    out = [f"Device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; "
+    cpu = f" ({meta['cpu']}; row-layout GEMM {meta.get('cpu_row_gemm', 'n/a')})" if meta.get("cpu") else ""
+    out = [f"Device: {meta['device']}{cpu}; torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; "
            f"commit {meta['commit'][:10]}, {meta['date']}; copy bandwidth {meta['copy_bandwidth_GBps']:.0f} GB/s.", ""]
     families = []
     for r in rows:

@@ -60,7 +60,16 @@ def metadata(device: torch.device) -> dict:
         "commit": _git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "copy_bandwidth_GBps": harness.measure_copy_bandwidth(device) / 1e9,
+        **({"cpu": harness.cpu_model(), "cpu_row_gemm": _row_gemm_state()} if device.type == "cpu" else {}),
     }
+
+
+def _row_gemm_state() -> str:
+    """The CPU transposed convolution's row-layout GEMM setting and whether it runs here."""
+    ext = genfast.backend.extension()
+    if ext is None:
+        return "n/a"
+    return f"{ext.cpu_row_gemm()} ({'on' if ext.cpu_row_gemm_active() else 'off'})"
 
 
 def main(argv=None, clock=None) -> int:

@@ -4,14 +4,16 @@
 // around conv_transpose2d_fwd / _bwd would cost tens of microseconds per layer and step.
 //
 // Forward: genfast::conv_transpose2d_fwd (the GEMM product + col2im epilogue, csrc/cpu/
-// conv_transpose.cpp), saving input, weight and output. Backward: genfast::conv_transpose2d_bwd
+// conv_transpose.cpp; where the row layout is off on this CPU but the backward takes the GEMM
+// form, ATen's product + our epilogue), saving input, weight and output. Backward: genfast::conv_transpose2d_bwd
 // (our dz prologue, then the GEMM form over the batch from inputs of up to 16 pixels or with a
 // thread per image from 128, ATen's convolution backward between). A create_graph backward
 // runs the same formula in differentiable ATen ops (dz = dy * act'(y), then
 // at::convolution_backward, which has a double backward).
 //
 // Arguments the C++ kernel does not take (not a 4-D float32 / float64 NCHW input, groups > 1,
-// mismatched shapes or dtypes, invalid geometry, or a shape outside the GEMM form's range) run
+// mismatched shapes or dtypes, invalid geometry, or a shape where neither the forward nor (when
+// a gradient is wanted) the backward takes the GEMM form) run
 // torch's own at::conv_transpose2d and activation, so that torch raises its own exceptions for
 // bad input.
 #include <ATen/ATen.h>
@@ -43,7 +45,8 @@ Triple call_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, 
 
 // Whether the C++ kernel takes these arguments (everything else goes to torch)
 bool kernel_takes(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
-                  at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef dilation) {
+                  at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef dilation,
+                  bool training) {
   // traced with symbolic sizes (torch.export / AOT dispatch): the registered ops and their fakes
   if (x.unsafeGetTensorImpl()->has_symbolic_sizes_strides() || w.unsafeGetTensorImpl()->has_symbolic_sizes_strides())
     return true;
@@ -64,9 +67,13 @@ bool kernel_takes(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::I
     if (b->dim() != 1 || b->numel() != w.size(1) || b->scalar_type() != x.scalar_type() || !b->device().is_cpu())
       return false;
   }
-  // only where the GEMM form runs: elsewhere torch's product with its bias and torch's
-  // activation measured at least as fast as ATen's product without bias plus our epilogue
-  return w.size(1) > 0 && conv_transpose_gemm_form(x, w, stride, padding, output_padding, groups, dilation);
+  // only where the GEMM form runs, forward or (with a backward to come) backward: elsewhere
+  // torch's product with its bias and torch's activation measured at least as fast as ATen's
+  // product without bias plus our epilogue. Where only the backward takes it, the forward is
+  // ATen's product and our epilogue.
+  return w.size(1) > 0 &&
+         (conv_transpose_gemm_form(x, w, stride, padding, output_padding, groups, dilation) ||
+          (training && conv_transpose_gemm_backward(x, w, stride, padding, output_padding, groups, dilation)));
 }
 
 struct ConvTransposeAct : public torch::autograd::Function<ConvTransposeAct> {
@@ -127,7 +134,9 @@ at::Tensor conv_transpose2d_act_autograd(const at::Tensor& x, const at::Tensor& 
                                          at::IntArrayRef stride, at::IntArrayRef padding,
                                          at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef dilation,
                                          int64_t act, double slope) {
-  if (!kernel_takes(x, w, b, stride, padding, output_padding, groups, dilation))
+  const bool training = at::GradMode::is_enabled() &&
+                        (x.requires_grad() || w.requires_grad() || (b.has_value() && b->requires_grad()));
+  if (!kernel_takes(x, w, b, stride, padding, output_padding, groups, dilation, training))
     return torch_act_(at::conv_transpose2d(x, w, b, stride, padding, output_padding, groups, dilation), act, slope);
   return ConvTransposeAct::apply(x, w, b, stride.vec(), padding.vec(), output_padding.vec(), groups, dilation.vec(),
                                  act, slope)[0];
@@ -137,7 +146,7 @@ at::Tensor conv_transpose2d_act_autograd(const at::Tensor& x, const at::Tensor& 
 at::Tensor conv_transpose2d_act_plain(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
                                       at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups,
                                       at::IntArrayRef dilation, int64_t act, double slope) {
-  if (!kernel_takes(x, w, b, stride, padding, output_padding, groups, dilation))
+  if (!kernel_takes(x, w, b, stride, padding, output_padding, groups, dilation, /*training=*/false))
     return torch_act_(at::conv_transpose2d(x, w, b, stride, padding, output_padding, groups, dilation), act, slope);
   return std::get<0>(conv_transpose_fwd_call(x, w, b, stride, padding, output_padding, groups, dilation, act, slope));
 }

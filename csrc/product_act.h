@@ -72,6 +72,12 @@ bool conv_transpose_gemm_form(const at::Tensor& x, const at::Tensor& w, at::IntA
                               at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups,
                               at::IntArrayRef dilation);
 
+// csrc/cpu/conv_transpose.cpp, on arguments the caller has validated: whether the backward of
+// the transposed convolution of x by w runs the GEMM form (im2col prologue + two BLAS products).
+bool conv_transpose_gemm_backward(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups,
+                                  at::IntArrayRef dilation);
+
 // csrc/cpu/conv_transpose.cpp: whether conv2d_act's grad_input (the transposed convolution of dz
 // by w, groups 1) runs the GEMM form, on arguments the caller has validated.
 bool conv2d_grad_input_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,

@@ -251,6 +251,45 @@ def cpu_losses_supported() -> bool:
     return _CPU_LOSSES[0]
 
 
+_ROW_GEMM_MODES = ("auto", "always", "never")
+
+
+def set_cpu_row_gemm(mode: str) -> None:
+    """Where the CPU transposed convolution (and a Conv2d's grad_input) runs its GEMM form with
+    the row layout (one BLAS product, then our col2im epilogue; more than 8 output channels):
+    "auto" (the default: on Intel CPUs with AVX-512, the only hosts where it measured faster
+    than ATen's oneDNN product; csrc/cpu/conv_transpose.cpp), "always" or "never". Process-wide;
+    the other forms are unaffected."""
+    if mode not in _ROW_GEMM_MODES:
+        raise ValueError(f"set_cpu_row_gemm: mode must be one of {_ROW_GEMM_MODES}, got {mode!r}")
+    ext = extension()
+    if ext is None:
+        raise RuntimeError("set_cpu_row_gemm: genfast._C is not loaded (see the warning at import)")
+    ext.set_cpu_row_gemm(mode)
+
+
+def get_cpu_row_gemm() -> str:
+    """The mode set_cpu_row_gemm set ("auto" when genfast._C is not loaded)."""
+    ext = extension()
+    return "auto" if ext is None else str(ext.cpu_row_gemm())
+
+
+class cpu_row_gemm:
+    """Context manager: set_cpu_row_gemm(mode) inside the block, the previous mode after it."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.prev = "auto"
+
+    def __enter__(self) -> "cpu_row_gemm":
+        self.prev = get_cpu_row_gemm()
+        set_cpu_row_gemm(self.mode)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        set_cpu_row_gemm(self.prev)
+
+
 def eager_cpu(input: object) -> bool:
     """Whether a call on ``input`` runs genfast's eager CPU path: a CPU tensor, the backend
     setting "auto" or "cpu" with genfast._C loaded, and not inside torch.compile / export

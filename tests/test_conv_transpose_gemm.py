@@ -4,6 +4,9 @@ genfast::conv_transpose2d_act (C++ autograd; torch's own op for arguments its ke
 take). Every expected value comes from F.conv_transpose2d and torch's activations in float64."""
 from __future__ import annotations
 
+import platform
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,6 +45,14 @@ GEMM_CASES = [
     (2, 3, 2, 5, 5, (4, 4), (2, 2), (0, 0), (0, 0), (1, 1)),
 ]
 PLANE, ROWS = 1, 7  # a case of each layout, over a batch
+
+
+@pytest.fixture(autouse=True)
+def _row_gemm_always():
+    """The row layout's forward runs by default only on Intel CPUs with AVX-512
+    (B.set_cpu_row_gemm): this module tests the GEMM form itself, on any host."""
+    with B.cpu_row_gemm("always"):
+        yield
 
 
 def _ref(x, w, b, case, act, dy):
@@ -343,3 +354,69 @@ def test_float32_tanh_sigmoid_epilogue_accuracy(act):
     assert (sub & (ref != 0)).any() == (act == "sigmoid")  # sigmoid reaches subnormal outputs
     assert ((y.double() - ref).abs()[sub] <= 2.0 ** -148).all()
     assert torch.equal(y[torch.isinf(v)], TORCH_ACT[act](v[torch.isinf(v)]))
+
+
+def _cpu_is_intel_avx512():
+    """From /proc/cpuinfo (the kernel's reading of cpuid), independently of genfast._C."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to read the CPU vendor from")
+    first = text.split("\n\n")[0]
+    vendor = next((l.split(":", 1)[1].strip() for l in first.splitlines() if l.startswith("vendor_id")), "")
+    flags = next((l.split(":", 1)[1].split() for l in first.splitlines() if l.startswith("flags")), [])
+    return vendor == "GenuineIntel" and "avx512f" in flags
+
+
+def test_row_gemm_mode_setting():
+    """set_cpu_row_gemm takes "auto", "always" or "never" (anything else: ValueError naming the
+    argument, the mode unchanged); "auto" takes the row layout on Intel CPUs with AVX-512 only."""
+    ext = B.extension()
+    with B.cpu_row_gemm("never"):
+        assert B.get_cpu_row_gemm() == "never" and not ext.cpu_row_gemm_active()
+        with pytest.raises(ValueError, match="mode"):
+            B.set_cpu_row_gemm("fast")
+        with pytest.raises(ValueError, match="mode"):
+            ext.set_cpu_row_gemm("sometimes")
+        assert B.get_cpu_row_gemm() == "never"
+        B.set_cpu_row_gemm("auto")
+        if sys.platform.startswith("linux") and platform.machine() == "x86_64":
+            assert ext.cpu_row_gemm_active() == _cpu_is_intel_avx512()
+    assert B.get_cpu_row_gemm() == "always"  # the module's fixture, restored on exit
+    assert ext.cpu_row_gemm_active()
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("ci", [ROWS, 8, PLANE])
+def test_row_gemm_never_runs_atens_product(ci, train):
+    """With the row layout off, a row-layout case runs ATen's product: under no_grad torch's own
+    call (bitwise torch's result), in training ATen's product inside our forward op (and, up to 16
+    input pixels, the GEMM backward) - every result matching float64. The plane layout runs the
+    GEMM form in every mode."""
+    from torch.profiler import profile
+
+    case = GEMM_CASES[ci]
+    N, _, co, H, W, k, s, p, op, d = case
+    x, w, b = _inputs(case, torch.float32)
+    torch_y = F.leaky_relu(F.conv_transpose2d(x, w, b, s, p, op, 1, d), SLOPE)
+    for mode in ("never", "always"):
+        with B.cpu_row_gemm(mode):
+            xs, ws, bs = (t.clone().requires_grad_(train) for t in (x, w, b))
+            with torch.set_grad_enabled(train), profile() as prof:
+                y = torch.ops.genfast.conv_transpose2d_act(xs, ws, bs, s, p, op, 1, d, CODES["leaky_relu"],
+                                                           SLOPE)
+            ops = {e.name for e in prof.events()}
+            dy = torch.randn_like(y)
+            yr, grads = _ref(x, w, b, case, "leaky_relu", dy)
+            assert_close(y, yr, msg=f"output ({mode})")
+            if train:
+                for got, want in zip(torch.autograd.grad(y, (xs, ws, bs), dy), grads):
+                    assert_close(got, want, msg=f"gradient ({mode})")
+            if mode == "always" or co <= 8:  # the GEMM form: BLAS products, no ATen convolution
+                assert "genfast::conv_transpose2d_fwd" in ops and "aten::convolution" not in ops, ops
+            elif train:  # ATen's product inside our forward op
+                assert "genfast::conv_transpose2d_fwd" in ops and "aten::convolution" in ops, ops
+            else:  # torch's own call
+                assert "genfast::conv_transpose2d_fwd" not in ops, ops
+                assert torch.equal(y, torch_y)

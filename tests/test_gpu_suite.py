@@ -196,6 +196,10 @@ def test_markdown_gives_each_variant_its_own_error_column():
     got = dict(zip(cells, body))
     assert got["compile max err"] == "3.6e-01" and got["genfast-cpu max err"] == "7.6e-05"
     assert "eager max err" not in got and "max err" not in got
+    assert lines[0].startswith("Device: cpu-test; torch t")  # no CPU model recorded: none shown
+    meta.update(cpu="AMD EPYC, AVX2", cpu_row_gemm="auto (off)")
+    head_line = report.markdown({"meta": meta, "rows": [row]}).splitlines()[0]
+    assert head_line.startswith("Device: cpu-test (AMD EPYC, AVX2; row-layout GEMM auto (off)); torch t")
 
 
 @pytest.mark.parametrize("call_ms, rounds", [(30.0, 15), (1.0, 7)])

@@ -37,8 +37,10 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <cstdlib>
 #include <cstring>
 #include <tuple>
@@ -384,6 +386,39 @@ bool gemm_eligible(const at::Tensor& x, const Geometry& g) {
   if (memory_format_of(x) != at::MemoryFormat::Contiguous) return false;
   const int64_t elem = x.scalar_type() == at::kDouble ? 8 : 4;
   return double(g.Cout) * g.KH * g.KW * pixels * elem <= double(kMaxColsBytes);
+}
+
+// The row layout of the forward's columns (more than kPlaneFormMaxCout output channels) is one
+// large BLAS product followed by col2im; whether that beats ATen's own transposed convolution
+// (oneDNN) depends on the host's BLAS. Interleaved, seed generator layers, batch 8:
+// - Intel Xeon (AVX-512), MKL at 200-260 GFLOP/s on 2 threads: 1.05-1.3x, 2.6x from 1x1 inputs
+//   (the measurements above);
+// - AMD EPYC (AVX2 only), MKL and oneDNN both at 50-70 GFLOP/s: 0.76-0.97x (the columns' extra
+//   col2im pass is not paid back).
+// So `auto` takes it on Intel CPUs with AVX-512 only, where it was measured faster; elsewhere
+// ATen's product runs and our epilogue follows. The plane layout (up to kPlaneFormMaxCout output
+// channels) won on both hosts (2.5-9x) and is taken everywhere. genfast._C.set_cpu_row_gemm
+// overrides the choice (tests cover both forms on any host; users can measure their own).
+std::atomic<int> g_row_gemm_mode{0};  // 0 auto, 1 always, 2 never
+
+bool row_gemm_auto() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  static const bool ok = __builtin_cpu_is("intel") && __builtin_cpu_supports("avx512f");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+bool row_gemm_forward() {
+  const int mode = g_row_gemm_mode.load(std::memory_order_relaxed);
+  return mode == 1 || (mode == 0 && row_gemm_auto());
+}
+
+// Whether the forward runs the GEMM form: eligible, and the plane layout or the row layout where
+// it is taken (row_gemm_forward)
+bool gemm_forward_form(const at::Tensor& x, const Geometry& g) {
+  return gemm_eligible(x, g) && (g.Cout <= kPlaneFormMaxCout || row_gemm_forward());
 }
 
 bool gemm_backward(const at::Tensor& x, const Geometry& g) {
@@ -940,7 +975,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, con
   }
   at::Tensor y;
   std::vector<Welford<acc_t>> part;
-  if (g.N > 0 && gemm_eligible(x, g)) {
+  if (g.N > 0 && gemm_forward_form(x, g)) {
     // the GEMM product, then col2im + bias + activation (+ statistics) plane by plane
     const at::Tensor xc = x.to(acc_opts.dtype()).contiguous(), wt = w_taps(w.to(acc_opts.dtype()), g);
     y = at::empty({g.N, g.Cout, g.Hout, g.Wout}, x.options());
@@ -1245,8 +1280,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2d_bwd_cpu(
 bool conv_transpose_gemm_form(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups,
                               at::IntArrayRef dilation) {
-  return gemm_eligible(x, geometry(x, w, stride, padding, output_padding, groups, dilation, -1, -1));
+  return gemm_forward_form(x, geometry(x, w, stride, padding, output_padding, groups, dilation, -1, -1));
 }
+
+bool conv_transpose_gemm_backward(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups,
+                                  at::IntArrayRef dilation) {
+  return gemm_backward(x, geometry(x, w, stride, padding, output_padding, groups, dilation, -1, -1));
+}
+
+void set_cpu_row_gemm(const std::string& mode) {
+  TORCH_CHECK_VALUE(mode == "auto" || mode == "always" || mode == "never",
+                    "set_cpu_row_gemm: mode must be 'auto', 'always' or 'never', got '", mode, "'");
+  g_row_gemm_mode.store(mode == "auto" ? 0 : (mode == "always" ? 1 : 2), std::memory_order_relaxed);
+}
+
+std::string cpu_row_gemm() {
+  const int mode = g_row_gemm_mode.load(std::memory_order_relaxed);
+  return mode == 0 ? "auto" : (mode == 1 ? "always" : "never");
+}
+
+bool cpu_row_gemm_active() { return row_gemm_forward(); }
 
 // For genfast::conv2d_act's backward (csrc/conv_act_autograd.cpp): whether grad_input, the
 // transposed convolution of dz (x here) by the convolution's weight, runs the GEMM form. Only
@@ -1256,10 +1310,12 @@ bool conv_transpose_gemm_form(const at::Tensor& x, const at::Tensor& w, at::IntA
 // k4 s2: 1.0-1.8x, ATen's time there being bimodal) and inputs of up to kGemmBwdMaxPixels
 // pixels (DCGAN 4x4 -> 8x8: 1.4-1.5x). Over chunks of the batch in the row layout (7x7 ->
 // 14x14 and 8x8 -> 16x16) it tied or lost by up to 25% (Keras k5 s2), so ATen's runs there.
+// Those were Intel (AVX-512) measurements; the row layout follows row_gemm_forward (on the AMD
+// EPYC CPU the DCGAN 16x16 block tied either way: 0.98-1.04x).
 bool conv2d_grad_input_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
                             at::IntArrayRef padding, at::IntArrayRef output_padding, at::IntArrayRef dilation) {
   const Geometry g = geometry(x, w, stride, padding, output_padding, 1, dilation, -1, -1);
-  return gemm_eligible(x, g) && (g.Cout <= kPlaneFormMaxCout || gemm_backward(x, g));
+  return gemm_eligible(x, g) && (g.Cout <= kPlaneFormMaxCout || (row_gemm_forward() && gemm_backward(x, g)));
 }
 
 // For genfast::linear_act's backward (csrc/conv_act_autograd.cpp), on a dense (M, C) row-major

@@ -541,8 +541,9 @@ def conv_transpose_eager(input, weight, bias, stride, padding, output_padding, g
                          act, negative_slope):
     """act(conv_transpose2d(input) + bias) for an eager CPU call (B.eager_cpu; ``act`` checked):
     genfast::conv_transpose2d_act, whose autograd is C++ and whose kernel is the GEMM product with
-    our col2im epilogue, for the shapes where that measured faster than ATen's oneDNN product on
-    the CI CPU (csrc/cpu/conv_transpose.cpp); everything else (and arguments the kernel does not
+    our col2im epilogue, for the shapes (and CPUs: B.set_cpu_row_gemm) where that measured faster
+    than ATen's oneDNN product (csrc/cpu/conv_transpose.cpp), or ATen's product with our epilogue
+    where only the backward's GEMM form applies; everything else (and arguments the kernel does not
     take) runs torch's own conv_transpose2d (its checks and exceptions) and activation. The op's
     int[2] arguments take an int or a pair, as torch's do. Python checks of our own measured
     50-100 us per call on the 2-core CI CPU, so there are none here. Under CPU autocast: torch's product in the
