@@ -103,7 +103,7 @@ def device_name(device: torch.device) -> str:
 def cpu_model() -> str:
     """The CPU's model name (/proc/cpuinfo, else platform.processor()) and the vector ISA torch's
     kernels dispatch to: CPU timings are only comparable on the same kind of CPU (the CI VM has
-    been an Intel Xeon with AVX-512 and an AMD EPYC with AVX2 only, under the same device name)."""
+    been a CPU with AVX-512 and an AMD EPYC with AVX2 only, under the same device name)"""
     import platform
 
     name = ""

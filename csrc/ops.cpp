@@ -133,8 +133,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "True when this CPU has the instructions the CPU loss kernels were compiled for");
   m.def("set_cpu_row_gemm", &genfast::set_cpu_row_gemm, py::arg("mode"),
         "The CPU transposed convolution's GEMM form with the row layout (more than 8 output "
-        "channels): 'auto' (Intel CPUs with AVX-512, where it measured faster than ATen's "
-        "product), 'always' or 'never'");
+        "channels): 'auto' (CPUs with AVX-512, the kind where it measured faster than "
+        "ATen's product), 'always' or 'never'");
   m.def("cpu_row_gemm", &genfast::cpu_row_gemm, "The mode set_cpu_row_gemm set ('auto' at start)");
   m.def("cpu_row_gemm_active", &genfast::cpu_row_gemm_active,
         "Whether the row layout of the GEMM form runs now (the mode applied to this CPU)");

@@ -257,8 +257,8 @@ _ROW_GEMM_MODES = ("auto", "always", "never")
 def set_cpu_row_gemm(mode: str) -> None:
     """Where the CPU transposed convolution (and a Conv2d's grad_input) runs its GEMM form with
     the row layout (one BLAS product, then our col2im epilogue; more than 8 output channels):
-    "auto" (the default: on Intel CPUs with AVX-512, the only hosts where it measured faster
-    than ATen's oneDNN product; csrc/cpu/conv_transpose.cpp), "always" or "never". Process-wide;
+    "auto" (the default: on CPUs with AVX-512, the kind where it measured faster than ATen's
+    oneDNN product; csrc/cpu/conv_transpose.cpp), "always" or "never". Process-wide;
     the other forms are unaffected."""
     if mode not in _ROW_GEMM_MODES:
         raise ValueError(f"set_cpu_row_gemm: mode must be one of {_ROW_GEMM_MODES}, got {mode!r}")

@@ -49,7 +49,7 @@ CASES = {
 @pytest.fixture(autouse=True)
 def _row_gemm_always():
     """The GEMM form's row layout (grad_input with more than 8 channels) runs by default only on
-    Intel CPUs with AVX-512: these tests check its results on any host."""
+    CPUs with AVX-512: these tests check its results on any host."""
     with genfast.backend.cpu_row_gemm("always"):
         yield
 

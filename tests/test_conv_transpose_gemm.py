@@ -49,7 +49,7 @@ PLANE, ROWS = 1, 7  # a case of each layout, over a batch
 
 @pytest.fixture(autouse=True)
 def _row_gemm_always():
-    """The row layout's forward runs by default only on Intel CPUs with AVX-512
+    """The row layout's forward runs by default only on CPUs with AVX-512
     (B.set_cpu_row_gemm): this module tests the GEMM form itself, on any host."""
     with B.cpu_row_gemm("always"):
         yield
@@ -356,22 +356,22 @@ def test_float32_tanh_sigmoid_epilogue_accuracy(act):
     assert torch.equal(y[torch.isinf(v)], TORCH_ACT[act](v[torch.isinf(v)]))
 
 
-def _cpu_is_intel_avx512():
-    """From /proc/cpuinfo (the kernel's reading of cpuid), independently of genfast._C."""
+def _cpu_has_avx512():
+    """From /proc/cpuinfo (the kernel's reading of cpuid), independently of genfast._C; None
+    where it cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
             text = f.read()
     except OSError:
-        pytest.skip("no /proc/cpuinfo to read the CPU vendor from")
+        return None
     first = text.split("\n\n")[0]
-    vendor = next((l.split(":", 1)[1].strip() for l in first.splitlines() if l.startswith("vendor_id")), "")
     flags = next((l.split(":", 1)[1].split() for l in first.splitlines() if l.startswith("flags")), [])
-    return vendor == "GenuineIntel" and "avx512f" in flags
+    return "avx512f" in flags
 
 
 def test_row_gemm_mode_setting():
     """set_cpu_row_gemm takes "auto", "always" or "never" (anything else: ValueError naming the
-    argument, the mode unchanged); "auto" takes the row layout on Intel CPUs with AVX-512 only."""
+    argument, the mode unchanged); "auto" takes the row layout on CPUs with AVX-512 only."""
     ext = B.extension()
     with B.cpu_row_gemm("never"):
         assert B.get_cpu_row_gemm() == "never" and not ext.cpu_row_gemm_active()
@@ -381,8 +381,8 @@ def test_row_gemm_mode_setting():
             ext.set_cpu_row_gemm("sometimes")
         assert B.get_cpu_row_gemm() == "never"
         B.set_cpu_row_gemm("auto")
-        if sys.platform.startswith("linux") and platform.machine() == "x86_64":
-            assert ext.cpu_row_gemm_active() == _cpu_is_intel_avx512()
+        if sys.platform.startswith("linux") and platform.machine() == "x86_64" and _cpu_has_avx512() is not None:
+            assert ext.cpu_row_gemm_active() == _cpu_has_avx512()
     assert B.get_cpu_row_gemm() == "always"  # the module's fixture, restored on exit
     assert ext.cpu_row_gemm_active()
 

@@ -391,11 +391,12 @@ bool gemm_eligible(const at::Tensor& x, const Geometry& g) {
 // The row layout of the forward's columns (more than kPlaneFormMaxCout output channels) is one
 // large BLAS product followed by col2im; whether that beats ATen's own transposed convolution
 // (oneDNN) depends on the host's BLAS. Interleaved, seed generator layers, batch 8:
-// - Intel Xeon (AVX-512), MKL at 200-260 GFLOP/s on 2 threads: 1.05-1.3x, 2.6x from 1x1 inputs
+// - the CI VM's earlier CPU (AVX-512; its vendor was not recorded), MKL at 200-260 GFLOP/s on 2
+//   threads against 80-160 for oneDNN's transposed convolution: 1.05-1.3x, 2.6x from 1x1 inputs
 //   (the measurements above);
-// - AMD EPYC (AVX2 only), MKL and oneDNN both at 50-70 GFLOP/s: 0.76-0.97x (the columns' extra
-//   col2im pass is not paid back).
-// So `auto` takes it on Intel CPUs with AVX-512 only, where it was measured faster; elsewhere
+// - an AMD EPYC (AVX2 only), MKL at 50-70 GFLOP/s and oneDNN's transposed convolution at about
+//   50: 0.76-0.97x (the columns' extra col2im pass is not paid back).
+// So `auto` takes it on CPUs with AVX-512 only, the kind where it was measured faster; elsewhere
 // ATen's product runs and our epilogue follows. The plane layout (up to kPlaneFormMaxCout output
 // channels) won on both hosts (2.5-9x) and is taken everywhere. genfast._C.set_cpu_row_gemm
 // overrides the choice (tests cover both forms on any host; users can measure their own).
@@ -403,7 +404,7 @@ std::atomic<int> g_row_gemm_mode{0};  // 0 auto, 1 always, 2 never
 
 bool row_gemm_auto() {
 #if defined(__GNUC__) && defined(__x86_64__)
-  static const bool ok = __builtin_cpu_is("intel") && __builtin_cpu_supports("avx512f");
+  static const bool ok = __builtin_cpu_supports("avx512f");
   return ok;
 #else
   return false;
@@ -1310,7 +1311,7 @@ bool cpu_row_gemm_active() { return row_gemm_forward(); }
 // k4 s2: 1.0-1.8x, ATen's time there being bimodal) and inputs of up to kGemmBwdMaxPixels
 // pixels (DCGAN 4x4 -> 8x8: 1.4-1.5x). Over chunks of the batch in the row layout (7x7 ->
 // 14x14 and 8x8 -> 16x16) it tied or lost by up to 25% (Keras k5 s2), so ATen's runs there.
-// Those were Intel (AVX-512) measurements; the row layout follows row_gemm_forward (on the AMD
+// Those were measurements on the AVX-512 CPU; the row layout follows row_gemm_forward (on the AMD
 // EPYC CPU the DCGAN 16x16 block tied either way: 0.98-1.04x).
 bool conv2d_grad_input_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
                             at::IntArrayRef padding, at::IntArrayRef output_padding, at::IntArrayRef dilation) {
