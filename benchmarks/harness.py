@@ -97,7 +97,10 @@ def device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     import platform
 
-    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+    # the vector ISA torch dispatches to is part of the name: results of an AVX2 and an AVX-512
+    # CPU must not overwrite each other (they differ 2-3x in FLOP/s and in which form wins)
+    isa = torch.backends.cpu.get_cpu_capability().lower()
+    return f"cpu-{platform.machine()}-{isa}-{torch.get_num_threads()}threads"
 
 
 def cpu_model() -> str:
