@@ -251,21 +251,16 @@ def cpu_losses_supported() -> bool:
     return _CPU_LOSSES[0]
 
 
-_ROW_GEMM_MODES = ("auto", "always", "never")
-
-
 def set_cpu_row_gemm(mode: str) -> None:
     """Where the CPU transposed convolution (and a Conv2d's grad_input) runs its GEMM form with
     the row layout (one BLAS product, then our col2im epilogue; more than 8 output channels):
     "auto" (the default: on CPUs with AVX-512, the kind where it measured faster than ATen's
     oneDNN product; csrc/cpu/conv_transpose.cpp), "always" or "never". Process-wide;
     the other forms are unaffected."""
-    if mode not in _ROW_GEMM_MODES:
-        raise ValueError(f"set_cpu_row_gemm: mode must be one of {_ROW_GEMM_MODES}, got {mode!r}")
     ext = extension()
     if ext is None:
         raise RuntimeError("set_cpu_row_gemm: genfast._C is not loaded (see the warning at import)")
-    ext.set_cpu_row_gemm(mode)
+    ext.set_cpu_row_gemm(mode)  # checks mode (ValueError naming it)
 
 
 def get_cpu_row_gemm() -> str:

@@ -40,9 +40,9 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <string>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
