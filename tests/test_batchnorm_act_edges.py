@@ -560,3 +560,49 @@ def test_cpu_eager_batchnorm_autograd_in_cpp_double_backward(activation, affine)
             assert torch.isfinite(g).all()
             with pytest.raises(RuntimeError, match="double backward is not supported with memory_efficient"):
                 torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(300, 64, 4), (5, 7, 3), (9, 4, 2, 2), (16, 256, 4, 4), (4, 257, 16),
+                                   (3, 5, 17)],
+                         ids=["two_blocks", "odd", "2x2", "at_cap", "over_cap", "long_rows"])
+def test_short_rows_match_torch_with_nonfinite_values(backend_name, shape):
+    """(N, C, L) batches with short rows, which the CPU kernels read as N rows of C * L virtual
+    channels up to 4096 of them (the last two shapes stay rows): float64 output, every gradient
+    and the running statistics match torch's; a NaN in the first row (the block pivot) and an inf
+    in a later block stay in their channels, and give torch's NaN / inf running statistics."""
+    torch.manual_seed(11)
+    N, C = shape[:2]
+    x = torch.randn(shape, dtype=torch.float64) * 1.3 + 0.4
+    flat = x.view(N, C, -1)
+    flat[0, 1, 0] = NAN
+    flat[N - 1, 2, -1] = INF
+    bad = [1, 2]
+    w = torch.randn(C, dtype=torch.float64)
+    b = torch.randn(C, dtype=torch.float64)
+    rm0, rv0 = torch.rand(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + 0.5
+    dy = torch.randn(shape, dtype=torch.float64)
+    results = []
+    for which in ("genfast", "torch"):
+        xg, wg, bg = (t.detach().clone().requires_grad_() for t in (x, w, b))
+        rm, rv = rm0.clone(), rv0.clone()
+        if which == "genfast":
+            with backend(backend_name):
+                y = GF.batch_norm_act(xg, rm, rv, wg, bg, True, 0.1, 1e-5, activation="leaky_relu",
+                                      negative_slope=SLOPE)
+        else:
+            y = F.leaky_relu(F.batch_norm(xg, rm, rv, wg, bg, True, 0.1, 1e-5), SLOPE)
+        y.backward(dy)
+        results.append((y.detach(), xg.grad, wg.grad, bg.grad, rm, rv))
+    (y, dx, dw, db, rm, rv), (y_t, dx_t, dw_t, db_t, rm_t, rv_t) = results
+    ok = [c for c in range(C) if c not in bad]
+    assert y[:, bad].isnan().all() and not y[:, ok].isnan().any()
+    assert rm[1].isnan() and rm[2].item() == INF == rm_t[2].item()
+    assert torch.equal(rm.isnan(), rm_t.isnan()) and torch.equal(rv.isnan(), rv_t.isnan())
+    torch.testing.assert_close(y[:, ok], y_t[:, ok], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dx[:, ok], dx_t[:, ok], rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(dw[ok], dw_t[ok], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(db[ok], db_t[ok], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(rm[ok], rm_t[ok], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(rv[ok], rv_t[ok], rtol=1e-10, atol=1e-12)
+    assert dx[:, bad].isnan().all() and dw[bad].isnan().all()

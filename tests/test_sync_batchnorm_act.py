@@ -206,10 +206,14 @@ def test_convert_sync_batchnorm_keeps_activation_and_tensors():
         gnn.SyncBatchNormAct2d.convert_sync_batchnorm(gnn.BatchNormAct2d(3, memory_efficient=True))
 
 
-def test_split_pass_ops_match_reference_and_opcheck():
+@pytest.mark.parametrize("short_rows", [False, True], ids=["channels_last", "short_rows"])
+def test_split_pass_ops_match_reference_and_opcheck(short_rows):
+    """The four split-pass ops on the CPU, channels-last and on short NCL rows (6 values, read
+    as virtual channels), against the float64 reference; opcheck."""
     from genfast.reference import batchnorm_act as ref
 
-    x = torch.randn(3, 4, 5, 2, dtype=torch.float64).to(memory_format=torch.channels_last)
+    x = (torch.randn(5, 4, 2, 3, dtype=torch.float64) if short_rows
+         else torch.randn(3, 4, 5, 2, dtype=torch.float64).to(memory_format=torch.channels_last))
     w, b = torch.rand(4, dtype=torch.float64) + 0.5, torch.randn(4, dtype=torch.float64)
     dy = torch.randn_like(x)
     mean, m2 = torch.ops.genfast.batch_norm_act_stats(x)
