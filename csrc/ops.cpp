@@ -124,6 +124,11 @@ bool cpu_losses_supported();
 void set_cpu_row_gemm(const std::string& mode);
 std::string cpu_row_gemm();
 bool cpu_row_gemm_active();
+c10::optional<at::Tensor> batch_norm_act_eager(const at::Tensor& input, const c10::optional<at::Tensor>& running_mean,
+                                               const c10::optional<at::Tensor>& running_var,
+                                               const c10::optional<at::Tensor>& weight,
+                                               const c10::optional<at::Tensor>& bias, bool training, double momentum,
+                                               double eps, int64_t act, double slope);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -136,6 +141,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "channels): 'auto' (CPUs with AVX-512, the kind where it measured faster than "
         "ATen's product), 'always' or 'never'");
   m.def("cpu_row_gemm", &genfast::cpu_row_gemm, "The mode set_cpu_row_gemm set ('auto' at start)");
+  m.def("batch_norm_act_eager", &genfast::batch_norm_act_eager,
+        "The eager CPU BatchNorm + activation call (genfast::batch_norm_act_train) when its arguments "
+        "take it (see csrc/batchnorm_autograd.cpp), else None");
   m.def("cpu_row_gemm_active", &genfast::cpu_row_gemm_active,
         "Whether the row layout of the GEMM form runs now (the mode applied to this CPU)");
 }

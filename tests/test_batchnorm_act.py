@@ -466,3 +466,84 @@ def test_cpu_path_runs_no_torch_compute_op(channels_last, memory_efficient):
     # num_batches_tracked += 1 is the module's bookkeeping, as in nn.BatchNorm2d.
     assert aten <= {"aten::add_"}, aten
     assert len([e for e in prof.events() if e.name == "aten::add_"]) == 1
+
+
+# --- the eager CPU entry: its checks in C++ ---------------------------------------------------
+
+def _eager_args(**over):
+    C = 5
+    args = dict(input=torch.randn(4, C, 3), running_mean=torch.zeros(C), running_var=torch.ones(C),
+                weight=torch.rand(C) + 0.5, bias=torch.randn(C), training=True, momentum=0.1, eps=1e-5,
+                act=2, slope=0.2)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("case", [
+    "float16", "int", "1d", "5d", "no_channels", "rm_without_rv", "eval_without_buffers", "eps_zero_train",
+    "eps_negative_eval", "weight_2d", "weight_wrong_size", "bias_other_dtype", "rv_float64",
+    "one_value_per_channel", "empty_batch"])
+def test_eager_entry_declines_what_the_checked_path_must_see(case):
+    """genfast._C.batch_norm_act_eager returns None for every call it does not take (the
+    checked path then raises torch's exception or runs the general path), before touching the
+    running buffers."""
+    C = 5
+    over = {
+        "float16": dict(input=torch.randn(4, C, 3).half()),
+        "int": dict(input=torch.ones(4, C, 3, dtype=torch.int32)),
+        "1d": dict(input=torch.randn(C)),
+        "5d": dict(input=torch.randn(2, C, 2, 2, 2)),
+        "no_channels": dict(input=torch.randn(4, 0, 3), running_mean=torch.zeros(0), running_var=torch.ones(0),
+                            weight=None, bias=None),
+        "rm_without_rv": dict(running_var=None),
+        "eval_without_buffers": dict(running_mean=None, running_var=None, training=False),
+        "eps_zero_train": dict(eps=0.0),
+        "eps_negative_eval": dict(eps=-1e-5, training=False),
+        "weight_2d": dict(weight=torch.ones(C, 1)),
+        "weight_wrong_size": dict(weight=torch.ones(C + 1)),
+        "bias_other_dtype": dict(bias=torch.zeros(C, dtype=torch.float64)),
+        "rv_float64": dict(running_var=torch.ones(C, dtype=torch.float64)),
+        "one_value_per_channel": dict(input=torch.randn(1, C)),
+        "empty_batch": dict(input=torch.randn(0, C, 3)),
+    }[case]
+    args = _eager_args(**over)
+    rm, rv = args["running_mean"], args["running_var"]
+    before = [t.clone() for t in (rm, rv) if t is not None]
+    assert genfast.backend.extension().batch_norm_act_eager(*args.values()) is None
+    assert all(torch.equal(a, t) for a, t in zip(before, [t for t in (rm, rv) if t is not None]))
+
+
+def test_eager_entry_runs_the_cpp_op_and_matches_torch():
+    """An eligible call runs genfast::batch_norm_act_train (autograd in C++), not the registered
+    Python op, and gives torch's output, running statistics and gradients in float64."""
+    C = 6
+    x = torch.randn(8, C, 5, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.rand(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + 0.5
+    rm_t, rv_t = rm.clone(), rv.clone()
+    dy = torch.randn(8, C, 5, dtype=torch.float64)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y = GF.batch_norm_act(x, rm, rv, w, b, True, 0.3, 1e-3, negative_slope=0.1)
+    names = {e.name for e in prof.events()}
+    assert "genfast::batch_norm_act_train" in names and "genfast::batch_norm_act" not in names
+    grads = torch.autograd.grad(y, (x, w, b), dy)
+    y_t = F.leaky_relu(F.batch_norm(x, rm_t, rv_t, w, b, True, 0.3, 1e-3), 0.1)
+    grads_t = torch.autograd.grad(y_t, (x, w, b), dy)
+    assert_close(y, y_t, torch.float64, "output")
+    assert_close(rm, rm_t, torch.float64, "running_mean")
+    assert_close(rv, rv_t, torch.float64, "running_var")
+    for g, t, name in zip(grads, grads_t, ("grad_input", "grad_weight", "grad_bias")):
+        assert_close(g, t, torch.float64, name)
+
+
+def test_eager_entry_bad_argument_types_raise_torchs_exception():
+    """Arguments of types the C++ entry does not take (a list as weight) go to the checked path,
+    which raises the exception type torch raises, and the running buffers are unchanged."""
+    x = torch.randn(4, 3, 2)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(TypeError):
+        F.batch_norm(x, rm.clone(), rv.clone(), [1.0, 1.0, 1.0], None, True)
+    with pytest.raises(TypeError):
+        GF.batch_norm_act(x, rm, rv, [1.0, 1.0, 1.0], None, True)
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
