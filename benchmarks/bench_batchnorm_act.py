@@ -25,6 +25,8 @@ CPU_CASES = [
     ((32, 64, 32, 32), "nhwc", ALL_MODES, False),
     ((32, 256, 8, 8), "nchw", ALL_MODES, False),
     ((64, 128, 16, 16), "nchw", ["fwd_eval"], True),
+    # 4x4 maps (the DCGAN generator's first and discriminator's last BatchNorm, narrower): short rows
+    ((64, 256, 4, 4), "nchw", ["fwd_train", "fwd_bwd_train"], True),
     ((64, 128, 16, 16), "nhwc", ["fwd_eval"], True),
     ((256, 1024), "nc", ALL_MODES, True),
     ((1 << 21, 16), "nc", ["fwd_train", "fwd_eval"], True),
