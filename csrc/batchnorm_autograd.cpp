@@ -120,7 +120,8 @@ at::Tensor batch_norm_act_train_plain(const at::Tensor& input, const OptT& weigh
 // call on the 2-core CI CPU, half of a (64, 64) BatchNorm1d's time. Returns nothing (the caller
 // then takes the checked path, which raises torch's exceptions where it must) unless: a float32 /
 // float64 CPU input of 2 to 4 dims with C > 0 channels; given parameters and running buffers
-// (C,) CPU tensors of its dtype; running buffers both or neither, and given when not training;
+// (C,) CPU tensors of its dtype (buffers not requiring grad where grad mode is on); running
+// buffers both or neither, and given when not training;
 // eps > 0 when training (>= 0 in eval); more than one value per channel when training.
 c10::optional<at::Tensor> batch_norm_act_eager(const at::Tensor& input, const OptT& running_mean,
                                                const OptT& running_var, const OptT& weight, const OptT& bias,
@@ -139,6 +140,9 @@ c10::optional<at::Tensor> batch_norm_act_eager(const at::Tensor& input, const Op
     if (!t.defined() || t.dim() != 1 || t.size(0) != C || t.scalar_type() != dt || !t.device().is_cpu())
       return c10::nullopt;
   }
+  // a running buffer that requires grad: torch raises with grad mode on (the checked path does)
+  for (const OptT* p : {&running_mean, &running_var})
+    if (p->has_value() && (*p)->requires_grad() && at::GradMode::is_enabled()) return c10::nullopt;
   if (training && input.numel() / C <= 1) return c10::nullopt;
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("genfast::batch_norm_act_train", "")

@@ -43,7 +43,7 @@ def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: O
     if out is not None:
         return out
     _bn.check_activation(activation, negative_slope, memory_efficient)
-    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps, momentum)
     if isinstance(input, Tensor) and input.dim() >= 2:
         # torch takes affine parameters of any shape holding C elements, e.g. (C, 1)
         C = input.shape[1]
@@ -68,11 +68,24 @@ def _as_channel_vector(t: Optional[Tensor], C: int) -> Optional[Tensor]:
 
 def check_batch_norm_args(input: Tensor, running_mean: Optional[Tensor],
                           running_var: Optional[Tensor], weight: Optional[Tensor],
-                          bias: Optional[Tensor], training: bool, eps: float) -> None:
+                          bias: Optional[Tensor], training: bool, eps: float,
+                          momentum: object = 0.1) -> None:
     """The checks F.batch_norm / nn.BatchNorm make that genfast's op checks do not (torch's
     exception types and messages, naming the argument), run before anything is written."""
     if not isinstance(input, Tensor):
         raise TypeError(f"batch_norm_act(): argument 'input' must be Tensor, not {type(input).__name__}")
+    if type(training) is not bool:  # torch's parser takes a bool only (not 0/1, not a tensor)
+        raise TypeError(f"batch_norm_act(): argument 'training' must be bool, not {type(training).__name__}")
+    _bn.check_float_arg("momentum", momentum)
+    _bn.check_float_arg("eps", eps)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"batch_norm_act(): argument '{name}' must be Tensor, not {type(t).__name__}")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(f"batch_norm_act: the function is not differentiable with respect to "
+                               f"argument '{name}' (a running buffer that requires grad)")
     if input.dim() < 2:
         raise RuntimeError(f"batch_norm_act: expected input with at least 2 dims (N, C, *), got "
                            f"{input.dim()}D input")

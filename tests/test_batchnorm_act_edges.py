@@ -6,6 +6,7 @@ buffers, no state change before a failing check, empty batches, opcheck with req
 autocast, and the Triton launchers' device guard and partial-row cap."""
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -606,3 +607,95 @@ def test_short_rows_match_torch_with_nonfinite_values(backend_name, shape):
     torch.testing.assert_close(rm[ok], rm_t[ok], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(rv[ok], rv_t[ok], rtol=1e-10, atol=1e-12)
     assert dx[:, bad].isnan().all() and dw[bad].isnan().all()
+
+
+# --- argument types as torch's parser takes them, buffers that require grad, float64 overflow -----
+
+_TYPE_CASES = [("training", torch.tensor(True)), ("training", None), ("training", 2), ("training", ""),
+               ("training", "no"), ("momentum", "0.3"), ("momentum", torch.tensor([0.3])), ("momentum", None),
+               ("eps", "1e-3"), ("negative_slope", "0.2"), ("running_mean", [0.0, 0.0, 0.0]),
+               ("running_var", [1.0, 1.0, 1.0])]
+
+
+@pytest.mark.parametrize("name,value", _TYPE_CASES, ids=[f"{n}={v!r}" for n, v in _TYPE_CASES])
+def test_argument_of_a_type_torch_refuses_raises_typeerror(name, value):
+    """An argument whose type torch's F.batch_norm / F.leaky_relu refuse (TypeError) is refused
+    by genfast with TypeError too, before the running buffers change."""
+    x = torch.randn(4, 3, 5)
+    args = dict(running_mean=torch.zeros(3), running_var=torch.ones(3), training=True, momentum=0.1,
+                eps=1e-5, negative_slope=0.2)
+    args[name] = value
+    with pytest.raises(TypeError):
+        t_args = {k: v for k, v in args.items() if k != "negative_slope"}
+        if name == "negative_slope":
+            F.leaky_relu(x, value)
+        else:
+            F.batch_norm(x, t_args.pop("running_mean"), t_args.pop("running_var"), **t_args)
+    rm, rv = args["running_mean"], args["running_var"]
+    snap = [t.clone() if isinstance(t, torch.Tensor) else t for t in (rm, rv)]
+    with pytest.raises(TypeError, match=name):
+        GF.batch_norm_act(x, rm, rv, None, None, args["training"], args["momentum"], args["eps"],
+                          negative_slope=args["negative_slope"])
+    for t, s in zip((rm, rv), snap):
+        if isinstance(t, torch.Tensor):
+            assert torch.equal(t, s)
+
+
+@pytest.mark.parametrize("name,value", [("momentum", torch.tensor(0.3)), ("momentum", np.float32(0.3)),
+                                        ("eps", torch.tensor(1e-3)), ("momentum", 1)])
+def test_numbers_torch_takes_give_torchs_result(name, value):
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    kw = dict(momentum=0.1, eps=1e-5)
+    kw[name] = value
+    rm, rv, rm_t, rv_t = (torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
+                          torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    y = GF.batch_norm_act(x, rm, rv, None, None, True, activation="identity", **kw)
+    y_t = F.batch_norm(x, rm_t, rv_t, None, None, True, **kw)
+    torch.testing.assert_close(y, y_t)
+    torch.testing.assert_close(rm, rm_t)
+    torch.testing.assert_close(rv, rv_t)
+
+
+def test_running_buffer_requiring_grad_raises_like_torch():
+    """torch refuses a running buffer that requires grad while grad mode is on (RuntimeError) and
+    takes it under no_grad; genfast does the same, and leaves it unchanged when it refuses."""
+    x = torch.randn(4, 3, 5)
+    rm = torch.zeros(3, requires_grad=True)
+    with pytest.raises(RuntimeError):
+        F.batch_norm(x, rm, torch.ones(3), None, None, True)
+    with pytest.raises(RuntimeError, match="running_mean"):
+        GF.batch_norm_act(x, rm, torch.ones(3), None, None, True)
+    assert torch.equal(rm.detach(), torch.zeros(3))
+    rm_t = torch.zeros(3, requires_grad=True)
+    with torch.no_grad():
+        y = GF.batch_norm_act(x, rm, torch.ones(3), None, None, True, activation="identity")
+        y_t = F.batch_norm(x, rm_t, torch.ones(3), None, None, True)
+    torch.testing.assert_close(y, y_t)
+    torch.testing.assert_close(rm.detach(), rm_t.detach())
+
+
+def test_split_pass_bwd_dx_checks_the_sum_sizes():
+    """batch_norm_act_bwd_dx refuses per-channel sums of the wrong size instead of reading past
+    them."""
+    C = 4
+    x = torch.randn(8, C, 3)
+    m, s = torch.zeros(C), torch.ones(C)
+    with pytest.raises(RuntimeError, match="sum_dz"):
+        torch.ops.genfast.batch_norm_act_bwd_dx(torch.randn_like(x), x, None, None, m, s, torch.zeros(1),
+                                                torch.zeros(1), 24.0, 0, 0.0, 0.0, False)
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(4, 2, 3), (4, 2)], ids=["short_rows", "nc"])
+def test_float64_sum_past_the_largest_double_keeps_torchs_sign(backend_name, shape):
+    """float64 values whose per-channel sum overflows: the running mean is +inf as torch's (the
+    pivot-shifted sum k * n + s gave -inf)."""
+    x = torch.zeros(shape, dtype=torch.float64)
+    x[:2, 0] = 1.7e308
+    rm, rv = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    rm_t, rv_t = rm.clone(), rv.clone()
+    with backend(backend_name):
+        GF.batch_norm_act(x, rm, rv, None, None, True, 0.1, 1e-5)
+    F.batch_norm(x, rm_t, rv_t, None, None, True, 0.1, 1e-5)
+    assert rm_t[0].item() == INF and rm[0].item() == INF
+    assert rm[1].item() == rm_t[1].item() == 0.0

@@ -202,7 +202,14 @@ GENFAST_SIMD_CLONES void nlc_block_stats(const scalar_t* x, int64_t rows, int64_
     for (int64_t j = 0; j < w; ++j) {
       red_t m2 = q[j] - s[j] * (s[j] / n);
       if (m2 < 0) m2 = 0;  // rounding; NaN stays NaN
-      part[c0 + j] = SumPartial<red_t>{rows, k[j] * n + s[j], m2};
+      red_t sum = k[j] * n + s[j];
+      if (!std::isfinite(sum)) {
+        // an inf or NaN input, or a float64 sum past the largest double: the plain sum, whose
+        // sign is torch's (k * n + s with an infinite s gave -inf for a sum of +1.7e308 values)
+        sum = 0;
+        for (int64_t r = 0; r < rows; ++r) sum += static_cast<red_t>(x[r * stride + c0 + j]);
+      }
+      part[c0 + j] = SumPartial<red_t>{rows, sum, m2};
     }
   }
 }
@@ -897,6 +904,8 @@ at::Tensor batch_norm_act_bwd_dx_cpu(const at::Tensor& grad_out_, const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(), "batch_norm_act_bwd_dx_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto k = make_coeffs<acc_t>(saved, weight, bias, mean, invstd, gamma_floor);
+    TORCH_CHECK(sum_dz.numel() == v.C() && sum_dz_xhat.numel() == v.C(), "batch_norm_act: sum_dz and sum_dz_xhat must have ",
+                v.C(), " elements, got ", sum_dz.numel(), " and ", sum_dz_xhat.numel());
     at::Tensor s = as_acc<acc_t>(sum_dz), sx = as_acc<acc_t>(sum_dz_xhat);
     std::vector<acc_t> ka(v.C(), acc_t(0)), kb(v.C(), acc_t(0));
     for (int64_t c = 0; c < v.C() && count > 0; ++c) {

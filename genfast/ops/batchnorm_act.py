@@ -14,6 +14,7 @@ through the autocast keys).
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -191,7 +192,16 @@ if HAS_CPP_OPS:
 
 # --- checks shared by the functional and the modules -----------------------------------------
 
+def check_float_arg(name: str, value: object) -> None:
+    """TypeError, as torch's argument parser raises, for a float argument that is not a real
+    number (a Python or numpy int / float / bool, or a 0-dim tensor): e.g. a string or None."""
+    if isinstance(value, numbers.Real) or (isinstance(value, torch.Tensor) and value.dim() == 0):
+        return
+    raise TypeError(f"batch_norm_act(): argument '{name}' must be float, not {type(value).__name__}")
+
+
 def check_activation(activation: str, negative_slope: float, memory_efficient: bool) -> None:
+    check_float_arg("negative_slope", negative_slope)
     if activation not in ("leaky_relu", "relu", "identity"):
         raise ValueError(
             f"activation must be 'leaky_relu', 'relu' or 'identity', got {activation!r}")
@@ -246,6 +256,9 @@ def check_inputs(input: Tensor, running_mean, running_var, weight, bias, trainin
 
 
 _FAST_ACTS = {"identity": 0, "relu": 1, "leaky_relu": 2}
+# the number types the fast path takes as they are (others, e.g. 0-dim tensors and numpy
+# scalars, which torch also takes, and strings, which it refuses, go through the checked path)
+_NUMBERS = (float, int)
 
 
 def eager_fast(input, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -257,11 +270,13 @@ def eager_fast(input, running_mean, running_var, weight, bias, training, momentu
     when it must). The tensor checks run in C++ (genfast._C.batch_norm_act_eager): in Python they
     cost 7-15 us per call on the CI CPU, half of a (64, 64) BatchNorm1d's time."""
     act = _FAST_ACTS.get(activation) if type(activation) is str else None
-    if act is None or memory_efficient or type(input) is not Tensor or not B.eager_cpu(input):
+    if (act is None or memory_efficient or type(input) is not Tensor or type(training) is not bool
+            or type(momentum) not in _NUMBERS or type(eps) not in _NUMBERS
+            or type(negative_slope) not in _NUMBERS or not B.eager_cpu(input)):
         return None
     try:
         return B.extension().batch_norm_act_eager(input, running_mean, running_var, weight, bias,
-                                                  bool(training), float(momentum), float(eps), act,
+                                                  training, float(momentum), float(eps), act,
                                                   float(negative_slope))
     except TypeError:
         # an argument of a type the C++ signature does not take (pybind11 raises TypeError before
