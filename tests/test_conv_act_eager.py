@@ -361,3 +361,39 @@ def test_linear_what_the_op_does_not_take_runs_like_torch(kind):
     x = {"3d": torch.randn(2, 3, 6), "1d": torch.randn(6), "empty": torch.randn(0, 6)}.get(
         kind, torch.randn(5, 6))
     _runs_like_torch(m, ref, x, kind, 1e-5)
+
+
+# --- calls without a backward: torch's own ops ------------------------------------------------
+
+@pytest.mark.parametrize("product", ["linear", "conv2d"])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "no_requires_grad"])
+@pytest.mark.parametrize("activation", [None, "relu", "leaky_relu", "tanh", "sigmoid"])
+def test_call_without_backward_runs_torchs_ops(product, mode, activation):
+    """An eager CPU call that records no backward runs torch's product and activation directly
+    (genfast's op would add only its dispatch), with torch's result in float64; a call that
+    records one runs genfast's op."""
+    torch.manual_seed(3)
+    if product == "linear":
+        x, w, b = torch.randn(5, 7, dtype=D), torch.randn(4, 7, dtype=D), torch.randn(4, dtype=D)
+        fused, plain, op = (lambda *a: GF.linear(*a, activation=activation, negative_slope=SLOPE),
+                            F.linear, "genfast::linear_act")
+    else:
+        x, w, b = torch.randn(2, 3, 9, 9, dtype=D), torch.randn(4, 3, 3, 3, dtype=D), torch.randn(4, dtype=D)
+        fused, plain, op = (lambda *a: GF.conv2d(*a, 2, 1, activation=activation, negative_slope=SLOPE),
+                            lambda *a: F.conv2d(*a, 2, 1), "genfast::conv2d_act")
+    acts = {None: lambda z: z, "relu": F.relu, "leaky_relu": lambda z: F.leaky_relu(z, SLOPE),
+            "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+    expected = acts[activation](plain(x, w, b))
+    wg = w.clone().requires_grad_(mode != "no_requires_grad")
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+           "no_requires_grad": torch.enable_grad}[mode]
+    with ctx(), profile() as prof:
+        y = fused(x, wg, b)
+    names = {e.name for e in prof.events()}
+    assert op not in names, names
+    assert not y.requires_grad
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    with profile() as prof:
+        y = fused(x, w.clone().requires_grad_(), b)
+    assert op in {e.name for e in prof.events()}
+    torch.testing.assert_close(y.detach(), expected, rtol=1e-12, atol=1e-12)

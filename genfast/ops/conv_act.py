@@ -513,16 +513,27 @@ if _ct.HAS_CPP_OPS:
     _LINEAR_ACT = torch.ops.genfast.linear_act.default
 
 
+def _needs_grad(input, weight, bias) -> bool:
+    """Whether an eager call records a backward. Without one, genfast's conv2d_act / linear_act
+    forward is torch's own product and in-place activation behind a custom op's dispatch and C++
+    autograd wrapper, which cost 15-35 us per call on the CI CPU (GF.linear at 1x256 -> 1: 43 us
+    against F.linear's 11 us): those calls run torch's ops directly."""
+    return torch.is_grad_enabled() and (
+        getattr(input, "requires_grad", False) or getattr(weight, "requires_grad", False)
+        or getattr(bias, "requires_grad", False))
+
+
 def conv2d_eager(input, weight, bias, stride, padding, dilation, groups, act: str,
                  negative_slope: float) -> Tensor:
     """act(conv2d(input) + bias) for an eager CPU call (B.eager_cpu; ``act`` checked; ``padding``
     as conv2d takes it): genfast::conv2d_act, torch's oneDNN product forward with its autograd
     in C++, whose backward takes grad_input from the transposed convolution's GEMM form where
-    that measured faster (csrc/conv_act_autograd.cpp). String padding, autocast, and arguments
-    the op does not take run torch's own conv2d (its checks and exceptions) and activation."""
+    that measured faster (csrc/conv_act_autograd.cpp). Calls without a backward (_needs_grad),
+    string padding, autocast, and arguments the op does not take run torch's own conv2d (its
+    checks and exceptions) and activation in place."""
     _check_slope_range(act, negative_slope, input)
     if (not torch.is_autocast_enabled("cpu") and not isinstance(padding, str)
-            and _int_args(stride, padding, dilation, groups)):
+            and _int_args(stride, padding, dilation, groups) and _needs_grad(input, weight, bias)):
         try:
             return _CONV_ACT(input, weight, bias, stride, padding, dilation, groups,
                              B.ACTIVATIONS[act], float(negative_slope))
@@ -535,11 +546,11 @@ def conv2d_eager(input, weight, bias, stride, padding, dilation, groups, act: st
 def linear_eager(input, weight, bias, act: str, negative_slope: float) -> Tensor:
     """act(linear(input) + bias) for an eager CPU call (B.eager_cpu; ``act`` checked):
     genfast::linear_act (ATen's addmm, torch's activation in place, autograd in C++ with the two
-    backward products side by side on a two-thread CPU) for 2-D float32 / float64 input;
-    autocast and everything else run torch's own linear (its checks and exceptions) and
-    activation."""
+    backward products side by side on a two-thread CPU) for 2-D float32 / float64 input; calls
+    without a backward (_needs_grad), autocast and everything else run torch's own linear (its
+    checks and exceptions) and activation in place."""
     _check_slope_range(act, negative_slope, input)
-    if not torch.is_autocast_enabled("cpu"):
+    if not torch.is_autocast_enabled("cpu") and _needs_grad(input, weight, bias):
         try:
             return _LINEAR_ACT(input, weight, bias, B.ACTIVATIONS[act], float(negative_slope))
         except (RuntimeError, TypeError, ValueError):
