@@ -230,8 +230,6 @@ def check_inputs(input: Tensor, running_mean, running_var, weight, bias, trainin
                     ("weight", weight), ("bias", bias)):
         if t is None:
             continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"batch_norm_act(): argument '{name}' must be Tensor, not {type(t).__name__}")
         if t.dim() != 1 or t.numel() != C:
             raise RuntimeError(f"batch_norm_act: {name} should contain {C} elements not {t.numel()}")
         if t.device != input.device:
