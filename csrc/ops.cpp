@@ -129,6 +129,20 @@ c10::optional<at::Tensor> batch_norm_act_eager(const at::Tensor& input, const c1
                                                const c10::optional<at::Tensor>& weight,
                                                const c10::optional<at::Tensor>& bias, bool training, double momentum,
                                                double eps, int64_t act, double slope);
+// csrc/eager_entries.cpp
+using OptTensor = c10::optional<at::Tensor>;
+OptTensor linear_act_eager(const at::Tensor& x, const at::Tensor& w, const OptTensor& b, int64_t act, double slope);
+OptTensor conv2d_act_eager(const at::Tensor& x, const at::Tensor& w, const OptTensor& b,
+                           const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                           const std::vector<int64_t>& dilation, int64_t groups, int64_t act, double slope);
+OptTensor conv_transpose2d_act_eager(const at::Tensor& x, const at::Tensor& w, const OptTensor& b,
+                                     const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                                     const std::vector<int64_t>& output_padding, int64_t groups,
+                                     const std::vector<int64_t>& dilation, int64_t act, double slope);
+c10::optional<std::tuple<at::Tensor, at::Tensor>> gan_loss_eager(const OptTensor& real, const at::Tensor& fake,
+                                                                 int64_t kind, bool generator, int64_t reduction,
+                                                                 double real_label);
+OptTensor reparameterize_eager(const at::Tensor& mu, const at::Tensor& logvar);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -144,6 +158,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("batch_norm_act_eager", &genfast::batch_norm_act_eager,
         "The eager CPU BatchNorm + activation call (genfast::batch_norm_act_train) when its arguments "
         "take it (see csrc/batchnorm_autograd.cpp), else None");
+  // The eager CPU entries of the products, the GAN loss and the reparameterisation
+  // (csrc/eager_entries.cpp): the op's result, or None where the checked Python path must run.
+  m.def("linear_act_eager", &genfast::linear_act_eager, "genfast::linear_act's eager CPU call, or None");
+  m.def("conv2d_act_eager", &genfast::conv2d_act_eager, "genfast::conv2d_act's eager CPU call, or None");
+  m.def("conv_transpose2d_act_eager", &genfast::conv_transpose2d_act_eager,
+        "genfast::conv_transpose2d_act's eager CPU call, or None");
+  m.def("gan_loss_eager", &genfast::gan_loss_eager, "genfast::gan_loss_train's eager CPU call, or None");
+  m.def("reparameterize_eager", &genfast::reparameterize_eager,
+        "The eager CPU reparameterisation (noise from torch's generator, C++ autograd), or None");
   m.def("cpu_row_gemm_active", &genfast::cpu_row_gemm_active,
         "Whether the row layout of the GEMM form runs now (the mode applied to this CPU)");
 }

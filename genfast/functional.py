@@ -221,6 +221,9 @@ def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
     interpreter): |z - z_torch| <= eps(dtype) * (|z_torch| + 2 |eps * exp(0.5 * logvar)|),
     eps(dtype) = torch.finfo(dtype).eps. mu, logvar: same
     shape and dtype. Returns z in mu's shape and dtype; exact gradients w.r.t. mu and logvar."""
+    z = _loss.reparameterize_fast(mu, logvar)
+    if z is not None:
+        return z
     for t, name in ((mu, "mu"), (logvar, "logvar")):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a Tensor, not {type(t).__name__}")
@@ -308,6 +311,10 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
         (N, C_out, H_out, W_out) (unbatched: without N), H_out = (H_in - 1) * stride - 2 *
         padding + dilation * (kH - 1) + output_padding + 1; channels_last when input is.
     """
+    y = _ct.conv_transpose2d_fast(input, weight, bias, stride, padding, output_padding, groups,
+                                  dilation, activation, negative_slope)
+    if y is not None:
+        return y
     if (isinstance(input, Tensor) and isinstance(weight, Tensor) and input.dtype == weight.dtype
             and not input.is_floating_point()):
         # torch raises NotImplementedError for the integer types it has no kernel for (and
@@ -343,6 +350,10 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride:
     Returns:
         (N, C_out, H_out, W_out) (unbatched: without N); channels_last when input is.
     """
+    y = _ca.conv2d_fast(input, weight, bias, stride, padding, dilation, groups, activation,
+                        negative_slope)
+    if y is not None:
+        return y
     if (isinstance(input, Tensor) and isinstance(weight, Tensor) and input.dtype == weight.dtype
             and not input.is_floating_point()):
         raise NotImplementedError(f"conv2d: genfast supports floating-point input only, got input "
@@ -371,6 +382,9 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     Returns:
         (*, out_features).
     """
+    y = _ca.linear_fast(input, weight, bias, activation, negative_slope)
+    if y is not None:
+        return y
     if (isinstance(input, Tensor) and isinstance(weight, Tensor) and input.dtype == weight.dtype
             and not input.is_floating_point()):
         raise NotImplementedError(f"linear: genfast supports floating-point input only, got input "

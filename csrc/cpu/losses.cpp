@@ -623,13 +623,8 @@ std::tuple<at::Tensor, at::Tensor> bce_loss_fwd_cpu(const at::Tensor& input_, co
 // last bit for some inputs, and which one a lane gets depends on its position in torch's loop),
 // then one pass computes mu + eps * s with torch's roundings (csrc/common/reparam.h, compiled for
 // the baseline ISA: no FMA contraction).
-at::Tensor reparam_fwd_cpu(const at::Tensor& mu_, const at::Tensor& logvar_, const at::Tensor& eps_) {
-  TORCH_CHECK(mu_.sizes() == logvar_.sizes() && mu_.sizes() == eps_.sizes(), "reparameterize: mu ", mu_.sizes(),
-              ", logvar ", logvar_.sizes(), " and eps ", eps_.sizes(), " must have the same shape");
-  TORCH_CHECK(mu_.scalar_type() == logvar_.scalar_type() && mu_.scalar_type() == eps_.scalar_type(),
-              "reparameterize: mu, logvar and eps must have the same dtype");
-  at::Tensor s = at::mul(logvar_, 0.5);
-  s.exp_();
+// z = mu + eps * s, s = exp(0.5 logvar) already computed (by torch's mul and exp), one pass.
+at::Tensor reparam_combine_cpu(const at::Tensor& mu_, const at::Tensor& eps_, const at::Tensor& s) {
   const at::Tensor mu = mu_.contiguous(), eps = eps_.contiguous(), sc = s.contiguous();
   at::Tensor z = at::empty(mu.sizes(), mu.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "reparam_fwd_cpu", [&] {
@@ -641,6 +636,20 @@ at::Tensor reparam_fwd_cpu(const at::Tensor& mu_, const at::Tensor& logvar_, con
     });
   });
   return z;
+}
+
+void check_reparam_args(const at::Tensor& mu_, const at::Tensor& logvar_, const at::Tensor& eps_) {
+  TORCH_CHECK(mu_.sizes() == logvar_.sizes() && mu_.sizes() == eps_.sizes(), "reparameterize: mu ", mu_.sizes(),
+              ", logvar ", logvar_.sizes(), " and eps ", eps_.sizes(), " must have the same shape");
+  TORCH_CHECK(mu_.scalar_type() == logvar_.scalar_type() && mu_.scalar_type() == eps_.scalar_type(),
+              "reparameterize: mu, logvar and eps must have the same dtype");
+}
+
+at::Tensor reparam_fwd_cpu(const at::Tensor& mu_, const at::Tensor& logvar_, const at::Tensor& eps_) {
+  check_reparam_args(mu_, logvar_, eps_);
+  at::Tensor s = at::mul(logvar_, 0.5);
+  s.exp_();
+  return reparam_combine_cpu(mu_, eps_, s);
 }
 
 // d logvar = 0.5 * grad_z * eps * exp(0.5 logvar) (one pass); d mu is grad_z itself.
@@ -665,6 +674,38 @@ at::Tensor reparam_bwd_cpu(const at::Tensor& grad_z_, const at::Tensor& logvar_,
 }
 
 }  // namespace
+
+// For the eager entry's C++ autograd (csrc/eager_entries.cpp), which keeps s = exp(0.5 logvar)
+// from its forward: (z, s), z bitwise reparam_fwd's; and d logvar = 0.5 * grad_z * eps * s in one
+// pass without an exp (reparam_bwd recomputes exp per element with the scalar libm call: 30 us
+// for 64 x 128 values on the CI CPU, more than torch's whole backward of the expression).
+std::tuple<at::Tensor, at::Tensor> reparam_fwd_scale_cpu(const at::Tensor& mu, const at::Tensor& logvar,
+                                                         const at::Tensor& eps) {
+  check_reparam_args(mu, logvar, eps);
+  at::Tensor s = at::mul(logvar, 0.5);
+  s.exp_();
+  return {reparam_combine_cpu(mu, eps, s), s};
+}
+
+at::Tensor reparam_bwd_scale_cpu(const at::Tensor& grad_z_, const at::Tensor& eps_, const at::Tensor& s_) {
+  TORCH_CHECK(grad_z_.sizes() == eps_.sizes() && grad_z_.sizes() == s_.sizes(),
+              "reparameterize backward: shapes of grad, eps and scale differ");
+  TORCH_CHECK(grad_z_.scalar_type() == s_.scalar_type() && eps_.scalar_type() == s_.scalar_type(),
+              "reparameterize backward: grad dtype ", grad_z_.scalar_type(), " differs from logvar's ", s_.scalar_type());
+  const at::Tensor gz = grad_z_.contiguous(), eps = eps_.contiguous(), sc = s_.contiguous();
+  at::Tensor out = at::empty(sc.sizes(), sc.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sc.scalar_type(), "reparam_bwd_scale_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t *g = gz.data_ptr<scalar_t>(), *e = eps.data_ptr<scalar_t>(), *sp = sc.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, sc.numel(), 16384, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        o[i] = static_cast<scalar_t>(acc_t(0.5) * static_cast<acc_t>(g[i]) * static_cast<acc_t>(e[i]) *
+                                     static_cast<acc_t>(sp[i]));
+    });
+  });
+  return out;
+}
 
 TORCH_LIBRARY_IMPL(genfast, CPU, m) {
   m.impl("gan_loss_fwd", &gan_loss_fwd_cpu);

@@ -558,6 +558,41 @@ def linear_eager(input, weight, bias, act: str, negative_slope: float) -> Tensor
     return _act_eager(torch.nn.functional.linear(input, weight, bias), act, negative_slope)
 
 
+def conv2d_fast(input, weight, bias, stride, padding, dilation, groups, activation,
+                negative_slope) -> Optional[Tensor]:
+    """The common eager CPU call (batched float32 / float64 tensors, int geometry, a known
+    activation, autocast off, the cpu backend by "auto" or pin, not traced) straight to the C++
+    entry genfast._C.conv2d_act_eager: genfast::conv2d_act when the call records a backward, else
+    torch's conv2d and activation in place. None for every other call, which takes the checked path
+    (and raises there when it must)."""
+    act = _ct.fast_act(activation, negative_slope)
+    if act is None or type(input) is not Tensor or type(groups) is not int or not B.eager_cpu(input):
+        return None
+    s, p, d = _ct.fast_pair(stride), _ct.fast_pair(padding), _ct.fast_pair(dilation)
+    if s is None or p is None or d is None:
+        return None
+    try:
+        return B.extension().conv2d_act_eager(input, weight, bias, s, p, d, groups, act,
+                                              float(negative_slope))
+    except (TypeError, OverflowError):  # see conv_transpose2d_fast
+        return None
+
+
+def linear_fast(input, weight, bias, activation, negative_slope) -> Optional[Tensor]:
+    """The common eager CPU call ((*, in_features) float32 / float64 input matching the weight, a
+    known activation, autocast off, the cpu backend by "auto" or pin, not traced) straight to the
+    C++ entry genfast._C.linear_act_eager: genfast::linear_act when the call records a backward,
+    else torch's linear and activation in place. None for every other call, which takes the
+    checked path (and raises there when it must)."""
+    act = _ct.fast_act(activation, negative_slope)
+    if act is None or type(input) is not Tensor or not B.eager_cpu(input):
+        return None
+    try:
+        return B.extension().linear_act_eager(input, weight, bias, act, float(negative_slope))
+    except (TypeError, OverflowError):  # see conv_transpose2d_fast
+        return None
+
+
 def conv2d_act(input, weight, bias, stride, padding, dilation, groups, activation,
                negative_slope):
     """The checked entry point of act(conv2d(input, weight) + bias): argument checks, "same"

@@ -419,6 +419,55 @@ if HAS_CPP_OPS:
     _CT_ACT = torch.ops.genfast.conv_transpose2d_act.default
 
 
+# --- the gates of the eager CPU entries (genfast._C.*_eager, csrc/eager_entries.cpp) ---------
+
+_FAST_ACTS: dict = {None: 0, **B.ACTIVATIONS}
+
+
+def fast_act(activation, negative_slope) -> Optional[int]:
+    """The activation code a C++ eager entry takes, or None where the checked path must run: an
+    activation other than None or one of the known names, a slope of a type other than float / int
+    (0-dim tensors and numpy numbers, which torch also takes, go the checked way), a negative
+    leaky_relu slope (the checked path raises)."""
+    if (activation is not None and type(activation) is not str) or type(negative_slope) not in (float, int):
+        return None
+    act = _FAST_ACTS.get(activation)
+    return None if act == 2 and not negative_slope >= 0 else act
+
+
+def fast_pair(value):
+    """An int or a 2-tuple / list of ints as a pair, else None (bools, which torch's products
+    refuse with TypeError and the C++ argument would take as 1, and other types go the checked
+    way)."""
+    t = type(value)
+    if t is int:
+        return (value, value)
+    if (t is tuple or t is list) and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        return value
+    return None
+
+
+def conv_transpose2d_fast(input, weight, bias, stride, padding, output_padding, groups, dilation,
+                          activation, negative_slope) -> Optional[Tensor]:
+    """The common eager CPU call (batched float32 / float64 tensors, int geometry, a known
+    activation, autocast off, the cpu backend by "auto" or pin, not traced) straight to
+    genfast::conv_transpose2d_act through genfast._C.conv_transpose2d_act_eager; None for every
+    other call, which takes the checked path (and raises there when it must)."""
+    act = fast_act(activation, negative_slope)
+    if act is None or type(input) is not Tensor or type(groups) is not int or not B.eager_cpu(input):
+        return None
+    s, p, op, d = fast_pair(stride), fast_pair(padding), fast_pair(output_padding), fast_pair(dilation)
+    if s is None or p is None or op is None or d is None:
+        return None
+    try:
+        return B.extension().conv_transpose2d_act_eager(input, weight, bias, s, p, op, groups, d, act,
+                                                       float(negative_slope))
+    except (TypeError, OverflowError):
+        # an argument of a type the C++ signature does not take (pybind11 raises TypeError before
+        # the call) or an int slope beyond float's range: the checked path raises torch's exception
+        return None
+
+
 # --- checks shared by the functional and the module -------------------------------------------
 
 def _pair(value, name: str) -> tuple[int, int]:

@@ -513,29 +513,31 @@ def _needs_reference(*ts) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
-_EAGER_DTYPES = (torch.float32, torch.float64)
-
-
 def eager_gan(real, fake, kind, generator, reduction, real_label):
     """The GAN loss of the common eager CPU call (float32/float64 logits of one dtype on the CPU,
-    a known kind and reduction, a valid real_label, the cpu backend by "auto" or pin, not being
-    traced) straight through gan_loss_train; None for any other call, which then takes the
+    checked in C++; a known kind and reduction, a valid real_label, the cpu backend by "auto" or
+    pin, not being traced) straight through gan_loss_train; None for any other call, which then takes the
     checked path (and raises there when it must). The checks of discriminator_loss /
     generator_loss cost about as much Python as the op itself at DCGAN batch sizes. Under
     autocast float32/float64 logits are not cast (autocast_float32), so it needs no check here."""
     k = GAN_KINDS.get(kind) if isinstance(kind, str) else None
     red = REDUCTIONS.get(reduction) if isinstance(reduction, str) else None
-    if k is None or red is None or not isinstance(fake, Tensor) or fake.dtype not in _EAGER_DTYPES:
-        return None
-    if real is not None and not (isinstance(real, Tensor) and real.dtype == fake.dtype
-                                 and real.device == fake.device):
+    if k is None or red is None or not isinstance(fake, Tensor):
         return None
     if real_label != 1.0 and (k in (GAN_KINDS["hinge"], GAN_KINDS["wasserstein"])
                               or not math.isfinite(real_label)):
         return None
     if not (HAS_CPP_OPS and B.eager_cpu(fake) and B.cpu_losses_supported()):
         return None
-    r, f = _gan(real, fake, kind, generator, reduction, real_label, "cpu")
+    # genfast::gan_loss_train through a pybind11 entry (csrc/eager_entries.cpp): torch.ops' Python
+    # call cost as much as the loss kernel at DCGAN batch sizes
+    try:
+        out = B.extension().gan_loss_eager(real, fake, k, generator, red, float(real_label))
+    except TypeError:  # an argument the C++ signature does not take: the checked path raises
+        return None
+    if out is None:
+        return None
+    r, f = out
     if red == REDUCTIONS["none"]:
         return f if generator else (r, f)
     return r
@@ -587,6 +589,19 @@ def bce_loss(input, target, weight, pos_weight, reduction, logits):
     w = None if weight is None else torch.broadcast_to(weight, input.shape).contiguous()
     p = None if pos_weight is None else torch.broadcast_to(pos_weight, input.shape).contiguous()
     return BceLossFunction.apply(input, target, w, p, REDUCTIONS[reduction], logits, B.for_op(name))
+
+
+def reparameterize_fast(mu, logvar) -> Optional[Tensor]:
+    """The common eager CPU call (float32 / float64 CPU mu and logvar of one shape and dtype, the
+    cpu backend by "auto" or pin, not traced) through genfast._C.reparameterize_eager: the noise
+    drawn by torch.randn_like's generator and the kernel with its autograd in C++; None for every
+    other call, which takes the checked path (and raises there when it must)."""
+    if not (type(mu) is Tensor and HAS_CPP_OPS and B.eager_cpu(mu) and B.cpu_losses_supported()):
+        return None
+    try:
+        return B.extension().reparameterize_eager(mu, logvar)
+    except TypeError:  # logvar not a tensor: the checked path raises
+        return None
 
 
 def reparameterize(mu, logvar, eps):

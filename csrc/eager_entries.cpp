@@ -1,0 +1,207 @@
+// The eager CPU entries of the products, the GAN loss and the reparameterisation, called from
+// Python through pybind11 (genfast._C.*_eager; genfast/ops/conv_act.py, conv_transpose.py,
+// losses.py). Each takes the common call (float32 / float64 CPU tensors of one dtype, autocast
+// off) to the registered op through the dispatcher, whose autograd is C++
+// (conv_act_autograd.cpp, conv_transpose_autograd.cpp, loss_autograd.cpp) or, for the
+// reparameterisation, the C++ autograd function below.
+//
+// Why: a call through torch.ops (Python argument parsing against the schema, the OpOverload's
+// Python frames) plus the Python entry's checks cost 15-35 us per call on the 2-core CI CPU, as
+// much as torch's whole F.linear at batch 1 and more than a DCGAN generator loss at batch 64; a
+// pybind11 call with the checks in C++ costs a few microseconds.
+//
+// Contract: nullopt (Python None) for any call these checks do not take; the caller then runs its
+// checked Python path, which raises torch's exceptions for bad input (an error translated
+// through pybind11 would lose their types: ValueError, IndexError, NotImplementedError). A
+// c10::Error from the op itself (arguments passing these checks that torch's own product
+// refuses) is caught likewise: nothing was written by then (these ops write only their fresh
+// outputs).
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
+#include <torch/autograd.h>
+
+#include <cfloat>
+#include <cmath>
+
+#include "product_act.h"
+
+namespace genfast {
+
+// csrc/cpu/losses.cpp
+std::tuple<at::Tensor, at::Tensor> reparam_fwd_scale_cpu(const at::Tensor& mu, const at::Tensor& logvar,
+                                                         const at::Tensor& eps);
+at::Tensor reparam_bwd_scale_cpu(const at::Tensor& grad_z, const at::Tensor& eps, const at::Tensor& s);
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptT = c10::optional<at::Tensor>;
+
+bool float_cpu(const at::Tensor& t, at::ScalarType dt) {
+  return t.defined() && t.scalar_type() == dt && t.device().is_cpu() && t.layout() == at::kStrided;
+}
+
+// The argument checks every entry shares: float32 / float64 CPU input, the other tensors of its
+// dtype on the CPU, a known activation whose slope the dtype holds (torch raises for a leaky_relu
+// slope beyond float32's range with float32 input), CPU autocast off.
+bool common_ok(const at::Tensor& x, std::initializer_list<const at::Tensor*> others, const OptT& b, int64_t act,
+               double slope) {
+  if (!x.defined()) return false;
+  const auto dt = x.scalar_type();
+  if ((dt != at::kFloat && dt != at::kDouble) || !float_cpu(x, dt)) return false;
+  for (const at::Tensor* t : others)
+    if (!float_cpu(*t, dt)) return false;
+  if (b.has_value() && !float_cpu(*b, dt)) return false;
+  if (act < kIdentity || act > kSigmoid) return false;
+  if (act == kLeakyRelu && !(slope >= 0)) return false;
+  if (act == kLeakyRelu && dt == at::kFloat && std::isfinite(slope) && std::abs(slope) > FLT_MAX) return false;
+  return !at::autocast::is_autocast_enabled(at::kCPU);
+}
+
+bool pair(const std::vector<int64_t>& v) { return v.size() == 2; }
+
+// Whether an eager call records a backward. Without one, genfast::conv2d_act / linear_act's
+// forward is torch's own product and in-place activation: those calls run them directly.
+bool records_backward(const at::Tensor& x, const at::Tensor& w, const OptT& b) {
+  return at::GradMode::is_enabled() && (x.requires_grad() || w.requires_grad() || (b.has_value() && b->requires_grad()));
+}
+
+template <typename F>
+OptT guarded(F&& f) {
+  try {
+    return f();
+  } catch (const c10::Error&) {
+    return c10::nullopt;
+  }
+}
+
+// --- reparameterisation ----------------------------------------------------------------------
+
+// z = mu + eps * exp(0.5 logvar), eps = randn_like(mu) from torch's default generator (the same
+// draw as torch.randn_like in Python), z bitwise reparam_fwd's (csrc/cpu/losses.cpp). Keeps s =
+// exp(0.5 logvar) for the backward: d mu = g, d logvar = 0.5 g eps s in one pass (or ATen ops
+// when the backward must be differentiable, which keep logvar's graph through s).
+struct Reparameterize : public torch::autograd::Function<Reparameterize> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& mu, const at::Tensor& logvar) {
+    at::Tensor z, eps, s;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      eps = at::randn_like(mu, at::MemoryFormat::Preserve);
+      RECORD_FUNCTION("genfast::reparam_fwd_scale", std::vector<c10::IValue>());
+      std::tie(z, s) = reparam_fwd_scale_cpu(mu, logvar, eps);
+    }
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({logvar, eps, s});
+    return {z};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(2);
+    const at::Tensor& g = grads[0];
+    if (!g.defined()) return out;
+    if (ctx->needs_input_grad(0)) out[0] = g;
+    if (!ctx->needs_input_grad(1)) return out;
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &logvar = saved[0], &eps = saved[1], &s = saved[2];
+    if (at::GradMode::is_enabled())
+      out[1] = g * 0.5 * eps * (logvar * 0.5).exp();  // the Python formula, in its order
+    else {
+      RECORD_FUNCTION("genfast::reparam_bwd_scale", std::vector<c10::IValue>());
+      out[1] = reparam_bwd_scale_cpu(g, eps, s);
+    }
+    return out;
+  }
+};
+
+}  // namespace
+
+// genfast._C.linear_act_eager: act(x w^T + b) through genfast::linear_act (torch's linear and
+// activation in place for a call that records no backward) for (*, in_features) input whose last
+// size matches the (out, in) weight and a (out,) bias or none.
+OptT linear_act_eager(const at::Tensor& x, const at::Tensor& w, const OptT& b, int64_t act, double slope) {
+  if (!common_ok(x, {&w}, b, act, slope) || x.dim() < 1 || w.dim() != 2 || x.size(-1) != w.size(1)) return c10::nullopt;
+  if (b.has_value() && (b->dim() != 1 || b->size(0) != w.size(0))) return c10::nullopt;
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("genfast::linear_act", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptT&, int64_t, double)>();
+  return guarded([&]() -> OptT {
+    return records_backward(x, w, b) ? op.call(x, w, b, act, slope) : torch_act_(at::linear(x, w, b), act, slope);
+  });
+}
+
+// genfast._C.conv2d_act_eager: act(conv2d(x, w) + b) through genfast::conv2d_act (torch's conv2d
+// and activation in place for a call that records no backward) for a batched
+// (4-D) input and int pairs of geometry (the Python caller turns an int into a pair; "same" /
+// "valid" padding take the checked path).
+OptT conv2d_act_eager(const at::Tensor& x, const at::Tensor& w, const OptT& b, const std::vector<int64_t>& stride,
+                      const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation, int64_t groups,
+                      int64_t act, double slope) {
+  if (!common_ok(x, {&w}, b, act, slope) || x.dim() != 4 || w.dim() != 4 || !pair(stride) || !pair(padding) ||
+      !pair(dilation))
+    return c10::nullopt;
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("genfast::conv2d_act", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptT&, at::IntArrayRef,
+                                               at::IntArrayRef, at::IntArrayRef, int64_t, int64_t, double)>();
+  return guarded([&]() -> OptT {
+    return records_backward(x, w, b) ? op.call(x, w, b, stride, padding, dilation, groups, act, slope)
+                                     : torch_act_(at::conv2d(x, w, b, stride, padding, dilation, groups), act, slope);
+  });
+}
+
+// genfast._C.conv_transpose2d_act_eager: act(conv_transpose2d(x, w) + b) through
+// genfast::conv_transpose2d_act for a batched (4-D) input and int pairs of geometry.
+OptT conv_transpose2d_act_eager(const at::Tensor& x, const at::Tensor& w, const OptT& b,
+                                const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                                const std::vector<int64_t>& output_padding, int64_t groups,
+                                const std::vector<int64_t>& dilation, int64_t act, double slope) {
+  if (!common_ok(x, {&w}, b, act, slope) || x.dim() != 4 || w.dim() != 4 || !pair(stride) || !pair(padding) ||
+      !pair(output_padding) || !pair(dilation))
+    return c10::nullopt;
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("genfast::conv_transpose2d_act", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptT&, at::IntArrayRef,
+                                               at::IntArrayRef, at::IntArrayRef, int64_t, at::IntArrayRef, int64_t,
+                                               double)>();
+  return guarded([&]() -> OptT {
+    return op.call(x, w, b, stride, padding, output_padding, groups, dilation, act, slope);
+  });
+}
+
+// genfast._C.gan_loss_eager: genfast::gan_loss_train for float32 / float64 CPU logits (real of
+// fake's dtype, or none on the generator side); kind, reduction and real_label are checked by the
+// Python caller. Returns the op's pair (loss or per-element terms of real, of fake).
+c10::optional<std::tuple<at::Tensor, at::Tensor>> gan_loss_eager(const OptT& real, const at::Tensor& fake,
+                                                                 int64_t kind, bool generator, int64_t reduction,
+                                                                 double real_label) {
+  if (!fake.defined()) return c10::nullopt;
+  const auto dt = fake.scalar_type();
+  if ((dt != at::kFloat && dt != at::kDouble) || !float_cpu(fake, dt) || (real.has_value() && !float_cpu(*real, dt)))
+    return c10::nullopt;
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("genfast::gan_loss_train", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const OptT&, const at::Tensor&, int64_t, bool,
+                                                                       int64_t, double)>();
+  try {
+    return op.call(real, fake, kind, generator, reduction, real_label);
+  } catch (const c10::Error&) {
+    return c10::nullopt;
+  }
+}
+
+// genfast._C.reparameterize_eager: the reparameterisation of float32 / float64 CPU mu and logvar of
+// one shape and dtype, with its autograd in C++ (the Python autograd.Function and checks cost
+// more than the kernel below a few thousand elements).
+OptT reparameterize_eager(const at::Tensor& mu, const at::Tensor& logvar) {
+  if (!mu.defined()) return c10::nullopt;
+  const auto dt = mu.scalar_type();
+  if ((dt != at::kFloat && dt != at::kDouble) || !float_cpu(mu, dt) || !float_cpu(logvar, dt) ||
+      mu.sizes() != logvar.sizes())
+    return c10::nullopt;
+  return guarded([&]() -> OptT { return Reparameterize::apply(mu, logvar)[0]; });
+}
+
+}  // namespace genfast
