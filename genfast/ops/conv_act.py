@@ -345,16 +345,6 @@ def _check_slope_range(act: str, negative_slope: float, input) -> None:
         raise RuntimeError("value cannot be converted to type float without overflow")
 
 
-def _int_args(*values) -> bool:
-    """Whether each value is an int or a tuple/list of ints, none of them a bool (the op schema
-    would take True as 1; torch's conv2d raises TypeError)."""
-    for v in values:
-        items = v if isinstance(v, (tuple, list)) else (v,)
-        if any(isinstance(e, bool) for e in items):
-            return False
-    return True
-
-
 def _pair(value, name: str, op: str = "conv2d") -> tuple[int, int]:
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return (int(value), int(value))
@@ -533,7 +523,7 @@ def conv2d_eager(input, weight, bias, stride, padding, dilation, groups, act: st
     checks and exceptions) and activation in place."""
     _check_slope_range(act, negative_slope, input)
     if (not torch.is_autocast_enabled("cpu") and not isinstance(padding, str)
-            and _int_args(stride, padding, dilation, groups) and _needs_grad(input, weight, bias)):
+            and _ct.int_args(stride, padding, dilation, groups) and _needs_grad(input, weight, bias)):
         try:
             return _CONV_ACT(input, weight, bias, stride, padding, dilation, groups,
                              B.ACTIVATIONS[act], float(negative_slope))

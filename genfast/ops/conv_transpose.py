@@ -447,6 +447,16 @@ def fast_pair(value):
     return None
 
 
+def int_args(*values) -> bool:
+    """Whether each value is an int or a tuple/list of ints, none of them a bool (the op schema
+    would take True as 1; torch's products raise TypeError)."""
+    for v in values:
+        items = v if isinstance(v, (tuple, list)) else (v,)
+        if any(isinstance(e, bool) for e in items):
+            return False
+    return True
+
+
 def conv_transpose2d_fast(input, weight, bias, stride, padding, output_padding, groups, dilation,
                           activation, negative_slope) -> Optional[Tensor]:
     """The common eager CPU call (batched float32 / float64 tensors, int geometry, a known
@@ -597,7 +607,8 @@ def conv_transpose_eager(input, weight, bias, stride, padding, output_padding, g
     int[2] arguments take an int or a pair, as torch's do. Python checks of our own measured
     50-100 us per call on the 2-core CI CPU, so there are none here. Under CPU autocast: torch's product in the
     autocast dtype, then torch's activation in place."""
-    if not torch.is_autocast_enabled("cpu"):
+    if not torch.is_autocast_enabled("cpu") and int_args(stride, padding, output_padding, groups,
+                                                        dilation):
         try:
             return _CT_ACT(input, weight, bias, stride, padding, output_padding, groups, dilation,
                            B.ACTIVATIONS[act], float(negative_slope))
