@@ -318,7 +318,8 @@ def _fmt_variant(v: dict) -> str:
     if "frac_of_copy_bw" in v:
         s += f"  {v['GB/s']:.0f} GB/s ({100 * v['frac_of_copy_bw']:.0f}% of copy)"
     if "TFLOP/s" in v:
-        s += f"  {v['TFLOP/s']:.1f} TFLOP/s"
+        s += (f"  {v['TFLOP/s']:.1f} TFLOP/s" if v["TFLOP/s"] >= 1.0
+              else f"  {v['TFLOP/s'] * 1e3:.1f} GFLOP/s")
     if "peak_MiB" in v:
         s += f"  peak {v['peak_MiB']:.0f} MiB"
     s += f"  err {v['max_abs_err']:.1e}"

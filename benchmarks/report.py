@@ -48,7 +48,10 @@ def markdown(result: dict) -> str:
             head += [f"{g} % of copy BW" for g in gen]
         elif any("TFLOP/s" in v for r in frows for v in r["variants"].values()):
             extra = "TFLOP/s"
-            head += [f"{g} TFLOP/s" for g in gen]
+            # GFLOP/s where no case reaches 1 TFLOP/s (CPUs): 0.0 TFLOP/s says nothing
+            scale = 1e3 if max(v.get("TFLOP/s", 0.0) for r in frows
+                               for v in r["variants"].values()) < 1.0 else 1.0
+            head += [f"{g} {'GFLOP/s' if scale > 1 else 'TFLOP/s'}" for g in gen]
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "---|" * len(head))
         for r in frows:
@@ -62,7 +65,8 @@ def markdown(result: dict) -> str:
                 cells += [f"{100 * v[g]['frac_of_copy_bw']:.0f}%" if "frac_of_copy_bw" in v.get(g, {}) else ""
                           for g in gen]
             elif extra == "TFLOP/s":
-                cells += [f"{v[g]['TFLOP/s']:.1f}" if "TFLOP/s" in v.get(g, {}) else "" for g in gen]
+                cells += [f"{v[g]['TFLOP/s'] * scale:.1f}" if "TFLOP/s" in v.get(g, {}) else ""
+                          for g in gen]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
