@@ -81,9 +81,13 @@ OptT guarded(F&& f) {
 // --- reparameterisation ----------------------------------------------------------------------
 
 // z = mu + eps * exp(0.5 logvar), eps = randn_like(mu) from torch's default generator (the same
-// draw as torch.randn_like in Python), z bitwise reparam_fwd's (csrc/cpu/losses.cpp). Keeps s =
-// exp(0.5 logvar) for the backward: d mu = g, d logvar = 0.5 g eps s in one pass (or ATen ops
-// when the backward must be differentiable, which keep logvar's graph through s).
+// draw as torch.randn_like in Python), z bitwise reparam_fwd's (csrc/cpu/losses.cpp). The node
+// has a second output, s = exp(0.5 logvar), which the caller drops; the backward keeps eps and
+// s (as torch's own expression keeps exp's result, not logvar: logvar may be an inference tensor
+// or change in place before the backward, as in torch): d mu = g, d logvar = 0.5 g eps s in one
+// pass. A differentiable backward (create_graph) writes the same formula in ATen ops on s, the
+// node's own output, so the second derivative flows back through this node: d logvar of a
+// gradient w.r.t. s is 0.5 g_s s.
 struct Reparameterize : public torch::autograd::Function<Reparameterize> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& mu, const at::Tensor& logvar) {
     at::Tensor z, eps, s;
@@ -94,24 +98,31 @@ struct Reparameterize : public torch::autograd::Function<Reparameterize> {
       std::tie(z, s) = reparam_fwd_scale_cpu(mu, logvar, eps);
     }
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({logvar, eps, s});
-    return {z};
+    ctx->save_for_backward({eps, s});
+    return {z, s};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list out(2);
-    const at::Tensor& g = grads[0];
-    if (!g.defined()) return out;
-    if (ctx->needs_input_grad(0)) out[0] = g;
-    if (!ctx->needs_input_grad(1)) return out;
+    const at::Tensor &g = grads[0], &g_s = grads[1];
+    if (g.defined() && ctx->needs_input_grad(0)) out[0] = g;
+    if (!ctx->needs_input_grad(1) || (!g.defined() && !g_s.defined())) return out;
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &logvar = saved[0], &eps = saved[1], &s = saved[2];
-    if (at::GradMode::is_enabled())
-      out[1] = g * 0.5 * eps * (logvar * 0.5).exp();  // the Python formula, in its order
-    else {
-      RECORD_FUNCTION("genfast::reparam_bwd_scale", std::vector<c10::IValue>());
-      out[1] = reparam_bwd_scale_cpu(g, eps, s);
+    const at::Tensor &eps = saved[0], &s = saved[1];
+    at::Tensor d;
+    if (g.defined()) {
+      if (at::GradMode::is_enabled()) {
+        d = g * 0.5 * eps * s;  // the Python formula, in its order
+      } else {
+        RECORD_FUNCTION("genfast::reparam_bwd_scale", std::vector<c10::IValue>());
+        d = reparam_bwd_scale_cpu(g, eps, s);
+      }
     }
+    if (g_s.defined()) {
+      const at::Tensor d_s = g_s * 0.5 * s;
+      d = d.defined() ? d + d_s : d_s;
+    }
+    out[1] = d;
     return out;
   }
 };

@@ -309,3 +309,126 @@ def test_numpy_and_tensor_numbers_run_the_checked_path_with_torchs_result():
     y = GF.conv2d(x, w, b, np.int64(2), (np.int64(1), 1), activation="leaky_relu",
                   negative_slope=torch.tensor(SLOPE, dtype=D))
     _same_grads(y, F.leaky_relu(F.conv2d(x, w, b, 2, 1), SLOPE), (x, w, b), TOL[D])
+
+
+# --- what the gates leave to the checked path (bad-input hunt of the entries) -------------------
+
+class _Sub(torch.Tensor):
+    pass
+
+
+SUBCLASS_CALLS = {
+    "linear_weight": lambda t, s: GF.linear(t(3, 4), s(t(2, 4))),
+    "linear_bias": lambda t, s: GF.linear(t(3, 4), t(2, 4), s(t(2)), activation="relu"),
+    "conv2d_weight": lambda t, s: GF.conv2d(t(1, 2, 5, 5), s(t(3, 2, 3, 3)), activation="tanh"),
+    "conv_transpose2d_weight": lambda t, s: GF.conv_transpose2d(t(1, 2, 3, 3), s(t(2, 3, 3, 3)), stride=2),
+    "generator_loss": lambda t, s: GF.generator_loss(s(t(6, 1)), "hinge"),
+    "discriminator_loss_real": lambda t, s: GF.discriminator_loss(s(t(6, 1)), t(6, 1)),
+    "reparameterize_logvar": lambda t, s: GF.reparameterize(t(3, 4), s(t(3, 4))),
+    "batch_norm_act_weight": lambda t, s: GF.batch_norm_act(t(4, 3), None, None, s(t(3)), None, True, 0.1, 1e-5),
+}
+
+
+@pytest.mark.parametrize("name", list(SUBCLASS_CALLS))
+def test_tensor_subclass_arguments_keep_torch_function(name):
+    """A tensor subclass in any argument (not only the input) takes the checked path, whose torch
+    calls dispatch its __torch_function__: the result is the subclass, as torch's would be."""
+    def t(*shape):
+        return torch.randn(*shape, dtype=D)
+
+    def sub(x):
+        return x.as_subclass(_Sub)
+
+    assert type(SUBCLASS_CALLS[name](t, sub)) is _Sub
+
+
+@pytest.mark.parametrize("name", list(SUBCLASS_CALLS))
+def test_torch_function_mode_sees_the_call(name):
+    """Under an active TorchFunctionMode the entries step aside: the mode sees the product or op
+    (not only attribute reads of the checks)."""
+    from torch.overrides import TorchFunctionMode
+
+    class Record(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.names.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    def t(*shape):
+        return torch.randn(*shape, dtype=D)
+
+    with Record() as rec:
+        SUBCLASS_CALLS[name](t, lambda x: x)  # plain tensors: only the mode is there
+    assert set(rec.names) - {"__get__", "is_floating_point", "dim", "randn"}, rec.names
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("call", ["linear", "conv2d", "conv_transpose2d", "batch_norm_act"])
+def test_int_slope_beyond_int64_raises_overflow_error_like_torch(call, grad):
+    x = torch.randn(2, 3, 4, 4)
+    w = torch.randn(3, 3, 3, 3, requires_grad=grad)
+    fns = {"linear": lambda s: GF.linear(x.flatten(1)[:, :3], w[0, 0], activation="leaky_relu", negative_slope=s),
+           "conv2d": lambda s: GF.conv2d(x, w, activation="leaky_relu", negative_slope=s),
+           "conv_transpose2d": lambda s: GF.conv_transpose2d(x, w, activation="leaky_relu", negative_slope=s),
+           "batch_norm_act": lambda s: GF.batch_norm_act(x, None, None, w[0, 0, 0], None, True, 0.1, 1e-5,
+                                                         negative_slope=s)}
+    for slope in (1 << 64, -(1 << 63) - 1, 10 ** 40):
+        _raises_like(lambda: fns[call](slope), lambda: F.leaky_relu(x, slope))
+    y = fns[call](1 << 62)  # an int torch converts: taken, as torch takes it
+    assert y.shape[0] == 2
+
+
+def test_reparameterize_logvar_from_inference_mode():
+    """logvar made under inference_mode with mu requiring grad: torch's expression works (it keeps
+    exp's result, not logvar), and so does the entry, with one noise draw."""
+    with torch.inference_mode():
+        lv = torch.randn(4, 3, dtype=D)
+    mu = torch.randn(4, 3, dtype=D, requires_grad=True)
+    torch.manual_seed(4)
+    z = GF.reparameterize(mu, lv)
+    after = torch.get_rng_state()
+    torch.manual_seed(4)
+    want = mu + torch.randn_like(mu) * torch.exp(0.5 * lv)
+    assert torch.equal(torch.get_rng_state(), after)
+    assert torch.equal(z, want)
+    gz = torch.randn_like(z)
+    (g,) = torch.autograd.grad(z, mu, gz)
+    assert torch.equal(g, gz)
+
+
+def test_reparameterize_logvar_changed_in_place_before_backward():
+    """An optimizer step on logvar between forward and backward: torch's expression gives the
+    gradient at the forward's values; so does the entry (it keeps exp(0.5 logvar), not logvar)."""
+    mu, lv = _rand(4, 3), _rand(4, 3)
+    torch.manual_seed(6)
+    z = GF.reparameterize(mu, lv)
+    torch.manual_seed(6)
+    want = mu + torch.randn_like(mu) * torch.exp(0.5 * lv)
+    with torch.no_grad():
+        lv.add_(1.0)
+    gz = torch.randn_like(z)
+    for a, b in zip(torch.autograd.grad(z, (mu, lv), gz), torch.autograd.grad(want, (mu, lv), gz)):
+        torch.testing.assert_close(a, b, rtol=1e-15, atol=0.0)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "mixed"])
+def test_reparameterize_keeps_torchs_layout(layout):
+    """z's strides are those of torch's expression where mu and logvar share a layout (channels_last,
+    transposed); a mix of layouts gives the same values (contiguous z)."""
+    mu, lv = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    if layout == "channels_last":
+        mu, lv = mu.to(memory_format=torch.channels_last), lv.to(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        mu, lv = mu.transpose(1, 3), lv.transpose(1, 3)
+    else:
+        mu = mu.to(memory_format=torch.channels_last)
+    torch.manual_seed(8)
+    z = GF.reparameterize(mu, lv)
+    torch.manual_seed(8)
+    want = mu + torch.randn_like(mu) * torch.exp(0.5 * lv)
+    assert torch.equal(z, want)
+    if layout != "mixed":
+        assert z.stride() == want.stride()

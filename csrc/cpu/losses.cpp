@@ -624,9 +624,17 @@ std::tuple<at::Tensor, at::Tensor> bce_loss_fwd_cpu(const at::Tensor& input_, co
 // then one pass computes mu + eps * s with torch's roundings (csrc/common/reparam.h, compiled for
 // the baseline ISA: no FMA contraction).
 // z = mu + eps * s, s = exp(0.5 logvar) already computed (by torch's mul and exp), one pass.
-at::Tensor reparam_combine_cpu(const at::Tensor& mu_, const at::Tensor& eps_, const at::Tensor& s) {
-  const at::Tensor mu = mu_.contiguous(), eps = eps_.contiguous(), sc = s.contiguous();
-  at::Tensor z = at::empty(mu.sizes(), mu.options());
+// With keep_layout (the eager entry), z takes mu's layout when eps and s share it (e.g.
+// channels_last), as torch's expression's result does; otherwise (and for the registered op,
+// whose fake kernel is contiguous) z is contiguous.
+at::Tensor reparam_combine_cpu(const at::Tensor& mu_, const at::Tensor& eps_, const at::Tensor& s,
+                               bool keep_layout) {
+  const bool same = keep_layout && mu_.is_non_overlapping_and_dense() && eps_.strides() == mu_.strides() &&
+                    s.strides() == mu_.strides();
+  const at::Tensor mu = same ? mu_ : mu_.contiguous(), eps = same ? eps_ : eps_.contiguous(),
+                   sc = same ? s : s.contiguous();
+  // (dense tensors of equal strides: element i of each, in memory order, is the same index)
+  at::Tensor z = same ? at::empty_like(mu) : at::empty(mu.sizes(), mu.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "reparam_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t *m = mu.data_ptr<scalar_t>(), *e = eps.data_ptr<scalar_t>(), *sp = sc.data_ptr<scalar_t>();
@@ -649,7 +657,7 @@ at::Tensor reparam_fwd_cpu(const at::Tensor& mu_, const at::Tensor& logvar_, con
   check_reparam_args(mu_, logvar_, eps_);
   at::Tensor s = at::mul(logvar_, 0.5);
   s.exp_();
-  return reparam_combine_cpu(mu_, eps_, s);
+  return reparam_combine_cpu(mu_, eps_, s, false);
 }
 
 // d logvar = 0.5 * grad_z * eps * exp(0.5 logvar) (one pass); d mu is grad_z itself.
@@ -684,7 +692,7 @@ std::tuple<at::Tensor, at::Tensor> reparam_fwd_scale_cpu(const at::Tensor& mu, c
   check_reparam_args(mu, logvar, eps);
   at::Tensor s = at::mul(logvar, 0.5);
   s.exp_();
-  return {reparam_combine_cpu(mu, eps, s), s};
+  return {reparam_combine_cpu(mu, eps, s, true), s};
 }
 
 at::Tensor reparam_bwd_scale_cpu(const at::Tensor& grad_z_, const at::Tensor& eps_, const at::Tensor& s_) {

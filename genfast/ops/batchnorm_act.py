@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from genfast import backend as B
+from genfast.ops import conv_transpose as _ct
 from genfast.reference import batchnorm_act as ref
 
 FAMILY = "batchnorm_act"
@@ -205,6 +206,8 @@ def check_activation(activation: str, negative_slope: float, memory_efficient: b
     if activation not in ("leaky_relu", "relu", "identity"):
         raise ValueError(
             f"activation must be 'leaky_relu', 'relu' or 'identity', got {activation!r}")
+    if activation == "leaky_relu":
+        _ct.check_int_slope(negative_slope)
     if memory_efficient:
         if activation == "relu" or (activation == "leaky_relu" and not negative_slope > 0):
             raise ValueError(
@@ -270,8 +273,11 @@ def eager_fast(input, running_mean, running_var, weight, bias, training, momentu
     act = _FAST_ACTS.get(activation) if type(activation) is str else None
     if (act is None or memory_efficient or type(input) is not Tensor or type(training) is not bool
             or type(momentum) not in _NUMBERS or type(eps) not in _NUMBERS
-            or type(negative_slope) not in _NUMBERS or not B.eager_cpu(input)):
+            or type(negative_slope) not in _NUMBERS or not B.eager_cpu(input)
+            or torch._C._has_torch_function((running_mean, running_var, weight, bias))):
         return None
+    if type(negative_slope) is int and not -(1 << 63) <= negative_slope < (1 << 63):
+        return None  # the checked path raises torch's OverflowError (conv_transpose.check_int_slope)
     try:
         return B.extension().batch_norm_act_eager(input, running_mean, running_var, weight, bias,
                                                   training, float(momentum), float(eps), act,

@@ -329,6 +329,8 @@ def check_activation(activation: Optional[str], negative_slope: float) -> str:
     act = "identity" if activation is None else activation
     if act not in ACTIVATIONS:
         raise ValueError(f"activation must be None or one of {ACTIVATIONS}, got {activation!r}")
+    if act == "leaky_relu":
+        _ct.check_int_slope(negative_slope)
     if act == "leaky_relu" and not negative_slope >= 0:
         raise ValueError(
             "negative_slope must be >= 0 for a fused activation (the backward recovers f'(z) "
@@ -556,7 +558,8 @@ def conv2d_fast(input, weight, bias, stride, padding, dilation, groups, activati
     torch's conv2d and activation in place. None for every other call, which takes the checked path
     (and raises there when it must)."""
     act = _ct.fast_act(activation, negative_slope)
-    if act is None or type(input) is not Tensor or type(groups) is not int or not B.eager_cpu(input):
+    if (act is None or type(input) is not Tensor or type(groups) is not int or not B.eager_cpu(input)
+            or torch._C._has_torch_function((weight, bias))):
         return None
     s, p, d = _ct.fast_pair(stride), _ct.fast_pair(padding), _ct.fast_pair(dilation)
     if s is None or p is None or d is None:
@@ -575,7 +578,8 @@ def linear_fast(input, weight, bias, activation, negative_slope) -> Optional[Ten
     else torch's linear and activation in place. None for every other call, which takes the
     checked path (and raises there when it must)."""
     act = _ct.fast_act(activation, negative_slope)
-    if act is None or type(input) is not Tensor or not B.eager_cpu(input):
+    if (act is None or type(input) is not Tensor or not B.eager_cpu(input)
+            or torch._C._has_torch_function((weight, bias))):
         return None
     try:
         return B.extension().linear_act_eager(input, weight, bias, act, float(negative_slope))

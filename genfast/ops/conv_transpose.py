@@ -431,6 +431,8 @@ def fast_act(activation, negative_slope) -> Optional[int]:
     leaky_relu slope (the checked path raises)."""
     if (activation is not None and type(activation) is not str) or type(negative_slope) not in (float, int):
         return None
+    if type(negative_slope) is int and not -(1 << 63) <= negative_slope < (1 << 63):
+        return None  # the checked path raises torch's OverflowError for leaky_relu (check_int_slope)
     act = _FAST_ACTS.get(activation)
     return None if act == 2 and not negative_slope >= 0 else act
 
@@ -464,7 +466,8 @@ def conv_transpose2d_fast(input, weight, bias, stride, padding, output_padding, 
     genfast::conv_transpose2d_act through genfast._C.conv_transpose2d_act_eager; None for every
     other call, which takes the checked path (and raises there when it must)."""
     act = fast_act(activation, negative_slope)
-    if act is None or type(input) is not Tensor or type(groups) is not int or not B.eager_cpu(input):
+    if (act is None or type(input) is not Tensor or type(groups) is not int or not B.eager_cpu(input)
+            or torch._C._has_torch_function((weight, bias))):
         return None
     s, p, op, d = fast_pair(stride), fast_pair(padding), fast_pair(output_padding), fast_pair(dilation)
     if s is None or p is None or op is None or d is None:
@@ -497,10 +500,20 @@ def _pair(value, name: str) -> tuple[int, int]:
     raise TypeError(f"conv_transpose2d(): argument '{name}' must be tuple of ints, not {type(value).__name__}")
 
 
+def check_int_slope(negative_slope) -> None:
+    """torch's OverflowError for a leaky_relu slope given as an int that its argument parser cannot
+    convert (outside [-2**63, 2**64)); float(slope) would take it."""
+    if (type(negative_slope) is int
+            and not -(1 << 63) <= negative_slope < (1 << 64)):  # noqa: E721 - bools are not ints here
+        raise OverflowError("int too big to convert")
+
+
 def check_activation(activation: Optional[str], negative_slope: float) -> str:
     act = "identity" if activation is None else activation
     if act not in ACTIVATIONS:
         raise ValueError(f"activation must be None or one of {ACTIVATIONS}, got {activation!r}")
+    if act == "leaky_relu":
+        check_int_slope(negative_slope)
     if act == "leaky_relu" and not negative_slope >= 0:
         raise ValueError(
             "negative_slope must be >= 0 for the fused conv_transpose2d activation (the backward "

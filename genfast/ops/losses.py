@@ -522,7 +522,8 @@ def eager_gan(real, fake, kind, generator, reduction, real_label):
     autocast float32/float64 logits are not cast (autocast_float32), so it needs no check here."""
     k = GAN_KINDS.get(kind) if isinstance(kind, str) else None
     red = REDUCTIONS.get(reduction) if isinstance(reduction, str) else None
-    if k is None or red is None or not isinstance(fake, Tensor):
+    if (k is None or red is None or type(fake) is not Tensor
+            or torch._C._has_torch_function((real, fake))):
         return None
     if real_label != 1.0 and (k in (GAN_KINDS["hinge"], GAN_KINDS["wasserstein"])
                               or not math.isfinite(real_label)):
@@ -596,7 +597,8 @@ def reparameterize_fast(mu, logvar) -> Optional[Tensor]:
     cpu backend by "auto" or pin, not traced) through genfast._C.reparameterize_eager: the noise
     drawn by torch.randn_like's generator and the kernel with its autograd in C++; None for every
     other call, which takes the checked path (and raises there when it must)."""
-    if not (type(mu) is Tensor and HAS_CPP_OPS and B.eager_cpu(mu) and B.cpu_losses_supported()):
+    if not (type(mu) is Tensor and HAS_CPP_OPS and B.eager_cpu(mu) and B.cpu_losses_supported()) \
+            or torch._C._has_torch_function((mu, logvar)):
         return None
     try:
         return B.extension().reparameterize_eager(mu, logvar)
