@@ -259,10 +259,17 @@ def test_float32_error_at_large_mean_offset_reaches_torch(backend_name, channels
 
 # --- strided and expanded running statistics --------------------------------------------------------
 
-@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
-@pytest.mark.parametrize("kind", ["every_other", "expanded", "expanded_whole_storage"])
+# (overlapping buffers on the fused backends only: the reference backend updates one whole buffer
+# after the other with torch's composite ops, not channel by channel)
+@pytest.mark.parametrize("backend_name,kind", [
+    (b, k) for b in CPU_BACKENDS for k in ["every_other", "expanded", "expanded_whole_storage", "overlapping"]
+    if not (b == "reference" and k == "overlapping")])
 def test_strided_running_stats_written_through_the_view(backend_name, kind):
     def bufs():
+        if kind == "overlapping":
+            # contiguous, but running_var starts inside running_mean: channel order matters
+            base = torch.arange(4.0) + 1
+            return (base, base), base[0:3], base[1:4]
         if kind == "every_other":
             base_m, base_v = torch.arange(6.0) * 100, torch.arange(6.0) + 1
             return (base_m, base_v), base_m[::2], base_v[::2]
@@ -290,6 +297,26 @@ def test_strided_running_stats_written_through_the_view(backend_name, kind):
     # The whole base storage, so that a write outside the view would show.
     torch.testing.assert_close(gm, tm)
     torch.testing.assert_close(gv, tv)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 4096), (1, 3, 7), (5, 300, 2, 3)])
+def test_running_stats_of_wide_short_batches(shape, dtype):
+    """The vectorised per-channel finish (contiguous, separate running buffers): running mean and
+    unbiased variance, saved statistics and output as torch's, on a BatchNorm1d of 4096 channels
+    and 2 rows, a single row of short channels and a 4-D batch."""
+    x = torch.randn(*shape, dtype=dtype) * 3 + 2
+    C = shape[1]
+    rm, rv = torch.randn(C, dtype=dtype), torch.rand(C, dtype=dtype) + 0.5
+    rm_t, rv_t = rm.clone(), rv.clone()
+    w, b = torch.randn(C, dtype=dtype), torch.randn(C, dtype=dtype)
+    with backend("cpu"):
+        y = GF.batch_norm_act(x, rm, rv, w, b, True, 0.3, 1e-5, negative_slope=0.2)
+    y_t = F.leaky_relu(F.batch_norm(x, rm_t, rv_t, w, b, True, 0.3, 1e-5), 0.2)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(rm, rm_t, **tol)
+    torch.testing.assert_close(rv, rv_t, **tol)
+    torch.testing.assert_close(y, y_t, **(tol if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)))
 
 
 # --- nothing is written before every check has passed ------------------------------------------

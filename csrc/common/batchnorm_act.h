@@ -70,6 +70,10 @@ struct SumPartial {
 template <typename red_t>
 GENFAST_HOST_DEVICE Welford<red_t, int64_t> merge_sum_partials(const SumPartial<red_t>* p, int64_t n,
                                                                int64_t stride) {
+  // One non-empty partial with a finite sum: its M2 as it is (mean_b - mean is exactly 0; the
+  // general loop's second division per channel was most of a wide, short batch's merge)
+  if (n == 1 && p[0].count > 0 && p[0].sum - p[0].sum == red_t(0))  // (is_finite_value, below)
+    return Welford<red_t, int64_t>{p[0].count, p[0].sum / red_t(p[0].count), p[0].m2};
   int64_t count = 0;
   red_t sum = red_t(0);
   for (int64_t i = 0; i < n; ++i) {

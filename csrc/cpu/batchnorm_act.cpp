@@ -418,6 +418,69 @@ struct ParamAccess {
   }
 };
 
+// The training forward's per-channel finish (finish_stats: batch mean and invstd, running buffers
+// updated in place) as branch-free loops over arrays, which the compiler vectorises, for the
+// common case: running buffers both given or both absent, each (C,) with stride 1 in float32 or
+// float64 and not overlapping the other. Every channel has the same count (the batch's N * L).
+// A scalar loop over the Welford structs through strided accessors (the general path below) cost
+// 20 ns per channel on the CI CPU: a (2, 4096) BatchNorm1d took 0.56x torch's forward time.
+// Returns false (nothing written) where the general path must run. Same formulas, same order of
+// operations as finish_stats, in red_t, rounded to the buffers' dtype.
+template <typename param_t>
+void update_running(param_t* p, const std::vector<red_t>& v, int64_t C, red_t momentum) {
+  const red_t keep = red_t(1) - momentum;
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) p[c] = static_cast<param_t>(keep * static_cast<red_t>(p[c]) + momentum * v[c]);
+}
+
+bool running_buffer_ok(const c10::optional<at::Tensor>& t, int64_t C) {
+  return t->dim() == 1 && t->size(0) == C && (t->stride(0) == 1 || C == 1) &&
+         (t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble);
+}
+
+template <typename acc_t>
+bool finish_stats_vectorised(const std::vector<Welford<red_t, int64_t>>& st, double eps, double momentum,
+                             const c10::optional<at::Tensor>& running_mean,
+                             const c10::optional<at::Tensor>& running_var, bool have_rm, bool have_rv,
+                             std::vector<acc_t>& mean, std::vector<acc_t>& invstd) {
+  const int64_t C = static_cast<int64_t>(st.size());
+  if (C == 0 || have_rm != have_rv) return false;
+  const int64_t n = st[0].count;
+  if (n <= 0) return false;
+  for (int64_t c = 1; c < C; ++c)
+    if (st[c].count != n) return false;
+  if (have_rm) {
+    if (!running_buffer_ok(running_mean, C) || !running_buffer_ok(running_var, C)) return false;
+    const char *a = static_cast<const char*>(running_mean->data_ptr()), *b = static_cast<const char*>(running_var->data_ptr());
+    const int64_t na = C * running_mean->element_size(), nb = C * running_var->element_size();
+    if (a < b + nb && b < a + na) return false;  // overlapping buffers: the general path's channel order
+  }
+  std::vector<red_t> mu(C), m2(C);
+  for (int64_t c = 0; c < C; ++c) {
+    mu[c] = st[c].mean;
+    m2[c] = st[c].m2;
+  }
+  const red_t nd = static_cast<red_t>(n), e = static_cast<red_t>(eps);
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const red_t var = m2[c] / nd;
+    mean[c] = static_cast<acc_t>(mu[c]);
+    invstd[c] = static_cast<acc_t>(red_t(1) / std::sqrt(var + e));
+  }
+  if (!have_rm) return true;
+  const red_t mom = static_cast<red_t>(momentum);
+  // unbiased variance into running_var (the biased one for a single value), as finish_stats
+  std::vector<red_t> unbiased(C);
+  const red_t nu = n > 1 ? static_cast<red_t>(n - 1) : nd;
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) unbiased[c] = m2[c] / nu;
+  if (running_mean->scalar_type() == at::kDouble) update_running(running_mean->data_ptr<double>(), mu, C, mom);
+  else update_running(running_mean->data_ptr<float>(), mu, C, mom);
+  if (running_var->scalar_type() == at::kDouble) update_running(running_var->data_ptr<double>(), unbiased, C, mom);
+  else update_running(running_var->data_ptr<float>(), unbiased, C, mom);
+  return true;
+}
+
 void check_common(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                   const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(input.dim() >= 2, "batch_norm_act: input must have at least 2 dims (N, C, *), got ",
@@ -465,6 +528,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cpu(
     const scalar_t* x = input.data_ptr<scalar_t>();
     if (training) {
       const std::vector<Welford<red_t, int64_t>> st = channel_stats<scalar_t>(x, v);
+      if (!finish_stats_vectorised<acc_t>(st, eps, momentum, running_mean, running_var, have_rm, have_rv, mean,
+                                          invstd)) {
       // The running buffers are read and written here, after every check has passed, channel
       // after channel through their views: an expanded (stride-0) buffer compounds the updates
       // in channel order, as torch's CPU kernel leaves it when it runs on one thread.
@@ -480,6 +545,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cpu(
         if (have_rv) rva.set(c, rvc);
         mean[c] = static_cast<acc_t>(m);
         invstd[c] = static_cast<acc_t>(is);
+      }
       }
     } else {
       std::vector<acc_t> rm, rv;
