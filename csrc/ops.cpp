@@ -155,17 +155,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "channels): 'auto' (CPUs with AVX-512, the kind where it measured faster than "
         "ATen's product), 'always' or 'never'");
   m.def("cpu_row_gemm", &genfast::cpu_row_gemm, "The mode set_cpu_row_gemm set ('auto' at start)");
-  m.def("batch_norm_act_eager", &genfast::batch_norm_act_eager,
+  m.def("batch_norm_act_eager", &genfast::batch_norm_act_eager, py::call_guard<py::gil_scoped_release>(),
         "The eager CPU BatchNorm + activation call (genfast::batch_norm_act_train) when its arguments "
         "take it (see csrc/batchnorm_autograd.cpp), else None");
   // The eager CPU entries of the products, the GAN loss and the reparameterisation
   // (csrc/eager_entries.cpp): the op's result, or None where the checked Python path must run.
-  m.def("linear_act_eager", &genfast::linear_act_eager, "genfast::linear_act's eager CPU call, or None");
-  m.def("conv2d_act_eager", &genfast::conv2d_act_eager, "genfast::conv2d_act's eager CPU call, or None");
-  m.def("conv_transpose2d_act_eager", &genfast::conv_transpose2d_act_eager,
+  // Each runs without the GIL once its arguments are converted, as torch's own operator bindings
+  // do (other Python threads run meanwhile; a Python kernel or mode reached through the
+  // dispatcher takes the GIL itself).
+  m.def("linear_act_eager", &genfast::linear_act_eager, py::call_guard<py::gil_scoped_release>(), "genfast::linear_act's eager CPU call, or None");
+  m.def("conv2d_act_eager", &genfast::conv2d_act_eager, py::call_guard<py::gil_scoped_release>(), "genfast::conv2d_act's eager CPU call, or None");
+  m.def("conv_transpose2d_act_eager", &genfast::conv_transpose2d_act_eager, py::call_guard<py::gil_scoped_release>(),
         "genfast::conv_transpose2d_act's eager CPU call, or None");
-  m.def("gan_loss_eager", &genfast::gan_loss_eager, "genfast::gan_loss_train's eager CPU call, or None");
-  m.def("reparameterize_eager", &genfast::reparameterize_eager,
+  m.def("gan_loss_eager", &genfast::gan_loss_eager, py::call_guard<py::gil_scoped_release>(), "genfast::gan_loss_train's eager CPU call, or None");
+  m.def("reparameterize_eager", &genfast::reparameterize_eager, py::call_guard<py::gil_scoped_release>(),
         "The eager CPU reparameterisation (noise from torch's generator, C++ autograd), or None");
   m.def("cpu_row_gemm_active", &genfast::cpu_row_gemm_active,
         "Whether the row layout of the GEMM form runs now (the mode applied to this CPU)");

@@ -432,3 +432,30 @@ def test_reparameterize_keeps_torchs_layout(layout):
     assert torch.equal(z, want)
     if layout != "mixed":
         assert z.stride() == want.stride()
+
+
+def test_entries_under_a_torch_dispatch_mode():
+    """The entries run without the GIL; a Python dispatch mode (not a __torch_function__ one, so
+    the entries do run) is reached through the dispatcher, which takes the GIL for it: the mode
+    sees the entries' ATen ops and the results are torch's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, w, b = _rand(4, 6), _rand(3, 6), _rand(3)
+    xc, wc = _rand(2, 3, 6, 6), _rand(3, 4, 4, 4)
+    with Record() as rec:
+        y = GF.linear(x, w, b, activation="tanh")
+        yc = GF.conv_transpose2d(xc, wc, None, 2, 1, activation="relu")
+        loss = GF.generator_loss(y[:, :1], "bce")
+    assert any("addmm" in o for o in rec.ops), rec.ops
+    torch.testing.assert_close(y, torch.tanh(F.linear(x, w, b)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(yc, F.relu(F.conv_transpose2d(xc, wc, None, 2, 1)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(loss, F.softplus(-y[:, :1]).mean(), rtol=1e-12, atol=1e-12)
