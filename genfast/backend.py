@@ -13,6 +13,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as _fwad
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 
@@ -295,6 +296,23 @@ def eager_cpu(input: object) -> bool:
     if not isinstance(input, torch.Tensor) or not input.is_cpu:
         return False
     return get_backend() in ("auto", "cpu") and has_cpu_ext() and not torch.compiler.is_compiling()
+
+
+def composite_only(*ts: object) -> bool:
+    """Whether forward-mode AD (a dual tensor among ``ts``) or a functorch transform
+    (torch.func.grad / vjp / jvp / vmap: wrapped tensors) is in play. genfast's loss,
+    reparameterisation and BatchNorm nodes (C++ and Python autograd Functions) have no jvp and no
+    functorch rule, so those calls run the reference formulas (torch ops), which have both, as
+    torch's own expressions do. False while torch.compile traces (it handles both itself, and
+    cannot trace these checks)."""
+    if torch.compiler.is_compiling():
+        return False
+    for t in ts:
+        if isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return True
+    if _fwad._current_level >= 0:
+        return any(isinstance(t, torch.Tensor) and _fwad.unpack_dual(t).tangent is not None for t in ts)
+    return False
 
 
 def for_op(name: str) -> str:

@@ -274,7 +274,8 @@ def eager_fast(input, running_mean, running_var, weight, bias, training, momentu
     if (act is None or memory_efficient or type(input) is not Tensor or type(training) is not bool
             or type(momentum) not in _NUMBERS or type(eps) not in _NUMBERS
             or type(negative_slope) not in _NUMBERS or not B.eager_cpu(input)
-            or torch._C._has_torch_function((running_mean, running_var, weight, bias))):
+            or torch._C._has_torch_function((running_mean, running_var, weight, bias))
+            or B.composite_only(input, weight, bias)):
         return None
     if type(negative_slope) is int and not -(1 << 63) <= negative_slope < (1 << 63):
         return None  # the checked path raises torch's OverflowError (conv_transpose.check_int_slope)
@@ -307,6 +308,8 @@ def run_resolved(name, input, running_mean, running_var, weight, bias, training,
                  activation, negative_slope, memory_efficient):
     """batch_norm_act on backend ``name`` (from resolve_backend), inputs already checked."""
     gamma_floor = GAMMA_FLOOR if memory_efficient else 0.0
+    if name != "reference" and B.composite_only(input, weight, bias):
+        name = "reference"  # forward AD / torch.func: the fused ops' nodes have no rule for them
     if name == "reference":
         return ref.batch_norm_act(input, running_mean, running_var, weight, bias, training,
                                   momentum, eps, activation, negative_slope, gamma_floor)

@@ -503,9 +503,14 @@ def check_vae(recon, target, mu, logvar, recon_loss, reduction) -> None:
 
 # --- entry points used by genfast.functional -----------------------------------------------------
 
-def _backend(device: torch.device) -> str:
+_composite = B.composite_only
+
+
+def _backend(device: torch.device, *ts) -> str:
     # Meta tensors carry no data: the reference formulas give torch's output shapes and dtypes.
-    return "reference" if device.type == "meta" else B.resolve(FAMILY, device)
+    if device.type == "meta" or _composite(*ts):
+        return "reference"
+    return B.resolve(FAMILY, device)
 
 
 def _needs_reference(*ts) -> bool:
@@ -523,7 +528,7 @@ def eager_gan(real, fake, kind, generator, reduction, real_label):
     k = GAN_KINDS.get(kind) if isinstance(kind, str) else None
     red = REDUCTIONS.get(reduction) if isinstance(reduction, str) else None
     if (k is None or red is None or type(fake) is not Tensor
-            or torch._C._has_torch_function((real, fake))):
+            or torch._C._has_torch_function((real, fake)) or _composite(real, fake)):
         return None
     if real_label != 1.0 and (k in (GAN_KINDS["hinge"], GAN_KINDS["wasserstein"])
                               or not math.isfinite(real_label)):
@@ -554,7 +559,7 @@ def _gan(real, fake, kind, generator, reduction, real_label, name):
 
 
 def discriminator_loss(real, fake, kind, reduction, real_label):
-    name = _backend(fake.device)
+    name = _backend(fake.device, real, fake)
     if name == "reference":
         return ref.discriminator_loss(real, fake, kind, reduction, real_label)
     r, f = _gan(real, fake, kind, False, reduction, real_label, name)
@@ -562,7 +567,7 @@ def discriminator_loss(real, fake, kind, reduction, real_label):
 
 
 def generator_loss(fake, kind, reduction):
-    name = _backend(fake.device)
+    name = _backend(fake.device, fake)
     if name == "reference":
         return ref.generator_loss(fake, kind, reduction)
     r, f = _gan(None, fake, kind, True, reduction, 1.0, name)
@@ -571,7 +576,7 @@ def generator_loss(fake, kind, reduction):
 
 def vae_loss(recon, target, mu, logvar, recon_loss, beta, reduction):
     """(loss, parts) with parts = [recon term, kl term] (detached, for logging)."""
-    name = _backend(recon.device)
+    name = _backend(recon.device, recon, target, mu, logvar)
     if name == "reference" or _needs_reference(target):
         loss, rec, kl = ref.vae_loss(recon, target, mu, logvar, recon_loss, beta, reduction)
         return loss, torch.stack([rec.detach(), kl.detach()])
@@ -582,7 +587,7 @@ def vae_loss(recon, target, mu, logvar, recon_loss, beta, reduction):
 def bce_loss(input, target, weight, pos_weight, reduction, logits):
     """Per-element weights are broadcast to input's shape here (a copy only when the broadcast
     view is not contiguous)."""
-    name = _backend(input.device)
+    name = _backend(input.device, input, target, weight, pos_weight)
     if name == "reference" or _needs_reference(target, weight, pos_weight):
         if logits:
             return ref.bce_with_logits(input, target, weight, pos_weight, reduction)
@@ -598,7 +603,7 @@ def reparameterize_fast(mu, logvar) -> Optional[Tensor]:
     drawn by torch.randn_like's generator and the kernel with its autograd in C++; None for every
     other call, which takes the checked path (and raises there when it must)."""
     if not (type(mu) is Tensor and HAS_CPP_OPS and B.eager_cpu(mu) and B.cpu_losses_supported()) \
-            or torch._C._has_torch_function((mu, logvar)):
+            or torch._C._has_torch_function((mu, logvar)) or _composite(mu, logvar):
         return None
     try:
         return B.extension().reparameterize_eager(mu, logvar)
@@ -607,7 +612,7 @@ def reparameterize_fast(mu, logvar) -> Optional[Tensor]:
 
 
 def reparameterize(mu, logvar, eps):
-    name = _backend(mu.device)
+    name = _backend(mu.device, mu, logvar, eps)
     if name == "reference":
         return ref.reparameterize(mu, logvar, eps)
     return ReparamFunction.apply(mu, logvar, eps, B.for_op(name))
