@@ -69,8 +69,8 @@ bool records_backward(const at::Tensor& x, const at::Tensor& w, const OptT& b) {
   return at::GradMode::is_enabled() && (x.requires_grad() || w.requires_grad() || (b.has_value() && b->requires_grad()));
 }
 
-template <typename F>
-OptT guarded(F&& f) {
+template <typename R = at::Tensor, typename F>
+c10::optional<R> guarded(F&& f) {
   try {
     return f();
   } catch (const c10::Error&) {
@@ -196,11 +196,8 @@ c10::optional<std::tuple<at::Tensor, at::Tensor>> gan_loss_eager(const OptT& rea
                              .findSchemaOrThrow("genfast::gan_loss_train", "")
                              .typed<std::tuple<at::Tensor, at::Tensor>(const OptT&, const at::Tensor&, int64_t, bool,
                                                                        int64_t, double)>();
-  try {
-    return op.call(real, fake, kind, generator, reduction, real_label);
-  } catch (const c10::Error&) {
-    return c10::nullopt;
-  }
+  return guarded<std::tuple<at::Tensor, at::Tensor>>(
+      [&] { return op.call(real, fake, kind, generator, reduction, real_label); });
 }
 
 // genfast._C.reparameterize_eager: the reparameterisation of float32 / float64 CPU mu and logvar of

@@ -618,11 +618,6 @@ std::tuple<at::Tensor, at::Tensor> bce_loss_fwd_cpu(const at::Tensor& input_, co
   return {out, grad};
 }
 
-// z = mu + eps * exp(0.5 logvar) in mu's dtype, bitwise torch's expression: s = exp(0.5 logvar)
-// comes from torch's own mul and exp kernels (torch's vectorised exp differs from libm's in the
-// last bit for some inputs, and which one a lane gets depends on its position in torch's loop),
-// then one pass computes mu + eps * s with torch's roundings (csrc/common/reparam.h, compiled for
-// the baseline ISA: no FMA contraction).
 // z = mu + eps * s, s = exp(0.5 logvar) already computed (by torch's mul and exp), one pass.
 // With keep_layout (the eager entry), z takes mu's layout when eps and s share it (e.g.
 // channels_last), as torch's expression's result does; otherwise (and for the registered op,
@@ -653,11 +648,21 @@ void check_reparam_args(const at::Tensor& mu_, const at::Tensor& logvar_, const 
               "reparameterize: mu, logvar and eps must have the same dtype");
 }
 
-at::Tensor reparam_fwd_cpu(const at::Tensor& mu_, const at::Tensor& logvar_, const at::Tensor& eps_) {
-  check_reparam_args(mu_, logvar_, eps_);
-  at::Tensor s = at::mul(logvar_, 0.5);
+// (z, s): z = mu + eps * exp(0.5 logvar) in mu's dtype, bitwise torch's expression: s =
+// exp(0.5 logvar) comes from torch's own mul and exp kernels (torch's vectorised exp differs from
+// libm's in the last bit for some inputs, and which one a lane gets depends on its position in
+// torch's loop), then one pass computes mu + eps * s with torch's roundings (csrc/common/reparam.h,
+// compiled for the baseline ISA: no FMA contraction).
+std::tuple<at::Tensor, at::Tensor> reparam_fwd_parts(const at::Tensor& mu, const at::Tensor& logvar,
+                                                     const at::Tensor& eps, bool keep_layout) {
+  check_reparam_args(mu, logvar, eps);
+  at::Tensor s = at::mul(logvar, 0.5);
   s.exp_();
-  return reparam_combine_cpu(mu_, eps_, s, false);
+  return {reparam_combine_cpu(mu, eps, s, keep_layout), s};
+}
+
+at::Tensor reparam_fwd_cpu(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& eps) {
+  return std::get<0>(reparam_fwd_parts(mu, logvar, eps, false));
 }
 
 // d logvar = 0.5 * grad_z * eps * exp(0.5 logvar) (one pass); d mu is grad_z itself.
@@ -689,10 +694,7 @@ at::Tensor reparam_bwd_cpu(const at::Tensor& grad_z_, const at::Tensor& logvar_,
 // for 64 x 128 values on the CI CPU, more than torch's whole backward of the expression).
 std::tuple<at::Tensor, at::Tensor> reparam_fwd_scale_cpu(const at::Tensor& mu, const at::Tensor& logvar,
                                                          const at::Tensor& eps) {
-  check_reparam_args(mu, logvar, eps);
-  at::Tensor s = at::mul(logvar, 0.5);
-  s.exp_();
-  return {reparam_combine_cpu(mu, eps, s, true), s};
+  return reparam_fwd_parts(mu, logvar, eps, true);
 }
 
 at::Tensor reparam_bwd_scale_cpu(const at::Tensor& grad_z_, const at::Tensor& eps_, const at::Tensor& s_) {

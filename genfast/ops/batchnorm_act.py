@@ -275,10 +275,8 @@ def eager_fast(input, running_mean, running_var, weight, bias, training, momentu
             or type(momentum) not in _NUMBERS or type(eps) not in _NUMBERS
             or type(negative_slope) not in _NUMBERS or not B.eager_cpu(input)
             or torch._C._has_torch_function((running_mean, running_var, weight, bias))
-            or B.composite_only(input, weight, bias)):
+            or not _ct.int64_slope(negative_slope) or B.composite_only(input, weight, bias)):
         return None
-    if type(negative_slope) is int and not -(1 << 63) <= negative_slope < (1 << 63):
-        return None  # the checked path raises torch's OverflowError (conv_transpose.check_int_slope)
     try:
         return B.extension().batch_norm_act_eager(input, running_mean, running_var, weight, bias,
                                                   training, float(momentum), float(eps), act,

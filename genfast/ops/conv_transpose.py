@@ -431,10 +431,17 @@ def fast_act(activation, negative_slope) -> Optional[int]:
     leaky_relu slope (the checked path raises)."""
     if (activation is not None and type(activation) is not str) or type(negative_slope) not in (float, int):
         return None
-    if type(negative_slope) is int and not -(1 << 63) <= negative_slope < (1 << 63):
-        return None  # the checked path raises torch's OverflowError for leaky_relu (check_int_slope)
+    if not int64_slope(negative_slope):
+        return None
     act = _FAST_ACTS.get(activation)
     return None if act == 2 and not negative_slope >= 0 else act
+
+
+def int64_slope(negative_slope) -> bool:
+    """False for an int slope beyond int64, which the C++ entries' double would take silently:
+    those go the checked way, which raises torch's OverflowError for leaky_relu
+    (check_int_slope)."""
+    return type(negative_slope) is not int or -(1 << 63) <= negative_slope < (1 << 63)
 
 
 def fast_pair(value):

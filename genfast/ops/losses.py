@@ -503,12 +503,9 @@ def check_vae(recon, target, mu, logvar, recon_loss, reduction) -> None:
 
 # --- entry points used by genfast.functional -----------------------------------------------------
 
-_composite = B.composite_only
-
-
 def _backend(device: torch.device, *ts) -> str:
     # Meta tensors carry no data: the reference formulas give torch's output shapes and dtypes.
-    if device.type == "meta" or _composite(*ts):
+    if device.type == "meta" or B.composite_only(*ts):
         return "reference"
     return B.resolve(FAMILY, device)
 
@@ -528,7 +525,7 @@ def eager_gan(real, fake, kind, generator, reduction, real_label):
     k = GAN_KINDS.get(kind) if isinstance(kind, str) else None
     red = REDUCTIONS.get(reduction) if isinstance(reduction, str) else None
     if (k is None or red is None or type(fake) is not Tensor
-            or torch._C._has_torch_function((real, fake)) or _composite(real, fake)):
+            or torch._C._has_torch_function((real, fake)) or B.composite_only(real, fake)):
         return None
     if real_label != 1.0 and (k in (GAN_KINDS["hinge"], GAN_KINDS["wasserstein"])
                               or not math.isfinite(real_label)):
@@ -603,7 +600,7 @@ def reparameterize_fast(mu, logvar) -> Optional[Tensor]:
     drawn by torch.randn_like's generator and the kernel with its autograd in C++; None for every
     other call, which takes the checked path (and raises there when it must)."""
     if not (type(mu) is Tensor and HAS_CPP_OPS and B.eager_cpu(mu) and B.cpu_losses_supported()) \
-            or torch._C._has_torch_function((mu, logvar)) or _composite(mu, logvar):
+            or torch._C._has_torch_function((mu, logvar)) or B.composite_only(mu, logvar):
         return None
     try:
         return B.extension().reparameterize_eager(mu, logvar)
