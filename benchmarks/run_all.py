@@ -69,7 +69,8 @@ def _row_gemm_state() -> str:
     ext = genfast.backend.extension()
     if ext is None:
         return "n/a"
-    return f"{ext.cpu_row_gemm()} ({'on' if ext.cpu_row_gemm_active() else 'off'})"
+    mode = ext.cpu_row_gemm()
+    return "auto (by shape: KH*KW <= 4*SH*SW or a 1x1 input)" if mode == "auto" else mode
 
 
 def main(argv=None, clock=None) -> int:

@@ -152,8 +152,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "True when this CPU has the instructions the CPU loss kernels were compiled for");
   m.def("set_cpu_row_gemm", &genfast::set_cpu_row_gemm, py::arg("mode"),
         "The CPU transposed convolution's GEMM form with the row layout (more than 8 output "
-        "channels): 'auto' (CPUs with AVX-512, the kind where it measured faster than "
-        "ATen's product), 'always' or 'never'");
+        "channels): 'auto' (by shape: from a 1x1 input, or with KH*KW <= 4*SH*SW, where it "
+        "measured faster than ATen's product), 'always' or 'never'");
   m.def("cpu_row_gemm", &genfast::cpu_row_gemm, "The mode set_cpu_row_gemm set ('auto' at start)");
   m.def("batch_norm_act_eager", &genfast::batch_norm_act_eager, py::call_guard<py::gil_scoped_release>(),
         "The eager CPU BatchNorm + activation call (genfast::batch_norm_act_train) when its arguments "
@@ -171,5 +171,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("reparameterize_eager", &genfast::reparameterize_eager, py::call_guard<py::gil_scoped_release>(),
         "The eager CPU reparameterisation (noise from torch's generator, C++ autograd), or None");
   m.def("cpu_row_gemm_active", &genfast::cpu_row_gemm_active,
-        "Whether the row layout of the GEMM form runs now (the mode applied to this CPU)");
+        "Whether the row layout of the GEMM form can run now (False under 'never'; 'auto' takes it "
+        "by shape)");
 }

@@ -32,8 +32,8 @@ CASES = {
     # 10 input channels: the row layout over the batch (grad_output planes of up to 16 pixels),
     # k5 s2 p2 with odd sizes (output_padding 1 / 0)
     "rows_k5s2": (2, 10, 4, (7, 8), 5, 2, 2, 1, 1, True),
-    # the row layout over chunks of the batch (5x4 grad_output planes): ATen's backward
-    "rows_chunks": (2, 10, 4, (9, 8), 5, 2, 2, 1, 1, False),
+    # the row layout over the batch with 5x4 grad_output planes (20 pixels)
+    "rows_chunks": (2, 10, 4, (9, 8), 5, 2, 2, 1, 1, True),
     # a thread per image: N = 4 and grad_output planes of 16x16 = 256 pixels (>= 128)
     "threads": (4, 9, 5, (32, 33), 4, 2, 1, 1, 1, True),
     # stride (1, 3), padding (2, 0), dilation (1, 2), a non-square kernel

@@ -4,8 +4,6 @@ genfast::conv_transpose2d_act (C++ autograd; torch's own op for arguments its ke
 take). Every expected value comes from F.conv_transpose2d and torch's activations in float64."""
 from __future__ import annotations
 
-import platform
-import sys
 
 import pytest
 import torch
@@ -29,7 +27,7 @@ TORCH_ACT = {"identity": lambda z: z, "relu": F.relu, "leaky_relu": lambda z: F.
 # one image (products on views), products over the batch, a thread per image (>= 128 input
 # pixels, at least as many images as threads: N = 4 here), 1x1 inputs, odd strides (the
 # general interleave), dilation and output padding, border taps, phase rows wider than the
-# input (11: no flat runs), and both backward forms (GEMM up to 16 input pixels, ATen's above).
+# input (11: no flat runs).
 GEMM_CASES = [
     (1, 3, 5, 4, 5, (4, 4), (2, 2), (1, 1), (0, 0), (1, 1)),
     (3, 4, 6, 4, 4, (4, 4), (2, 2), (1, 1), (0, 0), (1, 1)),
@@ -49,8 +47,8 @@ PLANE, ROWS = 1, 7  # a case of each layout, over a batch
 
 @pytest.fixture(autouse=True)
 def _row_gemm_always():
-    """The row layout's forward runs by default only on CPUs with AVX-512
-    (B.set_cpu_row_gemm): this module tests the GEMM form itself, on any host."""
+    """The row layout's forward runs by default only for some shapes (B.set_cpu_row_gemm): this
+    module tests the GEMM form itself, at every shape."""
     with B.cpu_row_gemm("always"):
         yield
 
@@ -356,22 +354,9 @@ def test_float32_tanh_sigmoid_epilogue_accuracy(act):
     assert torch.equal(y[torch.isinf(v)], TORCH_ACT[act](v[torch.isinf(v)]))
 
 
-def _cpu_has_avx512():
-    """From /proc/cpuinfo (the kernel's reading of cpuid), independently of genfast._C; None
-    where it cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-    except OSError:
-        return None
-    first = text.split("\n\n")[0]
-    flags = next((l.split(":", 1)[1].split() for l in first.splitlines() if l.startswith("flags")), [])
-    return "avx512f" in flags
-
-
 def test_row_gemm_mode_setting():
     """set_cpu_row_gemm takes "auto", "always" or "never" (anything else: ValueError naming the
-    argument, the mode unchanged); "auto" takes the row layout on CPUs with AVX-512 only."""
+    argument, the mode unchanged); the row layout can run unless the mode is "never"."""
     ext = B.extension()
     with B.cpu_row_gemm("never"):
         assert B.get_cpu_row_gemm() == "never" and not ext.cpu_row_gemm_active()
@@ -381,10 +366,36 @@ def test_row_gemm_mode_setting():
             ext.set_cpu_row_gemm("sometimes")
         assert B.get_cpu_row_gemm() == "never"
         B.set_cpu_row_gemm("auto")
-        if sys.platform.startswith("linux") and platform.machine() == "x86_64" and _cpu_has_avx512() is not None:
-            assert ext.cpu_row_gemm_active() == _cpu_has_avx512()
+        assert ext.cpu_row_gemm_active()
     assert B.get_cpu_row_gemm() == "always"  # the module's fixture, restored on exit
     assert ext.cpu_row_gemm_active()
+
+
+# (N, C_in, C_out, H, kernel, stride, padding, output_padding, whether "auto" takes the row layout)
+AUTO_CASES = [
+    (2, 16, 12, 4, 4, 2, 1, 0, True),    # k4 s2: 4 columns per output value
+    (2, 16, 12, 5, 3, 2, 1, 1, True),    # k3 s2: 2.25
+    (2, 16, 12, 1, 4, 1, 0, 0, True),    # from a 1x1 input
+    (2, 16, 12, 4, 5, 2, 2, 1, False),   # k5 s2: 6.25 -> ATen's product
+    (2, 16, 12, 4, 3, 1, 1, 0, False),   # stride 1 from 4x4: not eligible at all
+]
+
+
+@pytest.mark.parametrize("case", AUTO_CASES, ids=lambda c: f"k{c[4]}s{c[5]}h{c[3]}")
+def test_row_gemm_auto_by_shape(case):
+    """Under "auto" the row layout's forward runs from a 1x1 input or where each output value has
+    at most 4 columns (KH*KW <= 4*SH*SW), and ATen's product elsewhere (under no_grad torch's own
+    call): seen by the profiler; the result matches float64 either way."""
+    from torch.profiler import profile
+
+    N, ci, co, H, k, s, p, op, rows = case
+    x, w, b = torch.randn(N, ci, H, H), torch.randn(ci, co, k, k), torch.randn(co)
+    with B.cpu_row_gemm("auto"), torch.no_grad(), profile() as prof:
+        y = torch.ops.genfast.conv_transpose2d_act(x, w, b, s, p, op, 1, 1, CODES["relu"], 0.0)
+    ops = {e.name for e in prof.events()}
+    assert ("aten::convolution" not in ops) == rows, ops
+    ref = F.relu(F.conv_transpose2d(x.double(), w.double(), b.double(), s, p, op))
+    assert_close(y, ref.float())
 
 
 @pytest.mark.parametrize("train", [False, True])

@@ -322,15 +322,16 @@ void grad_pre(const scalar_t* dy,                     // grad of the output, lay
 // oneDNN transposed convolution ran the DCGAN generator layers at 80-160 GFLOP/s where one BLAS
 // product of the same FLOPs ran at 190-250 GFLOP/s, and a 1-channel output layer 6x slower. So
 // the transposed convolution is written as one product and our col2im:
-//   columns[(n, ih, iw), (i, j, co)] = sum_ci x[n, ci, ih, iw] * w[ci, co, i, j]
-// (at::mm; w as the (C_in, KH*KW*C_out) matrix, a small copy), then each output value is the
-// bias plus its taps (i, j) in tap order, gathered from the columns, through the activation,
-// with the plane's BatchNorm statistics while it is in cache (gemm_forward: the two layouts of
-// the columns, rows of channels or planes of pixels, and the two ways of running the products).
-// Backward: dz = dy * act'(y) is built in a per-thread (pixel, channel) buffer (with the bias
-// gradient's per-plane sums), im2col copies its runs of channels into the row layout (zeros
-// outside), then two BLAS products:
-//   grad_input^T (N*HW, C_in) = cols x w2^T,   grad_weight (C_in, K*C_out) = x^T x cols.
+//   columns[(n, ih, iw), (co, i, j)] = sum_ci x[n, ci, ih, iw] * w[ci, co, i, j]
+// (at::mm; w2 = w as the (C_in, C_out*KH*KW) matrix it is in memory), then each output value is
+// the bias plus its taps, added from the columns, through the activation, with the plane's
+// BatchNorm statistics while it is in cache (gemm_forward: the two layouts of the columns, rows
+// of pixels or planes of pixels, and the two ways of running the products).
+// Backward: dz = dy * act'(y) of a run of channels goes into zero-bordered full planes (with the
+// bias gradient's per-plane sums), im2col gathers each input pixel's taps from them into the row
+// layout (zeros outside the output), then two BLAS products:
+//   grad_input^T (N*HW, C_in) = cols x w2^T,   grad_weight (C_in, C_out*K) = x^T x cols,
+// grad_weight in the weight's own layout.
 // Each output value sums its taps in a fixed order, whatever the number of threads; grad_weight
 // sums the chunks of the batch in batch order (deterministic).
 // Memory: the columns hold C_out*K*H_in*W_in values per image, (KH*KW)/(SH*SW) times the output
@@ -338,8 +339,6 @@ void grad_pre(const scalar_t* dy,                     // grad of the output, lay
 // kMaxColsBytes per image the ATen path runs instead.
 constexpr int64_t kMaxColsBytes = int64_t(1) << 28;  // one image's columns, above which ATen's path runs
 constexpr int64_t kChunkBytes = int64_t(1) << 25;    // the columns of one product, unless one image needs more
-constexpr int64_t kBufElems = int64_t(1) << 17;  // backward's per-thread (pixel, channel) buffer: 512 KiB of float
-constexpr int64_t kTile = 32;                     // pixels per step of the (pixel, channel) <-> planes transposes
 
 // Where it runs, per direction: measured interleaved against ATen's product + torch's activation
 // on the idle CI CPU (alternating calls, medians and minima, repeated runs; generator layers of
@@ -349,14 +348,17 @@ constexpr int64_t kTile = 32;                     // pixels per step of the (pix
 //   128 -> 64 layer (batch 8 and 16; thread per image); 1.25x on a 14x14, 32 -> 16 layer;
 //   4-5.5x on 1- and 3-channel output layers (plane layout). It lost on stride-1 k5 layers
 //   (0.6-0.8x: the columns are 25x the input), so stride 1 keeps ATen's product.
-// - backward: the GEMM form (im2col, then two products) over the batch won only from 1x1 and
-//   4x4 inputs (1.5x and 1.1x); with a thread per image (thread_per_image) it won from 128
-//   input pixels: forward + backward of the 16x16, 128 -> 64 layer 1.13-1.45x eager against
-//   1.04-1.31x with ATen's backward on our dz (batch 8 and 16, with and without grad_input),
-//   the 14x14, 32 -> 16 layer 1.19-1.29x against 1.17-1.22x. At 7x7 and 8x8 a thread per image
-//   lost (0.92-1.0x against 1.03-1.07x), so there ATen's convolution backward runs on our dz.
-constexpr int64_t kPlaneFormMaxCout = 8;   // output channels, up to which the forward's columns are planes
-constexpr int64_t kGemmBwdMaxPixels = 16;  // input pixels per image, up to which the backward runs it over the batch
+// - backward: with a thread per image (thread_per_image) it won from 128 input pixels: forward
+//   + backward of the 16x16, 128 -> 64 layer 1.13-1.45x eager against 1.04-1.31x with ATen's
+//   backward on our dz (batch 8 and 16, with and without grad_input), the 14x14, 32 -> 16 layer
+//   1.19-1.29x against 1.17-1.22x; at 7x7 and 8x8 a thread per image lost (0.92-1.0x). Over the
+//   batch, with the earlier columns in (KH, KW, C_out) order (the weight copied into that order
+//   and grad_weight out of it each call), it won only from 1x1 and 4x4 inputs (1.5x and 1.1x).
+//   With the columns in the weight's own order, on the AMD EPYC CPU, the two products alone
+//   took 0.77-0.92x of ATen's convolution backward at every generator layer measured (4x4 to
+//   8x8 inputs, k4 s2 and k5 s2, batch 8 and 64; ties at 16x16), so the backward runs the GEMM
+//   form wherever it is eligible.
+constexpr int64_t kPlaneFormMaxCout = 8;  // output channels, up to which the forward's columns are planes
 
 // Which way of running the products: from 128 input pixels per image, with at least as many
 // images as threads, and while one image's columns and a weight-sized partial grad_weight stay
@@ -390,41 +392,38 @@ bool gemm_eligible(const at::Tensor& x, const Geometry& g) {
 
 // The row layout of the forward's columns (more than kPlaneFormMaxCout output channels) is one
 // large BLAS product followed by col2im; whether that beats ATen's own transposed convolution
-// (oneDNN) depends on the host's BLAS. Interleaved, seed generator layers, batch 8:
+// (oneDNN) depends on the host's BLAS and on how many columns each input pixel makes
+// (KH*KW / (SH*SW) times the output). Interleaved, batch 8 and 64, ReLU / LeakyReLU:
 // - the CI VM's earlier CPU (AVX-512; its vendor was not recorded), MKL at 200-260 GFLOP/s on 2
-//   threads against 80-160 for oneDNN's transposed convolution: 1.05-1.3x, 2.6x from 1x1 inputs
-//   (the measurements above);
-// - an AMD EPYC (AVX2 only), MKL at 50-70 GFLOP/s and oneDNN's transposed convolution at about
-//   50: 0.76-0.97x (the columns' extra col2im pass is not paid back).
-// So `auto` takes it on CPUs with AVX-512 only, the kind where it was measured faster; elsewhere
-// ATen's product runs and our epilogue follows. The plane layout (up to kPlaneFormMaxCout output
-// channels) won on both hosts (2.5-9x) and is taken everywhere. genfast._C.set_cpu_row_gemm
-// overrides the choice (tests cover both forms on any host; users can measure their own).
+//   threads against 80-160 for oneDNN's transposed convolution: 1.05-1.3x, 2.6x from 1x1 inputs;
+// - an AMD EPYC (AVX2 only; MKL at 140-160 GFLOP/s in a fast period), with the columns in the
+//   weight's own (C_out, KH, KW) order (no copy of the weight each way): k4 s2 layers 1.05-1.4x
+//   (DCGAN 4x4 -> 8x8 1.18x, 8x8 -> 16x16 1.09x, 14x14 -> 28x28 1.3-1.4x; 16x16 -> 32x32 and
+//   7x7 batch 64 at 256 -> 128 ties), 1x1 inputs 2.4-2.9x; k5 s2 layers (6.25 columns per
+//   output value) 0.84-0.95x. (The earlier layout, which copied the weight into (KH, KW, C_out)
+//   order, lost on that CPU at every size: 0.74-0.97x.)
+// So `auto` takes it from a 1x1 input, or where each output value has at most 4 columns (KH*KW
+// <= 4*SH*SW); ATen's product runs elsewhere and our epilogue follows. The plane layout (up to
+// kPlaneFormMaxCout output channels) won on both hosts (2.5-9x) and is taken everywhere.
+// genfast._C.set_cpu_row_gemm overrides the choice (tests cover both forms on any host; users can
+// measure their own).
 std::atomic<int> g_row_gemm_mode{0};  // 0 auto, 1 always, 2 never
 
-bool row_gemm_auto() {
-#if defined(__GNUC__) && defined(__x86_64__)
-  static const bool ok = __builtin_cpu_supports("avx512f");
-  return ok;
-#else
-  return false;
-#endif
-}
+bool row_gemm_auto(const Geometry& g) { return g.Hin * g.Win == 1 || g.KH * g.KW <= 4 * g.SH * g.SW; }
 
-bool row_gemm_forward() {
+bool row_gemm_forward(const Geometry& g) {
   const int mode = g_row_gemm_mode.load(std::memory_order_relaxed);
-  return mode == 1 || (mode == 0 && row_gemm_auto());
+  return mode == 1 || (mode == 0 && row_gemm_auto(g));
 }
 
 // Whether the forward runs the GEMM form: eligible, and the plane layout or the row layout where
 // it is taken (row_gemm_forward)
 bool gemm_forward_form(const at::Tensor& x, const Geometry& g) {
-  return gemm_eligible(x, g) && (g.Cout <= kPlaneFormMaxCout || row_gemm_forward());
+  return gemm_eligible(x, g) && (g.Cout <= kPlaneFormMaxCout || row_gemm_forward(g));
 }
 
 bool gemm_backward(const at::Tensor& x, const Geometry& g) {
-  return (g.Hin * g.Win <= kGemmBwdMaxPixels || thread_per_image(g, x.scalar_type() == at::kDouble ? 8 : 4)) &&
-         gemm_eligible(x, g);
+  return gemm_eligible(x, g);
 }
 
 
@@ -450,14 +449,13 @@ at::Tensor x_cols(const at::Tensor& xa, const Geometry& g) {
 }
 
 // Scratch memory of the GEMM form, kept per thread and per slot from one call to the next:
-// the weight in the products' layout (slot kScratchW) and the columns (kScratchCols over the
-// batch, kScratchThread per image on each pool thread, kScratchGw for grad_weight before its
-// transposition) were allocated afresh by every call, and glibc hands blocks of megabytes back
+// the columns (kScratchCols over the batch, kScratchThread per image on each pool thread) were
+// allocated afresh by every call, and glibc hands blocks of megabytes back
 // to the system when they are freed and faults them in again when they return, which made the
 // forward of the DCGAN 512-256 layer bimodal (3.6 or 5.9 ms) on the CI VM. A slot grows to the
 // largest size asked of it (the columns stay within kChunkBytes over the batch, kThreadBytes
 // per image) and is freed when its thread ends; its tensors never leave the op.
-enum ScratchSlot : int { kScratchW = 0, kScratchCols = 1, kScratchThread = 2, kScratchGw = 3, kScratchSlots = 4 };
+enum ScratchSlot : int { kScratchCols = 0, kScratchThread = 1, kScratchSlots = 2 };
 struct ScratchBuf {
   void* p = nullptr;
   size_t bytes = 0;
@@ -484,108 +482,10 @@ at::Tensor mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
   return out;
 }
 
-// The 8x8 block transpose of the (pixel, channel) <-> planes passes: in[p * ld_in + c] ->
-// out[c * ld_out + p] for p, c < 8, in three stages of two-source lane shuffles (GCC's vector
-// extension: the compiler picks each ISA's shuffle instructions), instead of one scalar load
-// and store per value.
-template <typename T>
-GENFAST_INLINE void transpose8(const T* in, int64_t ld_in, T* out, int64_t ld_out) {
-  typedef T V __attribute__((vector_size(8 * sizeof(T))));
-  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> I;
-  typedef I M __attribute__((vector_size(8 * sizeof(T))));
-  V r[8], t[8], u[8];
-  for (int p = 0; p < 8; ++p) std::memcpy(&r[p], in + p * ld_in, sizeof(V));
-  const M lo1 = {0, 8, 1, 9, 4, 12, 5, 13}, hi1 = {2, 10, 3, 11, 6, 14, 7, 15};
-  const M lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
-  const M lo3 = {0, 1, 2, 3, 8, 9, 10, 11}, hi3 = {4, 5, 6, 7, 12, 13, 14, 15};
-  for (int i = 0; i < 4; ++i) {  // rows 2i, 2i+1 interleaved: channels (0,1,4,5) and (2,3,6,7)
-    t[2 * i] = __builtin_shuffle(r[2 * i], r[2 * i + 1], lo1);
-    t[2 * i + 1] = __builtin_shuffle(r[2 * i], r[2 * i + 1], hi1);
-  }
-  for (int j = 0; j < 2; ++j) {  // rows 4j..4j+3 of channels (0|4), (1|5), (2|6), (3|7)
-    u[4 * j] = __builtin_shuffle(t[4 * j], t[4 * j + 2], lo2);
-    u[4 * j + 1] = __builtin_shuffle(t[4 * j], t[4 * j + 2], hi2);
-    u[4 * j + 2] = __builtin_shuffle(t[4 * j + 1], t[4 * j + 3], lo2);
-    u[4 * j + 3] = __builtin_shuffle(t[4 * j + 1], t[4 * j + 3], hi2);
-  }
-  for (int c = 0; c < 4; ++c) {  // channel c and c + 4, all 8 rows
-    const V a = __builtin_shuffle(u[c], u[4 + c], lo3), b = __builtin_shuffle(u[c], u[4 + c], hi3);
-    std::memcpy(out + c * ld_out, &a, sizeof(V));
-    std::memcpy(out + (c + 4) * ld_out, &b, sizeof(V));
-  }
-}
-
-// in[p * ld_in + c] -> out[c * ld_out + p] for p < P, c < Cn: 8x8 blocks, scalar edges.
-template <typename T>
-GENFAST_INLINE void transpose_tile(const T* in, int64_t ld_in, T* out, int64_t ld_out, int64_t P, int64_t Cn) {
-  const int64_t P8 = P & ~int64_t(7), C8 = Cn & ~int64_t(7);
-  for (int64_t c = 0; c < C8; c += 8)
-    for (int64_t p = 0; p < P8; p += 8) transpose8<T>(in + p * ld_in + c, ld_in, out + c * ld_out + p, ld_out);
-  for (int64_t c = 0; c < Cn; ++c)
-    for (int64_t p = c < C8 ? P8 : 0; p < P; ++p) out[c * ld_out + p] = in[p * ld_in + c];
-}
-
-// Matrices [b0, b1) of a batch of (P, Cn) row-major matrices, each transposed to (Cn, P).
-template <typename T>
-GENFAST_SIMD_CLONES void transpose_batch(const T* src, T* dst, int64_t b0, int64_t b1, int64_t P, int64_t Cn) {
-  for (int64_t b = b0; b < b1; ++b) transpose_tile<T>(src + b * P * Cn, Cn, dst + b * P * Cn, P, P, Cn);
-}
-
-// B row-major (P, Cn) matrices of t (float32 / float64) as B (Cn, P) matrices, in a
-// contiguous tensor of `sizes` (fresh, or a scratch slot); the matrices in parallel. The weight-layout copies of the
-// GEMM form: ATen's permute-copy ran at half the speed of a clone (0.9 ms each way for the 8 MB
-// weight of the DCGAN 512-256 layer, three times per training step).
-at::Tensor transposed_batch(const at::Tensor& t_in, int64_t B, int64_t P, int64_t Cn, at::IntArrayRef sizes,
-                            int slot = -1) {  // slot: into that scratch slot, else a fresh tensor
-  const at::Tensor t = t_in.contiguous();
-  at::Tensor out = slot >= 0 ? scratch(slot, sizes, t.options()) : at::empty(sizes, t.options());
-  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "transposed_batch", [&] {
-    const scalar_t* src = t.data_ptr<scalar_t>();
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, P * Cn)), [&](int64_t b0, int64_t b1) {
-      transpose_batch<scalar_t>(src, dst, b0, b1, P, Cn);
-    });
-  });
-  return out;
-}
-
-// w (C_in, C_out, KH, KW) as the (C_in, KH*KW*C_out) matrix of the products (scratch: used
-// within the op only)
-at::Tensor w_taps(const at::Tensor& wa, const Geometry& g) {
-  if (!wa.is_contiguous()) return wa.permute({0, 2, 3, 1}).contiguous().view({g.Cin, g.KH * g.KW * g.Cout});
-  return transposed_batch(wa, g.Cin, g.Cout, g.KH * g.KW, {g.Cin, g.KH * g.KW * g.Cout}, kScratchW);
-}
-
-// The task grid: (n, run of `run` channels), N * per_n tasks
-struct Runs {
-  int64_t run, per_n;
-};
-Runs channel_runs(const Geometry& g) {
-  const int64_t L = std::max<int64_t>(1, g.Hout * g.Wout);
-  int64_t run = std::max<int64_t>(1, std::min(g.Cout, kBufElems / L));
-  // enough tasks for every thread when the batch is small
-  const int64_t want = 4 * at::get_num_threads();
-  if (g.N * ((g.Cout + run - 1) / run) < want) {
-    const int64_t per_n = (want + g.N - 1) / g.N;
-    run = std::max<int64_t>(std::min<int64_t>(16, g.Cout), (g.Cout + per_n - 1) / per_n);
-  }
-  return Runs{run, (g.Cout + run - 1) / run};
-}
-
-// Runs fn(g, n, c0, cw, buf) for every task (image n, channels [c0, c0 + cw)) of g's grid on
-// the thread pool; g is the thread's private copy and buf its (pixel, channel) buffer of
-// runs.run * pixels values.
-template <typename acc_t, typename F>
-void for_channel_runs(const Geometry& g_in, int64_t pixels, F&& fn) {
-  const Runs runs = channel_runs(g_in);
-  at::parallel_for(0, g_in.N * runs.per_n, 1, [&](int64_t t0, int64_t t1) {
-    const Geometry g = g_in;
-    std::vector<acc_t> buf(runs.run * pixels);
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t n = task / runs.per_n, c0 = (task % runs.per_n) * runs.run;
-      fn(g, n, c0, std::min(g.Cout, c0 + runs.run) - c0, buf.data());
-    }
-  });
+// w (C_in, C_out, KH, KW) as the (C_in, C_out*KH*KW) matrix of the products: a view of the
+// weight as it is stored (a copy only for a non-contiguous weight)
+at::Tensor w_matrix(const at::Tensor& wa, const Geometry& g) {
+  return wa.contiguous().view({g.Cin, g.Cout * g.KH * g.KW});
 }
 
 // Along one axis, the output positions o = r + S*q of phase r (q in [0, Q[r])) receive, per tap
@@ -641,7 +541,7 @@ template <int ACT, typename scalar_t, typename acc_t>
 GENFAST_SIMD_CLONES void col2im_plane(const acc_t* ct, int64_t ldc, int64_t co, scalar_t* yp, acc_t bias,
                                       const Geometry& g, const AxisPhases& ph, const AxisPhases& pw, acc_t* buf,
                                       acc_t** off, acc_t slope, Welford<acc_t>* stat) {
-  const int64_t Win = g.Win, KW = g.KW, C = g.Cout, Wout = g.Wout, SH = ph.S, SW = pw.S;
+  const int64_t Win = g.Win, KW = g.KW, Wout = g.Wout, SH = ph.S, SW = pw.S;
   acc_t* base = buf;
   acc_t* saved = buf + plane_buffer(g, pw) / 2;
   for (int64_t rh = 0; rh < SH; ++rh)
@@ -653,7 +553,7 @@ GENFAST_SIMD_CLONES void col2im_plane(const acc_t* ct, int64_t ldc, int64_t co, 
       for (int64_t e = 0; e < Qh * R; ++e) P[e] = bias;
       for (const PhaseTap& a : ph.taps[rh])
         for (const PhaseTap& b : pw.taps[rw]) {
-          const acc_t* src = ct + ((a.k * KW + b.k) * C + co) * ldc + a.delta * Win + b.delta;
+          const acc_t* src = ct + (co * g.KH * KW + a.k * KW + b.k) * ldc + a.delta * Win + b.delta;
           if (R != Win) {
             for (int64_t qh = a.q0; qh < a.q1; ++qh) {
               const acc_t* sr = src + qh * Win;
@@ -710,71 +610,99 @@ GENFAST_SIMD_CLONES void col2im_plane(const acc_t* ct, int64_t ldc, int64_t co, 
   if (stat != nullptr) *stat = plane_welford<acc_t>(yp, g.Hout * Wout);
 }
 
-// One task of the row form's col2im: channels [c0, c0 + cw) of image n from its columns
-//   img[(ih*W_in + iw)*KH*KW*C_out + (i*KW + j)*C_out + co].
-// Output pixels go kTile at a time: each sums the bias and its taps (those of its phase whose
-// input lies inside, gathered from the columns in tap order (i, j)) into the (pixel, channel)
-// tile o, one pass over the channels with the running sum in registers (the taps' pointers
-// found first, the pixel's row and column advanced without a division); the tile then goes
-// through the activation and, transposed 8x8 at a time, into y's planes; the statistics follow
-// per plane (in cache).
-template <int ACT, typename scalar_t, typename acc_t>
-GENFAST_SIMD_CLONES void col2im_rows(const acc_t* img, scalar_t* y, const acc_t* bias, const Geometry& g,
-                                     const AxisPhases& ph, const AxisPhases& pw, int64_t n, int64_t c0, int64_t cw,
-                                     acc_t* o, acc_t slope, Welford<acc_t>* pp) {
-  const int64_t C = g.Cout, L = g.Hout * g.Wout, KC = g.KH * g.KW * C, Win = g.Win, KW = g.KW;
-  img += c0;
-  bias += c0;
-  scalar_t* yn = y + (n * C + c0) * L;
-  size_t max_h = 0, max_w = 0;  // taps per pixel: at most the largest phase's on each axis
-  for (const auto& t : ph.taps) max_h = std::max(max_h, t.size());
-  for (const auto& t : pw.taps) max_w = std::max(max_w, t.size());
-  std::vector<const acc_t*> tap(max_h * max_w);
-  int64_t oh = 0, ow = 0;  // the pixel e = oh * W_out + ow, advanced with e
-  for (int64_t e0 = 0; e0 < L; e0 += kTile) {
-    const int64_t e1 = std::min(L, e0 + kTile);
-    for (int64_t e = e0; e < e1; ++e) {
-      const int64_t rh = oh % ph.S, qh = oh / ph.S, rw = ow % pw.S, qw = ow / pw.S;
-      int nt = 0;
-      for (const PhaseTap& a : ph.taps[rh]) {
-        if (qh < a.q0 || qh >= a.q1) continue;
-        const acc_t* row = img + (qh + a.delta) * Win * KC + a.k * KW * C;
-        for (const PhaseTap& b : pw.taps[rw]) {
-          if (qw < b.q0 || qw >= b.q1) continue;
-          tap[nt++] = row + (qw + b.delta) * KC + b.k * C;
-        }
-      }
-      acc_t* t = o + (e - e0) * cw;
-      if (nt == 4) {
-        const acc_t *s0 = tap[0], *s1 = tap[1], *s2 = tap[2], *s3 = tap[3];
-        for (int64_t c = 0; c < cw; ++c) t[c] = (((bias[c] + s0[c]) + s1[c]) + s2[c]) + s3[c];
-      } else if (nt == 2) {
-        const acc_t *s0 = tap[0], *s1 = tap[1];
-        for (int64_t c = 0; c < cw; ++c) t[c] = (bias[c] + s0[c]) + s1[c];
-      } else {
-        for (int64_t c = 0; c < cw; ++c) t[c] = bias[c];
-        for (int j = 0; j < nt; ++j) {
-          const acc_t* src = tap[j];
-          for (int64_t c = 0; c < cw; ++c) t[c] += src[c];
-        }
-      }
-      if (++ow == g.Wout) {
-        ow = 0;
-        ++oh;
-      }
-    }
-    const int64_t ne = e1 - e0;
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      if constexpr (ACT != kIdentity)
-        for (int64_t i = 0; i < ne * cw; ++i) o[i] = act_out<ACT, acc_t>(o[i], slope);
-      transpose_tile<acc_t>(o, cw, yn + e0, L, ne, cw);
-    } else {
-      for (int64_t c = 0; c < cw; ++c)
-        for (int64_t e = e0; e < e1; ++e)
-          yn[c * L + e] = static_cast<scalar_t>(act_out<ACT, acc_t>(o[(e - e0) * cw + c], slope));
-    }
+// The row form's columns hold, per input pixel p = ih*W_in + iw of an image, the KH*KW taps of
+// each output channel together: cols[p][co*KH*KW + i*KW + j], the product of x's rows by the
+// weight as it is stored, (C_in, C_out*KH*KW) (no copy of the weight into another layout, and
+// grad_weight comes out of its product in the weight's own layout). Tap (i, j) of pixel (ih,
+// iw) lands on the output position (ih*SH - PH + i*DH, iw*SW - PW + j*DW). col2im and im2col go
+// through "full" planes, uncropped: rows [0, Hb) and columns [0, Wb) cover every tap position
+// and the output window [PH, PH + H_out) x [PW, PW + W_out) (which output_padding can push past
+// the taps), so each pixel's KH x KW window is added or read without bounds checks.
+struct FullPlane {
+  int64_t H, W;
+};
+FullPlane full_plane(const Geometry& g) {
+  return FullPlane{std::max((g.Hin - 1) * g.SH + (g.KH - 1) * g.DH + 1, g.PH + g.Hout),
+                   std::max((g.Win - 1) * g.SW + (g.KW - 1) * g.DW + 1, g.PW + g.Wout)};
+}
+
+constexpr int64_t kRunElems = int64_t(1) << 15;  // full planes of one task's channels: 128 KiB of float
+
+// Output channels per task of the row form's passes: full planes of at most kRunElems values
+// (or one), and, when `images` images give too few tasks, runs short enough to keep every thread
+// busy (not below 8 channels).
+int64_t tap_run(const Geometry& g, int64_t images, bool spread) {
+  const FullPlane f = full_plane(g);
+  int64_t run = std::max<int64_t>(1, std::min(g.Cout, kRunElems / std::max<int64_t>(1, f.H * f.W)));
+  const int64_t want = 4 * at::get_num_threads();
+  if (spread && images * ((g.Cout + run - 1) / run) < want) {
+    const int64_t per_n = (want + images - 1) / images;
+    run = std::min(run, std::max<int64_t>(std::min<int64_t>(8, run), (g.Cout + per_n - 1) / per_n));
   }
-  for (int64_t c = 0; c < cw && pp != nullptr && L > 0; ++c) pp[n * C + c0 + c] = plane_welford<acc_t>(yn + c * L, L);
+  return run;
+}
+
+// One pixel's KH x KW taps of one channel (s, KH*KW values) added into (or, gather_taps, read
+// from) its window of a full plane (P at the window's corner, rs = DH * Wb between its rows).
+// KWC: KW when it is 3, 4 or 5 and DW is 1 (a fixed inner loop), else 0.
+template <int KWC, typename acc_t>
+GENFAST_INLINE void add_taps(acc_t* P, const acc_t* s, int64_t KH, int64_t KW, int64_t rs, int64_t DW) {
+  if constexpr (KWC > 0) {
+    for (int64_t i = 0; i < KH; ++i, P += rs, s += KWC)
+      for (int j = 0; j < KWC; ++j) P[j] += s[j];
+  } else {
+    for (int64_t i = 0; i < KH; ++i, P += rs, s += KW)
+      for (int64_t j = 0; j < KW; ++j) P[j * DW] += s[j];
+  }
+}
+template <int KWC, typename acc_t>
+GENFAST_INLINE void gather_taps(acc_t* d, const acc_t* P, int64_t KH, int64_t KW, int64_t rs, int64_t DW) {
+  if constexpr (KWC > 0) {
+    for (int64_t i = 0; i < KH; ++i, P += rs, d += KWC)
+      for (int j = 0; j < KWC; ++j) d[j] = P[j];
+  } else {
+    for (int64_t i = 0; i < KH; ++i, P += rs, d += KW)
+      for (int64_t j = 0; j < KW; ++j) d[j] = P[j * DW];
+  }
+}
+
+template <typename F>
+void dispatch_kw(const Geometry& g, F&& fn) {
+  if (g.DW == 1 && g.KW == 4) fn(std::integral_constant<int, 4>{});
+  else if (g.DW == 1 && g.KW == 3) fn(std::integral_constant<int, 3>{});
+  else if (g.DW == 1 && g.KW == 5) fn(std::integral_constant<int, 5>{});
+  else fn(std::integral_constant<int, 0>{});
+}
+
+// One task of the row form's col2im: output channels [c0, c0 + cw) of image n from its columns
+// img (the image's first row; ldc values per row). Each channel's full plane in buf (cw full
+// planes) starts at the bias; the pixels' taps are added in pixel order (each output value sums
+// the bias, then its taps in increasing input pixel: deterministic); the output window then
+// goes through the activation into y's planes, and each plane's statistics follow (in cache).
+template <int ACT, int KWC, typename scalar_t, typename acc_t>
+GENFAST_SIMD_CLONES void col2im_taps(const acc_t* img, int64_t ldc, scalar_t* y, const acc_t* bias,
+                                     const Geometry& g, int64_t n, int64_t c0, int64_t cw, acc_t* buf, acc_t slope,
+                                     Welford<acc_t>* pp) {
+  const FullPlane f = full_plane(g);
+  const int64_t FP = f.H * f.W, KK = g.KH * g.KW, L = g.Hout * g.Wout, rs = g.DH * f.W;
+  for (int64_t c = 0; c < cw; ++c) std::fill(buf + c * FP, buf + (c + 1) * FP, bias[c0 + c]);
+  const acc_t* src = img + c0 * KK;
+  for (int64_t ih = 0; ih < g.Hin; ++ih)
+    for (int64_t iw = 0; iw < g.Win; ++iw, src += ldc) {
+      acc_t* P = buf + ih * g.SH * f.W + iw * g.SW;
+      for (int64_t c = 0; c < cw; ++c) add_taps<KWC, acc_t>(P + c * FP, src + c * KK, g.KH, g.KW, rs, g.DW);
+    }
+  scalar_t* yn = y + (n * g.Cout + c0) * L;
+  for (int64_t c = 0; c < cw; ++c) {
+    const acc_t* P = buf + c * FP + g.PH * f.W + g.PW;
+    scalar_t* yp = yn + c * L;
+    for (int64_t oh = 0; oh < g.Hout; ++oh) {
+      const acc_t* pr = P + oh * f.W;
+      scalar_t* yr = yp + oh * g.Wout;
+      for (int64_t ow = 0; ow < g.Wout; ++ow) yr[ow] = static_cast<scalar_t>(act_out<ACT, acc_t>(pr[ow], slope));
+    }
+    if (pp != nullptr && L > 0) pp[n * g.Cout + c0 + c] = plane_welford<acc_t>(yp, L);
+  }
 }
 
 // The forward's GEMM form, in one of two layouts of the columns (the product's output):
@@ -795,31 +723,43 @@ void gemm_forward(const at::Tensor& xc, const at::Tensor& wt, scalar_t* y, const
   const AxisPhases ph = axis_phases(g.Hin, g.Hout, g.KH, g.SH, g.PH, g.DH);
   const AxisPhases pw = axis_phases(g.Win, g.Wout, g.KW, g.SW, g.PW, g.DW);
   if (g.Cout > kPlaneFormMaxCout) {
-    if (threads) {
-      at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
-        at::AutoDispatchBelowADInplaceOrView below_autograd;  // per thread: the caller's guard is its own
-        at::Tensor cols = scratch(kScratchThread, {HW, KC}, wt.options());
-        std::vector<acc_t> buf(kTile * C);
-        for (int64_t n = n0; n < n1; ++n) {
-          at::mm_out(cols, xc.select(0, n).view({g.Cin, HW}).t(), wt);
-          col2im_rows<ACT, scalar_t, acc_t>(cols.data_ptr<acc_t>(), y, bias, g, ph, pw, n, 0, C, buf.data(), slope,
-                                            pp);
-        }
-      });
-      return;
-    }
-    for (int64_t n0 = 0; n0 < g.N; n0 += nb) {
-      Geometry gc = g;
-      gc.N = std::min(nb, g.N - n0);
-      const at::Tensor cols = mm_into(scratch(kScratchCols, {gc.N * HW, KC}, wt.options()),
-                                      x_rows(xc.narrow(0, n0, gc.N), g), wt);
-      const acc_t* cp = cols.data_ptr<acc_t>();
-      scalar_t* yc = y + n0 * C * L;
-      Welford<acc_t>* pc = pp != nullptr ? pp + n0 * C : nullptr;
-      for_channel_runs<acc_t>(gc, kTile, [&](const Geometry& gt, int64_t n, int64_t c0, int64_t cw, acc_t* o) {
-        col2im_rows<ACT, scalar_t, acc_t>(cp + n * HW * KC, yc, bias, gt, ph, pw, n, c0, cw, o, slope, pc);
-      });
-    }
+    const FullPlane f = full_plane(g);
+    dispatch_kw(g, [&](auto kw) {
+      constexpr int KWC = decltype(kw)::value;
+      if (threads) {
+        const int64_t run = tap_run(g, 1, false);
+        at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
+          at::AutoDispatchBelowADInplaceOrView below_autograd;  // per thread: the caller's guard is its own
+          at::Tensor cols = scratch(kScratchThread, {HW, KC}, wt.options());
+          std::vector<acc_t> buf(run * f.H * f.W);
+          for (int64_t n = n0; n < n1; ++n) {
+            at::mm_out(cols, xc.select(0, n).view({g.Cin, HW}).t(), wt);
+            for (int64_t c0 = 0; c0 < C; c0 += run)
+              col2im_taps<ACT, KWC, scalar_t, acc_t>(cols.data_ptr<acc_t>(), KC, y, bias, g, n, c0,
+                                                     std::min(run, C - c0), buf.data(), slope, pp);
+          }
+        });
+        return;
+      }
+      for (int64_t n0 = 0; n0 < g.N; n0 += nb) {
+        Geometry gc = g;
+        gc.N = std::min(nb, g.N - n0);
+        const at::Tensor cols = mm_into(scratch(kScratchCols, {gc.N * HW, KC}, wt.options()),
+                                        x_rows(xc.narrow(0, n0, gc.N), g), wt);
+        const acc_t* cp = cols.data_ptr<acc_t>();
+        scalar_t* yc = y + n0 * C * L;
+        Welford<acc_t>* pc = pp != nullptr ? pp + n0 * C : nullptr;
+        const int64_t run = tap_run(gc, gc.N, true), per_n = (C + run - 1) / run;
+        at::parallel_for(0, gc.N * per_n, 1, [&](int64_t t0, int64_t t1) {
+          std::vector<acc_t> buf(run * f.H * f.W);
+          for (int64_t t = t0; t < t1; ++t) {
+            const int64_t n = t / per_n, c0 = (t % per_n) * run;
+            col2im_taps<ACT, KWC, scalar_t, acc_t>(cp + n * HW * KC, KC, yc, bias, gc, n, c0, std::min(run, C - c0),
+                                                   buf.data(), slope, pc);
+          }
+        });
+      }
+    });
     return;
   }
   const at::Tensor wT = wt.t();  // (KH*KW*C_out, C_in), a transposed view
@@ -854,69 +794,62 @@ void gemm_forward(const at::Tensor& xc, const at::Tensor& wt, scalar_t* y, const
   }
 }
 
-// One task of im2col_grad: channels [c0, c0 + cw) of image n into its columns img (the image's
-// first row): img[(ih*W_in + iw)*KH*KW*C_out + (i*KW + j)*C_out + co] = dz[n, co, ih*SH - PH +
-// i*DH, iw*SW - PW + j*DW] (0 outside), dz = dy * act'(y), through the (pixel, channel) buffer d
-// (cw * H_out * W_out values); pp[n * C + co] = the plane's sum of dz.
-template <int ACT, typename scalar_t, typename acc_t>
-GENFAST_SIMD_CLONES void im2col_task(const scalar_t* dy, const scalar_t* y, acc_t* img, const Geometry& g, int64_t n,
-                                     int64_t c0, int64_t cw, acc_t* d, acc_t slope, acc_t* pp) {
-  const int64_t C = g.Cout, L = g.Hout * g.Wout, KC = g.KH * g.KW * C;
-  // planes -> (pixel, channel), kTile pixels at a time: dz of the tile's pixels plane by plane
-  // into tmp (contiguous, vectorised), then transposed 8x8 at a time into d; the bias sums in
-  // kTile-pixel steps, in pixel order
-  const scalar_t* gn = dy + (n * C + c0) * L;
-  const scalar_t* yn = y + (n * C + c0) * L;
-  if (pp != nullptr)
-    for (int64_t c = 0; c < cw; ++c) pp[n * C + c0 + c] = acc_t(0);
-  static thread_local std::vector<acc_t> tmp_buf;
-  if (static_cast<int64_t>(tmp_buf.size()) < cw * kTile) tmp_buf.resize(cw * kTile);
-  acc_t* tmp = tmp_buf.data();
-  for (int64_t e0 = 0; e0 < L; e0 += kTile) {
-    const int64_t ne = std::min(L, e0 + kTile) - e0;
-    for (int64_t c = 0; c < cw; ++c) {
-      const scalar_t* gp = gn + c * L + e0;
-      const scalar_t* yp = yn + c * L + e0;
-      acc_t* tp = tmp + c * ne;
-      for (int64_t i = 0; i < ne; ++i)
-        tp[i] = static_cast<acc_t>(gp[i]) * act_grad_from_output_c<ACT, acc_t>(static_cast<acc_t>(yp[i]), slope);
+// One task of the backward's im2col: output channels [c0, c0 + cw) of image n into its columns
+// img (the image's first row, ldc values per row; layout as col2im_taps): dz = dy * act'(y) of
+// each plane into a zeroed full plane of buf (cw of them; pp[n * C + co] = the plane's sum of dz,
+// row sums in row order), then each input pixel's taps gathered from its window (0 outside the
+// output).
+template <int ACT, int KWC, typename scalar_t, typename acc_t>
+GENFAST_SIMD_CLONES void im2col_taps(const scalar_t* dy, const scalar_t* y, acc_t* img, int64_t ldc,
+                                     const Geometry& g, int64_t n, int64_t c0, int64_t cw, acc_t* buf, acc_t slope,
+                                     acc_t* pp) {
+  const FullPlane f = full_plane(g);
+  const int64_t FP = f.H * f.W, KK = g.KH * g.KW, L = g.Hout * g.Wout, rs = g.DH * f.W;
+  const scalar_t* gn = dy + (n * g.Cout + c0) * L;
+  const scalar_t* yn = y + (n * g.Cout + c0) * L;
+  for (int64_t c = 0; c < cw; ++c) {
+    acc_t* P = buf + c * FP;
+    std::fill(P, P + FP, acc_t(0));
+    acc_t total = 0;
+    for (int64_t oh = 0; oh < g.Hout; ++oh) {
+      const scalar_t* gr = gn + c * L + oh * g.Wout;
+      const scalar_t* yr = yn + c * L + oh * g.Wout;
+      acc_t* d = P + (oh + g.PH) * f.W + g.PW;
+      for (int64_t ow = 0; ow < g.Wout; ++ow)
+        d[ow] = static_cast<acc_t>(gr[ow]) * act_grad_from_output_c<ACT, acc_t>(static_cast<acc_t>(yr[ow]), slope);
       if (pp != nullptr) {
-        acc_t s = 0;
-        for (int64_t i = 0; i < ne; ++i) s += tp[i];
-        pp[n * C + c0 + c] += s;
+        acc_t r = 0;
+        for (int64_t ow = 0; ow < g.Wout; ++ow) r += d[ow];
+        total += r;
       }
     }
-    transpose_tile<acc_t>(tmp, ne, d + e0 * cw, cw, cw, ne);
+    if (pp != nullptr) pp[n * g.Cout + c0 + c] = total;
   }
-  acc_t* row = img + c0;
+  acc_t* dst = img + c0 * KK;
   for (int64_t ih = 0; ih < g.Hin; ++ih)
-    for (int64_t iw = 0; iw < g.Win; ++iw, row += KC) {
-      const int64_t oh0 = ih * g.SH - g.PH, ow0 = iw * g.SW - g.PW;
-      for (int64_t i = 0; i < g.KH; ++i) {
-        const int64_t oh = oh0 + i * g.DH;
-        for (int64_t j = 0; j < g.KW; ++j) {
-          const int64_t ow = ow0 + j * g.DW;
-          acc_t* rb = row + (i * g.KW + j) * C;
-          if (oh < 0 || oh >= g.Hout || ow < 0 || ow >= g.Wout) {
-            for (int64_t c = 0; c < cw; ++c) rb[c] = acc_t(0);
-          } else {
-            const acc_t* db = d + (oh * g.Wout + ow) * cw;
-            for (int64_t c = 0; c < cw; ++c) rb[c] = db[c];
-          }
-        }
-      }
+    for (int64_t iw = 0; iw < g.Win; ++iw, dst += ldc) {
+      const acc_t* P = buf + ih * g.SH * f.W + iw * g.SW;
+      for (int64_t c = 0; c < cw; ++c) gather_taps<KWC, acc_t>(dst + c * KK, P + c * FP, g.KH, g.KW, rs, g.DW);
     }
 }
 
-// im2col_task over the g_in.N images of dy, y and cols (tasks (image, run of channels) in
+// im2col_taps over the g_in.N images of dy, y and cols (tasks (image, run of channels) in
 // parallel); pp: g_in.N * C_out per-plane sums of dz, or nullptr.
 template <int ACT, typename scalar_t, typename acc_t>
-void im2col_grad(const scalar_t* dy, const scalar_t* y, acc_t* cols, const Geometry& g_in, acc_t slope, acc_t* pp) {
-  const int64_t per = g_in.Hin * g_in.Win * g_in.KH * g_in.KW * g_in.Cout;
-  for_channel_runs<acc_t>(g_in, g_in.Hout * g_in.Wout,
-                          [&](const Geometry& g, int64_t n, int64_t c0, int64_t cw, acc_t* d) {
-                            im2col_task<ACT, scalar_t, acc_t>(dy, y, cols + n * per, g, n, c0, cw, d, slope, pp);
-                          });
+void im2col_grad(const scalar_t* dy, const scalar_t* y, acc_t* cols, const Geometry& g, acc_t slope, acc_t* pp) {
+  const int64_t HW = g.Hin * g.Win, KC = g.KH * g.KW * g.Cout;
+  const FullPlane f = full_plane(g);
+  const int64_t run = tap_run(g, g.N, true), per_n = (g.Cout + run - 1) / run;
+  dispatch_kw(g, [&](auto kw) {
+    at::parallel_for(0, g.N * per_n, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<acc_t> buf(run * f.H * f.W);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n = t / per_n, c0 = (t % per_n) * run;
+        im2col_taps<ACT, decltype(kw)::value, scalar_t, acc_t>(dy, y, cols + n * HW * KC, KC, g, n, c0,
+                                                               std::min(run, g.Cout - c0), buf.data(), slope, pp);
+      }
+    });
+  });
 }
 
 // The backward's GEMM form with a thread per image (thread_per_image): each thread gathers its
@@ -928,15 +861,21 @@ void im2col_grad(const scalar_t* dy, const scalar_t* y, acc_t* cols, const Geome
 template <int ACT, typename scalar_t, typename acc_t>
 at::Tensor gemm_backward_threads(const scalar_t* dy, const scalar_t* y, const at::Tensor& xc, const at::Tensor& wt,
                                  const at::Tensor& gi, bool need_weight, const Geometry& g, acc_t slope, acc_t* pp) {
-  const int64_t HW = g.Hin * g.Win, L = g.Hout * g.Wout, KC = wt.size(1);
+  const int64_t HW = g.Hin * g.Win, KC = wt.size(1);
+  const FullPlane f = full_plane(g);
+  const int64_t run = tap_run(g, 1, false);
   std::vector<at::Tensor> partial(g.N);  // at each range's first image
   at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // per thread: the caller's guard is its own
     at::Tensor cols = scratch(kScratchThread, {HW, KC}, wt.options());
-    std::vector<acc_t> d(g.Cout * L);
+    std::vector<acc_t> d(run * f.H * f.W);
     at::Tensor gw;
     for (int64_t n = n0; n < n1; ++n) {
-      im2col_task<ACT, scalar_t, acc_t>(dy, y, cols.data_ptr<acc_t>(), g, n, 0, g.Cout, d.data(), slope, pp);
+      dispatch_kw(g, [&](auto kw) {
+        for (int64_t c0 = 0; c0 < g.Cout; c0 += run)
+          im2col_taps<ACT, decltype(kw)::value, scalar_t, acc_t>(dy, y, cols.data_ptr<acc_t>(), KC, g, n, c0,
+                                                                 std::min(run, g.Cout - c0), d.data(), slope, pp);
+      });
       if (gi.defined()) {
         at::Tensor plane = gi.select(0, n).view({g.Cin, HW});
         at::mm_out(plane, wt, cols.t());
@@ -978,7 +917,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, con
   std::vector<Welford<acc_t>> part;
   if (g.N > 0 && gemm_forward_form(x, g)) {
     // the GEMM product, then col2im + bias + activation (+ statistics) plane by plane
-    const at::Tensor xc = x.to(acc_opts.dtype()).contiguous(), wt = w_taps(w.to(acc_opts.dtype()), g);
+    const at::Tensor xc = x.to(acc_opts.dtype()).contiguous(), wt = w_matrix(w.to(acc_opts.dtype()), g);
     y = at::empty({g.N, g.Cout, g.Hout, g.Wout}, x.options());
     if (stats) part.assign(g.N * g.Cout, welford_init<acc_t>());
     Welford<acc_t>* pp = stats ? part.data() : nullptr;
@@ -1133,7 +1072,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy_in,
   if ((need_input || need_weight) && g.N > 0 && !cl && gemm_backward(x, g)) {
     // dz gathered into columns (with the bias gradient), then the two BLAS products: a thread
     // per image, or chunk by chunk of images as the forward
-    const at::Tensor xc = x.to(acc_opts.dtype()).contiguous(), wt = w_taps(w.to(acc_opts.dtype()), g);
+    const at::Tensor xc = x.to(acc_opts.dtype()).contiguous(), wt = w_matrix(w.to(acc_opts.dtype()), g);
     at::Tensor gi = need_input ? at::empty({g.N, g.Cin, g.Hin, g.Win}, acc_opts) : at::Tensor();
     at::Tensor gw;
     std::vector<acc_t> part(has_bias ? g.N * g.Cout : 0);
@@ -1159,7 +1098,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy_in,
         if (need_input) gi.narrow(0, n0, gc.N).copy_(gemm_grad_input(cc, wt, gc));
         if (need_weight) {
           const at::Tensor xcols = x_cols(xc.narrow(0, n0, gc.N), gc);
-          if (n0 == 0) gw = mm_into(scratch(kScratchGw, {g.Cin, wt.size(1)}, acc_opts), xcols, cc);
+          if (n0 == 0) gw = at::mm(xcols, cc);
           else gw.addmm_(xcols, cc);  // chunks summed in batch order (deterministic)
         }
       }
@@ -1167,8 +1106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy_in,
     if (has_bias) bias_grad(part);
     if (need_input) dx = canonical(gi.to(x.scalar_type()), memory_format_of(x));
     if (need_weight) {
-      gw = transposed_batch(gw, g.Cin, g.KH * g.KW, g.Cout, {g.Cin, g.Cout, g.KH, g.KW});
-      dwt = canonical(gw.to(w.scalar_type()), memory_format_of(w));
+      dwt = canonical(gw.view({g.Cin, g.Cout, g.KH, g.KW}).to(w.scalar_type()), memory_format_of(w));
     }
     return {dx, dwt, dbt};
   }
@@ -1301,22 +1239,23 @@ std::string cpu_row_gemm() {
   return mode == 0 ? "auto" : (mode == 1 ? "always" : "never");
 }
 
-bool cpu_row_gemm_active() { return row_gemm_forward(); }
+// Whether the row layout can run at all: "never" turns it off; "auto" takes it by shape
+// (row_gemm_auto).
+bool cpu_row_gemm_active() { return g_row_gemm_mode.load(std::memory_order_relaxed) != 2; }
 
 // For genfast::conv2d_act's backward (csrc/conv_act_autograd.cpp): whether grad_input, the
 // transposed convolution of dz (x here) by the convolution's weight, runs the GEMM form. Only
 // where it measured faster than ATen's convolution backward, interleaved on the CI CPU: the
 // plane layout (a convolution of up to kPlaneFormMaxCout input channels: 3-9x for the first
 // layers of the DCGAN, Keras and VAE discriminators), a thread per image (DCGAN 16x16 -> 32x32
-// k4 s2: 1.0-1.8x, ATen's time there being bimodal) and inputs of up to kGemmBwdMaxPixels
-// pixels (DCGAN 4x4 -> 8x8: 1.4-1.5x). Over chunks of the batch in the row layout (7x7 ->
-// 14x14 and 8x8 -> 16x16) it tied or lost by up to 25% (Keras k5 s2), so ATen's runs there.
-// Those were measurements on the AVX-512 CPU; the row layout follows row_gemm_forward (on the AMD
-// EPYC CPU the DCGAN 16x16 block tied either way: 0.98-1.04x).
+// k4 s2: 1.0-1.8x, ATen's time there being bimodal) and inputs of up to 16 pixels (DCGAN 4x4 ->
+// 8x8: 1.4-1.5x), measured on the AVX-512 CPU; over chunks of the batch the earlier row layout
+// tied or lost by up to 25% there (Keras k5 s2, which row_gemm_auto leaves to ATen). The row
+// layout follows row_gemm_forward.
 bool conv2d_grad_input_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
                             at::IntArrayRef padding, at::IntArrayRef output_padding, at::IntArrayRef dilation) {
   const Geometry g = geometry(x, w, stride, padding, output_padding, 1, dilation, -1, -1);
-  return gemm_eligible(x, g) && (g.Cout <= kPlaneFormMaxCout || (row_gemm_forward() && gemm_backward(x, g)));
+  return gemm_eligible(x, g) && (g.Cout <= kPlaneFormMaxCout || (row_gemm_forward(g) && gemm_backward(x, g)));
 }
 
 // For genfast::linear_act's backward (csrc/conv_act_autograd.cpp), on a dense (M, C) row-major
