@@ -319,6 +319,34 @@ def test_running_stats_of_wide_short_batches(shape, dtype):
     torch.testing.assert_close(y, y_t, **(tol if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)))
 
 
+@pytest.mark.parametrize("shape", [(64, 8192), (40, 3000), (300, 520)])
+def test_wide_tiled_batches_against_float64(shape):
+    """(N, C) batches cut into tiles of 256 channels by 256 rows (C > 256 and at least 32 rows;
+    a partial last tile of channels and of rows in the last two): output, running statistics and
+    all three gradients against torch's float64 BatchNorm1d + LeakyReLU, on inputs offset far
+    from 0 and with a NaN and an inf in two channels (NaN / inf where the reference has them)."""
+    N, C = shape
+    x = torch.randn(N, C) * 3 + 50
+    x[N // 2, 7] = float("nan")
+    x[N - 1, C - 2] = float("inf")
+    rm, rv = torch.randn(C), torch.rand(C) + 0.5
+    rm64, rv64 = rm.double(), rv.double()
+    w, b = torch.randn(C), torch.randn(C)
+    dy = torch.randn(N, C)
+    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+    with backend("cpu"):
+        y = GF.batch_norm_act(xs, rm, rv, ws, bs, True, 0.3, 1e-5, negative_slope=0.2)
+    gx, gw, gb = torch.autograd.grad(y, (xs, ws, bs), dy)
+    xd, wd, bd = (t.double().requires_grad_() for t in (x, w, b))
+    yd = F.leaky_relu(F.batch_norm(xd, rm64, rv64, wd, bd, True, 0.3, 1e-5), 0.2)
+    gxd, gwd, gbd = torch.autograd.grad(yd, (xd, wd, bd), dy.double())
+    # the NaN and inf channels: the reference's NaN / inf in the same places (equal_nan)
+    assert rv[7].isnan() and y[:, 7].isnan().all() and gx[:, C - 2].isnan().all()
+    for got, want, tol in ((rm, rm64, 1e-5), (rv, rv64, 1e-5), (y, yd, 1e-4), (gx, gxd, 1e-4), (gw, gwd, 1e-3),
+                           (gb, gbd, 1e-4)):
+        torch.testing.assert_close(got.double(), want.detach(), rtol=tol * 10, atol=tol, equal_nan=True)
+
+
 # --- nothing is written before every check has passed ------------------------------------------
 
 def _state(m):

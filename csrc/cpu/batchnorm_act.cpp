@@ -38,8 +38,10 @@ using red_t = double;
 
 // (N, C) / channels-last blocks: 64K elements (256 KB of float32, read twice from L2), so that a
 // wide BatchNorm1d makes few partials (16K-element blocks made 16 partial rows of 4096 channels
-// for a (64, 4096) batch, whose strided merge cost more than the reads).
+// for a (64, 4096) batch, whose strided merge cost more than the reads). Tiled blocks (below)
+// hold 64K elements of kTileC channels each.
 constexpr int64_t kRowBlockElems = 65536;
+constexpr int64_t kTileC = 256;
 int64_t nlc_rows_per_block(int64_t C) { return std::max<int64_t>(1, kRowBlockElems / std::max<int64_t>(C, 1)); }
 
 // NCL rows of at most kShortRow values (e.g. BatchNorm2d on 4x4 maps, BatchNorm1d on (N, C, 4))
@@ -92,7 +94,6 @@ const std::vector<T>& per_virtual(const std::vector<T>& x, int64_t G, std::vecto
 // and a tile still holds at least kMinTileElems elements, so that a (64, 1024) BatchNorm1d batch
 // (one 64K-element block) runs as 4 tasks on several threads instead of one. A tile's partial
 // sums go to its own channels of its block's partial row: the merge is unchanged.
-constexpr int64_t kTileC = 256;
 constexpr int64_t kMinTileElems = 8192;
 
 // Work decomposition. NCL: each of the N*C rows is cut into `cpr` chunks of at most kChunk
@@ -113,9 +114,15 @@ Tasks make_tasks(const ChannelView& v) {
     const int64_t cpr = std::max<int64_t>(1, (v.L + kChunk - 1) / kChunk);
     return {cpr, 0, v.L > 0 ? v.N * v.C * cpr : 0, 0, 0, 0};
   }
-  const int64_t R = nlc_rows_per_block(v.C), rows = v.N * v.L;
+  // tiles of kTileC channels by kRowBlockElems / kTileC rows wherever a tile holds at least
+  // kMinTileElems values; else blocks of whole rows. (Blocks of 64K elements across all of C, the
+  // only form for C > 2048 before, made 8 rows of 8192 channels for a (64, 8192) batch: 8 tasks
+  // and 8 partials per channel merged on one thread, 0.68x torch's forward.)
+  const int64_t rows = v.N * v.L, Rt = kRowBlockElems / kTileC;
+  const bool tiled = v.C > kTileC && std::min(Rt, rows) * kTileC >= kMinTileElems;
+  const int64_t R = tiled ? Rt : nlc_rows_per_block(v.C);
   const int64_t nb = (rows + R - 1) / R;
-  const int64_t cw = (v.C > kTileC && std::min(R, rows) * kTileC >= kMinTileElems) ? kTileC : v.C;
+  const int64_t cw = tiled ? kTileC : v.C;
   const int64_t nc = cw > 0 ? (v.C + cw - 1) / cw : 0;
   return {1, R, nb * nc, nb, cw, nc};
 }
@@ -268,7 +275,16 @@ std::vector<Welford<red_t, int64_t>> channel_stats(const scalar_t* x, const BnVi
         nlc_block_stats(x + lo * C + c0, hi - lo, C, c1 - c0, part.data() + (t / tk.nc) * C + c0);
       }
     });
-    if (G == 1) {
+    if (G == 1 && tk.nb == 1) {
+      // one partial per channel, all of the same count: the mean by one reciprocal (the merge's
+      // shortcut divides per channel; a wide, short batch's statistics were division-bound)
+      const red_t inv = red_t(1) / static_cast<red_t>(v.N * v.L);
+      for (int64_t c = 0; c < C; ++c) {
+        const SumPartial<red_t>& q = part[c];
+        out[c] = q.sum - q.sum == red_t(0) ? Welford<red_t, int64_t>{q.count, q.sum * inv, q.m2}
+                                           : merge_sum_partials(&q, 1, 1);
+      }
+    } else if (G == 1) {
       for (int64_t c = 0; c < C; ++c) out[c] = merge_sum_partials(part.data() + c, tk.nb, C);
     } else {
       // a channel's partials: block by block, its G virtual channels in order
@@ -439,7 +455,7 @@ bool running_buffer_ok(const c10::optional<at::Tensor>& t, int64_t C) {
 }
 
 template <typename acc_t>
-bool finish_stats_vectorised(const std::vector<Welford<red_t, int64_t>>& st, double eps, double momentum,
+GENFAST_SIMD_CLONES bool finish_stats_vectorised(const std::vector<Welford<red_t, int64_t>>& st, double eps, double momentum,
                              const c10::optional<at::Tensor>& running_mean,
                              const c10::optional<at::Tensor>& running_var, bool have_rm, bool have_rv,
                              std::vector<acc_t>& mean, std::vector<acc_t>& invstd) {
@@ -460,10 +476,12 @@ bool finish_stats_vectorised(const std::vector<Welford<red_t, int64_t>>& st, dou
     mu[c] = st[c].mean;
     m2[c] = st[c].m2;
   }
-  const red_t nd = static_cast<red_t>(n), e = static_cast<red_t>(eps);
+  // the divisions by the count as products with its reciprocal (within an ulp of float64, far
+  // below the float32 results; a (2, 4096) batch's finish was division-bound)
+  const red_t nd = static_cast<red_t>(n), e = static_cast<red_t>(eps), inv_n = red_t(1) / nd;
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
-    const red_t var = m2[c] / nd;
+    const red_t var = m2[c] * inv_n;
     mean[c] = static_cast<acc_t>(mu[c]);
     invstd[c] = static_cast<acc_t>(red_t(1) / std::sqrt(var + e));
   }
@@ -471,9 +489,9 @@ bool finish_stats_vectorised(const std::vector<Welford<red_t, int64_t>>& st, dou
   const red_t mom = static_cast<red_t>(momentum);
   // unbiased variance into running_var (the biased one for a single value), as finish_stats
   std::vector<red_t> unbiased(C);
-  const red_t nu = n > 1 ? static_cast<red_t>(n - 1) : nd;
+  const red_t inv_nu = red_t(1) / (n > 1 ? static_cast<red_t>(n - 1) : nd);
 #pragma omp simd
-  for (int64_t c = 0; c < C; ++c) unbiased[c] = m2[c] / nu;
+  for (int64_t c = 0; c < C; ++c) unbiased[c] = m2[c] * inv_nu;
   if (running_mean->scalar_type() == at::kDouble) update_running(running_mean->data_ptr<double>(), mu, C, mom);
   else update_running(running_mean->data_ptr<float>(), mu, C, mom);
   if (running_var->scalar_type() == at::kDouble) update_running(running_var->data_ptr<double>(), unbiased, C, mom);
