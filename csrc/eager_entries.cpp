@@ -17,6 +17,8 @@
 // refuses) is caught likewise: nothing was written by then (these ops write only their fresh
 // outputs).
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
@@ -24,6 +26,7 @@
 
 #include <cfloat>
 #include <cmath>
+#include <vector>
 
 #include "product_act.h"
 
@@ -160,6 +163,125 @@ OptT conv2d_act_eager(const at::Tensor& x, const at::Tensor& w, const OptT& b, c
   return guarded([&]() -> OptT {
     return records_backward(x, w, b) ? op.call(x, w, b, stride, padding, dilation, groups, act, slope)
                                      : torch_act_(at::conv2d(x, w, b, stride, padding, dilation, groups), act, slope);
+  });
+}
+
+// --- product + eval-mode BatchNorm + activation -------------------------------------------------
+
+namespace {
+
+// y = act(y * scale + shift) in place, per channel c of a (rows, C) row-major block (C channels
+// per row: Linear output, or a channels-last map) or of (N, C, L) planes. scale = weight /
+// sqrt(running_var + eps) and shift = bias - running_mean * scale in float64, rounded to the
+// accumulation type: torch's eval BatchNorm's own (alpha, beta) formula. NaN stays NaN (relu and
+// leaky_relu as written here keep it), as in torch.
+template <int ACT, typename T>
+inline T affine_one(T v, T slope) {
+  if constexpr (ACT == kRelu) return v < T(0) ? T(0) : v;
+  if constexpr (ACT == kLeakyRelu) return v < T(0) ? v * slope : v;
+  return v;
+}
+
+template <int ACT, typename T>
+void affine_act_(T* y, int64_t outer, int64_t C, int64_t L, const T* a, const T* b, T slope) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C * L));
+  at::parallel_for(0, outer, grain, [=](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      T* __restrict__ p = y + o * C * L;
+      if (L == 1) {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) p[c] = affine_one<ACT, T>(p[c] * a[c] + b[c], slope);
+      } else {
+        for (int64_t c = 0; c < C; ++c) {
+          T* __restrict__ q = p + c * L;
+          const T ac = a[c], bc = b[c];
+#pragma omp simd
+          for (int64_t i = 0; i < L; ++i) q[i] = affine_one<ACT, T>(q[i] * ac + bc, slope);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void affine_act_(T* y, int64_t outer, int64_t C, int64_t L, const std::vector<T>& a, const std::vector<T>& b,
+                 int64_t act, T slope) {
+  if (act == kRelu) affine_act_<kRelu, T>(y, outer, C, L, a.data(), b.data(), slope);
+  else if (act == kLeakyRelu) affine_act_<kLeakyRelu, T>(y, outer, C, L, a.data(), b.data(), slope);
+  else affine_act_<kIdentity, T>(y, outer, C, L, a.data(), b.data(), slope);
+}
+
+// A (C,) float32 / float64 tensor read through its stride as double (the pointer and stride taken
+// once: data_ptr's checks per element cost more than the whole pass)
+struct ChannelReader {
+  const void* p = nullptr;
+  int64_t stride = 0;
+  bool dbl = false;
+  explicit ChannelReader(const OptT& t) {
+    if (!t.has_value()) return;
+    p = t->data_ptr();
+    stride = t->stride(0);
+    dbl = t->scalar_type() == at::kDouble;
+  }
+  double operator()(int64_t c, double fill) const {
+    if (p == nullptr) return fill;
+    return dbl ? static_cast<const double*>(p)[c * stride] : static_cast<double>(static_cast<const float*>(p)[c * stride]);
+  }
+};
+
+bool channel_vec(const at::Tensor& t, at::ScalarType dt, int64_t C) {
+  return float_cpu(t, dt) && t.dim() == 1 && t.size(0) == C;
+}
+
+}  // namespace
+
+// genfast._C.product_bn_eval_eager: act(bn_eval(product(x))) for a call that records no
+// backward: torch's linear (kind 0; 2-D input) or conv2d (kind 1; 4-D input, int pairs), its
+// bias included, then one in-place pass of the eval BatchNorm's per-channel affine map and the
+// activation (identity, relu, leaky_relu). The eval block's Python path cost 20-30 us more per
+// layer than torch's modules at batch 1 (its checks, then a second entry for the BatchNorm),
+// and folding the BatchNorm into the weight reads and writes the whole weight on every call.
+OptT product_bn_eval_eager(const at::Tensor& x, const at::Tensor& w, const OptT& b, int64_t kind,
+                           const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                           const std::vector<int64_t>& dilation, int64_t groups, const at::Tensor& rm,
+                           const at::Tensor& rv, const OptT& bn_w, const OptT& bn_b, double eps, int64_t act,
+                           double slope) {
+  if (!common_ok(x, {&w}, b, act, slope) || act > kLeakyRelu || !(eps >= 0)) return c10::nullopt;
+  const auto dt = x.scalar_type();
+  if (kind == 0) {
+    if (x.dim() != 2 || w.dim() != 2 || x.size(1) != w.size(1)) return c10::nullopt;
+  } else if (kind != 1 || x.dim() != 4 || w.dim() != 4 || !pair(stride) || !pair(padding) || !pair(dilation)) {
+    return c10::nullopt;
+  }
+  const int64_t C = w.size(0);
+  if (b.has_value() && (b->dim() != 1 || b->size(0) != C)) return c10::nullopt;
+  if (!channel_vec(rm, dt, C) || !channel_vec(rv, dt, C)) return c10::nullopt;
+  if ((bn_w.has_value() && !channel_vec(*bn_w, dt, C)) || (bn_b.has_value() && !channel_vec(*bn_b, dt, C)))
+    return c10::nullopt;
+  if (at::GradMode::is_enabled()) {
+    for (const at::Tensor* t : {&x, &w})
+      if (t->requires_grad()) return c10::nullopt;
+    for (const OptT* t : {&b, &bn_w, &bn_b})
+      if (t->has_value() && (*t)->requires_grad()) return c10::nullopt;
+  }
+  return guarded([&]() -> OptT {
+    at::Tensor y = kind == 0 ? at::linear(x, w, b) : at::conv2d(x, w, b, stride, padding, dilation, groups);
+    const bool rows = y.dim() == 2 || (!y.is_contiguous() && y.is_contiguous(at::MemoryFormat::ChannelsLast));
+    if (!rows && !y.is_contiguous()) return c10::nullopt;  // (ATen's products give one of the two)
+    const int64_t L = y.dim() == 4 ? y.size(2) * y.size(3) : 1;
+    AT_DISPATCH_FLOATING_TYPES(dt, "product_bn_eval", [&] {
+      std::vector<scalar_t> a(C), sh(C);
+      const ChannelReader mean(rm), var(rv), gamma(bn_w), beta(bn_b);
+      for (int64_t c = 0; c < C; ++c) {
+        const double sc = gamma(c, 1.0) / std::sqrt(var(c, 0.0) + eps);
+        a[c] = static_cast<scalar_t>(sc);
+        sh[c] = static_cast<scalar_t>(beta(c, 0.0) - mean(c, 0.0) * sc);
+      }
+      scalar_t* p = y.data_ptr<scalar_t>();
+      if (rows) affine_act_<scalar_t>(p, y.numel() / std::max<int64_t>(1, C), C, 1, a, sh, act, static_cast<scalar_t>(slope));
+      else affine_act_<scalar_t>(p, y.size(0), C, L, a, sh, act, static_cast<scalar_t>(slope));
+    });
+    return y;
   });
 }
 

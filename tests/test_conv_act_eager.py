@@ -397,3 +397,80 @@ def test_call_without_backward_runs_torchs_ops(product, mode, activation):
         y = fused(x, w.clone().requires_grad_(), b)
     assert op in {e.name for e in prof.events()}
     torch.testing.assert_close(y.detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+# --- eval blocks (product -> eval BatchNorm -> activation) on the eager CPU path --------------
+
+def _eval_block(kind, act_mod, dtype=torch.float32):
+    torch.manual_seed(3)
+    if kind == "linear":
+        seq = nn.Sequential(nn.Linear(12, 10), nn.BatchNorm1d(10), act_mod)
+        x = torch.randn(5, 12, dtype=dtype)
+    else:
+        seq = nn.Sequential(nn.Conv2d(3, 6, 3, 2, 1), nn.BatchNorm2d(6), act_mod)
+        x = torch.randn(4, 3, 9, 8, dtype=dtype)
+    seq = seq.to(dtype)
+    bn = seq[1]
+    with torch.no_grad():  # running statistics and affine parameters away from their defaults
+        bn.running_mean.copy_(torch.randn(bn.num_features))
+        bn.running_var.copy_(torch.rand(bn.num_features) + 0.5)
+        bn.weight.copy_(torch.randn(bn.num_features))
+        bn.bias.copy_(torch.randn(bn.num_features))
+    seq.eval()
+    return seq, x
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("act_mod", [nn.ReLU(), nn.LeakyReLU(0.2), nn.LeakyReLU(0.2, inplace=True)],
+                         ids=["relu", "leaky", "leaky_inplace"])
+def test_eval_block_no_grad_one_pass(kind, act_mod):
+    """Under no_grad, a converted eval block runs torch's product then one in-place pass of the
+    BatchNorm's affine map and the activation (genfast._C.product_bn_eval_eager: no batch_norm and
+    no weight fold in the profile), matching torch's float64 modules; a NaN input row stays NaN."""
+    ref, x = _eval_block(kind, act_mod)
+    x[1].view(-1)[0] = float("nan")
+    ours = genfast.convert(copy.deepcopy(ref))
+    with torch.no_grad(), profile() as prof:
+        y = ours(x)
+    names = {e.name for e in prof.events()}
+    assert not any("batch_norm" in n for n in names), names
+    assert "aten::mul" not in names and "aten::rsqrt" not in names, names  # no fold of the weight
+    want = copy.deepcopy(ref).double()(x.double())
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert y[1].isnan().any() and not y[0].isnan().any()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_eval_block_strided_running_buffers(kind):
+    """The eval pass reads the running statistics through their strides (a buffer replaced by a
+    strided view of a larger tensor)."""
+    ref, x = _eval_block(kind, nn.ReLU())
+    bn = ref[1]
+    C = bn.num_features
+    big = torch.rand(2 * C) + 0.5
+    bn.running_var = big[::2]
+    ours = genfast.convert(copy.deepcopy(ref))
+    ours[1].running_var = big[::2]
+    with torch.no_grad():
+        y = ours(x)
+        want = ref(x)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_eval_block_with_grad_small_batch(kind):
+    """An eval block that records a backward at a small batch (output not much larger than the
+    weight: no fold, see fold_pays): the product, then the fused eval BatchNorm + activation;
+    output and the weight and input gradients as torch's float64 modules."""
+    ref, x = _eval_block(kind, nn.LeakyReLU(0.2))
+    ours = genfast.convert(copy.deepcopy(ref))
+    xs = x.clone().requires_grad_()
+    y = ours(xs)
+    dy = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (xs, ours[0].weight), dy)
+    r64 = copy.deepcopy(ref).double()
+    xd = x.double().requires_grad_()
+    yd = r64(xd)
+    gxd, gwd = torch.autograd.grad(yd, (xd, r64[0].weight), dy.double())
+    for got, want in ((y, yd), (gx, gxd), (gw, gwd)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)

@@ -12,8 +12,9 @@ from torch import nn
 from genfast import backend as B
 from genfast import functional as GF
 from genfast.nn.batchnorm_act import batch_norm_act_forward
-from genfast.nn.conv_transpose import apply_activation, bn_foldable
+from genfast.nn.conv_transpose import apply_activation, bn_foldable, fold_pays
 from genfast.ops import conv_act as _ca
+from genfast.ops import conv_transpose as _ct
 
 
 def _extra_repr(m: nn.Module, base: str) -> str:
@@ -97,11 +98,8 @@ def product_eager(m: nn.Module, input: torch.Tensor) -> torch.Tensor:
     subclass carries: the eager CPU path (B.eager_cpu): genfast::conv2d_act (torch's product,
     grad_input from the transposed convolution's GEMM form) / genfast::linear_act."""
     if isinstance(m, nn.Conv2d):
-        x, padding = _conv_input(m, input)
-        return _ca.conv2d_eager(x, m.weight, m.bias, m.stride, padding, m.dilation, m.groups,
-                                "identity", 0.0)
-    lin = cast(nn.Linear, m)
-    return _ca.linear_eager(input, lin.weight, lin.bias, "identity", 0.0)
+        return conv2d_act_forward(m, input, "identity", 0.0)
+    return linear_act_forward(cast(nn.Linear, m), input, "identity", 0.0)
 
 
 def conv2d_act_forward(conv: nn.Conv2d, input: torch.Tensor, activation: Optional[str],
@@ -110,8 +108,13 @@ def conv2d_act_forward(conv: nn.Conv2d, input: torch.Tensor, activation: Optiona
     nn.Conv2d; its own activation attribute is ignored). Eager CPU calls: genfast::conv2d_act
     (torch's oneDNN product with the bias, the activation in place, C++ autograd)."""
     if B.eager_cpu(input):
-        act = _ca.check_activation(activation, negative_slope)
         x, padding = _conv_input(conv, input)
+        # the common call straight to the C++ entry (its Python gate: ~2 us), else the checked path
+        y = _ca.conv2d_fast(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation,
+                            conv.groups, activation, negative_slope)
+        if y is not None:
+            return y
+        act = _ca.check_activation(activation, negative_slope)
         return _ca.conv2d_eager(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation,
                                 conv.groups, act, negative_slope)
     x, padding = _conv_input(conv, input)
@@ -124,6 +127,9 @@ def linear_act_forward(lin: nn.Linear, input: torch.Tensor, activation: Optional
     """activation(lin(input)) with ``lin``'s weight and bias, fused (eager CPU calls:
     genfast::linear_act: ATen's addmm and torch's activation in place, C++ autograd)."""
     if B.eager_cpu(input):
+        y = _ca.linear_fast(input, lin.weight, lin.bias, activation, negative_slope)
+        if y is not None:
+            return y
         act = _ca.check_activation(activation, negative_slope)
         return _ca.linear_eager(input, lin.weight, lin.bias, act, negative_slope)
     return GF.linear(input, lin.weight, lin.bias, activation=activation,
@@ -186,10 +192,29 @@ def product_bn_act_forward(m: nn.Module, bn: nn.modules.batchnorm._BatchNorm, ac
                                       negative_slope)
     bn_training = _check_bn(bn)
     if not bn_training:
+        y = _product_bn_eval_fast(m, bn, activation, negative_slope, input)
+        if y is not None:
+            return y
         if not bn_foldable(bn, cast(torch.Tensor, m.weight), input, 2 if linear else 4):
             # torch's modules one by one: their checks and exceptions (an unbatched conv input
             # that BatchNorm2d rejects, parameters of another dtype than the product's)
             return apply_activation(bn(m(input)), activation, negative_slope)
+        w = cast(torch.Tensor, m.weight)
+        if linear:
+            out_numel = input.numel() // max(1, input.shape[-1]) * w.shape[0]
+        else:
+            s = 1
+            for v in cast(nn.Conv2d, m).stride:
+                s *= v
+            out_numel = input.numel() // max(1, input.shape[1]) * w.shape[0] // s
+        if not fold_pays(input, w, out_numel, activation):
+            # the product with its bias as torch runs it, then genfast's fused eval BatchNorm +
+            # activation (running statistics: one pass over the output)
+            y = product_eager(m, input)
+            if keep_input and activation == "leaky_relu":
+                return apply_activation(batch_norm_act_forward(bn, y, "identity", 0.01),
+                                        activation, negative_slope)
+            return batch_norm_act_forward(bn, y, activation, negative_slope)
         if keep_input and activation == "leaky_relu":
             return apply_activation(_product_bn_act_eval(m, bn, None, negative_slope, input),
                                     activation, negative_slope)
@@ -239,6 +264,36 @@ def product_bn_act_forward(m: nn.Module, bn: nn.modules.batchnorm._BatchNorm, ac
         list(dilation), groups, bn.weight, bn.bias, bn.running_mean if track else None,
         bn.running_var if track else None, bn.num_batches_tracked if track else None,
         bn.momentum, bn.eps, activation, negative_slope, B.for_op(name))
+
+
+def _product_bn_eval_fast(m, bn, activation, negative_slope, input) -> Optional[torch.Tensor]:
+    """The eval block for an eager CPU call that records no backward (sampling under no_grad or
+    inference_mode): genfast._C.product_bn_eval_eager, torch's product with its bias, then the
+    BatchNorm's per-channel affine map and the activation in one in-place pass. None for every
+    other call (including any argument the C++ checks do not take), which takes the path below.
+    With no backward, an nn.LeakyReLU(inplace=False) after the block computes the same values."""
+    act = _ct.fast_act(activation, negative_slope)
+    if act is None or act > 2 or type(input) is not torch.Tensor or not B.eager_cpu(input):
+        return None
+    w, b = m.weight, m.bias
+    rm, rv, bw, bb = bn.running_mean, bn.running_var, bn.weight, bn.bias
+    eps = bn.eps
+    if (rm is None or rv is None or type(eps) not in (float, int)
+            or torch._C._has_torch_function((input, w, b, rm, rv, bw, bb))
+            or B.composite_only(input, w, b, bw, bb)):
+        return None
+    if isinstance(m, nn.Conv2d):
+        s, p, d = _ct.fast_pair(m.stride), _ct.fast_pair(m.padding), _ct.fast_pair(m.dilation)
+        if m.padding_mode != "zeros" or s is None or p is None or d is None or type(m.groups) is not int:
+            return None
+        kind, groups = 1, m.groups
+    else:
+        kind, s, p, d, groups = 0, [1, 1], [0, 0], [1, 1], 1
+    try:
+        return B.extension().product_bn_eval_eager(input, w, b, kind, s, p, d, groups, rm, rv, bw, bb,
+                                                   float(eps), act, float(negative_slope))
+    except (TypeError, OverflowError):
+        return None
 
 
 def _product_bn_act_eval(m, bn, activation, negative_slope, input):
