@@ -266,7 +266,8 @@ def product_bn_act_forward(m: nn.Module, bn: nn.modules.batchnorm._BatchNorm, ac
         bn.momentum, bn.eps, activation, negative_slope, B.for_op(name))
 
 
-def _product_bn_eval_fast(m, bn, activation, negative_slope, input) -> Optional[torch.Tensor]:
+def _product_bn_eval_fast(m: nn.Module, bn: nn.modules.batchnorm._BatchNorm, activation: Optional[str],
+                          negative_slope: float, input: torch.Tensor) -> Optional[torch.Tensor]:
     """The eval block for an eager CPU call that records no backward (sampling under no_grad or
     inference_mode): genfast._C.product_bn_eval_eager, torch's product with its bias, then the
     BatchNorm's per-channel affine map and the activation in one in-place pass. None for every
