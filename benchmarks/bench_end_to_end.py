@@ -4,7 +4,9 @@ on a GPU, peak memory of one step.
 
 GAN steps of every seed GAN: the DCGAN 64x64 (GPU: batch 64 and 128) or the 28x28 Keras-style
 DCGAN (width 64; CPU: batch 64), the MLP GAN and the conditional (label-embedding) MLP GAN
-(batch 128 on a GPU, 64 on the CPU); the convolutional VAE at batch 128 (GPU) or 64 (CPU)."""
+(batch 128 on a GPU, 64 on the CPU); the convolutional VAE at batch 128 (GPU) or 64 (CPU). On the
+CPU also sampling: the Keras-style DCGAN and MLP generators in eval mode under no_grad, batch 1 and
+64."""
 from __future__ import annotations
 
 import torch
@@ -65,6 +67,29 @@ def _variants_gan(make, batch, device):
             return torch.stack(t.step(real, z))
 
         variants[label] = step
+    return variants
+
+
+def _variants_sample(make, batch, device):
+    """Sampling: the generator in eval mode under no_grad (what a user runs to draw images from a
+    trained model), z fixed."""
+    variants = {}
+    _, _, nz, _ = make()
+    z = torch.randn(batch, nz, device=device)
+    for label, convert, compile_ in (("eager", False, False), ("compile", False, True),
+                                     ("genfast", True, False), ("genfast+compile", True, True)):
+        G, _, _, _ = make()
+        G.eval()
+        if convert:
+            genfast.convert(G)
+        if compile_:
+            G = torch.compile(G)
+
+        def sample(G=G):
+            with torch.no_grad():
+                return G(z)
+
+        variants[label] = sample
     return variants
 
 
@@ -130,6 +155,16 @@ def run(device: torch.device, quick: bool) -> list[dict]:
         extra = {k: _peak_memory(fn, device) for k, fn in variants.items()}
         rows.append(harness.measure(FAMILY, f"GAN step {name} batch {batch}", variants, device=device,
                                     extra=extra, rounds=_rounds(device, quick), min_round_ms=1.0))
+        harness.print_row(rows[-1])
+    # sampling (eval, no_grad) on the CPU: batch 1 (one image: the per-layer call overhead) and 64
+    sample_cases = [] if device.type == "cuda" else [("keras_dcgan28", 1), ("keras_dcgan28", 64),
+                                                     ("mlp_gan", 1), ("mlp_gan", 64)]
+    for name, batch in sample_cases:
+        case = f"sample G {name} batch {batch} eval no_grad"
+        if not harness.should_run(FAMILY, case):
+            continue
+        variants = _variants_sample(_gan_factory(name, device, 64, batch), batch, device)
+        rows.append(harness.measure(FAMILY, case, variants, device=device, rounds=_rounds(device, quick)))
         harness.print_row(rows[-1])
     for batch in vae_batches:
         if not harness.should_run(FAMILY, f"VAE step conv_vae batch {batch}"):

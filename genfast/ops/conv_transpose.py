@@ -626,7 +626,12 @@ def conv_transpose_eager(input, weight, bias, stride, padding, output_padding, g
     take) runs torch's own conv_transpose2d (its checks and exceptions) and activation. The op's
     int[2] arguments take an int or a pair, as torch's do. Python checks of our own measured
     50-100 us per call on the 2-core CI CPU, so there are none here. Under CPU autocast: torch's product in the
-    autocast dtype, then torch's activation in place."""
+    autocast dtype, then torch's activation in place. The common call goes straight to the C++
+    entry (conv_transpose2d_fast: the same op without torch.ops' Python call)."""
+    y = conv_transpose2d_fast(input, weight, bias, stride, padding, output_padding, groups,
+                              dilation, act, negative_slope)
+    if y is not None:
+        return y
     if not torch.is_autocast_enabled("cpu") and int_args(stride, padding, output_padding, groups,
                                                         dilation):
         try:
