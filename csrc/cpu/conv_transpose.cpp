@@ -529,7 +529,7 @@ int64_t plane_buffer(const Geometry& g, const AxisPhases& pw) {
 }
 
 // One output plane (image n, channel co) of the forward from the transposed columns
-//   ct[(i*KW + j)*C_out + co][ih*W_in + iw]  (row stride ldc; the image's first pixel at ct).
+//   ct[co*KH*KW + i*KW + j][ih*W_in + iw]  (row stride ldc; the image's first pixel at ct).
 // The plane is summed phase by phase of the stride in buf (phase (rh, rw) holds the outputs
 // (rh + S_H*qh, rw + S_W*qw) in Q_h[rh] rows of phase_stride values): the bias, then each tap of
 // the phase in tap order (i, j). A tap whose rows share the columns' stride adds as one flat
@@ -706,11 +706,12 @@ GENFAST_SIMD_CLONES void col2im_taps(const acc_t* img, int64_t ldc, scalar_t* y,
 }
 
 // The forward's GEMM form, in one of two layouts of the columns (the product's output):
-// - rows (many output channels): cols (H_in*W_in per image, KH*KW*C_out) = x as rows of C_in by
-//   wt; each output pixel's taps are runs of channels (col2im_rows);
-// - planes (up to kPlaneFormMaxCout output channels): ct (KH*KW*C_out, H_in*W_in per
-//   image) = wt^T by x's own (C_in, H_in*W_in) planes; each output plane's taps are rows of
-//   pixels (col2im_plane).
+// - rows (many output channels): cols (H_in*W_in per image, C_out*KH*KW) = x as rows of C_in by
+//   wt (the weight as stored, (C_in, C_out*KH*KW)); each input pixel's KH x KW window of taps is
+//   added into uncropped per-channel planes (col2im_taps);
+// - planes (up to kPlaneFormMaxCout output channels): ct (C_out*KH*KW, H_in*W_in per image) =
+//   wt^T by x's own (C_in, H_in*W_in) planes; each output plane's taps are rows of pixels
+//   (col2im_plane).
 // With a thread per image (thread_per_image), each thread runs its images' products on its own
 // core into its own columns (one image's, in that core's cache) and consumes them there; else
 // the products run over chunks of the batch (chunk_images) and col2im over the chunk's tasks.
@@ -856,7 +857,7 @@ void im2col_grad(const scalar_t* dy, const scalar_t* y, acc_t* cols, const Geome
 // images' dz into its own columns (one image's) and runs both products on its own core:
 // grad_input's plane block (C_in, H*W) = wt x cols^T, and its partial grad_weight += x's planes
 // x cols. The partials are summed in the order of the threads' image ranges (deterministic for a
-// thread count). gi: (N, C_in, H, W) or undefined; returns grad_weight (C_in, KH*KW*C_out) or an
+// thread count). gi: (N, C_in, H, W) or undefined; returns grad_weight (C_in, C_out*KH*KW) or an
 // undefined tensor.
 template <int ACT, typename scalar_t, typename acc_t>
 at::Tensor gemm_backward_threads(const scalar_t* dy, const scalar_t* y, const at::Tensor& xc, const at::Tensor& wt,
