@@ -255,9 +255,10 @@ def cpu_losses_supported() -> bool:
 def set_cpu_row_gemm(mode: str) -> None:
     """Where the CPU transposed convolution (and a Conv2d's grad_input) runs its GEMM form with
     the row layout (one BLAS product, then our col2im epilogue; more than 8 output channels):
-    "auto" (the default: on CPUs with AVX-512, the kind where it measured faster than ATen's
-    oneDNN product; csrc/cpu/conv_transpose.cpp), "always" or "never". Process-wide;
-    the other forms are unaffected."""
+    "auto" (the default: by shape, from a 1x1 input or where each output value has at most 4
+    columns, KH*KW <= 4*SH*SW, the shapes where it measured faster than ATen's oneDNN product;
+    csrc/cpu/conv_transpose.cpp), "always" or "never". Process-wide; the other forms are
+    unaffected."""
     ext = extension()
     if ext is None:
         raise RuntimeError("set_cpu_row_gemm: genfast._C is not loaded (see the warning at import)")
