@@ -174,13 +174,7 @@ namespace {
 // per row: Linear output, or a channels-last map) or of (N, C, L) planes. scale = weight /
 // sqrt(running_var + eps) and shift = bias - running_mean * scale in float64, rounded to the
 // accumulation type: torch's eval BatchNorm's own (alpha, beta) formula. NaN stays NaN (relu and
-// leaky_relu as written here keep it), as in torch.
-template <int ACT, typename T>
-inline T affine_one(T v, T slope) {
-  if constexpr (ACT == kRelu) return v < T(0) ? T(0) : v;
-  if constexpr (ACT == kLeakyRelu) return v < T(0) ? v * slope : v;
-  return v;
-}
+// leaky_relu keep it: act_forward_c), as in torch.
 
 template <int ACT, typename T>
 void affine_act_(T* y, int64_t outer, int64_t C, int64_t L, const T* a, const T* b, T slope) {
@@ -190,13 +184,13 @@ void affine_act_(T* y, int64_t outer, int64_t C, int64_t L, const T* a, const T*
       T* __restrict__ p = y + o * C * L;
       if (L == 1) {
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) p[c] = affine_one<ACT, T>(p[c] * a[c] + b[c], slope);
+        for (int64_t c = 0; c < C; ++c) p[c] = act_forward_c<ACT, T>(p[c] * a[c] + b[c], slope);
       } else {
         for (int64_t c = 0; c < C; ++c) {
           T* __restrict__ q = p + c * L;
           const T ac = a[c], bc = b[c];
 #pragma omp simd
-          for (int64_t i = 0; i < L; ++i) q[i] = affine_one<ACT, T>(q[i] * ac + bc, slope);
+          for (int64_t i = 0; i < L; ++i) q[i] = act_forward_c<ACT, T>(q[i] * ac + bc, slope);
         }
       }
     }

@@ -1256,7 +1256,7 @@ bool cpu_row_gemm_active() { return g_row_gemm_mode.load(std::memory_order_relax
 bool conv2d_grad_input_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
                             at::IntArrayRef padding, at::IntArrayRef output_padding, at::IntArrayRef dilation) {
   const Geometry g = geometry(x, w, stride, padding, output_padding, 1, dilation, -1, -1);
-  return gemm_eligible(x, g) && (g.Cout <= kPlaneFormMaxCout || (row_gemm_forward(g) && gemm_backward(x, g)));
+  return gemm_forward_form(x, g);
 }
 
 // For genfast::linear_act's backward (csrc/conv_act_autograd.cpp), on a dense (M, C) row-major

@@ -12,7 +12,7 @@ from torch import nn
 from genfast import backend as B
 from genfast import functional as GF
 from genfast.nn.batchnorm_act import batch_norm_act_forward
-from genfast.nn.conv_transpose import apply_activation, bn_foldable, fold_pays
+from genfast.nn.conv_transpose import apply_activation, bn_eval_act, bn_foldable, fold_pays
 from genfast.ops import conv_act as _ca
 from genfast.ops import conv_transpose as _ct
 
@@ -203,21 +203,12 @@ def product_bn_act_forward(m: nn.Module, bn: nn.modules.batchnorm._BatchNorm, ac
             # that BatchNorm2d rejects, parameters of another dtype than the product's)
             return apply_activation(bn(m(input)), activation, negative_slope)
         w = cast(torch.Tensor, m.weight)
-        if linear:
-            out_numel = input.numel() // max(1, input.shape[-1]) * w.shape[0]
-        else:
-            s = 1
-            for v in cast(nn.Conv2d, m).stride:
-                s *= v
-            out_numel = input.numel() // max(1, input.shape[1]) * w.shape[0] // s
-        if not fold_pays(input, w, out_numel, activation):
+        pays = (fold_pays(input, w, activation, w.shape[0], channel_dim=-1) if linear else
+                fold_pays(input, w, activation, w.shape[0], cast(nn.Conv2d, m).stride))
+        if not pays:
             # the product with its bias as torch runs it, then genfast's fused eval BatchNorm +
             # activation (running statistics: one pass over the output)
-            y = product_eager(m, input)
-            if keep_input and activation == "leaky_relu":
-                return apply_activation(batch_norm_act_forward(bn, y, "identity", 0.01),
-                                        activation, negative_slope)
-            return batch_norm_act_forward(bn, y, activation, negative_slope)
+            return bn_eval_act(bn, product_eager(m, input), activation, negative_slope, keep_input)
         if keep_input and activation == "leaky_relu":
             return apply_activation(_product_bn_act_eval(m, bn, None, negative_slope, input),
                                     activation, negative_slope)

@@ -105,8 +105,8 @@ def bn_foldable(bn: nn.modules.batchnorm._BatchNorm, weight: torch.Tensor, input
                for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
 
 
-def fold_pays(input: torch.Tensor, weight: torch.Tensor, out_numel: int,
-              activation: Optional[str]) -> bool:
+def fold_pays(input: torch.Tensor, weight: torch.Tensor, activation: Optional[str], out_channels: int,
+              stride: tuple = (1, 1), transposed: bool = False, channel_dim: int = 1) -> bool:
     """Whether an eval-mode BatchNorm is folded into the product's weight for this call. On the
     eager CPU path the fold runs about eight small tensor ops and reads and writes the weight on
     every call, where the unfolded block pays one fused BatchNorm + activation pass over the
@@ -117,7 +117,25 @@ def fold_pays(input: torch.Tensor, weight: torch.Tensor, out_numel: int,
     calls) it always runs."""
     if not B.eager_cpu(input) or activation not in (None, "identity", "relu", "leaky_relu"):
         return True
+    # the output's size from the input's: out_channels per position, the positions scaled by the
+    # stride (up for a transposed convolution, down for a convolution; padding ignored)
+    s = 1
+    for v in stride:
+        s *= v
+    per = input.numel() // max(1, input.shape[channel_dim]) * out_channels
+    out_numel = per * s if transposed else per // s
     return out_numel > 2 * weight.numel() + 65536
+
+
+def bn_eval_act(bn: nn.modules.batchnorm._BatchNorm, y: torch.Tensor, activation: str,
+                negative_slope: float, keep_input: bool) -> torch.Tensor:
+    """The unfolded eval block's tail: genfast's fused eval BatchNorm + activation on the product
+    ``y`` (running statistics: one pass); after an nn.LeakyReLU(inplace=False) (``keep_input``)
+    the BatchNorm alone, then torch's LeakyReLU out of place."""
+    if keep_input and activation == "leaky_relu":
+        return apply_activation(batch_norm_act_forward(bn, y, "identity", 0.01), activation,
+                                negative_slope)
+    return batch_norm_act_forward(bn, y, activation, negative_slope)
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -222,11 +240,8 @@ def conv_bn_act_forward(conv: nn.ConvTranspose2d, bn: nn.BatchNorm2d, activation
         if not bn_foldable(bn, conv.weight, input, 4):
             # torch's modules one by one (their checks: parameters of another dtype)
             return apply_activation(bn(conv(input, output_size)), activation, negative_slope)
-        s = 1
-        for v in conv.stride:
-            s *= v
-        out_numel = input.numel() // max(1, input.shape[1]) * conv.out_channels * s
-        if not fold_pays(input, conv.weight, out_numel, activation):
+        if not fold_pays(input, conv.weight, activation, conv.out_channels, conv.stride,
+                         transposed=True):
             # the transposed convolution with its bias, then genfast's fused eval BatchNorm +
             # activation (running statistics: one pass over the output)
             if output_size is None:
@@ -235,10 +250,7 @@ def conv_bn_act_forward(conv: nn.ConvTranspose2d, bn: nn.BatchNorm2d, activation
                                              conv.dilation, "identity", 0.01)
             else:
                 y = nn.ConvTranspose2d.forward(conv, input, output_size)
-            if keep_input and activation == "leaky_relu":
-                return apply_activation(batch_norm_act_forward(bn, y, "identity", 0.01),
-                                        activation, negative_slope)
-            return batch_norm_act_forward(bn, y, activation, negative_slope)
+            return bn_eval_act(bn, y, activation, negative_slope, keep_input)
         if keep_input and activation == "leaky_relu":
             return apply_activation(
                 _conv_bn_act_eval(conv, bn, "identity", negative_slope, input, output_size),
