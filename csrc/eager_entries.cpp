@@ -205,23 +205,33 @@ void affine_act_(T* y, int64_t outer, int64_t C, int64_t L, const std::vector<T>
   else affine_act_<kIdentity, T>(y, outer, C, L, a.data(), b.data(), slope);
 }
 
-// A (C,) float32 / float64 tensor read through its stride as double (the pointer and stride taken
-// once: data_ptr's checks per element cost more than the whole pass)
-struct ChannelReader {
-  const void* p = nullptr;
-  int64_t stride = 0;
-  bool dbl = false;
-  explicit ChannelReader(const OptT& t) {
-    if (!t.has_value()) return;
-    p = t->data_ptr();
-    stride = t->stride(0);
-    dbl = t->scalar_type() == at::kDouble;
+// The eval BatchNorm's per-channel map in its dtype, as torch's eval batch_norm takes it:
+// a = gamma / sqrt(var + eps), shift = beta - mean * a (loops the compiler vectorises; the
+// buffers read through their strides).
+template <typename T>
+void bn_eval_coeffs(const at::Tensor& rm, const at::Tensor& rv, const OptT& bn_w, const OptT& bn_b, double eps,
+                    int64_t C, T* __restrict__ a, T* __restrict__ sh) {
+  const T* mean = rm.data_ptr<T>();
+  const T* var = rv.data_ptr<T>();
+  const int64_t sm = rm.stride(0), sv = rv.stride(0);
+  const T e = static_cast<T>(eps);
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) a[c] = T(1) / std::sqrt(var[c * sv] + e);
+  if (bn_w.has_value()) {
+    const T* g = bn_w->data_ptr<T>();
+    const int64_t sg = bn_w->stride(0);
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) a[c] *= g[c * sg];
   }
-  double operator()(int64_t c, double fill) const {
-    if (p == nullptr) return fill;
-    return dbl ? static_cast<const double*>(p)[c * stride] : static_cast<double>(static_cast<const float*>(p)[c * stride]);
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) sh[c] = -mean[c * sm] * a[c];
+  if (bn_b.has_value()) {
+    const T* be = bn_b->data_ptr<T>();
+    const int64_t sb = bn_b->stride(0);
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) sh[c] += be[c * sb];
   }
-};
+}
 
 bool channel_vec(const at::Tensor& t, at::ScalarType dt, int64_t C) {
   return float_cpu(t, dt) && t.dim() == 1 && t.size(0) == C;
@@ -230,24 +240,28 @@ bool channel_vec(const at::Tensor& t, at::ScalarType dt, int64_t C) {
 }  // namespace
 
 // genfast._C.product_bn_eval_eager: act(bn_eval(product(x))) for a call that records no
-// backward: torch's linear (kind 0; 2-D input) or conv2d (kind 1; 4-D input, int pairs), its
-// bias included, then one in-place pass of the eval BatchNorm's per-channel affine map and the
-// activation (identity, relu, leaky_relu). The eval block's Python path cost 20-30 us more per
-// layer than torch's modules at batch 1 (its checks, then a second entry for the BatchNorm),
-// and folding the BatchNorm into the weight reads and writes the whole weight on every call.
+// backward: torch's linear (kind 0; 2-D input), torch's conv2d (kind 1; 4-D input, int pairs) or
+// genfast::conv_transpose2d_act without activation (kind 2; 4-D input, int pairs, output_padding),
+// the bias included, then one in-place pass of the eval BatchNorm's per-channel affine map and
+// the activation (identity, relu, leaky_relu). The eval block's Python path cost 20-30 us more
+// per layer than torch's modules at batch 1 (its checks, then a second entry for the
+// BatchNorm), and folding the BatchNorm into the weight reads and writes the whole weight on
+// every call.
 OptT product_bn_eval_eager(const at::Tensor& x, const at::Tensor& w, const OptT& b, int64_t kind,
                            const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
-                           const std::vector<int64_t>& dilation, int64_t groups, const at::Tensor& rm,
-                           const at::Tensor& rv, const OptT& bn_w, const OptT& bn_b, double eps, int64_t act,
-                           double slope) {
+                           const std::vector<int64_t>& dilation, const std::vector<int64_t>& output_padding,
+                           int64_t groups, const at::Tensor& rm, const at::Tensor& rv, const OptT& bn_w,
+                           const OptT& bn_b, double eps, int64_t act, double slope) {
   if (!common_ok(x, {&w}, b, act, slope) || act > kLeakyRelu || !(eps >= 0)) return c10::nullopt;
   const auto dt = x.scalar_type();
   if (kind == 0) {
     if (x.dim() != 2 || w.dim() != 2 || x.size(1) != w.size(1)) return c10::nullopt;
-  } else if (kind != 1 || x.dim() != 4 || w.dim() != 4 || !pair(stride) || !pair(padding) || !pair(dilation)) {
+  } else if ((kind != 1 && kind != 2) || x.dim() != 4 || w.dim() != 4 || !pair(stride) || !pair(padding) ||
+             !pair(dilation) || (kind == 2 && !pair(output_padding)) || groups < 1) {
     return c10::nullopt;
   }
-  const int64_t C = w.size(0);
+  // output channels: dim 0 of a linear / conv2d weight, groups x dim 1 of a transposed one
+  const int64_t C = kind == 2 ? w.size(1) * groups : w.size(0);
   if (b.has_value() && (b->dim() != 1 || b->size(0) != C)) return c10::nullopt;
   if (!channel_vec(rm, dt, C) || !channel_vec(rv, dt, C)) return c10::nullopt;
   if ((bn_w.has_value() && !channel_vec(*bn_w, dt, C)) || (bn_b.has_value() && !channel_vec(*bn_b, dt, C)))
@@ -258,19 +272,21 @@ OptT product_bn_eval_eager(const at::Tensor& x, const at::Tensor& w, const OptT&
     for (const OptT* t : {&b, &bn_w, &bn_b})
       if (t->has_value() && (*t)->requires_grad()) return c10::nullopt;
   }
+  static const auto convt = c10::Dispatcher::singleton()
+                                .findSchemaOrThrow("genfast::conv_transpose2d_act", "")
+                                .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptT&, at::IntArrayRef,
+                                                  at::IntArrayRef, at::IntArrayRef, int64_t, at::IntArrayRef, int64_t,
+                                                  double)>();
   return guarded([&]() -> OptT {
-    at::Tensor y = kind == 0 ? at::linear(x, w, b) : at::conv2d(x, w, b, stride, padding, dilation, groups);
+    at::Tensor y = kind == 0   ? at::linear(x, w, b)
+                   : kind == 1 ? at::conv2d(x, w, b, stride, padding, dilation, groups)
+                               : convt.call(x, w, b, stride, padding, output_padding, groups, dilation, kIdentity, 0.0);
     const bool rows = y.dim() == 2 || (!y.is_contiguous() && y.is_contiguous(at::MemoryFormat::ChannelsLast));
-    if (!rows && !y.is_contiguous()) return c10::nullopt;  // (ATen's products give one of the two)
+    if (!rows && !y.is_contiguous()) return c10::nullopt;  // (the products give one of the two)
     const int64_t L = y.dim() == 4 ? y.size(2) * y.size(3) : 1;
     AT_DISPATCH_FLOATING_TYPES(dt, "product_bn_eval", [&] {
       std::vector<scalar_t> a(C), sh(C);
-      const ChannelReader mean(rm), var(rv), gamma(bn_w), beta(bn_b);
-      for (int64_t c = 0; c < C; ++c) {
-        const double sc = gamma(c, 1.0) / std::sqrt(var(c, 0.0) + eps);
-        a[c] = static_cast<scalar_t>(sc);
-        sh[c] = static_cast<scalar_t>(beta(c, 0.0) - mean(c, 0.0) * sc);
-      }
+      bn_eval_coeffs<scalar_t>(rm, rv, bn_w, bn_b, eps, C, a.data(), sh.data());
       scalar_t* p = y.data_ptr<scalar_t>();
       if (rows) affine_act_<scalar_t>(p, y.numel() / std::max<int64_t>(1, C), C, 1, a, sh, act, static_cast<scalar_t>(slope));
       else affine_act_<scalar_t>(p, y.size(0), C, L, a, sh, act, static_cast<scalar_t>(slope));

@@ -134,9 +134,9 @@ using OptTensor = c10::optional<at::Tensor>;
 OptTensor linear_act_eager(const at::Tensor& x, const at::Tensor& w, const OptTensor& b, int64_t act, double slope);
 OptTensor product_bn_eval_eager(const at::Tensor& x, const at::Tensor& w, const OptTensor& b, int64_t kind,
                                 const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
-                                const std::vector<int64_t>& dilation, int64_t groups, const at::Tensor& rm,
-                                const at::Tensor& rv, const OptTensor& bn_w, const OptTensor& bn_b, double eps,
-                                int64_t act, double slope);
+                                const std::vector<int64_t>& dilation, const std::vector<int64_t>& output_padding,
+                                int64_t groups, const at::Tensor& rm, const at::Tensor& rv, const OptTensor& bn_w,
+                                const OptTensor& bn_b, double eps, int64_t act, double slope);
 OptTensor conv2d_act_eager(const at::Tensor& x, const at::Tensor& w, const OptTensor& b,
                            const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
                            const std::vector<int64_t>& dilation, int64_t groups, int64_t act, double slope);
@@ -170,7 +170,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // dispatcher takes the GIL itself).
   m.def("linear_act_eager", &genfast::linear_act_eager, py::call_guard<py::gil_scoped_release>(), "genfast::linear_act's eager CPU call, or None");
   m.def("product_bn_eval_eager", &genfast::product_bn_eval_eager, py::call_guard<py::gil_scoped_release>(),
-        "act(eval BatchNorm(linear or conv2d)) for a call that records no backward, or None");
+        "act(eval BatchNorm(linear, conv2d or conv_transpose2d)) for a call that records no backward, or None");
   m.def("conv2d_act_eager", &genfast::conv2d_act_eager, py::call_guard<py::gil_scoped_release>(), "genfast::conv2d_act's eager CPU call, or None");
   m.def("conv_transpose2d_act_eager", &genfast::conv_transpose2d_act_eager, py::call_guard<py::gil_scoped_release>(),
         "genfast::conv_transpose2d_act's eager CPU call, or None");

@@ -406,9 +406,14 @@ def _eval_block(kind, act_mod, dtype=torch.float32):
     if kind == "linear":
         seq = nn.Sequential(nn.Linear(12, 10), nn.BatchNorm1d(10), act_mod)
         x = torch.randn(5, 12, dtype=dtype)
-    else:
+    elif kind == "conv":
         seq = nn.Sequential(nn.Conv2d(3, 6, 3, 2, 1), nn.BatchNorm2d(6), act_mod)
         x = torch.randn(4, 3, 9, 8, dtype=dtype)
+    else:  # a grouped transposed convolution with output_padding and dilation
+        seq = nn.Sequential(nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1, output_padding=1,
+                                               groups=2, dilation=(1, 2)),
+                            nn.BatchNorm2d(4), act_mod)
+        x = torch.randn(3, 6, 5, 7, dtype=dtype)
     seq = seq.to(dtype)
     bn = seq[1]
     with torch.no_grad():  # running statistics and affine parameters away from their defaults
@@ -420,13 +425,14 @@ def _eval_block(kind, act_mod, dtype=torch.float32):
     return seq, x
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("kind", ["linear", "conv", "convt"])
 @pytest.mark.parametrize("act_mod", [nn.ReLU(), nn.LeakyReLU(0.2), nn.LeakyReLU(0.2, inplace=True)],
                          ids=["relu", "leaky", "leaky_inplace"])
 def test_eval_block_no_grad_one_pass(kind, act_mod):
-    """Under no_grad, a converted eval block runs torch's product then one in-place pass of the
-    BatchNorm's affine map and the activation (genfast._C.product_bn_eval_eager: no batch_norm and
-    no weight fold in the profile), matching torch's float64 modules; a NaN input row stays NaN."""
+    """Under no_grad, a converted eval block runs the product (torch's linear / conv2d, genfast's
+    transposed convolution) then one in-place pass of the BatchNorm's affine map and the
+    activation (genfast._C.product_bn_eval_eager: no batch_norm and no weight fold in the
+    profile), matching torch's float64 modules; a NaN input row stays NaN."""
     ref, x = _eval_block(kind, act_mod)
     x[1].view(-1)[0] = float("nan")
     ours = genfast.convert(copy.deepcopy(ref))
@@ -440,7 +446,7 @@ def test_eval_block_no_grad_one_pass(kind, act_mod):
     assert y[1].isnan().any() and not y[0].isnan().any()
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("kind", ["linear", "conv", "convt"])
 def test_eval_block_strided_running_buffers(kind):
     """The eval pass reads the running statistics through their strides (a buffer replaced by a
     strided view of a larger tensor)."""
@@ -457,7 +463,20 @@ def test_eval_block_strided_running_buffers(kind):
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("kind", ["linear", "conv", "convt"])
+def test_eval_block_no_grad_float64(kind):
+    """The no-grad eval block in float64 (the per-channel map in float64) against torch's float64
+    modules, to float64 rounding."""
+    ref, x = _eval_block(kind, nn.LeakyReLU(0.2), torch.float64)
+    ours = genfast.convert(copy.deepcopy(ref))
+    with torch.no_grad():
+        y = ours(x)
+        want = ref(x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "convt"])
 def test_eval_block_with_grad_small_batch(kind):
     """An eval block that records a backward at a small batch (output not much larger than the
     weight: no fold, see fold_pays): the product, then the fused eval BatchNorm + activation;

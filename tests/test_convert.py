@@ -563,3 +563,33 @@ def test_planned_fusions_really_run_fused(monkeypatch):
     calls.clear()
     G(torch.randn(2, 6, dtype=torch.float64))
     assert calls == ["conv_bn_act_forward"] * 4 + ["conv_transpose_act_forward"]
+
+
+def _fused_ops_ran(model, *inputs):
+    """Run ``model`` under the profiler: (output, whether genfast's fused BatchNorm + activation ran,
+    whether torch's batch_norm ran)."""
+    from torch.profiler import profile
+    with profile() as prof:
+        y = model(*inputs)
+    names = {e.name for e in prof.events()}
+    return y, any(n.startswith("genfast::batch_norm_act") for n in names), "aten::batch_norm" in names
+
+
+@pytest.mark.parametrize("how", ["pickled", "plan_alone"])
+def test_fused_sequential_after_unpickling(how):
+    """A converted model pickled and loaded runs its plan fused; so does a container holding its
+    plan alone (as one pickled by a genfast from before the forward's step index): the index is
+    built at the first forward. Same output as the torch model (training mode)."""
+    import pickle
+
+    torch.manual_seed(0)
+    ref = models.MLPGenerator()
+    conv = genfast.convert(copy.deepcopy(ref))
+    if how == "pickled":
+        conv = pickle.loads(pickle.dumps(conv))
+    else:
+        del conv.main.__dict__["_genfast_steps"]
+    z = torch.randn(8, 100)
+    y, fused, unfused = _fused_ops_ran(conv, z)
+    assert fused and not unfused
+    assert_close(y, ref(z))

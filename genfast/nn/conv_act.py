@@ -12,7 +12,8 @@ from torch import nn
 from genfast import backend as B
 from genfast import functional as GF
 from genfast.nn.batchnorm_act import batch_norm_act_forward
-from genfast.nn.conv_transpose import apply_activation, bn_eval_act, bn_foldable, fold_pays
+from genfast.nn.conv_transpose import (apply_activation, bn_eval_act, bn_foldable, fold_pays,
+                                       product_bn_eval_fast)
 from genfast.ops import conv_act as _ca
 from genfast.ops import conv_transpose as _ct
 
@@ -186,6 +187,11 @@ def product_bn_act_forward(m: nn.Module, bn: nn.modules.batchnorm._BatchNorm, ac
     takes from its input, so that its output may be modified in place before the backward; the
     eval block then applies it out of place after the folded product (the training block saves
     the BatchNorm's input, never the output)."""
+    if not bn.training:
+        # sampling: the common eager CPU call that records no backward, checked in C++
+        y = product_bn_eval_fast(m, bn, activation, negative_slope, input)
+        if y is not None:
+            return y
     _ca.check_activation(activation, negative_slope)
     linear = isinstance(m, nn.Linear)
     if linear and isinstance(input, torch.Tensor) and input.dim() != 2:
@@ -195,9 +201,6 @@ def product_bn_act_forward(m: nn.Module, bn: nn.modules.batchnorm._BatchNorm, ac
                                       negative_slope)
     bn_training = _check_bn(bn)
     if not bn_training:
-        y = _product_bn_eval_fast(m, bn, activation, negative_slope, input)
-        if y is not None:
-            return y
         if not bn_foldable(bn, cast(torch.Tensor, m.weight), input, 2 if linear else 4):
             # torch's modules one by one: their checks and exceptions (an unbatched conv input
             # that BatchNorm2d rejects, parameters of another dtype than the product's)
@@ -258,37 +261,6 @@ def product_bn_act_forward(m: nn.Module, bn: nn.modules.batchnorm._BatchNorm, ac
         list(dilation), groups, bn.weight, bn.bias, bn.running_mean if track else None,
         bn.running_var if track else None, bn.num_batches_tracked if track else None,
         bn.momentum, bn.eps, activation, negative_slope, B.for_op(name))
-
-
-def _product_bn_eval_fast(m: nn.Module, bn: nn.modules.batchnorm._BatchNorm, activation: Optional[str],
-                          negative_slope: float, input: torch.Tensor) -> Optional[torch.Tensor]:
-    """The eval block for an eager CPU call that records no backward (sampling under no_grad or
-    inference_mode): genfast._C.product_bn_eval_eager, torch's product with its bias, then the
-    BatchNorm's per-channel affine map and the activation in one in-place pass. None for every
-    other call (including any argument the C++ checks do not take), which takes the path below.
-    With no backward, an nn.LeakyReLU(inplace=False) after the block computes the same values."""
-    act = _ct.fast_act(activation, negative_slope)
-    if act is None or act > 2 or type(input) is not torch.Tensor or not B.eager_cpu(input):
-        return None
-    w, b = m.weight, m.bias
-    rm, rv, bw, bb = bn.running_mean, bn.running_var, bn.weight, bn.bias
-    eps = bn.eps
-    if (rm is None or rv is None or type(eps) not in (float, int)
-            or torch._C._has_torch_function((input, w, b, rm, rv, bw, bb))
-            or B.composite_only(input, w, b, bw, bb)):
-        return None
-    if isinstance(m, nn.Conv2d):
-        s, p, d = _ct.fast_pair(m.stride), _ct.fast_pair(m.padding), _ct.fast_pair(m.dilation)
-        if m.padding_mode != "zeros" or s is None or p is None or d is None or type(m.groups) is not int:
-            return None
-        kind, groups = 1, m.groups
-    else:
-        kind, s, p, d, groups = 0, [1, 1], [0, 0], [1, 1], 1
-    try:
-        return B.extension().product_bn_eval_eager(input, w, b, kind, s, p, d, groups, rm, rv, bw, bb,
-                                                   float(eps), act, float(negative_slope))
-    except (TypeError, OverflowError):
-        return None
 
 
 def _product_bn_act_eval(m, bn, activation, negative_slope, input):

@@ -138,6 +138,45 @@ def bn_eval_act(bn: nn.modules.batchnorm._BatchNorm, y: torch.Tensor, activation
     return batch_norm_act_forward(bn, y, activation, negative_slope)
 
 
+def product_bn_eval_fast(m: nn.Module, bn: nn.modules.batchnorm._BatchNorm, activation: Optional[str],
+                          negative_slope: float, input: torch.Tensor) -> Optional[torch.Tensor]:
+    """The eval block for an eager CPU call that records no backward (sampling under no_grad or
+    inference_mode): genfast._C.product_bn_eval_eager, the product with its bias (torch's linear or
+    conv2d, genfast's transposed convolution for an nn.ConvTranspose2d ``m``), then the
+    BatchNorm's per-channel affine map and the activation in one in-place pass. None for every
+    other call (including any argument the C++ checks do not take), which takes the checked path.
+    With no backward, an nn.LeakyReLU(inplace=False) after the block computes the same values."""
+    act = _ct.fast_act(activation, negative_slope)
+    if act is None or act > 2 or type(input) is not torch.Tensor or not B.eager_cpu(input):
+        return None
+    w, b = m.weight, m.bias
+    rm, rv, bw, bb = bn.running_mean, bn.running_var, bn.weight, bn.bias
+    eps = bn.eps
+    if (rm is None or rv is None or type(eps) not in (float, int)
+            or torch._C._has_torch_function((input, w, b, rm, rv, bw, bb))
+            or B.composite_only(input, w, b, bw, bb)):
+        return None
+    op: Optional[list] = _NO_PAIR
+    if isinstance(m, nn.Linear):
+        kind, s, p, d, groups = 0, _NO_PAIR, _NO_PAIR, _NO_PAIR, 1
+    else:
+        s, p, d = _ct.fast_pair(m.stride), _ct.fast_pair(m.padding), _ct.fast_pair(m.dilation)
+        kind, groups = (2 if isinstance(m, nn.ConvTranspose2d) else 1), m.groups
+        if kind == 2:
+            op = _ct.fast_pair(m.output_padding)
+        if (m.padding_mode != "zeros" or s is None or p is None or d is None or op is None
+                or type(groups) is not int):
+            return None
+    try:
+        return B.extension().product_bn_eval_eager(input, w, b, kind, s, p, d, op, groups, rm, rv,
+                                                   bw, bb, float(eps), act, float(negative_slope))
+    except (TypeError, OverflowError):
+        return None
+
+
+_NO_PAIR = [0, 0]  # (the geometry arguments a linear product ignores)
+
+
 def has_hooks(module: nn.Module) -> bool:
     """Whether a hook would see (or change) ``module``'s own input or output when it runs:
     its forward/backward hooks and pre-hooks, and the global module hooks."""
@@ -234,6 +273,13 @@ def conv_bn_act_forward(conv: nn.ConvTranspose2d, bn: nn.BatchNorm2d, activation
     activation is an nn.LeakyReLU(inplace=False) (torch's backward reads its input, so its output
     may be modified in place): the eval block applies it out of place after the folded
     convolution."""
+    if not bn.training and output_size is None and not fold_pays(
+            input, conv.weight, activation, conv.out_channels, conv.stride, transposed=True):
+        # sampling: the common eager CPU call that records no backward, checked in C++ (the
+        # transposed convolution, then the BatchNorm's affine map and the activation in place)
+        y = product_bn_eval_fast(conv, bn, activation, negative_slope, input)
+        if y is not None:
+            return y
     _ct.check_activation(activation, negative_slope)
     bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
     if not bn_training:

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _m
 
 from genfast.nn.batchnorm_act import batch_norm_act_forward
 from genfast.nn.conv_act import (can_fuse_product_bn, plain_product, product_act_forward,
@@ -77,6 +78,19 @@ class FusionStep:
         """Whether the planned children may run fused: :meth:`matches`, and no hook on any of
         them (a hook must see each child's own input and output)."""
         return self.matches() and not any(has_hooks(m) for m in self.modules)
+
+    def ready_at(self, children: list, start: int) -> bool:
+        """Whether the step runs fused now in a container whose children are ``children``: the
+        planned objects at ``start`` onwards, none with a hook of its own (the caller checks the
+        global module hooks), and :meth:`matches`. One pass, run at every forward."""
+        mods = self.modules
+        if start + len(mods) > len(children):
+            return False
+        for k, m in enumerate(mods):
+            if (children[start + k] is not m or m._forward_hooks or m._forward_pre_hooks
+                    or m._backward_hooks or m._backward_pre_hooks):
+                return False
+        return self.matches()
 
     def run(self, input: torch.Tensor) -> torch.Tensor:
         mods = self.modules
@@ -154,6 +168,8 @@ class FusedSequential(nn.Sequential):
     def set_fusion_plan(self, plan: list[tuple[int, FusionStep]]) -> None:
         """Record ``plan`` (from :func:`plan_fusions` over this container's children)."""
         self.__dict__["_genfast_plan"] = tuple(plan)
+        # (index of the first child -> step, read at every forward; None without a plan)
+        self.__dict__["_genfast_steps"] = dict(plan) or None
 
     def fusion_plan(self) -> tuple:
         """The recorded plan: (index of the first child, FusionStep) pairs."""
@@ -166,23 +182,31 @@ class FusedSequential(nn.Sequential):
 
     @staticmethod
     def _runs_fused(children: list, start: int, step: FusionStep) -> bool:
-        planned = step.modules
-        if start + len(planned) > len(children):
-            return False
-        if any(children[start + k] is not m for k, m in enumerate(planned)):
-            return False
-        return step.still_valid()
+        return not _global_hooks() and step.ready_at(children, start)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         children = list(self._modules.values())
-        steps = dict(self.fusion_plan())
-        i = 0
-        while i < len(children):
+        steps = self.__dict__.get("_genfast_steps")
+        if steps is None and self.__dict__.get("_genfast_plan"):
+            # (a container unpickled from a version that recorded the plan alone)
+            steps = self.__dict__["_genfast_steps"] = dict(self.__dict__["_genfast_plan"])
+        if steps is None or _global_hooks():
+            # no plan, or a global module hook, which must see every child: nn.Sequential's loop
+            for module in children:
+                input = module(input)
+            return input
+        i, n = 0, len(children)
+        while i < n:
             step = steps.get(i)
-            if step is not None and self._runs_fused(children, i, step):
+            if step is not None and step.ready_at(children, i):
                 input = step.run(input)
                 i += len(step.modules)
             else:
                 input = children[i](input)
                 i += 1
         return input
+
+
+def _global_hooks() -> bool:
+    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks
+                or _m._global_backward_hooks or _m._global_backward_pre_hooks)
