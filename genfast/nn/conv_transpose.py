@@ -1,7 +1,7 @@
 """ConvTranspose2d: nn.ConvTranspose2d with the bias and an activation fused into one op."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from torch import nn
@@ -156,9 +156,10 @@ def product_bn_eval_fast(m: nn.Module, bn: nn.modules.batchnorm._BatchNorm, acti
             or torch._C._has_torch_function((input, w, b, rm, rv, bw, bb))
             or B.composite_only(input, w, b, bw, bb)):
         return None
-    op: Optional[list] = _NO_PAIR
+    op: Any = _NO_PAIR
+    groups: Any = 1
     if isinstance(m, nn.Linear):
-        kind, s, p, d, groups = 0, _NO_PAIR, _NO_PAIR, _NO_PAIR, 1
+        kind, s, p, d = 0, _NO_PAIR, _NO_PAIR, _NO_PAIR
     else:
         s, p, d = _ct.fast_pair(m.stride), _ct.fast_pair(m.padding), _ct.fast_pair(m.dilation)
         kind, groups = (2 if isinstance(m, nn.ConvTranspose2d) else 1), m.groups
