@@ -593,3 +593,60 @@ def test_fused_sequential_after_unpickling(how):
     y, fused, unfused = _fused_ops_ran(conv, z)
     assert fused and not unfused
     assert_close(y, ref(z))
+
+
+def _traced_targets(model, *inputs):
+    """Compile ``model`` (fullgraph) with a dynamo backend that records the traced graph and runs
+    it as traced: (output, the graph's call targets as strings)."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=record, fullgraph=True)(*inputs)
+    return out, [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def _eval_generator(name):
+    torch.manual_seed(0)
+    g = (models.MLPGenerator(nz=16, out_dim=48, hidden=(32, 64)) if name == "mlp"
+         else models.KerasDCGANGenerator(nz=16, nc=1, width=16))
+    _randomise_bn(g)
+    return g.eval()
+
+
+@pytest.mark.parametrize("name", ["mlp", "keras"])
+def test_compiled_eval_generator_on_cpu_traces_torch_blocks(name):
+    """torch.compile of a converted generator sampling on the CPU (eval, no_grad): the product ->
+    BatchNorm -> activation blocks trace as torch's functions, which inductor fuses, with no fold
+    of the BatchNorm into the weight (no rsqrt in the graph: the fold re-read and re-wrote every
+    weight per call); the only genfast op left is the transposed convolution's C++ op
+    (genfast::conv_transpose2d_act, called without Python), not the registered Python op. The
+    output matches torch's float64 model."""
+    ref = _eval_generator(name)
+    conv = genfast.convert(copy.deepcopy(ref)).eval()
+    z = torch.randn(3, 16)
+    with torch.no_grad():
+        out, targets = _traced_targets(conv, z)
+        want = copy.deepcopy(ref).double()(z.double())
+    assert not any("rsqrt" in t for t in targets), targets
+    ours = [t for t in targets if "genfast" in t]
+    if name == "mlp":
+        assert ours == [], ours
+    else:
+        assert ours and set(ours) == {"genfast.conv_transpose2d_act.default"}, ours
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_eval_generator_on_cpu_inductor():
+    """The same through inductor (the default backend): output as torch's float64 model."""
+    ref = _eval_generator("keras")
+    conv = genfast.convert(copy.deepcopy(ref)).eval()
+    z = torch.randn(2, 16)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(conv)(z)
+        want = copy.deepcopy(ref).double()(z.double())
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)

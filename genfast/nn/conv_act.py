@@ -107,7 +107,11 @@ def conv2d_act_forward(conv: nn.Conv2d, input: torch.Tensor, activation: Optiona
                        negative_slope: float = 0.01) -> torch.Tensor:
     """activation(conv(input)) with ``conv``'s weight, bias and geometry, fused (``conv`` is any
     nn.Conv2d; its own activation attribute is ignored). Eager CPU calls: genfast::conv2d_act
-    (torch's oneDNN product with the bias, the activation in place, C++ autograd)."""
+    (torch's oneDNN product with the bias, the activation in place, C++ autograd). Traced by
+    torch.compile on the CPU (B.inductor_cpu): torch's conv2d and activation, for inductor."""
+    if B.inductor_cpu(input):
+        _ca.check_activation(activation, negative_slope)
+        return apply_activation(nn.Conv2d.forward(conv, input), activation, negative_slope)
     if B.eager_cpu(input):
         x, padding = _conv_input(conv, input)
         # the common call straight to the C++ entry (its Python gate: ~2 us), else the checked path
@@ -126,7 +130,11 @@ def conv2d_act_forward(conv: nn.Conv2d, input: torch.Tensor, activation: Optiona
 def linear_act_forward(lin: nn.Linear, input: torch.Tensor, activation: Optional[str],
                        negative_slope: float = 0.01) -> torch.Tensor:
     """activation(lin(input)) with ``lin``'s weight and bias, fused (eager CPU calls:
-    genfast::linear_act: ATen's addmm and torch's activation in place, C++ autograd)."""
+    genfast::linear_act: ATen's addmm and torch's activation in place, C++ autograd). Traced by
+    torch.compile on the CPU (B.inductor_cpu): torch's linear and activation, for inductor."""
+    if B.inductor_cpu(input):
+        _ca.check_activation(activation, negative_slope)
+        return apply_activation(F.linear(input, lin.weight, lin.bias), activation, negative_slope)
     if B.eager_cpu(input):
         y = _ca.linear_fast(input, lin.weight, lin.bias, activation, negative_slope)
         if y is not None:
@@ -201,6 +209,11 @@ def product_bn_act_forward(m: nn.Module, bn: nn.modules.batchnorm._BatchNorm, ac
                                       negative_slope)
     bn_training = _check_bn(bn)
     if not bn_training:
+        if B.inductor_cpu(input):
+            # traced by torch.compile on the CPU: torch's modules, which inductor fuses (the
+            # BatchNorm's affine map and the activation into one loop after the product)
+            return apply_activation(bn(product_act_forward(m, input, None)), activation,
+                                    negative_slope)
         if not bn_foldable(bn, cast(torch.Tensor, m.weight), input, 2 if linear else 4):
             # torch's modules one by one: their checks and exceptions (an unbatched conv input
             # that BatchNorm2d rejects, parameters of another dtype than the product's)

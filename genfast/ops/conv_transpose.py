@@ -85,8 +85,10 @@ def _vendor_product(input, weight, stride, padding, output_padding, groups, dila
     return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
 
 
-# oneDNN's transposed convolution with the activation as a post-op (CPU; float32, bfloat16 and
-# float16): bias and activation cost no extra pass over the output. Only the post-ops that
+# oneDNN's transposed convolution with the activation as a post-op, for the registered op's CPU
+# calls in bfloat16 and float16 (and float32 without genfast._C; float32 and float64 otherwise
+# take the eager path's C++ op, measured faster): bias and activation cost no extra pass over
+# the output. Only the post-ops that
 # treat NaN and +-inf as torch does (checked on torch 2.14: oneDNN's relu post-op turns -inf
 # into NaN and its sigmoid turns NaN into a number); relu and sigmoid take the C++ path.
 _ONEDNN_ATTR = {0: "none", 2: "leaky_relu", 3: "tanh"}
@@ -110,6 +112,15 @@ def _onednn_ok(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation
 def _forward(backend, input, weight, bias, stride, padding, output_padding, groups, dilation,
              activation, negative_slope):
     backend = B.at_run(FAMILY, backend, input.device)
+    if backend == "cpu" and HAS_CPP_OPS and input.dtype in (torch.float32, torch.float64):
+        # the eager path's op: genfast's GEMM form or ATen's product with our epilogue, by shape
+        # (oneDNN's transposed convolution with the activation post-op measured 1.0-2.9x slower
+        # on the CI CPU at every generator layer tried: 2.4 ms against 0.4 ms for a 16 -> 1
+        # channel k5 s2 layer at batch 64, 5.9 against 2.0 ms for a 64 -> 32 k5 s1 one)
+        y = _CT_ACT(input, weight, bias, stride, padding, output_padding, groups, dilation,
+                    activation, float(negative_slope))
+        fmt = _memory_format(input)
+        return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
     if backend == "cpu" and _onednn_ok(input, weight, bias, activation, stride, output_padding):
         y = torch.ops.mkldnn._convolution_transpose_pointwise(
             input, weight, bias, padding, output_padding, stride, dilation, groups,
@@ -645,6 +656,10 @@ def conv_transpose_eager(input, weight, bias, stride, padding, output_padding, g
         input, weight, bias, stride, padding, output_padding, groups, dilation), act, negative_slope)
 
 
+def _records_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
 def conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation,
                      activation, negative_slope):
     """The checked entry point: argument checks, unbatched input, backend choice."""
@@ -654,6 +669,13 @@ def conv_transpose2d(input, weight, bias, stride, padding, output_padding, group
                                     dilation, act, negative_slope)
     stride, padding, output_padding, dilation = check_args(input, weight, bias, stride, padding,
                                                            output_padding, groups, dilation)
+    if (HAS_CPP_OPS and B.inductor_cpu(input) and not torch.is_autocast_enabled("cpu")
+            and not _records_grad(input, weight, bias)):
+        # traced by torch.compile on the CPU, no gradient: the eager path's C++ op, which the
+        # compiled graph calls without Python (the registered Python op's call cost ~60 us in a
+        # compiled generator at batch 1); torch's product for arguments its kernel does not take
+        return _CT_ACT(input, weight, bias, list(stride), list(padding), list(output_padding),
+                       int(groups), list(dilation), B.ACTIVATIONS[act], float(negative_slope))
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
     x, weight, bias = autocast_lower_precision(x, weight, bias)
