@@ -311,6 +311,10 @@ def conv_bn_act_forward(conv: nn.ConvTranspose2d, bn: nn.BatchNorm2d, activation
         return _conv_bn_act_eval(conv, bn, activation, negative_slope, input, output_size)
     if input.dim() != 4:
         raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+    if B.inductor_cpu(input) and activation in ("relu", "leaky_relu", "identity"):
+        # traced by torch.compile on the CPU: the same two C++ ops as the eager call below
+        return batch_norm_act_forward(bn, conv_transpose_act_forward(conv, input, None, 0.01, output_size),
+                                      activation, negative_slope)
     if B.eager_cpu(input) and activation in ("relu", "leaky_relu", "identity"):
         # genfast's C++ transposed convolution with the bias (torch's for arguments its kernel
         # does not take; torch's checks raise before anything is written), then genfast's fused

@@ -311,9 +311,10 @@ def run_resolved(name, input, running_mean, running_var, weight, bias, training,
     if name == "reference":
         return ref.batch_norm_act(input, running_mean, running_var, weight, bias, training,
                                   momentum, eps, activation, negative_slope, gamma_floor)
-    if name == "cpu" and not torch.compiler.is_compiling():
-        # Eager CPU calls: the C++ op with its autograd in C++ (csrc/batchnorm_autograd.cpp).
-        # The registered op genfast::batch_norm_act (what torch.compile and torch.export see)
+    if name == "cpu" and (not torch.compiler.is_compiling() or B.inductor_cpu(input)):
+        # Eager CPU calls and torch.compile's CPU graphs (B.inductor_cpu): the C++ op with its
+        # autograd in C++ (csrc/batchnorm_autograd.cpp; AOTAutograd traces its backward into the
+        # compiled graph). The registered op genfast::batch_norm_act (what torch.export sees)
         # runs the same kernels with the same formula, but a Python custom op with a Python
         # autograd kernel costs its dispatch twice per direction: 60-150 us per forward +
         # backward on the 2-core CI CPU, as much as the kernels at discriminator and MLP sizes.

@@ -656,10 +656,6 @@ def conv_transpose_eager(input, weight, bias, stride, padding, output_padding, g
         input, weight, bias, stride, padding, output_padding, groups, dilation), act, negative_slope)
 
 
-def _records_grad(*ts) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
-
-
 def conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation,
                      activation, negative_slope):
     """The checked entry point: argument checks, unbatched input, backend choice."""
@@ -669,11 +665,11 @@ def conv_transpose2d(input, weight, bias, stride, padding, output_padding, group
                                     dilation, act, negative_slope)
     stride, padding, output_padding, dilation = check_args(input, weight, bias, stride, padding,
                                                            output_padding, groups, dilation)
-    if (HAS_CPP_OPS and B.inductor_cpu(input) and not torch.is_autocast_enabled("cpu")
-            and not _records_grad(input, weight, bias)):
-        # traced by torch.compile on the CPU, no gradient: the eager path's C++ op, which the
-        # compiled graph calls without Python (the registered Python op's call cost ~60 us in a
-        # compiled generator at batch 1); torch's product for arguments its kernel does not take
+    if HAS_CPP_OPS and B.inductor_cpu(input) and not torch.is_autocast_enabled("cpu"):
+        # traced by torch.compile on the CPU: the eager path's C++ op (its autograd in C++, which
+        # AOTAutograd traces), which the compiled graph calls without Python (the registered
+        # Python op's call cost ~60 us in a compiled generator at batch 1); torch's product for
+        # arguments its kernel does not take
         return _CT_ACT(input, weight, bias, list(stride), list(padding), list(output_padding),
                        int(groups), list(dilation), B.ACTIVATIONS[act], float(negative_slope))
     unbatched = input.dim() == 3

@@ -79,6 +79,10 @@ def _reparam_bwd_fake(grad_z, logvar, eps):
 
 
 HAS_CPP_OPS = B.has_cpu_ext()
+if HAS_CPP_OPS:
+    # asked of genfast._C now and cached: a first call made while torch.compile traces a loss
+    # would reach the pybind11 function, which dynamo cannot trace (fullgraph=True raised)
+    B.cpu_losses_supported()
 
 
 def _gan_train_fake(real, fake, kind, generator, reduction, real_label):
@@ -547,8 +551,9 @@ def eager_gan(real, fake, kind, generator, reduction, real_label):
 
 
 def _gan(real, fake, kind, generator, reduction, real_label, name):
-    if name == "cpu" and HAS_CPP_OPS and not torch.compiler.is_compiling():
-        # eager CPU calls: the op with its autograd in C++ (csrc/loss_autograd.cpp)
+    if name == "cpu" and HAS_CPP_OPS and (not torch.compiler.is_compiling() or B.inductor_cpu(fake)):
+        # eager CPU calls and torch.compile's CPU graphs: the op with its autograd in C++
+        # (csrc/loss_autograd.cpp), which the compiled graph calls without Python
         return torch.ops.genfast.gan_loss_train.default(real, fake, GAN_KINDS[kind], generator,
                                                         REDUCTIONS[reduction], float(real_label))
     return GanLossFunction.apply(real, fake, GAN_KINDS[kind], generator, REDUCTIONS[reduction],
