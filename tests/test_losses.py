@@ -1148,3 +1148,30 @@ def test_eager_cpu_gan_fast_path_matches_the_checked_path(kind, red):
             GF.discriminator_loss(r, f, "bce", real_label=float("inf"))
         with pytest.raises(RuntimeError, match="same dtype"):
             GF.discriminator_loss(r.double(), f, kind)
+
+
+def test_first_loss_call_under_compile_fullgraph_in_a_fresh_interpreter():
+    """In a fresh interpreter, the first GAN loss call of the process made while torch.compile
+    traces (fullgraph=True, CPU): traced without a graph break (the CPU kernels' support was first
+    asked of genfast._C during the trace, which dynamo cannot follow), and the loss and gradient
+    are torch's BCE-with-logits ones."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, genfast.functional as GF\n"
+        "import torch.nn.functional as F\n"
+        "x = torch.randn(64, 1, dtype=torch.float64, requires_grad=True)\n"
+        "f = torch.compile(lambda t: GF.generator_loss(t, kind='bce'), backend='aot_eager', fullgraph=True)\n"
+        "y = f(x); (g,) = torch.autograd.grad(y, x)\n"
+        "xr = x.detach().requires_grad_(); yr = F.binary_cross_entropy_with_logits(xr, torch.ones_like(xr))\n"
+        "(gr,) = torch.autograd.grad(yr, xr)\n"
+        "torch.testing.assert_close(y, yr); torch.testing.assert_close(g, gr)\n"
+        "print('OK')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stderr[-4000:]
