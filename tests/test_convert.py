@@ -690,9 +690,34 @@ def test_compiled_training_step_on_cpu_calls_the_cpp_ops():
     ours = {t for t in targets if "genfast" in t}
     assert ours == _CPP_OPS, ours
     torch.testing.assert_close(loss_c, loss)
+    # (a convolution's bias before a BatchNorm has a zero gradient up to rounding: compared at
+    # the scale of all gradients)
+    scale = max(float(p.grad.abs().max()) for p in list(G.parameters()) + list(D.parameters()))
     for (name, a), b in zip(list(Gc.named_parameters()) + list(Dc.named_parameters()),
                             list(G.parameters()) + list(D.parameters())):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5 * scale,
+                                   msg=lambda m: f"{name}: {m}")
     for (name, a), b in zip(list(Gc.named_buffers()) + list(Dc.named_buffers()),
                             list(G.buffers()) + list(D.buffers())):
         torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("name", ["mlp_d", "mlp_g"])
+def test_compiled_linear_blocks_on_cpu_trace_as_the_torch_model(name):
+    """Traced by torch.compile on the CPU, a converted model made of Linear -> activation and
+    Linear -> BatchNorm1d -> activation runs its children as they are: the traced graph calls the
+    same functions as the torch model's (in-place activations included, which inductor fuses
+    better: the fused path's out-of-place LeakyReLU made the compiled MLP discriminator 20%
+    slower), and the output matches."""
+    torch.manual_seed(0)
+    ref = models.MLPDiscriminator() if name == "mlp_d" else models.MLPGenerator()
+    conv = genfast.convert(copy.deepcopy(ref))
+    x = torch.randn(8, 784) if name == "mlp_d" else torch.randn(8, 100)
+
+    def calls(model):
+        out, targets = _traced_targets(model, x)
+        return out, [t for t in targets if "getattr" not in t]
+
+    (out_ref, want), (out, got) = calls(ref), calls(conv)
+    assert got == want
+    torch.testing.assert_close(out, out_ref)

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _m
 
+from genfast import backend as B
+
 from genfast.nn.batchnorm_act import batch_norm_act_forward
 from genfast.nn.conv_act import (can_fuse_product_bn, plain_product, product_act_forward,
                                  product_bn_act_forward)
@@ -78,6 +80,22 @@ class FusionStep:
         """Whether the planned children may run fused: :meth:`matches`, and no hook on any of
         them (a hook must see each child's own input and output)."""
         return self.matches() and not any(has_hooks(m) for m in self.modules)
+
+    def left_to_inductor(self) -> bool:
+        """Whether, traced by torch.compile on the CPU (B.inductor_cpu), the children run as they
+        are, for inductor to fuse: a Conv2d / Linear with its activation, or with a BatchNorm in
+        eval mode or a BatchNorm1d (genfast's products are torch's on the CPU, and inductor fuses
+        the bias, BatchNorm and activation into the loops around them: measured on the CI CPU,
+        the MLP discriminator's fwd+bwd ran 20% slower compiled through the fused path, whose
+        activation is out of place, and the MLP generator's 6% slower with genfast's (N, C)
+        BatchNorm op). Transposed convolutions and the BatchNorms of convolutions keep genfast's
+        C++ ops (an (N, C, H, W) BatchNorm + LeakyReLU fwd+bwd compiled by inductor alone ran
+        4-5x slower than genfast's op)."""
+        mods = self.modules
+        if not plain_product(mods[0]):
+            return False
+        return (self.kind == "conv_act" or isinstance(mods[0], nn.Linear)
+                or not mods[1].training)
 
     def ready_at(self, children: list, start: int) -> bool:
         """Whether the step runs fused now in a container whose children are ``children``: the
@@ -195,10 +213,12 @@ class FusedSequential(nn.Sequential):
             for module in children:
                 input = module(input)
             return input
+        inductor = B.inductor_cpu(input)
         i, n = 0, len(children)
         while i < n:
             step = steps.get(i)
-            if step is not None and step.ready_at(children, i):
+            if (step is not None and not (inductor and step.left_to_inductor())
+                    and step.ready_at(children, i)):
                 input = step.run(input)
                 i += len(step.modules)
             else:
