@@ -285,9 +285,10 @@ def conv_bn_act_forward(conv: nn.ConvTranspose2d, bn: nn.BatchNorm2d, activation
     bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
     if not bn_training:
         if B.inductor_cpu(input):
-            # traced by torch.compile on the CPU: genfast's transposed convolution (the
-            # registered op), then torch's BatchNorm and activation, which inductor fuses into one
-            # loop, instead of a fold that re-reads and re-writes the weight at every call
+            # traced by torch.compile on the CPU: genfast's transposed convolution (its C++ op,
+            # see _ct.conv_transpose2d), then torch's BatchNorm and activation, which inductor
+            # fuses into one loop, instead of a fold that re-reads and re-writes the weight at
+            # every call
             return apply_activation(bn(conv_transpose_act_forward(conv, input, None, 0.01, output_size)),
                                     activation, negative_slope)
         if not bn_foldable(bn, conv.weight, input, 4):
