@@ -85,12 +85,14 @@ struct GanLossTrain : public torch::autograd::Function<GanLossTrain> {
                                     .findSchemaOrThrow("genfast::loss_scale_grad", "")
                                     .typed<std::tuple<at::Tensor, at::Tensor>(
                                         const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-                                        const at::Tensor&, int64_t, at::ScalarType, at::ScalarType)>();
-      const int64_t nr = real.defined() ? real.numel() : 0;
+                                        const at::Tensor&, c10::SymInt, at::ScalarType, at::ScalarType)>();
+      // sizes as symbolic ints: torch.compile traces this backward with dynamic shapes (a batch
+      // size that changed between calls)
+      const c10::SymInt nr = real.defined() ? real.sym_numel() : c10::SymInt(0);
       const auto dt_r = real.defined() ? real.scalar_type() : grad.scalar_type();
       std::tie(dr, df) = scale.call(opt(coef_a), opt(coef_b), grad, nr, dt_r, fake.scalar_type());
-      dr = real.defined() ? dr.view(real.sizes()) : at::Tensor();
-      df = df.view(fake.sizes());
+      dr = real.defined() ? dr.view_symint(real.sym_sizes()) : at::Tensor();
+      df = df.view_symint(fake.sym_sizes());
     }
     // needs_input_grad counts tensor inputs only: fake is the first when real is None
     if (!real.defined() || !ctx->needs_input_grad(0)) dr = at::Tensor();

@@ -102,7 +102,7 @@ TORCH_LIBRARY(genfast, m) {
   // (saved[:split] * coef_a, saved[split:] * coef_b) as flat tensors of dtype_a / dtype_b; a
   // coefficient is 0-dim, elementwise, or None (zero gradient).
   m.def(
-      "loss_scale_grad(Tensor? coef_a, Tensor? coef_b, Tensor saved, int split, ScalarType dtype_a, "
+      "loss_scale_grad(Tensor? coef_a, Tensor? coef_b, Tensor saved, SymInt split, ScalarType dtype_a, "
       "ScalarType dtype_b) -> (Tensor, Tensor)");
   // recon_kind: mse 0, bce 1, bce_logits 2; reduction: sum 2, batchmean 3.
   // Returns (loss, parts [recon, kl], grad [recon | mu | logvar]).

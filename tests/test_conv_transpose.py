@@ -531,3 +531,29 @@ def test_gpu_tf32_follows_cudnn_flag(cuda_device):
     finally:
         torch.backends.cudnn.allow_tf32 = prev
     assert errs[False] < 1e-4 and errs[True] < 5e-2
+
+
+@pytest.mark.parametrize("how", ["compiled", "reference"])
+def test_converted_generator_under_cpu_autocast(how):
+    """A converted DCGAN generator under torch.autocast("cpu", bfloat16), compiled (fullgraph) or
+    with the backend pinned to "reference": each transposed convolution takes the bfloat16 output
+    of the one before with float32 weights, which autocast casts first as torch does (the checks
+    ran before the cast and raised). Output as the torch model's under the same autocast."""
+    import copy
+
+    from genfast import models
+
+    torch.manual_seed(0)
+    ref = models.DCGANGenerator(nz=16, ngf=8).eval()
+    conv = genfast.convert(copy.deepcopy(ref)).eval()
+    z = torch.randn(2, 16, 1, 1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = ref(z)
+        if how == "compiled":
+            torch._dynamo.reset()
+            got = torch.compile(conv, backend="aot_eager", fullgraph=True)(z)
+        else:
+            with backend("reference"):
+                got = conv(z)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05)

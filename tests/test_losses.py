@@ -1175,3 +1175,50 @@ def test_first_loss_call_under_compile_fullgraph_in_a_fresh_interpreter():
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stderr[-4000:]
+
+
+def _torch_d_loss(kind, r, f, real_label):
+    if kind == "bce":
+        return (F.binary_cross_entropy_with_logits(r, torch.full_like(r, real_label))
+                + F.binary_cross_entropy_with_logits(f, torch.zeros_like(f)))
+    if kind == "hinge":
+        return torch.relu(1 - r).mean() + torch.relu(1 + f).mean()
+    return (r - real_label).pow(2).mean() + f.pow(2).mean()  # lsgan
+
+
+@pytest.mark.parametrize("kind", ["bce", "hinge", "lsgan"])
+def test_compiled_discriminator_loss_with_changing_batch_and_dynamic_shapes(kind):
+    """torch.compile(fullgraph=True) of the discriminator loss on the CPU, forward and backward,
+    at batch 8 then 5 (the smaller last batch of an epoch: dynamo recompiles with a symbolic
+    batch size, which the loss's C++ backward takes), and with dynamic=True; values and
+    gradients as torch's formula in float64."""
+    def loss(r, f):
+        return GF.discriminator_loss(r, f, kind=kind)
+
+    for dynamic in (None, True):
+        torch._dynamo.reset()
+        fn = torch.compile(loss, backend="aot_eager", fullgraph=True, dynamic=dynamic)
+        for n in (8, 5):
+            r = torch.randn(n, 1, requires_grad=True)
+            f = torch.randn(n + 2, 1, requires_grad=True)
+            out = fn(r, f)
+            gr, gf = torch.autograd.grad(out, (r, f))
+            rd, fd = r.detach().double().requires_grad_(), f.detach().double().requires_grad_()
+            want = _torch_d_loss(kind, rd, fd, 1.0)
+            wr, wf = torch.autograd.grad(want, (rd, fd))
+            assert_close(out, want.float(), torch.float32)
+            assert_close(gr, wr.float(), torch.float32)
+            assert_close(gf, wf.float(), torch.float32)
+
+
+def test_compiled_discriminator_loss_real_label_changing_between_calls():
+    """A real_label passed as a changing Python float to a compiled (fullgraph) function, as a
+    label-smoothing schedule does: traced (dynamo makes it a symbolic float on the second value)
+    and each value used, as torch's formula."""
+    torch._dynamo.reset()
+    fn = torch.compile(lambda r, f, rl: GF.discriminator_loss(r, f, "bce", real_label=rl),
+                       backend="aot_eager", fullgraph=True)
+    r, f = torch.randn(8), torch.randn(8)
+    for rl in (1.0, 0.9, 0.8):
+        assert_close(fn(r, f, rl), _torch_d_loss("bce", r.double(), f.double(), rl).float(),
+                     torch.float32)

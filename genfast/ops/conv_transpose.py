@@ -620,11 +620,14 @@ def autocast_lower_precision(*tensors):
     cast to the autocast dtype, as autocast does for F.conv_transpose2d (a lower-precision op);
     the tensors unchanged otherwise. The custom ops themselves have no autocast rule."""
     t0 = tensors[0]
+    if not isinstance(t0, Tensor):
+        return tensors  # (the argument checks raise torch's TypeError)
     dev = t0.device.type
     if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
         return tensors
     dt = torch.get_autocast_dtype(dev)
-    return tuple(t.to(dt) if t is not None and t.dtype in _AUTOCAST_CASTS else t for t in tensors)
+    return tuple(t.to(dt) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_CASTS else t
+                 for t in tensors)
 
 
 def conv_transpose_eager(input, weight, bias, stride, padding, output_padding, groups, dilation,
@@ -663,6 +666,9 @@ def conv_transpose2d(input, weight, bias, stride, padding, output_padding, group
     if B.eager_cpu(input):
         return conv_transpose_eager(input, weight, bias, stride, padding, output_padding, groups,
                                     dilation, act, negative_slope)
+    # under autocast the tensors are cast first, as torch's conv_transpose2d does (a bfloat16
+    # input from a previous layer meets float32 weights)
+    input, weight, bias = autocast_lower_precision(input, weight, bias)
     stride, padding, output_padding, dilation = check_args(input, weight, bias, stride, padding,
                                                            output_padding, groups, dilation)
     if HAS_CPP_OPS and B.inductor_cpu(input) and not torch.is_autocast_enabled("cpu"):
@@ -674,7 +680,6 @@ def conv_transpose2d(input, weight, bias, stride, padding, output_padding, group
                        int(groups), list(dilation), B.ACTIVATIONS[act], float(negative_slope))
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
-    x, weight, bias = autocast_lower_precision(x, weight, bias)
     name = B.resolve(FAMILY, x.device)
     if name == "reference":
         y = ref.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups,

@@ -459,7 +459,9 @@ def check_gan(real, fake, kind, reduction, real_label) -> None:
     if kind in ("hinge", "wasserstein") and real_label != 1.0:
         raise ValueError(f"real_label applies to kinds 'bce', 'minimax' and 'lsgan'; got real_label={real_label} "
                          f"with kind={kind!r}")
-    if not math.isfinite(real_label):
+    # (comparisons rather than math.isfinite, which torch.compile cannot trace for a real_label
+    # it treats as a symbolic float: dynamic=True, or a value that changed between calls)
+    if not -math.inf < real_label < math.inf:
         raise ValueError(f"real_label must be finite, got {real_label}")
 
 
@@ -531,10 +533,10 @@ def eager_gan(real, fake, kind, generator, reduction, real_label):
     if (k is None or red is None or type(fake) is not Tensor
             or torch._C._has_torch_function((real, fake)) or B.composite_only(real, fake)):
         return None
+    if not (HAS_CPP_OPS and B.eager_cpu(fake) and B.cpu_losses_supported()):
+        return None  # (first: torch.compile does not trace math.isfinite of a symbolic float)
     if real_label != 1.0 and (k in (GAN_KINDS["hinge"], GAN_KINDS["wasserstein"])
                               or not math.isfinite(real_label)):
-        return None
-    if not (HAS_CPP_OPS and B.eager_cpu(fake) and B.cpu_losses_supported()):
         return None
     # genfast::gan_loss_train through a pybind11 entry (csrc/eager_entries.cpp): torch.ops' Python
     # call cost as much as the loss kernel at DCGAN batch sizes
