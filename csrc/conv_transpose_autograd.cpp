@@ -1,6 +1,7 @@
 // genfast::conv_transpose2d_act: transposed convolution + bias + activation with its autograd
-// formula in C++, for eager calls on the CPU (genfast/nn/conv_transpose.py calls it outside
-// torch.compile for the drop-in modules and the blocks' products). A Python autograd.Function
+// formula in C++, for eager calls on the CPU (the drop-in modules and the blocks' products),
+// for torch.compile's CPU graphs (genfast/ops/conv_transpose.py, conv_transpose2d: batched
+// input) and for the registered op's CPU forward in float32 / float64. A Python autograd.Function
 // around conv_transpose2d_fwd / _bwd would cost tens of microseconds per layer and step.
 //
 // Forward: genfast::conv_transpose2d_fwd (the GEMM product + col2im epilogue, csrc/cpu/
@@ -47,7 +48,9 @@ Triple call_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, 
 bool kernel_takes(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
                   at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef dilation,
                   bool training) {
-  // traced with symbolic sizes (torch.export / AOT dispatch): the registered ops and their fakes
+  // traced with symbolic sizes (torch.compile with dynamic shapes, AOT dispatch): the registered
+  // ops genfast::conv_transpose2d_fwd / _bwd and their fakes, which take batched (N, C, H, W)
+  // input of any layout, groups and dtype (callers pass batched input only)
   if (x.unsafeGetTensorImpl()->has_symbolic_sizes_strides() || w.unsafeGetTensorImpl()->has_symbolic_sizes_strides())
     return true;
   if (x.dim() != 4 || w.dim() != 4 || groups != 1 || !x.device().is_cpu() || !w.device().is_cpu()) return false;

@@ -172,8 +172,8 @@ namespace {
 
 // y = act(y * scale + shift) in place, per channel c of a (rows, C) row-major block (C channels
 // per row: Linear output, or a channels-last map) or of (N, C, L) planes. scale = weight /
-// sqrt(running_var + eps) and shift = bias - running_mean * scale in float64, rounded to the
-// accumulation type: torch's eval BatchNorm's own (alpha, beta) formula. NaN stays NaN (relu and
+// sqrt(running_var + eps) and shift = bias - running_mean * scale in the BatchNorm's dtype
+// (bn_eval_coeffs): torch's eval BatchNorm's own (alpha, beta) formula. NaN stays NaN (relu and
 // leaky_relu keep it: act_forward_c), as in torch.
 
 template <int ACT, typename T>

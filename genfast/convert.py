@@ -78,7 +78,8 @@ def convert(model: nn.Module, *, skip: Iterable[str] = (), fuse_conv_bn: bool = 
         :class:`genfast.nn.FusedSequential` (the same object and children) that runs the run
         as one fused op: ``ConvTranspose2d / Conv2d -> BatchNorm2d -> ReLU/LeakyReLU`` and
         ``Linear -> BatchNorm1d -> ReLU/LeakyReLU`` (the BatchNorm statistics taken right after
-        the product in training, the BatchNorm folded into the product in eval; not with
+        the product in training, in eval folded into the product or applied in one pass after
+        it; not with
         ``fuse_conv_bn=False``), ``BatchNorm1d/2d -> ReLU/LeakyReLU``, ``ConvTranspose2d ->
         Tanh/Sigmoid`` and ``Conv2d / Linear -> ReLU/LeakyReLU/Tanh/Sigmoid`` (the activation
         in the product's epilogue). Conv2d and Linear modules keep their class.

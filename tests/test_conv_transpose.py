@@ -557,3 +557,20 @@ def test_converted_generator_under_cpu_autocast(how):
                 got = conv(z)
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_compiled_unbatched_input_on_cpu(dynamic):
+    """gnn.ConvTranspose2d compiled on the CPU with an unbatched (C, H, W) input, at two spatial
+    sizes (the second recompiles with symbolic sizes) and with dynamic=True: as
+    nn.ConvTranspose2d (the C++ op, whose kernel and fake take batched input only, is used for
+    batched input alone)."""
+    torch.manual_seed(0)
+    m = gnn.ConvTranspose2d(4, 3, 3, 2, 1, activation="tanh")
+    ref = nn.ConvTranspose2d(4, 3, 3, 2, 1)
+    ref.load_state_dict(m.state_dict())
+    torch._dynamo.reset()
+    c = torch.compile(m, backend="aot_eager", fullgraph=True, dynamic=dynamic)
+    for hw in (5, 6):
+        x = torch.randn(4, hw, hw)
+        assert_close(c(x), torch.tanh(ref(x)), torch.float32)

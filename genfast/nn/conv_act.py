@@ -187,10 +187,11 @@ def product_bn_act_forward(m: nn.Module, bn: nn.modules.batchnorm._BatchNorm, ac
     statistics are taken right after the vendor's product and the bias, normalisation,
     activation and running-statistics update run in the block's kernels; on CPU tensors the
     product (oneDNN) is followed by genfast's fused BatchNorm + activation. Eval: the BatchNorm
-    is folded into the product's weight and bias (one fused product + activation), except for
-    eager CPU calls that record no backward (the product, then one in-place pass of the
-    BatchNorm's affine map and the activation) and eager CPU calls whose output is not much
-    larger than the weight (fold_pays: the product, then the fused eval BatchNorm + activation).
+    is folded into the product's weight and bias (one fused product + activation) on CUDA
+    tensors and in exported graphs; eager CPU calls that record no backward run the product,
+    then one in-place pass of the BatchNorm's affine map and the activation; eager CPU calls
+    whose output is not much larger than the weight (fold_pays) the product, then the fused eval
+    BatchNorm + activation; CPU calls traced by torch.compile torch's modules (B.inductor_cpu).
     ``keep_input``: the activation is an nn.LeakyReLU(inplace=False), whose backward torch
     takes from its input, so that its output may be modified in place before the backward; the
     eval block then applies it out of place after the folded product (the training block saves

@@ -114,7 +114,7 @@ def fold_pays(input: torch.Tensor, weight: torch.Tensor, activation: Optional[st
     to 0.85x (batch 64), the Keras DCGAN generator and discriminator at 0.76x (batch 1). So there
     the fold runs only when the output is more than twice the weight and 64K values larger (and
     for activations the fused BatchNorm does not take: tanh, sigmoid); elsewhere (CUDA, traced
-    calls) it always runs."""
+    calls) it always runs (torch.compile's CPU graphs do not reach it: B.inductor_cpu)."""
     if not B.eager_cpu(input) or activation not in (None, "identity", "relu", "leaky_relu"):
         return True
     # the output's size from the input's: out_channels per position, the positions scaled by the
@@ -203,7 +203,9 @@ class ConvTransposeBNAct2d(nn.Sequential):
     In training mode the transposed convolution's epilogue also computes the per-channel batch
     statistics of its output, so the BatchNorm step reads the output once (normalise) instead of
     twice. In eval mode the BatchNorm (running statistics) is folded into the convolution's
-    weight and bias: one fused transposed convolution with the activation in its epilogue.
+    weight and bias (one fused transposed convolution with the activation in its epilogue)
+    where that pays (``conv_bn_act_forward``: CUDA, exported graphs, large outputs); eager CPU
+    calls otherwise apply the BatchNorm's affine map and the activation in one pass after it.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] = 1,
@@ -270,7 +272,9 @@ def conv_bn_act_forward(conv: nn.ConvTranspose2d, bn: nn.BatchNorm2d, activation
                         output_size: Optional[list[int]] = None,
                         keep_input: bool = False) -> torch.Tensor:
     """activation(bn(conv(input))) with the BatchNorm statistics taken in the convolution's
-    epilogue (training) or the BatchNorm folded into the convolution (eval). ``keep_input``: the
+    epilogue (training) or, in eval, the BatchNorm folded into the convolution where fold_pays
+    (else the convolution, then one pass of the BatchNorm's affine map and the activation;
+    under torch.compile on the CPU, torch's BatchNorm after genfast's convolution). ``keep_input``: the
     activation is an nn.LeakyReLU(inplace=False) (torch's backward reads its input, so its output
     may be modified in place): the eval block applies it out of place after the folded
     convolution."""

@@ -165,8 +165,9 @@ class FusedSequential(nn.Sequential):
     """An ``nn.Sequential`` (same children, same state_dict keys, same indexing) in which
     ``genfast.convert`` planned runs of children to run as one fused op:
     ConvTranspose2d / Conv2d -> BatchNorm2d -> ReLU/LeakyReLU and Linear -> BatchNorm1d ->
-    ReLU/LeakyReLU (BatchNorm statistics right after the product in training; BatchNorm folded
-    into the product in eval), BatchNorm1d/2d -> ReLU/LeakyReLU, ConvTranspose2d ->
+    ReLU/LeakyReLU (BatchNorm statistics right after the product in training; in eval the
+    BatchNorm folded into the product, or its affine map applied in one pass after it where the
+    fold would cost more: see conv_transpose.fold_pays), BatchNorm1d/2d -> ReLU/LeakyReLU, ConvTranspose2d ->
     Tanh/Sigmoid, Conv2d / Linear -> ReLU/LeakyReLU/Tanh/Sigmoid (bias and activation in one
     pass after the product). A fused activation saves its output for the backward, as torch's
     ReLU, Tanh, Sigmoid and in-place LeakyReLU do; after an nn.LeakyReLU(inplace=False), whose
@@ -178,7 +179,9 @@ class FusedSequential(nn.Sequential):
     still the planned objects at the planned positions, of the planned types, with no hook on
     any of them (and no global module hook); otherwise those children run one by one, exactly
     as in nn.Sequential. Replacing a child (e.g. ``nn.SyncBatchNorm.convert_sync_batchnorm``),
-    hooking it or parametrizing it therefore never changes what the model computes.
+    hooking it or parametrizing it therefore never changes what the model computes. Traced by
+    torch.compile on the CPU, the runs :meth:`FusionStep.left_to_inductor` names also run one by
+    one (inductor fuses them itself).
     """
 
     _genfast_plan: tuple = ()
@@ -194,7 +197,8 @@ class FusedSequential(nn.Sequential):
         return self.__dict__.get("_genfast_plan", ())
 
     def active_fusions(self) -> list[FusionStep]:
-        """The planned steps that would run fused now."""
+        """The planned steps that would run fused now in an eager call (under torch.compile on the
+        CPU, less those left to inductor)."""
         children = list(self._modules.values())
         return [step for start, step in self.fusion_plan() if self._runs_fused(children, start, step)]
 

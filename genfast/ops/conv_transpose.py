@@ -671,11 +671,14 @@ def conv_transpose2d(input, weight, bias, stride, padding, output_padding, group
     input, weight, bias = autocast_lower_precision(input, weight, bias)
     stride, padding, output_padding, dilation = check_args(input, weight, bias, stride, padding,
                                                            output_padding, groups, dilation)
-    if HAS_CPP_OPS and B.inductor_cpu(input) and not torch.is_autocast_enabled("cpu"):
+    if (HAS_CPP_OPS and B.inductor_cpu(input) and input.dim() == 4
+            and not torch.is_autocast_enabled("cpu")):
         # traced by torch.compile on the CPU: the eager path's C++ op (its autograd in C++, which
         # AOTAutograd traces), which the compiled graph calls without Python (the registered
         # Python op's call cost ~60 us in a compiled generator at batch 1); torch's product for
-        # arguments its kernel does not take
+        # arguments its kernel does not take. Batched input only: with symbolic sizes the op
+        # takes every call to its kernel and fake, which expect (N, C, H, W); an unbatched one
+        # goes the registered op's way below
         return _CT_ACT(input, weight, bias, list(stride), list(padding), list(output_padding),
                        int(groups), list(dilation), B.ACTIVATIONS[act], float(negative_slope))
     unbatched = input.dim() == 3
