@@ -1,5 +1,6 @@
 """genfast.convert: what it swaps, what it leaves, and that converted models train exactly like
 the originals (outputs, gradients, optimiser steps, state_dict both ways)."""
+import contextlib
 import copy
 
 import pytest
@@ -702,20 +703,28 @@ def test_compiled_training_step_on_cpu_calls_the_cpp_ops():
         torch.testing.assert_close(a, b, msg=name)
 
 
-@pytest.mark.parametrize("name", ["mlp_d", "mlp_g"])
+@pytest.mark.parametrize("name", ["mlp_d", "mlp_g", "keras_d_eval"])
 def test_compiled_linear_blocks_on_cpu_trace_as_the_torch_model(name):
     """Traced by torch.compile on the CPU, a converted model made of Linear -> activation and
-    Linear -> BatchNorm1d -> activation runs its children as they are: the traced graph calls the
+    Linear -> BatchNorm1d -> activation (or, in eval under no_grad, Conv2d -> activation and
+    Conv2d -> BatchNorm2d -> activation) runs its children as they are: the traced graph calls the
     same functions as the torch model's (in-place activations included, which inductor fuses
     better: the fused path's out-of-place LeakyReLU made the compiled MLP discriminator 20%
     slower), and the output matches."""
     torch.manual_seed(0)
-    ref = models.MLPDiscriminator() if name == "mlp_d" else models.MLPGenerator()
+    if name == "keras_d_eval":  # Conv2d -> activation and Conv2d -> BatchNorm2d (eval) -> act
+        ref = models.KerasDCGANDiscriminator(nc=1)
+        _randomise_bn(ref)
+        ref.eval()
+        x = torch.randn(4, 1, 28, 28)
+    else:
+        ref = models.MLPDiscriminator() if name == "mlp_d" else models.MLPGenerator()
+        x = torch.randn(8, 784) if name == "mlp_d" else torch.randn(8, 100)
     conv = genfast.convert(copy.deepcopy(ref))
-    x = torch.randn(8, 784) if name == "mlp_d" else torch.randn(8, 100)
 
     def calls(model):
-        out, targets = _traced_targets(model, x)
+        with torch.no_grad() if name == "keras_d_eval" else contextlib.nullcontext():
+            out, targets = _traced_targets(model, x)
         return out, [t for t in targets if "getattr" not in t]
 
     (out_ref, want), (out, got) = calls(ref), calls(conv)
