@@ -233,6 +233,19 @@ void bn_eval_coeffs(const at::Tensor& rm, const at::Tensor& rv, const OptT& bn_w
   }
 }
 
+// genfast::conv_transpose2d_act through the dispatcher (product_bn_eval_eager's kind 2 and
+// conv_transpose2d_act_eager)
+const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const OptT&, at::IntArrayRef,
+                                          at::IntArrayRef, at::IntArrayRef, int64_t, at::IntArrayRef, int64_t, double)>&
+conv_transpose2d_act_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("genfast::conv_transpose2d_act", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptT&, at::IntArrayRef,
+                                               at::IntArrayRef, at::IntArrayRef, int64_t, at::IntArrayRef, int64_t,
+                                               double)>();
+  return op;
+}
+
 bool channel_vec(const at::Tensor& t, at::ScalarType dt, int64_t C) {
   return float_cpu(t, dt) && t.dim() == 1 && t.size(0) == C;
 }
@@ -272,15 +285,11 @@ OptT product_bn_eval_eager(const at::Tensor& x, const at::Tensor& w, const OptT&
     for (const OptT* t : {&b, &bn_w, &bn_b})
       if (t->has_value() && (*t)->requires_grad()) return c10::nullopt;
   }
-  static const auto convt = c10::Dispatcher::singleton()
-                                .findSchemaOrThrow("genfast::conv_transpose2d_act", "")
-                                .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptT&, at::IntArrayRef,
-                                                  at::IntArrayRef, at::IntArrayRef, int64_t, at::IntArrayRef, int64_t,
-                                                  double)>();
   return guarded([&]() -> OptT {
     at::Tensor y = kind == 0   ? at::linear(x, w, b)
                    : kind == 1 ? at::conv2d(x, w, b, stride, padding, dilation, groups)
-                               : convt.call(x, w, b, stride, padding, output_padding, groups, dilation, kIdentity, 0.0);
+                               : conv_transpose2d_act_op().call(x, w, b, stride, padding, output_padding, groups, dilation,
+                                                                 kIdentity, 0.0);
     const bool rows = y.dim() == 2 || (!y.is_contiguous() && y.is_contiguous(at::MemoryFormat::ChannelsLast));
     if (!rows && !y.is_contiguous()) return c10::nullopt;  // (the products give one of the two)
     const int64_t L = y.dim() == 4 ? y.size(2) * y.size(3) : 1;
@@ -304,13 +313,8 @@ OptT conv_transpose2d_act_eager(const at::Tensor& x, const at::Tensor& w, const 
   if (!common_ok(x, {&w}, b, act, slope) || x.dim() != 4 || w.dim() != 4 || !pair(stride) || !pair(padding) ||
       !pair(output_padding) || !pair(dilation))
     return c10::nullopt;
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("genfast::conv_transpose2d_act", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptT&, at::IntArrayRef,
-                                               at::IntArrayRef, at::IntArrayRef, int64_t, at::IntArrayRef, int64_t,
-                                               double)>();
   return guarded([&]() -> OptT {
-    return op.call(x, w, b, stride, padding, output_padding, groups, dilation, act, slope);
+    return conv_transpose2d_act_op().call(x, w, b, stride, padding, output_padding, groups, dilation, act, slope);
   });
 }
 

@@ -302,12 +302,7 @@ def conv_bn_act_forward(conv: nn.ConvTranspose2d, bn: nn.BatchNorm2d, activation
                          transposed=True):
             # the transposed convolution with its bias, then genfast's fused eval BatchNorm +
             # activation (running statistics: one pass over the output)
-            if output_size is None:
-                y = _ct.conv_transpose_eager(input, conv.weight, conv.bias, conv.stride,
-                                             conv.padding, conv.output_padding, conv.groups,
-                                             conv.dilation, "identity", 0.01)
-            else:
-                y = nn.ConvTranspose2d.forward(conv, input, output_size)
+            y = conv_transpose_act_forward(conv, input, None, 0.01, output_size)
             return bn_eval_act(bn, y, activation, negative_slope, keep_input)
         if keep_input and activation == "leaky_relu":
             return apply_activation(
@@ -316,21 +311,12 @@ def conv_bn_act_forward(conv: nn.ConvTranspose2d, bn: nn.BatchNorm2d, activation
         return _conv_bn_act_eval(conv, bn, activation, negative_slope, input, output_size)
     if input.dim() != 4:
         raise ValueError(f"expected 4D input (got {input.dim()}D input)")
-    if B.inductor_cpu(input) and activation in ("relu", "leaky_relu", "identity"):
-        # traced by torch.compile on the CPU: the same two C++ ops as the eager call below
-        return batch_norm_act_forward(bn, conv_transpose_act_forward(conv, input, None, 0.01, output_size),
-                                      activation, negative_slope)
-    if B.eager_cpu(input) and activation in ("relu", "leaky_relu", "identity"):
+    if (B.eager_cpu(input) or B.inductor_cpu(input)) and activation in ("relu", "leaky_relu", "identity"):
         # genfast's C++ transposed convolution with the bias (torch's for arguments its kernel
         # does not take; torch's checks raise before anything is written), then genfast's fused
         # C++ BatchNorm + activation, which checks its input (more than one value per channel)
-        # before the running statistics change.
-        if output_size is None:
-            y = _ct.conv_transpose_eager(input, conv.weight, conv.bias, conv.stride, conv.padding,
-                                         conv.output_padding, conv.groups, conv.dilation,
-                                         "identity", 0.01)
-        else:
-            y = nn.ConvTranspose2d.forward(conv, input, output_size)
+        # before the running statistics change; eager, or traced by torch.compile on the CPU.
+        y = conv_transpose_act_forward(conv, input, None, 0.01, output_size)
         return batch_norm_act_forward(bn, y, activation, negative_slope)
     output_padding = conv._output_padding(input, output_size, conv.stride, conv.padding,
                                           conv.kernel_size, 2, conv.dilation)
