@@ -564,3 +564,36 @@ def test_gpu_block_matches_torch_and_launches_no_aten_elementwise(cuda_device, n
     assert len(ours_f) == 3 and len(ours_b) == 3, (fwd, bwd)
     for n in fwd + bwd:
         assert "elementwise" not in n and "reduce_kernel" not in n, (fwd, bwd)
+
+
+@pytest.mark.parametrize("be", BACKENDS + [None])  # None: the eager path (C++ entry)
+@pytest.mark.parametrize("xcl, wcl", [(False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conv2d_output_layout_follows_torch(be, xcl, wcl, dtype):
+    """A Conv2d of a model made channels_last, fed a contiguous batch, gives a channels_last
+    output in torch (the input or the weight suggesting channels_last is enough): the fused
+    Conv2d + activation and its fake as torch, on every path."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 4, 6, 6, dtype=dtype)
+    w = torch.randn(5, 4, 3, 3, dtype=dtype)
+    b = torch.randn(5, dtype=dtype)
+    if xcl:
+        x = x.to(memory_format=torch.channels_last)
+    if wcl:
+        w = w.to(memory_format=torch.channels_last)
+    want = F.leaky_relu(F.conv2d(x.double(), w.double(), b.double(), 1, 1), 0.2)
+    if be is None:
+        y = GF.conv2d(x, w, b, 1, 1, activation="leaky_relu", negative_slope=0.2)
+    else:
+        with use_backend(be):
+            y = GF.conv2d(x, w, b, 1, 1, activation="leaky_relu", negative_slope=0.2)
+    assert y.stride() == F.conv2d(x, w, b, 1, 1).stride()
+    torch.testing.assert_close(y.double(), want, atol=1e-4 if dtype == torch.float32 else 1e-10,
+                               rtol=1e-4 if dtype == torch.float32 else 1e-9)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fx, fw, fb = mode.from_tensor(x), mode.from_tensor(w), mode.from_tensor(b)
+        ops = torch.ops.genfast
+        fy = ops.product_act(fx, fw, fb, "conv2d", [1, 1], [1, 1], [1, 1], 1, 2, 0.2, be or "cpu")
+    assert fy.stride() == y.stride()

@@ -2,6 +2,7 @@
 triton (interpreter) backends against F.conv_transpose2d + activation in float64/float32."""
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -582,3 +583,84 @@ def test_compiled_unbatched_input_on_cpu(dynamic):
     for hw in (5, 6):
         x = torch.randn(4, hw, hw)
         assert_close(c(x), torch.tanh(ref(x)), torch.float32)
+
+
+# --- output layout: torch's rule ------------------------------------------------------------
+# (input shape, input made channels_last, weight made channels_last): torch's convolutions give
+# a channels_last output when the input or the weight suggests it, e.g. a model made
+# channels_last fed a contiguous batch, or the (N, C, 1, 1) noise of a generator made
+# channels_last (whose strides alone tell the two layouts apart).
+LAYOUTS = [((2, 4, 3, 3), False, False), ((2, 4, 3, 3), True, False), ((2, 4, 3, 3), False, True),
+           ((2, 4, 3, 3), True, True), ((3, 4, 1, 1), True, False), ((3, 4, 1, 1), False, True),
+           ((3, 4, 1, 1), False, False)]
+
+
+def _layout_inputs(case, dtype=torch.float64):
+    shape, xcl, wcl = LAYOUTS[case]
+    x = torch.randn(shape, dtype=dtype)
+    w = torch.randn(4, 3, 4, 4, dtype=dtype) * 0.5
+    if xcl:
+        x = x.to(memory_format=torch.channels_last)
+    if wcl:
+        w = w.to(memory_format=torch.channels_last)
+    return x, w, torch.randn(3, dtype=dtype)
+
+
+@pytest.mark.parametrize("be", CPU_BACKENDS + [None])  # None: the eager path (C++ entry)
+@pytest.mark.parametrize("case", range(len(LAYOUTS)))
+def test_output_layout_follows_torch(be, case):
+    torch.manual_seed(30 + case)
+    x, w, b = _layout_inputs(case)
+    want = F.conv_transpose2d(x, w, b, 2, 1)  # 2x2 or 6x6 output: the strides tell the layouts apart
+    for act in ("identity", "leaky_relu"):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        if be is None:
+            y = GF.conv_transpose2d(xs, ws, b, 2, 1, activation=act, negative_slope=0.2)
+        else:
+            with backend(be):
+                y = GF.conv_transpose2d(xs, ws, b, 2, 1, activation=act, negative_slope=0.2)
+        assert y.stride() == want.stride(), (be, act, LAYOUTS[case])
+        ref_y = want if act == "identity" else F.leaky_relu(want, 0.2)
+        assert_close(y, ref_y, torch.float64)
+        dy = torch.randn_like(y)
+        gx, gw = torch.autograd.grad(y, (xs, ws), dy)
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        yr = F.conv_transpose2d(xr, wr, b, 2, 1)
+        yr = yr if act == "identity" else F.leaky_relu(yr, 0.2)
+        for g, gr in zip((gx, gw), torch.autograd.grad(yr, (xr, wr), dy)):
+            assert_close(g, gr, torch.float64)
+
+
+@pytest.mark.parametrize("how", ["eager", "compiled"])
+@pytest.mark.parametrize("case", range(len(LAYOUTS)))
+def test_channels_last_model_layout_and_values_like_torch(case, how):
+    """A converted generator in a model made channels_last (or fed channels_last noise): the
+    output's strides, values, weight gradient and running statistics as torch's, a training step
+    then eval, eager and through torch.compile (whose fakes must promise the strides the kernels
+    give)."""
+    torch.manual_seed(40 + case)
+    shape, xcl, wcl = LAYOUTS[case]
+    unfused = nn.Sequential(nn.ConvTranspose2d(4, 3, 4, 2, 1, bias=False), nn.BatchNorm2d(3),
+                            nn.ReLU(), nn.ConvTranspose2d(3, 2, 4, 2, 1), nn.Tanh()).double()
+    fused = genfast.convert(copy.deepcopy(unfused))
+    if wcl:
+        unfused.to(memory_format=torch.channels_last)
+        fused.to(memory_format=torch.channels_last)
+    if how == "compiled":
+        torch._dynamo.reset()  # each case compiles a new model: keep within the recompile limit
+    model = fused if how == "eager" else torch.compile(fused, backend="aot_eager", fullgraph=True)
+    x = torch.randn(shape, dtype=torch.float64)
+    if xcl:
+        x = x.to(memory_format=torch.channels_last)
+    for mode in ("train", "eval"):
+        unfused.train(mode == "train")
+        fused.train(mode == "train")
+        want, y = unfused(x), model(x)
+        assert y.stride() == want.stride(), (mode, LAYOUTS[case])
+        assert_close(y, want, torch.float64, msg=mode)
+        if mode == "train":
+            dy = torch.randn_like(want)
+            (g,) = torch.autograd.grad(want, [unfused[0].weight], dy)
+            (gf,) = torch.autograd.grad(y, [fused[0].weight], dy)
+            assert_close(gf, g, torch.float64)
+            assert_close(fused[1].running_var, unfused[1].running_var, torch.float64)

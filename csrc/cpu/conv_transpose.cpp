@@ -125,11 +125,25 @@ constexpr int64_t kPixelBlock = 256;  // channels-last pixels per parallel task 
 
 at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// genfast's layout rule (the fakes in genfast/ops/conv_transpose.py follow it): channels_last
-// when the tensor is channels_last-dense and not contiguous, else contiguous.
+// genfast's layout rule for a gradient (grad_input in the input's layout, grad_weight in the
+// weight's; the fakes in genfast/ops/conv_transpose.py follow it): channels_last when the tensor
+// is channels_last-dense and not contiguous, else contiguous.
 at::MemoryFormat memory_format_of(const at::Tensor& t) {
   return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast) ? at::MemoryFormat::ChannelsLast
                                                                                 : at::MemoryFormat::Contiguous;
+}
+
+// The output's layout: torch's rule for its CPU convolutions (checked on torch 2.14, float32,
+// float64 and bfloat16): channels_last when the input or the weight suggests it
+// (suggest_memory_format reads the order of the strides, so an (N, C, 1, 1) input made
+// channels_last counts, and a weight made channels_last by model.to(memory_format=...) makes a
+// contiguous input's output channels_last), else contiguous. (genfast/ops/conv_transpose.py's
+// out_format is the same rule.)
+at::MemoryFormat output_format(const at::Tensor& x, const at::Tensor& w) {
+  return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
+                 w.suggest_memory_format() == at::MemoryFormat::ChannelsLast
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
 }
 
 // Whether t has exactly the strides at::empty gives for `fmt` (the fakes' strides, which
@@ -906,7 +920,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, con
                                                         int64_t act, double slope_d, bool stats) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto acc_opts = x.options().dtype(acc_type_of(x.scalar_type()));
-  const at::MemoryFormat fmt = memory_format_of(x);
+  const at::MemoryFormat fmt = output_format(x, w);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   std::vector<acc_t> bvec(g.Cout, acc_t(0));
   if (bias.has_value() && bias->defined()) {
@@ -927,6 +941,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, con
       const acc_t slope = static_cast<acc_t>(slope_d);
       gemm_forward<A, scalar_t, acc_t>(xc, wt, y.data_ptr<scalar_t>(), bvec.data(), g, slope, pp);
     });
+    // a contiguous input (an (N, C, 1, 1) one is both layouts) with a channels_last weight: the
+    // GEMM form writes NCHW planes, reordered once into the output's layout (the statistics
+    // were taken of the same values)
+    if (cl) y = y.contiguous(fmt);
   } else if (g.N > 0) {
     // the product, without bias, in the accumulation type (a no-op conversion for float / double)
     at::Tensor prod = at::convolution(x.to(acc_opts.dtype()), w.to(acc_opts.dtype()), c10::nullopt, stride, padding,
@@ -1054,8 +1072,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy_in,
                                                         bool need_input, bool need_weight, bool has_bias) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto acc_opts = x.options().dtype(acc_type_of(x.scalar_type()));
-  // dy and y in the saved output's layout (a copy only when dy arrives in another one)
-  const at::MemoryFormat fmt = memory_format_of(y_in);
+  const bool gemm = (need_input || need_weight) && g.N > 0 && gemm_backward(x, g);
+  // dy and y in the saved output's layout (a copy only when dy arrives in another one); the
+  // GEMM form reads NCHW planes (a channels_last output of a contiguous input, whose weight was
+  // channels_last, is copied once)
+  const at::MemoryFormat fmt = gemm ? at::MemoryFormat::Contiguous : memory_format_of(y_in);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor dy = dy_in.contiguous(fmt), y = y_in.contiguous(fmt);
   // unrequested results: distinct empty tensors (outputs of an op must not alias each other)
@@ -1070,7 +1091,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy_in,
       o[c] = static_cast<scalar_t>(s);
     }
   };
-  if ((need_input || need_weight) && g.N > 0 && !cl && gemm_backward(x, g)) {
+  if (gemm) {
     // dz gathered into columns (with the bias gradient), then the two BLAS products: a thread
     // per image, or chunk by chunk of images as the forward
     const at::Tensor xc = x.to(acc_opts.dtype()).contiguous(), wt = w_matrix(w.to(acc_opts.dtype()), g);

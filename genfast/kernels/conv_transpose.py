@@ -562,7 +562,8 @@ def _precision(dtype: torch.dtype, device: torch.device) -> str:
 
 
 def out_memory_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last when x is stored channels-last (and not also plainly contiguous)."""
+    """grad_input's layout: channels_last when x is stored channels-last (and not also plainly
+    contiguous). (The forward's output follows genfast.ops.conv_transpose.out_format.)"""
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
@@ -631,8 +632,10 @@ def conv_transpose2d_fwd(x, weight, bias, stride, padding, output_padding, group
     DH, DW = dilation
     Hout = (Hin - 1) * SH - 2 * PH + DH * (KH - 1) + output_padding[0] + 1
     Wout = (Win - 1) * SW - 2 * PW + DW * (KW - 1) + output_padding[1] + 1
+    from genfast.ops.conv_transpose import out_format  # torch's output layout (here: no import cycle)
+
     y = torch.empty((N, Cout, Hout, Wout), device=x.device, dtype=x.dtype,
-                    memory_format=out_memory_format(x))
+                    memory_format=out_format(x, weight))
     HPH, WPH = triton.cdiv(Hout, SH), triton.cdiv(Wout, SW)
     M = N * HPH * WPH
     cfg = _gemm_config("fwd", x.dtype, M, COG, CIG)

@@ -67,12 +67,19 @@ def _out_fake(kind, input, weight, stride, padding, dilation):
         return input.new_empty((input.shape[0], weight.shape[0]))
     hw = conv2d_out_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
     return torch.empty((input.shape[0], weight.shape[0], *hw), device=input.device,
-                       dtype=input.dtype, memory_format=_memory_format(input))
+                       dtype=input.dtype, memory_format=_ct.out_format(input, weight))
 
 
-def _in_format(y: Tensor, input: Tensor) -> Tensor:
-    fmt = _memory_format(input) if input.dim() == 4 else torch.contiguous_format
+def _in_format(y: Tensor, input: Tensor, weight: Tensor) -> Tensor:
+    """y in torch's output layout for a convolution of input by weight (_ct.out_format)."""
+    fmt = _ct.out_format(input, weight)
     return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
+
+
+def _grad_format(g: Tensor, like: Tensor) -> Tensor:
+    """A gradient in the layout of the tensor it is the gradient of (the backward fake's)."""
+    fmt = _memory_format(like) if like.dim() == 4 else torch.contiguous_format
+    return g if g.is_contiguous(memory_format=fmt) else g.contiguous(memory_format=fmt)
 
 
 def _vendor_product(kind, input, weight, stride, padding, dilation, groups):
@@ -82,7 +89,7 @@ def _vendor_product(kind, input, weight, stride, padding, dilation, groups):
         return torch.ops.aten.mm(input, weight.t())
     y = torch.ops.aten.convolution(input, weight, None, stride, padding, dilation, False, [0, 0],
                                    groups)
-    return _in_format(y, input)
+    return _in_format(y, input, weight)
 
 
 # oneDNN's convolution / linear with the activation as a post-op (CPU; float32, and the reduced
@@ -151,13 +158,13 @@ def _forward(backend, kind, input, weight, bias, stride, padding, dilation, grou
                 return torch.ops.mkldnn._linear_pointwise(input, weight, bias, attr, scalars, "")
             y = torch.ops.mkldnn._convolution_pointwise(input, weight, bias, padding, stride,
                                                         dilation, groups, attr, scalars, "")
-            return _in_format(y, input)
+            return _in_format(y, input, weight)
         if kind == "linear":
             y = (torch.ops.aten.addmm(bias, input, weight.t()) if bias is not None
                  else torch.ops.aten.mm(input, weight.t()))
         else:
             y = _in_format(torch.ops.aten.convolution(input, weight, bias, stride, padding,
-                                                      dilation, False, [0, 0], groups), input)
+                                                      dilation, False, [0, 0], groups), input, weight)
         return _act_inplace(y, activation, negative_slope)
     if backend in ("cuda", "triton"):
         from genfast.kernels import conv_epilogue as E
@@ -182,9 +189,9 @@ def _products_backward(kind, dz, input, weight, stride, padding, dilation, group
         dz, input, weight, bias_sizes, stride, padding, dilation, False, [0, 0], groups,
         [need_input, need_weight, bias_sizes is not None])
     if need_input:
-        dx = _in_format(dx, input)
+        dx = _grad_format(dx, input)
     if need_weight:
-        dw = _in_format(dw, weight)
+        dw = _grad_format(dw, weight)
     return dx, dw, db
 
 

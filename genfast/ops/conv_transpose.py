@@ -28,6 +28,7 @@ import numbers
 from typing import Optional, Sequence
 
 import torch
+import torch._prims_common as _prims
 from torch import Tensor
 
 from genfast import backend as B
@@ -45,7 +46,25 @@ def _out_hw(input, weight, stride, padding, output_padding, dilation):
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
+    """A gradient's layout (grad_input in the input's, grad_weight in the weight's):
+    channels_last when x is channels_last-dense and not contiguous, else contiguous."""
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def out_format(input: Tensor, weight: Tensor) -> torch.memory_format:
+    """The output's layout, torch's rule for its convolutions (and transposed convolutions):
+    channels_last when the input or the weight suggests it (the order of its strides: a model
+    made channels_last gives channels_last outputs from a contiguous input, and an (N, C, 1, 1)
+    input made channels_last counts), except float64 on CUDA (cuDNN's rule), else contiguous.
+    csrc/cpu/conv_transpose.cpp's output_format is the CPU half of it."""
+    if input.dim() != 4 or weight.dim() != 4:
+        return torch.contiguous_format
+    if input.device.type == "cuda" and torch.float64 in (input.dtype, weight.dtype):
+        return torch.contiguous_format
+    if (_prims.suggest_memory_format(input) == torch.channels_last
+            or _prims.suggest_memory_format(weight) == torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
 
@@ -58,7 +77,7 @@ def _fwd_fake_cpp(input, weight, bias, stride, padding, output_padding, groups, 
                   negative_slope, stats):
     H, W = _out_hw(input, weight, stride, padding, output_padding, dilation)
     y = torch.empty((input.shape[0], weight.shape[1] * groups, H, W), device=input.device,
-                    dtype=input.dtype, memory_format=_memory_format(input))
+                    dtype=input.dtype, memory_format=out_format(input, weight))
     part = (input.new_empty((3, 1, y.shape[1]), dtype=torch.float64) if stats
             else input.new_empty((0,), dtype=_acc(input.dtype)))
     return y, part, input.new_empty((0,), dtype=_acc(input.dtype))
@@ -81,7 +100,7 @@ def _vendor_product(input, weight, stride, padding, output_padding, groups, dila
     the memory format the fake implementation promises."""
     y = torch.ops.aten.convolution(input, weight, None, stride, padding, dilation, True,
                                    output_padding, groups)
-    fmt = _memory_format(input)
+    fmt = out_format(input, weight)
     return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
 
 
@@ -119,13 +138,13 @@ def _forward(backend, input, weight, bias, stride, padding, output_padding, grou
         # channel k5 s2 layer at batch 64, 5.9 against 2.0 ms for a 64 -> 32 k5 s1 one)
         y = _CT_ACT(input, weight, bias, stride, padding, output_padding, groups, dilation,
                     activation, float(negative_slope))
-        fmt = _memory_format(input)
+        fmt = out_format(input, weight)
         return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
     if backend == "cpu" and _onednn_ok(input, weight, bias, activation, stride, output_padding):
         y = torch.ops.mkldnn._convolution_transpose_pointwise(
             input, weight, bias, padding, output_padding, stride, dilation, groups,
             _ONEDNN_ATTR[activation], [negative_slope] if activation == 2 else [], "")
-        fmt = _memory_format(input)
+        fmt = out_format(input, weight)
         return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
     if backend == "cpu":
         return torch.ops.genfast.conv_transpose2d_fwd(input, weight, bias, stride, padding,
