@@ -547,3 +547,51 @@ def test_eager_entry_bad_argument_types_raise_torchs_exception():
     with pytest.raises(TypeError):
         GF.batch_norm_act(x, rm, rv, [1.0, 1.0, 1.0], None, True)
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+@pytest.mark.parametrize("be", CPU_BACKENDS + [None])  # None: the eager path (C++ entry)
+@pytest.mark.parametrize("shape, made_cl", [((4, 6, 1, 1), True), ((3, 1, 5, 5), True),
+                                            ((3, 6, 5, 5), True), ((3, 6, 5, 5), False)])
+def test_output_strides_like_torch(be, shape, made_cl):
+    """torch's BatchNorm gives contiguous strides for an input that is contiguous whatever its
+    strides ((N, C, 1, 1) noise or a one-channel map made channels_last), channels_last for a
+    channels_last one: the fused BatchNorm + activation too, on every backend, in training and
+    eval, so that the next layer picks torch's layout."""
+    torch.manual_seed(11)
+    x = torch.randn(shape, dtype=torch.float64)
+    if made_cl:
+        x = x.to(memory_format=torch.channels_last)
+    C = shape[1]
+    for training in (True, False):
+        rm, rv = torch.randn(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + 0.5
+        w, b = torch.rand(C, dtype=torch.float64) + 0.5, torch.randn(C, dtype=torch.float64)
+        want = F.leaky_relu(F.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5), 0.2)
+        if be is None:
+            y = GF.batch_norm_act(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5,
+                                  activation="leaky_relu", negative_slope=0.2)
+        else:
+            with backend(be):
+                y = GF.batch_norm_act(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5,
+                                      activation="leaky_relu", negative_slope=0.2)
+        assert y.stride() == want.stride(), (be, training, y.stride(), want.stride())
+        assert_close(y, want, torch.float64)
+
+
+@pytest.mark.parametrize("how", ["eager", "aot_eager"])
+def test_noise_made_channels_last_keeps_torch_layout_through_a_generator(how):
+    """BatchNorm2d -> ReLU -> ConvTranspose2d on (N, C, 1, 1) noise made channels_last: torch's
+    BatchNorm collapses it to contiguous, so the transposed convolution after it runs (and
+    returns) contiguous; the converted model gives the same strides and values."""
+    torch.manual_seed(12)
+    unfused = nn.Sequential(nn.BatchNorm2d(16), nn.ReLU(), nn.ConvTranspose2d(16, 8, 4, 1, 0)).double()
+    fused = genfast.convert(copy.deepcopy(unfused))
+    if how == "aot_eager":
+        torch._dynamo.reset()
+    model = fused if how == "eager" else torch.compile(fused, backend="aot_eager", fullgraph=True)
+    z = torch.randn(4, 16, 1, 1, dtype=torch.float64).to(memory_format=torch.channels_last)
+    for mode in ("train", "eval"):
+        unfused.train(mode == "train")
+        fused.train(mode == "train")
+        want, y = unfused(z), model(z)
+        assert y.stride() == want.stride(), (mode, y.stride(), want.stride())
+        assert_close(y, want, torch.float64)

@@ -664,3 +664,52 @@ def test_channels_last_model_layout_and_values_like_torch(case, how):
             (gf,) = torch.autograd.grad(y, [fused[0].weight], dy)
             assert_close(gf, g, torch.float64)
             assert_close(fused[1].running_var, unfused[1].running_var, torch.float64)
+
+
+@pytest.mark.parametrize("how", ["eager", "aot_eager"])
+@pytest.mark.parametrize("model_cl, x_shape, x_cl, layers", [
+    # one output channel (the image layer): both layouts are one memory order
+    (True, (2, 8, 7, 7), False, "convt_c1"),
+    (True, (2, 8, 7, 7), False, "convt_c1_tanh"),
+    (True, (2, 8, 7, 7), False, "convt_c1_bn_relu"),
+    # 1x1 maps: noise into a stride-1 k1 layer, a discriminator's last layers
+    (False, (3, 16, 1, 1), True, "convt_k1_relu"),
+    (True, (3, 16, 1, 1), False, "convt_k1_relu"),
+    (True, (3, 4, 4, 4), False, "conv_to_1x1_leaky"),
+    (True, (3, 4, 4, 4), False, "conv_to_1x1_bn_leaky"),
+    (True, (3, 4, 6, 6), False, "conv_c1_sigmoid"),
+])
+def test_fused_output_strides_like_torch_where_layouts_coincide(how, model_cl, x_shape, x_cl, layers):
+    """Where the shape makes channels_last and contiguous one memory order (one channel, 1x1
+    maps), torch's product keeps channels_last strides but an activation or BatchNorm after it
+    gives contiguous ones: the fused block's output has torch's strides, so the next layer picks
+    torch's layout (values equal in any case)."""
+    torch.manual_seed(7)
+    make = {
+        "convt_c1": lambda: nn.Sequential(nn.ConvTranspose2d(8, 1, 4, 2, 1)),
+        "convt_c1_tanh": lambda: nn.Sequential(nn.ConvTranspose2d(8, 1, 4, 2, 1), nn.Tanh()),
+        "convt_c1_bn_relu": lambda: nn.Sequential(nn.ConvTranspose2d(8, 1, 4, 2, 1, bias=False),
+                                                  nn.BatchNorm2d(1), nn.ReLU()),
+        "convt_k1_relu": lambda: nn.Sequential(nn.ConvTranspose2d(16, 6, 1, 1, 0), nn.ReLU()),
+        "conv_to_1x1_leaky": lambda: nn.Sequential(nn.Conv2d(4, 6, 4, 1, 0), nn.LeakyReLU(0.2)),
+        "conv_to_1x1_bn_leaky": lambda: nn.Sequential(nn.Conv2d(4, 6, 4, 1, 0, bias=False),
+                                                      nn.BatchNorm2d(6), nn.LeakyReLU(0.2)),
+        "conv_c1_sigmoid": lambda: nn.Sequential(nn.Conv2d(4, 1, 3, 1, 1), nn.Sigmoid()),
+    }[layers]
+    unfused = make().double()
+    fused = genfast.convert(copy.deepcopy(unfused))
+    if model_cl:
+        unfused.to(memory_format=torch.channels_last)
+        fused.to(memory_format=torch.channels_last)
+    if how == "aot_eager":
+        torch._dynamo.reset()
+    model = fused if how == "eager" else torch.compile(fused, backend="aot_eager", fullgraph=True)
+    x = torch.randn(x_shape, dtype=torch.float64)
+    if x_cl:
+        x = x.to(memory_format=torch.channels_last)
+    for mode in ("train", "eval"):
+        unfused.train(mode == "train")
+        fused.train(mode == "train")
+        want, y = unfused(x), model(x)
+        assert y.stride() == want.stride(), (how, mode, layers, y.stride(), want.stride())
+        assert_close(y, want, torch.float64, msg=f"{mode} {layers}")

@@ -730,3 +730,24 @@ def test_compiled_linear_blocks_on_cpu_trace_as_the_torch_model(name):
     (out_ref, want), (out, got) = calls(ref), calls(conv)
     assert got == want
     torch.testing.assert_close(out, out_ref)
+
+
+@pytest.mark.parametrize("block", ["convt_bn_relu", "conv_bn_leaky", "linear_leaky", "bn_relu"])
+@pytest.mark.parametrize("train", [True, False])
+def test_non_tensor_input_raises_torchs_type_error(block, train):
+    """A list (or any non-tensor) fed to a fused run raises what the torch model raises (a
+    TypeError from the first child), not an AttributeError from inside genfast."""
+    make = {"convt_bn_relu": lambda: nn.Sequential(nn.ConvTranspose2d(4, 3, 4, 2, 1), nn.BatchNorm2d(3),
+                                                   nn.ReLU()),
+            "conv_bn_leaky": lambda: nn.Sequential(nn.Conv2d(4, 3, 3, 2, 1), nn.BatchNorm2d(3),
+                                                   nn.LeakyReLU(0.2, True)),
+            "linear_leaky": lambda: nn.Sequential(nn.Linear(4, 3), nn.LeakyReLU(0.2)),
+            "bn_relu": lambda: nn.Sequential(nn.BatchNorm2d(4), nn.ReLU())}[block]
+    ref = make().train(train)
+    fused = genfast.convert(copy.deepcopy(ref)).train(train)
+    assert isinstance(fused, gnn.FusedSequential)
+    for bad in ([[1.0, 2.0]], None, 3.0):
+        with pytest.raises(Exception) as want:
+            ref(bad)
+        with pytest.raises(type(want.value)):
+            fused(bad)

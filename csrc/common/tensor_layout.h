@@ -35,4 +35,17 @@ inline ChannelView channel_view(at::Tensor& t) {
   return {RowLayout::kNCL, N, C, L};
 }
 
+// The output of a BatchNorm (+ activation) of t, t contiguous or channels_last-dense as
+// channel_view leaves it: torch's CPU BatchNorm layout, canonical strides: contiguous whenever t
+// is contiguous, whatever the strides of its size-1 dimensions (an (N, C, 1, 1) tensor made
+// channels_last), else channels_last; other ranks keep t's strides. The memory order is t's
+// either way (kernels index both as the view).
+inline at::Tensor empty_bn_output(const at::Tensor& t) {
+  if (t.dim() != 4) return at::empty_like(t);
+  if (t.is_contiguous()) return at::empty(t.sizes(), t.options());
+  if (t.is_contiguous(at::MemoryFormat::ChannelsLast))
+    return at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::ChannelsLast));
+  return at::empty_like(t);
+}
+
 }  // namespace genfast

@@ -529,7 +529,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cpu(
   const bool have_rv = running_var.has_value() && running_var->defined();
   TORCH_CHECK(training || (have_rm && have_rv),
               "batch_norm_act: running_mean and running_var are required when training=False");
-  at::Tensor out = at::empty_like(input);
+  at::Tensor out = empty_bn_output(input);
   const auto acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor save_mean = at::empty({C}, input.options().dtype(acc_type));
   at::Tensor save_invstd = at::empty({C}, input.options().dtype(acc_type));
@@ -928,7 +928,7 @@ at::Tensor batch_norm_act_apply_cpu(const at::Tensor& input_, const at::Tensor& 
   check_common(input_, weight, bias);
   at::Tensor input = input_;
   const BnView v = bn_view(input);
-  at::Tensor out = at::empty_like(input);
+  at::Tensor out = empty_bn_output(input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_act_apply_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto k = make_coeffs<acc_t>(input, weight, bias, mean, invstd, gamma_floor);

@@ -146,6 +146,17 @@ at::MemoryFormat output_format(const at::Tensor& x, const at::Tensor& w) {
              : at::MemoryFormat::Contiguous;
 }
 
+// The layout of a fused product whose activation (or following BatchNorm) torch would run as its
+// own op: torch's elementwise ops and its CPU BatchNorm give a contiguous output for an input
+// that is contiguous, whatever its strides, so a channels_last product whose shape makes both
+// layouts one (one channel, a 1x1 map, or empty) comes out contiguous after them.
+bool one_memory_order(int64_t N, int64_t C, int64_t H, int64_t W) { return N * C * H * W == 0 || C == 1 || H * W == 1; }
+
+at::MemoryFormat fused_output_format(const at::Tensor& x, const at::Tensor& w, int64_t N, int64_t C, int64_t H,
+                                     int64_t W, bool elementwise_after) {
+  return elementwise_after && one_memory_order(N, C, H, W) ? at::MemoryFormat::Contiguous : output_format(x, w);
+}
+
 // Whether t has exactly the strides at::empty gives for `fmt` (the fakes' strides, which
 // opcheck compares).
 bool has_canonical_strides(const at::Tensor& t, at::MemoryFormat fmt) {
@@ -920,7 +931,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, con
                                                         int64_t act, double slope_d, bool stats) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto acc_opts = x.options().dtype(acc_type_of(x.scalar_type()));
+  // fmt: the layout the kernels work in (torch's for the product); out_fmt: the output's strides
+  // (differing from fmt only where the shape makes the two layouts one memory order)
   const at::MemoryFormat fmt = output_format(x, w);
+  const at::MemoryFormat out_fmt = fused_output_format(x, w, g.N, g.Cout, g.Hout, g.Wout, act != kIdentity || stats);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   std::vector<acc_t> bvec(g.Cout, acc_t(0));
   if (bias.has_value() && bias->defined()) {
@@ -933,7 +947,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, con
   if (g.N > 0 && gemm_forward_form(x, g)) {
     // the GEMM product, then col2im + bias + activation (+ statistics) plane by plane
     const at::Tensor xc = x.to(acc_opts.dtype()).contiguous(), wt = w_matrix(w.to(acc_opts.dtype()), g);
-    y = at::empty({g.N, g.Cout, g.Hout, g.Wout}, x.options());
+    // NCHW planes: written into y directly when that is the output's memory order, else
+    // reordered once below (a contiguous input with a channels_last weight)
+    const bool nchw_order =
+        out_fmt == at::MemoryFormat::Contiguous || one_memory_order(g.N, g.Cout, g.Hout, g.Wout);
+    y = at::empty({g.N, g.Cout, g.Hout, g.Wout},
+                  x.options().memory_format(nchw_order ? out_fmt : at::MemoryFormat::Contiguous));
     if (stats) part.assign(g.N * g.Cout, welford_init<acc_t>());
     Welford<acc_t>* pp = stats ? part.data() : nullptr;
     dispatch_activation(act, [&](auto a) {
@@ -941,10 +960,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, con
       const acc_t slope = static_cast<acc_t>(slope_d);
       gemm_forward<A, scalar_t, acc_t>(xc, wt, y.data_ptr<scalar_t>(), bvec.data(), g, slope, pp);
     });
-    // a contiguous input (an (N, C, 1, 1) one is both layouts) with a channels_last weight: the
-    // GEMM form writes NCHW planes, reordered once into the output's layout (the statistics
-    // were taken of the same values)
-    if (cl) y = y.contiguous(fmt);
+    if (!nchw_order) y = y.contiguous(out_fmt);  // (the statistics were taken of the same values)
   } else if (g.N > 0) {
     // the product, without bias, in the accumulation type (a no-op conversion for float / double)
     at::Tensor prod = at::convolution(x.to(acc_opts.dtype()), w.to(acc_opts.dtype()), c10::nullopt, stride, padding,
@@ -952,8 +968,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, con
     TORCH_CHECK(prod.size(2) == g.Hout && prod.size(3) == g.Wout, "conv_transpose2d: unexpected product size");
     if (!prod.is_contiguous(fmt)) prod = prod.contiguous(fmt);
     // float32 / float64: the epilogue runs in place when the product has y's exact strides
-    if (std::is_same_v<scalar_t, acc_t> && has_canonical_strides(prod, fmt)) y = prod;
-    else y = at::empty({g.N, g.Cout, g.Hout, g.Wout}, x.options().memory_format(fmt));
+    // (y's memory order is the product's: out_fmt differs from fmt only where they are one)
+    if (std::is_same_v<scalar_t, acc_t> && has_canonical_strides(prod, out_fmt)) y = prod;
+    else y = at::empty({g.N, g.Cout, g.Hout, g.Wout}, x.options().memory_format(out_fmt));
     const bool inplace = prod.data_ptr() == y.data_ptr();
     dispatch_activation(act, [&](auto a) {
       constexpr int A = decltype(a)::value;
@@ -962,7 +979,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, con
           static_cast<acc_t>(slope_d), stats ? &part : nullptr);
     });
   } else {
-    y = at::empty({g.N, g.Cout, g.Hout, g.Wout}, x.options().memory_format(fmt));
+    y = at::empty({g.N, g.Cout, g.Hout, g.Wout}, x.options().memory_format(out_fmt));
   }
   if (!stats) return {y, at::empty({0}, acc_opts), at::empty({0}, acc_opts)};  // distinct: no aliasing
   // merge the per-task partials of each channel in task order into one (count, mean, M2) row:

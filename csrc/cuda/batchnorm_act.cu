@@ -1253,7 +1253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cuda(
   const bool have_rv = running_var.has_value() && running_var->defined();
   TORCH_CHECK(training || (have_rm && have_rv),
               "batch_norm_act: running_mean and running_var are required when training=False");
-  at::Tensor out = at::empty_like(input);
+  at::Tensor out = empty_bn_output(input);
   const auto acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor save_mean = at::empty({C}, input.options().dtype(acc_type));
   at::Tensor save_invstd = at::empty({C}, input.options().dtype(acc_type));
@@ -1467,7 +1467,7 @@ at::Tensor batch_norm_act_apply_cuda(const at::Tensor& input_, const at::Tensor&
   const ChannelView v = cuda_channel_view(input);
   const ChannelParam w = channel_param(weight, "weight"), b = channel_param(bias, "bias");
   const ChannelParam pm = channel_param(mean, "mean"), pi = channel_param(invstd, "invstd");
-  at::Tensor out = at::empty_like(input);
+  at::Tensor out = empty_bn_output(input);
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_act_apply_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;

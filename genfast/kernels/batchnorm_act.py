@@ -66,6 +66,7 @@ import triton.language as tl
 from torch import Tensor
 
 from genfast.kernels.activation import act_forward, act_grad_from_y, act_grad_from_z, act_invert
+from genfast.reference import batchnorm_act as ref
 
 
 # Elements held per program by the resident kernels (padded to powers of two; half for float64).
@@ -797,7 +798,7 @@ def bn_act_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     tiling (tests)."""
     x, cl, N, C, L = _layout(input)
     tl_acc, acc = _acc_dtype(x.dtype)
-    out = torch.empty_like(x)
+    out = ref.empty_bn_output(x)
     save_mean = torch.empty((C,), dtype=acc, device=x.device)
     save_invstd = torch.empty((C,), dtype=acc, device=x.device)
     if C == 0:

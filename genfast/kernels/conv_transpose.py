@@ -632,10 +632,11 @@ def conv_transpose2d_fwd(x, weight, bias, stride, padding, output_padding, group
     DH, DW = dilation
     Hout = (Hin - 1) * SH - 2 * PH + DH * (KH - 1) + output_padding[0] + 1
     Wout = (Win - 1) * SW - 2 * PW + DW * (KW - 1) + output_padding[1] + 1
-    from genfast.ops.conv_transpose import out_format  # torch's output layout (here: no import cycle)
+    from genfast.ops.conv_transpose import fused_out_format  # torch's layout (here: no import cycle)
 
     y = torch.empty((N, Cout, Hout, Wout), device=x.device, dtype=x.dtype,
-                    memory_format=out_format(x, weight))
+                    memory_format=fused_out_format(x, weight, (N, Cout, Hout, Wout),
+                                                   activation != 0 or stats))
     HPH, WPH = triton.cdiv(Hout, SH), triton.cdiv(Wout, SW)
     M = N * HPH * WPH
     cfg = _gemm_config("fwd", x.dtype, M, COG, CIG)

@@ -217,12 +217,13 @@ class FusedSequential(nn.Sequential):
             for module in children:
                 input = module(input)
             return input
-        inductor = B.inductor_cpu(input)
+        inductor = isinstance(input, torch.Tensor) and B.inductor_cpu(input)
         i, n = 0, len(children)
         while i < n:
             step = steps.get(i)
-            if (step is not None and not (inductor and step.left_to_inductor())
-                    and step.ready_at(children, i)):
+            # (anything but a tensor goes to the children, which raise torch's TypeError)
+            if (step is not None and isinstance(input, torch.Tensor)
+                    and not (inductor and step.left_to_inductor()) and step.ready_at(children, i)):
                 input = step.run(input)
                 i += len(step.modules)
             else:

@@ -38,7 +38,7 @@ def _fwd_fake(input, weight, bias, running_mean, running_var, training, momentum
               activation, negative_slope, gamma_floor):
     C = input.shape[1]
     acc = ref.acc_dtype(input.dtype)
-    out = torch.empty_like(input)
+    out = ref.empty_bn_output(input)
     return out, input.new_empty((C,), dtype=acc), input.new_empty((C,), dtype=acc)
 
 
@@ -180,7 +180,7 @@ def _ref_grad(grad_out, saved, weight, bias, save_mean, save_invstd, training, a
 
 def _train_fake(input, weight, bias, running_mean, running_var, training, momentum, eps,
                 activation, negative_slope, gamma_floor):
-    return torch.empty_like(input)
+    return ref.empty_bn_output(input)
 
 
 HAS_CPP_OPS = B.has_cpu_ext()

@@ -62,18 +62,19 @@ def conv2d_out_hw(in_hw: Sequence[int], kernel: Sequence[int], stride: Sequence[
             for i, k, s, p, d in zip(in_hw, kernel, stride, padding, dilation)]
 
 
-def _out_fake(kind, input, weight, stride, padding, dilation):
+def _out_fake(kind, input, weight, stride, padding, dilation, elementwise_after):
     if kind == "linear":
         return input.new_empty((input.shape[0], weight.shape[0]))
     hw = conv2d_out_hw(input.shape[2:], weight.shape[2:], stride, padding, dilation)
-    return torch.empty((input.shape[0], weight.shape[0], *hw), device=input.device,
-                       dtype=input.dtype, memory_format=_ct.out_format(input, weight))
+    shape = (input.shape[0], weight.shape[0], *hw)
+    return torch.empty(shape, device=input.device, dtype=input.dtype,
+                       memory_format=_ct.fused_out_format(input, weight, shape, elementwise_after))
 
 
-def _in_format(y: Tensor, input: Tensor, weight: Tensor) -> Tensor:
-    """y in torch's output layout for a convolution of input by weight (_ct.out_format)."""
-    fmt = _ct.out_format(input, weight)
-    return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
+def _in_format(y: Tensor, input: Tensor, weight: Tensor, elementwise_after: bool = False) -> Tensor:
+    """y in torch's output layout for a convolution of input by weight, followed by an
+    activation or BatchNorm (elementwise_after) or not (_ct.fused_out_format)."""
+    return _ct.to_format(y, _ct.fused_out_format(input, weight, y.shape, elementwise_after))
 
 
 def _grad_format(g: Tensor, like: Tensor) -> Tensor:
@@ -158,19 +159,21 @@ def _forward(backend, kind, input, weight, bias, stride, padding, dilation, grou
                 return torch.ops.mkldnn._linear_pointwise(input, weight, bias, attr, scalars, "")
             y = torch.ops.mkldnn._convolution_pointwise(input, weight, bias, padding, stride,
                                                         dilation, groups, attr, scalars, "")
-            return _in_format(y, input, weight)
+            return _in_format(y, input, weight, activation != 0)
         if kind == "linear":
             y = (torch.ops.aten.addmm(bias, input, weight.t()) if bias is not None
                  else torch.ops.aten.mm(input, weight.t()))
         else:
             y = _in_format(torch.ops.aten.convolution(input, weight, bias, stride, padding,
-                                                      dilation, False, [0, 0], groups), input, weight)
+                                                      dilation, False, [0, 0], groups), input, weight,
+                           activation != 0)
         return _act_inplace(y, activation, negative_slope)
     if backend in ("cuda", "triton"):
         from genfast.kernels import conv_epilogue as E
 
         y = _vendor_product(kind, input, weight, stride, padding, dilation, groups)
-        return E.epilogue_(y, bias, activation, negative_slope)
+        y = E.epilogue_(y, bias, activation, negative_slope)
+        return _in_format(y, input, weight, activation != 0) if kind != "linear" else y
     raise ValueError(f"product_act: backend must be 'cpu', 'cuda' or 'triton', got {backend!r}")
 
 
@@ -229,7 +232,7 @@ def product_act_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], kind: 
 @product_act_op.register_fake
 def _(input, weight, bias, kind, stride, padding, dilation, groups, activation, negative_slope,
       backend):
-    return _out_fake(kind, input, weight, stride, padding, dilation)
+    return _out_fake(kind, input, weight, stride, padding, dilation, activation != 0)
 
 
 @torch.library.custom_op("genfast::product_act_backward", mutates_args=())
@@ -301,6 +304,8 @@ def product_stats_op(input: Tensor, weight: Tensor, kind: str, stride: Sequence[
     stride, padding, dilation = list(stride), list(padding), list(dilation)
     backend = B.at_run(FAMILY, backend, input.device)
     y = _vendor_product(kind, input, weight, stride, padding, dilation, groups)
+    if kind != "linear":
+        y = _in_format(y, input, weight, True)  # a BatchNorm follows
     if backend == "cpu":
         # The CPU block runs product + the fused C++ BatchNorm (genfast/nn); this path serves an
         # exported CUDA graph run on CPU tensors: plain float64 partials, one row.
@@ -321,7 +326,7 @@ def product_stats_op(input: Tensor, weight: Tensor, kind: str, stride: Sequence[
 
 @product_stats_op.register_fake
 def _(input, weight, kind, stride, padding, dilation, groups, backend):
-    y = _out_fake(kind, input, weight, stride, padding, dilation)
+    y = _out_fake(kind, input, weight, stride, padding, dilation, True)  # a BatchNorm follows
     if B.at_run(FAMILY, backend, y.device) == "cpu":
         return y, y.new_empty((3, 1, y.shape[1]), dtype=torch.float64)
     from genfast.kernels import conv_epilogue as E
@@ -497,8 +502,14 @@ def _act_eager(y: Tensor, act: str, negative_slope: float) -> Tensor:
 
 def _conv2d_act_fake(input, weight, bias, stride, padding, dilation, groups, activation,
                      negative_slope):
-    return torch.ops.aten.convolution(input, weight, bias, stride, padding, dilation, False,
-                                      [0, 0], groups)
+    y = torch.ops.aten.convolution(input, weight, bias, stride, padding, dilation, False, [0, 0],
+                                   groups)  # (torch's checks and output shape)
+    if y.dim() != 4:
+        return y
+    # the C++ op's layout: torch's eager CPU product (whose own meta function, unlike it, reads
+    # only the input's layout), then after an activation torch's elementwise rule
+    return torch.empty(y.shape, dtype=y.dtype, device=y.device,
+                       memory_format=_ct.fused_out_format(input, weight, y.shape, activation != 0))
 
 
 def _linear_act_fake(input, weight, bias, activation, negative_slope):

@@ -24,6 +24,7 @@ apply; backward = bn reduce + bn finalize + bn dx + the products (grad_input, gr
 """
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Optional, Sequence
 
@@ -63,10 +64,47 @@ def out_format(input: Tensor, weight: Tensor) -> torch.memory_format:
         return torch.contiguous_format
     if input.device.type == "cuda" and torch.float64 in (input.dtype, weight.dtype):
         return torch.contiguous_format
-    if (_prims.suggest_memory_format(input) == torch.channels_last
-            or _prims.suggest_memory_format(weight) == torch.channels_last):
+    if _suggests_channels_last(input) or _suggests_channels_last(weight):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def _suggests_channels_last(t: Tensor) -> bool:
+    """suggest_memory_format(t) == channels_last for a 4-D t, without its stride walk where the
+    answer is plain (a tensor dense in exactly one of the two layouts; the walk costs ~5 us)."""
+    cl = t.is_contiguous(memory_format=torch.channels_last)
+    if cl != t.is_contiguous():
+        return cl
+    return _prims.suggest_memory_format(t) == torch.channels_last
+
+
+def fused_out_format(input: Tensor, weight: Tensor, out_shape: Sequence[int],
+                     elementwise_after: bool) -> torch.memory_format:
+    """The layout of a fused product whose activation (or following BatchNorm) torch would run
+    as its own op: out_format, except that torch's elementwise ops and CPU BatchNorm give a
+    contiguous output for an input that is contiguous whatever its strides, so a channels_last
+    product whose shape makes the two layouts one memory order (one channel, a 1x1 map, or
+    empty) comes out contiguous after them. csrc/cpu/conv_transpose.cpp's fused_output_format."""
+    fmt = out_format(input, weight)
+    if elementwise_after and fmt == torch.channels_last and len(out_shape) == 4:
+        N, C, H, W = out_shape
+        if N * C * H * W == 0 or C == 1 or H * W == 1:
+            return torch.contiguous_format
+    return fmt
+
+
+@functools.lru_cache(maxsize=1024)
+def _canonical_strides(shape: tuple, fmt: torch.memory_format) -> tuple:
+    return torch.empty(shape, device="meta", memory_format=fmt).stride()
+
+
+def to_format(y: Tensor, fmt: torch.memory_format) -> Tensor:
+    """y with exactly the strides torch.empty gives for fmt (the fakes'): y itself, or a copy."""
+    if y.dim() != 4:
+        return y
+    if y.stride() == _canonical_strides(tuple(y.shape), fmt):
+        return y
+    return torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=fmt).copy_(y)
 
 
 def _acc(dtype):
@@ -76,8 +114,9 @@ def _acc(dtype):
 def _fwd_fake_cpp(input, weight, bias, stride, padding, output_padding, groups, dilation, activation,
                   negative_slope, stats):
     H, W = _out_hw(input, weight, stride, padding, output_padding, dilation)
-    y = torch.empty((input.shape[0], weight.shape[1] * groups, H, W), device=input.device,
-                    dtype=input.dtype, memory_format=out_format(input, weight))
+    shape = (input.shape[0], weight.shape[1] * groups, H, W)
+    y = torch.empty(shape, device=input.device, dtype=input.dtype,
+                    memory_format=fused_out_format(input, weight, shape, activation != 0 or stats))
     part = (input.new_empty((3, 1, y.shape[1]), dtype=torch.float64) if stats
             else input.new_empty((0,), dtype=_acc(input.dtype)))
     return y, part, input.new_empty((0,), dtype=_acc(input.dtype))
@@ -138,14 +177,12 @@ def _forward(backend, input, weight, bias, stride, padding, output_padding, grou
         # channel k5 s2 layer at batch 64, 5.9 against 2.0 ms for a 64 -> 32 k5 s1 one)
         y = _CT_ACT(input, weight, bias, stride, padding, output_padding, groups, dilation,
                     activation, float(negative_slope))
-        fmt = out_format(input, weight)
-        return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
+        return to_format(y, fused_out_format(input, weight, y.shape, activation != 0))
     if backend == "cpu" and _onednn_ok(input, weight, bias, activation, stride, output_padding):
         y = torch.ops.mkldnn._convolution_transpose_pointwise(
             input, weight, bias, padding, output_padding, stride, dilation, groups,
             _ONEDNN_ATTR[activation], [negative_slope] if activation == 2 else [], "")
-        fmt = out_format(input, weight)
-        return y if y.is_contiguous(memory_format=fmt) else y.contiguous(memory_format=fmt)
+        return to_format(y, fused_out_format(input, weight, y.shape, activation != 0))
     if backend == "cpu":
         return torch.ops.genfast.conv_transpose2d_fwd(input, weight, bias, stride, padding,
                                                       output_padding, groups, dilation, activation,
@@ -154,7 +191,8 @@ def _forward(backend, input, weight, bias, stride, padding, output_padding, grou
         from genfast.kernels import conv_epilogue as E
 
         y = _vendor_product(input, weight, stride, padding, output_padding, groups, dilation)
-        return E.epilogue_(y, bias, activation, negative_slope)
+        y = E.epilogue_(y, bias, activation, negative_slope)
+        return to_format(y, fused_out_format(input, weight, y.shape, activation != 0))
     if backend == "triton":
         from genfast.kernels import conv_transpose as K
 
@@ -324,6 +362,7 @@ def conv_transpose2d_stats_op(input: Tensor, weight: Tensor, stride: Sequence[in
                                    dilation, 0, 0.0)
     else:
         raise ValueError(f"conv_transpose2d_stats: unknown backend {backend!r}")
+    y = to_format(y, fused_out_format(input, weight, y.shape, True))  # a BatchNorm follows
     if y.numel() == 0:
         return y, y.new_zeros((3, 0, y.shape[1]), dtype=torch.float64)
     return y, E.bn_stats_partials(y)
@@ -332,7 +371,7 @@ def conv_transpose2d_stats_op(input: Tensor, weight: Tensor, stride: Sequence[in
 @conv_transpose2d_stats_op.register_fake
 def _(input, weight, stride, padding, output_padding, groups, dilation, backend):
     y = _fwd_fake_cpp(input, weight, None, stride, padding, output_padding, groups, dilation, 0,
-                      0.0, False)[0]
+                      0.0, True)[0]  # (True: a BatchNorm follows, the layout rule's only use here)
     return y, _partials_fake(y, backend)
 
 

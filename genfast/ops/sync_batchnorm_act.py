@@ -51,7 +51,7 @@ def _fake_registrations():
         "genfast::batch_norm_act_stats",
         lambda x: (x.new_empty(x.shape[1], dtype=acc(x)), x.new_empty(x.shape[1], dtype=acc(x))), lib=lib)
     torch.library.register_fake(
-        "genfast::batch_norm_act_apply", lambda x, *args: torch.empty_like(x), lib=lib)
+        "genfast::batch_norm_act_apply", lambda x, *args: ref.empty_bn_output(x), lib=lib)
     torch.library.register_fake(
         "genfast::batch_norm_act_bwd_reduce",
         lambda dy, s, *args: (s.new_empty(s.shape[1], dtype=acc(s)), s.new_empty(s.shape[1], dtype=acc(s))),

@@ -10,6 +10,21 @@ import torch
 from genfast.reference.activation import act_backward, act_forward, act_grad
 
 
+def empty_bn_output(x: torch.Tensor) -> torch.Tensor:
+    """An output for a BatchNorm (+ activation) of x in torch's CPU BatchNorm layout, canonical
+    strides: contiguous whenever x is contiguous (whatever the strides of its size-1 dimensions,
+    e.g. an (N, C, 1, 1) tensor made channels_last), channels_last for a channels_last-dense 4-D
+    x, else as empty_like. The kernels' allocations (csrc/common/tensor_layout.h has the C++ one)
+    and the fakes."""
+    if x.dim() == 4:
+        if x.is_contiguous():
+            return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        if x.is_contiguous(memory_format=torch.channels_last):
+            return torch.empty(x.shape, dtype=x.dtype, device=x.device,
+                               memory_format=torch.channels_last)
+    return torch.empty_like(x)
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
