@@ -595,3 +595,30 @@ def test_noise_made_channels_last_keeps_torch_layout_through_a_generator(how):
         want, y = unfused(z), model(z)
         assert y.stride() == want.stride(), (mode, y.stride(), want.stride())
         assert_close(y, want, torch.float64)
+
+
+@pytest.mark.parametrize("kind", ["channels_last_slice", "nc1_made_cl", "contiguous_slice", "ncl_transposed"])
+def test_fakes_promise_the_kernels_strides(kind):
+    """The C++ ops' fakes give the strides the kernels return (inductor asserts them: a converted
+    model compiled with inductor failed on a slice of a channels_last batch, the fake promising
+    channels_last where the kernel, which first copies a non-dense input, writes contiguous)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(13)
+    x = {"channels_last_slice": lambda: torch.randn(2, 4, 12, 6).to(memory_format=torch.channels_last)[:, :, ::2],
+         "nc1_made_cl": lambda: torch.randn(3, 4, 1, 1).to(memory_format=torch.channels_last),
+         "contiguous_slice": lambda: torch.randn(2, 8, 5, 5)[:, ::2],
+         "ncl_transposed": lambda: torch.randn(3, 7, 4).transpose(1, 2)}[kind]()
+    C = x.shape[1]
+    w, b, rm, rv = torch.rand(C) + 0.5, torch.randn(C), torch.zeros(C), torch.ones(C)
+    args = (True, 0.1, 1e-5, 2, 0.2, 1e-3)
+    ops = torch.ops.genfast
+    real = ops.batch_norm_act_fwd(x, w, b, rm.clone(), rv.clone(), *args)[0]
+    real_train = ops.batch_norm_act_train(x, w, b, rm.clone(), rv.clone(), *args)
+    with FakeTensorMode() as mode:
+        f = [mode.from_tensor(t) for t in (x, w, b, rm, rv)]
+        fake = ops.batch_norm_act_fwd(*f, *args)[0]
+        fake_train = ops.batch_norm_act_train(*f, *args)
+    assert real.stride() == fake.stride() and real_train.stride() == fake_train.stride()
+    want = F.leaky_relu(F.batch_norm(x, rm.clone(), rv.clone(), w, b, True, 0.1, 1e-5), 0.2)
+    torch.testing.assert_close(real, want)

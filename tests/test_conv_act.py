@@ -597,3 +597,36 @@ def test_conv2d_output_layout_follows_torch(be, xcl, wcl, dtype):
         ops = torch.ops.genfast
         fy = ops.product_act(fx, fw, fb, "conv2d", [1, 1], [1, 1], [1, 1], 1, 2, 0.2, be or "cpu")
     assert fy.stride() == y.stride()
+
+
+@pytest.mark.parametrize("padding", ["same", 1])
+def test_one_channel_activation_strides_like_torch(padding):
+    """A one-channel Conv2d + activation with a channels_last weight (the layouts coincide):
+    torch's out-of-place activation gives contiguous strides, on the C++ path and on the Python
+    fallback (string padding) alike; and the registered backward's grad_input has the strides
+    its fake promises."""
+    torch.manual_seed(6)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    w = torch.randn(1, 4, 3, 3, dtype=torch.float64).to(memory_format=torch.channels_last)
+    b = torch.randn(1, dtype=torch.float64)
+    want = F.leaky_relu(F.conv2d(x, w, b, 1, padding), 0.2)
+    y = GF.conv2d(x, w, b, 1, padding, activation="leaky_relu", negative_slope=0.2)
+    assert y.stride() == want.stride()
+    torch.testing.assert_close(y, want)
+
+
+def test_product_backward_grad_strides_match_the_fake():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(6)
+    x = torch.randn(3, 4, 1, 1, dtype=torch.float64).to(memory_format=torch.channels_last)
+    w = torch.randn(5, 4, 1, 1, dtype=torch.float64)
+    ops = torch.ops.genfast
+    y = ops.product_act(x, w, None, "conv2d", [1, 1], [0, 0], [1, 1], 1, 2, 0.2, "cpu")
+    dy = torch.randn_like(y)
+    args = ("conv2d", [1, 1], [0, 0], [1, 1], 1, 2, 0.2, True, True, False, "cpu")
+    dx, dw, _ = ops.product_act_backward(dy, x, w, y, *args)
+    with FakeTensorMode() as mode:
+        f = [mode.from_tensor(t) for t in (dy, x, w, y)]
+        fdx, fdw, _ = ops.product_act_backward(*f, *args)
+    assert (dx.stride(), dw.stride()) == (fdx.stride(), fdw.stride())

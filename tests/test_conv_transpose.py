@@ -713,3 +713,47 @@ def test_fused_output_strides_like_torch_where_layouts_coincide(how, model_cl, x
         want, y = unfused(x), model(x)
         assert y.stride() == want.stride(), (how, mode, layers, y.stride(), want.stride())
         assert_close(y, want, torch.float64, msg=f"{mode} {layers}")
+
+
+@pytest.mark.parametrize("be", CPU_BACKENDS + [None])
+def test_empty_batch_layout_like_torch(be):
+    """An empty batch: torch's convolution gives a contiguous output even from a channels_last
+    weight; so does genfast (and its fake)."""
+    x = torch.randn(0, 4, 3, 3, dtype=torch.float64)
+    w = torch.randn(4, 3, 4, 4, dtype=torch.float64).to(memory_format=torch.channels_last)
+    want = F.conv_transpose2d(x, w, None, 2, 1)
+    if be is None:
+        y = GF.conv_transpose2d(x, w, None, 2, 1)
+    else:
+        with backend(be):
+            y = GF.conv_transpose2d(x, w, None, 2, 1)
+    assert y.shape == want.shape and y.stride() == want.stride()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with torch.inference_mode():
+        real = torch.ops.genfast.conv_transpose2d_act(x, w, None, [2, 2], [1, 1], [0, 0], 1, [1, 1], 0, 0.0)
+    with FakeTensorMode() as mode:
+        fake = torch.ops.genfast.conv_transpose2d_act(mode.from_tensor(x), mode.from_tensor(w), None,
+                                                       [2, 2], [1, 1], [0, 0], 1, [1, 1], 0, 0.0)
+    assert real.stride() == fake.stride() == want.stride()
+
+
+@pytest.mark.parametrize("be", ["cpu", "triton"])
+def test_backward_gradient_strides_match_the_fakes(be):
+    """(N, C, 1, 1) noise made channels_last, and a channels_last weight: the registered
+    backward's grad_input / grad_weight have exactly the strides its fake promises (a compiled
+    graph reads them as the fake says)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(3)
+    x = torch.randn(3, 4, 1, 1, dtype=torch.float64).to(memory_format=torch.channels_last)
+    w = torch.randn(4, 3, 4, 4, dtype=torch.float64).to(memory_format=torch.channels_last)
+    ops = torch.ops.genfast
+    y = ops.conv_transpose2d(x, w, None, [1, 1], [0, 0], [0, 0], 1, [1, 1], 2, 0.2, be)
+    dy = torch.randn_like(y)
+    args = ([1, 1], [0, 0], [1, 1], 1, 2, 0.2, True, True, False, be)
+    dx, dw, _ = ops.conv_transpose2d_backward(dy, x, w, y, *args)
+    with FakeTensorMode() as mode:
+        f = [mode.from_tensor(t) for t in (dy, x, w, y)]
+        fdx, fdw, _ = ops.conv_transpose2d_backward(*f, *args)
+    assert (dx.stride(), dw.stride()) == (fdx.stride(), fdw.stride())

@@ -137,9 +137,10 @@ at::MemoryFormat memory_format_of(const at::Tensor& t) {
 // float64 and bfloat16): channels_last when the input or the weight suggests it
 // (suggest_memory_format reads the order of the strides, so an (N, C, 1, 1) input made
 // channels_last counts, and a weight made channels_last by model.to(memory_format=...) makes a
-// contiguous input's output channels_last), else contiguous. (genfast/ops/conv_transpose.py's
-// out_format is the same rule.)
+// contiguous input's output channels_last), else contiguous; an empty batch is contiguous.
+// (genfast/ops/conv_transpose.py's out_format is the same rule.)
 at::MemoryFormat output_format(const at::Tensor& x, const at::Tensor& w) {
+  if (x.size(0) == 0 || x.size(1) == 0) return at::MemoryFormat::Contiguous;  // torch's empty-input convolution
   return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
                  w.suggest_memory_format() == at::MemoryFormat::ChannelsLast
              ? at::MemoryFormat::ChannelsLast

@@ -36,6 +36,7 @@ import triton.language as tl
 from genfast import backend as B
 from genfast.kernels.activation import act_forward, act_grad_from_y, act_grad_from_z
 from genfast.kernels.batchnorm_act import _on_device  # launches run under the tensor's device
+from genfast.reference import batchnorm_act as ref_bn
 
 _INTERPRET = B.triton_interpret()
 
@@ -566,8 +567,9 @@ def bn_finalize(partials: torch.Tensor, conv_bias, weight, bias, running_mean, r
 
 def bn_apply(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, activation: int,
              negative_slope: float) -> torch.Tensor:
-    """act(y * scale + shift) per channel: one read of y, one write."""
-    out = torch.empty_like(y)
+    """act(y * scale + shift) per channel: one read of y, one write (out in the layout
+    torch's BatchNorm gives, the same memory order as y)."""
+    out = ref_bn.empty_bn_output(y)
     if y.numel() == 0:
         return out
     v = PlaneView(y)

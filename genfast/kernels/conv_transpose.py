@@ -765,4 +765,9 @@ def conv_transpose2d_bwd(grad_out, x, weight, y, stride, padding, dilation, grou
                     ws if ws is not None else db, dw, bp if has_bias else db, db,
                     split, nw, split_b, Cout, tiles_w,
                     HAS_W=need_weight, HAS_B=has_bias, BLOCK=_FINISH_BLOCK)
+    if need_weight and dw.dim() == 4:
+        # in the weight's own layout, as the fake promises (the finish kernel writes it contiguous)
+        wfmt = out_memory_format(weight)
+        if wfmt != torch.contiguous_format:
+            dw = dw.contiguous(memory_format=wfmt)
     return dx, dw, db

@@ -79,8 +79,7 @@ def _in_format(y: Tensor, input: Tensor, weight: Tensor, elementwise_after: bool
 
 def _grad_format(g: Tensor, like: Tensor) -> Tensor:
     """A gradient in the layout of the tensor it is the gradient of (the backward fake's)."""
-    fmt = _memory_format(like) if like.dim() == 4 else torch.contiguous_format
-    return g if g.is_contiguous(memory_format=fmt) else g.contiguous(memory_format=fmt)
+    return _ct.to_format(g, _memory_format(like) if like.dim() == 4 else torch.contiguous_format)
 
 
 def _vendor_product(kind, input, weight, stride, padding, dilation, groups):
@@ -489,6 +488,10 @@ def resolve_padding(input: Tensor, weight: Tensor, stride, padding, dilation):
 
 def _act_eager(y: Tensor, act: str, negative_slope: float) -> Tensor:
     F = torch.nn.functional
+    if act in ("relu", "leaky_relu", "tanh", "sigmoid") and y.dim() == 4 and y.is_contiguous():
+        # torch's own (out-of-place) activation gives contiguous strides to a product whose
+        # channels_last strides are also contiguous (one channel, 1x1 maps): so does this one
+        y = _ct.to_format(y, torch.contiguous_format)
     if act == "relu":
         return F.relu(y, inplace=True)
     if act == "leaky_relu":
@@ -506,8 +509,7 @@ def _conv2d_act_fake(input, weight, bias, stride, padding, dilation, groups, act
                                    groups)  # (torch's checks and output shape)
     if y.dim() != 4:
         return y
-    # the C++ op's layout: torch's eager CPU product (whose own meta function, unlike it, reads
-    # only the input's layout), then after an activation torch's elementwise rule
+    # the C++ op's layout: torch's product, then after an activation torch's elementwise rule
     return torch.empty(y.shape, dtype=y.dtype, device=y.device,
                        memory_format=_ct.fused_out_format(input, weight, y.shape, activation != 0))
 

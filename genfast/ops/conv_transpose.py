@@ -33,6 +33,7 @@ import torch._prims_common as _prims
 from torch import Tensor
 
 from genfast import backend as B
+from genfast.reference import batchnorm_act as _bnref
 from genfast.reference import conv_transpose as ref
 
 FAMILY = "conv_transpose"
@@ -61,6 +62,8 @@ def out_format(input: Tensor, weight: Tensor) -> torch.memory_format:
     input made channels_last counts), except float64 on CUDA (cuDNN's rule), else contiguous.
     csrc/cpu/conv_transpose.cpp's output_format is the CPU half of it."""
     if input.dim() != 4 or weight.dim() != 4:
+        return torch.contiguous_format
+    if input.shape[0] == 0 or input.shape[1] == 0:  # torch's empty-input convolution: contiguous
         return torch.contiguous_format
     if input.device.type == "cuda" and torch.float64 in (input.dtype, weight.dtype):
         return torch.contiguous_format
@@ -224,12 +227,11 @@ def _backward(backend, grad_out, input, weight, output, stride, padding, dilatio
                 dz, input, weight, None, stride, padding, dilation, True,
                 _output_padding_of(input, weight, output, stride, padding, dilation), groups,
                 [need_input, need_weight, False])
-        fmt = _memory_format(input)
-        if need_input and not dx.is_contiguous(memory_format=fmt):
-            dx = dx.contiguous(memory_format=fmt)
-        wfmt = _memory_format(weight)
-        if need_weight and not dw.is_contiguous(memory_format=wfmt):
-            dw = dw.contiguous(memory_format=wfmt)
+        # in the layouts (and exact strides) the fake promises
+        if need_input:
+            dx = to_format(dx, _memory_format(input))
+        if need_weight:
+            dw = to_format(dw, _memory_format(weight))
         return (dx if need_input else input.new_empty((0,)),
                 dw if need_weight else input.new_empty((0,)),
                 db if has_bias else input.new_empty((0,)))
@@ -425,7 +427,7 @@ def bn_block_apply_op(y: Tensor, mean: Tensor, invstd: Tensor, scale: Tensor, sh
 
 @bn_block_apply_op.register_fake
 def _(y, mean, invstd, scale, shift, weight, bias, activation, negative_slope, backend):
-    return torch.empty_like(y)
+    return _bnref.empty_bn_output(y)
 
 
 @torch.library.custom_op("genfast::bn_block_backward", mutates_args=())

@@ -11,18 +11,21 @@ from genfast.reference.activation import act_backward, act_forward, act_grad
 
 
 def empty_bn_output(x: torch.Tensor) -> torch.Tensor:
-    """An output for a BatchNorm (+ activation) of x in torch's CPU BatchNorm layout, canonical
-    strides: contiguous whenever x is contiguous (whatever the strides of its size-1 dimensions,
-    e.g. an (N, C, 1, 1) tensor made channels_last), channels_last for a channels_last-dense 4-D
-    x, else as empty_like. The kernels' allocations (csrc/common/tensor_layout.h has the C++ one)
-    and the fakes."""
-    if x.dim() == 4:
-        if x.is_contiguous():
-            return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        if x.is_contiguous(memory_format=torch.channels_last):
-            return torch.empty(x.shape, dtype=x.dtype, device=x.device,
-                               memory_format=torch.channels_last)
-    return torch.empty_like(x)
+    """An output for a BatchNorm (+ activation) of x as the kernels write it (the fakes use this):
+    canonical strides, contiguous whenever x is contiguous (whatever the strides of its size-1
+    dimensions, e.g. an (N, C, 1, 1) tensor made channels_last: torch's CPU BatchNorm layout),
+    channels_last for a channels_last-dense 4-D x, x's own strides for an (N, C, L) x stored
+    (N, L, C); contiguous for any other x, which the kernels first copy to contiguous (torch
+    keeps a channels_last-like one channels_last there). The C++ kernels' allocation is
+    csrc/common/tensor_layout.h's empty_bn_output."""
+    if x.is_contiguous():
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device,
+                           memory_format=torch.channels_last)
+    if x.dim() == 3 and x.transpose(1, 2).is_contiguous():
+        return torch.empty_like(x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
