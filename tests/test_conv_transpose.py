@@ -595,6 +595,20 @@ LAYOUTS = [((2, 4, 3, 3), False, False), ((2, 4, 3, 3), True, False), ((2, 4, 3,
            ((3, 4, 1, 1), False, False)]
 
 
+def _converted_pair(unfused, model_cl, how, x_shape, x_cl):
+    """(the converted copy, what runs it: itself or torch.compile(aot_eager) of it, a float64
+    input), the model made channels_last or the input when asked."""
+    fused = genfast.convert(copy.deepcopy(unfused))
+    if model_cl:
+        unfused.to(memory_format=torch.channels_last)
+        fused.to(memory_format=torch.channels_last)
+    if how != "eager":
+        torch._dynamo.reset()  # each case compiles a new model: keep within the recompile limit
+    model = fused if how == "eager" else torch.compile(fused, backend="aot_eager", fullgraph=True)
+    x = torch.randn(x_shape, dtype=torch.float64)
+    return fused, model, x.to(memory_format=torch.channels_last) if x_cl else x
+
+
 def _layout_inputs(case, dtype=torch.float64):
     shape, xcl, wcl = LAYOUTS[case]
     x = torch.randn(shape, dtype=dtype)
@@ -642,16 +656,7 @@ def test_channels_last_model_layout_and_values_like_torch(case, how):
     shape, xcl, wcl = LAYOUTS[case]
     unfused = nn.Sequential(nn.ConvTranspose2d(4, 3, 4, 2, 1, bias=False), nn.BatchNorm2d(3),
                             nn.ReLU(), nn.ConvTranspose2d(3, 2, 4, 2, 1), nn.Tanh()).double()
-    fused = genfast.convert(copy.deepcopy(unfused))
-    if wcl:
-        unfused.to(memory_format=torch.channels_last)
-        fused.to(memory_format=torch.channels_last)
-    if how == "compiled":
-        torch._dynamo.reset()  # each case compiles a new model: keep within the recompile limit
-    model = fused if how == "eager" else torch.compile(fused, backend="aot_eager", fullgraph=True)
-    x = torch.randn(shape, dtype=torch.float64)
-    if xcl:
-        x = x.to(memory_format=torch.channels_last)
+    fused, model, x = _converted_pair(unfused, wcl, how, shape, xcl)
     for mode in ("train", "eval"):
         unfused.train(mode == "train")
         fused.train(mode == "train")
@@ -697,16 +702,7 @@ def test_fused_output_strides_like_torch_where_layouts_coincide(how, model_cl, x
         "conv_c1_sigmoid": lambda: nn.Sequential(nn.Conv2d(4, 1, 3, 1, 1), nn.Sigmoid()),
     }[layers]
     unfused = make().double()
-    fused = genfast.convert(copy.deepcopy(unfused))
-    if model_cl:
-        unfused.to(memory_format=torch.channels_last)
-        fused.to(memory_format=torch.channels_last)
-    if how == "aot_eager":
-        torch._dynamo.reset()
-    model = fused if how == "eager" else torch.compile(fused, backend="aot_eager", fullgraph=True)
-    x = torch.randn(x_shape, dtype=torch.float64)
-    if x_cl:
-        x = x.to(memory_format=torch.channels_last)
+    fused, model, x = _converted_pair(unfused, model_cl, how, x_shape, x_cl)
     for mode in ("train", "eval"):
         unfused.train(mode == "train")
         fused.train(mode == "train")
