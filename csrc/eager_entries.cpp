@@ -290,10 +290,7 @@ OptT product_bn_eval_eager(const at::Tensor& x, const at::Tensor& w, const OptT&
                    : kind == 1 ? at::conv2d(x, w, b, stride, padding, dilation, groups)
                                : conv_transpose2d_act_op().call(x, w, b, stride, padding, output_padding, groups, dilation,
                                                                  kIdentity, 0.0);
-    // torch's BatchNorm gives a contiguous output for an input that is contiguous whatever its
-    // strides (a channels_last product of one channel or a 1x1 map): contiguous strides then
-    if (y.dim() == 4 && y.is_contiguous() && y.strides() != at::IntArrayRef(c10::contiguous_strides(y.sizes())))
-      y = at::empty(y.sizes(), y.options()).copy_(y);
+    y = with_contiguous_strides(y);  // as torch's BatchNorm gives a contiguous product
     const bool rows = y.dim() == 2 || (!y.is_contiguous() && y.is_contiguous(at::MemoryFormat::ChannelsLast));
     if (!rows && !y.is_contiguous()) return c10::nullopt;  // (the products give one of the two)
     const int64_t L = y.dim() == 4 ? y.size(2) * y.size(3) : 1;

@@ -8,6 +8,7 @@
 #include <torch/autograd.h>
 
 #include "common/activation.h"
+#include "common/tensor_layout.h"
 
 namespace genfast {
 
@@ -45,13 +46,8 @@ struct ProductArgs {
 
 // torch's activation, in place on a fresh product
 inline at::Tensor torch_act_(at::Tensor y, int64_t act, double slope) {
-  // torch's out-of-place activation gives a contiguous output for an input that is contiguous
-  // whatever its strides: a product in channels_last strides whose shape makes both layouts one
-  // memory order (one channel, a 1x1 map, empty) is given contiguous strides first (a copy, on
-  // these small shapes only)
-  if (act != kIdentity && y.dim() == 4 && !y.unsafeGetTensorImpl()->has_symbolic_sizes_strides() &&
-      y.is_contiguous() && y.strides() != at::IntArrayRef(c10::contiguous_strides(y.sizes())))
-    y = at::empty(y.sizes(), y.options()).copy_(y);
+  // torch's out-of-place activation: contiguous strides for a contiguous product
+  if (act != kIdentity) y = with_contiguous_strides(y);
   switch (act) {
     case kRelu: return at::relu_(y);
     case kLeakyRelu: return at::leaky_relu_(y, slope);

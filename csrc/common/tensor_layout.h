@@ -48,4 +48,15 @@ inline at::Tensor empty_bn_output(const at::Tensor& t) {
   return at::empty_like(t);
 }
 
+// t with contiguous strides where it is contiguous in memory but carries other strides (a
+// channels_last product of one channel or of 1x1 maps, which both layouts describe): the output
+// torch's out-of-place elementwise ops and CPU BatchNorm give such an input. A copy (these
+// shapes are small); t itself otherwise, and for a traced tensor with symbolic strides.
+inline at::Tensor with_contiguous_strides(const at::Tensor& t) {
+  if (t.dim() != 4 || t.unsafeGetTensorImpl()->has_symbolic_sizes_strides() || !t.is_contiguous() ||
+      t.strides() == at::IntArrayRef(c10::contiguous_strides(t.sizes())))
+    return t;
+  return at::empty(t.sizes(), t.options()).copy_(t);
+}
+
 }  // namespace genfast
