@@ -142,7 +142,10 @@ OptT linear_act_eager(const at::Tensor& x, const at::Tensor& w, const OptT& b, i
                              .findSchemaOrThrow("genfast::linear_act", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptT&, int64_t, double)>();
   return guarded([&]() -> OptT {
-    return records_backward(x, w, b) ? op.call(x, w, b, act, slope) : torch_act_(at::linear(x, w, b), act, slope);
+    if (records_backward(x, w, b)) return op.call(x, w, b, act, slope);
+    // without a backward: the same product as genfast::linear_act's for 2-D input (the transposed
+    // BLAS product for MLP batches), torch's linear for other ranks
+    return x.dim() == 2 ? linear_product(x, w, b, act, slope) : torch_act_(at::linear(x, w, b), act, slope);
   });
 }
 

@@ -91,6 +91,19 @@ bool conv2d_grad_input_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArr
 std::tuple<at::Tensor, at::Tensor> rows_grad_pre(const at::Tensor& dy, const at::Tensor& y, int64_t act, double slope,
                                                  bool need_bias);
 
+// csrc/conv_act_autograd.cpp: the Linear layer's forward product, act(x w^T + b), on 2-D float32 /
+// float64 CPU tensors of matching shapes (the caller checks them); from 2 to kTransposedRowsMax
+// rows through the transposed BLAS product and rows_from_transposed, else addmm + torch's
+// activation in place.
+constexpr int64_t kTransposedRowsMax = 128;
+at::Tensor linear_product(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b, int64_t act,
+                          double slope);
+
+// csrc/cpu/conv_transpose.cpp: the Linear layer's forward epilogue, y (M, C) = act(pt^T + bias)
+// from the product pt (C, M) = w x^T, on float32 / float64 the caller has validated.
+at::Tensor rows_from_transposed(const at::Tensor& pt, const c10::optional<at::Tensor>& bias, int64_t act,
+                                double slope);
+
 // genfast::conv_transpose2d_fwd through the dispatcher (its CPU kernel is in csrc/cpu), without
 // BatchNorm statistics: (out, empty, empty).
 using ProductTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;

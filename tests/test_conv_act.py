@@ -85,6 +85,34 @@ def test_linear_matches_torch_float64(backend, act, shape, bias):
         torch.testing.assert_close(a, r, atol=1e-11, rtol=1e-10)
 
 
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("rows", [1, 2, 63, 128, 129])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("grad", [True, False])
+def test_linear_rows_either_product_orientation(act, rows, dtype, grad):
+    """The CPU Linear runs its product transposed (w x^T, then one pass of bias + activation
+    writing y's rows in blocks of 16 features x 64 rows) for 2-128 rows, torch's addmm
+    elsewhere: both sides of that bound, with and without a backward, 37 features (not a multiple
+    of the block), a non-contiguous input and a transposed weight view, against float64."""
+    torch.manual_seed(rows)
+    base = [torch.randn(rows, 46, dtype=D) * 3, torch.randn(23, 37, dtype=D), torch.randn(37, dtype=D)]
+    ref_leaves = [t.clone().requires_grad_() for t in base]
+    ref = torch_act(act)(F.linear(ref_leaves[0][:, ::2], ref_leaves[1].t(), ref_leaves[2]))
+    leaves = [t.to(dtype).requires_grad_(grad) for t in base]
+    x, w = leaves[0][:, ::2], leaves[1].t()
+    assert not x.is_contiguous() and not w.is_contiguous()
+    with use_backend("cpu"):
+        out = GF.linear(x, w, leaves[2], activation=None if act == "identity" else act, negative_slope=0.2)
+    assert out.shape == (rows, 37) and out.is_contiguous() and out.dtype == dtype
+    tol = dict(atol=1e-12, rtol=1e-11) if dtype == D else dict(atol=3e-5, rtol=3e-5)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    assert out.requires_grad == grad
+    if grad:
+        g = torch.randn(rows, 37, dtype=D)
+        for a, r in zip(_grads(out, leaves, g.to(dtype)), _grads(ref, ref_leaves, g)):
+            torch.testing.assert_close(a.double(), r, **(tol if dtype == D else dict(atol=3e-4, rtol=3e-4)))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular", "same", "same_even", "valid"])
 def test_conv2d_module_padding_modes(backend, mode):

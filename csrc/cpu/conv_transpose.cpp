@@ -1328,6 +1328,59 @@ std::tuple<at::Tensor, at::Tensor> rows_grad_pre(const at::Tensor& dy, const at:
   return {dz, db};
 }
 
+// One block of rows_from_transposed: columns [c0, c1) of rows [m0, m1) of y. The activation
+// runs along pt's rows (contiguous: it vectorises, tanh / sigmoid included) into tmp, whose
+// columns are then written as y's rows.
+constexpr int64_t kTransposeC = 16, kTransposeM = 64;
+template <int ACT, typename T>
+GENFAST_SIMD_CLONES void transpose_act_block(const T* pt, int64_t M, const T* bias, T* y, int64_t C, int64_t c0,
+                                             int64_t c1, int64_t m0, int64_t m1, T slope, T* tmp) {
+  const int64_t tm = m1 - m0;
+  for (int64_t c = c0; c < c1; ++c) {
+    const T b = bias != nullptr ? bias[c] : T(0);
+    const T* src = pt + c * M + m0;
+    T* t = tmp + (c - c0) * kTransposeM;
+    for (int64_t m = 0; m < tm; ++m) t[m] = act_out<ACT, T>(src[m] + b, slope);
+  }
+  const int64_t tc = c1 - c0;
+  for (int64_t m = 0; m < tm; ++m) {
+    T* yr = y + (m0 + m) * C + c0;
+    for (int64_t c = 0; c < tc; ++c) yr[c] = tmp[c * kTransposeM + m];
+  }
+}
+
+// The Linear layer's forward epilogue (csrc/conv_act_autograd.cpp) on float32 / float64 that the
+// caller has validated: y (M, C) = act(pt^T + bias) from the product pt (C, M) = w x^T, the
+// orientation in which the BLAS product of MLP layers measured fastest (see linear_product).
+// One pass: pt read once, y written once, in blocks of kTransposeC x kTransposeM (L1).
+at::Tensor rows_from_transposed(const at::Tensor& pt, const c10::optional<at::Tensor>& bias, int64_t act,
+                                double slope) {
+  const int64_t C = pt.size(0), M = pt.size(1);
+  at::Tensor y = at::empty({M, C}, pt.options());
+  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  const int64_t cblocks = (C + kTransposeC - 1) / kTransposeC;
+  // at least 16K values per task: smaller layers run on one thread
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, kTransposeC * M));
+  AT_DISPATCH_FLOATING_TYPES(pt.scalar_type(), "rows_from_transposed", [&] {
+    const scalar_t* pp = pt.data_ptr<scalar_t>();
+    const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    dispatch_activation(act, [&](auto a) {
+      constexpr int A = decltype(a)::value;
+      at::parallel_for(0, cblocks, grain, [&](int64_t k0, int64_t k1) {
+        scalar_t tmp[kTransposeC * kTransposeM];
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t c0 = k * kTransposeC, c1 = std::min(C, c0 + kTransposeC);
+          for (int64_t m0 = 0; m0 < M; m0 += kTransposeM)
+            transpose_act_block<A, scalar_t>(pp, M, bp, yp, C, c0, c1, m0, std::min(M, m0 + kTransposeM),
+                                             static_cast<scalar_t>(slope), tmp);
+        }
+      });
+    });
+  });
+  return y;
+}
+
 TORCH_LIBRARY_IMPL(genfast, CPU, m) {
   m.impl("conv_transpose2d_fwd", &conv_transpose2d_fwd_cpu);
   m.impl("conv_transpose2d_bwd", &conv_transpose2d_bwd_cpu);

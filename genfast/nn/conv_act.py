@@ -130,7 +130,8 @@ def conv2d_act_forward(conv: nn.Conv2d, input: torch.Tensor, activation: Optiona
 def linear_act_forward(lin: nn.Linear, input: torch.Tensor, activation: Optional[str],
                        negative_slope: float = 0.01) -> torch.Tensor:
     """activation(lin(input)) with ``lin``'s weight and bias, fused (eager CPU calls:
-    genfast::linear_act: ATen's addmm and torch's activation in place, C++ autograd). Traced by
+    genfast::linear_act: the BLAS product, transposed for 2-128 rows, with our bias + activation
+    pass, C++ autograd). Traced by
     torch.compile on the CPU (B.inductor_cpu): torch's linear and activation, for inductor."""
     if B.inductor_cpu(input):
         _ca.check_activation(activation, negative_slope)

@@ -557,7 +557,8 @@ def conv2d_eager(input, weight, bias, stride, padding, dilation, groups, act: st
 
 def linear_eager(input, weight, bias, act: str, negative_slope: float) -> Tensor:
     """act(linear(input) + bias) for an eager CPU call (B.eager_cpu; ``act`` checked):
-    genfast::linear_act (ATen's addmm, torch's activation in place, autograd in C++ with the two
+    genfast::linear_act (for 2-128 rows the BLAS product transposed and one bias + activation pass
+    of ours, else ATen's addmm and torch's activation in place; autograd in C++ with the two
     backward products side by side on a two-thread CPU) for 2-D float32 / float64 input; calls
     without a backward (_needs_grad), autocast and everything else run torch's own linear (its
     checks and exceptions) and activation in place."""
