@@ -96,7 +96,6 @@ struct Conv2dAct : public torch::autograd::Function<Conv2dAct> {
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
     const bool need_b = has_bias && ctx->needs_input_grad(2);
     const bool differentiable = at::GradMode::is_enabled();
-    at::Tensor dz = act_grad_from_output(dy, y, act, slope);
     const std::vector<int64_t> bias_sizes{w.size(0)};
     const at::OptionalIntArrayRef bias_arg =
         has_bias ? at::OptionalIntArrayRef(bias_sizes) : at::OptionalIntArrayRef(c10::nullopt);
@@ -107,13 +106,26 @@ struct Conv2dAct : public torch::autograd::Function<Conv2dAct> {
         x.size(2) - ((dy.size(2) - 1) * stride[0] - 2 * padding[0] + dilation[0] * (w.size(2) - 1) + 1),
         x.size(3) - ((dy.size(3) - 1) * stride[1] - 2 * padding[1] + dilation[1] * (w.size(3) - 1) + 1)};
     // (an empty input or weight, e.g. 0 input channels, takes ATen's backward, which gives zeros)
-    bool gemm = !differentiable && need_x && groups == 1 && x.is_contiguous() && !symbolic(x) && x.numel() > 0 &&
-                w.numel() > 0;
-    if (gemm) {
-      dz = dz.contiguous();
-      gemm = conv2d_grad_input_gemm(dz, w, stride, padding, at::IntArrayRef(op, 2), dilation);
-    }
-    if (gemm) {
+    const bool eager = !differentiable && !symbolic(x) && !symbolic(dy);
+    const bool gemm = eager && need_x && groups == 1 && x.is_contiguous() && x.numel() > 0 && w.numel() > 0 &&
+                      conv2d_grad_input_gemm(dy.is_contiguous() ? dy : at::empty(dy.sizes(), dy.options().device(at::kMeta)),
+                                             w, stride, padding, at::IntArrayRef(op, 2), dilation);  // (dz is made contiguous)
+    at::Tensor dz;
+    if (eager && need_w && conv2d_grad_weight_gemm_ok(x, w, groups)) {
+      // few input channels: dz, grad_weight and grad_bias image by image (conv2d_weight_backward);
+      // a dz tensor only when grad_input needs it
+      const at::Tensor dyc = dy.contiguous();
+      const at::Tensor yc = act == kIdentity ? dyc : y.contiguous();
+      dz = !need_x ? at::Tensor() : (act == kIdentity ? dyc : at::empty(dyc.sizes(), dyc.options()));
+      std::tie(dw, db) = conv2d_weight_backward(dyc, yc, act, slope, x, w, stride, padding, dilation, need_b,
+                                                act == kIdentity ? at::Tensor() : dz);
+      if (need_x)
+        dx = gemm ? std::get<0>(conv_transpose_fwd_call(dz, w, c10::nullopt, stride, padding, at::IntArrayRef(op, 2),
+                                                        1, dilation, kIdentity, 0.0))
+                  : std::get<0>(at::convolution_backward(dz, x, w, c10::nullopt, stride, padding, dilation, false,
+                                                         at::IntArrayRef(zero, 2), groups, {true, false, false}));
+    } else if (gemm) {
+      dz = act_grad_from_output(dy, y, act, slope).contiguous();
       dx = std::get<0>(conv_transpose_fwd_call(dz, w, c10::nullopt, stride, padding, at::IntArrayRef(op, 2), 1,
                                                dilation, kIdentity, 0.0));
       if (need_w || need_b)
@@ -121,6 +133,7 @@ struct Conv2dAct : public torch::autograd::Function<Conv2dAct> {
             at::convolution_backward(dz, x, w, bias_arg, stride, padding, dilation, false, at::IntArrayRef(zero, 2),
                                      groups, {false, need_w, need_b});
     } else {
+      dz = act_grad_from_output(dy, y, act, slope);
       std::tie(dx, dw, db) = at::convolution_backward(dz, x, w, bias_arg, stride, padding, dilation, false,
                                                       at::IntArrayRef(zero, 2), groups, {need_x, need_w, need_b});
     }

@@ -86,6 +86,19 @@ bool conv_transpose_gemm_backward(const at::Tensor& x, const at::Tensor& w, at::
 bool conv2d_grad_input_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
                             at::IntArrayRef padding, at::IntArrayRef output_padding, at::IntArrayRef dilation);
 
+// csrc/cpu/conv_transpose.cpp: whether conv2d_act's grad_weight and grad_bias run
+// conv2d_weight_backward (few input channels, groups 1, contiguous float32 / float64 x and w),
+// and that backward: (grad_weight, grad_bias or undefined) from dy and the saved output y (any
+// tensor for the identity), both contiguous, writing dz = dy * act'(y) into dz_out when it is
+// defined (a contiguous tensor of dy's size, for grad_input; not for the identity). On
+// arguments the caller has validated.
+bool conv2d_grad_weight_gemm_ok(const at::Tensor& x, const at::Tensor& w, int64_t groups);
+std::tuple<at::Tensor, at::Tensor> conv2d_weight_backward(const at::Tensor& dy, const at::Tensor& y, int64_t act,
+                                                          double slope, const at::Tensor& x, const at::Tensor& w,
+                                                          at::IntArrayRef stride, at::IntArrayRef padding,
+                                                          at::IntArrayRef dilation, bool need_bias,
+                                                          const at::Tensor& dz_out);
+
 // csrc/cpu/conv_transpose.cpp: the Linear layer's backward prologue ((dz, grad_bias or
 // undefined)) on dense (M, C) float32 / float64 rows.
 std::tuple<at::Tensor, at::Tensor> rows_grad_pre(const at::Tensor& dy, const at::Tensor& y, int64_t act, double slope,

@@ -141,6 +141,64 @@ def test_modules_repr_and_unbatched():
     assert isinstance(conv, nn.Conv2d) and isinstance(lin, nn.Linear)
 
 
+GW_CASES = [  # (C_in, kernel, stride, padding, dilation, bias): few input channels (our grad_weight
+    # products) and one more than their bound (ATen's), odd sizes, padding past the kernel's reach
+    (1, 5, 2, 2, 1, True), (3, 4, 2, 1, 1, False), (4, (3, 2), (1, 2), (2, 0), 2, True),
+    (2, 1, 3, 0, 1, True), (5, 3, 2, 1, 1, True)]
+
+
+@pytest.mark.parametrize("case", GW_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("need_x", [True, False])
+@pytest.mark.parametrize("act", ["identity", "leaky_relu", "tanh"])
+def test_conv2d_grad_weight_few_input_channels(case, dtype, need_x, act):
+    """grad_weight (and grad_bias, grad_input) of the CPU Conv2d + activation against float64
+    torch, for the first-layer shapes whose weight gradient runs as per-image BLAS products over
+    our im2col (up to 4 input channels), with and without grad_input, batch 5 (threads with
+    uneven image ranges)."""
+    cin, k, s, p, d, bias = case
+    torch.manual_seed(cin)
+    base = [torch.randn(5, cin, 13, 11, dtype=D), torch.randn(6, cin, *((k, k) if isinstance(k, int) else k),
+                                                                   dtype=D)]
+    base.append(torch.randn(6, dtype=D) if bias else None)
+    ref_leaves = [t.clone().requires_grad_(i > 0 or need_x) if t is not None else None for i, t in enumerate(base)]
+    ref = torch_act(act)(F.conv2d(ref_leaves[0], ref_leaves[1], ref_leaves[2], s, p, d))
+    leaves = [t.to(dtype).requires_grad_(i > 0 or need_x) if t is not None else None for i, t in enumerate(base)]
+    with use_backend("cpu"):
+        out = GF.conv2d(leaves[0], leaves[1], leaves[2], s, p, d, activation=None if act == "identity" else act,
+                        negative_slope=0.2)
+    g = torch.randn(ref.shape, dtype=D)
+    want = [t for t in ref_leaves if t is not None and t.requires_grad]
+    got = [t for t in leaves if t is not None and t.requires_grad]
+    tol = dict(atol=1e-11, rtol=1e-10) if dtype == D else dict(atol=1e-4, rtol=1e-4)
+    gg = g.to(dtype)
+    if need_x:  # a channels_last incoming gradient as well (copied once, same values)
+        gg = gg.contiguous(memory_format=torch.channels_last)
+    for a, r in zip(_grads(out, got, gg), _grads(ref, want, g)):
+        assert a.shape == r.shape and a.dtype == dtype
+        torch.testing.assert_close(a.double(), r, **tol)
+
+
+@pytest.mark.parametrize("special", [float("nan"), float("inf")])
+def test_conv2d_grad_weight_special_values_like_torch(special):
+    """A NaN or inf in a one-channel input, and one in the incoming gradient at a border position
+    (whose taps reach into the padding: torch's products skip it, so 0 * inf never happens there),
+    reach the weight gradient as in torch's."""
+    x = torch.randn(3, 1, 9, 9)
+    x[1, 0, 4, 5] = special
+    w = torch.randn(4, 1, 5, 5, requires_grad=True)
+    ref_w = w.detach().clone().requires_grad_()
+    with use_backend("cpu"):
+        out = GF.conv2d(x, w, None, 2, 2, activation="leaky_relu", negative_slope=0.2)
+    ref = F.leaky_relu(F.conv2d(x, ref_w, None, 2, 2), 0.2)
+    g = torch.rand_like(ref) + 0.5
+    g[2, 1, 0, 0] = special
+    (a,), (r,) = _grads(out, [w], g), _grads(ref, [ref_w], g)
+    assert torch.equal(a.isnan(), r.isnan()) and torch.equal(a.isinf(), r.isinf())
+    fin = r.isfinite()
+    torch.testing.assert_close(a[fin], r[fin], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("special", [float("nan"), float("inf"), -float("inf")])

@@ -1298,6 +1298,184 @@ bool conv2d_grad_input_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArr
   return gemm_forward_form(x, g);
 }
 
+// For genfast::conv2d_act's backward (csrc/conv_act_autograd.cpp): grad_weight and grad_bias of
+// a convolution with few input channels (up to kGradWeightMaxCin, groups 1: the first layers of
+// the DCGAN, Keras and VAE discriminators), image by image in one pass each:
+//   dz_n = dy_n * act'(y_n) (and its per-channel sums, grad_bias's part) into a per-thread
+//   buffer, or into dz_out when grad_input needs dz afterwards;
+//   cols_n (C_in*KH*KW, H_out*W_out) = the image's taps, gathered by our im2col (0 outside x);
+//   grad_weight (C_out, C_in*KH*KW) += dz_n (C_out, H_out*W_out) x cols_n^T (one BLAS product).
+// Each thread runs its range of images on its own core into its own partials, summed in range
+// order afterwards (deterministic for a thread count). Without grad_input no dz tensor is made
+// at all. Measured interleaved on the 2-core CI CPU against torch's leaky_relu backward + ATen's
+// (oneDNN's) weight gradient, whose product ran at a few GFLOP/s for one input channel: see
+// conv2d_grad_weight_gemm_ok.
+constexpr int64_t kGradWeightMaxCin = 4;
+
+bool conv2d_grad_weight_gemm_ok(const at::Tensor& x, const at::Tensor& w, int64_t groups) {
+  return groups == 1 && x.dim() == 4 && w.dim() == 4 && x.size(1) <= kGradWeightMaxCin && x.size(0) > 0 &&
+         x.numel() > 0 && w.numel() > 0 && x.is_contiguous() && w.is_contiguous() &&
+         (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) && w.scalar_type() == x.scalar_type();
+}
+
+namespace {
+// cols (C_in*KH*KW, H_out*W_out) of one image x (C_in, H, W) of a convolution (Geometry's "in"
+// is the convolution's input, "out" its output)
+template <typename scalar_t>
+void conv_im2col_image(const scalar_t* x, scalar_t* cols, const Geometry& g) {
+  const int64_t L = g.Hout * g.Wout;
+  for (int64_t ci = 0; ci < g.Cin; ++ci)
+    for (int64_t kh = 0; kh < g.KH; ++kh)
+      for (int64_t kw = 0; kw < g.KW; ++kw) {
+        scalar_t* row = cols + ((ci * g.KH + kh) * g.KW + kw) * L;
+        const scalar_t* plane = x + ci * g.Hin * g.Win;
+        for (int64_t oh = 0; oh < g.Hout; ++oh) {
+          scalar_t* r = row + oh * g.Wout;
+          const int64_t ih = oh * g.SH - g.PH + kh * g.DH;
+          if (ih < 0 || ih >= g.Hin) {
+            std::fill(r, r + g.Wout, scalar_t(0));
+            continue;
+          }
+          const scalar_t* xr = plane + ih * g.Win;
+          for (int64_t ow = 0; ow < g.Wout; ++ow) {
+            const int64_t iw = ow * g.SW - g.PW + kw * g.DW;
+            r[ow] = (iw >= 0 && iw < g.Win) ? xr[iw] : scalar_t(0);
+          }
+        }
+      }
+}
+
+// dz = dy * act'(y) over one image's C planes of L values (skipped for the identity: dz is dy),
+// with each plane's sum added to bsum[c] (when bsum is not nullptr); returns whether every sum
+// is finite (false for any NaN or inf in dz, and for a sum that overflows)
+template <int ACT, typename scalar_t>
+GENFAST_SIMD_CLONES bool conv_dz_image(const scalar_t* dy, const scalar_t* y, scalar_t* dz, int64_t C, int64_t L,
+                                       scalar_t slope, scalar_t* bsum) {
+  bool finite = true;
+  for (int64_t c = 0; c < C; ++c) {
+    const scalar_t* o = dy + c * L;
+    if constexpr (ACT != kIdentity) {
+      const scalar_t* d = dy + c * L;
+      const scalar_t* yy = y + c * L;
+      scalar_t* oc = dz + c * L;
+      for (int64_t i = 0; i < L; ++i) oc[i] = d[i] * act_grad_from_output_c<ACT, scalar_t>(yy[i], slope);
+      o = oc;
+    }
+    const scalar_t t = lane_sum<false, scalar_t>(o, L, scalar_t(0));
+    finite = finite && std::isfinite(t);
+    if (bsum != nullptr) bsum[c] += t;
+  }
+  return finite;
+}
+
+// One image's grad_weight term added into gw (C_out, C_in*KH*KW) term by term, over the output
+// positions whose tap lies inside x only: a dz holding NaN or inf gives torch's pattern (its
+// products skip the padding, where the GEMM's zeros would make 0 * inf = NaN).
+template <typename scalar_t>
+void conv_weight_direct(const scalar_t* dz, const scalar_t* x, scalar_t* gw, const Geometry& g) {
+  const int64_t L = g.Hout * g.Wout, K = g.Cin * g.KH * g.KW;
+  for (int64_t co = 0; co < g.Cout; ++co)
+    for (int64_t ci = 0; ci < g.Cin; ++ci)
+      for (int64_t kh = 0; kh < g.KH; ++kh)
+        for (int64_t kw = 0; kw < g.KW; ++kw) {
+          scalar_t acc = 0;
+          for (int64_t oh = 0; oh < g.Hout; ++oh) {
+            const int64_t ih = oh * g.SH - g.PH + kh * g.DH;
+            if (ih < 0 || ih >= g.Hin) continue;
+            for (int64_t ow = 0; ow < g.Wout; ++ow) {
+              const int64_t iw = ow * g.SW - g.PW + kw * g.DW;
+              if (iw < 0 || iw >= g.Win) continue;
+              acc += dz[co * L + oh * g.Wout + ow] * x[(ci * g.Hin + ih) * g.Win + iw];
+            }
+          }
+          gw[co * K + (ci * g.KH + kh) * g.KW + kw] += acc;
+        }
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> conv2d_weight_backward(const at::Tensor& dy, const at::Tensor& y, int64_t act,
+                                                          double slope, const at::Tensor& x, const at::Tensor& w,
+                                                          at::IntArrayRef stride, at::IntArrayRef padding,
+                                                          at::IntArrayRef dilation, bool need_bias,
+                                                          const at::Tensor& dz_out) {
+  Geometry g{};
+  g.N = x.size(0);
+  g.Cin = x.size(1);
+  g.Hin = x.size(2);
+  g.Win = x.size(3);
+  g.Cout = w.size(0);
+  g.KH = w.size(2);
+  g.KW = w.size(3);
+  g.Hout = dy.size(2);
+  g.Wout = dy.size(3);
+  g.SH = stride[0];
+  g.SW = stride[1];
+  g.PH = padding[0];
+  g.PW = padding[1];
+  g.DH = dilation[0];
+  g.DW = dilation[1];
+  const int64_t K = g.Cin * g.KH * g.KW, L = g.Hout * g.Wout, CL = g.Cout * L;
+  std::vector<at::Tensor> partial(g.N);               // grad_weight, at each range's first image
+  std::vector<std::vector<double>> bpart(g.N);        // grad_bias, likewise (float64 holds float32 exactly)
+  at::Tensor db;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_weight_backward", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* dyp = dy.data_ptr<scalar_t>();
+    const scalar_t* yp = act == kIdentity ? nullptr : y.data_ptr<scalar_t>();
+    scalar_t* dzp = dz_out.defined() ? dz_out.data_ptr<scalar_t>() : nullptr;
+    dispatch_activation(act, [&](auto a) {
+      constexpr int A = decltype(a)::value;
+      at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
+        at::AutoDispatchBelowADInplaceOrView below_autograd;  // per thread: the caller's guard is its own
+        at::Tensor cols = at::empty({K, L}, x.options());
+        at::Tensor dzbuf = (A != kIdentity && dzp == nullptr) ? at::empty({g.Cout, L}, x.options()) : at::Tensor();
+        std::vector<scalar_t> bsum(need_bias ? g.Cout : 0, scalar_t(0));
+        at::Tensor gw;
+        for (int64_t n = n0; n < n1; ++n) {
+          const scalar_t* dzn = dyp + n * CL;  // the identity: dz is dy
+          scalar_t* o = nullptr;
+          if constexpr (A != kIdentity) {
+            o = dzp != nullptr ? dzp + n * CL : dzbuf.data_ptr<scalar_t>();
+            dzn = o;
+          }
+          const bool finite = conv_dz_image<A, scalar_t>(dyp + n * CL, yp != nullptr ? yp + n * CL : nullptr, o, g.Cout,
+                                                         L, static_cast<scalar_t>(slope),
+                                                         need_bias ? bsum.data() : nullptr);
+          const scalar_t* xn = xp + n * g.Cin * g.Hin * g.Win;
+          if (!finite) {  // rare: term by term, as torch
+            if (n == n0) gw = at::zeros({g.Cout, K}, x.options());
+            conv_weight_direct<scalar_t>(dzn, xn, gw.data_ptr<scalar_t>(), g);
+            continue;
+          }
+          conv_im2col_image<scalar_t>(xn, cols.data_ptr<scalar_t>(), g);
+          const at::Tensor dzt = at::from_blob(const_cast<scalar_t*>(dzn), {g.Cout, L}, x.options());
+          if (n == n0) gw = at::mm(dzt, cols.t());
+          else gw.addmm_(dzt, cols.t());
+        }
+        partial[n0] = gw;
+        if (need_bias) bpart[n0].assign(bsum.begin(), bsum.end());
+      });
+    });
+    if (need_bias) {
+      db = at::empty({g.Cout}, w.options());
+      scalar_t* o = db.data_ptr<scalar_t>();
+      for (int64_t c = 0; c < g.Cout; ++c) {
+        scalar_t t = 0;
+        for (const auto& b : bpart)
+          if (!b.empty()) t += static_cast<scalar_t>(b[c]);
+        o[c] = t;
+      }
+    }
+  });
+  at::Tensor total;
+  for (const at::Tensor& t : partial) {
+    if (!t.defined()) continue;
+    if (!total.defined()) total = t;
+    else total.add_(t);
+  }
+  return {total.view(w.sizes()), db};
+}
+
 // For genfast::linear_act's backward (csrc/conv_act_autograd.cpp), on a dense (M, C) row-major
 // product of float32 / float64 that the caller has validated: dz = dy * act'(y) with grad_bias =
 // the column sums of dz in one pass (blocks of kPixelBlock rows, summed in block order:
