@@ -12,6 +12,9 @@
 //                 groups 1, NCHW, strided; 3-9x for inputs of up to 8 channels, where ATen's
 //                 oneDNN backward runs at a few GFLOP/s; 1.0-1.8x for the DCGAN k4 s2 layers);
 //   grad_weight, grad_bias = ATen's convolution backward (oneDNN), without grad_input.
+// Layers of up to 4 input channels (conv2d_grad_weight_gemm_ok): dz, grad_weight and grad_bias
+// image by image in csrc/cpu/conv_transpose.cpp (conv2d_weight_backward; dz is written out only
+// for grad_input), then grad_input as above.
 // Elsewhere ATen's convolution backward computes all three at once. A create_graph backward
 // runs dz in differentiable ATen ops and at::convolution_backward (which has a double
 // backward): gradient-penalty GANs.
