@@ -109,7 +109,8 @@ struct Conv2dAct : public torch::autograd::Function<Conv2dAct> {
         x.size(2) - ((dy.size(2) - 1) * stride[0] - 2 * padding[0] + dilation[0] * (w.size(2) - 1) + 1),
         x.size(3) - ((dy.size(3) - 1) * stride[1] - 2 * padding[1] + dilation[1] * (w.size(3) - 1) + 1)};
     // (an empty input or weight, e.g. 0 input channels, takes ATen's backward, which gives zeros)
-    const bool eager = !differentiable && !symbolic(x) && !symbolic(dy);
+    const bool eager = !differentiable && !symbolic(x) && !symbolic(dy) && plain_tensor(x) && plain_tensor(dy) &&
+                       plain_tensor(w) && (!y.defined() || plain_tensor(y));
     const bool gemm = eager && need_x && groups == 1 && x.is_contiguous() && x.numel() > 0 && w.numel() > 0 &&
                       conv2d_grad_input_gemm(dy.is_contiguous() ? dy : at::empty(dy.sizes(), dy.options().device(at::kMeta)),
                                              w, stride, padding, at::IntArrayRef(op, 2), dilation);  // (dz is made contiguous)
@@ -191,7 +192,8 @@ bool takes_linear(const at::Tensor& x, const at::Tensor& w, const OptT& b) {
 // take torch's ops).
 at::Tensor linear_product(const at::Tensor& x, const at::Tensor& w, const OptT& b, int64_t act, double slope) {
   if (!symbolic(x) && !symbolic(w) && x.dim() == 2 && x.size(0) >= 2 && x.size(0) <= kTransposedRowsMax &&
-      x.is_cpu() && w.is_cpu())
+      x.is_cpu() && w.is_cpu() && plain_tensor(x) && plain_tensor(w) &&
+      (!b.has_value() || !b->defined() || plain_tensor(*b)))
     return rows_from_transposed(at::mm(w, x.t()), b, act, slope);
   const bool bias = b.has_value() && b->defined();
   return torch_act_(bias ? at::addmm(*b, x, w.t()) : at::mm(x, w.t()), act, slope);

@@ -44,6 +44,13 @@ struct ProductArgs {
   }
 };
 
+// Whether t is an ordinary tensor whose data our kernels may read: not a fake or other Python
+// subclass tensor (the Python dispatch key: a trace's fake tensors with fixed sizes, which the
+// symbolic-size checks miss) nor a functorch wrapper (no storage).
+inline bool plain_tensor(const at::Tensor& t) {
+  return t.has_storage() && !t.key_set().has(c10::DispatchKey::Python);
+}
+
 // torch's activation, in place on a fresh product
 inline at::Tensor torch_act_(at::Tensor y, int64_t act, double slope) {
   // torch's out-of-place activation: contiguous strides for a contiguous product

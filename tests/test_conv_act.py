@@ -180,17 +180,20 @@ def test_conv2d_grad_weight_few_input_channels(case, dtype, need_x, act):
 
 
 @pytest.mark.parametrize("special", [float("nan"), float("inf")])
-def test_conv2d_grad_weight_special_values_like_torch(special):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("act", ["relu", "leaky_relu"])
+def test_conv2d_grad_weight_special_values_like_torch(special, dtype, act):
     """A NaN or inf in a one-channel input, and one in the incoming gradient at a border position
     (whose taps reach into the padding: torch's products skip it, so 0 * inf never happens there),
-    reach the weight gradient as in torch's."""
-    x = torch.randn(3, 1, 9, 9)
+    reach the weight gradient as in torch's (float64: torch's products multiply zero columns,
+    and so do ours); relu gives 0 where its output is 0, whatever the incoming gradient."""
+    x = torch.randn(3, 1, 9, 9, dtype=dtype)
     x[1, 0, 4, 5] = special
-    w = torch.randn(4, 1, 5, 5, requires_grad=True)
+    w = torch.randn(4, 1, 5, 5, dtype=dtype, requires_grad=True)
     ref_w = w.detach().clone().requires_grad_()
     with use_backend("cpu"):
-        out = GF.conv2d(x, w, None, 2, 2, activation="leaky_relu", negative_slope=0.2)
-    ref = F.leaky_relu(F.conv2d(x, ref_w, None, 2, 2), 0.2)
+        out = GF.conv2d(x, w, None, 2, 2, activation=act, negative_slope=0.2)
+    ref = torch_act(act)(F.conv2d(x, ref_w, None, 2, 2))
     g = torch.rand_like(ref) + 0.5
     g[2, 1, 0, 0] = special
     (a,), (r,) = _grads(out, [w], g), _grads(ref, [ref_w], g)

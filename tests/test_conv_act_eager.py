@@ -135,7 +135,7 @@ def test_requested_gradients(name, wanted):
 
 
 @pytest.mark.parametrize("special", [float("nan"), float("inf"), -float("inf")])
-@pytest.mark.parametrize("act", ["identity", "leaky_relu", "tanh"])
+@pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu", "tanh"])
 @pytest.mark.parametrize("name", ["plane_k4s2", "rows_k5s2", "threads", "rows_chunks"])
 def test_special_values_like_torch(name, act, special):
     """A NaN / inf in the input and another in the incoming gradient: torch's NaN and inf pattern

@@ -57,6 +57,15 @@ GENFAST_HOST_DEVICE T act_grad_from_output_c(T y, T slope) {
   else return T(1);
 }
 
+// dz = dy * f'(z) from the output y = f(z), as torch's activation backward: relu selects (its
+// threshold_backward passes dy where y > 0 or y is NaN and gives 0 elsewhere, a NaN or inf dy
+// included, where a product with f' = 0 would give NaN); the others multiply.
+template <int ACT, typename T>
+GENFAST_HOST_DEVICE T act_backward_from_output_c(T dy, T y, T slope) {
+  if constexpr (ACT == kRelu) return y <= T(0) ? T(0) : dy;
+  else return dy * act_grad_from_output_c<ACT, T>(y, slope);
+}
+
 // z = f^-1(y) for the invertible activations (identity, leaky_relu with slope > 0); NaN stays NaN.
 template <int ACT, typename T>
 GENFAST_HOST_DEVICE T act_invert_c(T y, T slope) {

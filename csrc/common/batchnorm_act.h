@@ -204,7 +204,7 @@ GENFAST_HOST_DEVICE DzXhat<acc_t> bn_act_dz_xhat_c(acc_t dy, acc_t saved, acc_t 
                                                    acc_t beta, acc_t slope) {
   if constexpr (SAVED_IS_OUTPUT) {
     const acc_t z = act_invert_c<ACT, acc_t>(saved, slope);
-    return {dy * act_grad_from_output_c<ACT, acc_t>(saved, slope), (z - beta) / gamma};
+    return {act_backward_from_output_c<ACT, acc_t>(dy, saved, slope), (z - beta) / gamma};
   } else {
     const acc_t g = act_grad_from_input_c<ACT, acc_t>((saved - center) * scale + offset, slope);
     return {dy * g, (saved - mean) * invstd};

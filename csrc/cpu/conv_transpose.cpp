@@ -308,7 +308,7 @@ void grad_pre(const scalar_t* dy,                     // grad of the output, lay
         if (dz_out != nullptr) {
           acc_t* d = dz_out + r * L;
           for (int64_t i = 0; i < L; ++i)
-            d[i] = static_cast<acc_t>(g[i]) * act_grad_from_output_c<ACT, acc_t>(static_cast<acc_t>(o[i]), slope);
+            d[i] = act_backward_from_output_c<ACT, acc_t>(static_cast<acc_t>(g[i]), static_cast<acc_t>(o[i]), slope);
           if (sums) pp[r] = lane_sum<false>(d, L, acc_t(0));  // the plane is still in cache
         } else if (sums) {
           pp[r] = lane_sum<false>(g, L, acc_t(0));
@@ -332,7 +332,7 @@ void grad_pre(const scalar_t* dy,                     // grad of the output, lay
         if (dz_out != nullptr) {
           acc_t* d = dz_out + m * Cl;
           for (int64_t c = 0; c < Cl; ++c)
-            d[c] = static_cast<acc_t>(g[c]) * act_grad_from_output_c<ACT, acc_t>(static_cast<acc_t>(o[c]), slope);
+            d[c] = act_backward_from_output_c<ACT, acc_t>(static_cast<acc_t>(g[c]), static_cast<acc_t>(o[c]), slope);
           if (sums)
             for (int64_t c = 0; c < Cl; ++c) s[c] += d[c];
         } else if (sums) {
@@ -843,7 +843,7 @@ GENFAST_SIMD_CLONES void im2col_taps(const scalar_t* dy, const scalar_t* y, acc_
       const scalar_t* yr = yn + c * L + oh * g.Wout;
       acc_t* d = P + (oh + g.PH) * f.W + g.PW;
       for (int64_t ow = 0; ow < g.Wout; ++ow)
-        d[ow] = static_cast<acc_t>(gr[ow]) * act_grad_from_output_c<ACT, acc_t>(static_cast<acc_t>(yr[ow]), slope);
+        d[ow] = act_backward_from_output_c<ACT, acc_t>(static_cast<acc_t>(gr[ow]), static_cast<acc_t>(yr[ow]), slope);
       if (pp != nullptr) {
         acc_t r = 0;
         for (int64_t ow = 0; ow < g.Wout; ++ow) r += d[ow];
@@ -1358,7 +1358,7 @@ GENFAST_SIMD_CLONES bool conv_dz_image(const scalar_t* dy, const scalar_t* y, sc
       const scalar_t* d = dy + c * L;
       const scalar_t* yy = y + c * L;
       scalar_t* oc = dz + c * L;
-      for (int64_t i = 0; i < L; ++i) oc[i] = d[i] * act_grad_from_output_c<ACT, scalar_t>(yy[i], slope);
+      for (int64_t i = 0; i < L; ++i) oc[i] = act_backward_from_output_c<ACT, scalar_t>(d[i], yy[i], slope);
       o = oc;
     }
     const scalar_t t = lane_sum<false, scalar_t>(o, L, scalar_t(0));
@@ -1442,7 +1442,9 @@ std::tuple<at::Tensor, at::Tensor> conv2d_weight_backward(const at::Tensor& dy, 
                                                          L, static_cast<scalar_t>(slope),
                                                          need_bias ? bsum.data() : nullptr);
           const scalar_t* xn = xp + n * g.Cin * g.Hin * g.Win;
-          if (!finite) {  // rare: term by term, as torch
+          if (std::is_same_v<scalar_t, float> && !finite) {
+            // rare: term by term, as torch's float32 (oneDNN) products, which skip the padding
+            // (its float64 products multiply zero columns, as the GEMM below does)
             if (n == n0) gw = at::zeros({g.Cout, K}, x.options());
             conv_weight_direct<scalar_t>(dzn, xn, gw.data_ptr<scalar_t>(), g);
             continue;
