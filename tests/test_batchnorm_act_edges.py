@@ -754,3 +754,29 @@ def test_float64_sum_past_the_largest_double_keeps_torchs_sign(backend_name, sha
     F.batch_norm(x, rm_t, rv_t, None, None, True, 0.1, 1e-5)
     assert rm_t[0].item() == INF and rm[0].item() == INF
     assert rm[1].item() == rm_t[1].item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("special", [float("nan"), float("inf")])
+def test_relu_backward_masks_a_special_gradient_like_torch(dtype, special):
+    """BatchNorm + ReLU, converted: a NaN or inf incoming gradient where the ReLU's output is 0
+    gives 0 there, as torch's threshold_backward (a product with relu' = 0 gave NaN), so every
+    gradient stays finite and equal to torch's."""
+    import copy
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU()).to(dtype)
+    ours = genfast.convert(copy.deepcopy(ref))
+    x = torch.randn(4, 3, 5, 5, dtype=dtype)
+    with torch.no_grad():
+        y0 = ref(x.clone())
+    g = torch.randn_like(y0)
+    zero = (y0 == 0).nonzero()[0].tolist()
+    g[tuple(zero)] = special
+    grads = []
+    for m in (ref, ours):
+        xr = x.clone().requires_grad_()
+        grads.append(torch.autograd.grad(m(xr), (xr, m[0].weight, m[0].bias), g))
+    for a, r in zip(grads[1], grads[0]):
+        assert a.isfinite().all() and r.isfinite().all()
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)

@@ -66,6 +66,13 @@ GENFAST_HOST_DEVICE T act_backward_from_output_c(T dy, T y, T slope) {
   else return dy * act_grad_from_output_c<ACT, T>(y, slope);
 }
 
+// The same from the activation's input z (relu: 0 where z <= 0, where its output is 0).
+template <int ACT, typename T>
+GENFAST_HOST_DEVICE T act_backward_from_input_c(T dy, T z, T slope) {
+  if constexpr (ACT == kRelu) return z <= T(0) ? T(0) : dy;
+  else return dy * act_grad_from_input_c<ACT, T>(z, slope);
+}
+
 // z = f^-1(y) for the invertible activations (identity, leaky_relu with slope > 0); NaN stays NaN.
 template <int ACT, typename T>
 GENFAST_HOST_DEVICE T act_invert_c(T y, T slope) {

@@ -206,8 +206,8 @@ GENFAST_HOST_DEVICE DzXhat<acc_t> bn_act_dz_xhat_c(acc_t dy, acc_t saved, acc_t 
     const acc_t z = act_invert_c<ACT, acc_t>(saved, slope);
     return {act_backward_from_output_c<ACT, acc_t>(dy, saved, slope), (z - beta) / gamma};
   } else {
-    const acc_t g = act_grad_from_input_c<ACT, acc_t>((saved - center) * scale + offset, slope);
-    return {dy * g, (saved - mean) * invstd};
+    return {act_backward_from_input_c<ACT, acc_t>(dy, (saved - center) * scale + offset, slope),
+            (saved - mean) * invstd};
   }
 }
 
@@ -219,10 +219,12 @@ GENFAST_HOST_DEVICE acc_t bn_act_dz_xhat(acc_t dy, acc_t saved, bool saved_is_ou
   if (saved_is_output) {
     acc_t z = act_invert<acc_t>(saved, act, slope);
     *xhat = (z - beta) / gamma;
-    return dy * act_grad_from_output<acc_t>(saved, act, slope);
+    // relu selects as torch's threshold_backward (act_backward_from_output_c)
+    return act == kRelu ? (saved <= acc_t(0) ? acc_t(0) : dy) : dy * act_grad_from_output<acc_t>(saved, act, slope);
   }
   *xhat = (saved - mean) * invstd;
-  return dy * act_grad_from_input<acc_t>((saved - center) * scale + offset, act, slope);
+  const acc_t z = (saved - center) * scale + offset;
+  return act == kRelu ? (z <= acc_t(0) ? acc_t(0) : dy) : dy * act_grad_from_input<acc_t>(z, act, slope);
 }
 
 // dx from dz, xhat and the per-channel coefficients k = gamma * invstd,
