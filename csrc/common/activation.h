@@ -98,4 +98,21 @@ GENFAST_ACT_RUNTIME(act_grad_from_output)
 GENFAST_ACT_RUNTIME(act_invert)
 #undef GENFAST_ACT_RUNTIME
 
+// the runtime forms of act_backward_from_output_c / act_backward_from_input_c (dy, then y or z)
+#define GENFAST_ACT_BACKWARD_RUNTIME(name)                            \
+  template <typename T>                                               \
+  GENFAST_HOST_DEVICE T name(T dy, T v, int act, T slope) {           \
+    switch (act) {                                                    \
+      case kRelu: return name##_c<kRelu, T>(dy, v, slope);            \
+      case kLeakyRelu: return name##_c<kLeakyRelu, T>(dy, v, slope);  \
+      case kTanh: return name##_c<kTanh, T>(dy, v, slope);            \
+      case kSigmoid: return name##_c<kSigmoid, T>(dy, v, slope);      \
+      default: return name##_c<kIdentity, T>(dy, v, slope);           \
+    }                                                                 \
+  }
+
+GENFAST_ACT_BACKWARD_RUNTIME(act_backward_from_output)
+GENFAST_ACT_BACKWARD_RUNTIME(act_backward_from_input)
+#undef GENFAST_ACT_BACKWARD_RUNTIME
+
 }  // namespace genfast

@@ -219,12 +219,10 @@ GENFAST_HOST_DEVICE acc_t bn_act_dz_xhat(acc_t dy, acc_t saved, bool saved_is_ou
   if (saved_is_output) {
     acc_t z = act_invert<acc_t>(saved, act, slope);
     *xhat = (z - beta) / gamma;
-    // relu selects as torch's threshold_backward (act_backward_from_output_c)
-    return act == kRelu ? (saved <= acc_t(0) ? acc_t(0) : dy) : dy * act_grad_from_output<acc_t>(saved, act, slope);
+    return act_backward_from_output<acc_t>(dy, saved, act, slope);
   }
   *xhat = (saved - mean) * invstd;
-  const acc_t z = (saved - center) * scale + offset;
-  return act == kRelu ? (z <= acc_t(0) ? acc_t(0) : dy) : dy * act_grad_from_input<acc_t>(z, act, slope);
+  return act_backward_from_input<acc_t>(dy, (saved - center) * scale + offset, act, slope);
 }
 
 // dx from dz, xhat and the per-channel coefficients k = gamma * invstd,

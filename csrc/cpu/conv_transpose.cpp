@@ -474,6 +474,19 @@ at::Tensor x_cols(const at::Tensor& xa, const Geometry& g) {
   return xa.contiguous().view({n, g.Cin, HW}).transpose(0, 1).contiguous().view({g.Cin, n * HW});
 }
 
+// The per-thread partials of a parallel_for over images (each at its range's first image,
+// undefined elsewhere) summed in range order: deterministic for a thread count. Returns an
+// undefined tensor when no range made one.
+at::Tensor sum_in_order(const std::vector<at::Tensor>& partial) {
+  at::Tensor total;
+  for (const at::Tensor& t : partial) {
+    if (!t.defined()) continue;
+    if (!total.defined()) total = t;
+    else total.add_(t);
+  }
+  return total;
+}
+
 // Scratch memory of the GEMM form, kept per thread and per slot from one call to the next:
 // the columns (kScratchCols over the batch, kScratchThread per image on each pool thread) were
 // allocated afresh by every call, and glibc hands blocks of megabytes back
@@ -915,13 +928,7 @@ at::Tensor gemm_backward_threads(const scalar_t* dy, const scalar_t* y, const at
     }
     partial[n0] = gw;
   });
-  at::Tensor total;
-  for (const at::Tensor& t : partial) {
-    if (!t.defined()) continue;
-    if (!total.defined()) total = t;
-    else total.add_(t);
-  }
-  return total;
+  return sum_in_order(partial);
 }
 
 template <typename scalar_t>
@@ -1415,9 +1422,8 @@ std::tuple<at::Tensor, at::Tensor> conv2d_weight_backward(const at::Tensor& dy, 
   g.DH = dilation[0];
   g.DW = dilation[1];
   const int64_t K = g.Cin * g.KH * g.KW, L = g.Hout * g.Wout, CL = g.Cout * L;
-  std::vector<at::Tensor> partial(g.N);               // grad_weight, at each range's first image
-  std::vector<std::vector<double>> bpart(g.N);        // grad_bias, likewise (float64 holds float32 exactly)
-  at::Tensor db;
+  std::vector<at::Tensor> partial(g.N);  // grad_weight, at each range's first image
+  std::vector<at::Tensor> bpart(g.N);    // grad_bias, likewise
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_weight_backward", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* dyp = dy.data_ptr<scalar_t>();
@@ -1429,7 +1435,8 @@ std::tuple<at::Tensor, at::Tensor> conv2d_weight_backward(const at::Tensor& dy, 
         at::AutoDispatchBelowADInplaceOrView below_autograd;  // per thread: the caller's guard is its own
         at::Tensor cols = at::empty({K, L}, x.options());
         at::Tensor dzbuf = (A != kIdentity && dzp == nullptr) ? at::empty({g.Cout, L}, x.options()) : at::Tensor();
-        std::vector<scalar_t> bsum(need_bias ? g.Cout : 0, scalar_t(0));
+        at::Tensor bsum_t = need_bias ? at::zeros({g.Cout}, w.options()) : at::Tensor();
+        scalar_t* bsum = need_bias ? bsum_t.data_ptr<scalar_t>() : nullptr;
         at::Tensor gw;
         for (int64_t n = n0; n < n1; ++n) {
           const scalar_t* dzn = dyp + n * CL;  // the identity: dz is dy
@@ -1440,7 +1447,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_weight_backward(const at::Tensor& dy, 
           }
           const bool finite = conv_dz_image<A, scalar_t>(dyp + n * CL, yp != nullptr ? yp + n * CL : nullptr, o, g.Cout,
                                                          L, static_cast<scalar_t>(slope),
-                                                         need_bias ? bsum.data() : nullptr);
+                                                         bsum);
           const scalar_t* xn = xp + n * g.Cin * g.Hin * g.Win;
           if (std::is_same_v<scalar_t, float> && !finite) {
             // rare: term by term, as torch's float32 (oneDNN) products, which skip the padding
@@ -1455,27 +1462,11 @@ std::tuple<at::Tensor, at::Tensor> conv2d_weight_backward(const at::Tensor& dy, 
           else gw.addmm_(dzt, cols.t());
         }
         partial[n0] = gw;
-        if (need_bias) bpart[n0].assign(bsum.begin(), bsum.end());
+        bpart[n0] = bsum_t;
       });
     });
-    if (need_bias) {
-      db = at::empty({g.Cout}, w.options());
-      scalar_t* o = db.data_ptr<scalar_t>();
-      for (int64_t c = 0; c < g.Cout; ++c) {
-        scalar_t t = 0;
-        for (const auto& b : bpart)
-          if (!b.empty()) t += static_cast<scalar_t>(b[c]);
-        o[c] = t;
-      }
-    }
   });
-  at::Tensor total;
-  for (const at::Tensor& t : partial) {
-    if (!t.defined()) continue;
-    if (!total.defined()) total = t;
-    else total.add_(t);
-  }
-  return {total.view(w.sizes()), db};
+  return {sum_in_order(partial).view(w.sizes()), sum_in_order(bpart)};
 }
 
 // For genfast::linear_act's backward (csrc/conv_act_autograd.cpp), on a dense (M, C) row-major
