@@ -3,20 +3,24 @@
 // cpu backend outside torch.compile: a Python autograd.Function around gan_loss_fwd cost more
 // than the loss kernel itself at DCGAN batch sizes (apply, a Python backward node, views).
 //
-// Forward: gan_loss_fwd (one pass: the terms, their reduction and the derivative, saved).
+// Forward: gan_loss_fwd (one pass: the terms, their reduction and the derivative, saved in a
+// GanLossTrainBackward node).
 // Backward: loss_scale_grad (the saved derivative times the incoming gradient). When the
 // backward must itself be differentiable (create_graph=True) it calls gan_loss_ref_grad, whose
 // kernel is the Python reference formulas registered as CompositeImplicitAutograd, so the
 // gradient is built from differentiable torch ops, as the Python path does.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/FuncTorchTLS.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 namespace genfast {
 namespace {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 constexpr int64_t kReduceNone = 0;
@@ -36,50 +40,47 @@ c10::optional<at::Tensor> opt(const at::Tensor& t) {
   return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
 }
 
-struct GanLossTrain : public torch::autograd::Function<GanLossTrain> {
-  // real is optional (the generator side has none): an undefined at::Tensor argument would be
-  // taken for an input variable.
-  static variable_list forward(AutogradContext* ctx, const c10::optional<at::Tensor>& real_, const at::Tensor& fake,
-                               int64_t kind, bool generator, int64_t reduction, double real_label) {
-    const at::Tensor real = real_.has_value() ? *real_ : at::Tensor();
-    at::Tensor out_r, out_f, grad;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(out_r, out_f, grad) = call_gan_loss_fwd(real_, fake, kind, generator, reduction, real_label);
-    }
-    ctx->set_materialize_grads(false);
-    ctx->save_for_backward({grad, real, fake});
-    ctx->saved_data["kind"] = kind;
-    ctx->saved_data["generator"] = generator;
-    ctx->saved_data["reduction"] = reduction;
-    ctx->saved_data["real_label"] = real_label;
-    if (reduction != kReduceNone) ctx->mark_non_differentiable({out_f});
-    return {out_r, out_f};
+// The backward node of gan_loss_train, written as a torch::autograd::Node of our own rather
+// than a torch::autograd::Function: at DCGAN batch sizes the loss kernels take about a
+// microsecond, and Function's context (saved_data's string-keyed IValues, its input and output
+// records) cost more than the kernel on both passes. Inputs: the loss (reduced) or the two term
+// tensors (reduction none); outputs: the gradients of real and fake (real's edge is empty on
+// the generator side).
+struct GanLossTrainBackward final : public torch::autograd::Node {
+  torch::autograd::SavedVariable grad_, real_, fake_;  // the saved derivative; the logits
+  bool has_real = false, generator = false;
+  int64_t kind = 0, reduction = 0;
+  double real_label = 1.0;
+  std::vector<c10::SymInt> real_sizes, fake_sizes;
+  at::ScalarType real_dtype = at::kFloat, fake_dtype = at::kFloat;
+
+  std::string name() const override { return "GanLossTrainBackward"; }
+  void release_variables() override {
+    grad_.reset_data();
+    real_.reset_data();
+    fake_.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &grad = saved[0], &real = saved[1], &fake = saved[2];
-    const int64_t kind = ctx->saved_data["kind"].toInt();
-    const bool generator = ctx->saved_data["generator"].toBool();
-    const int64_t reduction = ctx->saved_data["reduction"].toInt();
-    const double real_label = ctx->saved_data["real_label"].toDouble();
+  variable_list apply(variable_list&& grads) override {
+    // unpack raises torch's "backward through the graph a second time" after a release
+    const at::Tensor grad = grad_.unpack();
     const bool none = reduction == kReduceNone;
     const at::Tensor g_r = grads[0];
     const at::Tensor g_f = grads.size() > 1 ? grads[1] : at::Tensor();
     const at::Tensor coef_a = g_r, coef_b = none ? g_f : g_r;
     at::Tensor dr, df;
-    if (!coef_a.defined() && !coef_b.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-                                                       at::Tensor(), at::Tensor()};
+    if (!coef_a.defined() && !coef_b.defined()) return {at::Tensor(), at::Tensor()};
     if (at::GradMode::is_enabled()) {
+      // create_graph: the reference formulas (differentiable torch ops) on the saved logits
       static const auto ref = c10::Dispatcher::singleton()
                                   .findSchemaOrThrow("genfast::gan_loss_ref_grad", "")
                                   .typed<std::tuple<at::Tensor, at::Tensor>(
                                       const c10::optional<at::Tensor>&, const at::Tensor&,
                                       const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, int64_t,
                                       bool, int64_t, double)>();
+      const at::Tensor real = has_real ? real_.unpack() : at::Tensor();
+      const at::Tensor fake = fake_.unpack();
       std::tie(dr, df) = ref.call(opt(real), fake, opt(coef_a), opt(coef_b), kind, generator, reduction, real_label);
-      if (!real.defined()) dr = at::Tensor();
     } else {
       static const auto scale = c10::Dispatcher::singleton()
                                     .findSchemaOrThrow("genfast::loss_scale_grad", "")
@@ -88,24 +89,68 @@ struct GanLossTrain : public torch::autograd::Function<GanLossTrain> {
                                         const at::Tensor&, c10::SymInt, at::ScalarType, at::ScalarType)>();
       // sizes as symbolic ints: torch.compile traces this backward with dynamic shapes (a batch
       // size that changed between calls)
-      const c10::SymInt nr = real.defined() ? real.sym_numel() : c10::SymInt(0);
-      const auto dt_r = real.defined() ? real.scalar_type() : grad.scalar_type();
-      std::tie(dr, df) = scale.call(opt(coef_a), opt(coef_b), grad, nr, dt_r, fake.scalar_type());
-      dr = real.defined() ? dr.view_symint(real.sym_sizes()) : at::Tensor();
-      df = df.view_symint(fake.sym_sizes());
+      c10::SymInt nr(0);
+      if (has_real) {
+        nr = c10::SymInt(1);
+        for (const c10::SymInt& d : real_sizes) nr = nr * d;
+      }
+      std::tie(dr, df) = scale.call(opt(coef_a), opt(coef_b), grad, nr, has_real ? real_dtype : grad.scalar_type(),
+                                    fake_dtype);
+      if (has_real) dr = dr.view_symint(real_sizes);
+      df = df.view_symint(fake_sizes);
     }
-    // needs_input_grad counts tensor inputs only: fake is the first when real is None
-    if (!real.defined() || !ctx->needs_input_grad(0)) dr = at::Tensor();
-    if (!ctx->needs_input_grad(real.defined() ? 1 : 0)) df = at::Tensor();
-    return {dr, df, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    if (!has_real || !should_compute_output(0)) dr = at::Tensor();
+    if (!should_compute_output(1)) df = at::Tensor();
+    return {dr, df};
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> gan_loss_train_autograd(const c10::optional<at::Tensor>& real,
+// A new node of type N, as the installed torch holds autograd nodes: c10::intrusive_ptr in
+// recent torch (2.14 here), std::shared_ptr with torch's iterative deleter (long graphs) in older
+// ones (2.11 on the GPU machines).
+template <typename N>
+auto make_node() {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, N>) {
+    return c10::make_intrusive<N>();
+  } else {
+    return std::shared_ptr<N>(new N(), [](auto* p) { deleteNode(p); });
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> gan_loss_train_autograd(const c10::optional<at::Tensor>& real_,
                                                            const at::Tensor& fake, int64_t kind, bool generator,
                                                            int64_t reduction, double real_label) {
-  auto out = GanLossTrain::apply(real, fake, kind, generator, reduction, real_label);
-  return {out[0], out[1]};
+  // as torch::autograd::Function::apply: a C++ autograd node has no functorch rule
+  if (const auto& functorch_tls = at::functorch::functorchTLSAccessor()) functorch_tls->checkSupportsCppAutogradFunction();
+  const at::Tensor real = real_.has_value() ? *real_ : at::Tensor();
+  TORCH_CHECK(!(real.defined() && real._fw_grad(0).defined()) && !(fake.defined() && fake._fw_grad(0).defined()),
+              "gan_loss_train: forward-mode AD is not implemented (genfast.functional's losses run the reference "
+              "formulas for dual tensors)");
+  at::Tensor out_r, out_f, grad;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::tie(out_r, out_f, grad) = call_gan_loss_fwd(real_, fake, kind, generator, reduction, real_label);
+  }
+  if (!torch::autograd::compute_requires_grad(real, fake)) return {out_r, out_f};
+  auto node = make_node<GanLossTrainBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(real, fake));
+  node->grad_ = torch::autograd::SavedVariable(grad, false);
+  node->has_real = real.defined();
+  if (node->has_real) {
+    node->real_ = torch::autograd::SavedVariable(real, false);
+    node->real_sizes = real.sym_sizes().vec();
+    node->real_dtype = real.scalar_type();
+  }
+  node->fake_ = torch::autograd::SavedVariable(fake, false);
+  node->fake_sizes = fake.sym_sizes().vec();
+  node->fake_dtype = fake.scalar_type();
+  node->generator = generator;
+  node->kind = kind;
+  node->reduction = reduction;
+  node->real_label = real_label;
+  torch::autograd::set_history(out_r, node);
+  if (reduction == kReduceNone) torch::autograd::set_history(out_f, node);
+  return {out_r, out_f};
 }
 
 // Without autograd (inference mode): the forward kernel alone.

@@ -1099,6 +1099,41 @@ def test_cpu_gan_loss_autograd_in_cpp_double_backward(kind, red):
     assert_close(got, want, dt, f"{kind} {red} inference mode")
 
 
+
+def test_cpu_gan_loss_node_behaves_as_torch_nodes():
+    """The C++ node of gan_loss_train (csrc/loss_autograd.cpp, a Node of its own): a second
+    backward without retain_graph raises torch's error; with retain_graph it gives the same
+    gradient again; only the logits that require grad get one; the sides' gradients reach a graph
+    upstream; a dual tensor (forward-mode AD) passed to the op itself is refused, not ignored."""
+    x = torch.randn(6, 3, dtype=torch.float64)
+    lin = nn.Linear(3, 1).double()
+    r = lin(x)
+    f = torch.randn(5, 1, dtype=torch.float64) * 2  # no grad
+    with backend("cpu"):
+        d = GF.discriminator_loss(r, f)
+        g = GF.generator_loss(r)
+    want = (ref.discriminator_loss(lin(x), f, "bce", "mean", 1.0), ref.generator_loss(lin(x), "bce", "mean"))
+    gw_want = torch.autograd.grad(want[0] + want[1], lin.weight)[0]
+    gw = torch.autograd.grad(d + g, lin.weight, retain_graph=True)[0]
+    assert_close(gw, gw_want, torch.float64, "upstream gradient")
+    gw2 = torch.autograd.grad(d + g, lin.weight)[0]
+    assert torch.equal(gw, gw2)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(d + g, lin.weight)
+    # only fake requires grad: real gets none, fake its own
+    rr = torch.randn(4, 1, dtype=torch.float64)
+    ff = torch.randn(4, 1, dtype=torch.float64).requires_grad_()
+    with backend("cpu"):
+        d = GF.discriminator_loss(rr, ff)
+    d.backward()
+    assert rr.grad is None
+    assert_close(ff.grad, torch.sigmoid(ff.detach()) / 4, torch.float64, "fake side")
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(rr, torch.ones_like(rr))
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            torch.ops.genfast.gan_loss_train(None, dual, 0, True, 1, 1.0)
+
 def test_auto_takes_the_reference_losses_on_a_cpu_without_avx2(monkeypatch):
     """genfast._C's CPU loss kernels need AVX2/FMA/F16C: on a CPU without them `auto` resolves the
     losses (only) to the reference backend, with one warning, and the loss is still torch's."""
