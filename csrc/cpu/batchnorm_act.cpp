@@ -165,6 +165,9 @@ int64_t elementwise_grain(const Tasks& tk, const ChannelView& v) {
   return std::max<int64_t>(1, 4096 / std::max<int64_t>(per_task, 1));
 }
 
+// Grain (rows) for at::parallel_for over the rows of an NLC elementwise pass: about 4096 elements.
+int64_t nlc_elementwise_grain(int64_t C) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)); }
+
 template <typename acc_t, typename param_t>
 std::vector<acc_t> load_param(const c10::optional<at::Tensor>& p, int64_t C, acc_t fill) {
   std::vector<acc_t> out(C, fill);
@@ -319,10 +322,17 @@ GENFAST_INLINE void normalize_run(const scalar_t* p, scalar_t* o, int64_t n, acc
     o[i] = static_cast<scalar_t>(bn_act_forward_elem_c<act, acc_t>(static_cast<acc_t>(p[i]), mc, ac, bc, slope));
 }
 
-// ... and with per-element coefficients (n values of consecutive channels).
+// ... and with per-element coefficients (n values of consecutive channels); m == nullptr: y =
+// act(x * a + b) (the eval form, torch's: one coefficient load fewer per value).
 template <typename scalar_t, typename acc_t, int act>
 GENFAST_SIMD_CLONES void normalize_vec(const scalar_t* p, scalar_t* o, int64_t n, const acc_t* m, const acc_t* a,
                                        const acc_t* b, acc_t slope) {
+  if (m == nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i)
+      o[i] = static_cast<scalar_t>(act_forward_c<act, acc_t>(static_cast<acc_t>(p[i]) * a[i] + b[i], slope));
+    return;
+  }
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i)
     o[i] = static_cast<scalar_t>(bn_act_forward_elem_c<act, acc_t>(static_cast<acc_t>(p[i]), m[i], a[i], b[i], slope));
@@ -336,59 +346,58 @@ GENFAST_SIMD_CLONES void ncl_normalize_tasks(const scalar_t* x, scalar_t* y, con
   NclCursor q(tk, v, t0);
   for (int64_t t = t0; t < t1; ++t, q.next(tk, v)) {
     const int64_t lo = q.k * kChunk, hi = std::min(v.L, lo + kChunk), off = q.r * v.L + lo;
-    normalize_run<scalar_t, acc_t, act>(x + off, y + off, hi - lo, m[q.c], a[q.c], b[q.c], slope);
+    // (x - 0) is x, NaN and -0 included: the uncentered form is the same map
+    normalize_run<scalar_t, acc_t, act>(x + off, y + off, hi - lo, m != nullptr ? m[q.c] : acc_t(0), a[q.c], b[q.c],
+                                        slope);
   }
 }
 
+// y = act((x - mean) * scale + beta) per channel; an empty mean_c: y = act(x * scale + beta).
 template <typename scalar_t, typename acc_t, int act>
 void normalize_act(const scalar_t* x, scalar_t* y, const BnView& bv, const std::vector<acc_t>& mean_c,
                    const std::vector<acc_t>& scale_c, const std::vector<acc_t>& beta_c, acc_t slope_in) {
+  const bool centered = !mean_c.empty();
   const ChannelView& v = bv.v;
   const int64_t C = v.C;
   std::vector<acc_t> buf[3];
   const std::vector<acc_t>& mean = per_virtual(mean_c, bv.G, buf[0]);
   const std::vector<acc_t>& scale = per_virtual(scale_c, bv.G, buf[1]);
   const std::vector<acc_t>& beta = per_virtual(beta_c, bv.G, buf[2]);
+  if (v.layout == RowLayout::kNLC) {
+    // NLC: contiguous ranges of whole rows per thread (an elementwise pass keeps no partials, so
+    // it need not follow the statistics' tiles: tiles of 256-channel pieces of 4 KB rows ran 2x
+    // slower than whole rows for (256, 1024) float32 on the CI CPU). A range is one contiguous
+    // run whose channel repeats with period C; the coefficients are repeated to a period P (a
+    // multiple of C, at least kMinPeriod) so that the inner loop stays long when C is small
+    // (e.g. (N, 16) inputs).
+    const int64_t rows = v.N * v.L;
+    if (rows == 0 || C == 0) return;
+    constexpr int64_t kMinPeriod = 256;
+    const int64_t P = C * std::max<int64_t>(1, kMinPeriod / C);
+    std::vector<acc_t> mp(centered ? P : 0), ap(P), bp(P);
+    for (int64_t j0 = 0; j0 < P; j0 += C) {
+      if (centered) std::copy(mean.begin(), mean.end(), mp.begin() + j0);
+      std::copy(scale.begin(), scale.end(), ap.begin() + j0);
+      std::copy(beta.begin(), beta.end(), bp.begin() + j0);
+    }
+    const acc_t* mq = centered ? mp.data() : nullptr;
+    at::parallel_for(0, rows, nlc_elementwise_grain(C), [&](int64_t r0, int64_t r1) {
+      const acc_t slope = slope_in;  // a private copy per thread
+      const int64_t n = (r1 - r0) * C;
+      const scalar_t* p = x + r0 * C;
+      scalar_t* o = y + r0 * C;
+      for (int64_t j = 0; j < n; j += P)
+        normalize_vec<scalar_t, acc_t, act>(p + j, o + j, std::min(P, n - j), mq, ap.data(), bp.data(), slope);
+    });
+    return;
+  }
   const Tasks tk = make_tasks(v);
   if (tk.n == 0) return;
-  // NLC: a block of whole rows is one contiguous run whose channel repeats with period C. The
-  // coefficients are repeated to a period P (a multiple of C, at least kMinPeriod) so that the
-  // inner loop stays long when C is small (e.g. (N, 16) inputs).
-  constexpr int64_t kMinPeriod = 256;
-  const int64_t P =
-      v.layout == RowLayout::kNLC && tk.nc == 1 ? C * std::max<int64_t>(1, kMinPeriod / std::max<int64_t>(C, 1)) : 0;
-  std::vector<acc_t> mp(P), ap(P), bp(P);
-  for (int64_t j0 = 0; j0 < P; j0 += C)
-    for (int64_t c = 0; c < C; ++c) {
-      mp[j0 + c] = mean[c];
-      ap[j0 + c] = scale[c];
-      bp[j0 + c] = beta[c];
-    }
-  const acc_t* m = mean.data();
+  const acc_t* m = centered ? mean.data() : nullptr;
   const acc_t* a = scale.data();
   const acc_t* b = beta.data();
   at::parallel_for(0, tk.n, elementwise_grain(tk, v), [&](int64_t t0, int64_t t1) {
-    const acc_t slope = slope_in;  // a private copy per thread
-    if (v.layout == RowLayout::kNCL) {
-      ncl_normalize_tasks<scalar_t, acc_t, act>(x, y, v, tk, t0, t1, m, a, b, slope);
-      return;
-    }
-    for (int64_t t = t0; t < t1; ++t) {
-      if (tk.nc > 1) {  // a tile of whole-row channel ranges
-        int64_t lo, hi, c0, c1;
-        nlc_tile(tk, v, t, &lo, &hi, &c0, &c1);
-        for (int64_t r = lo; r < hi; ++r)
-          normalize_vec<scalar_t, acc_t, act>(x + r * C + c0, y + r * C + c0, c1 - c0, m + c0, a + c0, b + c0, slope);
-      } else {
-        const int64_t lo = t * tk.R, hi = std::min(v.N * v.L, lo + tk.R);
-        const int64_t n = (hi - lo) * C;
-        const scalar_t* p = x + lo * C;
-        scalar_t* o = y + lo * C;
-        const acc_t *mq = mp.data(), *aq = ap.data(), *bq = bp.data();
-        for (int64_t j = 0; j < n; j += P)
-          normalize_vec<scalar_t, acc_t, act>(p + j, o + j, std::min(P, n - j), mq, aq, bq, slope);
-      }
-    }
+    ncl_normalize_tasks<scalar_t, acc_t, act>(x, y, v, tk, t0, t1, m, a, b, slope_in);
   });
 }
 
@@ -571,20 +580,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cpu(
         rm = load_param<acc_t, scalar_t>(running_mean, C, acc_t(0));
         rv = load_param<acc_t, scalar_t>(running_var, C, acc_t(1));
       });
-      for (int64_t c = 0; c < C; ++c) {
-        mean[c] = rm[c];
-        invstd[c] = acc_t(1) / std::sqrt(rv[c] + acc_t(eps));
-      }
+      mean = std::move(rm);
+      const acc_t* var = rv.data();
+      acc_t* is = invstd.data();
+      const acc_t e = static_cast<acc_t>(eps);
+_Pragma("omp simd")
+      for (int64_t c = 0; c < C; ++c) is[c] = acc_t(1) / std::sqrt(var[c] + e);
     }
     std::vector<acc_t> scale(C);
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t g = effective_gamma<acc_t>(gamma[c], acc_t(gamma_floor));
-      scale[c] = g * invstd[c];
+    {
+      const acc_t* g = gamma.data();
+      const acc_t* is = invstd.data();
+      acc_t* sc = scale.data();
+      const acc_t floor = static_cast<acc_t>(gamma_floor);
+_Pragma("omp simd")
+      for (int64_t c = 0; c < C; ++c) sc[c] = effective_gamma<acc_t>(g[c], floor) * is[c];
     }
-    dispatch_act(activation, [&](auto a) {
-      normalize_act<scalar_t, acc_t, decltype(a)::value>(x, out.data_ptr<scalar_t>(), v, mean, scale, beta,
-                                                         acc_t(negative_slope));
-    });
+    if (!training) {
+      // eval: y = act(x * scale + (beta - mean * scale)), torch's eval formula (alpha, beta)
+      std::vector<acc_t> shift(C);
+      const acc_t *m = mean.data(), *sc = scale.data(), *be = beta.data();
+      acc_t* sh = shift.data();
+_Pragma("omp simd")
+      for (int64_t c = 0; c < C; ++c) sh[c] = be[c] - m[c] * sc[c];
+      dispatch_act(activation, [&](auto a) {
+        normalize_act<scalar_t, acc_t, decltype(a)::value>(x, out.data_ptr<scalar_t>(), v, {}, scale, shift,
+                                                           acc_t(negative_slope));
+      });
+    } else {
+      dispatch_act(activation, [&](auto a) {
+        normalize_act<scalar_t, acc_t, decltype(a)::value>(x, out.data_ptr<scalar_t>(), v, mean, scale, beta,
+                                                           acc_t(negative_slope));
+      });
+    }
     std::copy(mean.begin(), mean.end(), save_mean.data_ptr<acc_t>());
     std::copy(invstd.begin(), invstd.end(), save_invstd.data_ptr<acc_t>());
   });
@@ -774,27 +802,24 @@ void backward_dx(const scalar_t* dy, const scalar_t* sv, scalar_t* dx, const BnV
   const std::vector<acc_t>& k = per_virtual(k_c, G, buf[5]);
   const std::vector<acc_t>& ka = per_virtual(ka_c, G, buf[6]);
   const std::vector<acc_t>& kb = per_virtual(kb_c, G, buf[7]);
+  if (v.layout == RowLayout::kNLC) {
+    // contiguous ranges of whole rows per thread, as normalize_act
+    at::parallel_for(0, v.N * v.L, nlc_elementwise_grain(C), [&](int64_t r0, int64_t r1) {
+      const acc_t slope = slope_in;  // a private copy per thread
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t off = r * C;
+        bwd_dx_vec<scalar_t, acc_t, act, saved_is_output>(dy + off, sv + off, dx + off, C, mean.data(), invstd.data(),
+                                                          scale.data(), gamma.data(), beta.data(), k.data(),
+                                                          ka.data(), kb.data(), slope);
+      }
+    });
+    return;
+  }
   at::parallel_for(0, tk.n, elementwise_grain(tk, v), [&](int64_t t0, int64_t t1) {
     const acc_t slope = slope_in;  // a private copy per thread
-    if (v.layout == RowLayout::kNCL) {
-      ncl_bwd_dx_tasks<scalar_t, acc_t, act, saved_is_output>(dy, sv, dx, v, tk, t0, t1, mean.data(), invstd.data(),
-                                                              scale.data(), gamma.data(), beta.data(), k.data(),
-                                                              ka.data(), kb.data(), slope);
-      return;
-    }
-    for (int64_t t = t0; t < t1; ++t) {
-      {
-        int64_t lo, hi, c0, c1;
-        nlc_tile(tk, v, t, &lo, &hi, &c0, &c1);
-        for (int64_t r = lo; r < hi; ++r) {
-          const int64_t off = r * C + c0;
-          bwd_dx_vec<scalar_t, acc_t, act, saved_is_output>(dy + off, sv + off, dx + off, c1 - c0, mean.data() + c0,
-                                                            invstd.data() + c0, scale.data() + c0, gamma.data() + c0,
-                                                            beta.data() + c0, k.data() + c0, ka.data() + c0,
-                                                            kb.data() + c0, slope);
-        }
-      }
-    }
+    ncl_bwd_dx_tasks<scalar_t, acc_t, act, saved_is_output>(dy, sv, dx, v, tk, t0, t1, mean.data(), invstd.data(),
+                                                            scale.data(), gamma.data(), beta.data(), k.data(),
+                                                            ka.data(), kb.data(), slope);
   });
 }
 
