@@ -371,12 +371,12 @@ def test_row_gemm_mode_setting():
     assert ext.cpu_row_gemm_active()
 
 
-# (N, C_in, C_out, H, kernel, stride, padding, output_padding, whether "auto" takes the row layout)
+# (N, C_in, C_out, H, kernel, stride, padding, output_padding, whether "auto" runs a GEMM form)
 AUTO_CASES = [
-    (2, 16, 12, 4, 4, 2, 1, 0, True),    # k4 s2: 4 columns per output value
-    (2, 16, 12, 5, 3, 2, 1, 1, True),    # k3 s2: 2.25
-    (2, 16, 12, 1, 4, 1, 0, 0, True),    # from a 1x1 input
-    (2, 16, 12, 4, 5, 2, 2, 1, False),   # k5 s2: 6.25 -> ATen's product
+    (2, 16, 12, 4, 4, 2, 1, 0, True),    # k4 s2: 4 columns per output value: the row layout
+    (2, 16, 12, 5, 3, 2, 1, 1, True),    # k3 s2: 2.25: the row layout
+    (2, 16, 12, 1, 4, 1, 0, 0, True),    # from a 1x1 input: the row layout
+    (2, 16, 12, 4, 5, 2, 2, 1, True),    # k5 s2: 6.25: the images-inner layout
     (2, 16, 12, 4, 3, 1, 1, 0, False),   # stride 1 from 4x4: not eligible at all
 ]
 
@@ -384,8 +384,9 @@ AUTO_CASES = [
 @pytest.mark.parametrize("case", AUTO_CASES, ids=lambda c: f"k{c[4]}s{c[5]}h{c[3]}")
 def test_row_gemm_auto_by_shape(case):
     """Under "auto" the row layout's forward runs from a 1x1 input or where each output value has
-    at most 4 columns (KH*KW <= 4*SH*SW), and ATen's product elsewhere (under no_grad torch's own
-    call): seen by the profiler; the result matches float64 either way."""
+    at most 4 columns (KH*KW <= 4*SH*SW), the images-inner layout where it has more, and ATen's
+    product where the GEMM form is not eligible (under no_grad torch's own call): seen by the
+    profiler; the result matches float64 either way."""
     from torch.profiler import profile
 
     N, ci, co, H, k, s, p, op, rows = case
@@ -453,3 +454,97 @@ def test_registered_op_cpu_forward_takes_the_eager_op(shape):
     assert "genfast::conv_transpose2d_act" in names, names
     want = torch.tanh(F.conv_transpose2d(x.double(), w.double(), b.double(), s, p, op))
     assert_close(y, want.float(), torch.float32)
+
+
+# (N, C_in, C_out, H, W, kernel, stride, padding, output_padding, dilation) where "auto" takes
+# the images-inner layout (more than 8 output channels, more than 4 columns per output value):
+# a batch, one rectangular image, a batch in several chunks (3 images of 20x20 per product),
+# dilation with unequal strides, stride 3, and phases wider than the input (2x2, no padding).
+IMAGES_CASES = [
+    (3, 5, 12, 4, 4, (5, 5), (2, 2), (2, 2), (1, 1), (1, 1)),
+    (1, 4, 10, 7, 6, (5, 5), (2, 2), (2, 2), (1, 1), (1, 1)),
+    (7, 3, 9, 20, 20, (5, 5), (2, 2), (2, 2), (1, 1), (1, 1)),
+    (2, 3, 10, 5, 4, (3, 5), (1, 2), (1, 2), (0, 1), (2, 1)),
+    (2, 4, 16, 3, 3, (7, 7), (3, 3), (3, 3), (2, 2), (1, 1)),
+    (2, 4, 12, 2, 2, (5, 5), (2, 2), (0, 0), (0, 0), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu", "tanh"])
+@pytest.mark.parametrize("ci", range(len(IMAGES_CASES)))
+def test_images_inner_layout_matches_float64(ci, act, dtype):
+    """The images-inner layout (csrc/cpu/conv_transpose.cpp, col2im_images): output and the
+    epilogue's per-channel statistics as torch's float64, run as our products (no ATen
+    convolution in the profile), then the backward's gradients."""
+    from torch.profiler import profile
+
+    case = IMAGES_CASES[ci]
+    N, _, co, H, W, k, s, p, op, d = case
+    x, w, b = _inputs(case, dtype, bias=ci % 2 == 0)
+    with B.cpu_row_gemm("auto"):
+        with profile() as prof:
+            y, part, _ = torch.ops.genfast.conv_transpose2d_fwd(x, w, b, s, p, op, 1, d, CODES[act], SLOPE, True)
+        assert "aten::convolution" not in {e.name for e in prof.events()}
+        dy = torch.randn_like(y)
+        yr, grads = _ref(x, w, b, case, act, dy)
+        assert_close(y, yr, msg="output")
+        count = y.numel() // co
+        assert torch.equal(part[0, 0], torch.full((co,), float(count), dtype=torch.float64))
+        assert_close(part[1, 0], yr.mean((0, 2, 3)), dtype=dtype, msg="mean")
+        m2 = ((yr - yr.mean((0, 2, 3), keepdim=True)) ** 2).sum((0, 2, 3))
+        assert_close(part[2, 0], m2, dtype=dtype, msg="M2", scale=count)
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y2 = torch.ops.genfast.conv_transpose2d_act(xs, ws, b, s, p, op, 1, d, CODES[act], SLOPE)
+        assert_close(y2, yr, msg="eager op output")
+        gx, gw = torch.autograd.grad(y2, (xs, ws), dy)
+        assert_close(gx, grads[0], msg="grad_input")
+        # (sums over up to 7 * 40 * 40 output values per weight: the chunked batch test's scale)
+        assert_close(gw, grads[1], msg="grad_weight", scale=10)
+
+
+@pytest.mark.parametrize("special", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu", "tanh"])
+@pytest.mark.parametrize("ci", [0, 4])
+def test_images_inner_layout_special_values_like_torch(special, act, ci):
+    """A NaN or inf in one image reaches exactly the outputs torch's float64 result has it in (no
+    other image's planes: the images share each flat run of col2im_images)."""
+    case = IMAGES_CASES[ci]
+    N, _, co, H, W, k, s, p, op, d = case
+    x, w, b = _inputs(case, torch.float32)
+    x[1, 2, 1, 2] = special
+    with B.cpu_row_gemm("auto"):
+        y = torch.ops.genfast.conv_transpose2d_act(x, w, b, s, p, op, 1, d, CODES[act], SLOPE)
+    yr, _ = _ref(x, w, b, case, act, torch.zeros(y.shape, dtype=torch.float64))
+    assert torch.equal(torch.isnan(y), torch.isnan(yr))
+    assert torch.equal(torch.isinf(y) & (y > 0), torch.isinf(yr) & (yr > 0))
+    assert torch.equal(torch.isinf(y) & (y < 0), torch.isinf(yr) & (yr < 0))
+    fin = torch.isfinite(yr)
+    assert fin[0].all()  # the other images stay finite
+    assert_close(y[fin], yr[fin], msg="finite outputs")
+
+
+def test_images_inner_layout_deterministic_and_in_the_block():
+    """Bit for bit the same output and statistics on a second call (per-channel tasks, no shared
+    sums); the ConvT + BatchNorm + ReLU block at a k5 s2 shape (its statistics from this layout's
+    epilogue) matches torch's three modules in float64, running statistics included."""
+    case = IMAGES_CASES[2]
+    N, _, co, H, W, k, s, p, op, d = case
+    x, w, b = _inputs(case, torch.float32)
+    with B.cpu_row_gemm("auto"):
+        first = torch.ops.genfast.conv_transpose2d_fwd(x, w, b, s, p, op, 1, d, CODES["relu"], SLOPE, True)
+        again = torch.ops.genfast.conv_transpose2d_fwd(x, w, b, s, p, op, 1, d, CODES["relu"], SLOPE, True)
+        assert all(torch.equal(a, e) for a, e in zip(first[:2], again[:2]))
+        torch.manual_seed(3)
+        blk = gnn.ConvTransposeBNAct2d(6, 12, 5, 2, 2, 1, activation="relu").double()
+        seq = torch.nn.Sequential(torch.nn.ConvTranspose2d(6, 12, 5, 2, 2, 1), torch.nn.BatchNorm2d(12),
+                                  torch.nn.ReLU()).double()
+        seq.load_state_dict(blk.state_dict())
+        xb = torch.randn(5, 6, 7, 7, dtype=torch.float64)
+        yb, ys = blk(xb), seq(xb)
+        assert_close(yb, ys)
+        gb = torch.autograd.grad(yb.sum(), blk[0].weight)[0]
+        gs = torch.autograd.grad(ys.sum(), seq[0].weight)[0]
+        assert_close(gb, gs, scale=10)
+        assert_close(blk[1].running_mean, seq[1].running_mean)
+        assert_close(blk[1].running_var, seq[1].running_var)

@@ -384,7 +384,7 @@ constexpr int64_t kChunkBytes = int64_t(1) << 25;    // the columns of one produ
 //   took 0.77-0.92x of ATen's convolution backward at every generator layer measured (4x4 to
 //   8x8 inputs, k4 s2 and k5 s2, batch 8 and 64; ties at 16x16), so the backward runs the GEMM
 //   form wherever it is eligible.
-constexpr int64_t kPlaneFormMaxCout = 8;  // output channels, up to which the forward's columns are planes
+constexpr int64_t kPlaneFormMaxCout = 8;   // output channels, up to which the forward's columns are planes
 
 // Which way of running the products: from 128 input pixels per image, with at least as many
 // images as threads, and while one image's columns and a weight-sized partial grad_weight stay
@@ -442,10 +442,24 @@ bool row_gemm_forward(const Geometry& g) {
   return mode == 1 || (mode == 0 && row_gemm_auto(g));
 }
 
-// Whether the forward runs the GEMM form: eligible, and the plane layout or the row layout where
-// it is taken (row_gemm_forward)
+// The images-inner layout of the forward's columns (col2im_images): for more than
+// kPlaneFormMaxCout output channels where `auto` does not take the row layout (each output value
+// has more than 4 columns, KH*KW > 4*SH*SW: the k5 s2 layers), and only under `auto` ("always"
+// and "never" keep their meaning: the row layout, or ATen's product). It runs the same BLAS
+// product as the plane layout with the images innermost, so that col2im adds flat runs of
+// several images at once. Interleaved on the CI CPU (AMD EPYC, AVX2, MKL on 2 threads), k5 s2 +
+// bias + activation against ATen's (oneDNN) transposed convolution + torch's activation: the
+// Keras 128 -> 64 7x7 layer 1.07-1.25x at batch 8 and 1.08-1.36x at batch 64, 256 -> 128 7x7
+// batch 8 1.06-1.22x, 64 -> 32 14x14 batch 64 1.06-1.6x (runs on a noisy VM). ATen's product
+// ran at 115-135 GFLOP/s there, MKL's GEMM of these shapes at about 160.
+bool images_inner_forward(const Geometry& g) {
+  return g.Cout > kPlaneFormMaxCout && g_row_gemm_mode.load(std::memory_order_relaxed) == 0 && !row_gemm_auto(g);
+}
+
+// Whether the forward runs the GEMM form: eligible, and the plane layout, the images-inner layout
+// or the row layout where it is taken (row_gemm_forward)
 bool gemm_forward_form(const at::Tensor& x, const Geometry& g) {
-  return gemm_eligible(x, g) && (g.Cout <= kPlaneFormMaxCout || row_gemm_forward(g));
+  return gemm_eligible(x, g) && (g.Cout <= kPlaneFormMaxCout || images_inner_forward(g) || row_gemm_forward(g));
 }
 
 bool gemm_backward(const at::Tensor& x, const Geometry& g) {
@@ -472,6 +486,24 @@ at::Tensor x_cols(const at::Tensor& xa, const Geometry& g) {
   const int64_t HW = g.Hin * g.Win, n = xa.size(0);
   if (n == 1) return xa.contiguous().view({g.Cin, HW});
   return xa.contiguous().view({n, g.Cin, HW}).transpose(0, 1).contiguous().view({g.Cin, n * HW});
+}
+
+// x's images (n, C_in, H, W) as the (C_in, H*W*n) matrix with the images innermost (a copy)
+at::Tensor x_cols_images_inner(const at::Tensor& xa, const Geometry& g) {
+  const int64_t n = xa.size(0);
+  return xa.permute({1, 2, 3, 0}).contiguous().view({g.Cin, g.Hin * g.Win * n});
+}
+
+// Images per product of the images-inner layout: as many as keep one output channel's columns
+// (KH*KW rows of H_in*W_in*m values, read back by one task) within kImagesInnerChannelBytes, in
+// a core's L2 with the channel's phases. Interleaved on the CI CPU, k5 s2 layers: 64 KB (3
+// images of 14x14) ran the 64 -> 32 14x14 layer at batch 64 at 0.83x ATen's product, 128 KB at
+// 1.06x; limits on the whole columns instead (4 or 16 MB) lost at one shape or another
+// (256 -> 128 7x7 batch 8 at 4 MB: 0.98x; 14x14 batch 64 at 16 MB: 0.75x).
+constexpr int64_t kImagesInnerChannelBytes = int64_t(1) << 17;
+int64_t images_inner_chunk(const Geometry& g, int64_t elem) {
+  const int64_t per = std::max<int64_t>(1, g.Hin * g.Win * g.KH * g.KW * elem);
+  return std::max<int64_t>(1, std::min(g.N, kImagesInnerChannelBytes / per));
 }
 
 // The per-thread partials of a parallel_for over images (each at its range's first image,
@@ -649,6 +681,73 @@ GENFAST_SIMD_CLONES void col2im_plane(const acc_t* ct, int64_t ldc, int64_t co, 
   if (stat != nullptr) *stat = plane_welford<acc_t>(yp, g.Hout * Wout);
 }
 
+// Output channel co of m images (n0, ...) of the forward from the images-inner columns
+//   ct[co*KH*KW + i*KW + j][(ih*W_in + iw)*m + n]  (rows of H_in*W_in*m values),
+// where a tap's values for the m images of one input pixel are adjacent. The channel is summed
+// phase by phase of the stride in buf (phase (rh, rw) holds the outputs (rh + S_H*qh, rw +
+// S_W*qw) of the m images as (Q_h[rh], Q_w[rw], m) values): the bias, then each tap of the phase
+// in tap order (i, j), each of its rows one flat run of (q1 - q0) * m values, contiguous in both
+// ct and the phase (no bounds inside a run, none of col2im_plane's wrap handling). The m planes
+// are then written through the activation from the phases, and their statistics taken.
+int64_t images_buffer(const AxisPhases& ph, const AxisPhases& pw, int64_t m) {
+  int64_t qh = 0, qw = 0;
+  for (int64_t q : ph.Q) qh = std::max(qh, q);
+  for (int64_t q : pw.Q) qw = std::max(qw, q);
+  return ph.S * pw.S * qh * qw * m;
+}
+
+template <int ACT, typename scalar_t, typename acc_t>
+GENFAST_SIMD_CLONES void col2im_images(const acc_t* ct, int64_t co, int64_t m, scalar_t* y, int64_t n0, acc_t bias,
+                                       const Geometry& g, const AxisPhases& ph, const AxisPhases& pw, acc_t* buf,
+                                       acc_t slope, Welford<acc_t>* stat) {
+  const int64_t Win = g.Win, KK = g.KH * g.KW, SH = ph.S, SW = pw.S, row = g.Hin * Win * m;
+  const int64_t L = g.Hout * g.Wout;
+  int64_t qhm = 0, qwm = 0;
+  for (int64_t q : ph.Q) qhm = std::max(qhm, q);
+  for (int64_t q : pw.Q) qwm = std::max(qwm, q);
+  const int64_t PS = qhm * qwm * m;  // values per phase buffer
+  for (int64_t rh = 0; rh < SH; ++rh)
+    for (int64_t rw = 0; rw < SW; ++rw) {
+      const int64_t Qw = pw.Q[rw];
+      acc_t* P = buf + (rh * SW + rw) * PS;
+      const int64_t n_ph = ph.Q[rh] * Qw * m;
+      for (int64_t e = 0; e < n_ph; ++e) P[e] = bias;
+      for (const PhaseTap& a : ph.taps[rh])
+        for (const PhaseTap& b : pw.taps[rw]) {
+          const int64_t len = (b.q1 - b.q0) * m;
+          if (len <= 0) continue;
+          const acc_t* src = ct + (co * KK + a.k * g.KW + b.k) * row;
+          for (int64_t qh = a.q0; qh < a.q1; ++qh) {
+            const acc_t* sr = src + ((qh + a.delta) * Win + b.q0 + b.delta) * m;
+            acc_t* d = P + (qh * Qw + b.q0) * m;
+#pragma omp simd
+            for (int64_t e = 0; e < len; ++e) d[e] += sr[e];
+          }
+        }
+    }
+  // the activation over the phases (flat, vectorised), then the m planes copied out of them
+  for (int64_t rh = 0; rh < SH; ++rh)
+    for (int64_t rw = 0; rw < SW; ++rw) {
+      acc_t* P = buf + (rh * SW + rw) * PS;
+      const int64_t n_ph = ph.Q[rh] * pw.Q[rw] * m;
+#pragma omp simd
+      for (int64_t e = 0; e < n_ph; ++e) P[e] = act_out<ACT, acc_t>(P[e], slope);
+    }
+  for (int64_t i = 0; i < m; ++i) {
+    scalar_t* yp = y + ((n0 + i) * g.Cout + co) * L;
+    for (int64_t oh = 0; oh < g.Hout; ++oh) {
+      const int64_t rh = oh % SH, qh = oh / SH;
+      scalar_t* yr = yp + oh * g.Wout;
+      for (int64_t rw = 0; rw < SW; ++rw) {
+        const int64_t Qw = pw.Q[rw];
+        const acc_t* A = buf + (rh * SW + rw) * PS + qh * Qw * m + i;
+        for (int64_t qw = 0; qw < Qw; ++qw) yr[rw + qw * SW] = static_cast<scalar_t>(A[qw * m]);
+      }
+    }
+    if (stat != nullptr) stat[(n0 + i) * g.Cout + co] = plane_welford<acc_t>(yp, L);
+  }
+}
+
 // The row form's columns hold, per input pixel p = ih*W_in + iw of an image, the KH*KW taps of
 // each output channel together: cols[p][co*KH*KW + i*KW + j], the product of x's rows by the
 // weight as it is stored, (C_in, C_out*KH*KW) (no copy of the weight into another layout, and
@@ -762,6 +861,23 @@ void gemm_forward(const at::Tensor& xc, const at::Tensor& wt, scalar_t* y, const
   const int64_t nb = threads ? 1 : chunk_images(g, static_cast<int64_t>(sizeof(acc_t)));
   const AxisPhases ph = axis_phases(g.Hin, g.Hout, g.KH, g.SH, g.PH, g.DH);
   const AxisPhases pw = axis_phases(g.Win, g.Wout, g.KW, g.SW, g.PW, g.DW);
+  if (g.Cout > kPlaneFormMaxCout && images_inner_forward(g)) {
+    // images-inner layout: chunks of images, a task per output channel of the chunk
+    const int64_t m0 = images_inner_chunk(g, static_cast<int64_t>(sizeof(acc_t)));
+    const at::Tensor wT = wt.t();  // (KH*KW*C_out, C_in), a transposed view
+    for (int64_t n0 = 0; n0 < g.N; n0 += m0) {
+      const int64_t m = std::min(m0, g.N - n0);
+      const at::Tensor ct = mm_into(scratch(kScratchCols, {KC, m * HW}, wt.options()), wT,
+                                    x_cols_images_inner(xc.narrow(0, n0, m), g));
+      const acc_t* cp = ct.data_ptr<acc_t>();
+      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+        std::vector<acc_t> buf(images_buffer(ph, pw, m));
+        for (int64_t co = c0; co < c1; ++co)
+          col2im_images<ACT, scalar_t, acc_t>(cp, co, m, y, n0, bias[co], g, ph, pw, buf.data(), slope, pp);
+      });
+    }
+    return;
+  }
   if (g.Cout > kPlaneFormMaxCout) {
     const FullPlane f = full_plane(g);
     dispatch_kw(g, [&](auto kw) {
@@ -825,11 +941,13 @@ void gemm_forward(const at::Tensor& xc, const at::Tensor& wt, scalar_t* y, const
     const at::Tensor ct = mm_into(scratch(kScratchCols, {KC, m * HW}, wt.options()), wT,
                                   x_cols(xc.narrow(0, n0, m), g));
     const acc_t* cp = ct.data_ptr<acc_t>();
+    // channel-major tasks: a channel's KH*KW rows of ct are adjacent, and its m planes read them
+    // in column order (image-major order read every channel's rows at one image's columns)
     at::parallel_for(0, m * C, 1, [&](int64_t r0, int64_t r1) {
       std::vector<acc_t> buf(plane_buffer(g, pw));
       std::vector<acc_t*> off(g.SH * g.SW);
       for (int64_t r = r0; r < r1; ++r)
-        plane(cp + (r / C) * HW, m * HW, n0 + r / C, r % C, buf.data(), off.data());
+        plane(cp + (r % m) * HW, m * HW, n0 + r % m, r / m, buf.data(), off.data());
     });
   }
 }
