@@ -447,11 +447,12 @@ bool row_gemm_forward(const Geometry& g) {
 // has more than 4 columns, KH*KW > 4*SH*SW: the k5 s2 layers), and only under `auto` ("always"
 // and "never" keep their meaning: the row layout, or ATen's product). It runs the same BLAS
 // product as the plane layout with the images innermost, so that col2im adds flat runs of
-// several images at once. Interleaved on the CI CPU (AMD EPYC, AVX2, MKL on 2 threads), k5 s2 +
-// bias + activation against ATen's (oneDNN) transposed convolution + torch's activation: the
-// Keras 128 -> 64 7x7 layer 1.07-1.25x at batch 8 and 1.08-1.36x at batch 64, 256 -> 128 7x7
-// batch 8 1.06-1.22x, 64 -> 32 14x14 batch 64 1.06-1.6x (runs on a noisy VM). ATen's product
-// ran at 115-135 GFLOP/s there, MKL's GEMM of these shapes at about 160.
+// several images at once. Interleaved on the CI CPU (AMD EPYC, AVX2, MKL on 2 threads, a noisy
+// VM: +-30% between runs), k5 s2 + bias + leaky_relu, C_in 32-256 -> C_in/2: against ATen's
+// (oneDNN) product with our epilogue, 7x7 inputs 0.98-1.63x at batch 8 and 0.88-1.37x at batch
+// 64, 14x14 inputs 0.96-1.15x at batch 8 and 1.09-1.48x at batch 64; against torch's
+// transposed convolution + leaky_relu, the Keras 128 -> 64 7x7 layer 1.07-1.25x at batch 8.
+// ATen's product ran at 95-142 GFLOP/s there, this layout at 123-146.
 bool images_inner_forward(const Geometry& g) {
   return g.Cout > kPlaneFormMaxCout && g_row_gemm_mode.load(std::memory_order_relaxed) == 0 && !row_gemm_auto(g);
 }
@@ -496,14 +497,19 @@ at::Tensor x_cols_images_inner(const at::Tensor& xa, const Geometry& g) {
 
 // Images per product of the images-inner layout: as many as keep one output channel's columns
 // (KH*KW rows of H_in*W_in*m values, read back by one task) within kImagesInnerChannelBytes, in
-// a core's L2 with the channel's phases. Interleaved on the CI CPU, k5 s2 layers: 64 KB (3
-// images of 14x14) ran the 64 -> 32 14x14 layer at batch 64 at 0.83x ATen's product, 128 KB at
-// 1.06x; limits on the whole columns instead (4 or 16 MB) lost at one shape or another
-// (256 -> 128 7x7 batch 8 at 4 MB: 0.98x; 14x14 batch 64 at 16 MB: 0.75x).
+// a core's L2 with the channel's phases, and all the columns within kImagesInnerBytes; the
+// batch then goes in chunks of equal size. Interleaved on the CI CPU, k5 s2 layers: 64 KB per
+// channel (3 images of 14x14) ran the 64 -> 32 14x14 layer at batch 64 at 0.83x ATen's product,
+// 128 KB at 1.06x; without the 4 MB bound the 7x7 layers at batch 64 (26 images, up to 16 MB of
+// columns per product) ran at 0.87-0.95x for 128 and 256 input channels, with it at 1.07-1.24x.
 constexpr int64_t kImagesInnerChannelBytes = int64_t(1) << 17;
+constexpr int64_t kImagesInnerBytes = int64_t(1) << 22;
 int64_t images_inner_chunk(const Geometry& g, int64_t elem) {
   const int64_t per = std::max<int64_t>(1, g.Hin * g.Win * g.KH * g.KW * elem);
-  return std::max<int64_t>(1, std::min(g.N, kImagesInnerChannelBytes / per));
+  const int64_t most = std::max<int64_t>(
+      1, std::min({g.N, kImagesInnerChannelBytes / per, kImagesInnerBytes / std::max<int64_t>(1, per * g.Cout)}));
+  const int64_t chunks = (g.N + most - 1) / most;
+  return (g.N + chunks - 1) / chunks;  // balanced chunks
 }
 
 // The per-thread partials of a parallel_for over images (each at its range's first image,
