@@ -160,6 +160,26 @@ def test_derivative_at_zero_is_the_negative_slope(path, act, saved_is_output):
     assert_close(dx[:, :, ::2], expected, msg="grad_input at z == 0")
 
 
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("path", ["resident", "split"])
+def test_relu_backward_masks_a_special_gradient_like_torch(path, training):
+    """relu's backward selects as torch's threshold_backward: a NaN or inf incoming gradient where
+    the output is 0 gives a 0 dz there, so every gradient stays finite and equal to torch's."""
+    x, w, b, rm, rv = make_inputs((4, 3, 5), "contiguous")
+    y, _, _ = K.bn_act_fwd(x, w, b, rm.clone(), rv.clone(), training, MOMENTUM, EPS, ACT_CODES["relu"], SLOPE,
+                           0.0, **PATHS[path])
+    dead = y <= 0
+    assert dead.any() and (~dead).any()
+    dy = torch.randn_like(y)
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=y.dtype)
+    dy[dead] = specials.repeat(int(dead.sum()) // 3 + 1)[: int(dead.sum())]
+    _, _, _, _, grads = run_kernels(x, w, b, rm.clone(), rv.clone(), training, "relu", path, dy=dy)
+    _, _, _, grads_ref = run_reference(x, w, b, rm.clone(), rv.clone(), training, "relu", dy)
+    for g, gr, name in zip(grads, grads_ref, ("grad_input", "grad_weight", "grad_bias")):
+        assert torch.isfinite(gr).all(), name
+        assert_close(g, gr, msg=name)
+
 # --- layouts of grad_out and input ----------------------------------------------------------------
 
 @pytest.mark.parametrize("path", ["resident", "split"])

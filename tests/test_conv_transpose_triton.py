@@ -181,6 +181,25 @@ def test_nan_and_inf_propagate_like_torch(act):
         torch.testing.assert_close(g, gr, equal_nan=True, atol=1e-10, rtol=1e-9)
 
 
+
+def test_relu_backward_masks_a_special_gradient_like_torch():
+    """relu's backward selects as torch's threshold_backward: a NaN or inf incoming gradient where
+    the output is 0 gives a 0 dz there (a product with f' = 0 would give NaN), so every gradient
+    stays finite and equal to torch's."""
+    geo = ((2, 2), (1, 1), (0, 0), 1, (1, 1))
+    x, w, b = make(dict(N=2, cin=3, cout=4, H=3, W=3, k=(4, 4)), geo, True, False)
+    y_ref, _ = reference(x, w, b, geo, "relu", None)
+    dy = torch.randn(y_ref.shape, dtype=torch.float64)
+    dead = y_ref <= 0
+    assert dead.any() and (~dead).any()
+    dy[dead] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=torch.float64).repeat(
+        int(dead.sum()) // 3 + 1)[: int(dead.sum())]
+    y, grads = launch(x, w, b, geo, "relu", dy)
+    _, grads_ref = reference(x, w, b, geo, "relu", dy)
+    for g, gr in zip(grads, grads_ref):
+        assert torch.isfinite(gr).all()
+        torch.testing.assert_close(g, gr, atol=1e-10, rtol=1e-9)
+
 def test_empty_batch():
     geo = ((2, 2), (1, 1), (0, 0), 2, (1, 1))
     x = torch.randn(0, 4, 3, 3, dtype=torch.float64)

@@ -66,3 +66,25 @@ def act_invert(y, ACT: tl.constexpr, slope):
     else:
         out = y
     return out
+
+
+@triton.jit
+def act_backward_from_y(dy, y, ACT: tl.constexpr, slope):
+    # dz = dy * f'(z) from the output y, as torch's activation backward: relu selects (its
+    # threshold_backward passes dy where y > 0 or y is NaN and gives 0 elsewhere, a NaN or inf dy
+    # included, where a product with f' = 0 would give NaN); the others multiply.
+    if ACT == 1:
+        dz = tl.where(y <= 0, 0.0, dy)
+    else:
+        dz = dy * act_grad_from_y(y, ACT, slope)
+    return dz
+
+
+@triton.jit
+def act_backward_from_z(dy, z, ACT: tl.constexpr, slope):
+    # The same from the pre-activation z (relu: 0 where z <= 0, where its output is 0).
+    if ACT == 1:
+        dz = tl.where(z <= 0, 0.0, dy)
+    else:
+        dz = dy * act_grad_from_z(z, ACT, slope)
+    return dz

@@ -65,7 +65,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from genfast.kernels.activation import act_forward, act_grad_from_y, act_grad_from_z, act_invert
+from genfast.kernels.activation import act_backward_from_y, act_backward_from_z, act_forward, act_invert
 from genfast.reference import batchnorm_act as ref
 
 
@@ -447,10 +447,10 @@ def _dz_xhat(dy, sv, mask, mean2, invstd2, scale2, g2, beta2, slope,
     if SAVED_IS_OUTPUT:
         z = act_invert(sv, ACT, slope)
         xhat = (z - beta2) / g2
-        dz = dy * act_grad_from_y(sv, ACT, slope)
+        dz = act_backward_from_y(dy, sv, ACT, slope)
     else:
         xhat = (sv - mean2) * invstd2
-        dz = dy * act_grad_from_z((sv - mean2) * scale2 + beta2, ACT, slope)
+        dz = act_backward_from_z(dy, (sv - mean2) * scale2 + beta2, ACT, slope)
     dz = tl.where(mask, dz, 0.0)
     xhat = tl.where(mask, xhat, 0.0)
     return dz, xhat

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from genfast import backend as B
-from genfast.kernels.activation import act_forward, act_grad_from_y, act_grad_from_z
+from genfast.kernels.activation import act_backward_from_y, act_backward_from_z, act_forward
 from genfast.kernels.batchnorm_act import _on_device  # launches run under the tensor's device
 from genfast.reference import batchnorm_act as ref_bn
 
@@ -113,7 +113,7 @@ def _prologue_kernel(
         dz = tl.load(g_ptr + ptr, mask=mask, other=0.0).to(ACC)
         if ACT != 0:
             yv = tl.load(y_ptr + ptr, mask=mask, other=0.0).to(ACC)
-            dz = dz * act_grad_from_y(yv, ACT, slope)
+            dz = act_backward_from_y(dz, yv, ACT, slope)
         if WRITE:
             tl.store(dz_ptr + ptr, dz.to(dz_ptr.dtype.element_ty), mask=mask)
         if SUM:
@@ -315,7 +315,7 @@ def _bn_bwd_reduce_kernel(
         ptr, mask = _tile(t, HB, offs_s0, offs_c, C, S, sn, sc, ss, BLOCK_S)
         mask = mask & (t < T)
         xhat, z = _bn_z(y_ptr, ptr, mask, mean, invstd, gamma, beta, ACC)
-        dz = tl.load(g_ptr + ptr, mask=mask, other=0.0).to(ACC) * act_grad_from_z(z, ACT, slope)
+        dz = act_backward_from_z(tl.load(g_ptr + ptr, mask=mask, other=0.0).to(ACC), z, ACT, slope)
         dz = tl.where(mask, dz, 0.0)
         xhat = tl.where(mask, xhat, 0.0)
         s_dz += tl.sum(dz, axis=0)
@@ -384,7 +384,7 @@ def _bn_bwd_dx_kernel(
     ptr, mask = _tile(tl.program_id(0), HB, tl.arange(0, BLOCK_S), offs_c, C, S, sn, sc, ss, BLOCK_S)
     mean, invstd, gamma, beta = _bn_params(mean_ptr, invstd_ptr, w_ptr, b_ptr, offs_c, C, HAS_W, HAS_B, ACC)
     xhat, z = _bn_z(y_ptr, ptr, mask, mean, invstd, gamma, beta, ACC)
-    dz = tl.load(g_ptr + ptr, mask=mask, other=0.0).to(ACC) * act_grad_from_z(z, ACT, slope)
+    dz = act_backward_from_z(tl.load(g_ptr + ptr, mask=mask, other=0.0).to(ACC), z, ACT, slope)
     k = tl.load(coef_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)
     a = tl.load(coef_ptr + C + offs_c, mask=c_ok, other=0.0).to(ACC)
     b = tl.load(coef_ptr + 2 * C + offs_c, mask=c_ok, other=0.0).to(ACC)

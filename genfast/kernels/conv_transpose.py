@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from genfast import backend as B
-from genfast.kernels.activation import act_forward, act_grad_from_y, act_grad_from_z
+from genfast.kernels.activation import act_backward_from_y, act_forward
 from genfast.kernels.batchnorm_act import _num_sms, _on_device
 
 _INTERPRET = B.triton_interpret()
@@ -280,7 +280,7 @@ def _dz_prologue_kernel(
         if ACT != 0:
             yv = tl.load(y_ptr + (n * syn + oh * syh + ow * syw)[:, None] + (offs_c * syc)[None, :],
                          mask=mask, other=0.0)
-            dz = dz * act_grad_from_y(yv.to(ACC), ACT, slope)
+            dz = act_backward_from_y(dz, yv.to(ACC), ACT, slope)
         if WRITE_DZ:
             tl.store(dz_ptr + (p * CP)[:, None] + offs_cp[None, :], dz.to(dz_ptr.dtype.element_ty),
                      mask=(p < hi)[:, None] & (offs_cp < CP)[None, :])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from genfast.reference.activation import act_backward, act_forward, act_grad
+from genfast.reference.activation import act_backward, act_forward
 
 
 def empty_bn_output(x: torch.Tensor) -> torch.Tensor:
@@ -118,10 +118,9 @@ def batch_norm_act_backward(grad_out, x, weight, bias, mean, invstd, training,
     b = torch.zeros(C, dtype=acc, device=x.device) if bias is None else bias.to(acc)
     xhat = (xf - mean.to(acc).view(shape)) * invstd.to(acc).view(shape)
     z = xhat * g.view(shape) + b.view(shape)
-    # differentiable (double backward): torch's activation-backward ops, connected to z
-    dz = (act_backward(dy, z, activation, negative_slope)
-          if torch.is_grad_enabled() and (dy.requires_grad or z.requires_grad)
-          else dy * act_grad(z, activation, negative_slope))
+    # torch's activation-backward ops: differentiable in z (double backward), and relu's selects
+    # (a NaN or inf dy where relu's output is 0 gives 0, as torch's threshold_backward)
+    dz = act_backward(dy, z, activation, negative_slope)
     sum_dz = dz.sum(dims)
     sum_dzx = (dz * xhat).sum(dims)
     k = (g * invstd.to(acc)).view(shape)
@@ -172,7 +171,7 @@ def _dz_xhat(grad_out, saved, weight, bias, mean, invstd, activation, negative_s
     else:
         xhat = (s - mean.to(acc).view(shape)) * invstd.to(acc).view(shape)
         z = xhat * g.view(shape) + b.view(shape)
-    return grad_out.to(acc) * act_grad(z, activation, negative_slope), xhat, g
+    return act_backward(grad_out.to(acc), z, activation, negative_slope), xhat, g
 
 
 def bwd_reduce(grad_out, saved, weight, bias, mean, invstd, activation, negative_slope,
