@@ -14,6 +14,7 @@
 #include <ATen/FuncTorchTLS.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
 #include <type_traits>
@@ -55,6 +56,38 @@ struct GanLossTrainBackward final : public torch::autograd::Node {
   at::ScalarType real_dtype = at::kFloat, fake_dtype = at::kFloat;
 
   std::string name() const override { return "GanLossTrainBackward"; }
+
+  // compiled autograd (torch._dynamo.compiled_autograd): the node's state for its cache key, and
+  // apply() traced with the saved tensors and sizes swapped for the graph's proxies
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    args.collect(grad_, false);
+    args.collect(real_, false);
+    args.collect(fake_, false);
+    args.collect(has_real);
+    args.collect(generator);
+    args.collect(kind);
+    args.collect(reduction);
+    args.collect(real_label);
+    args.collect(real_sizes);
+    args.collect(fake_sizes);
+    args.collect(real_dtype);
+    args.collect(fake_dtype);
+  }
+  variable_list apply_with_saved(const variable_list& inputs,
+                                 torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    saved.before(grad_);
+    saved.before(real_);
+    saved.before(fake_);
+    saved.before(real_sizes);
+    saved.before(fake_sizes);
+    variable_list out = apply(variable_list(inputs));
+    saved.after(grad_);
+    saved.after(real_);
+    saved.after(fake_);
+    saved.after(real_sizes);
+    saved.after(fake_sizes);
+    return out;
+  }
   void release_variables() override {
     grad_.reset_data();
     real_.reset_data();
@@ -99,8 +132,9 @@ struct GanLossTrainBackward final : public torch::autograd::Node {
       if (has_real) dr = dr.view_symint(real_sizes);
       df = df.view_symint(fake_sizes);
     }
-    if (!has_real || !should_compute_output(0)) dr = at::Tensor();
-    if (!should_compute_output(1)) df = at::Tensor();
+    // (task_should_compute_output: also false for an edge torch.autograd.grad's inputs= leave out)
+    if (!has_real || !task_should_compute_output(0)) dr = at::Tensor();
+    if (!task_should_compute_output(1)) df = at::Tensor();
     return {dr, df};
   }
 };

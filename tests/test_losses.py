@@ -1102,9 +1102,10 @@ def test_cpu_gan_loss_autograd_in_cpp_double_backward(kind, red):
 
 def test_cpu_gan_loss_node_behaves_as_torch_nodes():
     """The C++ node of gan_loss_train (csrc/loss_autograd.cpp, a Node of its own): a second
-    backward without retain_graph raises torch's error; with retain_graph it gives the same
-    gradient again; only the logits that require grad get one; the sides' gradients reach a graph
-    upstream; a dual tensor (forward-mode AD) passed to the op itself is refused, not ignored."""
+    backward without retain_graph raises torch's error (the logits are leaves: the error is the
+    node's own); with retain_graph it gives the same gradient again; only the logits that require
+    grad have an edge; the sides' gradients reach a graph upstream; a dual tensor (forward-mode
+    AD) passed to the op itself is refused, not ignored."""
     x = torch.randn(6, 3, dtype=torch.float64)
     lin = nn.Linear(3, 1).double()
     r = lin(x)
@@ -1118,21 +1119,54 @@ def test_cpu_gan_loss_node_behaves_as_torch_nodes():
     assert_close(gw, gw_want, torch.float64, "upstream gradient")
     gw2 = torch.autograd.grad(d + g, lin.weight)[0]
     assert torch.equal(gw, gw2)
+    leaf = torch.randn(5, 1, dtype=torch.float64).requires_grad_()
+    with backend("cpu"):
+        gl = GF.generator_loss(leaf)
+    assert gl.grad_fn.name() == "GanLossTrainBackward"
+    torch.autograd.grad(gl, leaf)
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
-        torch.autograd.grad(d + g, lin.weight)
-    # only fake requires grad: real gets none, fake its own
+        torch.autograd.grad(gl, leaf)
+    # only fake requires grad: real has no edge, fake gets its gradient
     rr = torch.randn(4, 1, dtype=torch.float64)
     ff = torch.randn(4, 1, dtype=torch.float64).requires_grad_()
     with backend("cpu"):
         d = GF.discriminator_loss(rr, ff)
+    assert d.grad_fn.next_functions[0][0] is None and d.grad_fn.next_functions[1][0] is not None
     d.backward()
-    assert rr.grad is None
     assert_close(ff.grad, torch.sigmoid(ff.detach()) / 4, torch.float64, "fake side")
     import torch.autograd.forward_ad as fwAD
     with fwAD.dual_level():
         dual = fwAD.make_dual(rr, torch.ones_like(rr))
         with pytest.raises(RuntimeError, match="forward-mode AD"):
             torch.ops.genfast.gan_loss_train(None, dual, 0, True, 1, 1.0)
+
+
+@pytest.mark.parametrize("red", ["mean", "none"])
+def test_cpu_gan_loss_node_under_compiled_autograd(red):
+    """The C++ node under compiled autograd (its compiled_args / apply_with_saved): the backward
+    traced into a graph gives the eager gradients, on both sides."""
+    from torch._dynamo import compiled_autograd
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    r0, f0 = torch.randn(6, 1), torch.randn(5, 1)
+    grads = []
+    for compiled in (False, True):
+        r, f = r0.clone().requires_grad_(), f0.clone().requires_grad_()
+        with backend("cpu"):
+            d = GF.discriminator_loss(r, f, "bce", red)
+            g = GF.generator_loss(f, "bce", red)
+        loss = (d[0].sum() + d[1].sum() + g.sum()) if red == "none" else d + g
+        ctx = (compiled_autograd._enable(torch.compile(backend="eager", fullgraph=True)) if compiled
+               else contextlib.nullcontext())
+        with ctx:
+            loss.backward()
+        grads.append((r.grad, f.grad))
+    assert counters["compiled_autograd"]["captures"] == 1  # the backward ran as a captured graph
+    torch._dynamo.reset()
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
 
 def test_auto_takes_the_reference_losses_on_a_cpu_without_avx2(monkeypatch):
     """genfast._C's CPU loss kernels need AVX2/FMA/F16C: on a CPU without them `auto` resolves the
