@@ -780,3 +780,26 @@ def test_relu_backward_masks_a_special_gradient_like_torch(dtype, special):
     for a, r in zip(grads[1], grads[0]):
         assert a.isfinite().all() and r.isfinite().all()
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(64, 48), (8, 6, 5, 5)])
+def test_eval_relu_gradient_mask_agrees_with_the_output(shape, dtype):
+    """Eval mode, values at the activation's kink (x within rounding of running_mean, bias 0):
+    the gradient passes exactly where the output is positive (the backward's recomputed z and the
+    forward's output round alike), as torch's relu backward, which masks on the output."""
+    torch.manual_seed(7)
+    C = shape[1]
+    rm = torch.randn(C, dtype=dtype) * 3
+    rv = torch.rand(C, dtype=dtype) + 0.5
+    w = torch.rand(C, dtype=dtype) + 0.5
+    b = torch.zeros(C, dtype=dtype)
+    view = (1, C) + (1,) * (len(shape) - 2)
+    eps = torch.finfo(dtype).eps
+    x = (rm.view(view) * (1 + eps * torch.randint(-4, 5, shape).to(dtype))).requires_grad_()
+    with backend("cpu"):
+        y = GF.batch_norm_act(x, rm.clone(), rv.clone(), w, b, False, 0.1, 1e-5, activation="relu")
+    dy = torch.rand_like(y) + 0.5
+    (dx,) = torch.autograd.grad(y, x, dy)
+    assert (y > 0).any() and (y == 0).any()
+    assert torch.equal(dx != 0, y > 0)

@@ -322,17 +322,10 @@ GENFAST_INLINE void normalize_run(const scalar_t* p, scalar_t* o, int64_t n, acc
     o[i] = static_cast<scalar_t>(bn_act_forward_elem_c<act, acc_t>(static_cast<acc_t>(p[i]), mc, ac, bc, slope));
 }
 
-// ... and with per-element coefficients (n values of consecutive channels); m == nullptr: y =
-// act(x * a + b) (the eval form, torch's: one coefficient load fewer per value).
+// ... and with per-element coefficients (n values of consecutive channels).
 template <typename scalar_t, typename acc_t, int act>
 GENFAST_SIMD_CLONES void normalize_vec(const scalar_t* p, scalar_t* o, int64_t n, const acc_t* m, const acc_t* a,
                                        const acc_t* b, acc_t slope) {
-  if (m == nullptr) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i)
-      o[i] = static_cast<scalar_t>(act_forward_c<act, acc_t>(static_cast<acc_t>(p[i]) * a[i] + b[i], slope));
-    return;
-  }
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i)
     o[i] = static_cast<scalar_t>(bn_act_forward_elem_c<act, acc_t>(static_cast<acc_t>(p[i]), m[i], a[i], b[i], slope));
@@ -346,17 +339,14 @@ GENFAST_SIMD_CLONES void ncl_normalize_tasks(const scalar_t* x, scalar_t* y, con
   NclCursor q(tk, v, t0);
   for (int64_t t = t0; t < t1; ++t, q.next(tk, v)) {
     const int64_t lo = q.k * kChunk, hi = std::min(v.L, lo + kChunk), off = q.r * v.L + lo;
-    // (x - 0) is x, NaN and -0 included: the uncentered form is the same map
-    normalize_run<scalar_t, acc_t, act>(x + off, y + off, hi - lo, m != nullptr ? m[q.c] : acc_t(0), a[q.c], b[q.c],
-                                        slope);
+    normalize_run<scalar_t, acc_t, act>(x + off, y + off, hi - lo, m[q.c], a[q.c], b[q.c], slope);
   }
 }
 
-// y = act((x - mean) * scale + beta) per channel; an empty mean_c: y = act(x * scale + beta).
+// y = act((x - mean) * scale + beta) per channel.
 template <typename scalar_t, typename acc_t, int act>
 void normalize_act(const scalar_t* x, scalar_t* y, const BnView& bv, const std::vector<acc_t>& mean_c,
                    const std::vector<acc_t>& scale_c, const std::vector<acc_t>& beta_c, acc_t slope_in) {
-  const bool centered = !mean_c.empty();
   const ChannelView& v = bv.v;
   const int64_t C = v.C;
   std::vector<acc_t> buf[3];
@@ -374,26 +364,25 @@ void normalize_act(const scalar_t* x, scalar_t* y, const BnView& bv, const std::
     if (rows == 0 || C == 0) return;
     constexpr int64_t kMinPeriod = 256;
     const int64_t P = C * std::max<int64_t>(1, kMinPeriod / C);
-    std::vector<acc_t> mp(centered ? P : 0), ap(P), bp(P);
+    std::vector<acc_t> mp(P), ap(P), bp(P);
     for (int64_t j0 = 0; j0 < P; j0 += C) {
-      if (centered) std::copy(mean.begin(), mean.end(), mp.begin() + j0);
+      std::copy(mean.begin(), mean.end(), mp.begin() + j0);
       std::copy(scale.begin(), scale.end(), ap.begin() + j0);
       std::copy(beta.begin(), beta.end(), bp.begin() + j0);
     }
-    const acc_t* mq = centered ? mp.data() : nullptr;
     at::parallel_for(0, rows, nlc_elementwise_grain(C), [&](int64_t r0, int64_t r1) {
       const acc_t slope = slope_in;  // a private copy per thread
       const int64_t n = (r1 - r0) * C;
       const scalar_t* p = x + r0 * C;
       scalar_t* o = y + r0 * C;
       for (int64_t j = 0; j < n; j += P)
-        normalize_vec<scalar_t, acc_t, act>(p + j, o + j, std::min(P, n - j), mq, ap.data(), bp.data(), slope);
+        normalize_vec<scalar_t, acc_t, act>(p + j, o + j, std::min(P, n - j), mp.data(), ap.data(), bp.data(), slope);
     });
     return;
   }
   const Tasks tk = make_tasks(v);
   if (tk.n == 0) return;
-  const acc_t* m = centered ? mean.data() : nullptr;
+  const acc_t* m = mean.data();
   const acc_t* a = scale.data();
   const acc_t* b = beta.data();
   at::parallel_for(0, tk.n, elementwise_grain(tk, v), [&](int64_t t0, int64_t t1) {
@@ -596,23 +585,14 @@ _Pragma("omp simd")
 _Pragma("omp simd")
       for (int64_t c = 0; c < C; ++c) sc[c] = effective_gamma<acc_t>(g[c], floor) * is[c];
     }
-    if (!training) {
-      // eval: y = act(x * scale + (beta - mean * scale)), torch's eval formula (alpha, beta)
-      std::vector<acc_t> shift(C);
-      const acc_t *m = mean.data(), *sc = scale.data(), *be = beta.data();
-      acc_t* sh = shift.data();
-_Pragma("omp simd")
-      for (int64_t c = 0; c < C; ++c) sh[c] = be[c] - m[c] * sc[c];
-      dispatch_act(activation, [&](auto a) {
-        normalize_act<scalar_t, acc_t, decltype(a)::value>(x, out.data_ptr<scalar_t>(), v, {}, scale, shift,
-                                                           acc_t(negative_slope));
-      });
-    } else {
-      dispatch_act(activation, [&](auto a) {
-        normalize_act<scalar_t, acc_t, decltype(a)::value>(x, out.data_ptr<scalar_t>(), v, mean, scale, beta,
-                                                           acc_t(negative_slope));
-      });
-    }
+    // y = act((x - mean) * scale + beta) in both modes: the backward recomputes z with this same
+    // formula, so that relu's and leaky_relu's masks agree with the output bit for bit (torch's
+    // eval form x * alpha + (beta - mean * alpha), one load fewer per value, rounds differently
+    // near z = 0: a positive output could then get a masked gradient)
+    dispatch_act(activation, [&](auto a) {
+      normalize_act<scalar_t, acc_t, decltype(a)::value>(x, out.data_ptr<scalar_t>(), v, mean, scale, beta,
+                                                         acc_t(negative_slope));
+    });
     std::copy(mean.begin(), mean.end(), save_mean.data_ptr<acc_t>());
     std::copy(invstd.begin(), invstd.end(), save_invstd.data_ptr<acc_t>());
   });
