@@ -70,7 +70,8 @@ def _row_gemm_state() -> str:
     if ext is None:
         return "n/a"
     mode = ext.cpu_row_gemm()
-    return "auto (by shape: KH*KW <= 4*SH*SW or a 1x1 input)" if mode == "auto" else mode
+    return ("auto (row layout where KH*KW <= 4*SH*SW or from a 1x1 input; images-inner layout above, from 9 "
+            "output channels)") if mode == "auto" else mode
 
 
 def main(argv=None, clock=None) -> int:
