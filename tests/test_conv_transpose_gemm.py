@@ -70,6 +70,18 @@ def _inputs(case, dtype, bias=True):
     return x, w, b
 
 
+def _check_output_and_statistics(y, part, yr, dtype):
+    """The forward's output against float64, and the epilogue's per-channel statistics of the
+    stored output: count, mean and M2."""
+    co = y.shape[1]
+    assert_close(y, yr, msg="output")
+    count = y.numel() // co
+    assert torch.equal(part[0, 0], torch.full((co,), float(count), dtype=torch.float64))
+    assert_close(part[1, 0], yr.mean((0, 2, 3)), dtype=dtype, msg="mean")
+    m2 = ((yr - yr.mean((0, 2, 3), keepdim=True)) ** 2).sum((0, 2, 3))
+    assert_close(part[2, 0], m2, dtype=dtype, msg="M2", scale=count)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("act", list(CODES))
 @pytest.mark.parametrize("ci", range(len(GEMM_CASES)))
@@ -80,13 +92,7 @@ def test_gemm_form_matches_float64(ci, act, dtype):
     y, part, _ = torch.ops.genfast.conv_transpose2d_fwd(x, w, b, s, p, op, 1, d, CODES[act], SLOPE, True)
     dy = torch.randn_like(y)
     yr, grads = _ref(x, w, b, case, act, dy)
-    assert_close(y, yr, msg="output")
-    # the epilogue's per-channel statistics of the stored output: count, mean and M2
-    count = y.numel() // co
-    assert torch.equal(part[0, 0], torch.full((co,), float(count), dtype=torch.float64))
-    assert_close(part[1, 0], yr.mean((0, 2, 3)), dtype=dtype, msg="mean")
-    m2 = ((yr - yr.mean((0, 2, 3), keepdim=True)) ** 2).sum((0, 2, 3))
-    assert_close(part[2, 0], m2, dtype=dtype, msg="M2", scale=count)
+    _check_output_and_statistics(y, part, yr, dtype)
     dx, dw, db = torch.ops.genfast.conv_transpose2d_bwd(dy, x, w, y, s, p, d, 1, CODES[act], SLOPE,
                                                         True, True, b is not None)
     assert_close(dx, grads[0], msg="grad_input")
@@ -488,12 +494,7 @@ def test_images_inner_layout_matches_float64(ci, act, dtype):
         assert "aten::convolution" not in {e.name for e in prof.events()}
         dy = torch.randn_like(y)
         yr, grads = _ref(x, w, b, case, act, dy)
-        assert_close(y, yr, msg="output")
-        count = y.numel() // co
-        assert torch.equal(part[0, 0], torch.full((co,), float(count), dtype=torch.float64))
-        assert_close(part[1, 0], yr.mean((0, 2, 3)), dtype=dtype, msg="mean")
-        m2 = ((yr - yr.mean((0, 2, 3), keepdim=True)) ** 2).sum((0, 2, 3))
-        assert_close(part[2, 0], m2, dtype=dtype, msg="M2", scale=count)
+        _check_output_and_statistics(y, part, yr, dtype)
         xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
         y2 = torch.ops.genfast.conv_transpose2d_act(xs, ws, b, s, p, op, 1, d, CODES[act], SLOPE)
         assert_close(y2, yr, msg="eager op output")
