@@ -695,11 +695,14 @@ GENFAST_SIMD_CLONES void col2im_plane(const acc_t* ct, int64_t ldc, int64_t co, 
 // in tap order (i, j), each of its rows one flat run of (q1 - q0) * m values, contiguous in both
 // ct and the phase (no bounds inside a run, none of col2im_plane's wrap handling). The m planes
 // are then written through the activation from the phases, and their statistics taken.
+// values per phase buffer of col2im_images: the largest phase (rows x columns) for m images
+int64_t images_phase_values(const AxisPhases& ph, const AxisPhases& pw, int64_t m) {
+  const int64_t qh = ph.Q.empty() ? 0 : *std::max_element(ph.Q.begin(), ph.Q.end());
+  const int64_t qw = pw.Q.empty() ? 0 : *std::max_element(pw.Q.begin(), pw.Q.end());
+  return qh * qw * m;
+}
 int64_t images_buffer(const AxisPhases& ph, const AxisPhases& pw, int64_t m) {
-  int64_t qh = 0, qw = 0;
-  for (int64_t q : ph.Q) qh = std::max(qh, q);
-  for (int64_t q : pw.Q) qw = std::max(qw, q);
-  return ph.S * pw.S * qh * qw * m;
+  return ph.S * pw.S * images_phase_values(ph, pw, m);
 }
 
 template <int ACT, typename scalar_t, typename acc_t>
@@ -708,10 +711,7 @@ GENFAST_SIMD_CLONES void col2im_images(const acc_t* ct, int64_t co, int64_t m, s
                                        acc_t slope, Welford<acc_t>* stat) {
   const int64_t Win = g.Win, KK = g.KH * g.KW, SH = ph.S, SW = pw.S, row = g.Hin * Win * m;
   const int64_t L = g.Hout * g.Wout;
-  int64_t qhm = 0, qwm = 0;
-  for (int64_t q : ph.Q) qhm = std::max(qhm, q);
-  for (int64_t q : pw.Q) qwm = std::max(qwm, q);
-  const int64_t PS = qhm * qwm * m;  // values per phase buffer
+  const int64_t PS = images_phase_values(ph, pw, m);  // values per phase buffer
   for (int64_t rh = 0; rh < SH; ++rh)
     for (int64_t rw = 0; rw < SW; ++rw) {
       const int64_t Qw = pw.Q[rw];
