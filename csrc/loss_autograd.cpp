@@ -50,6 +50,7 @@ c10::optional<at::Tensor> opt(const at::Tensor& t) {
 struct GanLossTrainBackward final : public torch::autograd::Node {
   torch::autograd::SavedVariable grad_, real_, fake_;  // the saved derivative; the logits
   bool has_real = false, generator = false;
+  bool real_saved = false, fake_saved = false;  // the logits kept for create_graph (sides needing grad)
   int64_t kind = 0, reduction = 0;
   double real_label = 1.0;
   std::vector<c10::SymInt> real_sizes, fake_sizes;
@@ -64,6 +65,8 @@ struct GanLossTrainBackward final : public torch::autograd::Node {
     args.collect(real_, false);
     args.collect(fake_, false);
     args.collect(has_real);
+    args.collect(real_saved);
+    args.collect(fake_saved);
     args.collect(generator);
     args.collect(kind);
     args.collect(reduction);
@@ -111,8 +114,11 @@ struct GanLossTrainBackward final : public torch::autograd::Node {
                                       const c10::optional<at::Tensor>&, const at::Tensor&,
                                       const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, int64_t,
                                       bool, int64_t, double)>();
-      const at::Tensor real = has_real ? real_.unpack() : at::Tensor();
-      const at::Tensor fake = fake_.unpack();
+      // a side that needs no gradient was not saved (it may be an inference tensor): real is
+      // left out, fake (whose term the reference still forms) stands in as zeros
+      const at::Tensor real = has_real && real_saved ? real_.unpack() : at::Tensor();
+      const at::Tensor fake = fake_saved ? fake_.unpack()
+                                         : at::zeros_symint(fake_sizes, grad.options().dtype(fake_dtype));
       std::tie(dr, df) = ref.call(opt(real), fake, opt(coef_a), opt(coef_b), kind, generator, reduction, real_label);
     } else {
       static const auto scale = c10::Dispatcher::singleton()
@@ -132,9 +138,11 @@ struct GanLossTrainBackward final : public torch::autograd::Node {
       if (has_real) dr = dr.view_symint(real_sizes);
       df = df.view_symint(fake_sizes);
     }
-    // (task_should_compute_output: also false for an edge torch.autograd.grad's inputs= leave out)
-    if (!has_real || !task_should_compute_output(0)) dr = at::Tensor();
-    if (!task_should_compute_output(1)) df = at::Tensor();
+    // (task_should_compute_output: also false for an edge torch.autograd.grad's inputs= leave out).
+    // reduction none: each term tensor depends on its own side only, so a side whose terms got no
+    // gradient gets none (as torch's separate ops: its .grad stays None, not zeros)
+    if (!has_real || !task_should_compute_output(0) || (none && !g_r.defined())) dr = at::Tensor();
+    if (!task_should_compute_output(1) || (none && !g_f.defined())) df = at::Tensor();
     return {dr, df};
   }
 };
@@ -170,20 +178,31 @@ std::tuple<at::Tensor, at::Tensor> gan_loss_train_autograd(const c10::optional<a
   node->set_next_edges(torch::autograd::collect_next_edges(real, fake));
   node->grad_ = torch::autograd::SavedVariable(grad, false);
   node->has_real = real.defined();
+  // the logits only where their side needs a gradient: the create_graph backward differentiates
+  // those alone, and a side that needs none may be an inference tensor (which cannot be saved)
   if (node->has_real) {
-    node->real_ = torch::autograd::SavedVariable(real, false);
+    node->real_saved = real.requires_grad();
+    if (node->real_saved) node->real_ = torch::autograd::SavedVariable(real, false);
     node->real_sizes = real.sym_sizes().vec();
     node->real_dtype = real.scalar_type();
   }
-  node->fake_ = torch::autograd::SavedVariable(fake, false);
+  node->fake_saved = fake.requires_grad();
+  if (node->fake_saved) node->fake_ = torch::autograd::SavedVariable(fake, false);
   node->fake_sizes = fake.sym_sizes().vec();
   node->fake_dtype = fake.scalar_type();
   node->generator = generator;
   node->kind = kind;
   node->reduction = reduction;
   node->real_label = real_label;
-  torch::autograd::set_history(out_r, node);
-  if (reduction == kReduceNone) torch::autograd::set_history(out_f, node);
+  if (reduction == kReduceNone) {
+    // each side's terms record the node only when that side needs a gradient (an undefined
+    // tensor keeps the input slot, so the fake terms stay the node's input 1)
+    const bool real_grad = real.defined() && real.requires_grad();
+    torch::autograd::set_history(real_grad ? out_r : at::Tensor(), node);
+    torch::autograd::set_history(fake.requires_grad() ? out_f : at::Tensor(), node);
+  } else {
+    torch::autograd::set_history(out_r, node);
+  }
   return {out_r, out_f};
 }
 

@@ -803,3 +803,86 @@ def test_eval_relu_gradient_mask_agrees_with_the_output(shape, dtype):
     (dx,) = torch.autograd.grad(y, x, dy)
     assert (y > 0).any() and (y == 0).any()
     assert torch.equal(dx != 0, y > 0)
+
+
+# --- (N, C, L) stored (N, L, C): torch's output strides ---------------------------------------
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_sequence_layout_output_is_contiguous_like_torch(backend_name, training, activation):
+    """A sequence batch (N, L, C).transpose(1, 2): torch's BatchNorm returns a contiguous output
+    (user code views it); genfast's kernels read that layout in place and return the same strides
+    and values, and the fused kernels' input gradient in torch's strides."""
+    torch.manual_seed(5)
+    x0 = torch.randn(4, 5, 6, dtype=torch.float64).transpose(1, 2)  # (N=4, C=6, L=5), strides (30, 1, 6)
+    w, b = torch.rand(6, dtype=torch.float64) + 0.5, torch.randn(6, dtype=torch.float64)
+    rm, rv = torch.randn(6, dtype=torch.float64), torch.rand(6, dtype=torch.float64) + 0.5
+    act = (lambda z: F.relu(z)) if activation == "relu" else (lambda z: F.leaky_relu(z, SLOPE))
+    x, xt = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    rm_g, rv_g, rm_t, rv_t = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+    with backend(backend_name):
+        y = GF.batch_norm_act(x, rm_g, rv_g, w, b, training, 0.1, 1e-5, activation=activation,
+                              negative_slope=SLOPE)
+    yt = act(F.batch_norm(xt, rm_t, rv_t, w, b, training, 0.1, 1e-5))
+    assert y.stride() == yt.stride() == (30, 5, 1)
+    torch.testing.assert_close(y, yt)
+    torch.testing.assert_close((rm_g, rv_g), (rm_t, rv_t))
+    dy = torch.randn(4, 6, 5, dtype=torch.float64)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    (dxt,) = torch.autograd.grad(yt, xt, dy)
+    if backend_name != "reference":  # (the reference's autograd gives the ops' own strides)
+        assert dx.stride() == dxt.stride()
+    torch.testing.assert_close(dx, dxt)
+    y.view(4, -1)  # raised before: the output kept the input's strides
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_sequence_layout_module_output_is_contiguous_like_torch(backend_name):
+    torch.manual_seed(6)
+    x = torch.randn(3, 7, 8).transpose(1, 2)
+    m, ref = gnn.BatchNormAct1d(8, activation="relu"), nn.Sequential(nn.BatchNorm1d(8), nn.ReLU())
+    for train in (True, False):
+        m.train(train), ref.train(train)
+        with backend(backend_name):
+            y = m(x)
+        yt = ref(x)
+        assert y.stride() == yt.stride()
+        torch.testing.assert_close(y, yt)
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "triton"])
+@pytest.mark.parametrize("training", [True, False])
+def test_opcheck_sequence_layout(backend_name, training):
+    """The registered op's fake gives the strides its kernel returns for the sequence layout."""
+    x = torch.randn(3, 5, 4).transpose(1, 2).requires_grad_()
+    w = (torch.rand(4) + 0.5).requires_grad_()
+    b = torch.randn(4, requires_grad=True)
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    args = (x, w, b, rm, rv, training, 0.1, 1e-5, 1, 0.0, 0.0, backend_name)
+    torch.library.opcheck(torch.ops.genfast.batch_norm_act.default, args)
+
+
+# --- weight, bias and running buffers take one dtype, as torch's ------------------------------
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_parameters_of_two_dtypes_raise_like_torch(backend_name):
+    """bfloat16 input, bfloat16 weight / bias and float32 running buffers: torch raises
+    RuntimeError before writing anything; so does genfast (naming the argument), while the two
+    combinations torch takes (all bfloat16, all float32) still run."""
+    x = torch.randn(4, 5, 3).bfloat16()
+    w, b = torch.ones(5, dtype=torch.bfloat16), torch.zeros(5, dtype=torch.bfloat16)
+    rm, rv = torch.zeros(5), torch.ones(5)
+    with pytest.raises(RuntimeError):
+        F.batch_norm(x, rm.clone(), rv.clone(), w, b, True)
+    with backend(backend_name), pytest.raises(RuntimeError, match="running_mean"):
+        GF.batch_norm_act(x, rm, rv, w, b, True, activation="identity")
+    assert torch.equal(rm, torch.zeros(5)) and torch.equal(rv, torch.ones(5))
+    for dt in (torch.bfloat16, torch.float32):
+        args = [t.to(dt) for t in (rm, rv, w, b)]
+        ref_args = [t.clone() for t in args]
+        with backend(backend_name):
+            y = GF.batch_norm_act(x, *args[:2], *args[2:], True, activation="identity")
+        yt = F.batch_norm(x, *ref_args[:2], *ref_args[2:], True)
+        torch.testing.assert_close(y.float(), yt.float(), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(args[0].float(), ref_args[0].float(), atol=1e-2, rtol=1e-2)

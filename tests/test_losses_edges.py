@@ -140,3 +140,104 @@ def test_conv_transpose_output_modified_in_place(stride):
     y2.mul_(3.0)
     (gw2,) = torch.autograd.grad(y2.sum(), w2)
     torch.testing.assert_close(gw, gw2)
+
+
+# --- reduction "none": each side's terms depend on that side alone ----------------------------
+
+def _bce_terms(x, target):
+    return F.binary_cross_entropy_with_logits(x, torch.full_like(x, target), reduction="none")
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_gan_none_terms_one_side_backward_leaves_other_grad_none(backend_name):
+    """Backpropagating only the fake terms leaves real.grad None (torch's separate ops), not
+    zeros that momentum or weight decay would still act on; the fake gradient is torch's."""
+    torch.manual_seed(2)
+    r = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    f = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    with backend(backend_name):
+        _, fake_terms = GF.discriminator_loss(r, f, "bce", "none")
+    fake_terms.sum().backward()
+    assert r.grad is None
+    f_ref = f.detach().clone().requires_grad_()
+    _bce_terms(f_ref, 0.0).sum().backward()
+    torch.testing.assert_close(f.grad, f_ref.grad)
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("side", ["real", "fake"])
+def test_gan_none_terms_require_grad_per_side(backend_name, side):
+    """A side whose logits need no gradient gets terms that need none either (torch: False), and
+    backpropagating them raises torch's error instead of giving the other side zeros."""
+    torch.manual_seed(3)
+    r = torch.randn(4, requires_grad=side == "real")  # side: the one whose logits need a gradient
+    f = torch.randn(3, requires_grad=side == "fake")
+    with backend(backend_name):
+        real_terms, fake_terms = GF.discriminator_loss(r, f, "bce", "none")
+    plain, tracked = (real_terms, fake_terms) if side == "fake" else (fake_terms, real_terms)
+    assert not plain.requires_grad and tracked.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        plain.sum().backward()
+    assert (r.grad, f.grad) == (None, None)
+    tracked.sum().backward()
+    got = f.grad if side == "fake" else r.grad
+    x_ref = (f if side == "fake" else r).detach().clone().requires_grad_()
+    _bce_terms(x_ref, 0.0 if side == "fake" else 1.0).sum().backward()
+    torch.testing.assert_close(got, x_ref.grad)
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gan_inference_tensor_on_side_without_grad(backend_name, reduction):
+    """Real logits made under inference_mode (they need no gradient) with fake logits that do:
+    torch's loss takes them; so does genfast's (the side needing no gradient is not saved), with
+    torch's value, gradient and create_graph gradient."""
+    torch.manual_seed(4)
+    with torch.inference_mode():
+        r = torch.randn(5, dtype=torch.float64)
+    f = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    with backend(backend_name):
+        out = GF.discriminator_loss(r, f, "bce", reduction)
+    want_terms = (_bce_terms(r.clone(), 1.0), _bce_terms(f, 0.0))
+    loss = out[1].sum() if reduction == "none" else out
+    want = want_terms[1].sum() if reduction == "none" else sum(t.mean() for t in want_terms)
+    torch.testing.assert_close(loss.detach(), want.detach())
+    (g,) = torch.autograd.grad(loss, f, create_graph=True)
+    (g_want,) = torch.autograd.grad(want, f, create_graph=True)
+    torch.testing.assert_close(g, g_want)
+    # the create_graph gradient is differentiable: its own gradient is torch's
+    torch.testing.assert_close(torch.autograd.grad(g.pow(2).sum(), f)[0],
+                               torch.autograd.grad(g_want.pow(2).sum(), f)[0])
+
+
+# --- hinge at NaN logits ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_hinge_backward_passes_gradient_at_nan(backend_name, dtype, reduction):
+    """relu(1 - x)'s backward zeroes the gradient only where 1 - x <= 0 (torch's
+    threshold_backward): a NaN logit passes it (-1 real, +1 fake), in the fused backward as in
+    the create_graph one."""
+    nan = float("nan")
+    r0 = torch.tensor([nan, 0.5, 2.0, 1.0], dtype=dtype)
+    f0 = torch.tensor([-0.5, nan, -2.0, -1.0], dtype=dtype)
+
+    def grads(fn, create_graph):
+        r, f = r0.clone().requires_grad_(), f0.clone().requires_grad_()
+        out = fn(r, f)
+        loss = out[0].sum() + out[1].sum() if reduction == "none" else out
+        return torch.autograd.grad(loss, (r, f), create_graph=create_graph)
+
+    def torch_loss(r, f):
+        terms = (F.relu(1 - r), F.relu(1 + f))
+        if reduction == "none":
+            return terms
+        return sum(t.sum() if reduction == "sum" else t.mean() for t in terms)
+
+    want = grads(torch_loss, False)
+    for create_graph in (False, True):
+        with backend(backend_name):
+            got = grads(lambda r, f: GF.discriminator_loss(r, f, "hinge", reduction), create_graph)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.detach(), b, equal_nan=True)

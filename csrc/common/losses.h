@@ -116,10 +116,11 @@ GENFAST_HOST_DEVICE T gan_elem(T x, int kind, int role, T real_label, T* grad) {
         *grad = T(-1);
         return neg_t(x);
       }
-      // relu(1 - x) (real) or relu(1 + x) (fake); NaN propagates
+      // relu(1 - x) (real) or relu(1 + x) (fake); NaN propagates. The derivative as torch's
+      // threshold_backward: 0 where z <= 0 only, so a NaN z passes the gradient (+-1)
       const T z = role == kRoleReal ? T(1) - x : T(1) + x;
       const auto on = z > T(0);
-      *grad = sel(on, T(role == kRoleReal ? -1.0f : 1.0f), T(0));
+      *grad = sel(z <= T(0), T(0), T(role == kRoleReal ? -1.0f : 1.0f));
       return sel(on, z, sel(is_nan(x), x, T(0)));
     }
     case kGanWasserstein:

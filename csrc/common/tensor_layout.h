@@ -48,6 +48,14 @@ inline at::Tensor empty_bn_output(const at::Tensor& t) {
   return at::empty_like(t);
 }
 
+// The output a BatchNorm op returns, from the buffer empty_bn_output gave its kernel: torch's CPU
+// and CUDA BatchNorm return contiguous strides for every rank but 4 (suggest_memory_format), so
+// an (N, C, L) input stored (N, L, C) (a sequence's (N, L, C).transpose(1, 2)), which the kernels
+// read and write in that order, gets its output copied to contiguous (user code views it).
+inline at::Tensor bn_output_as_torch(const at::Tensor& out) {
+  return out.dim() != 4 && !out.is_contiguous() ? out.contiguous() : out;
+}
+
 // t with contiguous strides where it is contiguous in memory but carries other strides (a
 // channels_last product of one channel or of 1x1 maps, which both layouts describe): the output
 // torch's out-of-place elementwise ops and CPU BatchNorm give such an input. A copy (these

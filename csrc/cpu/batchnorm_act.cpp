@@ -596,7 +596,7 @@ _Pragma("omp simd")
     std::copy(mean.begin(), mean.end(), save_mean.data_ptr<acc_t>());
     std::copy(invstd.begin(), invstd.end(), save_invstd.data_ptr<acc_t>());
   });
-  return {out, save_mean, save_invstd};
+  return {bn_output_as_torch(out), save_mean, save_invstd};
 }
 
 // The backward's loops (multi-versioned as the forward's). One channel's n contiguous values:
@@ -903,7 +903,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cpu(
       store_param<scalar_t, red_t>(grad_bias, sum_dz);
     });
   });
-  return {grad_input, grad_weight, grad_bias};
+  return {bn_output_as_torch(grad_input), grad_weight, grad_bias};
 }
 
 // --- the two passes as separate ops (SyncBatchNormAct: an all-gather / all-reduce sits between
@@ -942,7 +942,7 @@ at::Tensor batch_norm_act_apply_cpu(const at::Tensor& input_, const at::Tensor& 
                                                          k.mean, k.scale, k.beta, acc_t(negative_slope));
     });
   });
-  return out;
+  return bn_output_as_torch(out);
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_act_bwd_reduce_cpu(
@@ -1015,7 +1015,7 @@ at::Tensor batch_norm_act_bwd_dx_cpu(const at::Tensor& grad_out_, const at::Tens
       }
     });
   });
-  return grad_input;
+  return bn_output_as_torch(grad_input);
 }
 
 }  // namespace

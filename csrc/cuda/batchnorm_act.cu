@@ -1304,7 +1304,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_fwd_cuda(
         reinterpret_cast<const Welford<red_t, int64_t>*>(deferred.data_ptr()), C, rm, rv, eps, momentum);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return {out, save_mean, save_invstd};
+  return {bn_output_as_torch(out), save_mean, save_invstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cuda(
@@ -1370,7 +1370,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_bwd_cuda(
       launch_bwd<scalar_t, acc_t, decltype(vec)::value, decltype(nlc)::value>(a, g, saved, false);
     });
   });
-  return {grad_input, grad_weight, grad_bias};
+  return {bn_output_as_torch(grad_input), grad_weight, grad_bias};
 }
 
 // --- The passes as separate ops (SyncBatchNormAct: a collective sits between them), with the
@@ -1486,7 +1486,7 @@ at::Tensor batch_norm_act_apply_cuda(const at::Tensor& input_, const at::Tensor&
       launch_norm<scalar_t, acc_t, decltype(vec)::value, decltype(nlc)::value>(a, g);
     });
   });
-  return out;
+  return bn_output_as_torch(out);
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_act_bwd_reduce_cuda(
@@ -1556,7 +1556,7 @@ at::Tensor batch_norm_act_bwd_dx_cuda(const at::Tensor& grad_out_, const at::Ten
       launch_bwd_dx<scalar_t, acc_t, decltype(vec)::value, decltype(nlc)::value>(a, g);
     });
   });
-  return grad_input;
+  return bn_output_as_torch(grad_input);
 }
 
 }  // namespace

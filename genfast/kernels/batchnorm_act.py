@@ -798,11 +798,11 @@ def bn_act_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     tiling (tests)."""
     x, cl, N, C, L = _layout(input)
     tl_acc, acc = _acc_dtype(x.dtype)
-    out = ref.empty_bn_output(x)
+    out = ref.bn_write_buffer(x)
     save_mean = torch.empty((C,), dtype=acc, device=x.device)
     save_invstd = torch.empty((C,), dtype=acc, device=x.device)
     if C == 0:
-        return out, save_mean, save_invstd
+        return ref.bn_output_as_torch(out), save_mean, save_invstd
     has_rm = running_mean is not None and running_var is not None
     if not training and not has_rm:
         raise RuntimeError("batch_norm_act: running_mean and running_var are required when training=False")
@@ -841,7 +841,7 @@ def bn_act_fwd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
         for buf, used, init in ((running_mean, rm, rm0), (running_var, rv, rv0)):
             if used is not buf:
                 _write_back(buf, init, used, momentum)
-    return out, save_mean, save_invstd
+    return ref.bn_output_as_torch(out), save_mean, save_invstd
 
 
 def bn_act_bwd(grad_out: Tensor, saved: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -866,7 +866,7 @@ def bn_act_bwd(grad_out: Tensor, saved: Tensor, weight: Optional[Tensor], bias: 
     gw = torch.empty((C,), dtype=weight.dtype if weight is not None else sv.dtype, device=sv.device)
     gb = torch.empty((C,), dtype=bias.dtype if bias is not None else sv.dtype, device=sv.device)
     if C == 0:
-        return dx, gw, gb
+        return ref.bn_output_as_torch(dx), gw, gb
     p = _plan(sv.device, sv.dtype, cl, N, C, L, RESIDENT_MAX_BWD, _path, _tile, _splits)
     mean = save_mean.contiguous()
     invstd = save_invstd.contiguous()
@@ -882,7 +882,7 @@ def bn_act_bwd(grad_out: Tensor, saved: Tensor, weight: Optional[Tensor], bias: 
                 dy, sv, dx, w, b, mean, invstd, gw, gb, p.n_a, p.n_b, p.stride_a, L, C, M,
                 *scalars, TRAINING=bool(training), BA=p.BA, BB=p.BB, BCH=p.BCH, CL=p.cl,
                 num_warps=p.num_warps, **flags)
-            return dx, gw, gb
+            return ref.bn_output_as_torch(dx), gw, gb
         ws = torch.empty((2, p.S, C), dtype=torch.float64, device=sv.device)
         _bwd_partial_kernel[(p.n_cblocks, p.S)](
             dy, sv, dx, w, b, mean, invstd, ws, p.n_a, p.n_b, p.stride_a, L, C, p.S, p.tiles_b,
@@ -896,7 +896,7 @@ def bn_act_bwd(grad_out: Tensor, saved: Tensor, weight: Optional[Tensor], bias: 
             p.tiles_b, p.n_tiles if training else 0, p.tiles_per_split, *scalars,
             TRAINING=bool(training), BA=p.BA, BB=p.BB, BCH=p.BCH, BS=p.BS, CL=p.cl,
             num_warps=p.num_warps, **flags)
-    return dx, gw, gb
+    return ref.bn_output_as_torch(dx), gw, gb
 
 
 __all__ = ["bn_act_fwd", "bn_act_bwd"]

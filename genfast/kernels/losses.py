@@ -125,11 +125,12 @@ def _gan_elem(x, is_real, label, KIND: tl.constexpr, FAKE_ROLE: tl.constexpr):
             z = tl.where(is_real, 1.0 - x, 1.0 + x)
             on = z > 0
             loss = tl.where(on, z, tl.where(x != x, x, 0.0))
-            grad = tl.where(on, tl.where(is_real, -1.0, 1.0), 0.0)
+            # torch's threshold_backward: 0 where z <= 0 only (a NaN z passes the gradient)
+            grad = tl.where(z <= 0, 0.0, tl.where(is_real, -1.0, 1.0))
         else:
             zr = 1.0 - x
             loss = tl.where(is_real, tl.where(zr > 0, zr, tl.where(x != x, x, 0.0)), -x)
-            grad = tl.where(is_real, tl.where(zr > 0, -1.0, 0.0), -1.0)
+            grad = tl.where(is_real, tl.where(zr <= 0, 0.0, -1.0), -1.0)
     elif KIND == 3:
         if FAKE_ROLE == 1:
             loss = tl.where(is_real, -x, x)

@@ -47,7 +47,7 @@ def _bwd_fake(grad_out, saved, weight, bias, save_mean, save_invstd, training, a
     C = saved.shape[1]
     gw = saved.new_empty((C,), dtype=weight.dtype if weight is not None else saved.dtype)
     gb = saved.new_empty((C,), dtype=bias.dtype if bias is not None else saved.dtype)
-    return torch.empty_like(saved), gw, gb
+    return ref.bn_output_as_torch(torch.empty_like(saved)), gw, gb
 
 
 # --- the registered op pair ----------------------------------------------------------------
@@ -243,6 +243,15 @@ def check_inputs(input: Tensor, running_mean, running_var, weight, bias, trainin
             raise RuntimeError(
                 f"batch_norm_act: expected {name} to have dtype {input.dtype}"
                 + (" or torch.float32" if low else "") + f", got {t.dtype}")
+    # as torch: the four take one dtype (the input's, or float32 for a float16 / bfloat16 input)
+    given = [(n, t) for n, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                                 ("running_var", running_var)) if t is not None]
+    for name, t in given[1:]:
+        if t.dtype != given[0][1].dtype:
+            raise RuntimeError(
+                f"batch_norm_act: expected {name} to have dtype {given[0][1].dtype}, the dtype of "
+                f"{given[0][0]} (weight, bias, running_mean and running_var take one dtype), got "
+                f"{t.dtype}")
     if (running_mean is None) != (running_var is None):
         raise RuntimeError("batch_norm_act: running_mean and running_var must be given together")
     if not training and running_mean is None:

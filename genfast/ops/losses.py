@@ -220,28 +220,54 @@ class GanLossFunction(torch.autograd.Function):
         out_r, out_f, grad = _call("gan_loss_fwd", gan_loss_op, backend, real, fake, kind, generator, reduction,
                                    real_label)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(grad, real, fake)
-        ctx.cfg = (kind, generator, reduction, real_label, backend)
-        if reduction != REDUCTIONS["none"]:
-            ctx.mark_non_differentiable(out_f)
+        _gan_save(ctx, grad, real, fake, out_r, out_f, (kind, generator, reduction, real_label, backend))
         return out_r, out_f
 
     @staticmethod
     def backward(ctx, g_r, g_f):
         grad, real, fake = ctx.saved_tensors
+        real_meta, (fake_shape, fake_dtype) = ctx.meta
         kind, generator, reduction, real_label, backend = ctx.cfg
         none = reduction == REDUCTIONS["none"]
         coef_a, coef_b = (g_r, g_f) if none else (g_r, g_r)
+        if coef_a is None and coef_b is None:
+            return None, None, None, None, None, None, None
         if torch.is_grad_enabled():
+            if fake is None:  # needs no gradient: its term is formed on zeros, not differentiated
+                fake = torch.zeros(fake_shape, dtype=fake_dtype, device=grad.device)
             dr, df = _gan_ref_grads(real, fake, coef_a, coef_b, kind, generator, reduction, real_label)
-            return dr, df, None, None, None, None, None
-        nr = real.numel() if real is not None else 0
-        dt_r = real.dtype if real is not None else grad.dtype
-        dt_f = fake.dtype if fake is not None else grad.dtype
-        ga, gb = _call("loss_scale_grad", loss_backward_op, backend, coef_a, coef_b, grad, nr, dt_r, dt_f)
-        dr = ga.view(real.shape) if real is not None and ctx.needs_input_grad[0] else None
-        df = gb.view(fake.shape) if fake is not None and ctx.needs_input_grad[1] else None
+        else:
+            nr = real_meta[0].numel() if real_meta is not None else 0
+            dt_r = real_meta[1] if real_meta is not None else grad.dtype
+            ga, gb = _call("loss_scale_grad", loss_backward_op, backend, coef_a, coef_b, grad, nr, dt_r,
+                           fake_dtype)
+            dr = ga.view(real_meta[0]) if real_meta is not None else None
+            df = gb.view(fake_shape)
+        # a side that needs none, or (reduction none) whose terms got no gradient, gets None
+        if not ctx.needs_input_grad[0] or (none and g_r is None):
+            dr = None
+        if not ctx.needs_input_grad[1] or (none and g_f is None):
+            df = None
         return dr, df, None, None, None, None, None
+
+
+def _gan_save(ctx, grad, real, fake, out_r, out_f, cfg):
+    """The GAN loss's backward state (GanLossFunction and the registered op's autograd): the
+    logits only where their side needs a gradient (the create_graph backward differentiates
+    those alone; a side that needs none may be an inference tensor, which cannot be saved), and
+    with reduction none each side's terms differentiable only when that side is (they depend on
+    it alone, as torch's separate ops)."""
+    real_grad = real is not None and real.requires_grad
+    ctx.save_for_backward(grad, real if real_grad else None, fake if fake.requires_grad else None)
+    ctx.meta = (None if real is None else (real.shape, real.dtype), (fake.shape, fake.dtype))
+    ctx.cfg = cfg
+    if cfg[2] != REDUCTIONS["none"]:
+        ctx.mark_non_differentiable(out_f)
+    else:
+        if not real_grad:
+            ctx.mark_non_differentiable(out_r)
+        if not fake.requires_grad:
+            ctx.mark_non_differentiable(out_f)
 
 
 def _gan_ref_grads(real, fake, coef_a, coef_b, kind, generator, reduction, real_label):
@@ -364,11 +390,8 @@ class ReparamFunction(torch.autograd.Function):
 
 def _gan_setup(ctx, inputs, output):
     real, fake, kind, generator, reduction, real_label, backend = inputs
-    ctx.save_for_backward(output[2], real, fake)
-    ctx.cfg = (kind, generator, reduction, real_label, backend)
+    _gan_save(ctx, output[2], real, fake, output[0], output[1], (kind, generator, reduction, real_label, backend))
     ctx.mark_non_differentiable(output[2])
-    if reduction != REDUCTIONS["none"]:
-        ctx.mark_non_differentiable(output[1])
 
 
 def _vae_setup(ctx, inputs, output):

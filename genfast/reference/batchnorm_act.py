@@ -10,14 +10,14 @@ import torch
 from genfast.reference.activation import act_backward, act_forward
 
 
-def empty_bn_output(x: torch.Tensor) -> torch.Tensor:
-    """An output for a BatchNorm (+ activation) of x as the kernels write it (the fakes use this):
-    canonical strides, contiguous whenever x is contiguous (whatever the strides of its size-1
-    dimensions, e.g. an (N, C, 1, 1) tensor made channels_last: torch's CPU BatchNorm layout),
-    channels_last for a channels_last-dense 4-D x, x's own strides for an (N, C, L) x stored
-    (N, L, C); contiguous for any other x, which the kernels first copy to contiguous (torch
-    keeps a channels_last-like one channels_last there). The C++ kernels' allocation is
-    csrc/common/tensor_layout.h's empty_bn_output."""
+def bn_write_buffer(x: torch.Tensor) -> torch.Tensor:
+    """The buffer a BatchNorm (+ activation) kernel writes its output of x into: canonical
+    strides, contiguous whenever x is contiguous (whatever the strides of its size-1 dimensions,
+    e.g. an (N, C, 1, 1) tensor made channels_last: torch's CPU BatchNorm layout), channels_last
+    for a channels_last-dense 4-D x, x's own strides for an (N, C, L) x stored (N, L, C) (the
+    kernels write in x's memory order); contiguous for any other x, which the kernels first copy
+    to contiguous (torch keeps a channels_last-like one channels_last there). The C++ kernels'
+    allocation is csrc/common/tensor_layout.h's empty_bn_output."""
     if x.is_contiguous():
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
@@ -26,6 +26,19 @@ def empty_bn_output(x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 3 and x.transpose(1, 2).is_contiguous():
         return torch.empty_like(x)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def bn_output_as_torch(out: torch.Tensor) -> torch.Tensor:
+    """The output a BatchNorm op returns from its kernel's buffer (bn_write_buffer): torch's
+    BatchNorm returns contiguous strides for every rank but 4, so an (N, C, L) output written in
+    (N, L, C) order is copied to contiguous (csrc/common/tensor_layout.h's bn_output_as_torch)."""
+    return out.contiguous() if out.dim() != 4 and not out.is_contiguous() else out
+
+
+def empty_bn_output(x: torch.Tensor) -> torch.Tensor:
+    """An output of a BatchNorm (+ activation) of x with the strides the ops return (the fakes
+    use this): bn_write_buffer's, contiguous for every rank but 4."""
+    return bn_output_as_torch(bn_write_buffer(x))
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -99,7 +112,8 @@ def batch_norm_act(x, running_mean, running_var, weight, bias, training, momentu
         z = z * effective_gamma(weight.to(acc), gamma_floor).view(shape)
     if bias is not None:
         z = z + bias.to(acc).view(shape)
-    return act_forward(z, activation, negative_slope).to(x.dtype)
+    # torch's strides: contiguous for every rank but 4 (elementwise ops keep x's)
+    return bn_output_as_torch(act_forward(z, activation, negative_slope).to(x.dtype))
 
 
 def batch_norm_act_backward(grad_out, x, weight, bias, mean, invstd, training,
@@ -154,7 +168,8 @@ def apply(x, mean, invstd, weight, bias, activation, negative_slope, gamma_floor
         z = z * effective_gamma(weight.to(acc), gamma_floor).view(shape)
     if bias is not None:
         z = z + bias.to(acc).view(shape)
-    return act_forward(z, activation, negative_slope).to(x.dtype)
+    # torch's strides: contiguous for every rank but 4 (elementwise ops keep x's)
+    return bn_output_as_torch(act_forward(z, activation, negative_slope).to(x.dtype))
 
 
 def _dz_xhat(grad_out, saved, weight, bias, mean, invstd, activation, negative_slope, gamma_floor,
