@@ -123,6 +123,13 @@ struct Conv2dAct : public torch::autograd::Function<Conv2dAct> {
       dz = !need_x ? at::Tensor() : (act == kIdentity ? dyc : at::empty(dyc.sizes(), dyc.options()));
       std::tie(dw, db) = conv2d_weight_backward(dyc, yc, act, slope, x, w, stride, padding, dilation, need_b,
                                                 act == kIdentity ? at::Tensor() : dz);
+      if (!dw.defined()) {
+        // a float32 dz holding NaN or inf: grad_weight from torch's own product, whose NaN
+        // pattern (oneDNN's blocking over the padding) depends on the shape
+        const at::Tensor dzf = dz.defined() ? dz : act_grad_from_output(dyc, yc, act, slope).contiguous();
+        dw = std::get<1>(at::convolution_backward(dzf, x, w, c10::nullopt, stride, padding, dilation, false,
+                                                  at::IntArrayRef(zero, 2), groups, {false, true, false}));
+      }
       if (need_x)
         dx = gemm ? std::get<0>(conv_transpose_fwd_call(dz, w, c10::nullopt, stride, padding, at::IntArrayRef(op, 2),
                                                         1, dilation, kIdentity, 0.0))

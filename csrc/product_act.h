@@ -97,8 +97,9 @@ bool conv2d_grad_input_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArr
 // conv2d_weight_backward (few input channels, groups 1, contiguous float32 / float64 x and w),
 // and that backward: (grad_weight, grad_bias or undefined) from dy and the saved output y (any
 // tensor for the identity), both contiguous, writing dz = dy * act'(y) into dz_out when it is
-// defined (a contiguous tensor of dy's size, for grad_input; not for the identity). On
-// arguments the caller has validated.
+// defined (a contiguous tensor of dy's size, for grad_input; not for the identity). grad_weight
+// is undefined when a float32 dz holds NaN or inf: the caller then takes it from torch's own
+// product, whose NaN pattern depends on the shape. On arguments the caller has validated.
 bool conv2d_grad_weight_gemm_ok(const at::Tensor& x, const at::Tensor& w, int64_t groups);
 std::tuple<at::Tensor, at::Tensor> conv2d_weight_backward(const at::Tensor& dy, const at::Tensor& y, int64_t act,
                                                           double slope, const at::Tensor& x, const at::Tensor& w,

@@ -95,7 +95,10 @@ def test_kernels_match_reference_float64(shape, layout, act, training, path):
     rm_ref, rv_ref = rm.clone(), rv.clone()
     y, mean, invstd, dy, (dx, gw, gb) = run_kernels(x, w, b, rm, rv, training, act, path)
     y_r, mean_r, invstd_r, (dx_r, gw_r, gb_r) = run_reference(x, w, b, rm_ref, rv_ref, training, act, dy)
-    assert y.stride() == x.stride() and dx.stride() == x.stride()
+    # torch's strides: x's for 4-D, contiguous for other ranks (an (N, C, L) x stored (N, L, C)
+    # is read in place and its results copied to contiguous)
+    want = x.stride() if x.dim() == 4 else torch.empty(x.shape).stride()
+    assert y.stride() == want and dx.stride() == want
     assert mean.dtype == invstd.dtype == torch.float64
     assert_close(y, y_r, msg="output")
     assert_close(mean, mean_r, msg="save_mean")
@@ -397,7 +400,7 @@ def test_module_on_triton_matches_torch(cfg):
         with backend("triton"):
             yg.backward(dy)
         yt.backward(dy)
-        assert yg.stride() == x.stride()
+        assert yg.stride() == yt.stride()
         assert_close(yg, yt, msg=f"output, step {step}")
         assert_close(xg.grad, xt.grad, msg=f"grad_input, step {step}")
         if g.affine:

@@ -202,6 +202,53 @@ def test_conv2d_grad_weight_special_values_like_torch(special, dtype, act):
     torch.testing.assert_close(a[fin], r[fin], atol=1e-4, rtol=1e-4)
 
 
+# (batch, C_in, H, W, kernel, stride, padding, activation): shapes where torch's float32 product
+# does not skip the padding (found by a bad-input hunt), and tanh on a NaN input
+_NONFINITE_DZ_CASES = [
+    (1, 3, 8, 8, (3, 3), 1, 1, None),
+    (1, 3, 8, 8, (3, 3), 1, 2, None),
+    (16, 2, 6, 6, (1, 1), 1, 1, None),
+    (16, 2, 7, 7, (3, 3), 1, 3, None),
+    (4, 1, 9, 8, (2, 3), 1, 2, "sigmoid"),
+    (3, 1, 9, 8, (2, 3), 2, 3, "tanh"),
+]
+
+
+@pytest.mark.parametrize("case", _NONFINITE_DZ_CASES)
+@pytest.mark.parametrize("special", [float("nan"), float("inf")])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv2d_grad_weight_nonfinite_dz_places_nan_as_torch(case, special, channels_last):
+    """Few input channels, float32, a NaN / inf reaching dz (in the incoming gradient at a border
+    position, or through tanh / sigmoid of a NaN input): grad_weight has NaN / inf exactly where
+    torch's has them (its product's pattern depends on the shape, so genfast takes that product
+    for such a batch) and torch's values elsewhere; grad_input and grad_bias too."""
+    N, C, H, W, k, s, p, act = case
+    torch.manual_seed(7)
+    x = torch.randn(N, C, H, W)
+    w = torch.randn(5, C, *k)
+    b = torch.randn(5)
+    if act is not None:
+        x[N - 1, 0, H // 2, W // 2] = float("nan")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref_act = {None: lambda z: z, "tanh": torch.tanh, "sigmoid": torch.sigmoid}[act]
+    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    with use_backend("cpu"):
+        out = GF.conv2d(xs, ws, bs, s, p, activation=act)
+    ref = ref_act(F.conv2d(xr, wr, br, s, p))
+    g = torch.rand_like(ref) + 0.5
+    g[0, 0, 0, 0] = special
+    got = torch.autograd.grad(out, (xs, ws, bs), g)
+    want = torch.autograd.grad(ref, (xr, wr, br), g)
+    for name, a, r in zip(("grad_input", "grad_weight", "grad_bias"), got, want):
+        assert torch.equal(a.isnan(), r.isnan()), name
+        assert torch.equal(a.isposinf(), r.isposinf()) and torch.equal(a.isneginf(), r.isneginf()), name
+        fin = r.isfinite()
+        torch.testing.assert_close(a[fin], r[fin], atol=1e-4, rtol=1e-4, msg=name)
+    assert got[1].isnan().any()  # the case reaches the non-finite path
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("special", [float("nan"), float("inf"), -float("inf")])

@@ -229,3 +229,21 @@ def test_bool_conv_argument_type_error_as_torch(arg):
         F.conv2d(x, w, **{arg: True})
     with pytest.raises(TypeError):
         GF.conv2d(x, w, **{arg: True}, activation="relu")
+
+
+@pytest.mark.parametrize("slope", ["0.2", None, [0.2]])
+def test_non_numeric_negative_slope_raises_typeerror_naming_it(slope):
+    """As torch's F.leaky_relu(x, "0.2"): TypeError naming negative_slope (it was a bare
+    comparison error), from the functionals and the modules' constructors."""
+    x, w = torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    with pytest.raises(TypeError):
+        F.leaky_relu(x, slope)
+    calls = [lambda: GF.conv2d(x, w, activation="leaky_relu", negative_slope=slope),
+             lambda: GF.linear(torch.randn(2, 3), torch.randn(4, 3), activation="leaky_relu",
+                               negative_slope=slope),
+             lambda: GF.conv_transpose2d(x, torch.randn(3, 4, 3, 3), activation="leaky_relu",
+                                         negative_slope=slope),
+             lambda: gnn.Conv2d(3, 4, 3, activation="leaky_relu", negative_slope=slope)]
+    for call in calls:
+        with pytest.raises(TypeError, match="negative_slope"):
+            call()

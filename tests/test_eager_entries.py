@@ -145,6 +145,37 @@ def test_reparameterize_takes_the_entry(no_checked_path, dtype, layout):
         torch.testing.assert_close(a.nan_to_num(), b.nan_to_num(), **tol)
 
 
+@pytest.mark.parametrize("layouts", [("channels_last", "contiguous"), ("contiguous", "channels_last"),
+                                     ("channels_last", "channels_last"), ("transposed", "contiguous")])
+@pytest.mark.parametrize("grad", ["dense", "expanded"])
+def test_reparameterize_strides_like_torch(no_checked_path, layouts, grad):
+    """z and the gradients in the strides torch's expression gives, for mu and logvar of
+    different layouts (found by a bad-input hunt: they came back contiguous), with torch's values
+    (z bitwise under the same seed)."""
+    def make(layout):
+        if layout == "transposed":
+            return torch.randn(5, 6, dtype=D).t()
+        t = torch.randn(2, 3, 4, 5, dtype=D)
+        return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t
+
+    mu0, lv0 = make(layouts[0]), None
+    lv0 = make(layouts[1]) if layouts[0] != "transposed" else torch.randn(*mu0.shape, dtype=D)
+    mu, lv = mu0.clone().requires_grad_(), lv0.clone().requires_grad_()
+    mu_t, lv_t = mu0.clone().requires_grad_(), lv0.clone().requires_grad_()
+    torch.manual_seed(9)
+    z = GF.reparameterize(mu, lv)
+    torch.manual_seed(9)
+    want = mu_t + torch.randn_like(mu_t) * torch.exp(0.5 * lv_t)
+    assert z.stride() == want.stride()
+    assert torch.equal(z, want)
+    gz = torch.ones((), dtype=D).expand(want.shape) if grad == "expanded" else torch.randn_like(want)
+    got = torch.autograd.grad(z, (mu, lv), gz)
+    exp = torch.autograd.grad(want, (mu_t, lv_t), gz)
+    for a, b in zip(got, exp):
+        assert a.stride() == b.stride()
+        torch.testing.assert_close(a, b, rtol=4 * torch.finfo(D).eps, atol=0)
+
+
 @pytest.mark.parametrize("wanted", ["mu", "logvar"])
 def test_reparameterize_one_input_requiring_grad(no_checked_path, wanted):
     mu, lv = torch.randn(4, 6, dtype=D), torch.randn(4, 6, dtype=D)

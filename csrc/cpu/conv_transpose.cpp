@@ -1501,29 +1501,6 @@ GENFAST_SIMD_CLONES bool conv_dz_image(const scalar_t* dy, const scalar_t* y, sc
   return finite;
 }
 
-// One image's grad_weight term added into gw (C_out, C_in*KH*KW) term by term, over the output
-// positions whose tap lies inside x only: a dz holding NaN or inf gives torch's pattern (its
-// products skip the padding, where the GEMM's zeros would make 0 * inf = NaN).
-template <typename scalar_t>
-void conv_weight_direct(const scalar_t* dz, const scalar_t* x, scalar_t* gw, const Geometry& g) {
-  const int64_t L = g.Hout * g.Wout, K = g.Cin * g.KH * g.KW;
-  for (int64_t co = 0; co < g.Cout; ++co)
-    for (int64_t ci = 0; ci < g.Cin; ++ci)
-      for (int64_t kh = 0; kh < g.KH; ++kh)
-        for (int64_t kw = 0; kw < g.KW; ++kw) {
-          scalar_t acc = 0;
-          for (int64_t oh = 0; oh < g.Hout; ++oh) {
-            const int64_t ih = oh * g.SH - g.PH + kh * g.DH;
-            if (ih < 0 || ih >= g.Hin) continue;
-            for (int64_t ow = 0; ow < g.Wout; ++ow) {
-              const int64_t iw = ow * g.SW - g.PW + kw * g.DW;
-              if (iw < 0 || iw >= g.Win) continue;
-              acc += dz[co * L + oh * g.Wout + ow] * x[(ci * g.Hin + ih) * g.Win + iw];
-            }
-          }
-          gw[co * K + (ci * g.KH + kh) * g.KW + kw] += acc;
-        }
-}
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> conv2d_weight_backward(const at::Tensor& dy, const at::Tensor& y, int64_t act,
@@ -1550,6 +1527,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_weight_backward(const at::Tensor& dy, 
   const int64_t K = g.Cin * g.KH * g.KW, L = g.Hout * g.Wout, CL = g.Cout * L;
   std::vector<at::Tensor> partial(g.N);  // grad_weight, at each range's first image
   std::vector<at::Tensor> bpart(g.N);    // grad_bias, likewise
+  std::atomic<bool> nonfinite{false};    // a float32 image's dz held NaN or inf
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_weight_backward", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* dyp = dy.data_ptr<scalar_t>();
@@ -1575,16 +1553,17 @@ std::tuple<at::Tensor, at::Tensor> conv2d_weight_backward(const at::Tensor& dy, 
                                                          L, static_cast<scalar_t>(slope),
                                                          bsum);
           const scalar_t* xn = xp + n * g.Cin * g.Hin * g.Win;
-          if (std::is_same_v<scalar_t, float> && !finite) {
-            // rare: term by term, as torch's float32 (oneDNN) products, which skip the padding
-            // (its float64 products multiply zero columns, as the GEMM below does)
-            if (n == n0) gw = at::zeros({g.Cout, K}, x.options());
-            conv_weight_direct<scalar_t>(dzn, xn, gw.data_ptr<scalar_t>(), g);
-            continue;
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            // rare: torch's float32 (oneDNN) products place NaN by their own blocking, which
+            // depends on the shape (they skip the padding at some shapes and not at others), so
+            // once any image's dz is not finite grad_weight is left to that product (the
+            // caller); dz and the bias sums go on
+            if (!finite) nonfinite.store(true, std::memory_order_relaxed);
+            if (nonfinite.load(std::memory_order_relaxed)) continue;
           }
           conv_im2col_image<scalar_t>(xn, cols.data_ptr<scalar_t>(), g);
           const at::Tensor dzt = at::from_blob(const_cast<scalar_t*>(dzn), {g.Cout, L}, x.options());
-          if (n == n0) gw = at::mm(dzt, cols.t());
+          if (!gw.defined()) gw = at::mm(dzt, cols.t());
           else gw.addmm_(dzt, cols.t());
         }
         partial[n0] = gw;
@@ -1592,7 +1571,9 @@ std::tuple<at::Tensor, at::Tensor> conv2d_weight_backward(const at::Tensor& dy, 
       });
     });
   });
-  return {sum_in_order(partial).view(w.sizes()), sum_in_order(bpart)};
+  const at::Tensor db = sum_in_order(bpart);
+  if (nonfinite.load()) return {at::Tensor(), db};
+  return {sum_in_order(partial).view(w.sizes()), db};
 }
 
 // For genfast::linear_act's backward (csrc/conv_act_autograd.cpp), on a dense (M, C) row-major

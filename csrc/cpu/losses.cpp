@@ -618,10 +618,28 @@ std::tuple<at::Tensor, at::Tensor> bce_loss_fwd_cpu(const at::Tensor& input_, co
   return {out, grad};
 }
 
+// The strides torch's elementwise expression a * b (+ c) gives (TensorIterator's choice from its
+// operands' strides), found on meta tensors: for operands that are not all contiguous.
+at::Tensor torch_layout_like(const at::Tensor& out, std::initializer_list<at::Tensor> operands, bool add_first) {
+  std::vector<at::Tensor> m;
+  for (const at::Tensor& t : operands)
+    m.push_back(at::empty_strided(t.sizes(), t.strides(), t.options().device(at::kMeta)));
+  const at::Tensor r = add_first ? at::add(m[0], at::mul(m[1], m[2])) : at::mul(at::mul(m[0], m[1]), m[2]);
+  if (r.strides() == out.strides()) return out;
+  return at::empty_strided(r.sizes(), r.strides(), out.options()).copy_(out);
+}
+
+bool all_contiguous(std::initializer_list<at::Tensor> ts) {
+  for (const at::Tensor& t : ts)
+    if (!t.is_contiguous()) return false;
+  return true;
+}
+
 // z = mu + eps * s, s = exp(0.5 logvar) already computed (by torch's mul and exp), one pass.
-// With keep_layout (the eager entry), z takes mu's layout when eps and s share it (e.g.
-// channels_last), as torch's expression's result does; otherwise (and for the registered op,
-// whose fake kernel is contiguous) z is contiguous.
+// With keep_layout (the eager entry), z takes the strides torch's expression's result has: mu's
+// when eps and s share them (e.g. channels_last), computed in place; for operands of different
+// layouts it is computed contiguous and copied into torch's strides (one more pass, rare). For
+// the registered op (whose fake kernel is contiguous) z is contiguous.
 at::Tensor reparam_combine_cpu(const at::Tensor& mu_, const at::Tensor& eps_, const at::Tensor& s,
                                bool keep_layout) {
   const bool same = keep_layout && mu_.is_non_overlapping_and_dense() && eps_.strides() == mu_.strides() &&
@@ -638,6 +656,7 @@ at::Tensor reparam_combine_cpu(const at::Tensor& mu_, const at::Tensor& eps_, co
       for (int64_t i = i0; i < i1; ++i) o[i] = reparam_combine<scalar_t, acc_t>(m[i], e[i], sp[i]);
     });
   });
+  if (keep_layout && !same && !all_contiguous({mu_, eps_, s})) return torch_layout_like(z, {mu_, eps_, s}, true);
   return z;
 }
 
@@ -714,6 +733,8 @@ at::Tensor reparam_bwd_scale_cpu(const at::Tensor& grad_z_, const at::Tensor& ep
                                      static_cast<acc_t>(sp[i]));
     });
   });
+  // the strides torch's backward of the expression gives (its grad_z * eps * s), e.g. channels_last
+  if (!all_contiguous({grad_z_, eps_, s_})) return torch_layout_like(out, {grad_z_, eps_, s_}, false);
   return out;
 }
 

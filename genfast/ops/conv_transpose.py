@@ -579,8 +579,13 @@ def _pair(value, name: str) -> tuple[int, int]:
 
 
 def check_int_slope(negative_slope) -> None:
-    """torch's OverflowError for a leaky_relu slope given as an int that its argument parser cannot
-    convert (outside [-2**63, 2**64)); float(slope) would take it."""
+    """torch's argument-parser errors for a leaky_relu slope: TypeError naming the argument for
+    anything but a real number or a 0-dim tensor (a string, None), and OverflowError for an int
+    it cannot convert (outside [-2**63, 2**64)), which float(slope) would take."""
+    if not (isinstance(negative_slope, numbers.Real)
+            or (isinstance(negative_slope, torch.Tensor) and negative_slope.dim() == 0)):
+        raise TypeError("leaky_relu(): argument 'negative_slope' must be Number, not "
+                        f"{type(negative_slope).__name__}")
     if (type(negative_slope) is int
             and not -(1 << 63) <= negative_slope < (1 << 64)):  # noqa: E721 - bools are not ints here
         raise OverflowError("int too big to convert")
