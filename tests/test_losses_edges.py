@@ -241,3 +241,49 @@ def test_hinge_backward_passes_gradient_at_nan(backend_name, dtype, reduction):
             got = grads(lambda r, f: GF.discriminator_loss(r, f, "hinge", reduction), create_graph)
         for a, b in zip(got, want):
             torch.testing.assert_close(a.detach(), b, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "triton"])
+def test_gan_registered_op_autograd_per_side(backend_name):
+    """torch.ops.genfast.gan_loss (the op torch.compile's graphs call) under autograd, as the
+    eager paths: with reduction none, the terms of a side without grad need none (their backward
+    raises torch's error), and backpropagating one side's terms leaves the other's .grad None;
+    reduced, the second (empty) output needs no grad."""
+    op = torch.ops.genfast.gan_loss
+    torch.manual_seed(8)
+    r, f = torch.randn(4, dtype=torch.float64), torch.randn(3, dtype=torch.float64, requires_grad=True)
+    out_r, out_f, _ = op(r, f, 0, False, 0, 1.0, backend_name)
+    assert not out_r.requires_grad and out_f.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        out_r.sum().backward()
+    r.requires_grad_()
+    out_r, out_f, _ = op(r, f, 0, False, 0, 1.0, backend_name)
+    out_f.sum().backward()
+    assert r.grad is None
+    f_ref = f.detach().clone().requires_grad_()
+    _bce_terms(f_ref, 0.0).sum().backward()
+    torch.testing.assert_close(f.grad, f_ref.grad)
+    loss, empty, _ = op(r, f, 0, False, 1, 1.0, backend_name)
+    assert loss.requires_grad and not empty.requires_grad
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "triton"])
+@pytest.mark.parametrize("saved_is_output", [False, True])
+def test_backward_fake_strides_match_the_kernel(backend_name, saved_is_output):
+    """The registered backward's fake gives the strides its kernel returns for a saved tensor in
+    neither layout the kernels read in place (a permuted 4-D tensor, read through a contiguous
+    copy) and for an empty sequence batch (found by a review)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for saved in (torch.randn(2, 5, 4, 3).permute(0, 2, 1, 3), torch.randn(0, 5, 4).transpose(1, 2)):
+        C = saved.shape[1]
+        dy = torch.randn(saved.shape)
+        w, b = torch.rand(C) + 0.5, torch.randn(C)
+        mean, invstd = torch.randn(C), torch.rand(C) + 0.5
+        args = (True, 2, 0.2, 1e-3 if saved_is_output else 0.0, saved_is_output)
+        with genfast.backend.use_backend(backend_name):
+            real = torch.ops.genfast.batch_norm_act_bwd(dy, saved, w, b, mean, invstd, *args)[0]
+        with FakeTensorMode() as mode:
+            fs, fdy, fw, fb, fm, fi = (mode.from_tensor(t) for t in (saved, dy, w, b, mean, invstd))
+            fake = torch.ops.genfast.batch_norm_act_bwd(fdy, fs, fw, fb, fm, fi, *args)[0]
+        assert fake.stride() == real.stride(), (tuple(saved.stride()), fake.stride(), real.stride())

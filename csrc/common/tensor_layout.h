@@ -49,9 +49,11 @@ inline at::Tensor empty_bn_output(const at::Tensor& t) {
 }
 
 // The output a BatchNorm op returns, from the buffer empty_bn_output gave its kernel: torch's CPU
-// and CUDA BatchNorm return contiguous strides for every rank but 4 (suggest_memory_format), so
-// an (N, C, L) input stored (N, L, C) (a sequence's (N, L, C).transpose(1, 2)), which the kernels
-// read and write in that order, gets its output copied to contiguous (user code views it).
+// and CUDA BatchNorm return contiguous strides for an (N, C, L) input stored (N, L, C) (a
+// sequence's (N, L, C).transpose(1, 2): suggest_memory_format is contiguous for 3-D), which the
+// kernels read and write in that order, so its output is copied to contiguous (user code views
+// it). (A 5-D channels_last_3d input, which torch keeps in its layout, is read through a
+// contiguous copy and returned contiguous: a known difference.)
 inline at::Tensor bn_output_as_torch(const at::Tensor& out) {
   return out.dim() != 4 && !out.is_contiguous() ? out.contiguous() : out;
 }

@@ -47,7 +47,7 @@ def _bwd_fake(grad_out, saved, weight, bias, save_mean, save_invstd, training, a
     C = saved.shape[1]
     gw = saved.new_empty((C,), dtype=weight.dtype if weight is not None else saved.dtype)
     gb = saved.new_empty((C,), dtype=bias.dtype if bias is not None else saved.dtype)
-    return ref.bn_output_as_torch(torch.empty_like(saved)), gw, gb
+    return ref.bn_output_as_torch(ref.bn_write_buffer(saved)), gw, gb  # (the kernels' layout of saved)
 
 
 # --- the registered op pair ----------------------------------------------------------------

@@ -219,7 +219,6 @@ class GanLossFunction(torch.autograd.Function):
     def forward(ctx, real, fake, kind, generator, reduction, real_label, backend):
         out_r, out_f, grad = _call("gan_loss_fwd", gan_loss_op, backend, real, fake, kind, generator, reduction,
                                    real_label)
-        ctx.set_materialize_grads(False)
         _gan_save(ctx, grad, real, fake, out_r, out_f, (kind, generator, reduction, real_label, backend))
         return out_r, out_f
 
@@ -251,23 +250,28 @@ class GanLossFunction(torch.autograd.Function):
         return dr, df, None, None, None, None, None
 
 
-def _gan_save(ctx, grad, real, fake, out_r, out_f, cfg):
+def _gan_save(ctx, grad, real, fake, out_r, out_f, cfg, *non_differentiable):
     """The GAN loss's backward state (GanLossFunction and the registered op's autograd): the
     logits only where their side needs a gradient (the create_graph backward differentiates
     those alone; a side that needs none may be an inference tensor, which cannot be saved), and
     with reduction none each side's terms differentiable only when that side is (they depend on
-    it alone, as torch's separate ops)."""
+    it alone, as torch's separate ops). `non_differentiable`: further outputs to mark (one
+    mark_non_differentiable call: each call replaces the previous marks). Incoming gradients are
+    not materialised, so a side whose terms got none is told apart from a zero gradient."""
     real_grad = real is not None and real.requires_grad
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad, real if real_grad else None, fake if fake.requires_grad else None)
     ctx.meta = (None if real is None else (real.shape, real.dtype), (fake.shape, fake.dtype))
     ctx.cfg = cfg
+    marks = list(non_differentiable)
     if cfg[2] != REDUCTIONS["none"]:
-        ctx.mark_non_differentiable(out_f)
+        marks.append(out_f)
     else:
         if not real_grad:
-            ctx.mark_non_differentiable(out_r)
+            marks.append(out_r)
         if not fake.requires_grad:
-            ctx.mark_non_differentiable(out_f)
+            marks.append(out_f)
+    ctx.mark_non_differentiable(*marks)
 
 
 def _gan_ref_grads(real, fake, coef_a, coef_b, kind, generator, reduction, real_label):
@@ -390,8 +394,8 @@ class ReparamFunction(torch.autograd.Function):
 
 def _gan_setup(ctx, inputs, output):
     real, fake, kind, generator, reduction, real_label, backend = inputs
-    _gan_save(ctx, output[2], real, fake, output[0], output[1], (kind, generator, reduction, real_label, backend))
-    ctx.mark_non_differentiable(output[2])
+    _gan_save(ctx, output[2], real, fake, output[0], output[1], (kind, generator, reduction, real_label, backend),
+              output[2])
 
 
 def _vae_setup(ctx, inputs, output):

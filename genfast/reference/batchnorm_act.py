@@ -18,26 +18,31 @@ def bn_write_buffer(x: torch.Tensor) -> torch.Tensor:
     kernels write in x's memory order); contiguous for any other x, which the kernels first copy
     to contiguous (torch keeps a channels_last-like one channels_last there). The C++ kernels'
     allocation is csrc/common/tensor_layout.h's empty_bn_output."""
+    if x.dim() == 3 and x.transpose(1, 2).is_contiguous() and not x.is_contiguous():
+        return torch.empty_like(x)
+    if x.dim() == 3 and x.numel() == 0:
+        # an empty batch: x's own strides, as the C++ kernels' empty_like and torch give
+        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
     if x.is_contiguous():
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         return torch.empty(x.shape, dtype=x.dtype, device=x.device,
                            memory_format=torch.channels_last)
-    if x.dim() == 3 and x.transpose(1, 2).is_contiguous():
-        return torch.empty_like(x)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def bn_output_as_torch(out: torch.Tensor) -> torch.Tensor:
     """The output a BatchNorm op returns from its kernel's buffer (bn_write_buffer): torch's
-    BatchNorm returns contiguous strides for every rank but 4, so an (N, C, L) output written in
-    (N, L, C) order is copied to contiguous (csrc/common/tensor_layout.h's bn_output_as_torch)."""
-    return out.contiguous() if out.dim() != 4 and not out.is_contiguous() else out
+    BatchNorm returns contiguous strides for an (N, C, L) input stored (N, L, C) (3-D:
+    suggest_memory_format is contiguous), so such an output, written in that order, is copied to
+    contiguous (csrc/common/tensor_layout.h's bn_output_as_torch; other ranks' buffers already
+    have the strides the ops return)."""
+    return out.contiguous() if out.dim() == 3 and not out.is_contiguous() else out
 
 
 def empty_bn_output(x: torch.Tensor) -> torch.Tensor:
     """An output of a BatchNorm (+ activation) of x with the strides the ops return (the fakes
-    use this): bn_write_buffer's, contiguous for every rank but 4."""
+    use this): bn_write_buffer's, contiguous for a 3-D one stored (N, L, C)."""
     return bn_output_as_torch(bn_write_buffer(x))
 
 
@@ -112,7 +117,7 @@ def batch_norm_act(x, running_mean, running_var, weight, bias, training, momentu
         z = z * effective_gamma(weight.to(acc), gamma_floor).view(shape)
     if bias is not None:
         z = z + bias.to(acc).view(shape)
-    # torch's strides: contiguous for every rank but 4 (elementwise ops keep x's)
+    # torch's strides: contiguous for a 3-D x stored (N, L, C) (elementwise ops keep x's)
     return bn_output_as_torch(act_forward(z, activation, negative_slope).to(x.dtype))
 
 
@@ -168,7 +173,7 @@ def apply(x, mean, invstd, weight, bias, activation, negative_slope, gamma_floor
         z = z * effective_gamma(weight.to(acc), gamma_floor).view(shape)
     if bias is not None:
         z = z + bias.to(acc).view(shape)
-    # torch's strides: contiguous for every rank but 4 (elementwise ops keep x's)
+    # torch's strides: contiguous for a 3-D x stored (N, L, C) (elementwise ops keep x's)
     return bn_output_as_torch(act_forward(z, activation, negative_slope).to(x.dtype))
 
 
