@@ -123,6 +123,9 @@ bool built_with_cuda();
 bool cpu_losses_supported();
 void set_cpu_row_gemm(const std::string& mode);
 std::string cpu_row_gemm();
+void set_cpu_winograd(const std::string& mode);
+std::string cpu_winograd();
+int64_t cpu_winograd_products();
 bool cpu_row_gemm_active();
 c10::optional<at::Tensor> batch_norm_act_eager(const at::Tensor& input, const c10::optional<at::Tensor>& running_mean,
                                                const c10::optional<at::Tensor>& running_var,
@@ -160,6 +163,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "channels): 'auto' (by shape: from a 1x1 input, or with KH*KW <= 4*SH*SW, where it "
         "measured faster than ATen's product), 'always' or 'never'");
   m.def("cpu_row_gemm", &genfast::cpu_row_gemm, "The mode set_cpu_row_gemm set ('auto' at start)");
+  m.def("set_cpu_winograd", &genfast::set_cpu_winograd, py::arg("mode"),
+        "The CPU transposed convolution k4 s2 p1 (float32, NCHW) by Winograd's F(4x4, 2x2): 'auto' "
+        "(by shape: from 64 4x4 tiles with at least 128 input and 64 output channels, where it "
+        "measured faster), 'always' or 'never'");
+  m.def("cpu_winograd", &genfast::cpu_winograd, "The mode set_cpu_winograd set ('auto' at start)");
+  m.def("cpu_winograd_products", &genfast::cpu_winograd_products,
+        "How many Winograd products the CPU transposed convolution has returned in this process "
+        "(calls that fell back to the direct product on a non-finite value do not count)");
   m.def("batch_norm_act_eager", &genfast::batch_norm_act_eager, py::call_guard<py::gil_scoped_release>(),
         "The eager CPU BatchNorm + activation call (genfast::batch_norm_act_train) when its arguments "
         "take it (see csrc/batchnorm_autograd.cpp), else None");

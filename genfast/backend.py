@@ -290,6 +290,43 @@ class cpu_row_gemm:
         set_cpu_row_gemm(self.prev)
 
 
+def set_cpu_winograd(mode: str) -> None:
+    """Where the CPU transposed convolution with kernel 4, stride 2, padding 1 (DCGAN's generator
+    layers; float32, NCHW, groups 1) computes its product by Winograd's F(4x4, 2x2), 2.56x fewer
+    multiply-adds than the direct product, with a float32 error within about 4x the direct
+    product's (csrc/cpu/conv_transpose_winograd.cpp): "auto" (the default: from 64 4x4 input
+    tiles over the batch with at least 128 input and 64 output channels, the shapes where it
+    measured faster), "always" or "never". A call whose Winograd values come out non-finite (an
+    inf or NaN in the input or weight) runs the direct product instead, which gives torch's
+    values. Process-wide."""
+    ext = extension()
+    if ext is None:
+        raise RuntimeError("set_cpu_winograd: genfast._C is not loaded (see the warning at import)")
+    ext.set_cpu_winograd(mode)  # checks mode (ValueError naming it)
+
+
+def get_cpu_winograd() -> str:
+    """The mode set_cpu_winograd set ("auto" when genfast._C is not loaded)."""
+    ext = extension()
+    return "auto" if ext is None else str(ext.cpu_winograd())
+
+
+class cpu_winograd:
+    """Context manager: set_cpu_winograd(mode) inside the block, the previous mode after it."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.prev = "auto"
+
+    def __enter__(self) -> "cpu_winograd":
+        self.prev = get_cpu_winograd()
+        set_cpu_winograd(self.mode)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        set_cpu_winograd(self.prev)
+
+
 def eager_cpu(input: object) -> bool:
     """Whether a call on ``input`` runs genfast's eager CPU path: a CPU tensor, the backend
     setting "auto" or "cpu" with genfast._C loaded, and not inside torch.compile / export

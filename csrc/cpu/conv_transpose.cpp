@@ -50,6 +50,7 @@
 
 #include "../common/activation.h"
 #include "../common/batchnorm_act.h"
+#include "conv_transpose_winograd.h"
 
 namespace genfast {
 namespace {
@@ -1076,7 +1077,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, con
   }
   at::Tensor y;
   std::vector<Welford<acc_t>> part;
-  if (g.N > 0 && gemm_forward_form(x, g)) {
+  // float32 k4 s2 p1 (DCGAN's layers): Winograd's F(4x4, 2x2) product where it takes the shape
+  // (csrc/cpu/conv_transpose_winograd.cpp), then the epilogue in place; undefined where it met a
+  // non-finite value, and then the direct forms below run
+  at::Tensor wprod;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (g.N > 0 && fmt == at::MemoryFormat::Contiguous && out_fmt == at::MemoryFormat::Contiguous &&
+        winograd_k4s2_takes(x, w, g.G, g.KH, g.KW, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.Hout, g.Wout))
+      wprod = winograd_conv_transpose_k4s2(x, w);
+  }
+  if (wprod.defined()) {
+    TORCH_CHECK(has_canonical_strides(wprod, out_fmt), "conv_transpose2d: unexpected Winograd product strides");
+    y = wprod;
+    dispatch_activation(act, [&](auto a) {
+      constexpr int A = decltype(a)::value;
+      epilogue<A, true, scalar_t, acc_t>(y.data_ptr<acc_t>(), y.data_ptr<scalar_t>(), bvec.data(), g.N, g.Cout,
+                                          g.Hout * g.Wout, false, static_cast<acc_t>(slope_d), stats ? &part : nullptr);
+    });
+  } else if (g.N > 0 && gemm_forward_form(x, g)) {
     // the GEMM product, then col2im + bias + activation (+ statistics) plane by plane
     const at::Tensor xc = x.to(acc_opts.dtype()).contiguous(), wt = w_matrix(w.to(acc_opts.dtype()), g);
     // NCHW planes: written into y directly when that is the output's memory order, else
@@ -1244,14 +1262,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy_in,
     // dz gathered into columns (with the bias gradient), then the two BLAS products: a thread
     // per image, or chunk by chunk of images as the forward
     const at::Tensor xc = x.to(acc_opts.dtype()).contiguous(), wt = w_matrix(w.to(acc_opts.dtype()), g);
-    at::Tensor gi = need_input ? at::empty({g.N, g.Cin, g.Hin, g.Win}, acc_opts) : at::Tensor();
+    // float32 k4 s2 p1: grad_input by Winograd's F(4x4, 2x2) from dz (materialised here, with the
+    // bias gradient's sums) where the forward's rule takes the shape; the columns then serve
+    // grad_weight alone
+    bool wino_dx = false;
+    if constexpr (std::is_same_v<scalar_t, float>)
+      wino_dx = need_input &&
+                winograd_k4s2_takes(x, w, g.G, g.KH, g.KW, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.Hout, g.Wout);
+    const bool col_bias = has_bias && !wino_dx;  // the bias gradient's sums taken by im2col
+    at::Tensor gi = need_input && !wino_dx ? at::empty({g.N, g.Cin, g.Hin, g.Win}, acc_opts) : at::Tensor();
     at::Tensor gw;
     std::vector<acc_t> part(has_bias ? g.N * g.Cout : 0);
-    if (thread_per_image(g, static_cast<int64_t>(sizeof(acc_t)))) {
+    if (!(need_weight || gi.defined() || col_bias)) {
+      // nothing for the columns to do
+    } else if (thread_per_image(g, static_cast<int64_t>(sizeof(acc_t)))) {
       dispatch_activation(act, [&](auto a) {
         gw = gemm_backward_threads<decltype(a)::value, scalar_t, acc_t>(
             dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), xc, wt, gi, need_weight, g,
-            static_cast<acc_t>(slope_d), has_bias ? part.data() : nullptr);
+            static_cast<acc_t>(slope_d), col_bias ? part.data() : nullptr);
       });
     } else {
       const int64_t HW = g.Hin * g.Win, CL = g.Cout * g.Hout * g.Wout;
@@ -1264,13 +1292,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy_in,
         dispatch_activation(act, [&](auto a) {
           im2col_grad<decltype(a)::value, scalar_t, acc_t>(
               dy.data_ptr<scalar_t>() + n0 * CL, y.data_ptr<scalar_t>() + n0 * CL, cc.data_ptr<acc_t>(), gc,
-              static_cast<acc_t>(slope_d), has_bias ? part.data() + n0 * g.Cout : nullptr);
+              static_cast<acc_t>(slope_d), col_bias ? part.data() + n0 * g.Cout : nullptr);
         });
-        if (need_input) gi.narrow(0, n0, gc.N).copy_(gemm_grad_input(cc, wt, gc));
+        if (gi.defined()) gi.narrow(0, n0, gc.N).copy_(gemm_grad_input(cc, wt, gc));
         if (need_weight) {
           const at::Tensor xcols = x_cols(xc.narrow(0, n0, gc.N), gc);
           if (n0 == 0) gw = at::mm(xcols, cc);
           else gw.addmm_(xcols, cc);  // chunks summed in batch order (deterministic)
+        }
+      }
+    }
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (wino_dx) {
+        const bool dz_is_dy = act == kIdentity;
+        at::Tensor dz = dz_is_dy ? dy : at::empty(dy.sizes(), acc_opts);
+        if (has_bias || !dz_is_dy) {
+          dispatch_activation(act, [&](auto a) {
+            grad_pre<decltype(a)::value, scalar_t, acc_t>(
+                dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), dz_is_dy ? nullptr : dz.data_ptr<acc_t>(), g.N,
+                g.Cout, g.Hout * g.Wout, false, static_cast<acc_t>(slope_d), has_bias ? &part : nullptr);
+          });
+        }
+        gi = winograd_conv_transpose_k4s2_grad_input(dz, w, g.Hin, g.Win);
+        if (!gi.defined()) {  // a non-finite value: ATen's product (torch's values)
+          const int64_t op0[2] = {0, 0};
+          gi = std::get<0>(at::convolution_backward(dz, x, w, c10::nullopt, stride, padding, dilation,
+                                                    /*transposed=*/true, at::IntArrayRef(op0, 2), g.G,
+                                                    {true, false, false}));
         }
       }
     }

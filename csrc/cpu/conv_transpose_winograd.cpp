@@ -1,0 +1,487 @@
+// The CPU transposed convolution k4 s2 p1 by Winograd's minimal filtering F(4x4, 2x2).
+//
+// Why: at batch 8 the DCGAN 16x16 -> 32x32 layer's direct product (one BLAS product of 537
+// MFLOP, then col2im) runs at MKL's peak on the CI CPU and still only tied ATen's oneDNN
+// transposed convolution; the product itself had to get smaller. Winograd's algorithm (Lavin and
+// Gray, "Fast Algorithms for Convolutional Neural Networks", 2016) computes m outputs of an
+// r-tap correlation from m + r - 1 products.
+//
+// The split into phases: output row 2i + a (a = 0, 1) of a k4 s2 p1 transposed convolution
+// takes two kernel rows, y[2i] = x[i-1] w[3] + x[i] w[1], y[2i+1] = x[i] w[2] + x[i+1] w[0]: a
+// 2-tap correlation per phase, over the input window starting at i - 1 + a. In 2-D, each of the
+// four phases (a, b) is a 2x2 correlation of x with the taps g[j][k] = w[3-a-2j][3-b-2k], and
+// F(4x4, 2x2) computes a 4x4 tile of that phase's outputs from a 5x5 input window:
+//   Y = A^T [ sum_ci (G g G^T) . (B^T d B) ] A          (. elementwise, 5x5)
+// with 25 products per 16 outputs where the direct form has 64: 2.56x fewer multiply-adds,
+// which become 100 (phase, element) matrix products over the channels, one batched BLAS call:
+//   M[p, e] (T, C_out) = V[p, e] (T, C_in) x U[p, e] (C_in, C_out)
+// (T = the batch's 4x4 tiles), between an input transform (V, from x) and an output
+// transform (A^T M A, into the output).
+// The points: 1, -1, 1/2, -1/2 and infinity. Measured on 20,000 128-channel sums against float64,
+// that set's 1-D error was 2x the direct sum's (points 0, +-1, 2 or -2: 3-4x), so the 2-D
+// tile's about 4x: the 16x16 -> 32x32 layer came within 8e-6 of float64 where the direct float32
+// product came within 2e-6, outputs of magnitude up to 5 (tests/test_conv_transpose_winograd.py
+// holds it to float32's test tolerance). With these points B^T and A^T have small integer and
+// power-of-two entries; G holds the fractions (1/6, 2/3, 1/3, 1/4), applied once per weight.
+//   B^T = [[-1, -1,  4,  4, 0],     G = [[1/6,  1/6],     A^T = [[1,  1, 1,    1,    0],
+//          [-1,  1,  4, -4, 0],          [1/6, -1/6],            [1, -1, 1/2, -1/2,  0],
+//          [ 1,  2, -1, -2, 0],          [2/3,  1/3],            [1,  1, 1/4,  1/4,  0],
+//          [ 1, -2, -1,  2, 0],          [2/3, -1/3],            [1, -1, 1/8, -1/8,  1]]
+//          [ 1,  0, -5,  0, 4]]          [0,    1/4]]
+// (rows of B^T and of G scaled against each other from the textbook construction).
+//
+// Non-finite values: a transform mixes a window's values, so an inf in x would reach outputs
+// that do not depend on it in the direct form (as NaN); the output transform therefore checks
+// every value it computes, and any non-finite one makes the call return an undefined tensor,
+// and the caller runs the direct product (torch's values) instead. A non-finite x or w value
+// always shows: it makes some V or U entry non-finite, then a whole row or column of M (an
+// inf times a zero is NaN), then an output of its tile, checked before anything is cropped.
+//
+// Layout and passes: U (100, C_in, C_out), V (100, T, C_in) and M (100, T, C_out), each
+// matrix's rows padded to a multiple of 8 channels (zeros) and each of the 100 matrices 16
+// floats apart beyond its size (so that the 25 elements of a tile, which the transforms read or
+// write together, are not a multiple of 4 KB apart: at 4 KB strides they shared L1 sets, and the
+// input transform ran 5x slower). The transforms run on 8 channels at a time (one AVX2 vector
+// per tile element). Per call: U from w (reads w, writes 6.25x w), then per chunk of the batch
+// (V and M within kChunkBytes) V from x (reads x, writes 6.25x x), the product, and the output
+// transform (reads M, 1.56x the output, writes the output once). Scratch memory is kept per
+// calling thread from one call to the next, as the GEMM form's columns are (the allocator
+// handed large blocks back to the system and faulted them in again each call).
+//
+// Where it runs ("auto"): measured interleaved on the CI CPU (AMD EPYC, AVX2, 2 threads, MKL),
+// forward of the product + bias + ReLU against torch's conv_transpose2d + relu (and genfast's
+// direct GEMM form), with a prototype of this code: 16x16 128 -> 64 at batch 8 1.13-1.16x
+// (direct 1.01x), batch 16 1.13x, batch 64 1.41x (1.24x); 8x8 256 -> 128 at batch 32 1.35x
+// (1.06x), batch 64 1.45x (1.03x); 16x16 256 -> 128 batch 8 1.25x (1.06x); 32x32 128 -> 64
+// batch 8 1.21x (1.06x); 4x4 512 -> 256 batch 64 1.08x (1.02x). It lost where the 100 products
+// are small: 8x8 256 -> 128 at batch 8 (32 tiles: 0.97x against 1.10x), 4x4 at batch 8 (8
+// tiles: 0.2-0.5x), and 32x32 64 -> 32 at batch 32 (1.69x against the direct form's 1.81x). So
+// "auto" takes it from 64 tiles with at least 128 input and 64 output channels.
+
+#include "conv_transpose_winograd.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <vector>
+
+#include "../common/macros.h"
+
+namespace genfast {
+namespace {
+
+constexpr int kLanes = 8;  // channels per transform step
+constexpr int64_t kPadFloats = 16;  // between consecutive matrices of U, V and M
+constexpr int64_t kChunkBytes = int64_t(1) << 25;  // V and M of one chunk of the batch
+constexpr int64_t kMaxWeightBytes = int64_t(1) << 26;  // U, above which "auto" keeps the direct form
+constexpr int64_t kMinTiles = 64;
+constexpr int64_t kMinCin = 128, kMinCout = 64;
+
+std::atomic<int> g_mode{0};  // 0 auto, 1 always, 2 never
+std::atomic<int64_t> g_products{0};  // Winograd products returned (the tests' evidence of the path)
+
+const float kG[5][2] = {{1.f / 6, 1.f / 6}, {1.f / 6, -1.f / 6}, {2.f / 3, 1.f / 3}, {2.f / 3, -1.f / 3}, {0.f, 0.25f}};
+
+struct WGeo {
+  int64_t N, Ci, Co, H, W;
+  int64_t Th, Tw, TT;  // tiles per column, per row, per image
+  int64_t Cip, Cop;    // channels padded to a multiple of kLanes
+  int64_t ldu;         // floats between consecutive matrices of U
+  int64_t PH, PW;      // the zero-bordered input plane of the input transform
+};
+
+WGeo geometry(const at::Tensor& x, const at::Tensor& w) {
+  WGeo g;
+  g.N = x.size(0), g.Ci = x.size(1), g.H = x.size(2), g.W = x.size(3), g.Co = w.size(1);
+  g.Th = (g.H + 3) / 4, g.Tw = (g.W + 3) / 4, g.TT = g.Th * g.Tw;
+  g.Cip = (g.Ci + kLanes - 1) / kLanes * kLanes, g.Cop = (g.Co + kLanes - 1) / kLanes * kLanes;
+  g.ldu = g.Cip * g.Cop + kPadFloats;
+  // window rows 4*th + a + j (j < 5) of the bordered plane, whose row r is input row r - 1
+  g.PH = 4 * g.Th + 2, g.PW = 4 * g.Tw + 2;
+  return g;
+}
+
+// U[p*25 + e] rows ci, output channels [c0, c0 + kLanes) (zeros beyond C_out), from w (C_in,
+// C_out, 4, 4) contiguous
+GENFAST_SIMD_CLONES void weight_block(const float* w, float* U, const WGeo& g, int64_t ci, int64_t c0) {
+  const int64_t nc = std::min<int64_t>(kLanes, g.Co - c0);
+  float taps[16][kLanes];
+  for (int q = 0; q < 16; ++q)
+    for (int l = 0; l < kLanes; ++l) taps[q][l] = l < nc ? w[(ci * g.Co + c0 + l) * 16 + q] : 0.f;
+  for (int a = 0; a < 2; ++a)
+    for (int b = 0; b < 2; ++b) {
+      // t = G g (5 x 2): g[j][k] = w[3 - a - 2j][3 - b - 2k]
+      float t[5][2][kLanes];
+      for (int u = 0; u < 5; ++u)
+        for (int k = 0; k < 2; ++k)
+          for (int l = 0; l < kLanes; ++l)
+            t[u][k][l] = kG[u][0] * taps[(3 - a) * 4 + 3 - b - 2 * k][l] + kG[u][1] * taps[(1 - a) * 4 + 3 - b - 2 * k][l];
+      float* o = U + int64_t((a * 2 + b) * 25) * g.ldu + ci * g.Cop + c0;
+      for (int u = 0; u < 5; ++u)
+        for (int v = 0; v < 5; ++v)
+          for (int l = 0; l < kLanes; ++l) o[(u * 5 + v) * g.ldu + l] = t[u][0][l] * kG[v][0] + t[u][1][l] * kG[v][1];
+    }
+}
+
+// V rows of image n (the chunk's nl-th), input channels [c0, c0 + kLanes) (zeros beyond C_in);
+// pad: PH * PW * kLanes floats of scratch
+GENFAST_SIMD_CLONES void input_block(const float* x, float* V, int64_t ldv, const WGeo& g, int64_t n, int64_t nl,
+                                     int64_t c0, float* pad) {
+  const int64_t nc = std::min<int64_t>(kLanes, g.Ci - c0);
+  std::fill(pad, pad + g.PH * g.PW * kLanes, 0.f);
+  for (int64_t l = 0; l < nc; ++l) {
+    const float* src = x + (n * g.Ci + c0 + l) * g.H * g.W;
+    for (int64_t h = 0; h < g.H; ++h)
+      for (int64_t w = 0; w < g.W; ++w) pad[((h + 1) * g.PW + w + 1) * kLanes + l] = src[h * g.W + w];
+  }
+  for (int a = 0; a < 2; ++a)
+    for (int b = 0; b < 2; ++b) {
+      float* vb = V + int64_t((a * 2 + b) * 25) * ldv + nl * g.TT * g.Cip + c0;
+      for (int64_t th = 0; th < g.Th; ++th)
+        for (int64_t tw = 0; tw < g.Tw; ++tw) {
+          const float* d = pad + ((4 * th + a) * g.PW + 4 * tw + b) * kLanes;
+          float t[5][5][kLanes];  // B^T d: [u][column k]
+          for (int k = 0; k < 5; ++k)
+            for (int l = 0; l < kLanes; ++l) {
+              const float d0 = d[(0 * g.PW + k) * kLanes + l], d1 = d[(1 * g.PW + k) * kLanes + l],
+                          d2 = d[(2 * g.PW + k) * kLanes + l], d3 = d[(3 * g.PW + k) * kLanes + l],
+                          d4 = d[(4 * g.PW + k) * kLanes + l];
+              t[0][k][l] = 4.f * (d2 + d3) - (d0 + d1);
+              t[1][k][l] = 4.f * (d2 - d3) - (d0 - d1);
+              t[2][k][l] = (d0 - d2) + 2.f * (d1 - d3);
+              t[3][k][l] = (d0 - d2) - 2.f * (d1 - d3);
+              t[4][k][l] = d0 - 5.f * d2 + 4.f * d4;
+            }
+          float* o = vb + (th * g.Tw + tw) * g.Cip;
+          for (int u = 0; u < 5; ++u)
+            for (int l = 0; l < kLanes; ++l) {
+              const float d0 = t[u][0][l], d1 = t[u][1][l], d2 = t[u][2][l], d3 = t[u][3][l], d4 = t[u][4][l];
+              o[(u * 5 + 0) * ldv + l] = 4.f * (d2 + d3) - (d0 + d1);
+              o[(u * 5 + 1) * ldv + l] = 4.f * (d2 - d3) - (d0 - d1);
+              o[(u * 5 + 2) * ldv + l] = (d0 - d2) + 2.f * (d1 - d3);
+              o[(u * 5 + 3) * ldv + l] = (d0 - d2) - 2.f * (d1 - d3);
+              o[(u * 5 + 4) * ldv + l] = d0 - 5.f * d2 + 4.f * d4;
+            }
+        }
+    }
+}
+
+// The output transform of image n (the chunk's nl-th), output channels [c0, c0 + kLanes), into
+// y (N, C_out, 2H, 2W); false when a computed value (cropped or not, padded channel or not) is
+// not finite
+GENFAST_SIMD_CLONES bool output_block(const float* M, int64_t ldm, float* y, const WGeo& g, int64_t n, int64_t nl,
+                                      int64_t c0) {
+  const int64_t OH = 2 * g.H, OW = 2 * g.W, nc = std::min<int64_t>(kLanes, g.Co - c0);
+  float check[kLanes] = {};  // sums of value * 0: 0, or NaN after a non-finite value
+  for (int a = 0; a < 2; ++a)
+    for (int b = 0; b < 2; ++b) {
+      const float* mb = M + int64_t((a * 2 + b) * 25) * ldm + nl * g.TT * g.Cop + c0;
+      for (int64_t th = 0; th < g.Th; ++th)
+        for (int64_t tw = 0; tw < g.Tw; ++tw) {
+          const float* m = mb + (th * g.Tw + tw) * g.Cop;
+          float t[4][5][kLanes];  // A^T M: [i][column v]
+          for (int v = 0; v < 5; ++v)
+            for (int l = 0; l < kLanes; ++l) {
+              const float m0 = m[(0 * 5 + v) * ldm + l], m1 = m[(1 * 5 + v) * ldm + l], m2 = m[(2 * 5 + v) * ldm + l],
+                          m3 = m[(3 * 5 + v) * ldm + l], m4 = m[(4 * 5 + v) * ldm + l];
+              t[0][v][l] = (m0 + m1) + (m2 + m3);
+              t[1][v][l] = (m0 - m1) + 0.5f * (m2 - m3);
+              t[2][v][l] = (m0 + m1) + 0.25f * (m2 + m3);
+              t[3][v][l] = (m0 - m1) + 0.125f * (m2 - m3) + m4;
+            }
+          const int64_t jn = std::min<int64_t>(4, g.W - 4 * tw);
+          for (int i = 0; i < 4; ++i) {
+            float o[4][kLanes];
+            for (int l = 0; l < kLanes; ++l) {
+              const float m0 = t[i][0][l], m1 = t[i][1][l], m2 = t[i][2][l], m3 = t[i][3][l], m4 = t[i][4][l];
+              o[0][l] = (m0 + m1) + (m2 + m3);
+              o[1][l] = (m0 - m1) + 0.5f * (m2 - m3);
+              o[2][l] = (m0 + m1) + 0.25f * (m2 + m3);
+              o[3][l] = (m0 - m1) + 0.125f * (m2 - m3) + m4;
+              check[l] += (o[0][l] * 0.f + o[1][l] * 0.f) + (o[2][l] * 0.f + o[3][l] * 0.f);
+            }
+            const int64_t r = 4 * th + i;  // the phase's row; output row 2r + a
+            if (r >= g.H) continue;
+            for (int64_t l = 0; l < nc; ++l) {
+              float* yo = y + ((n * g.Co + c0 + l) * OH + 2 * r + a) * OW + 8 * tw + b;
+              for (int64_t j = 0; j < jn; ++j) yo[2 * j] = o[j][l];
+            }
+          }
+        }
+    }
+  float c = 0.f;
+  for (int l = 0; l < kLanes; ++l) c += check[l];
+  return c == 0.f;
+}
+
+// --- grad_input: dx = conv2d(dz, w, stride 2, padding 1) ----------------------------------------
+// Per axis, dx[i] = dz[2i-1] w[0] + dz[2i] w[1] + dz[2i+1] w[2] + dz[2i+2] w[3]: with the phase
+// images P_a[q] = dz[2q + a], a 2-tap correlation of P_a with the taps (w[1-a], w[3-a]) over the
+// window starting at i - a. The four phases' products of a tile sum into the same 4x4 outputs,
+// so they sum in the transformed domain, inside the matrix products:
+//   M[e] (T, C_in) = V[e] (T, 4*C_out) x U[e] (4*C_out, C_in)     (25 products)
+// V's columns (phase, output channel), U's rows the same.
+
+// U rows (p, co) of the 25 matrices, input channels [c0, c0 + kLanes) (zeros beyond C_in)
+GENFAST_SIMD_CLONES void weight_block_bwd(const float* w, float* U, const WGeo& g, int64_t co, int64_t c0) {
+  const int64_t nc = std::min<int64_t>(kLanes, g.Ci - c0);
+  float taps[16][kLanes];
+  for (int q = 0; q < 16; ++q)
+    for (int l = 0; l < kLanes; ++l) taps[q][l] = l < nc ? w[((c0 + l) * g.Co + co) * 16 + q] : 0.f;
+  for (int a = 0; a < 2; ++a)
+    for (int b = 0; b < 2; ++b) {
+      // g[j][k] = w[1 - a + 2j][1 - b + 2k]
+      float t[5][2][kLanes];
+      for (int u = 0; u < 5; ++u)
+        for (int k = 0; k < 2; ++k)
+          for (int l = 0; l < kLanes; ++l)
+            t[u][k][l] = kG[u][0] * taps[(1 - a) * 4 + 1 - b + 2 * k][l] + kG[u][1] * taps[(3 - a) * 4 + 1 - b + 2 * k][l];
+      float* o = U + ((a * 2 + b) * g.Cop + co) * g.Cip + c0;
+      for (int u = 0; u < 5; ++u)
+        for (int v = 0; v < 5; ++v)
+          for (int l = 0; l < kLanes; ++l) o[(u * 5 + v) * g.ldu + l] = t[u][0][l] * kG[v][0] + t[u][1][l] * kG[v][1];
+    }
+}
+
+// V rows of image n (the chunk's nl-th), columns (p, co) for output channels [c0, c0 + kLanes)
+// (zeros beyond C_out), from dz (N, C_out, 2H, 2W); pad: 4 * PH * PW * kLanes floats
+GENFAST_SIMD_CLONES void input_block_bwd(const float* dz, float* V, int64_t ldv, const WGeo& g, int64_t n, int64_t nl,
+                                         int64_t c0, float* pad) {
+  const int64_t nc = std::min<int64_t>(kLanes, g.Co - c0), plane = g.PH * g.PW * kLanes, OW = 2 * g.W;
+  std::fill(pad, pad + 4 * plane, 0.f);
+  for (int64_t l = 0; l < nc; ++l) {
+    const float* src = dz + (n * g.Co + c0 + l) * 4 * g.H * g.W;
+    for (int64_t h = 0; h < 2 * g.H; ++h) {
+      float* row = pad + (h % 2) * 2 * plane + ((h / 2 + 1) * g.PW + 1) * kLanes + l;
+      for (int64_t w = 0; w < OW; ++w) row[(w % 2) * plane + (w / 2) * kLanes] = src[h * OW + w];
+    }
+  }
+  const int64_t ldr = 4 * g.Cop;  // V's row length
+  for (int a = 0; a < 2; ++a)
+    for (int b = 0; b < 2; ++b) {
+      const float* pp = pad + (a * 2 + b) * plane;
+      float* vb = V + nl * g.TT * ldr + (a * 2 + b) * g.Cop + c0;
+      for (int64_t th = 0; th < g.Th; ++th)
+        for (int64_t tw = 0; tw < g.Tw; ++tw) {
+          // the window starts at phase row 4*th - a, bordered row 4*th - a + 1
+          const float* d = pp + ((4 * th - a + 1) * g.PW + 4 * tw - b + 1) * kLanes;
+          float t[5][5][kLanes];
+          for (int k = 0; k < 5; ++k)
+            for (int l = 0; l < kLanes; ++l) {
+              const float d0 = d[(0 * g.PW + k) * kLanes + l], d1 = d[(1 * g.PW + k) * kLanes + l],
+                          d2 = d[(2 * g.PW + k) * kLanes + l], d3 = d[(3 * g.PW + k) * kLanes + l],
+                          d4 = d[(4 * g.PW + k) * kLanes + l];
+              t[0][k][l] = 4.f * (d2 + d3) - (d0 + d1);
+              t[1][k][l] = 4.f * (d2 - d3) - (d0 - d1);
+              t[2][k][l] = (d0 - d2) + 2.f * (d1 - d3);
+              t[3][k][l] = (d0 - d2) - 2.f * (d1 - d3);
+              t[4][k][l] = d0 - 5.f * d2 + 4.f * d4;
+            }
+          float* o = vb + (th * g.Tw + tw) * ldr;
+          for (int u = 0; u < 5; ++u)
+            for (int l = 0; l < kLanes; ++l) {
+              const float d0 = t[u][0][l], d1 = t[u][1][l], d2 = t[u][2][l], d3 = t[u][3][l], d4 = t[u][4][l];
+              o[(u * 5 + 0) * ldv + l] = 4.f * (d2 + d3) - (d0 + d1);
+              o[(u * 5 + 1) * ldv + l] = 4.f * (d2 - d3) - (d0 - d1);
+              o[(u * 5 + 2) * ldv + l] = (d0 - d2) + 2.f * (d1 - d3);
+              o[(u * 5 + 3) * ldv + l] = (d0 - d2) - 2.f * (d1 - d3);
+              o[(u * 5 + 4) * ldv + l] = d0 - 5.f * d2 + 4.f * d4;
+            }
+        }
+    }
+}
+
+// The output transform of image n (the chunk's nl-th), input channels [c0, c0 + kLanes), into
+// dx (N, C_in, H, W); false when a computed value is not finite
+GENFAST_SIMD_CLONES bool output_block_bwd(const float* M, int64_t ldm, float* dx, const WGeo& g, int64_t n, int64_t nl,
+                                          int64_t c0) {
+  const int64_t nc = std::min<int64_t>(kLanes, g.Ci - c0);
+  float check[kLanes] = {};
+  const float* mb = M + nl * g.TT * g.Cip + c0;
+  for (int64_t th = 0; th < g.Th; ++th)
+    for (int64_t tw = 0; tw < g.Tw; ++tw) {
+      const float* m = mb + (th * g.Tw + tw) * g.Cip;
+      float t[4][5][kLanes];
+      for (int v = 0; v < 5; ++v)
+        for (int l = 0; l < kLanes; ++l) {
+          const float m0 = m[(0 * 5 + v) * ldm + l], m1 = m[(1 * 5 + v) * ldm + l], m2 = m[(2 * 5 + v) * ldm + l],
+                      m3 = m[(3 * 5 + v) * ldm + l], m4 = m[(4 * 5 + v) * ldm + l];
+          t[0][v][l] = (m0 + m1) + (m2 + m3);
+          t[1][v][l] = (m0 - m1) + 0.5f * (m2 - m3);
+          t[2][v][l] = (m0 + m1) + 0.25f * (m2 + m3);
+          t[3][v][l] = (m0 - m1) + 0.125f * (m2 - m3) + m4;
+        }
+      const int64_t jn = std::min<int64_t>(4, g.W - 4 * tw);
+      for (int i = 0; i < 4; ++i) {
+        float o[4][kLanes];
+        for (int l = 0; l < kLanes; ++l) {
+          const float m0 = t[i][0][l], m1 = t[i][1][l], m2 = t[i][2][l], m3 = t[i][3][l], m4 = t[i][4][l];
+          o[0][l] = (m0 + m1) + (m2 + m3);
+          o[1][l] = (m0 - m1) + 0.5f * (m2 - m3);
+          o[2][l] = (m0 + m1) + 0.25f * (m2 + m3);
+          o[3][l] = (m0 - m1) + 0.125f * (m2 - m3) + m4;
+          check[l] += (o[0][l] * 0.f + o[1][l] * 0.f) + (o[2][l] * 0.f + o[3][l] * 0.f);
+        }
+        const int64_t r = 4 * th + i;
+        if (r >= g.H) continue;
+        for (int64_t l = 0; l < nc; ++l) {
+          float* xo = dx + ((n * g.Ci + c0 + l) * g.H + r) * g.W + 4 * tw;
+          for (int64_t j = 0; j < jn; ++j) xo[j] = o[j][l];
+        }
+      }
+    }
+  float c = 0.f;
+  for (int l = 0; l < kLanes; ++l) c += check[l];
+  return c == 0.f;
+}
+
+// Scratch of the calling thread, kept from call to call (grows to the largest size asked)
+float* scratch_floats(int64_t n) {
+  struct Buf {
+    float* p = nullptr;
+    int64_t n = 0;
+    ~Buf() { std::free(p); }
+  };
+  static thread_local Buf buf;
+  if (buf.n < n) {
+    std::free(buf.p);
+    const size_t bytes = ((static_cast<size_t>(n) * sizeof(float) + 63) / 64) * 64;
+    buf.p = static_cast<float*>(std::aligned_alloc(64, bytes));
+    buf.n = buf.p != nullptr ? n : 0;
+    TORCH_CHECK(buf.p != nullptr, "conv_transpose2d: out of memory allocating ", bytes, " bytes of scratch");
+  }
+  return buf.p;
+}
+
+}  // namespace
+
+bool winograd_k4s2_takes(const at::Tensor& x, const at::Tensor& w, int64_t groups, int64_t KH, int64_t KW, int64_t SH,
+                         int64_t SW, int64_t PH, int64_t PW, int64_t DH, int64_t DW, int64_t Hout, int64_t Wout) {
+  const int mode = g_mode.load(std::memory_order_relaxed);
+  if (mode == 2) return false;
+  if (x.scalar_type() != at::kFloat || w.scalar_type() != at::kFloat || x.dim() != 4 || w.dim() != 4) return false;
+  if (groups != 1 || KH != 4 || KW != 4 || SH != 2 || SW != 2 || PH != 1 || PW != 1 || DH != 1 || DW != 1) return false;
+  const int64_t N = x.size(0), Ci = x.size(1), H = x.size(2), W = x.size(3), Co = w.size(1);
+  if (N == 0 || Ci == 0 || Co == 0 || H == 0 || W == 0 || Hout != 2 * H || Wout != 2 * W) return false;
+  if (!x.is_contiguous() || !w.is_contiguous()) return false;
+  if (mode == 1) return true;
+  const int64_t tiles = N * ((H + 3) / 4) * ((W + 3) / 4);
+  const double ubytes = 100.0 * double((Ci + 7) / 8 * 8) * double((Co + 7) / 8 * 8) * 4.0;
+  return tiles >= kMinTiles && Ci >= kMinCin && Co >= kMinCout && ubytes <= double(kMaxWeightBytes);
+}
+
+at::Tensor winograd_conv_transpose_k4s2(const at::Tensor& x_in, const at::Tensor& w_in) {
+  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  const WGeo g = geometry(x, w);
+  // images per chunk: V and M of a chunk within kChunkBytes
+  const int64_t per_image = 100 * g.TT * (g.Cip + g.Cop) * int64_t(sizeof(float));
+  const int64_t m0 = std::max<int64_t>(1, std::min(g.N, kChunkBytes / std::max<int64_t>(1, per_image)));
+  const int64_t Tmax = m0 * g.TT;
+  const int64_t ldv = Tmax * g.Cip + kPadFloats, ldm = Tmax * g.Cop + kPadFloats;
+  float* U = scratch_floats(100 * (g.ldu + ldv + ldm));
+  float* V = U + 100 * g.ldu;
+  float* M = V + 100 * ldv;
+  const auto opts = x.options();
+  const float* wp = w.data_ptr<float>();
+  if (g.Cip != g.Ci) std::fill(U, U + 100 * g.ldu, 0.f);  // the padded rows (the padded columns are written)
+  const int64_t cob = g.Cop / kLanes, cib = g.Cip / kLanes;
+  at::parallel_for(0, g.Ci * cob, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) weight_block(wp, U, g, r / cob, (r % cob) * kLanes);
+  });
+  at::Tensor y = at::empty({g.N, g.Co, 2 * g.H, 2 * g.W}, opts);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  std::atomic<bool> finite{true};
+  for (int64_t n0 = 0; n0 < g.N && finite.load(); n0 += m0) {
+    const int64_t m = std::min(m0, g.N - n0), T = m * g.TT;
+    at::parallel_for(0, m * cib, 1, [&](int64_t r0, int64_t r1) {
+      std::vector<float> pad(g.PH * g.PW * kLanes);
+      for (int64_t r = r0; r < r1; ++r) input_block(xp, V, ldv, g, n0 + r / cib, r / cib, (r % cib) * kLanes, pad.data());
+    });
+    const at::Tensor Ut = at::from_blob(U, {100, g.Cip, g.Cop}, {g.ldu, g.Cop, 1}, opts);
+    const at::Tensor Vt = at::from_blob(V, {100, T, g.Cip}, {ldv, g.Cip, 1}, opts);
+    at::Tensor Mt = at::from_blob(M, {100, T, g.Cop}, {ldm, g.Cop, 1}, opts);
+    at::bmm_out(Mt, Vt, Ut);
+    TORCH_CHECK(Mt.data_ptr<float>() == M, "conv_transpose2d: the Winograd product was not written in place");
+    at::parallel_for(0, m * cob, 1, [&](int64_t r0, int64_t r1) {
+      bool ok = true;
+      for (int64_t r = r0; r < r1; ++r) ok = output_block(M, ldm, yp, g, n0 + r / cob, r / cob, (r % cob) * kLanes) && ok;
+      if (!ok) finite.store(false);
+    });
+  }
+  if (!finite.load()) return at::Tensor();
+  g_products.fetch_add(1, std::memory_order_relaxed);
+  return y;
+}
+
+at::Tensor winograd_conv_transpose_k4s2_grad_input(const at::Tensor& dz_in, const at::Tensor& w_in, int64_t H,
+                                                   int64_t W) {
+  const at::Tensor dz = dz_in.contiguous(), w = w_in.contiguous();
+  TORCH_CHECK(dz.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && dz.dim() == 4 &&
+                  dz.size(1) == w.size(1) && dz.size(2) == 2 * H && dz.size(3) == 2 * W,
+              "conv_transpose2d: unexpected arguments of the Winograd grad_input");
+  WGeo g;
+  g.N = dz.size(0), g.Ci = w.size(0), g.Co = w.size(1), g.H = H, g.W = W;
+  g.Th = (H + 3) / 4, g.Tw = (W + 3) / 4, g.TT = g.Th * g.Tw;
+  g.Cip = (g.Ci + kLanes - 1) / kLanes * kLanes, g.Cop = (g.Co + kLanes - 1) / kLanes * kLanes;
+  g.ldu = 4 * g.Cop * g.Cip + kPadFloats;
+  g.PH = 4 * g.Th + 2, g.PW = 4 * g.Tw + 2;
+  const int64_t per_image = 25 * g.TT * (4 * g.Cop + g.Cip) * int64_t(sizeof(float));
+  const int64_t m0 = std::max<int64_t>(1, std::min(g.N, kChunkBytes / std::max<int64_t>(1, per_image)));
+  const int64_t Tmax = m0 * g.TT;
+  const int64_t ldv = Tmax * 4 * g.Cop + kPadFloats, ldm = Tmax * g.Cip + kPadFloats;
+  float* U = scratch_floats(25 * (g.ldu + ldv + ldm));
+  float* V = U + 25 * g.ldu;
+  float* M = V + 25 * ldv;
+  const auto opts = dz.options();
+  const float* wp = w.data_ptr<float>();
+  if (g.Cop != g.Co) std::fill(U, U + 25 * g.ldu, 0.f);  // the padded rows
+  const int64_t cob = g.Cop / kLanes, cib = g.Cip / kLanes;
+  at::parallel_for(0, g.Co * cib, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) weight_block_bwd(wp, U, g, r / cib, (r % cib) * kLanes);
+  });
+  at::Tensor dx = at::empty({g.N, g.Ci, H, W}, opts);
+  const float* zp = dz.data_ptr<float>();
+  float* xp = dx.data_ptr<float>();
+  std::atomic<bool> finite{true};
+  for (int64_t n0 = 0; n0 < g.N && finite.load(); n0 += m0) {
+    const int64_t m = std::min(m0, g.N - n0), T = m * g.TT;
+    at::parallel_for(0, m * cob, 1, [&](int64_t r0, int64_t r1) {
+      std::vector<float> pad(4 * g.PH * g.PW * kLanes);
+      for (int64_t r = r0; r < r1; ++r)
+        input_block_bwd(zp, V, ldv, g, n0 + r / cob, r / cob, (r % cob) * kLanes, pad.data());
+    });
+    const at::Tensor Ut = at::from_blob(U, {25, 4 * g.Cop, g.Cip}, {g.ldu, g.Cip, 1}, opts);
+    const at::Tensor Vt = at::from_blob(V, {25, T, 4 * g.Cop}, {ldv, 4 * g.Cop, 1}, opts);
+    at::Tensor Mt = at::from_blob(M, {25, T, g.Cip}, {ldm, g.Cip, 1}, opts);
+    at::bmm_out(Mt, Vt, Ut);
+    TORCH_CHECK(Mt.data_ptr<float>() == M, "conv_transpose2d: the Winograd product was not written in place");
+    at::parallel_for(0, m * cib, 1, [&](int64_t r0, int64_t r1) {
+      bool ok = true;
+      for (int64_t r = r0; r < r1; ++r)
+        ok = output_block_bwd(M, ldm, xp, g, n0 + r / cib, r / cib, (r % cib) * kLanes) && ok;
+      if (!ok) finite.store(false);
+    });
+  }
+  if (!finite.load()) return at::Tensor();
+  g_products.fetch_add(1, std::memory_order_relaxed);
+  return dx;
+}
+
+void set_cpu_winograd(const std::string& mode) {
+  TORCH_CHECK_VALUE(mode == "auto" || mode == "always" || mode == "never",
+                    "set_cpu_winograd: mode must be 'auto', 'always' or 'never', got '", mode, "'");
+  g_mode.store(mode == "auto" ? 0 : (mode == "always" ? 1 : 2), std::memory_order_relaxed);
+}
+
+int64_t cpu_winograd_products() { return g_products.load(std::memory_order_relaxed); }
+
+std::string cpu_winograd() {
+  const int mode = g_mode.load(std::memory_order_relaxed);
+  return mode == 0 ? "auto" : (mode == 1 ? "always" : "never");
+}
+
+}  // namespace genfast

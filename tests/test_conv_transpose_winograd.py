@@ -1,0 +1,235 @@
+"""The CPU transposed convolution k4 s2 p1 by Winograd's F(4x4, 2x2)
+(csrc/cpu/conv_transpose_winograd.cpp): values against F.conv_transpose2d in float64, the
+fallback to the direct product on non-finite values, where "auto" takes it, and the switch.
+genfast._C.cpu_winograd_products() counts the Winograd products returned: the evidence that a
+call took (or did not take) the path."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import genfast  # noqa: F401  (registers the ops)
+import genfast.functional as GF
+import genfast.nn as gnn
+from genfast import backend as B
+from tests.utils import assert_close
+
+pytestmark = pytest.mark.skipif(not B.has_cpu_ext(), reason="genfast._C not built")
+
+SLOPE = 0.2
+TORCH_ACT = {"identity": lambda z: z, "relu": F.relu, "leaky_relu": lambda z: F.leaky_relu(z, SLOPE),
+             "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+
+
+def products() -> int:
+    return int(B.extension().cpu_winograd_products())
+
+
+def ref(x, w, b, act="identity", op=0):
+    y = F.conv_transpose2d(x.double(), w.double(), None if b is None else b.double(), 2, 1, op)
+    return TORCH_ACT[act](y)
+
+
+def run(x, w, b, act="identity", op=0):
+    with B.use_backend("cpu"):
+        return GF.conv_transpose2d(x, w, b, 2, 1, op, activation=act, negative_slope=SLOPE)
+
+
+def inputs(N, ci, co, H, W, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, ci, H, W, generator=g)
+    w = torch.randn(ci, co, 4, 4, generator=g) / (ci * 4) ** 0.5
+    b = torch.randn(co, generator=g)
+    return x, w, b
+
+
+# (N, C_in, C_out, H, W): channel counts off the 8-channel blocks (3, 13) and on them, maps off
+# the 4x4 tiles (1, 5, 7, 6) and on them, one image and several
+SHAPES = [(1, 3, 5, 1, 1), (2, 13, 9, 5, 7), (3, 8, 16, 4, 4), (2, 16, 8, 6, 9), (1, 21, 3, 8, 3),
+          (4, 32, 24, 12, 8)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu", "tanh"])
+def test_values_against_float64(shape, act):
+    x, w, b = inputs(*shape, seed=hash((shape, act)) % 1000)
+    before = products()
+    with B.cpu_winograd("always"):
+        y = run(x, w, b, act)
+    assert products() == before + 1, "the call did not take the Winograd product"
+    assert y.shape == (shape[0], shape[2], 2 * shape[3], 2 * shape[4]) and y.is_contiguous()
+    assert_close(y, ref(x, w, b, act), msg=f"{shape} {act}")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("act", ["identity", "leaky_relu"])
+def test_grad_input_against_float64(shape, act):
+    """grad_input by Winograd from dz (the four phases summed inside the products), with
+    grad_weight and grad_bias from the direct columns, against torch in float64."""
+    x, w, b = inputs(*shape, seed=hash((shape, act, "bwd")) % 1000)
+    N, ci, co, H, W = shape
+    dy = torch.randn(N, co, 2 * H, 2 * W)
+    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+    with B.cpu_winograd("always"):
+        y = run(xs, ws, bs, act)
+        before = products()
+        gx, gw, gb = torch.autograd.grad(y, (xs, ws, bs), dy)
+    assert products() == before + 1, "grad_input did not take the Winograd product"
+    xr, wr, br = (t.double().requires_grad_() for t in (x, w, b))
+    rx, rw, rb = torch.autograd.grad(ref(xr, wr, br, act), (xr, wr, br), dy.double())
+    assert_close(gx, rx, msg="grad_input")
+    assert_close(gw, rw, msg="grad_weight")
+    assert_close(gb, rb, msg="grad_bias")
+    # grad_input alone (no weight gradient asked: the columns are skipped)
+    with B.cpu_winograd("always"):
+        y = run(xs, w, None, act)
+        (gx2,) = torch.autograd.grad(y, (xs,), dy)
+    xr = x.double().requires_grad_()
+    (rx2,) = torch.autograd.grad(ref(xr, w, None, act), (xr,), dy.double())
+    assert_close(gx2, rx2, msg="grad_input alone")
+
+
+def test_grad_input_non_finite_falls_back():
+    """A non-finite dz gives ATen's grad_input (torch's values, NaN where torch has NaN)."""
+    x, w, b = inputs(2, 16, 8, 8, 8, seed=8)
+    dy = torch.randn(2, 8, 16, 16)
+    dy[1, 2, 5, 6] = float("inf")
+    xs = x.clone().requires_grad_()
+    with B.cpu_winograd("always"):
+        y = run(xs, w, b)
+        before = products()
+        (gx,) = torch.autograd.grad(y, (xs,), dy)
+    assert products() == before
+    xr = x.clone().requires_grad_()
+    (rx,) = torch.autograd.grad(F.conv_transpose2d(xr, w, b, 2, 1), (xr,), dy)
+    torch.testing.assert_close(gx, rx, equal_nan=True)
+    assert torch.isfinite(gx).sum() > 0 and not torch.isfinite(gx).all()
+
+
+def test_dcgan_layer_error_and_auto():
+    """DCGAN's 16x16 -> 32x32 layer at batch 8 (128 -> 64 channels): "auto" takes it, and its
+    error against float64 stays within float32's test tolerance and within 8x the direct
+    float32 product's ("never")."""
+    x, w, b = inputs(8, 128, 64, 16, 16, seed=5)
+    r = ref(x, w, b, "relu")
+    before = products()
+    y = run(x, w, b, "relu")
+    assert products() == before + 1
+    with B.cpu_winograd("never"):
+        yd = run(x, w, b, "relu")
+    assert products() == before + 1
+    assert_close(y, r)
+    err, err_direct = (y.double() - r).abs().max().item(), (yd.double() - r).abs().max().item()
+    assert err <= 8 * err_direct, (err, err_direct)
+
+
+@pytest.mark.parametrize("shape", [(8, 64, 64, 16, 16), (8, 128, 32, 16, 16), (2, 128, 64, 16, 16),
+                                   (8, 128, 64, 8, 8)])
+def test_auto_keeps_the_direct_form_for_small_products(shape):
+    """"auto" leaves the shapes where it measured slower: fewer than 128 input or 64 output
+    channels, fewer than 64 tiles over the batch."""
+    x, w, b = inputs(*shape, seed=1)
+    before = products()
+    y = run(x, w, b, "relu")
+    assert products() == before
+    assert_close(y, ref(x, w, b, "relu"))
+
+
+def test_other_geometries_and_layouts_do_not_take_it():
+    """Only k4 s2 p1 with a 2H x 2W output, float32, NCHW: output_padding, channels_last and
+    float64 run the direct forms even under "always"."""
+    x, w, b = inputs(2, 8, 8, 4, 4, seed=2)
+    before = products()
+    with B.cpu_winograd("always"):
+        y_op = run(x, w, b, "relu", op=1)
+        y_cl = run(x.to(memory_format=torch.channels_last), w, b, "relu")
+        y_64 = run(x.double(), w.double(), b.double(), "relu")
+    assert products() == before
+    assert_close(y_op, ref(x, w, b, "relu", op=1))
+    assert_close(y_cl, ref(x, w, b, "relu"))
+    assert_close(y_64, ref(x, w, b, "relu"))
+
+
+@pytest.mark.parametrize("where", ["x_inf", "x_nan", "w_inf", "w_nan", "overflow"])
+def test_non_finite_values_fall_back_to_the_direct_product(where):
+    """A Winograd transform spreads an inf over its tile (as NaN where torch gives a finite
+    value); such a call returns the direct product's values, torch's, bit for bit."""
+    x, w, b = inputs(2, 16, 8, 8, 8, seed=3)
+    if where == "x_inf":
+        x[1, 3, 2, 5] = float("inf")
+    elif where == "x_nan":
+        x[0, 0, 7, 0] = float("nan")
+    elif where == "w_inf":
+        w[4, 2, 1, 3] = float("-inf")
+    elif where == "w_nan":
+        w[0, 7, 0, 0] = float("nan")
+    else:  # finite, but 4 * (d2 + d3) in the input transform overflows float32
+        x[1, 5, 3, 3] = 3e38
+        x[1, 5, 3, 4] = 3e38
+    before = products()
+    with B.cpu_winograd("always"):
+        y = run(x, w, b)
+    assert products() == before, "a non-finite Winograd product was returned"
+    with B.cpu_winograd("never"):
+        yd = run(x, w, b)
+    torch.testing.assert_close(y, yd, rtol=0, atol=0, equal_nan=True)
+    r = ref(x, w, b)
+    fin = torch.isfinite(r)
+    assert torch.equal(torch.isnan(y), torch.isnan(r.float())) or where == "overflow"
+    assert_close(y[fin], r[fin])
+
+
+def test_batch_in_chunks():
+    """A batch whose transforms exceed one chunk's 32 MB runs in chunks (here 10 images, then 2)."""
+    x, w, b = inputs(12, 256, 256, 16, 16, seed=4)
+    before = products()
+    y = run(x, w, b, "leaky_relu")
+    assert products() == before + 1
+    assert_close(y, ref(x, w, b, "leaky_relu"))
+
+
+def test_backward_and_batchnorm_block():
+    """The backward (unchanged: from the saved output) and the ConvTranspose2d -> BatchNorm2d ->
+    ReLU block's statistics over a Winograd forward, against torch in float64."""
+    x, w, b = inputs(3, 16, 12, 6, 5, seed=6)
+    dy = torch.randn(3, 12, 12, 10)
+    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+    with B.cpu_winograd("always"):
+        before = products()
+        y = run(xs, ws, bs, "leaky_relu")
+        assert products() == before + 1
+        gx, gw, gb = torch.autograd.grad(y, (xs, ws, bs), dy)
+        assert products() == before + 2
+        xr, wr, br = (t.double().requires_grad_() for t in (x, w, b))
+        yr = ref(xr, wr, br, "leaky_relu")
+        rx, rw, rb = torch.autograd.grad(yr, (xr, wr, br), dy.double())
+        assert_close(y, yr.detach())
+        assert_close(gx, rx, msg="grad_input")
+        assert_close(gw, rw, msg="grad_weight")
+        assert_close(gb, rb, msg="grad_bias")
+
+        block = gnn.ConvTransposeBNAct2d(16, 12, 4, 2, 1, activation="relu")
+        seq = torch.nn.Sequential(torch.nn.ConvTranspose2d(16, 12, 4, 2, 1), torch.nn.BatchNorm2d(12),
+                                  torch.nn.ReLU()).double()
+        seq.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in block.state_dict().items()})
+        before = products()
+        with B.use_backend("cpu"):
+            out = block(x)
+        assert products() == before + 1
+        assert_close(out, seq(x.double()).detach(), msg="block output")
+        assert_close(block[1].running_mean, seq[1].running_mean, msg="running_mean")
+        assert_close(block[1].running_var, seq[1].running_var, msg="running_var")
+
+
+def test_mode_switch_and_errors():
+    assert B.get_cpu_winograd() == "auto"
+    with B.cpu_winograd("never"):
+        assert B.get_cpu_winograd() == "never"
+        with B.cpu_winograd("always"):
+            assert B.get_cpu_winograd() == "always"
+        assert B.get_cpu_winograd() == "never"
+    assert B.get_cpu_winograd() == "auto"
+    with pytest.raises(ValueError, match="mode"):
+        B.set_cpu_winograd("sometimes")
+    assert B.get_cpu_winograd() == "auto"
