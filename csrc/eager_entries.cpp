@@ -32,12 +32,23 @@
 
 namespace genfast {
 
+// conv2d by Winograd where it takes the call (csrc/conv_act_autograd.cpp), else undefined
+at::Tensor winograd_conv2d(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
 // csrc/cpu/losses.cpp
 std::tuple<at::Tensor, at::Tensor> reparam_fwd_scale_cpu(const at::Tensor& mu, const at::Tensor& logvar,
                                                          const at::Tensor& eps);
 at::Tensor reparam_bwd_scale_cpu(const at::Tensor& grad_z, const at::Tensor& eps, const at::Tensor& s);
 
 namespace {
+
+// torch's conv2d, or the same product by Winograd where that takes the call
+at::Tensor conv2d_product(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  at::Tensor y = winograd_conv2d(x, w, b, stride, padding, dilation, groups);
+  return y.defined() ? y : at::conv2d(x, w, b, stride, padding, dilation, groups);
+}
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -164,8 +175,8 @@ OptT conv2d_act_eager(const at::Tensor& x, const at::Tensor& w, const OptT& b, c
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptT&, at::IntArrayRef,
                                                at::IntArrayRef, at::IntArrayRef, int64_t, int64_t, double)>();
   return guarded([&]() -> OptT {
-    return records_backward(x, w, b) ? op.call(x, w, b, stride, padding, dilation, groups, act, slope)
-                                     : torch_act_(at::conv2d(x, w, b, stride, padding, dilation, groups), act, slope);
+    if (records_backward(x, w, b)) return op.call(x, w, b, stride, padding, dilation, groups, act, slope);
+    return torch_act_(conv2d_product(x, w, b, stride, padding, dilation, groups), act, slope);
   });
 }
 
@@ -290,7 +301,7 @@ OptT product_bn_eval_eager(const at::Tensor& x, const at::Tensor& w, const OptT&
   }
   return guarded([&]() -> OptT {
     at::Tensor y = kind == 0   ? at::linear(x, w, b)
-                   : kind == 1 ? at::conv2d(x, w, b, stride, padding, dilation, groups)
+                   : kind == 1 ? conv2d_product(x, w, b, stride, padding, dilation, groups)
                                : conv_transpose2d_act_op().call(x, w, b, stride, padding, output_padding, groups, dilation,
                                                                  kIdentity, 0.0);
     y = with_contiguous_strides(y);  // as torch's BatchNorm gives a contiguous product

@@ -233,3 +233,68 @@ def test_mode_switch_and_errors():
     with pytest.raises(ValueError, match="mode"):
         B.set_cpu_winograd("sometimes")
     assert B.get_cpu_winograd() == "auto"
+
+
+# --- Conv2d k4 s2 p1: the grad_input of the transposed convolution with the same weight -------
+
+CONV_SHAPES = [(2, 5, 9, 8, 6), (1, 8, 16, 2, 2), (3, 13, 8, 10, 14), (2, 24, 40, 16, 16)]  # N, C_in, C_out, H, W
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+@pytest.mark.parametrize("act", ["identity", "leaky_relu"])
+def test_conv2d_forward_and_backward_against_float64(shape, act):
+    """conv2d (forward: the Winograd grad_input routine; grad_input: the Winograd transposed
+    convolution) + bias + activation, against F.conv2d in float64."""
+    N, ci, co, H, W = shape
+    g = torch.Generator().manual_seed(hash((shape, act)) % 1000)
+    x = torch.randn(N, ci, H, W, generator=g, requires_grad=True)
+    w = (torch.randn(co, ci, 4, 4, generator=g) / (ci * 4) ** 0.5).requires_grad_()
+    b = torch.randn(co, generator=g, requires_grad=True)
+    dy = torch.randn(N, co, H // 2, W // 2, generator=g)
+    with B.cpu_winograd("always"), B.use_backend("cpu"):
+        before = products()
+        y = GF.conv2d(x, w, b, 2, 1, activation=act, negative_slope=SLOPE)
+        assert products() == before + 1, "the forward did not take the Winograd product"
+        gx, gw, gb = torch.autograd.grad(y, (x, w, b), dy)
+        assert products() == before + 2, "grad_input did not take the Winograd product"
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+    yr = TORCH_ACT[act](F.conv2d(xr, wr, br, 2, 1))
+    rx, rw, rb = torch.autograd.grad(yr, (xr, wr, br), dy.double())
+    assert_close(y, yr.detach(), msg="output")
+    assert_close(gx, rx, msg="grad_input")
+    assert_close(gw, rw, msg="grad_weight")
+    assert_close(gb, rb, msg="grad_bias")
+
+
+def test_conv2d_odd_sizes_and_non_finite_run_torchs_product():
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(8, 6, 4, 4, generator=g)
+    x_odd = torch.randn(2, 6, 7, 8, generator=g)
+    x_inf = torch.randn(2, 6, 8, 8, generator=g)
+    x_inf[0, 1, 3, 3] = float("inf")
+    with B.cpu_winograd("always"), B.use_backend("cpu"):
+        before = products()
+        y_odd = GF.conv2d(x_odd, w, None, 2, 1)
+        y_inf = GF.conv2d(x_inf, w, None, 2, 1)
+        assert products() == before
+    assert_close(y_odd, F.conv2d(x_odd.double(), w.double(), None, 2, 1))
+    torch.testing.assert_close(y_inf, F.conv2d(x_inf, w, None, 2, 1), equal_nan=True)
+    assert not torch.isfinite(y_inf).all() and torch.isfinite(y_inf).any()
+
+
+def test_conv2d_auto_takes_the_dcgan_discriminator_layer():
+    """"auto": the DCGAN discriminator's 64 -> 128, 32x32 -> 16x16 layer at batch 16 (1.2-1.4x
+    oneDNN's product, measured), not its 256 -> 512 8x8 -> 4x4 layer (0.5x)."""
+    x = torch.randn(16, 64, 32, 32)
+    w = torch.randn(128, 64, 4, 4) / 16
+    before = products()
+    with B.use_backend("cpu"):
+        y = GF.conv2d(x, w, None, 2, 1)
+    assert products() == before + 1
+    assert_close(y, F.conv2d(x.double(), w.double(), None, 2, 1))
+    x4 = torch.randn(16, 256, 8, 8)
+    w4 = torch.randn(512, 256, 4, 4) / 32
+    with B.use_backend("cpu"):
+        y4 = GF.conv2d(x4, w4, None, 2, 1)
+    assert products() == before + 1
+    assert_close(y4, F.conv2d(x4.double(), w4.double(), None, 2, 1))

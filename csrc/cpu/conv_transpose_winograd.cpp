@@ -356,6 +356,14 @@ float* scratch_floats(int64_t n) {
   return buf.p;
 }
 
+// "auto": a transposed convolution C_in -> C_out from N images of H x W (or the Conv2d that is
+// its grad_input)
+bool auto_takes(int64_t N, int64_t Ci, int64_t Co, int64_t H, int64_t W) {
+  const int64_t tiles = N * ((H + 3) / 4) * ((W + 3) / 4);
+  const double ubytes = 100.0 * double((Ci + 7) / 8 * 8) * double((Co + 7) / 8 * 8) * 4.0;
+  return tiles >= kMinTiles && Ci >= kMinCin && Co >= kMinCout && ubytes <= double(kMaxWeightBytes);
+}
+
 }  // namespace
 
 bool winograd_k4s2_takes(const at::Tensor& x, const at::Tensor& w, int64_t groups, int64_t KH, int64_t KW, int64_t SH,
@@ -367,10 +375,24 @@ bool winograd_k4s2_takes(const at::Tensor& x, const at::Tensor& w, int64_t group
   const int64_t N = x.size(0), Ci = x.size(1), H = x.size(2), W = x.size(3), Co = w.size(1);
   if (N == 0 || Ci == 0 || Co == 0 || H == 0 || W == 0 || Hout != 2 * H || Wout != 2 * W) return false;
   if (!x.is_contiguous() || !w.is_contiguous()) return false;
-  if (mode == 1) return true;
-  const int64_t tiles = N * ((H + 3) / 4) * ((W + 3) / 4);
-  const double ubytes = 100.0 * double((Ci + 7) / 8 * 8) * double((Co + 7) / 8 * 8) * 4.0;
-  return tiles >= kMinTiles && Ci >= kMinCin && Co >= kMinCout && ubytes <= double(kMaxWeightBytes);
+  return mode == 1 || auto_takes(N, Ci, Co, H, W);
+}
+
+bool winograd_k4s2_conv2d_takes(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const int mode = g_mode.load(std::memory_order_relaxed);
+  if (mode == 2) return false;
+  if (x.scalar_type() != at::kFloat || w.scalar_type() != at::kFloat || x.dim() != 4 || w.dim() != 4) return false;
+  if (groups != 1 || w.size(2) != 4 || w.size(3) != 4 || stride.size() != 2 || padding.size() != 2 ||
+      dilation.size() != 2)
+    return false;
+  if (stride[0] != 2 || stride[1] != 2 || padding[0] != 1 || padding[1] != 1 || dilation[0] != 1 || dilation[1] != 1)
+    return false;
+  const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3), Cout = w.size(0);
+  if (N == 0 || Cin == 0 || Cout == 0 || H == 0 || W == 0 || H % 2 != 0 || W % 2 != 0 || w.size(1) != Cin) return false;
+  if (!x.is_contiguous() || !w.is_contiguous()) return false;
+  // the transposed convolution whose grad_input this is: C_out -> C_in channels, H/2 x W/2 input
+  return mode == 1 || auto_takes(N, Cout, Cin, H / 2, W / 2);
 }
 
 at::Tensor winograd_conv_transpose_k4s2(const at::Tensor& x_in, const at::Tensor& w_in) {

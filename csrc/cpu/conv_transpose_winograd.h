@@ -27,6 +27,13 @@ at::Tensor winograd_conv_transpose_k4s2(const at::Tensor& x, const at::Tensor& w
 // products); an undefined tensor when a computed value came out non-finite.
 at::Tensor winograd_conv_transpose_k4s2_grad_input(const at::Tensor& dz, const at::Tensor& w, int64_t H, int64_t W);
 
+// Whether conv2d(x, w, None, stride, padding, dilation, groups) takes that grad_input as its
+// product (a Conv2d k4 s2 p1 is the grad_input of the transposed convolution with the same
+// weight): float32, NCHW x and weight, groups 1, even H and W; "auto" by the transposed
+// convolution's rule (C_out -> C_in channels from H/2 x W/2).
+bool winograd_k4s2_conv2d_takes(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
 // The mode: "auto", "always" or "never" (genfast._C.set_cpu_winograd).
 void set_cpu_winograd(const std::string& mode);
 std::string cpu_winograd();
