@@ -60,7 +60,8 @@ def metadata(device: torch.device) -> dict:
         "commit": _git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "copy_bandwidth_GBps": harness.measure_copy_bandwidth(device) / 1e9,
-        **({"cpu": harness.cpu_model(), "cpu_row_gemm": _row_gemm_state()} if device.type == "cpu" else {}),
+        **({"cpu": harness.cpu_model(), "cpu_row_gemm": _row_gemm_state(), "cpu_winograd": _winograd_state()}
+           if device.type == "cpu" else {}),
     }
 
 
@@ -72,6 +73,15 @@ def _row_gemm_state() -> str:
     mode = ext.cpu_row_gemm()
     return ("auto (row layout where KH*KW <= 4*SH*SW or from a 1x1 input; images-inner layout above, from 9 "
             "output channels)") if mode == "auto" else mode
+
+
+def _winograd_state() -> str:
+    """The CPU k4 s2 p1 convolutions' Winograd setting (genfast.backend.set_cpu_winograd)."""
+    ext = genfast.backend.extension()
+    if ext is None or not hasattr(ext, "cpu_winograd"):
+        return "n/a"
+    mode = ext.cpu_winograd()
+    return ("auto (F(4x4, 2x2) from 64 tiles, 128 input and 64 output channels)" if mode == "auto" else mode)
 
 
 def main(argv=None, clock=None) -> int:
