@@ -291,14 +291,18 @@ class cpu_row_gemm:
 
 
 def set_cpu_winograd(mode: str) -> None:
-    """Where the CPU transposed convolution with kernel 4, stride 2, padding 1 (DCGAN's generator
-    layers; float32, NCHW, groups 1) computes its product by Winograd's F(4x4, 2x2), 2.56x fewer
-    multiply-adds than the direct product, with a float32 error within about 4x the direct
-    product's (csrc/cpu/conv_transpose_winograd.cpp): "auto" (the default: from 64 4x4 input
-    tiles over the batch with at least 128 input and 64 output channels, the shapes where it
-    measured faster), "always" or "never". A call whose Winograd values come out non-finite (an
-    inf or NaN in the input or weight) runs the direct product instead, which gives torch's
-    values. Process-wide."""
+    """Where the CPU products with kernel 4, stride 2, padding 1 (float32, NCHW, groups 1) run
+    Winograd's F(4x4, 2x2), 2.56x fewer multiply-adds than the direct product, with a float32
+    error within about 4x the direct product's (csrc/cpu/conv_transpose_winograd.cpp): the
+    transposed convolution's forward and grad_input (DCGAN's generator layers) and a Conv2d's
+    forward (the discriminator's layers: its product is that grad_input) in genfast's Conv2d,
+    its no-grad call and its eval BatchNorm block. "auto" (the default, the shapes where it
+    measured faster: at least 64 input and 32 output channels, counted as a transposed
+    convolution, from 32 4x4 input tiles over the batch with at least 4 per image or from 16 in
+    one image, and while the scratch stays within 64 MB for the transformed weight and 32 MB per
+    image), "always" or "never". A call whose Winograd
+    values come out non-finite (an inf or NaN in the input, weight or gradient, or an overflow)
+    runs the direct product instead, which gives torch's values. Process-wide."""
     ext = extension()
     if ext is None:
         raise RuntimeError("set_cpu_winograd: genfast._C is not loaded (see the warning at import)")

@@ -5,6 +5,9 @@ genfast._C.cpu_winograd_products() counts the Winograd products returned: the ev
 call took (or did not take) the path."""
 from __future__ import annotations
 
+import threading
+import zlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,6 +39,11 @@ def run(x, w, b, act="identity", op=0):
         return GF.conv_transpose2d(x, w, b, 2, 1, op, activation=act, negative_slope=SLOPE)
 
 
+def seed_of(*key) -> int:
+    """A seed fixed across processes (hash() of a string is not)."""
+    return zlib.crc32(repr(key).encode()) % 100_000
+
+
 def inputs(N, ci, co, H, W, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(N, ci, H, W, generator=g)
@@ -53,7 +61,7 @@ SHAPES = [(1, 3, 5, 1, 1), (2, 13, 9, 5, 7), (3, 8, 16, 4, 4), (2, 16, 8, 6, 9),
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu", "tanh"])
 def test_values_against_float64(shape, act):
-    x, w, b = inputs(*shape, seed=hash((shape, act)) % 1000)
+    x, w, b = inputs(*shape, seed=seed_of(shape, act))
     before = products()
     with B.cpu_winograd("always"):
         y = run(x, w, b, act)
@@ -67,7 +75,7 @@ def test_values_against_float64(shape, act):
 def test_grad_input_against_float64(shape, act):
     """grad_input by Winograd from dz (the four phases summed inside the products), with
     grad_weight and grad_bias from the direct columns, against torch in float64."""
-    x, w, b = inputs(*shape, seed=hash((shape, act, "bwd")) % 1000)
+    x, w, b = inputs(*shape, seed=seed_of(shape, act, "bwd"))
     N, ci, co, H, W = shape
     dy = torch.randn(N, co, 2 * H, 2 * W)
     xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
@@ -84,7 +92,9 @@ def test_grad_input_against_float64(shape, act):
     # grad_input alone (no weight gradient asked: the columns are skipped)
     with B.cpu_winograd("always"):
         y = run(xs, w, None, act)
+        before = products()
         (gx2,) = torch.autograd.grad(y, (xs,), dy)
+        assert products() == before + 1
     xr = x.double().requires_grad_()
     (rx2,) = torch.autograd.grad(ref(xr, w, None, act), (xr,), dy.double())
     assert_close(gx2, rx2, msg="grad_input alone")
@@ -121,18 +131,28 @@ def test_dcgan_layer_error_and_auto():
     assert products() == before + 1
     assert_close(y, r)
     err, err_direct = (y.double() - r).abs().max().item(), (yd.double() - r).abs().max().item()
-    assert err <= 8 * err_direct, (err, err_direct)
+    assert err <= 8 * max(err_direct, 1e-6), (err, err_direct)
 
 
-@pytest.mark.parametrize("shape", [(8, 64, 64, 16, 16), (8, 128, 32, 16, 16), (2, 128, 64, 16, 16),
-                                   (8, 128, 64, 8, 8)])
+@pytest.mark.parametrize("shape", [(8, 32, 16, 16, 16), (8, 128, 16, 16, 16), (32, 256, 128, 4, 4),
+                                   (4, 256, 128, 8, 8), (1, 256, 128, 8, 8)])
 def test_auto_keeps_the_direct_form_for_small_products(shape):
-    """"auto" leaves the shapes where it measured slower: fewer than 128 input or 64 output
-    channels, fewer than 64 tiles over the batch."""
+    """"auto" leaves the shapes where it measured slower or tied: fewer than 64 input or 32
+    output channels, 4x4 maps (one tile per image), fewer than 32 tiles over the batch (unless
+    one image has 16)."""
     x, w, b = inputs(*shape, seed=1)
     before = products()
     y = run(x, w, b, "relu")
     assert products() == before
+    assert_close(y, ref(x, w, b, "relu"))
+
+
+@pytest.mark.parametrize("shape", [(1, 128, 64, 16, 16), (2, 64, 32, 16, 16), (8, 256, 128, 8, 8)])
+def test_auto_takes_the_shapes_where_it_won(shape):
+    x, w, b = inputs(*shape, seed=seed_of(shape, "auto"))
+    before = products()
+    y = run(x, w, b, "relu")
+    assert products() == before + 1
     assert_close(y, ref(x, w, b, "relu"))
 
 
@@ -145,10 +165,18 @@ def test_other_geometries_and_layouts_do_not_take_it():
         y_op = run(x, w, b, "relu", op=1)
         y_cl = run(x.to(memory_format=torch.channels_last), w, b, "relu")
         y_64 = run(x.double(), w.double(), b.double(), "relu")
+        # a channels_last weight (torch's output then channels_last) and non-contiguous inputs
+        w_cl = w.to(memory_format=torch.channels_last)
+        y_wcl = run(x, w_cl, b, "relu")
+        x_wide = torch.randn(2, 8, 4, 8)
+        y_view = run(x_wide[:, :, :, ::2], w, b, "relu")
     assert products() == before
     assert_close(y_op, ref(x, w, b, "relu", op=1))
     assert_close(y_cl, ref(x, w, b, "relu"))
     assert_close(y_64, ref(x, w, b, "relu"))
+    assert_close(y_wcl, ref(x, w, b, "relu"))
+    assert y_wcl.is_contiguous(memory_format=torch.channels_last)
+    assert_close(y_view, ref(x_wide[:, :, :, ::2], w, b, "relu"))
 
 
 @pytest.mark.parametrize("where", ["x_inf", "x_nan", "w_inf", "w_nan", "overflow"])
@@ -246,7 +274,7 @@ def test_conv2d_forward_and_backward_against_float64(shape, act):
     """conv2d (forward: the Winograd grad_input routine; grad_input: the Winograd transposed
     convolution) + bias + activation, against F.conv2d in float64."""
     N, ci, co, H, W = shape
-    g = torch.Generator().manual_seed(hash((shape, act)) % 1000)
+    g = torch.Generator().manual_seed(seed_of(shape, act, "conv2d"))
     x = torch.randn(N, ci, H, W, generator=g, requires_grad=True)
     w = (torch.randn(co, ci, 4, 4, generator=g) / (ci * 4) ** 0.5).requires_grad_()
     b = torch.randn(co, generator=g, requires_grad=True)
@@ -298,3 +326,153 @@ def test_conv2d_auto_takes_the_dcgan_discriminator_layer():
         y4 = GF.conv2d(x4, w4, None, 2, 1)
     assert products() == before + 1
     assert_close(y4, F.conv2d(x4.double(), w4.double(), None, 2, 1))
+
+
+# --- from the review: tracing, chunks, fallbacks, blocks, scratch, threads ------------------------
+
+def test_opcheck_under_winograd():
+    """Fake and functional tensors (opcheck's tracing) take torch's product, never the Winograd
+    code (which reads storage); the real calls take it. The traced graph's products are then
+    torch's, whose rounding differs from the eager Winograd product's by a few float32 ulps of
+    the output scale: compared at 2e-5 (float32's test tolerance here)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 8, 8, 8, generator=g, requires_grad=True)
+    w = (torch.randn(16, 8, 4, 4, generator=g) / 8).requires_grad_()
+    b = torch.randn(16, generator=g, requires_grad=True)
+    xt = torch.randn(2, 16, 4, 4, generator=g, requires_grad=True)
+    wt = (torch.randn(16, 8, 4, 4, generator=g) / 8).requires_grad_()
+    with B.cpu_winograd("always"):
+        before = products()
+        torch.library.opcheck(torch.ops.genfast.conv2d_act.default, (x, w, b, [2, 2], [1, 1], [1, 1], 1, 2, SLOPE),
+                              rtol=2e-5, atol=2e-5)
+        torch.library.opcheck(torch.ops.genfast.conv_transpose2d_act.default,
+                              (xt, wt, None, [2, 2], [1, 1], [0, 0], 1, [1, 1], 1, 0.0), rtol=2e-5, atol=2e-5)
+        assert products() > before
+
+
+def test_chunked_grad_input_and_non_finite_in_the_last_chunk():
+    """grad_input over a batch in two chunks (10 + 2 images), and an inf only in the last image
+    (the second chunk's check) falls back for the forward."""
+    x, w, b = inputs(12, 256, 256, 16, 16, seed=12)
+    dy = torch.randn(12, 256, 32, 32)
+    xs = x.clone().requires_grad_()
+    before = products()
+    y = run(xs, w, b)
+    (gx,) = torch.autograd.grad(y, (xs,), dy)
+    assert products() == before + 2
+    xr = x.double().requires_grad_()
+    (rx,) = torch.autograd.grad(ref(xr, w, b), (xr,), dy.double())
+    assert_close(gx, rx, msg="grad_input")
+    x[11, 7, 3, 3] = float("inf")
+    before = products()
+    y = run(x, w, b)
+    assert products() == before
+    torch.testing.assert_close(y, F.conv_transpose2d(x, w, b, 2, 1), equal_nan=True)
+
+
+def test_non_finite_weight_in_the_backward_and_conv2d_backward():
+    x, w, b = inputs(2, 16, 8, 8, 8, seed=13)
+    w[3, 1, 2, 2] = float("nan")
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    dy = torch.randn(2, 8, 16, 16)
+    with B.cpu_winograd("always"):
+        before = products()
+        y = run(xs, ws, b)
+        gx, gw = torch.autograd.grad(y, (xs, ws), dy)
+        assert products() == before
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    rx, rw = torch.autograd.grad(F.conv_transpose2d(xr, wr, b, 2, 1), (xr, wr), dy)
+    torch.testing.assert_close(y, F.conv_transpose2d(x, w, b, 2, 1), equal_nan=True)
+    torch.testing.assert_close(gx, rx, equal_nan=True)
+    torch.testing.assert_close(gw, rw, equal_nan=True)
+    # Conv2d: a finite forward (Winograd), then a dz with inf: grad_input falls back
+    xc = torch.randn(2, 8, 8, 8, requires_grad=True)
+    wc = torch.randn(16, 8, 4, 4)
+    dyc = torch.randn(2, 16, 4, 4)
+    dyc[1, 5, 2, 1] = float("inf")
+    with B.cpu_winograd("always"), B.use_backend("cpu"):
+        yc = GF.conv2d(xc, wc, None, 2, 1)
+        before = products()
+        (gxc,) = torch.autograd.grad(yc, (xc,), dyc)
+        assert products() == before
+    xr = xc.detach().clone().requires_grad_()
+    (rxc,) = torch.autograd.grad(F.conv2d(xr, wc, None, 2, 1), (xr,), dyc)
+    torch.testing.assert_close(gxc, rxc, equal_nan=True)
+
+
+def test_eval_conv_bn_block_and_training_block_backward():
+    """A converted Conv2d k4 s2 p1 -> BatchNorm2d -> LeakyReLU in eval mode under no_grad (the
+    eval block entry), and the ConvTranspose2d -> BatchNorm2d -> ReLU block's backward over a
+    Winograd forward, against float64 (ReLU's mask from genfast's own output)."""
+    torch.manual_seed(14)
+    seq = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 4, 2, 1), torch.nn.BatchNorm2d(16), torch.nn.LeakyReLU(0.2))
+    seq[1].running_mean.uniform_(-1, 1)
+    seq[1].running_var.uniform_(0.5, 2)
+    seq.eval()
+    conv = genfast.convert(seq)
+    x = torch.randn(3, 8, 10, 12)
+    with B.cpu_winograd("always"), B.use_backend("cpu"), torch.no_grad():
+        before = products()
+        y = conv(x)
+        assert products() == before + 1
+    assert_close(y, seq.double()(x.double()))
+
+    block = gnn.ConvTransposeBNAct2d(16, 12, 4, 2, 1, activation="relu")
+    ref_seq = torch.nn.Sequential(torch.nn.ConvTranspose2d(16, 12, 4, 2, 1), torch.nn.BatchNorm2d(12)).double()
+    ref_seq.load_state_dict({k: v.double() if v.is_floating_point() else v
+                             for k, v in block.state_dict().items()}, strict=False)
+    x = torch.randn(3, 16, 6, 5)
+    dy = torch.randn(3, 12, 12, 10)
+    xs = x.clone().requires_grad_()
+    with B.cpu_winograd("always"), B.use_backend("cpu"):
+        before = products()
+        out = block(xs)
+        grads = torch.autograd.grad(out, [xs] + list(block.parameters()), dy)
+        assert products() == before + 2
+    xr = x.double().requires_grad_()
+    pre = ref_seq(xr)
+    rgrads = torch.autograd.grad(pre * (out > 0).double(), [xr] + list(ref_seq.parameters()), dy.double())
+    for name, a, e in zip(["x", "conv.weight", "conv.bias", "bn.weight", "bn.bias"], grads, rgrads):
+        assert_close(a, e, msg=name, scale=10)
+
+
+def test_scratch_reuse_after_a_fallback_with_padded_channels():
+    """A call that falls back (NaN weight, padded channels) leaves the thread's scratch dirty;
+    the next call of another padded shape must not read it."""
+    x, w, b = inputs(2, 13, 9, 8, 8, seed=15)
+    w[0, 0, 0, 0] = float("nan")
+    with B.cpu_winograd("always"):
+        run(x, w, b)
+        x2, w2, b2 = inputs(3, 11, 5, 7, 9, seed=16)
+        before = products()
+        y2 = run(x2, w2, b2)
+        assert products() == before + 1
+    assert torch.isfinite(y2).all()
+    assert_close(y2, ref(x2, w2, b2))
+
+
+def test_concurrent_calls_from_two_threads():
+    """Each thread keeps its own scratch: two threads calling different shapes at once."""
+    shapes = [(2, 13, 9, 8, 8), (3, 24, 16, 12, 8)]
+    data = [inputs(*s, seed=seed_of(s, "thread")) for s in shapes]
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            x, w, b = data[i]
+            with B.use_backend("cpu"):
+                for _ in range(20):
+                    y = GF.conv_transpose2d(x, w, b, 2, 1, activation="leaky_relu", negative_slope=SLOPE)
+            results[i] = y
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    with B.cpu_winograd("always"):
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    for i, (x, w, b) in enumerate(data):
+        assert_close(results[i], ref(x, w, b, "leaky_relu"))

@@ -38,10 +38,11 @@
 // inf times a zero is NaN), then an output of its tile, checked before anything is cropped.
 //
 // Layout and passes: U (100, C_in, C_out), V (100, T, C_in) and M (100, T, C_out), each
-// matrix's rows padded to a multiple of 8 channels (zeros) and each of the 100 matrices 16
-// floats apart beyond its size (so that the 25 elements of a tile, which the transforms read or
-// write together, are not a multiple of 4 KB apart: at 4 KB strides they shared L1 sets, and the
-// input transform ran 5x slower). The transforms run on 8 channels at a time (one AVX2 vector
+// matrix's rows padded to a multiple of 8 channels (zeros); U's and V's 100 matrices lie 16
+// floats apart beyond their size (so that the 25 elements of a tile, which the input transform
+// writes together, are not a multiple of 4 KB apart: at 4 KB strides they shared L1 sets, and
+// the input transform ran 5x slower), M's contiguously (at::bmm_out ran a strided result's
+// products one by one: 1.8x slower). The transforms run on 8 channels at a time (one AVX2 vector
 // per tile element). Per call: U from w (reads w, writes 6.25x w), then per chunk of the batch
 // (V and M within kChunkBytes) V from x (reads x, writes 6.25x x), the product, and the output
 // transform (reads M, 1.56x the output, writes the output once). Scratch memory is kept per
@@ -50,13 +51,17 @@
 //
 // Where it runs ("auto"): measured interleaved on the CI CPU (AMD EPYC, AVX2, 2 threads, MKL),
 // forward of the product + bias + ReLU against torch's conv_transpose2d + relu (and genfast's
-// direct GEMM form), with a prototype of this code: 16x16 128 -> 64 at batch 8 1.13-1.16x
-// (direct 1.01x), batch 16 1.13x, batch 64 1.41x (1.24x); 8x8 256 -> 128 at batch 32 1.35x
-// (1.06x), batch 64 1.45x (1.03x); 16x16 256 -> 128 batch 8 1.25x (1.06x); 32x32 128 -> 64
-// batch 8 1.21x (1.06x); 4x4 512 -> 256 batch 64 1.08x (1.02x). It lost where the 100 products
-// are small: 8x8 256 -> 128 at batch 8 (32 tiles: 0.97x against 1.10x), 4x4 at batch 8 (8
-// tiles: 0.2-0.5x), and 32x32 64 -> 32 at batch 32 (1.69x against the direct form's 1.81x). So
-// "auto" takes it from 64 tiles with at least 128 input and 64 output channels.
+// direct GEMM form, in parentheses): 16x16 128 -> 64 at batch 8 1.46-1.52x (1.00-1.05x), batch 4
+// 1.39x (1.05x), batch 2 1.37x (1.09x), batch 1 1.22x (1.07x); 8x8 256 -> 128 at batch 8 1.24x
+// (1.16x), batch 16 1.34x (1.07x); 16x16 64 -> 32 at batch 8 1.37x (1.08x), 96 -> 64 1.38x
+// (1.04x), 128 -> 32 1.26x (1.05x); 32x32 64 -> 32 1.15x (1.06x). It lost where the 100
+// products are small: 4x4 maps (one tile per image: 512 -> 256 at batch 8 0.60x against 1.31x,
+// batch 32 1.04x against 1.12x), 8x8 at batch 1-4 (4-16 tiles: 0.84-1.09x against 1.22-1.68x),
+// 16 -> 8 channels (0.74x against 1.46x); 32 -> 16 tied. As a Conv2d forward (oneDNN's product
+// the baseline): 32x32 64 -> 128 at batch 8-64 1.42-1.51x, 16x16 128 -> 256 at batch 16 1.29x,
+// 14x14 64 -> 128 1.20x, 8x8 256 -> 512 (4x4 tiles of one per image) 0.66x. So "auto" takes it
+// with at least 64 input and 32 output channels (as a transposed convolution) from 32 tiles over
+// the batch with at least 4 per image, or from 16 tiles in one image.
 
 #include "conv_transpose_winograd.h"
 
@@ -77,8 +82,8 @@ constexpr int kLanes = 8;  // channels per transform step
 constexpr int64_t kPadFloats = 16;  // between consecutive matrices of U, V and M
 constexpr int64_t kChunkBytes = int64_t(1) << 25;  // V and M of one chunk of the batch
 constexpr int64_t kMaxWeightBytes = int64_t(1) << 26;  // U, above which "auto" keeps the direct form
-constexpr int64_t kMinTiles = 64;
-constexpr int64_t kMinCin = 128, kMinCout = 64;
+constexpr int64_t kMinTiles = 32, kMinImageTiles = 4, kOneImageTiles = 16;
+constexpr int64_t kMinCin = 64, kMinCout = 32;
 
 std::atomic<int> g_mode{0};  // 0 auto, 1 always, 2 never
 std::atomic<int64_t> g_products{0};  // Winograd products returned (the tests' evidence of the path)
@@ -357,11 +362,25 @@ float* scratch_floats(int64_t n) {
 }
 
 // "auto": a transposed convolution C_in -> C_out from N images of H x W (or the Conv2d that is
-// its grad_input)
+// its grad_input); also keeps the scratch bounded: U within kMaxWeightBytes, and one image's V
+// and M within kChunkBytes (a batch goes in chunks of whole images; a larger image, e.g. 128
+// channels at 256x256, would hold hundreds of MB per thread)
 bool auto_takes(int64_t N, int64_t Ci, int64_t Co, int64_t H, int64_t W) {
-  const int64_t tiles = N * ((H + 3) / 4) * ((W + 3) / 4);
-  const double ubytes = 100.0 * double((Ci + 7) / 8 * 8) * double((Co + 7) / 8 * 8) * 4.0;
-  return tiles >= kMinTiles && Ci >= kMinCin && Co >= kMinCout && ubytes <= double(kMaxWeightBytes);
+  const double tt = double((H + 3) / 4) * double((W + 3) / 4), tiles = double(N) * tt;
+  const double cip = double((Ci + 7) / 8 * 8), cop = double((Co + 7) / 8 * 8);
+  const double ubytes = 100.0 * cip * cop * 4.0;
+  const double image_bytes = 100.0 * tt * (cip + cop) * 4.0;  // V + M of the forward (grad_input's are smaller)
+  const bool enough = (tt >= double(kMinImageTiles) && tiles >= double(kMinTiles)) || tt >= double(kOneImageTiles);
+  return enough && Ci >= kMinCin && Co >= kMinCout && ubytes <= double(kMaxWeightBytes) &&
+         image_bytes <= double(kChunkBytes);
+}
+
+// A dense CPU tensor with storage of its own (not a fake, functional or other Python tensor: a
+// traced call runs torch's product), in NCHW order that torch's layout rule reads as contiguous
+bool plain_nchw(const at::Tensor& t) {
+  return t.has_storage() && !t.key_set().has(c10::DispatchKey::Python) && t.device().is_cpu() &&
+         t.layout() == at::kStrided && t.is_contiguous() &&
+         t.suggest_memory_format() == at::MemoryFormat::Contiguous;
 }
 
 }  // namespace
@@ -373,8 +392,9 @@ bool winograd_k4s2_takes(const at::Tensor& x, const at::Tensor& w, int64_t group
   if (x.scalar_type() != at::kFloat || w.scalar_type() != at::kFloat || x.dim() != 4 || w.dim() != 4) return false;
   if (groups != 1 || KH != 4 || KW != 4 || SH != 2 || SW != 2 || PH != 1 || PW != 1 || DH != 1 || DW != 1) return false;
   const int64_t N = x.size(0), Ci = x.size(1), H = x.size(2), W = x.size(3), Co = w.size(1);
-  if (N == 0 || Ci == 0 || Co == 0 || H == 0 || W == 0 || Hout != 2 * H || Wout != 2 * W) return false;
-  if (!x.is_contiguous() || !w.is_contiguous()) return false;
+  if (N == 0 || Ci == 0 || Co == 0 || H == 0 || W == 0 || Hout != 2 * H || Wout != 2 * W || w.size(0) != Ci)
+    return false;
+  if (!plain_nchw(x) || !plain_nchw(w)) return false;
   return mode == 1 || auto_takes(N, Ci, Co, H, W);
 }
 
@@ -390,20 +410,26 @@ bool winograd_k4s2_conv2d_takes(const at::Tensor& x, const at::Tensor& w, at::In
     return false;
   const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3), Cout = w.size(0);
   if (N == 0 || Cin == 0 || Cout == 0 || H == 0 || W == 0 || H % 2 != 0 || W % 2 != 0 || w.size(1) != Cin) return false;
-  if (!x.is_contiguous() || !w.is_contiguous()) return false;
+  if (!plain_nchw(x) || !plain_nchw(w)) return false;
   // the transposed convolution whose grad_input this is: C_out -> C_in channels, H/2 x W/2 input
   return mode == 1 || auto_takes(N, Cout, Cin, H / 2, W / 2);
 }
 
 at::Tensor winograd_conv_transpose_k4s2(const at::Tensor& x_in, const at::Tensor& w_in) {
+  TORCH_CHECK(x_in.device().is_cpu() && w_in.device().is_cpu() && x_in.scalar_type() == at::kFloat &&
+                  w_in.scalar_type() == at::kFloat && x_in.dim() == 4 && w_in.dim() == 4 && w_in.size(2) == 4 &&
+                  w_in.size(3) == 4 && w_in.size(0) == x_in.size(1),
+              "conv_transpose2d: unexpected arguments of the Winograd product");
   const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
   const WGeo g = geometry(x, w);
   // images per chunk: V and M of a chunk within kChunkBytes
   const int64_t per_image = 100 * g.TT * (g.Cip + g.Cop) * int64_t(sizeof(float));
   const int64_t m0 = std::max<int64_t>(1, std::min(g.N, kChunkBytes / std::max<int64_t>(1, per_image)));
   const int64_t Tmax = m0 * g.TT;
-  const int64_t ldv = Tmax * g.Cip + kPadFloats, ldm = Tmax * g.Cop + kPadFloats;
-  float* U = scratch_floats(100 * (g.ldu + ldv + ldm));
+  // M has no padding: a non-contiguous result made at::bmm_out run its products one by one
+  // (2.8 ms against 1.5 ms for the 16x16 layer's 100 products at batch 8)
+  const int64_t ldv = Tmax * g.Cip + kPadFloats, mfloats = Tmax * g.Cop;
+  float* U = scratch_floats(100 * (g.ldu + ldv + mfloats));
   float* V = U + 100 * g.ldu;
   float* M = V + 100 * ldv;
   const auto opts = x.options();
@@ -425,9 +451,9 @@ at::Tensor winograd_conv_transpose_k4s2(const at::Tensor& x_in, const at::Tensor
     });
     const at::Tensor Ut = at::from_blob(U, {100, g.Cip, g.Cop}, {g.ldu, g.Cop, 1}, opts);
     const at::Tensor Vt = at::from_blob(V, {100, T, g.Cip}, {ldv, g.Cip, 1}, opts);
-    at::Tensor Mt = at::from_blob(M, {100, T, g.Cop}, {ldm, g.Cop, 1}, opts);
+    const int64_t ldm = T * g.Cop;  // contiguous (this chunk's size)
+    at::Tensor Mt = at::from_blob(M, {100, T, g.Cop}, opts);
     at::bmm_out(Mt, Vt, Ut);
-    TORCH_CHECK(Mt.data_ptr<float>() == M, "conv_transpose2d: the Winograd product was not written in place");
     at::parallel_for(0, m * cob, 1, [&](int64_t r0, int64_t r1) {
       bool ok = true;
       for (int64_t r = r0; r < r1; ++r) ok = output_block(M, ldm, yp, g, n0 + r / cob, r / cob, (r % cob) * kLanes) && ok;
@@ -442,7 +468,8 @@ at::Tensor winograd_conv_transpose_k4s2(const at::Tensor& x_in, const at::Tensor
 at::Tensor winograd_conv_transpose_k4s2_grad_input(const at::Tensor& dz_in, const at::Tensor& w_in, int64_t H,
                                                    int64_t W) {
   const at::Tensor dz = dz_in.contiguous(), w = w_in.contiguous();
-  TORCH_CHECK(dz.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && dz.dim() == 4 &&
+  TORCH_CHECK(dz.device().is_cpu() && w.device().is_cpu() && dz.scalar_type() == at::kFloat &&
+                  w.scalar_type() == at::kFloat && dz.dim() == 4 && w.dim() == 4 && w.size(2) == 4 && w.size(3) == 4 &&
                   dz.size(1) == w.size(1) && dz.size(2) == 2 * H && dz.size(3) == 2 * W,
               "conv_transpose2d: unexpected arguments of the Winograd grad_input");
   WGeo g;
@@ -454,8 +481,8 @@ at::Tensor winograd_conv_transpose_k4s2_grad_input(const at::Tensor& dz_in, cons
   const int64_t per_image = 25 * g.TT * (4 * g.Cop + g.Cip) * int64_t(sizeof(float));
   const int64_t m0 = std::max<int64_t>(1, std::min(g.N, kChunkBytes / std::max<int64_t>(1, per_image)));
   const int64_t Tmax = m0 * g.TT;
-  const int64_t ldv = Tmax * 4 * g.Cop + kPadFloats, ldm = Tmax * g.Cip + kPadFloats;
-  float* U = scratch_floats(25 * (g.ldu + ldv + ldm));
+  const int64_t ldv = Tmax * 4 * g.Cop + kPadFloats, mfloats = Tmax * g.Cip;  // (M contiguous, as above)
+  float* U = scratch_floats(25 * (g.ldu + ldv + mfloats));
   float* V = U + 25 * g.ldu;
   float* M = V + 25 * ldv;
   const auto opts = dz.options();
@@ -478,9 +505,9 @@ at::Tensor winograd_conv_transpose_k4s2_grad_input(const at::Tensor& dz_in, cons
     });
     const at::Tensor Ut = at::from_blob(U, {25, 4 * g.Cop, g.Cip}, {g.ldu, g.Cip, 1}, opts);
     const at::Tensor Vt = at::from_blob(V, {25, T, 4 * g.Cop}, {ldv, 4 * g.Cop, 1}, opts);
-    at::Tensor Mt = at::from_blob(M, {25, T, g.Cip}, {ldm, g.Cip, 1}, opts);
+    const int64_t ldm = T * g.Cip;
+    at::Tensor Mt = at::from_blob(M, {25, T, g.Cip}, opts);
     at::bmm_out(Mt, Vt, Ut);
-    TORCH_CHECK(Mt.data_ptr<float>() == M, "conv_transpose2d: the Winograd product was not written in place");
     at::parallel_for(0, m * cib, 1, [&](int64_t r0, int64_t r1) {
       bool ok = true;
       for (int64_t r = r0; r < r1; ++r)
