@@ -297,12 +297,13 @@ def set_cpu_winograd(mode: str) -> None:
     transposed convolution's forward and grad_input (DCGAN's generator layers) and a Conv2d's
     forward (the discriminator's layers: its product is that grad_input) in genfast's Conv2d,
     its no-grad call and its eval BatchNorm block. "auto" (the default, the shapes where it
-    measured faster: at least 64 input and 32 output channels, counted as a transposed
-    convolution, from 32 4x4 input tiles over the batch with at least 4 per image or from 16 in
+    measured faster: maps that are multiples of 4, at least 64 input and 32 output channels,
+    counted as a transposed convolution, from 32 4x4 input tiles over the batch with at least 4 per image or from 16 in
     one image, and while the scratch stays within 64 MB for the transformed weight and 32 MB per
     image), "always" or "never". A call whose Winograd
     values come out non-finite (an inf or NaN in the input, weight or gradient, or an overflow)
-    runs the direct product instead, which gives torch's values. Process-wide."""
+    runs the direct product instead, which gives torch's NaN / inf pattern and its finite values
+    to rounding. Process-wide."""
     ext = extension()
     if ext is None:
         raise RuntimeError("set_cpu_winograd: genfast._C is not loaded (see the warning at import)")

@@ -59,9 +59,12 @@
 // batch 32 1.04x against 1.12x), 8x8 at batch 1-4 (4-16 tiles: 0.84-1.09x against 1.22-1.68x),
 // 16 -> 8 channels (0.74x against 1.46x); 32 -> 16 tied. As a Conv2d forward (oneDNN's product
 // the baseline): 32x32 64 -> 128 at batch 8-64 1.42-1.51x, 16x16 128 -> 256 at batch 16 1.29x,
-// 14x14 64 -> 128 1.20x, 8x8 256 -> 512 (4x4 tiles of one per image) 0.66x. So "auto" takes it
-// with at least 64 input and 32 output channels (as a transposed convolution) from 32 tiles over
-// the batch with at least 4 per image, or from 16 tiles in one image.
+// 14x14 64 -> 128 1.20x, 8x8 256 -> 512 (4x4 tiles of one per image) 0.66x. Maps that are not
+// multiples of 4 pad their last tiles: 7x7 128 -> 64 at batch 8 and 64 1.10-1.16x against the
+// direct form's 1.27-1.44x, 9x9 0.87x against 0.95x (measured while another job ran: rough). So
+// "auto" takes it for maps that are multiples of 4, with at least 64 input and 32 output channels
+// (as a transposed convolution), from 32 tiles over the batch with at least 4 per image or from
+// 16 tiles in one image.
 
 #include "conv_transpose_winograd.h"
 
@@ -79,7 +82,7 @@ namespace genfast {
 namespace {
 
 constexpr int kLanes = 8;  // channels per transform step
-constexpr int64_t kPadFloats = 16;  // between consecutive matrices of U, V and M
+constexpr int64_t kPadFloats = 16;  // between consecutive matrices of U and V (M is contiguous)
 constexpr int64_t kChunkBytes = int64_t(1) << 25;  // V and M of one chunk of the batch
 constexpr int64_t kMaxWeightBytes = int64_t(1) << 26;  // U, above which "auto" keeps the direct form
 constexpr int64_t kMinTiles = 32, kMinImageTiles = 4, kOneImageTiles = 16;
@@ -371,16 +374,18 @@ bool auto_takes(int64_t N, int64_t Ci, int64_t Co, int64_t H, int64_t W) {
   const double ubytes = 100.0 * cip * cop * 4.0;
   const double image_bytes = 100.0 * tt * (cip + cop) * 4.0;  // V + M of the forward (grad_input's are smaller)
   const bool enough = (tt >= double(kMinImageTiles) && tiles >= double(kMinTiles)) || tt >= double(kOneImageTiles);
-  return enough && Ci >= kMinCin && Co >= kMinCout && ubytes <= double(kMaxWeightBytes) &&
+  return enough && H % 4 == 0 && W % 4 == 0 && Ci >= kMinCin && Co >= kMinCout && ubytes <= double(kMaxWeightBytes) &&
          image_bytes <= double(kChunkBytes);
 }
 
-// A dense CPU tensor with storage of its own (not a fake, functional or other Python tensor: a
-// traced call runs torch's product), in NCHW order that torch's layout rule reads as contiguous
+// A dense CPU tensor with storage of its own (not a fake, functional or other wrapper tensor: a
+// traced call runs torch's product; no lazy negation or conjugation bit), in NCHW order that
+// torch's layout rule reads as contiguous
 bool plain_nchw(const at::Tensor& t) {
-  return t.has_storage() && !t.key_set().has(c10::DispatchKey::Python) && t.device().is_cpu() &&
-         t.layout() == at::kStrided && t.is_contiguous() &&
-         t.suggest_memory_format() == at::MemoryFormat::Contiguous;
+  const c10::DispatchKeySet ks = t.key_set();
+  return t.has_storage() && !ks.has(c10::DispatchKey::Python) && !ks.has(c10::DispatchKey::Functionalize) &&
+         !ks.has(c10::DispatchKey::PythonTLSSnapshot) && !t.is_neg() && !t.is_conj() && t.device().is_cpu() &&
+         t.layout() == at::kStrided && t.is_contiguous() && t.suggest_memory_format() == at::MemoryFormat::Contiguous;
 }
 
 }  // namespace
