@@ -303,7 +303,9 @@ def set_cpu_winograd(mode: str) -> None:
     image), "always" or "never". A call whose Winograd
     values come out non-finite (an inf or NaN in the input, weight or gradient, or an overflow)
     runs the direct product instead, which gives torch's NaN / inf pattern and its finite values
-    to rounding. Process-wide."""
+    to rounding; so does a call whose input, weight or gradient holds an outlier (fewer than 10%
+    of its nonzero values within 16x of its largest magnitude), whose rounding a transform would
+    spread over its tile. Process-wide."""
     ext = extension()
     if ext is None:
         raise RuntimeError("set_cpu_winograd: genfast._C is not loaded (see the warning at import)")

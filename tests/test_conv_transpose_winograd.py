@@ -499,3 +499,44 @@ def test_concurrent_calls_from_two_threads():
     assert not errors, errors
     for i, (x, w, b) in enumerate(data):
         assert_close(results[i], ref(x, w, b, "leaky_relu"))
+
+
+@pytest.mark.parametrize("where", ["x", "w", "dz", "conv2d_x"])
+def test_outliers_run_the_direct_product(where):
+    """One value far outside the rest (1e8 among values of order 1) would spread its rounding
+    over its tile's outputs that do not depend on it; such an operand (fewer than 10% of its
+    nonzero values within 16x of its largest magnitude) runs the direct product, accurate
+    against float64. A moderate one (10x) keeps the Winograd product."""
+    for big, taken in [(1e8, False), (10.0, True)]:
+        x, w, b = inputs(2, 16, 8, 8, 8, seed=seed_of(where, big))
+        dy = torch.randn(2, 8, 16, 16)
+        if where == "x":
+            x[1, 3, 2, 5] = big
+        elif where == "w":
+            w[4, 2, 1, 3] = big * w.abs().mean()
+        elif where == "dz":
+            dy[0, 1, 4, 4] = big
+        with B.cpu_winograd("always"), B.use_backend("cpu"):
+            if where == "conv2d_x":
+                xc = torch.randn(2, 8, 16, 16)
+                xc[0, 2, 7, 7] = big
+                wc = torch.randn(16, 8, 4, 4) / 8
+                before = products()
+                y = GF.conv2d(xc, wc, None, 2, 1)
+                assert products() == before + int(taken), (where, big)
+                assert_close(y, F.conv2d(xc.double(), wc.double(), None, 2, 1), msg=f"{where} {big}")
+                continue
+            xs = x.clone().requires_grad_()
+            before = products()
+            y = run(xs, w, b)
+            (gx,) = torch.autograd.grad(y, (xs,), dy)
+        # an outlier in x leaves grad_input (from dz and w) to Winograd, one in dz the forward
+        expect = 2 if taken else (0 if where == "w" else 1)
+        assert products() == before + expect, (where, big)
+        xr = x.double().requires_grad_()
+        yr = ref(xr, w, b)
+        (rx,) = torch.autograd.grad(yr, (xr,), dy.double())
+        # the direct product's error is relative to the terms each value sums (the outlier's
+        # own outputs are of order 1e8); elsewhere it must be float32's usual
+        assert_close(y, yr.detach(), msg=f"{where} {big} output")
+        assert_close(gx, rx, msg=f"{where} {big} grad_input")

@@ -30,6 +30,8 @@
 //          [ 1,  0, -5,  0, 4]]          [0,    1/4]]
 // (rows of B^T and of G scaled against each other from the textbook construction).
 //
+// Dynamic range: see range_ok below (an operand with few values near its largest magnitude, an
+// outlier, runs the direct product).
 // Non-finite values: a transform mixes a window's values, so an inf in x would reach outputs
 // that do not depend on it in the direct form (as NaN); the output transform therefore checks
 // every value it computes, and any non-finite one makes the call return an undefined tensor,
@@ -72,6 +74,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdlib>
 #include <vector>
@@ -346,6 +349,84 @@ GENFAST_SIMD_CLONES bool output_block_bwd(const float* M, int64_t ldm, float* dx
   return c == 0.f;
 }
 
+// --- dynamic range ------------------------------------------------------------------------------
+// A transform mixes a 5x5 window, so the rounding of its largest value reaches every output of
+// its tile, including outputs that do not depend on it in the direct form: one entry of 1e8 among
+// values of order 1 put errors of 4 on such outputs (the direct product: 2e-6), and 1e30 gave
+// finite values wrong by 1e22. Each call therefore first checks its operands (x or dz, and w):
+// unless at least kDenseFraction of the nonzero values lie within kRangeRatio of the largest
+// magnitude, the direct product runs instead. (A bound on max / root-mean-square would not do: a
+// single outlier raises the mean square itself, and among n values max / rms <= sqrt(n).)
+// Gaussian values pass easily (76% lie within 1/16 of a maximum of about 5 sigma), so do ReLU
+// outputs (their zeros are not counted); where the check passes, the mean square is at least
+// max^2 / 25600, so a tile's largest value is within about 10x of what Gaussian data of the same
+// mean square hold.
+constexpr float kRangeRatio = 16.f;
+constexpr int64_t kDenseFraction = 10;  // 1 / kDenseFraction of the nonzero values
+constexpr int64_t kRangeBlock = int64_t(1) << 16;
+
+// max |v| over p[0, n) (NaN ignored, inf kept)
+GENFAST_SIMD_CLONES float block_max(const float* p, int64_t n) {
+  float m[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const float a = std::fabs(p[i + l]);
+      m[l] = a > m[l] ? a : m[l];
+    }
+  for (; i < n; ++i) {
+    const float a = std::fabs(p[i]);
+    m[0] = a > m[0] ? a : m[0];
+  }
+  float mm = 0.f;
+  for (int l = 0; l < kLanes; ++l) mm = m[l] > mm ? m[l] : mm;
+  return mm;
+}
+
+// how many of p[0, n) are nonzero, and how many have |v| >= thr
+GENFAST_SIMD_CLONES void block_counts(const float* p, int64_t n, float thr, int64_t* nonzero, int64_t* large) {
+  int32_t nz[kLanes] = {}, lg[kLanes] = {};  // a block is at most kRangeBlock values
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const float a = std::fabs(p[i + l]);
+      nz[l] += a > 0.f ? 1 : 0;
+      lg[l] += a >= thr ? 1 : 0;
+    }
+  for (; i < n; ++i) {
+    const float a = std::fabs(p[i]);
+    nz[0] += a > 0.f ? 1 : 0;
+    lg[0] += a >= thr ? 1 : 0;
+  }
+  int64_t tn = 0, tl = 0;
+  for (int l = 0; l < kLanes; ++l) tn += nz[l], tl += lg[l];
+  *nonzero = tn;
+  *large = tl;
+}
+
+// Whether p[0, n) is within the range the Winograd product is accurate for (NaN and inf pass
+// here: the output check catches them)
+bool range_ok(const float* p, int64_t n) {
+  if (n == 0) return true;
+  const int64_t nb = (n + kRangeBlock - 1) / kRangeBlock;
+  std::vector<float> mx(nb);
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) mx[b] = block_max(p + b * kRangeBlock, std::min(kRangeBlock, n - b * kRangeBlock));
+  });
+  float m = 0.f;
+  for (int64_t b = 0; b < nb; ++b) m = mx[b] > m ? mx[b] : m;
+  if (m == 0.f || !std::isfinite(m)) return true;
+  const float thr = m / kRangeRatio;
+  std::vector<int64_t> nz(nb), lg(nb);
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      block_counts(p + b * kRangeBlock, std::min(kRangeBlock, n - b * kRangeBlock), thr, &nz[b], &lg[b]);
+  });
+  int64_t tn = 0, tl = 0;
+  for (int64_t b = 0; b < nb; ++b) tn += nz[b], tl += lg[b];
+  return tl * kDenseFraction >= tn;
+}
+
 // Scratch of the calling thread, kept from call to call (grows to the largest size asked)
 float* scratch_floats(int64_t n) {
   struct Buf {
@@ -426,6 +507,7 @@ at::Tensor winograd_conv_transpose_k4s2(const at::Tensor& x_in, const at::Tensor
                   w_in.size(3) == 4 && w_in.size(0) == x_in.size(1),
               "conv_transpose2d: unexpected arguments of the Winograd product");
   const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  if (!range_ok(x.data_ptr<float>(), x.numel()) || !range_ok(w.data_ptr<float>(), w.numel())) return at::Tensor();
   const WGeo g = geometry(x, w);
   // images per chunk: V and M of a chunk within kChunkBytes
   const int64_t per_image = 100 * g.TT * (g.Cip + g.Cop) * int64_t(sizeof(float));
@@ -477,6 +559,7 @@ at::Tensor winograd_conv_transpose_k4s2_grad_input(const at::Tensor& dz_in, cons
                   w.scalar_type() == at::kFloat && dz.dim() == 4 && w.dim() == 4 && w.size(2) == 4 && w.size(3) == 4 &&
                   dz.size(1) == w.size(1) && dz.size(2) == 2 * H && dz.size(3) == 2 * W,
               "conv_transpose2d: unexpected arguments of the Winograd grad_input");
+  if (!range_ok(dz.data_ptr<float>(), dz.numel()) || !range_ok(w.data_ptr<float>(), w.numel())) return at::Tensor();
   WGeo g;
   g.N = dz.size(0), g.Ci = w.size(0), g.Co = w.size(1), g.H = H, g.W = W;
   g.Th = (H + 3) / 4, g.Tw = (W + 3) / 4, g.TT = g.Th * g.Tw;
