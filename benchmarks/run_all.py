@@ -81,7 +81,7 @@ def _winograd_state() -> str:
     if ext is None or not hasattr(ext, "cpu_winograd"):
         return "n/a"
     mode = ext.cpu_winograd()
-    return ("auto (F(4x4, 2x2) for maps of multiples of 4, from 64 input and 32 output channels, 32 tiles with "
+    return ("auto (F(4x4, 2x2) for maps of multiples of 4, from 64 input and 32 output channels, 64 tiles with "
             "4 per image or 16 in one, scratch within 64 MB + 32 MB per image)" if mode == "auto" else mode)
 
 

@@ -168,7 +168,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "convolution's forward and grad_input, and Conv2d's forward (conv2d_act, its no-grad call and "
         "the eval BatchNorm block) and its grad_input where that runs the GEMM form. 'auto' (by "
         "shape, where it measured faster: maps that are multiples of 4, at least 64 input and 32 output "
-        "channels as a transposed convolution, from 32 4x4 tiles over the batch with at least 4 per "
+        "channels as a transposed convolution, from 64 4x4 tiles over the batch with at least 4 per "
         "image or from 16 in one image; scratch within 64 MB for the weight and 32 MB per image), "
         "'always' or 'never'");
   m.def("cpu_winograd", &genfast::cpu_winograd, "The mode set_cpu_winograd set ('auto' at start)");

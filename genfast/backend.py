@@ -298,9 +298,9 @@ def set_cpu_winograd(mode: str) -> None:
     forward (the discriminator's layers: its product is that grad_input) in genfast's Conv2d,
     its no-grad call and its eval BatchNorm block. "auto" (the default, the shapes where it
     measured faster: maps that are multiples of 4, at least 64 input and 32 output channels,
-    counted as a transposed convolution, from 32 4x4 input tiles over the batch with at least 4 per image or from 16 in
-    one image, and while the scratch stays within 64 MB for the transformed weight and 32 MB per
-    image), "always" or "never". A call whose Winograd
+    counted as a transposed convolution, from 64 4x4 input tiles over the batch with at least 4
+    per image or from 16 in one image, and while the scratch stays within 64 MB for the
+    transformed weight and 32 MB per image), "always" or "never". A call whose Winograd
     values come out non-finite (an inf or NaN in the input, weight or gradient, or an overflow)
     runs the direct product instead, which gives torch's NaN / inf pattern and its finite values
     to rounding; so does a call whose input, weight or gradient holds an outlier (fewer than 10%

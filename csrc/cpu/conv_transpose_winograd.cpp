@@ -30,8 +30,8 @@
 //          [ 1,  0, -5,  0, 4]]          [0,    1/4]]
 // (rows of B^T and of G scaled against each other from the textbook construction).
 //
-// Dynamic range: see range_ok below (an operand with few values near its largest magnitude, an
-// outlier, runs the direct product).
+// Dynamic range: see block_range_ok below (a block of input with few values near its largest
+// magnitude, an outlier, makes the call run the direct product).
 // Non-finite values: a transform mixes a window's values, so an inf in x would reach outputs
 // that do not depend on it in the direct form (as NaN); the output transform therefore checks
 // every value it computes, and any non-finite one makes the call return an undefined tensor,
@@ -64,9 +64,10 @@
 // 14x14 64 -> 128 1.20x, 8x8 256 -> 512 (4x4 tiles of one per image) 0.66x. Maps that are not
 // multiples of 4 pad their last tiles: 7x7 128 -> 64 at batch 8 and 64 1.10-1.16x against the
 // direct form's 1.27-1.44x, 9x9 0.87x against 0.95x (measured while another job ran: rough). So
-// "auto" takes it for maps that are multiples of 4, with at least 64 input and 32 output channels
-// (as a transposed convolution), from 32 tiles over the batch with at least 4 per image or from
-// 16 tiles in one image.
+// Repeated later (another hour's VM), 8x8 256 -> 128 at batch 8 (32 tiles) lost: 0.92-1.07x
+// against the direct form's 1.01-1.14x. So "auto" takes it for maps that are multiples of 4,
+// with at least 64 input and 32 output channels (as a transposed convolution), from 64 tiles over
+// the batch with at least 4 per image or from 16 tiles in one image.
 
 #include "conv_transpose_winograd.h"
 
@@ -77,6 +78,7 @@
 #include <cmath>
 #include <atomic>
 #include <cstdlib>
+#include <limits>
 #include <vector>
 
 #include "../common/macros.h"
@@ -88,7 +90,7 @@ constexpr int kLanes = 8;  // channels per transform step
 constexpr int64_t kPadFloats = 16;  // between consecutive matrices of U and V (M is contiguous)
 constexpr int64_t kChunkBytes = int64_t(1) << 25;  // V and M of one chunk of the batch
 constexpr int64_t kMaxWeightBytes = int64_t(1) << 26;  // U, above which "auto" keeps the direct form
-constexpr int64_t kMinTiles = 32, kMinImageTiles = 4, kOneImageTiles = 16;
+constexpr int64_t kMinTiles = 64, kMinImageTiles = 4, kOneImageTiles = 16;
 constexpr int64_t kMinCin = 64, kMinCout = 32;
 
 std::atomic<int> g_mode{0};  // 0 auto, 1 always, 2 never
@@ -115,6 +117,79 @@ WGeo geometry(const at::Tensor& x, const at::Tensor& w) {
   return g;
 }
 
+// Dynamic range of one block of input (a zero-bordered pad of kLanes channels): whether at least
+// 1 / kDenseFraction of its nonzero values lie within kRangeRatio of its largest magnitude. A
+// transform mixes a 5x5 window, so the rounding of its largest value reaches every output of
+// its tile, including outputs that do not depend on it in the direct form: one entry of 1e8 among
+// values of order 1 put errors of 4 on such outputs (the direct product: 2e-6), and 1e30 gave
+// finite values wrong by 1e22 (found by a bad-input hunt). A block that fails runs the call's
+// direct product instead. (A bound on max / root-mean-square would not do: a single outlier
+// raises the mean square itself, and among n values max / rms <= sqrt(n).) Gaussian values pass
+// easily (76% lie within 1/16 of a maximum of about 5 sigma), so do ReLU outputs (zeros are not
+// counted); where the check passes, the block's mean square is at least max^2 / 25600. The
+// weight is checked as a whole (weight_range_ok): a large tap reaches, through the transforms,
+// the outputs whose direct sum multiplies it by a zero input (the padding, or a ReLU's zeros).
+// NaN and inf pass here (the output check catches them).
+constexpr float kRangeRatio = 16.f;
+constexpr int64_t kDenseFraction = 10;
+
+GENFAST_INLINE bool block_range_ok(const float* p, int64_t n) {  // n a multiple of kLanes
+  float m[kLanes] = {};
+  for (int64_t i = 0; i < n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const float a = std::fabs(p[i + l]);
+      m[l] = a > m[l] ? a : m[l];
+    }
+  float mm = 0.f;
+  for (int l = 0; l < kLanes; ++l) mm = m[l] > mm ? m[l] : mm;
+  if (mm == 0.f || !(mm <= std::numeric_limits<float>::max())) return true;
+  const float thr = mm / kRangeRatio;
+  int32_t nz[kLanes] = {}, lg[kLanes] = {};
+  for (int64_t i = 0; i < n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const float a = std::fabs(p[i + l]);
+      nz[l] += a > 0.f ? 1 : 0;
+      lg[l] += a >= thr ? 1 : 0;
+    }
+  int64_t tn = 0, tl = 0;
+  for (int l = 0; l < kLanes; ++l) tn += nz[l], tl += lg[l];
+  return tl * kDenseFraction >= tn;
+}
+
+// block_range_ok over the whole weight (C_in * C_out * 16 values, contiguous), in one thread
+// (a vectorised read: the 128 -> 64 layer's weight is 0.5 MB); the tail beyond a multiple of
+// kLanes is checked against the same threshold
+GENFAST_SIMD_CLONES bool weight_range_ok(const float* w, int64_t n) {
+  const int64_t n8 = n / kLanes * kLanes;
+  float mm = 0.f;
+  {
+    float m[kLanes] = {};
+    for (int64_t i = 0; i < n8; i += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        const float a = std::fabs(w[i + l]);
+        m[l] = a > m[l] ? a : m[l];
+      }
+    for (int l = 0; l < kLanes; ++l) mm = m[l] > mm ? m[l] : mm;
+    for (int64_t i = n8; i < n; ++i) mm = std::fabs(w[i]) > mm ? std::fabs(w[i]) : mm;
+  }
+  if (mm == 0.f || !(mm <= std::numeric_limits<float>::max())) return true;
+  const float thr = mm / kRangeRatio;
+  int64_t nz[kLanes] = {}, lg[kLanes] = {};
+  for (int64_t i = 0; i < n8; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const float a = std::fabs(w[i + l]);
+      nz[l] += a > 0.f ? 1 : 0;
+      lg[l] += a >= thr ? 1 : 0;
+    }
+  int64_t tn = 0, tl = 0;
+  for (int l = 0; l < kLanes; ++l) tn += nz[l], tl += lg[l];
+  for (int64_t i = n8; i < n; ++i) {
+    tn += std::fabs(w[i]) > 0.f ? 1 : 0;
+    tl += std::fabs(w[i]) >= thr ? 1 : 0;
+  }
+  return tl * kDenseFraction >= tn;
+}
+
 // U[p*25 + e] rows ci, output channels [c0, c0 + kLanes) (zeros beyond C_out), from w (C_in,
 // C_out, 4, 4) contiguous
 GENFAST_SIMD_CLONES void weight_block(const float* w, float* U, const WGeo& g, int64_t ci, int64_t c0) {
@@ -139,7 +214,8 @@ GENFAST_SIMD_CLONES void weight_block(const float* w, float* U, const WGeo& g, i
 
 // V rows of image n (the chunk's nl-th), input channels [c0, c0 + kLanes) (zeros beyond C_in);
 // pad: PH * PW * kLanes floats of scratch
-GENFAST_SIMD_CLONES void input_block(const float* x, float* V, int64_t ldv, const WGeo& g, int64_t n, int64_t nl,
+// (false, with nothing written, when the block fails block_range_ok)
+GENFAST_SIMD_CLONES bool input_block(const float* x, float* V, int64_t ldv, const WGeo& g, int64_t n, int64_t nl,
                                      int64_t c0, float* pad) {
   const int64_t nc = std::min<int64_t>(kLanes, g.Ci - c0);
   std::fill(pad, pad + g.PH * g.PW * kLanes, 0.f);
@@ -148,6 +224,7 @@ GENFAST_SIMD_CLONES void input_block(const float* x, float* V, int64_t ldv, cons
     for (int64_t h = 0; h < g.H; ++h)
       for (int64_t w = 0; w < g.W; ++w) pad[((h + 1) * g.PW + w + 1) * kLanes + l] = src[h * g.W + w];
   }
+  if (!block_range_ok(pad, g.PH * g.PW * kLanes)) return false;
   for (int a = 0; a < 2; ++a)
     for (int b = 0; b < 2; ++b) {
       float* vb = V + int64_t((a * 2 + b) * 25) * ldv + nl * g.TT * g.Cip + c0;
@@ -178,6 +255,7 @@ GENFAST_SIMD_CLONES void input_block(const float* x, float* V, int64_t ldv, cons
             }
         }
     }
+  return true;
 }
 
 // The output transform of image n (the chunk's nl-th), output channels [c0, c0 + kLanes), into
@@ -259,7 +337,8 @@ GENFAST_SIMD_CLONES void weight_block_bwd(const float* w, float* U, const WGeo& 
 
 // V rows of image n (the chunk's nl-th), columns (p, co) for output channels [c0, c0 + kLanes)
 // (zeros beyond C_out), from dz (N, C_out, 2H, 2W); pad: 4 * PH * PW * kLanes floats
-GENFAST_SIMD_CLONES void input_block_bwd(const float* dz, float* V, int64_t ldv, const WGeo& g, int64_t n, int64_t nl,
+// (false, with nothing written, when the block fails block_range_ok)
+GENFAST_SIMD_CLONES bool input_block_bwd(const float* dz, float* V, int64_t ldv, const WGeo& g, int64_t n, int64_t nl,
                                          int64_t c0, float* pad) {
   const int64_t nc = std::min<int64_t>(kLanes, g.Co - c0), plane = g.PH * g.PW * kLanes, OW = 2 * g.W;
   std::fill(pad, pad + 4 * plane, 0.f);
@@ -270,6 +349,7 @@ GENFAST_SIMD_CLONES void input_block_bwd(const float* dz, float* V, int64_t ldv,
       for (int64_t w = 0; w < OW; ++w) row[(w % 2) * plane + (w / 2) * kLanes] = src[h * OW + w];
     }
   }
+  if (!block_range_ok(pad, 4 * plane)) return false;
   const int64_t ldr = 4 * g.Cop;  // V's row length
   for (int a = 0; a < 2; ++a)
     for (int b = 0; b < 2; ++b) {
@@ -303,6 +383,7 @@ GENFAST_SIMD_CLONES void input_block_bwd(const float* dz, float* V, int64_t ldv,
             }
         }
     }
+  return true;
 }
 
 // The output transform of image n (the chunk's nl-th), input channels [c0, c0 + kLanes), into
@@ -347,84 +428,6 @@ GENFAST_SIMD_CLONES bool output_block_bwd(const float* M, int64_t ldm, float* dx
   float c = 0.f;
   for (int l = 0; l < kLanes; ++l) c += check[l];
   return c == 0.f;
-}
-
-// --- dynamic range ------------------------------------------------------------------------------
-// A transform mixes a 5x5 window, so the rounding of its largest value reaches every output of
-// its tile, including outputs that do not depend on it in the direct form: one entry of 1e8 among
-// values of order 1 put errors of 4 on such outputs (the direct product: 2e-6), and 1e30 gave
-// finite values wrong by 1e22. Each call therefore first checks its operands (x or dz, and w):
-// unless at least kDenseFraction of the nonzero values lie within kRangeRatio of the largest
-// magnitude, the direct product runs instead. (A bound on max / root-mean-square would not do: a
-// single outlier raises the mean square itself, and among n values max / rms <= sqrt(n).)
-// Gaussian values pass easily (76% lie within 1/16 of a maximum of about 5 sigma), so do ReLU
-// outputs (their zeros are not counted); where the check passes, the mean square is at least
-// max^2 / 25600, so a tile's largest value is within about 10x of what Gaussian data of the same
-// mean square hold.
-constexpr float kRangeRatio = 16.f;
-constexpr int64_t kDenseFraction = 10;  // 1 / kDenseFraction of the nonzero values
-constexpr int64_t kRangeBlock = int64_t(1) << 16;
-
-// max |v| over p[0, n) (NaN ignored, inf kept)
-GENFAST_SIMD_CLONES float block_max(const float* p, int64_t n) {
-  float m[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      const float a = std::fabs(p[i + l]);
-      m[l] = a > m[l] ? a : m[l];
-    }
-  for (; i < n; ++i) {
-    const float a = std::fabs(p[i]);
-    m[0] = a > m[0] ? a : m[0];
-  }
-  float mm = 0.f;
-  for (int l = 0; l < kLanes; ++l) mm = m[l] > mm ? m[l] : mm;
-  return mm;
-}
-
-// how many of p[0, n) are nonzero, and how many have |v| >= thr
-GENFAST_SIMD_CLONES void block_counts(const float* p, int64_t n, float thr, int64_t* nonzero, int64_t* large) {
-  int32_t nz[kLanes] = {}, lg[kLanes] = {};  // a block is at most kRangeBlock values
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      const float a = std::fabs(p[i + l]);
-      nz[l] += a > 0.f ? 1 : 0;
-      lg[l] += a >= thr ? 1 : 0;
-    }
-  for (; i < n; ++i) {
-    const float a = std::fabs(p[i]);
-    nz[0] += a > 0.f ? 1 : 0;
-    lg[0] += a >= thr ? 1 : 0;
-  }
-  int64_t tn = 0, tl = 0;
-  for (int l = 0; l < kLanes; ++l) tn += nz[l], tl += lg[l];
-  *nonzero = tn;
-  *large = tl;
-}
-
-// Whether p[0, n) is within the range the Winograd product is accurate for (NaN and inf pass
-// here: the output check catches them)
-bool range_ok(const float* p, int64_t n) {
-  if (n == 0) return true;
-  const int64_t nb = (n + kRangeBlock - 1) / kRangeBlock;
-  std::vector<float> mx(nb);
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) mx[b] = block_max(p + b * kRangeBlock, std::min(kRangeBlock, n - b * kRangeBlock));
-  });
-  float m = 0.f;
-  for (int64_t b = 0; b < nb; ++b) m = mx[b] > m ? mx[b] : m;
-  if (m == 0.f || !std::isfinite(m)) return true;
-  const float thr = m / kRangeRatio;
-  std::vector<int64_t> nz(nb), lg(nb);
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      block_counts(p + b * kRangeBlock, std::min(kRangeBlock, n - b * kRangeBlock), thr, &nz[b], &lg[b]);
-  });
-  int64_t tn = 0, tl = 0;
-  for (int64_t b = 0; b < nb; ++b) tn += nz[b], tl += lg[b];
-  return tl * kDenseFraction >= tn;
 }
 
 // Scratch of the calling thread, kept from call to call (grows to the largest size asked)
@@ -507,7 +510,7 @@ at::Tensor winograd_conv_transpose_k4s2(const at::Tensor& x_in, const at::Tensor
                   w_in.size(3) == 4 && w_in.size(0) == x_in.size(1),
               "conv_transpose2d: unexpected arguments of the Winograd product");
   const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
-  if (!range_ok(x.data_ptr<float>(), x.numel()) || !range_ok(w.data_ptr<float>(), w.numel())) return at::Tensor();
+  if (!weight_range_ok(w.data_ptr<float>(), w.numel())) return at::Tensor();
   const WGeo g = geometry(x, w);
   // images per chunk: V and M of a chunk within kChunkBytes
   const int64_t per_image = 100 * g.TT * (g.Cip + g.Cop) * int64_t(sizeof(float));
@@ -534,8 +537,10 @@ at::Tensor winograd_conv_transpose_k4s2(const at::Tensor& x_in, const at::Tensor
     const int64_t m = std::min(m0, g.N - n0), T = m * g.TT;
     at::parallel_for(0, m * cib, 1, [&](int64_t r0, int64_t r1) {
       std::vector<float> pad(g.PH * g.PW * kLanes);
-      for (int64_t r = r0; r < r1; ++r) input_block(xp, V, ldv, g, n0 + r / cib, r / cib, (r % cib) * kLanes, pad.data());
+      for (int64_t r = r0; r < r1 && finite.load(std::memory_order_relaxed); ++r)
+        if (!input_block(xp, V, ldv, g, n0 + r / cib, r / cib, (r % cib) * kLanes, pad.data())) finite.store(false);
     });
+    if (!finite.load()) break;
     const at::Tensor Ut = at::from_blob(U, {100, g.Cip, g.Cop}, {g.ldu, g.Cop, 1}, opts);
     const at::Tensor Vt = at::from_blob(V, {100, T, g.Cip}, {ldv, g.Cip, 1}, opts);
     const int64_t ldm = T * g.Cop;  // contiguous (this chunk's size)
@@ -559,7 +564,7 @@ at::Tensor winograd_conv_transpose_k4s2_grad_input(const at::Tensor& dz_in, cons
                   w.scalar_type() == at::kFloat && dz.dim() == 4 && w.dim() == 4 && w.size(2) == 4 && w.size(3) == 4 &&
                   dz.size(1) == w.size(1) && dz.size(2) == 2 * H && dz.size(3) == 2 * W,
               "conv_transpose2d: unexpected arguments of the Winograd grad_input");
-  if (!range_ok(dz.data_ptr<float>(), dz.numel()) || !range_ok(w.data_ptr<float>(), w.numel())) return at::Tensor();
+  if (!weight_range_ok(w.data_ptr<float>(), w.numel())) return at::Tensor();
   WGeo g;
   g.N = dz.size(0), g.Ci = w.size(0), g.Co = w.size(1), g.H = H, g.W = W;
   g.Th = (H + 3) / 4, g.Tw = (W + 3) / 4, g.TT = g.Th * g.Tw;
@@ -588,9 +593,10 @@ at::Tensor winograd_conv_transpose_k4s2_grad_input(const at::Tensor& dz_in, cons
     const int64_t m = std::min(m0, g.N - n0), T = m * g.TT;
     at::parallel_for(0, m * cob, 1, [&](int64_t r0, int64_t r1) {
       std::vector<float> pad(4 * g.PH * g.PW * kLanes);
-      for (int64_t r = r0; r < r1; ++r)
-        input_block_bwd(zp, V, ldv, g, n0 + r / cob, r / cob, (r % cob) * kLanes, pad.data());
+      for (int64_t r = r0; r < r1 && finite.load(std::memory_order_relaxed); ++r)
+        if (!input_block_bwd(zp, V, ldv, g, n0 + r / cob, r / cob, (r % cob) * kLanes, pad.data())) finite.store(false);
     });
+    if (!finite.load()) break;
     const at::Tensor Ut = at::from_blob(U, {25, 4 * g.Cop, g.Cip}, {g.ldu, g.Cip, 1}, opts);
     const at::Tensor Vt = at::from_blob(V, {25, T, 4 * g.Cop}, {ldv, 4 * g.Cop, 1}, opts);
     const int64_t ldm = T * g.Cip;
