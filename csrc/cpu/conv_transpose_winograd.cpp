@@ -35,7 +35,8 @@
 // Non-finite values: a transform mixes a window's values, so an inf in x would reach outputs
 // that do not depend on it in the direct form (as NaN); the output transform therefore checks
 // every value it computes, and any non-finite one makes the call return an undefined tensor,
-// and the caller runs the direct product (torch's values) instead. A non-finite x or w value
+// and the caller runs the direct product instead (torch's NaN / inf pattern, its values to
+// rounding). A non-finite x or w value
 // always shows: it makes some V or U entry non-finite, then a whole row or column of M (an
 // inf times a zero is NaN), then an output of its tile, checked before anything is cropped.
 //
@@ -63,9 +64,10 @@
 // the baseline): 32x32 64 -> 128 at batch 8-64 1.42-1.51x, 16x16 128 -> 256 at batch 16 1.29x,
 // 14x14 64 -> 128 1.20x, 8x8 256 -> 512 (4x4 tiles of one per image) 0.66x. Maps that are not
 // multiples of 4 pad their last tiles: 7x7 128 -> 64 at batch 8 and 64 1.10-1.16x against the
-// direct form's 1.27-1.44x, 9x9 0.87x against 0.95x (measured while another job ran: rough). So
-// Repeated later (another hour's VM), 8x8 256 -> 128 at batch 8 (32 tiles) lost: 0.92-1.07x
-// against the direct form's 1.01-1.14x. So "auto" takes it for maps that are multiples of 4,
+// direct form's 1.27-1.44x, 9x9 0.87x against 0.95x (measured while another job ran: rough; the
+// Conv2d 14x14 -> 7x7 layer, 1.20x above, is left out with them). Repeated later (another hour's
+// VM, slower), 16x16 128 -> 64 at batch 8 ran 1.20-1.41x against the direct form's 1.18-1.38x,
+// and 8x8 256 -> 128 at batch 8 (32 tiles) lost: 0.92-1.07x against 1.01-1.14x. So "auto" takes it for maps that are multiples of 4,
 // with at least 64 input and 32 output channels (as a transposed convolution), from 64 tiles over
 // the batch with at least 4 per image or from 16 tiles in one image.
 
