@@ -158,38 +158,74 @@ GENFAST_INLINE bool block_range_ok(const float* p, int64_t n) {  // n a multiple
   return tl * kDenseFraction >= tn;
 }
 
-// block_range_ok over the whole weight (C_in * C_out * 16 values, contiguous), in one thread
-// (a vectorised read: the 128 -> 64 layer's weight is 0.5 MB); the tail beyond a multiple of
-// kLanes is checked against the same threshold
-GENFAST_SIMD_CLONES bool weight_range_ok(const float* w, int64_t n) {
-  const int64_t n8 = n / kLanes * kLanes;
-  float mm = 0.f;
-  {
-    float m[kLanes] = {};
-    for (int64_t i = 0; i < n8; i += kLanes)
-      for (int l = 0; l < kLanes; ++l) {
-        const float a = std::fabs(w[i + l]);
-        m[l] = a > m[l] ? a : m[l];
-      }
-    for (int l = 0; l < kLanes; ++l) mm = m[l] > mm ? m[l] : mm;
-    for (int64_t i = n8; i < n; ++i) mm = std::fabs(w[i]) > mm ? std::fabs(w[i]) : mm;
-  }
-  if (mm == 0.f || !(mm <= std::numeric_limits<float>::max())) return true;
-  const float thr = mm / kRangeRatio;
-  int64_t nz[kLanes] = {}, lg[kLanes] = {};
-  for (int64_t i = 0; i < n8; i += kLanes)
+// block_range_ok over the whole weight (C_in * C_out * 16 values, contiguous: a multiple of
+// kLanes), in one thread (a vectorised read: the 128 -> 64 layer's weight is 0.5 MB)
+GENFAST_SIMD_CLONES bool weight_range_ok(const float* w, int64_t n) { return block_range_ok(w, n); }
+
+// The transforms of one tile, kLanes channels at a time, shared by the forward and grad_input.
+
+// o[e * ldu + lane] = (G g G^T)[e] of one phase's 2x2 taps g[j][k] = taps[row[j] * 4 + col[k]]
+GENFAST_INLINE void weight_tile(const float (&taps)[16][kLanes], const int (&row)[2], const int (&col)[2], float* o,
+                                int64_t ldu) {
+  float t[5][2][kLanes];  // G g
+  for (int u = 0; u < 5; ++u)
+    for (int k = 0; k < 2; ++k)
+      for (int l = 0; l < kLanes; ++l)
+        t[u][k][l] = kG[u][0] * taps[row[0] * 4 + col[k]][l] + kG[u][1] * taps[row[1] * 4 + col[k]][l];
+  for (int u = 0; u < 5; ++u)
+    for (int v = 0; v < 5; ++v)
+      for (int l = 0; l < kLanes; ++l) o[(u * 5 + v) * ldu + l] = t[u][0][l] * kG[v][0] + t[u][1][l] * kG[v][1];
+}
+
+// o[e * ldv + lane] = (B^T d B)[e] of the 5x5 window d (rows pw * kLanes floats apart)
+GENFAST_INLINE void input_tile(const float* d, int64_t pw, float* o, int64_t ldv) {
+  float t[5][5][kLanes];  // B^T d: [u][column k]
+  for (int k = 0; k < 5; ++k)
     for (int l = 0; l < kLanes; ++l) {
-      const float a = std::fabs(w[i + l]);
-      nz[l] += a > 0.f ? 1 : 0;
-      lg[l] += a >= thr ? 1 : 0;
+      const float d0 = d[(0 * pw + k) * kLanes + l], d1 = d[(1 * pw + k) * kLanes + l],
+                  d2 = d[(2 * pw + k) * kLanes + l], d3 = d[(3 * pw + k) * kLanes + l],
+                  d4 = d[(4 * pw + k) * kLanes + l];
+      t[0][k][l] = 4.f * (d2 + d3) - (d0 + d1);
+      t[1][k][l] = 4.f * (d2 - d3) - (d0 - d1);
+      t[2][k][l] = (d0 - d2) + 2.f * (d1 - d3);
+      t[3][k][l] = (d0 - d2) - 2.f * (d1 - d3);
+      t[4][k][l] = d0 - 5.f * d2 + 4.f * d4;
     }
-  int64_t tn = 0, tl = 0;
-  for (int l = 0; l < kLanes; ++l) tn += nz[l], tl += lg[l];
-  for (int64_t i = n8; i < n; ++i) {
-    tn += std::fabs(w[i]) > 0.f ? 1 : 0;
-    tl += std::fabs(w[i]) >= thr ? 1 : 0;
+  for (int u = 0; u < 5; ++u)
+    for (int l = 0; l < kLanes; ++l) {
+      const float d0 = t[u][0][l], d1 = t[u][1][l], d2 = t[u][2][l], d3 = t[u][3][l], d4 = t[u][4][l];
+      o[(u * 5 + 0) * ldv + l] = 4.f * (d2 + d3) - (d0 + d1);
+      o[(u * 5 + 1) * ldv + l] = 4.f * (d2 - d3) - (d0 - d1);
+      o[(u * 5 + 2) * ldv + l] = (d0 - d2) + 2.f * (d1 - d3);
+      o[(u * 5 + 3) * ldv + l] = (d0 - d2) - 2.f * (d1 - d3);
+      o[(u * 5 + 4) * ldv + l] = d0 - 5.f * d2 + 4.f * d4;
+    }
+}
+
+// t = A^T M of the tile whose 25 elements are m[e * ldm + lane]: [i][column v]
+GENFAST_INLINE void output_columns(const float* m, int64_t ldm, float (&t)[4][5][kLanes]) {
+  for (int v = 0; v < 5; ++v)
+    for (int l = 0; l < kLanes; ++l) {
+      const float m0 = m[(0 * 5 + v) * ldm + l], m1 = m[(1 * 5 + v) * ldm + l], m2 = m[(2 * 5 + v) * ldm + l],
+                  m3 = m[(3 * 5 + v) * ldm + l], m4 = m[(4 * 5 + v) * ldm + l];
+      t[0][v][l] = (m0 + m1) + (m2 + m3);
+      t[1][v][l] = (m0 - m1) + 0.5f * (m2 - m3);
+      t[2][v][l] = (m0 + m1) + 0.25f * (m2 + m3);
+      t[3][v][l] = (m0 - m1) + 0.125f * (m2 - m3) + m4;
+    }
+}
+
+// o = row i of (A^T M) A, the tile's outputs (i, 0..3); check[lane] += each * 0 (0, or NaN after
+// a non-finite value)
+GENFAST_INLINE void output_row(const float (&t)[4][5][kLanes], int i, float (&o)[4][kLanes], float (&check)[kLanes]) {
+  for (int l = 0; l < kLanes; ++l) {
+    const float m0 = t[i][0][l], m1 = t[i][1][l], m2 = t[i][2][l], m3 = t[i][3][l], m4 = t[i][4][l];
+    o[0][l] = (m0 + m1) + (m2 + m3);
+    o[1][l] = (m0 - m1) + 0.5f * (m2 - m3);
+    o[2][l] = (m0 + m1) + 0.25f * (m2 + m3);
+    o[3][l] = (m0 - m1) + 0.125f * (m2 - m3) + m4;
+    check[l] += (o[0][l] * 0.f + o[1][l] * 0.f) + (o[2][l] * 0.f + o[3][l] * 0.f);
   }
-  return tl * kDenseFraction >= tn;
 }
 
 // U[p*25 + e] rows ci, output channels [c0, c0 + kLanes) (zeros beyond C_out), from w (C_in,
@@ -201,16 +237,9 @@ GENFAST_SIMD_CLONES void weight_block(const float* w, float* U, const WGeo& g, i
     for (int l = 0; l < kLanes; ++l) taps[q][l] = l < nc ? w[(ci * g.Co + c0 + l) * 16 + q] : 0.f;
   for (int a = 0; a < 2; ++a)
     for (int b = 0; b < 2; ++b) {
-      // t = G g (5 x 2): g[j][k] = w[3 - a - 2j][3 - b - 2k]
-      float t[5][2][kLanes];
-      for (int u = 0; u < 5; ++u)
-        for (int k = 0; k < 2; ++k)
-          for (int l = 0; l < kLanes; ++l)
-            t[u][k][l] = kG[u][0] * taps[(3 - a) * 4 + 3 - b - 2 * k][l] + kG[u][1] * taps[(1 - a) * 4 + 3 - b - 2 * k][l];
-      float* o = U + int64_t((a * 2 + b) * 25) * g.ldu + ci * g.Cop + c0;
-      for (int u = 0; u < 5; ++u)
-        for (int v = 0; v < 5; ++v)
-          for (int l = 0; l < kLanes; ++l) o[(u * 5 + v) * g.ldu + l] = t[u][0][l] * kG[v][0] + t[u][1][l] * kG[v][1];
+      // g[j][k] = w[3 - a - 2j][3 - b - 2k]
+      const int row[2] = {3 - a, 1 - a}, col[2] = {3 - b, 1 - b};
+      weight_tile(taps, row, col, U + int64_t((a * 2 + b) * 25) * g.ldu + ci * g.Cop + c0, g.ldu);
     }
 }
 
@@ -233,28 +262,7 @@ GENFAST_SIMD_CLONES bool input_block(const float* x, float* V, int64_t ldv, cons
       for (int64_t th = 0; th < g.Th; ++th)
         for (int64_t tw = 0; tw < g.Tw; ++tw) {
           const float* d = pad + ((4 * th + a) * g.PW + 4 * tw + b) * kLanes;
-          float t[5][5][kLanes];  // B^T d: [u][column k]
-          for (int k = 0; k < 5; ++k)
-            for (int l = 0; l < kLanes; ++l) {
-              const float d0 = d[(0 * g.PW + k) * kLanes + l], d1 = d[(1 * g.PW + k) * kLanes + l],
-                          d2 = d[(2 * g.PW + k) * kLanes + l], d3 = d[(3 * g.PW + k) * kLanes + l],
-                          d4 = d[(4 * g.PW + k) * kLanes + l];
-              t[0][k][l] = 4.f * (d2 + d3) - (d0 + d1);
-              t[1][k][l] = 4.f * (d2 - d3) - (d0 - d1);
-              t[2][k][l] = (d0 - d2) + 2.f * (d1 - d3);
-              t[3][k][l] = (d0 - d2) - 2.f * (d1 - d3);
-              t[4][k][l] = d0 - 5.f * d2 + 4.f * d4;
-            }
-          float* o = vb + (th * g.Tw + tw) * g.Cip;
-          for (int u = 0; u < 5; ++u)
-            for (int l = 0; l < kLanes; ++l) {
-              const float d0 = t[u][0][l], d1 = t[u][1][l], d2 = t[u][2][l], d3 = t[u][3][l], d4 = t[u][4][l];
-              o[(u * 5 + 0) * ldv + l] = 4.f * (d2 + d3) - (d0 + d1);
-              o[(u * 5 + 1) * ldv + l] = 4.f * (d2 - d3) - (d0 - d1);
-              o[(u * 5 + 2) * ldv + l] = (d0 - d2) + 2.f * (d1 - d3);
-              o[(u * 5 + 3) * ldv + l] = (d0 - d2) - 2.f * (d1 - d3);
-              o[(u * 5 + 4) * ldv + l] = d0 - 5.f * d2 + 4.f * d4;
-            }
+          input_tile(d, g.PW, vb + (th * g.Tw + tw) * g.Cip, ldv);
         }
     }
   return true;
@@ -273,27 +281,12 @@ GENFAST_SIMD_CLONES bool output_block(const float* M, int64_t ldm, float* y, con
       for (int64_t th = 0; th < g.Th; ++th)
         for (int64_t tw = 0; tw < g.Tw; ++tw) {
           const float* m = mb + (th * g.Tw + tw) * g.Cop;
-          float t[4][5][kLanes];  // A^T M: [i][column v]
-          for (int v = 0; v < 5; ++v)
-            for (int l = 0; l < kLanes; ++l) {
-              const float m0 = m[(0 * 5 + v) * ldm + l], m1 = m[(1 * 5 + v) * ldm + l], m2 = m[(2 * 5 + v) * ldm + l],
-                          m3 = m[(3 * 5 + v) * ldm + l], m4 = m[(4 * 5 + v) * ldm + l];
-              t[0][v][l] = (m0 + m1) + (m2 + m3);
-              t[1][v][l] = (m0 - m1) + 0.5f * (m2 - m3);
-              t[2][v][l] = (m0 + m1) + 0.25f * (m2 + m3);
-              t[3][v][l] = (m0 - m1) + 0.125f * (m2 - m3) + m4;
-            }
+          float t[4][5][kLanes];
+          output_columns(m, ldm, t);
           const int64_t jn = std::min<int64_t>(4, g.W - 4 * tw);
           for (int i = 0; i < 4; ++i) {
             float o[4][kLanes];
-            for (int l = 0; l < kLanes; ++l) {
-              const float m0 = t[i][0][l], m1 = t[i][1][l], m2 = t[i][2][l], m3 = t[i][3][l], m4 = t[i][4][l];
-              o[0][l] = (m0 + m1) + (m2 + m3);
-              o[1][l] = (m0 - m1) + 0.5f * (m2 - m3);
-              o[2][l] = (m0 + m1) + 0.25f * (m2 + m3);
-              o[3][l] = (m0 - m1) + 0.125f * (m2 - m3) + m4;
-              check[l] += (o[0][l] * 0.f + o[1][l] * 0.f) + (o[2][l] * 0.f + o[3][l] * 0.f);
-            }
+            output_row(t, i, o, check);
             const int64_t r = 4 * th + i;  // the phase's row; output row 2r + a
             if (r >= g.H) continue;
             for (int64_t l = 0; l < nc; ++l) {
@@ -325,15 +318,8 @@ GENFAST_SIMD_CLONES void weight_block_bwd(const float* w, float* U, const WGeo& 
   for (int a = 0; a < 2; ++a)
     for (int b = 0; b < 2; ++b) {
       // g[j][k] = w[1 - a + 2j][1 - b + 2k]
-      float t[5][2][kLanes];
-      for (int u = 0; u < 5; ++u)
-        for (int k = 0; k < 2; ++k)
-          for (int l = 0; l < kLanes; ++l)
-            t[u][k][l] = kG[u][0] * taps[(1 - a) * 4 + 1 - b + 2 * k][l] + kG[u][1] * taps[(3 - a) * 4 + 1 - b + 2 * k][l];
-      float* o = U + ((a * 2 + b) * g.Cop + co) * g.Cip + c0;
-      for (int u = 0; u < 5; ++u)
-        for (int v = 0; v < 5; ++v)
-          for (int l = 0; l < kLanes; ++l) o[(u * 5 + v) * g.ldu + l] = t[u][0][l] * kG[v][0] + t[u][1][l] * kG[v][1];
+      const int row[2] = {1 - a, 3 - a}, col[2] = {1 - b, 3 - b};
+      weight_tile(taps, row, col, U + ((a * 2 + b) * g.Cop + co) * g.Cip + c0, g.ldu);
     }
 }
 
@@ -361,28 +347,7 @@ GENFAST_SIMD_CLONES bool input_block_bwd(const float* dz, float* V, int64_t ldv,
         for (int64_t tw = 0; tw < g.Tw; ++tw) {
           // the window starts at phase row 4*th - a, bordered row 4*th - a + 1
           const float* d = pp + ((4 * th - a + 1) * g.PW + 4 * tw - b + 1) * kLanes;
-          float t[5][5][kLanes];
-          for (int k = 0; k < 5; ++k)
-            for (int l = 0; l < kLanes; ++l) {
-              const float d0 = d[(0 * g.PW + k) * kLanes + l], d1 = d[(1 * g.PW + k) * kLanes + l],
-                          d2 = d[(2 * g.PW + k) * kLanes + l], d3 = d[(3 * g.PW + k) * kLanes + l],
-                          d4 = d[(4 * g.PW + k) * kLanes + l];
-              t[0][k][l] = 4.f * (d2 + d3) - (d0 + d1);
-              t[1][k][l] = 4.f * (d2 - d3) - (d0 - d1);
-              t[2][k][l] = (d0 - d2) + 2.f * (d1 - d3);
-              t[3][k][l] = (d0 - d2) - 2.f * (d1 - d3);
-              t[4][k][l] = d0 - 5.f * d2 + 4.f * d4;
-            }
-          float* o = vb + (th * g.Tw + tw) * ldr;
-          for (int u = 0; u < 5; ++u)
-            for (int l = 0; l < kLanes; ++l) {
-              const float d0 = t[u][0][l], d1 = t[u][1][l], d2 = t[u][2][l], d3 = t[u][3][l], d4 = t[u][4][l];
-              o[(u * 5 + 0) * ldv + l] = 4.f * (d2 + d3) - (d0 + d1);
-              o[(u * 5 + 1) * ldv + l] = 4.f * (d2 - d3) - (d0 - d1);
-              o[(u * 5 + 2) * ldv + l] = (d0 - d2) + 2.f * (d1 - d3);
-              o[(u * 5 + 3) * ldv + l] = (d0 - d2) - 2.f * (d1 - d3);
-              o[(u * 5 + 4) * ldv + l] = d0 - 5.f * d2 + 4.f * d4;
-            }
+          input_tile(d, g.PW, vb + (th * g.Tw + tw) * ldr, ldv);
         }
     }
   return true;
@@ -399,26 +364,11 @@ GENFAST_SIMD_CLONES bool output_block_bwd(const float* M, int64_t ldm, float* dx
     for (int64_t tw = 0; tw < g.Tw; ++tw) {
       const float* m = mb + (th * g.Tw + tw) * g.Cip;
       float t[4][5][kLanes];
-      for (int v = 0; v < 5; ++v)
-        for (int l = 0; l < kLanes; ++l) {
-          const float m0 = m[(0 * 5 + v) * ldm + l], m1 = m[(1 * 5 + v) * ldm + l], m2 = m[(2 * 5 + v) * ldm + l],
-                      m3 = m[(3 * 5 + v) * ldm + l], m4 = m[(4 * 5 + v) * ldm + l];
-          t[0][v][l] = (m0 + m1) + (m2 + m3);
-          t[1][v][l] = (m0 - m1) + 0.5f * (m2 - m3);
-          t[2][v][l] = (m0 + m1) + 0.25f * (m2 + m3);
-          t[3][v][l] = (m0 - m1) + 0.125f * (m2 - m3) + m4;
-        }
+      output_columns(m, ldm, t);
       const int64_t jn = std::min<int64_t>(4, g.W - 4 * tw);
       for (int i = 0; i < 4; ++i) {
         float o[4][kLanes];
-        for (int l = 0; l < kLanes; ++l) {
-          const float m0 = t[i][0][l], m1 = t[i][1][l], m2 = t[i][2][l], m3 = t[i][3][l], m4 = t[i][4][l];
-          o[0][l] = (m0 + m1) + (m2 + m3);
-          o[1][l] = (m0 - m1) + 0.5f * (m2 - m3);
-          o[2][l] = (m0 + m1) + 0.25f * (m2 + m3);
-          o[3][l] = (m0 - m1) + 0.125f * (m2 - m3) + m4;
-          check[l] += (o[0][l] * 0.f + o[1][l] * 0.f) + (o[2][l] * 0.f + o[3][l] * 0.f);
-        }
+        output_row(t, i, o, check);
         const int64_t r = 4 * th + i;
         if (r >= g.H) continue;
         for (int64_t l = 0; l < nc; ++l) {
