@@ -69,17 +69,17 @@ bool takes(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArray
 
 }  // namespace
 
-// conv2d(x, w, b, ...) by Winograd (bias added) where winograd_k4s2_conv2d_takes the call and the
+// conv2d(x, w, b, ...) by Winograd (bias added) where winograd_s2_conv2d_takes the call and the
 // bias is a float32 vector of the output channels; undefined elsewhere (and where a value came
 // out non-finite): the caller runs torch's product
 at::Tensor winograd_conv2d(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  if (!winograd_k4s2_conv2d_takes(x, w, stride, padding, dilation, groups)) return at::Tensor();
+  if (!winograd_s2_conv2d_takes(x, w, stride, padding, dilation, groups)) return at::Tensor();
   const bool bias = b.has_value() && b->defined();
   if (bias && (b->dim() != 1 || b->numel() != w.size(0) || b->scalar_type() != at::kFloat || !b->device().is_cpu() ||
                !plain_tensor(*b)))
     return at::Tensor();
-  at::Tensor y = winograd_conv_transpose_k4s2_grad_input(x, w, x.size(2) / 2, x.size(3) / 2);
+  at::Tensor y = winograd_conv_transpose_s2_grad_input(x, w, x.size(2) / 2, x.size(3) / 2);
   if (y.defined() && bias) y.add_(b->view({1, -1, 1, 1}));
   return y;
 }

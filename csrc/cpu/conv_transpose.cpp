@@ -1083,8 +1083,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, con
   at::Tensor wprod;
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (g.N > 0 && fmt == at::MemoryFormat::Contiguous && out_fmt == at::MemoryFormat::Contiguous &&
-        winograd_k4s2_takes(x, w, g.G, g.KH, g.KW, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.Hout, g.Wout))
-      wprod = winograd_conv_transpose_k4s2(x, w);
+        winograd_s2_takes(x, w, g.G, g.KH, g.KW, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.Hout, g.Wout))
+      wprod = winograd_conv_transpose_s2(x, w);
   }
   if (wprod.defined()) {
     TORCH_CHECK(has_canonical_strides(wprod, out_fmt), "conv_transpose2d: unexpected Winograd product strides");
@@ -1268,7 +1268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy_in,
     bool wino_dx = false;
     if constexpr (std::is_same_v<scalar_t, float>)
       wino_dx = need_input &&
-                winograd_k4s2_takes(x, w, g.G, g.KH, g.KW, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.Hout, g.Wout);
+                winograd_s2_takes(x, w, g.G, g.KH, g.KW, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.Hout, g.Wout);
     const bool col_bias = has_bias && !wino_dx;  // the bias gradient's sums taken by im2col
     at::Tensor gi = need_input && !wino_dx ? at::empty({g.N, g.Cin, g.Hin, g.Win}, acc_opts) : at::Tensor();
     at::Tensor gw;
@@ -1313,7 +1313,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy_in,
                 g.Cout, g.Hout * g.Wout, false, static_cast<acc_t>(slope_d), has_bias ? &part : nullptr);
           });
         }
-        gi = winograd_conv_transpose_k4s2_grad_input(dz, w, g.Hin, g.Win);
+        gi = winograd_conv_transpose_s2_grad_input(dz, w, g.Hin, g.Win);
         if (!gi.defined()) {  // a non-finite value: ATen's product (torch's values)
           const int64_t op0[2] = {0, 0};
           gi = std::get<0>(at::convolution_backward(dz, x, w, c10::nullopt, stride, padding, dilation,
@@ -1475,8 +1475,11 @@ bool conv2d_grad_input_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArr
                             at::IntArrayRef padding, at::IntArrayRef output_padding, at::IntArrayRef dilation) {
   const Geometry g = geometry(x, w, stride, padding, output_padding, 1, dilation, -1, -1);
   // not the images-inner layout: at the Keras / DCGAN discriminators' k5 s2 Conv2d layers it
-  // measured a tie with ATen's product in this backward (0.97-1.01x, interleaved)
-  return gemm_eligible(x, g) && (g.Cout <= kPlaneFormMaxCout || row_gemm_forward(g));
+  // measured a tie with ATen's product in this backward (0.97-1.01x, interleaved); the Winograd
+  // product where it takes the shape (the forward then runs it)
+  return gemm_eligible(x, g) &&
+         (g.Cout <= kPlaneFormMaxCout || row_gemm_forward(g) ||
+          winograd_s2_takes(x, w, 1, g.KH, g.KW, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.Hout, g.Wout));
 }
 
 // For genfast::conv2d_act's backward (csrc/conv_act_autograd.cpp): grad_weight and grad_bias of
