@@ -76,13 +76,14 @@ def _row_gemm_state() -> str:
 
 
 def _winograd_state() -> str:
-    """The CPU k4 s2 p1 convolutions' Winograd setting (genfast.backend.set_cpu_winograd)."""
+    """The CPU k4 s2 p1 / k5 s2 p2 convolutions' Winograd setting (genfast.backend.set_cpu_winograd)."""
     ext = genfast.backend.extension()
     if ext is None or not hasattr(ext, "cpu_winograd"):
         return "n/a"
     mode = ext.cpu_winograd()
-    return ("auto (F(4x4, 2x2) for maps of multiples of 4, from 64 input and 32 output channels, 64 tiles with "
-            "4 per image or 16 in one, scratch within 64 MB + 32 MB per image)" if mode == "auto" else mode)
+    return ("auto (k4: F(4x4, 2x2) for maps of multiples of 4, from 64 input and 32 output channels, 64 tiles "
+            "with 4 per image or 16 in one, scratch within 64 MB + 32 MB per image; k5: F(4x4, 3x3), the same "
+            "channels, from 64 tiles with 4 per image)" if mode == "auto" else mode)
 
 
 def main(argv=None, clock=None) -> int:

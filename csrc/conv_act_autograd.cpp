@@ -4,7 +4,8 @@
 // BatchNorm -> activation blocks, outside torch.compile).
 //
 // conv2d_act. Forward: torch's own product (at::convolution, oneDNN, bias included), the
-// activation in place; for float32 k4 s2 p1 layers where it measured faster (the DCGAN
+// activation in place; for float32 k4 s2 p1 and k5 s2 p2 layers where it measured faster (the
+// Keras-style D2 14 -> 7 layer from batch 16: csrc/cpu/conv_transpose_winograd.cpp; the DCGAN
 // discriminator's 32x32 -> 16x16 layer: 1.2-1.4x oneDNN's product at batch 8-64), Winograd's
 // F(4x4, 2x2) instead (the grad_input of the transposed convolution with the same weight:
 // csrc/cpu/conv_transpose_winograd.cpp), then bias and activation. Saves input, weight and
@@ -89,7 +90,8 @@ namespace {
 at::Tensor product(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::IntArrayRef stride,
                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t act, double slope) {
   const int64_t zero[2] = {0, 0};
-  // float32 k4 s2 p1 (DCGAN's discriminator layers): Winograd's F(4x4, 2x2) where it takes the
+  // float32 k4 s2 p1 / k5 s2 p2 (DCGAN's / the Keras-style discriminator layers): Winograd's
+  // F(4x4, 2x2) / F(4x4, 3x3) where it takes the
   // shape (csrc/cpu/conv_transpose_winograd.cpp), then the bias and activation; a non-finite
   // value there (undefined result) runs torch's product instead
   if (!symbolic(x) && !symbolic(w)) {

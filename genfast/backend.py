@@ -293,14 +293,18 @@ class cpu_row_gemm:
 def set_cpu_winograd(mode: str) -> None:
     """Where the CPU products with kernel 4, stride 2, padding 1 (float32, NCHW, groups 1) run
     Winograd's F(4x4, 2x2), 2.56x fewer multiply-adds than the direct product, with a float32
-    error within about 4x the direct product's (csrc/cpu/conv_transpose_winograd.cpp): the
+    error within about 4x the direct product's, and those with kernel 5, stride 2, padding 2
+    (output_padding 1 as a transposed convolution: the Keras-style 28x28 models' layers)
+    F(4x4, 3x3), about 2.1x fewer on 7x7 maps, with an error of 10-14x the direct product's
+    (csrc/cpu/conv_transpose_winograd.cpp): the
     transposed convolution's forward and grad_input (DCGAN's generator layers) and a Conv2d's
     forward (the discriminator's layers: its product is that grad_input) in genfast's Conv2d,
     its no-grad call and its eval BatchNorm block. "auto" (the default, the shapes where it
     measured faster: maps that are multiples of 4, at least 64 input and 32 output channels,
     counted as a transposed convolution, from 64 4x4 input tiles over the batch with at least 4
     per image or from 16 in one image, and while the scratch stays within 64 MB for the
-    transformed weight and 32 MB per image), "always" or "never". A call whose Winograd
+    transformed weight and 32 MB per image; k5: the same channels, from 64 tiles with at least 4
+    per image, map sides not 2 more than a multiple of 4), "always" or "never". A call whose Winograd
     values come out non-finite (an inf or NaN in the input, weight or gradient, or an overflow)
     runs the direct product instead, which gives torch's NaN / inf pattern and its finite values
     to rounding; so does a call whose input, weight or gradient holds an outlier (fewer than 10%

@@ -192,6 +192,27 @@ def test_slope_beyond_float32_raises_like_torch():
     with pytest.raises(RuntimeError, match="overflow"):
         GF.conv2d(torch.randn(1, 1, 4, 4), torch.randn(2, 1, 3, 3), activation="leaky_relu",
                   negative_slope=1e39)
+    # the transposed convolution too, on its C++ fast path (float32 CPU tensors) and the checked
+    # one (a 0-dim tensor slope), and its module with an activation
+    xt, wt = torch.randn(2, 4, 3, 3), torch.randn(4, 3, 4, 4)
+    for slope in (1e39, torch.tensor(1e39, dtype=torch.float64)):
+        with pytest.raises(RuntimeError, match="overflow"):
+            GF.conv_transpose2d(xt, wt, None, 2, 1, activation="leaky_relu", negative_slope=slope)
+    with pytest.raises(RuntimeError, match="overflow"):
+        gnn.ConvTranspose2d(4, 3, 4, 2, 1, activation="leaky_relu", negative_slope=1e39)(xt)
+    yt = GF.conv_transpose2d(xt.double(), wt.double(), None, 2, 1, activation="leaky_relu", negative_slope=1e39)
+    torch.testing.assert_close(yt, F.leaky_relu(F.conv_transpose2d(xt.double(), wt.double(), None, 2, 1), 1e39))
+    # BatchNorm + LeakyReLU: the functional, the module and the ConvT -> BN -> act block
+    xb = torch.randn(8, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="overflow"):
+        GF.batch_norm_act(xb, None, None, torch.ones(4), torch.zeros(4), True, activation="leaky_relu",
+                          negative_slope=1e39)
+    with pytest.raises(RuntimeError, match="overflow"):
+        gnn.BatchNormAct2d(4, activation="leaky_relu", negative_slope=1e39)(xb)
+    block = genfast.convert(nn.Sequential(nn.ConvTranspose2d(4, 3, 4, 2, 1), nn.BatchNorm2d(3),
+                                          nn.LeakyReLU(1e39)))
+    with pytest.raises(RuntimeError, match="overflow"):
+        block(xt)
     # float64 holds it: no error, torch's values
     x64 = x.double()
     lin64 = lin.double()

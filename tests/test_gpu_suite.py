@@ -202,7 +202,7 @@ def test_markdown_gives_each_variant_its_own_error_column():
     assert head_line.startswith("Device: cpu-test (AMD EPYC, AVX2; row-layout GEMM auto (off)); torch t")
     meta.update(cpu_winograd="never")
     head_line = report.markdown({"meta": meta, "rows": [row]}).splitlines()[0]
-    assert head_line.startswith("Device: cpu-test (AMD EPYC, AVX2; row-layout GEMM auto (off); Winograd k4 s2 never); torch t")
+    assert head_line.startswith("Device: cpu-test (AMD EPYC, AVX2; row-layout GEMM auto (off); Winograd k4/k5 s2 never); torch t")
 
 
 @pytest.mark.parametrize("call_ms, rounds", [(30.0, 15), (1.0, 7)])

@@ -1077,7 +1077,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, con
   }
   at::Tensor y;
   std::vector<Welford<acc_t>> part;
-  // float32 k4 s2 p1 (DCGAN's layers): Winograd's F(4x4, 2x2) product where it takes the shape
+  // float32 k4 s2 p1 / k5 s2 p2 (DCGAN's / the Keras-style layers): Winograd's F(4x4, 2x2) /
+  // F(4x4, 3x3) product where it takes the shape
   // (csrc/cpu/conv_transpose_winograd.cpp), then the epilogue in place; undefined where it met a
   // non-finite value, and then the direct forms below run
   at::Tensor wprod;
@@ -1262,7 +1263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy_in,
     // dz gathered into columns (with the bias gradient), then the two BLAS products: a thread
     // per image, or chunk by chunk of images as the forward
     const at::Tensor xc = x.to(acc_opts.dtype()).contiguous(), wt = w_matrix(w.to(acc_opts.dtype()), g);
-    // float32 k4 s2 p1: grad_input by Winograd's F(4x4, 2x2) from dz (materialised here, with the
+    // float32 k4 s2 p1 / k5 s2 p2: grad_input by Winograd from dz (materialised here, with the
     // bias gradient's sums) where the forward's rule takes the shape; the columns then serve
     // grad_weight alone
     bool wino_dx = false;

@@ -59,6 +59,7 @@ def conv_transpose_act_forward(conv: nn.ConvTranspose2d, input: torch.Tensor,
     convolution's epilogue (``conv`` is any nn.ConvTranspose2d; its own activation is ignored)."""
     if B.eager_cpu(input):
         act = _ct.check_activation(activation, negative_slope)
+        _ct.check_slope_range(act, negative_slope, input)
         if output_size is None and conv.padding_mode == "zeros":
             # genfast::conv_transpose2d_act (C++ autograd; torch's own op for arguments its
             # kernel does not take, so torch's checks and exceptions)

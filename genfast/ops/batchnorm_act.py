@@ -284,7 +284,8 @@ def eager_fast(input, running_mean, running_var, weight, bias, training, momentu
             or type(momentum) not in _NUMBERS or type(eps) not in _NUMBERS
             or type(negative_slope) not in _NUMBERS or not B.eager_cpu(input)
             or torch._C._has_torch_function((running_mean, running_var, weight, bias))
-            or not _ct.int64_slope(negative_slope) or B.composite_only(input, weight, bias)):
+            or not _ct.int64_slope(negative_slope) or B.composite_only(input, weight, bias)
+            or _ct.slope_beyond_float32(activation, negative_slope, input)):
         return None
     try:
         return B.extension().batch_norm_act_eager(input, running_mean, running_var, weight, bias,
@@ -301,6 +302,7 @@ def resolve_backend(input: Tensor, activation: str, negative_slope: float,
     """The backend that will run this call; raises (before anything is written) when the
     activation settings are invalid or the selected backend cannot run on input's device."""
     check_activation(activation, negative_slope, memory_efficient)
+    _ct.check_slope_range(activation, negative_slope, input)
     return B.resolve(FAMILY, input.device)
 
 

@@ -36,7 +36,6 @@ apply; backward = bn reduce + bn finalize + bn dx + the products.
 """
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Optional, Sequence
 
@@ -349,13 +348,7 @@ def check_activation(activation: Optional[str], negative_slope: float) -> str:
     return act
 
 
-def _check_slope_range(act: str, negative_slope: float, input) -> None:
-    """torch's error for a LeakyReLU slope that the input's (accumulation) dtype cannot hold:
-    a finite slope beyond float32's range with a float32 / float16 / bfloat16 input."""
-    if (act == "leaky_relu" and isinstance(input, torch.Tensor) and input.dtype != torch.float64
-            and math.isfinite(negative_slope)
-            and abs(negative_slope) > torch.finfo(torch.float32).max):
-        raise RuntimeError("value cannot be converted to type float without overflow")
+_check_slope_range = _ct.check_slope_range
 
 
 def _pair(value, name: str, op: str = "conv2d") -> tuple[int, int]:

@@ -548,7 +548,7 @@ def conv_transpose2d_fast(input, weight, bias, stride, padding, output_padding, 
             or torch._C._has_torch_function((weight, bias))):
         return None
     s, p, op, d = fast_pair(stride), fast_pair(padding), fast_pair(output_padding), fast_pair(dilation)
-    if s is None or p is None or op is None or d is None:
+    if s is None or p is None or op is None or d is None or slope_beyond_float32(act, negative_slope, input):
         return None
     try:
         return B.extension().conv_transpose2d_act_eager(input, weight, bias, s, p, op, groups, d, act,
@@ -589,6 +589,22 @@ def check_int_slope(negative_slope) -> None:
     if (type(negative_slope) is int
             and not -(1 << 63) <= negative_slope < (1 << 64)):  # noqa: E721 - bools are not ints here
         raise OverflowError("int too big to convert")
+
+
+_F32_MAX = torch.finfo(torch.float32).max
+
+
+def slope_beyond_float32(act, negative_slope, input) -> bool:
+    """A finite leaky_relu slope beyond float32's range with a float32 / float16 / bfloat16
+    input (torch raises; the C++ entries would round it to inf)."""
+    return (act in ("leaky_relu", 2) and isinstance(input, torch.Tensor) and input.dtype != torch.float64
+            and -float("inf") < negative_slope < float("inf") and abs(negative_slope) > _F32_MAX)
+
+
+def check_slope_range(act, negative_slope, input) -> None:
+    """torch's error for a LeakyReLU slope that the input's (accumulation) dtype cannot hold."""
+    if slope_beyond_float32(act, negative_slope, input):
+        raise RuntimeError("value cannot be converted to type float without overflow")
 
 
 def check_activation(activation: Optional[str], negative_slope: float) -> str:
@@ -728,6 +744,7 @@ def conv_transpose2d(input, weight, bias, stride, padding, output_padding, group
                      activation, negative_slope):
     """The checked entry point: argument checks, unbatched input, backend choice."""
     act = check_activation(activation, negative_slope)
+    check_slope_range(act, negative_slope, input)
     if B.eager_cpu(input):
         return conv_transpose_eager(input, weight, bias, stride, padding, output_padding, groups,
                                     dilation, act, negative_slope)
