@@ -189,9 +189,10 @@ def test_non_finite_values_fall_back_to_the_direct_product(where):
         w[4, 2, 1, 3] = float("-inf")
     elif where == "w_nan":
         w[0, 7, 0, 0] = float("nan")
-    elif where == "overflow":  # finite, but 12 * d3 in the input transform overflows float32
-        x[1, 5, 3, 3] = 3e38
-        x[1, 5, 4, 3] = 3e38
+    elif where == "overflow":
+        # dense values of one sign (the outlier check passes): the direct sums stay near 1e37, the
+        # input transform's (row sums up to 18, squared) pass float32's 3.4e38
+        x[1] = 3e36 * (1.0 + 0.1 * torch.rand(x[1].shape, generator=g))
     else:
         dy[1, 2, 5, 6] = float("inf")
     xs = x.clone().requires_grad_()
@@ -212,6 +213,8 @@ def test_non_finite_values_fall_back_to_the_direct_product(where):
     torch.testing.assert_close(gx, gt, equal_nan=True, atol=1e-5 * WINO_SCALE, rtol=1.3e-6 * WINO_SCALE)
     r = convt_ref(x, w, b)
     fin = torch.isfinite(r)
+    if where == "overflow":
+        assert torch.isfinite(y).all() and r.abs().max() > 1e36  # the direct product's finite values
     assert_close(y[fin], r[fin], scale=WINO_SCALE)
 
 
@@ -269,3 +272,19 @@ def test_other_geometries_do_not_take_it():
             y = ours()
             assert products() == before, f"case {i} took the Winograd product"
             assert_close(y, theirs(), msg=f"case {i}")
+
+
+def test_grad_input_fallback_without_onednn():
+    """A non-finite dz makes grad_input run ATen's transposed-convolution backward with the
+    layer's output_padding (1): also torch's own slow kernel, which checks the sizes exactly
+    (oneDNN's size arithmetic would also accept 0)."""
+    g = gen("no-onednn")
+    x, w, b = convt_inputs(2, 16, 8, 8, 8, g)
+    dy = torch.randn(2, 8, 16, 16, generator=g)
+    dy[0, 1, 3, 3] = float("inf")
+    xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.backends.mkldnn.flags(enabled=False), B.cpu_winograd("always"):
+        (gx,) = torch.autograd.grad(convt(xs, w, b), (xs,), dy)
+        (rx,) = torch.autograd.grad(F.conv_transpose2d(xr, w, b, 2, 2, 1), (xr,), dy)
+    torch.testing.assert_close(gx, rx, equal_nan=True)
+    assert not torch.isfinite(gx).all() and torch.isfinite(gx).any()

@@ -1315,10 +1315,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy_in,
           });
         }
         gi = winograd_conv_transpose_s2_grad_input(dz, w, g.Hin, g.Win);
-        if (!gi.defined()) {  // a non-finite value: ATen's product (torch's values)
-          const int64_t op0[2] = {0, 0};
+        if (!gi.defined()) {  // a non-finite value or an outlier: ATen's product (torch's values)
+          // the layer's output_padding (0 for k4 p1, 1 for k5 p2), recovered from the sizes
+          const int64_t opw[2] = {g.Hout - ((g.Hin - 1) * g.SH - 2 * g.PH + g.DH * (g.KH - 1) + 1),
+                                  g.Wout - ((g.Win - 1) * g.SW - 2 * g.PW + g.DW * (g.KW - 1) + 1)};
           gi = std::get<0>(at::convolution_backward(dz, x, w, c10::nullopt, stride, padding, dilation,
-                                                    /*transposed=*/true, at::IntArrayRef(op0, 2), g.G,
+                                                    /*transposed=*/true, at::IntArrayRef(opw, 2), g.G,
                                                     {true, false, false}));
         }
       }
