@@ -259,6 +259,37 @@ GENFAST_INLINE void output_row(const float (&t)[4][5][kLanes], int i, float (&o)
   }
 }
 
+// The input block of the forward: channels [c0, c0 + kLanes) of image n of x (N, C_in, H, W)
+// into the zero-bordered plane pad (PH x PW x kLanes, input row r at row r + 1, zeros beyond
+// C_in); false when the block fails block_range_ok
+GENFAST_INLINE bool fill_plane(const float* x, const WGeo& g, int64_t n, int64_t c0, float* pad) {
+  const int64_t nc = std::min<int64_t>(kLanes, g.Ci - c0);
+  std::fill(pad, pad + g.PH * g.PW * kLanes, 0.f);
+  for (int64_t l = 0; l < nc; ++l) {
+    const float* src = x + (n * g.Ci + c0 + l) * g.H * g.W;
+    for (int64_t h = 0; h < g.H; ++h)
+      for (int64_t w = 0; w < g.W; ++w) pad[((h + 1) * g.PW + w + 1) * kLanes + l] = src[h * g.W + w];
+  }
+  return block_range_ok(pad, g.PH * g.PW * kLanes);
+}
+
+// The input block of grad_input: channels [c0, c0 + kLanes) of image n of dz (N, C_out, 2H, 2W)
+// split into its four phase images P_ab[q][t] = dz[2q + a][2t + b], each into a zero-bordered
+// plane (phase a * 2 + b at pad + (a * 2 + b) * PH * PW * kLanes, row q at row q + 1); false
+// when the block fails block_range_ok
+GENFAST_INLINE bool fill_phase_planes(const float* dz, const WGeo& g, int64_t n, int64_t c0, float* pad) {
+  const int64_t nc = std::min<int64_t>(kLanes, g.Co - c0), plane = g.PH * g.PW * kLanes, OW = 2 * g.W;
+  std::fill(pad, pad + 4 * plane, 0.f);
+  for (int64_t l = 0; l < nc; ++l) {
+    const float* src = dz + (n * g.Co + c0 + l) * 4 * g.H * g.W;
+    for (int64_t h = 0; h < 2 * g.H; ++h) {
+      float* row = pad + (h % 2) * 2 * plane + ((h / 2 + 1) * g.PW + 1) * kLanes + l;
+      for (int64_t w = 0; w < OW; ++w) row[(w % 2) * plane + (w / 2) * kLanes] = src[h * OW + w];
+    }
+  }
+  return block_range_ok(pad, 4 * plane);
+}
+
 // U[p*25 + e] rows ci, output channels [c0, c0 + kLanes) (zeros beyond C_out), from w (C_in,
 // C_out, 4, 4) contiguous
 GENFAST_SIMD_CLONES void weight_block(const float* w, float* U, const WGeo& g, int64_t ci, int64_t c0) {
@@ -279,14 +310,7 @@ GENFAST_SIMD_CLONES void weight_block(const float* w, float* U, const WGeo& g, i
 // (false, with nothing written, when the block fails block_range_ok)
 GENFAST_SIMD_CLONES bool input_block(const float* x, float* V, int64_t ldv, const WGeo& g, int64_t n, int64_t nl,
                                      int64_t c0, float* pad) {
-  const int64_t nc = std::min<int64_t>(kLanes, g.Ci - c0);
-  std::fill(pad, pad + g.PH * g.PW * kLanes, 0.f);
-  for (int64_t l = 0; l < nc; ++l) {
-    const float* src = x + (n * g.Ci + c0 + l) * g.H * g.W;
-    for (int64_t h = 0; h < g.H; ++h)
-      for (int64_t w = 0; w < g.W; ++w) pad[((h + 1) * g.PW + w + 1) * kLanes + l] = src[h * g.W + w];
-  }
-  if (!block_range_ok(pad, g.PH * g.PW * kLanes)) return false;
+  if (!fill_plane(x, g, n, c0, pad)) return false;
   for (int a = 0; a < 2; ++a)
     for (int b = 0; b < 2; ++b) {
       float* vb = V + int64_t((a * 2 + b) * 25) * ldv + nl * g.TT * g.Cip + c0;
@@ -359,16 +383,8 @@ GENFAST_SIMD_CLONES void weight_block_bwd(const float* w, float* U, const WGeo& 
 // (false, with nothing written, when the block fails block_range_ok)
 GENFAST_SIMD_CLONES bool input_block_bwd(const float* dz, float* V, int64_t ldv, const WGeo& g, int64_t n, int64_t nl,
                                          int64_t c0, float* pad) {
-  const int64_t nc = std::min<int64_t>(kLanes, g.Co - c0), plane = g.PH * g.PW * kLanes, OW = 2 * g.W;
-  std::fill(pad, pad + 4 * plane, 0.f);
-  for (int64_t l = 0; l < nc; ++l) {
-    const float* src = dz + (n * g.Co + c0 + l) * 4 * g.H * g.W;
-    for (int64_t h = 0; h < 2 * g.H; ++h) {
-      float* row = pad + (h % 2) * 2 * plane + ((h / 2 + 1) * g.PW + 1) * kLanes + l;
-      for (int64_t w = 0; w < OW; ++w) row[(w % 2) * plane + (w / 2) * kLanes] = src[h * OW + w];
-    }
-  }
-  if (!block_range_ok(pad, 4 * plane)) return false;
+  const int64_t plane = g.PH * g.PW * kLanes;
+  if (!fill_phase_planes(dz, g, n, c0, pad)) return false;
   const int64_t ldr = 4 * g.Cop;  // V's row length
   for (int a = 0; a < 2; ++a)
     for (int b = 0; b < 2; ++b) {
@@ -542,14 +558,7 @@ GENFAST_SIMD_CLONES void weight_block5(const float* w, float* U, const WGeo& g, 
 // PH * PW * kLanes floats (false, nothing written, when the block fails block_range_ok)
 GENFAST_SIMD_CLONES bool input_block5(const float* x, float* V, int64_t ldv, const WGeo& g, int64_t n, int64_t nl,
                                       int64_t c0, float* pad) {
-  const int64_t nc = std::min<int64_t>(kLanes, g.Ci - c0);
-  std::fill(pad, pad + g.PH * g.PW * kLanes, 0.f);
-  for (int64_t l = 0; l < nc; ++l) {
-    const float* src = x + (n * g.Ci + c0 + l) * g.H * g.W;
-    for (int64_t h = 0; h < g.H; ++h)
-      for (int64_t w = 0; w < g.W; ++w) pad[((h + 1) * g.PW + w + 1) * kLanes + l] = src[h * g.W + w];
-  }
-  if (!block_range_ok(pad, g.PH * g.PW * kLanes)) return false;
+  if (!fill_plane(x, g, n, c0, pad)) return false;
   float* vb = V + nl * g.TT * g.Cip + c0;
   for (int64_t th = 0; th < g.Th; ++th)
     for (int64_t tw = 0; tw < g.Tw; ++tw)  // window rows 4*th - 1 .. 4*th + 4: bordered rows from 4*th
@@ -599,16 +608,8 @@ GENFAST_SIMD_CLONES void weight_block5_bwd(const float* w, float* U, const WGeo&
 // block fails block_range_ok)
 GENFAST_SIMD_CLONES bool input_block5_bwd(const float* dz, float* V, int64_t ldv, const WGeo& g, int64_t n,
                                           int64_t nl, int64_t c0, float* pad) {
-  const int64_t nc = std::min<int64_t>(kLanes, g.Co - c0), plane = g.PH * g.PW * kLanes, OW = 2 * g.W;
-  std::fill(pad, pad + 4 * plane, 0.f);
-  for (int64_t l = 0; l < nc; ++l) {
-    const float* src = dz + (n * g.Co + c0 + l) * 4 * g.H * g.W;
-    for (int64_t h = 0; h < 2 * g.H; ++h) {
-      float* row = pad + (h % 2) * 2 * plane + ((h / 2 + 1) * g.PW + 1) * kLanes + l;
-      for (int64_t w = 0; w < OW; ++w) row[(w % 2) * plane + (w / 2) * kLanes] = src[h * OW + w];
-    }
-  }
-  if (!block_range_ok(pad, 4 * plane)) return false;
+  const int64_t plane = g.PH * g.PW * kLanes;
+  if (!fill_phase_planes(dz, g, n, c0, pad)) return false;
   const int64_t ldr = 4 * g.Cop;
   for (int p = 0; p < 4; ++p) {
     const float* pp = pad + p * plane;
