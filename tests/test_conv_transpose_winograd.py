@@ -17,7 +17,7 @@ import genfast  # noqa: F401  (registers the ops)
 import genfast.functional as GF
 import genfast.nn as gnn
 from genfast import backend as B
-from tests.utils import assert_close
+from tests.utils import assert_close, check_winograd_conv2d, plant_non_finite
 
 pytestmark = pytest.mark.skipif(not B.has_cpu_ext(), reason="genfast._C not built")
 
@@ -186,15 +186,8 @@ def test_non_finite_values_fall_back_to_the_direct_product(where):
     """A Winograd transform spreads an inf over its tile (as NaN where torch gives a finite
     value); such a call returns the direct product's values, torch's, bit for bit."""
     x, w, b = inputs(2, 16, 8, 8, 8, seed=3)
-    if where == "x_inf":
-        x[1, 3, 2, 5] = float("inf")
-    elif where == "x_nan":
-        x[0, 0, 7, 0] = float("nan")
-    elif where == "w_inf":
-        w[4, 2, 1, 3] = float("-inf")
-    elif where == "w_nan":
-        w[0, 7, 0, 0] = float("nan")
-    else:  # finite, but 4 * (d2 + d3) in the input transform overflows float32
+    if not plant_non_finite(x, w, where):
+        # "overflow": finite, but 4 * (d2 + d3) in the input transform overflows float32
         x[1, 5, 3, 3] = 3e38
         x[1, 5, 3, 4] = 3e38
     before = products()
@@ -275,25 +268,8 @@ CONV_SHAPES = [(2, 5, 9, 8, 6), (1, 8, 16, 2, 2), (3, 13, 8, 10, 14), (2, 24, 40
 def test_conv2d_forward_and_backward_against_float64(shape, act):
     """conv2d (forward: the Winograd grad_input routine; grad_input: the Winograd transposed
     convolution) + bias + activation, against F.conv2d in float64."""
-    N, ci, co, H, W = shape
     g = torch.Generator().manual_seed(seed_of(shape, act, "conv2d"))
-    x = torch.randn(N, ci, H, W, generator=g, requires_grad=True)
-    w = (torch.randn(co, ci, 4, 4, generator=g) / (ci * 4) ** 0.5).requires_grad_()
-    b = torch.randn(co, generator=g, requires_grad=True)
-    dy = torch.randn(N, co, H // 2, W // 2, generator=g)
-    with B.cpu_winograd("always"), B.use_backend("cpu"):
-        before = products()
-        y = GF.conv2d(x, w, b, 2, 1, activation=act, negative_slope=SLOPE)
-        assert products() == before + 1, "the forward did not take the Winograd product"
-        gx, gw, gb = torch.autograd.grad(y, (x, w, b), dy)
-        assert products() == before + 2, "grad_input did not take the Winograd product"
-    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
-    yr = TORCH_ACT[act](F.conv2d(xr, wr, br, 2, 1))
-    rx, rw, rb = torch.autograd.grad(yr, (xr, wr, br), dy.double())
-    assert_close(y, yr.detach(), msg="output")
-    assert_close(gx, rx, msg="grad_input")
-    assert_close(gw, rw, msg="grad_weight")
-    assert_close(gb, rb, msg="grad_bias")
+    check_winograd_conv2d(shape, act, TORCH_ACT[act], 4, 1, 4, SLOPE, g, products)
 
 
 def test_conv2d_odd_sizes_and_non_finite_run_torchs_product():

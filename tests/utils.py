@@ -40,3 +40,47 @@ def assert_error_not_worse(actual, reference_lowp, exact, factor=2.0, floor=0.0,
     err = (actual.double() - exact.double()).abs().max().item()
     base = (reference_lowp.double() - exact.double()).abs().max().item()
     assert err <= factor * base + floor, f"{msg}: error {err:.3e} vs PyTorch's {base:.3e}"
+
+
+def check_winograd_conv2d(shape, act, act_fn, kernel, padding, fan, slope, g, products, scale=1.0):
+    """A stride-2 Conv2d (kernel, padding) + bias + activation under set_cpu_winograd("always"):
+    its forward and its grad_input each take one Winograd product (`products()`: genfast's
+    counter), and the output and the three gradients match F.conv2d in float64 (output and
+    grad_input, the Winograd values, to `scale` times float32's tolerance). shape: (N, C_in,
+    C_out, H, W); the weight ~ N(0, 1 / (C_in * fan)); g: the inputs' torch.Generator; act_fn:
+    torch's activation for `act`."""
+    import torch.nn.functional as F
+
+    import genfast.functional as GF
+    from genfast import backend as B
+
+    N, ci, co, H, W = shape
+    x = torch.randn(N, ci, H, W, generator=g, requires_grad=True)
+    w = (torch.randn(co, ci, kernel, kernel, generator=g) / (ci * fan) ** 0.5).requires_grad_()
+    b = torch.randn(co, generator=g, requires_grad=True)
+    dy = torch.randn(N, co, H // 2, W // 2, generator=g)
+    with B.cpu_winograd("always"), B.use_backend("cpu"):
+        before = products()
+        y = GF.conv2d(x, w, b, 2, padding, activation=act, negative_slope=slope)
+        assert products() == before + 1, "the forward did not take the Winograd product"
+        gx, gw, gb = torch.autograd.grad(y, (x, w, b), dy)
+        assert products() == before + 2, "grad_input did not take the Winograd product"
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+    yr = act_fn(F.conv2d(xr, wr, br, 2, padding))
+    rx, rw, rb = torch.autograd.grad(yr, (xr, wr, br), dy.double())
+    assert_close(y, yr.detach(), msg="output", scale=scale)
+    assert_close(gx, rx, msg="grad_input", scale=scale)
+    assert_close(gw, rw, msg="grad_weight")
+    assert_close(gb, rb, msg="grad_bias")
+
+
+def plant_non_finite(x, w, where: str) -> bool:
+    """Put one inf or NaN into x (N >= 2, C >= 4, 8x8) or w (C_in >= 5, C_out >= 8) in place, as
+    `where` says ("x_inf", "x_nan", "w_inf", "w_nan"); False for any other `where`."""
+    spots = {"x_inf": (x, (1, 3, 2, 5), float("inf")), "x_nan": (x, (0, 0, 7, 0), float("nan")),
+             "w_inf": (w, (4, 2, 1, 3), float("-inf")), "w_nan": (w, (0, 7, 0, 0), float("nan"))}
+    if where not in spots:
+        return False
+    t, idx, value = spots[where]
+    t[idx] = value
+    return True

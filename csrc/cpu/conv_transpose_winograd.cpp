@@ -72,9 +72,10 @@
 // direct form's 1.27-1.44x, 9x9 0.87x against 0.95x (measured while another job ran: rough; the
 // Conv2d 14x14 -> 7x7 layer, 1.20x above, is left out with them). Repeated later (another hour's
 // VM, slower), 16x16 128 -> 64 at batch 8 ran 1.20-1.41x against the direct form's 1.18-1.38x,
-// and 8x8 256 -> 128 at batch 8 (32 tiles) lost: 0.92-1.07x against 1.01-1.14x. So "auto" takes it for maps that are multiples of 4,
-// with at least 64 input and 32 output channels (as a transposed convolution), from 64 tiles over
-// the batch with at least 4 per image or from 16 tiles in one image.
+// and 8x8 256 -> 128 at batch 8 (32 tiles) lost: 0.92-1.07x against 1.01-1.14x. So "auto" takes
+// it for maps that are multiples of 4, with at least 64 input and 32 output channels (as a
+// transposed convolution), from 64 tiles over the batch with at least 4 per image or from 16
+// tiles in one image.
 
 #include "conv_transpose_winograd.h"
 

@@ -548,7 +548,8 @@ def conv_transpose2d_fast(input, weight, bias, stride, padding, output_padding, 
             or torch._C._has_torch_function((weight, bias))):
         return None
     s, p, op, d = fast_pair(stride), fast_pair(padding), fast_pair(output_padding), fast_pair(dilation)
-    if s is None or p is None or op is None or d is None or slope_beyond_float32(act, negative_slope, input):
+    if (s is None or p is None or op is None or d is None
+            or slope_beyond_float32(activation, negative_slope, input)):
         return None
     try:
         return B.extension().conv_transpose2d_act_eager(input, weight, bias, s, p, op, groups, d, act,
@@ -597,7 +598,7 @@ _F32_MAX = torch.finfo(torch.float32).max
 def slope_beyond_float32(act, negative_slope, input) -> bool:
     """A finite leaky_relu slope beyond float32's range with a float32 / float16 / bfloat16
     input (torch raises; the C++ entries would round it to inf)."""
-    return (act in ("leaky_relu", 2) and isinstance(input, torch.Tensor) and input.dtype != torch.float64
+    return (act == "leaky_relu" and isinstance(input, torch.Tensor) and input.dtype != torch.float64
             and -float("inf") < negative_slope < float("inf") and abs(negative_slope) > _F32_MAX)
 
 
