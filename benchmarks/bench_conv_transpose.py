@@ -12,6 +12,8 @@ one call launches per variant (torch.profiler), the launch budget of DESIGN.md.
 On CPU (quick) the batch is reduced and only float32 NCHW runs."""
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
@@ -107,6 +109,10 @@ def run(device: torch.device, quick: bool) -> list[dict]:
                     dy = torch.randn(batch, cout, hout, hout, device=device, dtype=dtype)
                     if layout == "nhwc":
                         dy = dy.to(memory_format=torch.channels_last)
+                    if act in ("relu", "leaky_relu"):
+                        with torch.no_grad():
+                            pre = F.conv_transpose2d(x.double(), w.double(), b.double(), s, p, op)
+                        dy = harness.kink_free_grad(dy, pre)
                     flops1 = 2 * batch * cin * hin * hin * cout * k * k
                     eager = _eager(s, p, op, act)
                     fns = {"eager": eager, "compile": harness.compiled(eager)}
@@ -146,6 +152,9 @@ def _blocks(device, batch, layers, dtypes, layouts):
                     x = x.to(memory_format=torch.channels_last)
                 hout = (hin - 1) * s - 2 * p + k + op
                 dy = torch.randn(batch, cout, hout, hout, device=device, dtype=dtype)
+                with torch.no_grad():  # ReLU's input: the float64 block without it, training mode
+                    pre = copy.deepcopy(unfused[:2]).double()(x.double())
+                dy = harness.kink_free_grad(dy, pre)
                 comp = harness.compiled(unfused)
 
                 def step(mod, weight, backend=None):

@@ -221,3 +221,19 @@ def test_cpu_cases_of_single_call_rounds_get_more_rounds(monkeypatch, call_ms, r
     harness.measure("fakefam", "rounds case", {"eager": lambda: torch.ones(2), "other": lambda: torch.ones(2)},
                     device=torch.device("cpu"))
     assert len(seen) == 2 + 2 * rounds  # one sizing call per variant, then the rounds
+
+
+def test_kink_free_grad_zeroes_dy_only_at_the_kink():
+    # a float32 ConvT output near 0: which side of ReLU's kink it lands on is rounding; dy is
+    # zeroed exactly where the float64 pre-activation is within the band, untouched elsewhere
+    g = torch.Generator().manual_seed(7)
+    pre = torch.randn(4, 8, 6, 6, generator=g, dtype=torch.float64)
+    pre[0, 0, 0, :3] = torch.tensor([0.0, 3e-5, -2e-4])  # max|pre| is ~4: band 4e-4
+    dy = torch.randn(4, 8, 6, 6, generator=g).to(memory_format=torch.channels_last)
+    out = harness.kink_free_grad(dy, pre)
+    near = pre.abs() <= harness.KINK_BAND * pre.abs().max()
+    assert near[0, 0, 0, :3].all() and 3 <= int(near.sum()) < 20
+    assert (out[near] == 0).all()
+    assert torch.equal(out[~near], dy[~near])
+    assert out.dtype == dy.dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert harness.kink_free_grad(dy[:0], pre[:0]).shape == (0, 8, 6, 6)
