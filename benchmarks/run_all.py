@@ -71,8 +71,8 @@ def _row_gemm_state() -> str:
     if ext is None:
         return "n/a"
     mode = ext.cpu_row_gemm()
-    return ("auto (row layout where KH*KW <= 4*SH*SW or from a 1x1 input; images-inner layout above, from 9 "
-            "output channels)") if mode == "auto" else mode
+    return "auto (row layout where KH*KW <= 4*SH*SW or from a 1x1 input; ATen's product above)" \
+        if mode == "auto" else mode
 
 
 def _winograd_state() -> str:

@@ -13,8 +13,8 @@
 // at::convolution_backward, which has a double backward).
 //
 // Arguments the C++ kernel does not take (not a 4-D float32 / float64 NCHW input, groups > 1,
-// mismatched shapes or dtypes, invalid geometry, or a shape where neither the forward nor (when
-// a gradient is wanted) the backward takes the GEMM form) run
+// mismatched shapes or dtypes, invalid geometry, or a shape where neither the forward (the GEMM
+// form or the Winograd product) nor (when a gradient is wanted) the backward takes the GEMM form) run
 // torch's own at::conv_transpose2d and activation, so that torch raises its own exceptions for
 // bad input.
 #include <ATen/ATen.h>
@@ -22,6 +22,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "cpu/conv_transpose_winograd.h"
 #include "product_act.h"
 
 namespace genfast {
@@ -70,12 +71,15 @@ bool kernel_takes(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::I
     if (b->dim() != 1 || b->numel() != w.size(1) || b->scalar_type() != x.scalar_type() || !b->device().is_cpu())
       return false;
   }
-  // only where the GEMM form runs, forward or (with a backward to come) backward: elsewhere
-  // torch's product with its bias and torch's activation measured at least as fast as ATen's
-  // product without bias plus our epilogue. Where only the backward takes it, the forward is
-  // ATen's product and our epilogue.
+  // only where the GEMM form or the Winograd product runs, forward or (with a backward to come)
+  // backward: elsewhere torch's product with its bias and torch's activation measured at least as
+  // fast as ATen's product without bias plus our epilogue. Where only the backward takes it, the
+  // forward is ATen's product and our epilogue; where only the forward does (the k5 s2 layers by
+  // Winograd), the backward is our dz pass, Winograd's grad_input and ATen's grad_weight.
   return w.size(1) > 0 &&
          (conv_transpose_gemm_form(x, w, stride, padding, output_padding, groups, dilation) ||
+          winograd_s2_takes(x, w, groups, w.size(2), w.size(3), stride[0], stride[1], padding[0], padding[1],
+                            dilation[0], dilation[1], out[0], out[1]) ||
           (training && conv_transpose_gemm_backward(x, w, stride, padding, output_padding, groups, dilation)));
 }
 

@@ -161,7 +161,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_row_gemm", &genfast::set_cpu_row_gemm, py::arg("mode"),
         "The CPU transposed convolution's GEMM form with the row layout (more than 8 output "
         "channels): 'auto' (by shape: from a 1x1 input, or with KH*KW <= 4*SH*SW, where it "
-        "measured faster than ATen's product), 'always' or 'never'");
+        "measured faster than ATen's product), 'always', 'never' or 'images_inner' (auto, plus the "
+        "images-inner layout for the layers with more than 4 columns per output value, e.g. k5 s2)");
   m.def("cpu_row_gemm", &genfast::cpu_row_gemm, "The mode set_cpu_row_gemm set ('auto' at start)");
   m.def("set_cpu_winograd", &genfast::set_cpu_winograd, py::arg("mode"),
         "The CPU k4 s2 p1 products (float32, NCHW) by Winograd's F(4x4, 2x2): the transposed "

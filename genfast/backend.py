@@ -257,11 +257,13 @@ def set_cpu_row_gemm(mode: str) -> None:
     the row layout (one BLAS product, then our col2im epilogue; more than 8 output channels):
     "auto" (the default: by shape, from a 1x1 input or where each output value has at most 4
     columns, KH*KW <= 4*SH*SW, the shapes where it measured faster than ATen's oneDNN product;
-    csrc/cpu/conv_transpose.cpp), "always" or "never". Under "auto" the layers with more
-    columns per output value (e.g. k5 s2) and more than 8 output channels take the images-inner
-    layout (the same BLAS product with the batch's images innermost, then our col2im); "always"
-    and "never" give every layer with more than 8 output channels the row layout or ATen's
-    product. Process-wide; the plane layout (up to 8 output channels) is unaffected."""
+    csrc/cpu/conv_transpose.cpp), "always", "never" or "images_inner". Under "auto" the layers
+    with more columns per output value (e.g. k5 s2) and more than 8 output channels run ATen's
+    product (or Winograd's, set_cpu_winograd); "images_inner" gives them the images-inner layout
+    instead (the same BLAS product with the batch's images innermost, then our col2im: faster
+    than ATen's on the CI host in one state, 20-30% slower in another); "always" and "never"
+    give every layer with more than 8 output channels the row layout or ATen's product.
+    Process-wide; the plane layout (up to 8 output channels) is unaffected."""
     ext = extension()
     if ext is None:
         raise RuntimeError("set_cpu_row_gemm: genfast._C is not loaded (see the warning at import)")

@@ -361,8 +361,9 @@ def test_float32_tanh_sigmoid_epilogue_accuracy(act):
 
 
 def test_row_gemm_mode_setting():
-    """set_cpu_row_gemm takes "auto", "always" or "never" (anything else: ValueError naming the
-    argument, the mode unchanged); the row layout can run unless the mode is "never"."""
+    """set_cpu_row_gemm takes "auto", "always", "never" or "images_inner" (anything else:
+    ValueError naming the argument, the mode unchanged); the row layout can run unless the mode
+    is "never"."""
     ext = B.extension()
     with B.cpu_row_gemm("never"):
         assert B.get_cpu_row_gemm() == "never" and not ext.cpu_row_gemm_active()
@@ -371,6 +372,8 @@ def test_row_gemm_mode_setting():
         with pytest.raises(ValueError, match="mode"):
             ext.set_cpu_row_gemm("sometimes")
         assert B.get_cpu_row_gemm() == "never"
+        B.set_cpu_row_gemm("images_inner")
+        assert B.get_cpu_row_gemm() == "images_inner" and ext.cpu_row_gemm_active()
         B.set_cpu_row_gemm("auto")
         assert ext.cpu_row_gemm_active()
     assert B.get_cpu_row_gemm() == "always"  # the module's fixture, restored on exit
@@ -382,7 +385,7 @@ AUTO_CASES = [
     (2, 16, 12, 4, 4, 2, 1, 0, True),    # k4 s2: 4 columns per output value: the row layout
     (2, 16, 12, 5, 3, 2, 1, 1, True),    # k3 s2: 2.25: the row layout
     (2, 16, 12, 1, 4, 1, 0, 0, True),    # from a 1x1 input: the row layout
-    (2, 16, 12, 4, 5, 2, 2, 1, True),    # k5 s2: 6.25: the images-inner layout
+    (2, 16, 12, 4, 5, 2, 2, 1, False),   # k5 s2: 6.25: ATen's product (images-inner: its own mode)
     (2, 16, 12, 4, 3, 1, 1, 0, False),   # stride 1 from 4x4: not eligible at all
 ]
 
@@ -390,9 +393,10 @@ AUTO_CASES = [
 @pytest.mark.parametrize("case", AUTO_CASES, ids=lambda c: f"k{c[4]}s{c[5]}h{c[3]}")
 def test_row_gemm_auto_by_shape(case):
     """Under "auto" the row layout's forward runs from a 1x1 input or where each output value has
-    at most 4 columns (KH*KW <= 4*SH*SW), the images-inner layout where it has more, and ATen's
-    product where the GEMM form is not eligible (under no_grad torch's own call): seen by the
-    profiler; the result matches float64 either way."""
+    at most 4 columns (KH*KW <= 4*SH*SW); ATen's product where it has more (the k5 s2 layers:
+    the images-inner layout lost 20-30% to it on the CI host's slow state) and where the GEMM
+    form is not eligible (under no_grad torch's own call): seen by the profiler; the result
+    matches float64 either way."""
     from torch.profiler import profile
 
     N, ci, co, H, k, s, p, op, rows = case
@@ -462,8 +466,9 @@ def test_registered_op_cpu_forward_takes_the_eager_op(shape):
     assert_close(y, want.float(), torch.float32)
 
 
-# (N, C_in, C_out, H, W, kernel, stride, padding, output_padding, dilation) where "auto" takes
-# the images-inner layout (more than 8 output channels, more than 4 columns per output value):
+# (N, C_in, C_out, H, W, kernel, stride, padding, output_padding, dilation) where the mode
+# "images_inner" takes that layout (more than 8 output channels, more than 4 columns per output
+# value):
 # a batch, one rectangular image, a batch in several chunks (3 images of 20x20 per product),
 # dilation with unequal strides, stride 3, and phases wider than the input (2x2, no padding).
 IMAGES_CASES = [
@@ -488,7 +493,7 @@ def test_images_inner_layout_matches_float64(ci, act, dtype):
     case = IMAGES_CASES[ci]
     N, _, co, H, W, k, s, p, op, d = case
     x, w, b = _inputs(case, dtype, bias=ci % 2 == 0)
-    with B.cpu_row_gemm("auto"):
+    with B.cpu_row_gemm("images_inner"):
         with profile() as prof:
             y, part, _ = torch.ops.genfast.conv_transpose2d_fwd(x, w, b, s, p, op, 1, d, CODES[act], SLOPE, True)
         assert "aten::convolution" not in {e.name for e in prof.events()}
@@ -514,7 +519,7 @@ def test_images_inner_layout_special_values_like_torch(special, act, ci):
     N, _, co, H, W, k, s, p, op, d = case
     x, w, b = _inputs(case, torch.float32)
     x[1, 2, 1, 2] = special
-    with B.cpu_row_gemm("auto"):
+    with B.cpu_row_gemm("images_inner"):
         y = torch.ops.genfast.conv_transpose2d_act(x, w, b, s, p, op, 1, d, CODES[act], SLOPE)
     yr, _ = _ref(x, w, b, case, act, torch.zeros(y.shape, dtype=torch.float64))
     assert torch.equal(torch.isnan(y), torch.isnan(yr))
@@ -532,7 +537,7 @@ def test_images_inner_layout_deterministic_and_in_the_block():
     case = IMAGES_CASES[2]
     N, _, co, H, W, k, s, p, op, d = case
     x, w, b = _inputs(case, torch.float32)
-    with B.cpu_row_gemm("auto"):
+    with B.cpu_row_gemm("images_inner"):
         first = torch.ops.genfast.conv_transpose2d_fwd(x, w, b, s, p, op, 1, d, CODES["relu"], SLOPE, True)
         again = torch.ops.genfast.conv_transpose2d_fwd(x, w, b, s, p, op, 1, d, CODES["relu"], SLOPE, True)
         assert all(torch.equal(a, e) for a, e in zip(first[:2], again[:2]))

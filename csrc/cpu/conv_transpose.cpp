@@ -434,18 +434,19 @@ bool gemm_eligible(const at::Tensor& x, const Geometry& g) {
 // kPlaneFormMaxCout output channels) won on both hosts (2.5-9x) and is taken everywhere.
 // genfast._C.set_cpu_row_gemm overrides the choice (tests cover both forms on any host; users can
 // measure their own).
-std::atomic<int> g_row_gemm_mode{0};  // 0 auto, 1 always, 2 never
+std::atomic<int> g_row_gemm_mode{0};  // 0 auto, 1 always, 2 never, 3 images_inner
 
 bool row_gemm_auto(const Geometry& g) { return g.Hin * g.Win == 1 || g.KH * g.KW <= 4 * g.SH * g.SW; }
 
 bool row_gemm_forward(const Geometry& g) {
   const int mode = g_row_gemm_mode.load(std::memory_order_relaxed);
-  return mode == 1 || (mode == 0 && row_gemm_auto(g));
+  return mode == 1 || ((mode == 0 || mode == 3) && row_gemm_auto(g));
 }
 
 // The images-inner layout of the forward's columns (col2im_images): for more than
-// kPlaneFormMaxCout output channels where `auto` does not take the row layout (each output value
-// has more than 4 columns, KH*KW > 4*SH*SW: the k5 s2 layers), and only under `auto` ("always"
+// kPlaneFormMaxCout output channels where the row layout's rule does not take the shape (each
+// output value has more than 4 columns, KH*KW > 4*SH*SW: the k5 s2 layers), under the mode
+// "images_inner" only (set_cpu_row_gemm; "auto" leaves these layers to ATen's product, "always"
 // and "never" keep their meaning: the row layout, or ATen's product). It runs the same BLAS
 // product as the plane layout with the images innermost, so that col2im adds flat runs of
 // several images at once. Interleaved on the CI CPU (AMD EPYC, AVX2, MKL on 2 threads, a noisy
@@ -453,9 +454,13 @@ bool row_gemm_forward(const Geometry& g) {
 // (oneDNN) product with our epilogue, 7x7 inputs 0.98-1.63x at batch 8 and 0.88-1.37x at batch
 // 64, 14x14 inputs 0.96-1.15x at batch 8 and 1.09-1.48x at batch 64; against torch's
 // transposed convolution + leaky_relu, the Keras 128 -> 64 7x7 layer 1.07-1.25x at batch 8.
-// ATen's product ran at 95-142 GFLOP/s there, this layout at 123-146.
+// ATen's product ran at 95-142 GFLOP/s there, this layout at 123-146. That was the host in its
+// faster state; in its slow state (MKL's 1024^3 product at 44-63 GFLOP/s, oneDNN slowed less)
+// the same forward ran 0.70-0.81x torch's (Keras 128 -> 64 7x7 at batch 8, 16 and 64, 64 -> 32
+// 14x14 at batch 16), so `auto` no longer takes it: a layout that can lose 20-30% to torch on
+// the CI host's two states is not a default.
 bool images_inner_forward(const Geometry& g) {
-  return g.Cout > kPlaneFormMaxCout && g_row_gemm_mode.load(std::memory_order_relaxed) == 0 && !row_gemm_auto(g);
+  return g.Cout > kPlaneFormMaxCout && g_row_gemm_mode.load(std::memory_order_relaxed) == 3 && !row_gemm_auto(g);
 }
 
 // Whether the forward runs the GEMM form: eligible, and the plane layout, the images-inner layout
@@ -464,8 +469,16 @@ bool gemm_forward_form(const at::Tensor& x, const Geometry& g) {
   return gemm_eligible(x, g) && (g.Cout <= kPlaneFormMaxCout || images_inner_forward(g) || row_gemm_forward(g));
 }
 
+// The backward's GEMM form (im2col of dz, then two BLAS products): with the plane layout (up to
+// kPlaneFormMaxCout output channels) or where each output value has at most 4 columns (the k4 s2
+// layers, 1x1 inputs: row_gemm_auto), by shape whatever the forward's mode. Not for the k5 s2
+// layers: their im2col writes 6.25x dz, and interleaved on the CI CPU (AVX2, its slow state: MKL
+// at 44-63 GFLOP/s) the Keras 128 -> 64 7x7 layer's backward ran 0.86-0.92x ATen's at batch 8
+// (grad_input 0.81x, grad_weight 0.98x) and its grad_weight 0.91-0.95x at batch 64; there dz
+// comes from our one pass (grad_pre), grad_input from Winograd where it takes the shape
+// (2.6x ATen's at batch 64) and the rest from ATen's product.
 bool gemm_backward(const at::Tensor& x, const Geometry& g) {
-  return gemm_eligible(x, g);
+  return gemm_eligible(x, g) && (g.Cout <= kPlaneFormMaxCout || row_gemm_auto(g));
 }
 
 
@@ -1350,9 +1363,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy_in,
                            g.Wout - ((g.Win - 1) * g.SW - 2 * g.PW + g.DW * (g.KW - 1) + 1)};
     at::Tensor gi, gw;
     if (g.N > 0) {
-      std::tie(gi, gw, std::ignore) = at::convolution_backward(
-          dz, x.to(acc_opts.dtype()), w.to(acc_opts.dtype()), c10::nullopt, stride, padding, dilation,
-          /*transposed=*/true, at::IntArrayRef(op, 2), g.G, {need_input, need_weight, false});
+      // float32 k5 s2 p2 (the GEMM form's layers above took it there): grad_input by Winograd
+      // where the forward's rule takes the shape; undefined after a non-finite value or an
+      // outlier, and then ATen's product gives it with grad_weight
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (need_input &&
+            winograd_s2_takes(x, w, g.G, g.KH, g.KW, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.Hout, g.Wout))
+          gi = winograd_conv_transpose_s2_grad_input(dz.contiguous(), w, g.Hin, g.Win);
+      }
+      const bool aten_input = need_input && !gi.defined();
+      if (aten_input || need_weight) {
+        at::Tensor agi, agw;
+        std::tie(agi, agw, std::ignore) = at::convolution_backward(
+            dz, x.to(acc_opts.dtype()), w.to(acc_opts.dtype()), c10::nullopt, stride, padding, dilation,
+            /*transposed=*/true, at::IntArrayRef(op, 2), g.G, {aten_input, need_weight, false});
+        if (aten_input) gi = agi;
+        gw = agw;
+      }
     } else {
       if (need_input) gi = at::empty(x.sizes(), acc_opts);
       if (need_weight) gw = at::zeros(w.sizes(), acc_opts);
@@ -1451,14 +1478,16 @@ bool conv_transpose_gemm_backward(const at::Tensor& x, const at::Tensor& w, at::
 }
 
 void set_cpu_row_gemm(const std::string& mode) {
-  TORCH_CHECK_VALUE(mode == "auto" || mode == "always" || mode == "never",
-                    "set_cpu_row_gemm: mode must be 'auto', 'always' or 'never', got '", mode, "'");
-  g_row_gemm_mode.store(mode == "auto" ? 0 : (mode == "always" ? 1 : 2), std::memory_order_relaxed);
+  TORCH_CHECK_VALUE(mode == "auto" || mode == "always" || mode == "never" || mode == "images_inner",
+                    "set_cpu_row_gemm: mode must be 'auto', 'always', 'never' or 'images_inner', got '", mode,
+                    "'");
+  g_row_gemm_mode.store(mode == "auto" ? 0 : (mode == "always" ? 1 : (mode == "never" ? 2 : 3)),
+                        std::memory_order_relaxed);
 }
 
 std::string cpu_row_gemm() {
-  const int mode = g_row_gemm_mode.load(std::memory_order_relaxed);
-  return mode == 0 ? "auto" : (mode == 1 ? "always" : "never");
+  static const char* const names[] = {"auto", "always", "never", "images_inner"};
+  return names[g_row_gemm_mode.load(std::memory_order_relaxed)];
 }
 
 // Whether the row layout can run at all: "never" turns it off; "auto" takes it by shape
