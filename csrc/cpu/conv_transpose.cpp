@@ -1363,9 +1363,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy_in,
                            g.Wout - ((g.Win - 1) * g.SW - 2 * g.PW + g.DW * (g.KW - 1) + 1)};
     at::Tensor gi, gw;
     if (g.N > 0) {
-      // float32 k5 s2 p2 (the GEMM form's layers above took it there): grad_input by Winograd
-      // where the forward's rule takes the shape; undefined after a non-finite value or an
-      // outlier, and then ATen's product gives it with grad_weight
+      // float32 k5 s2 p2 with more than kPlaneFormMaxCout output channels (the other Winograd
+      // layers run the GEMM branch above, which takes it there): grad_input by Winograd where the
+      // forward's rule takes the shape; undefined after a non-finite value or an outlier, and
+      // then ATen's product gives it with grad_weight
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (need_input &&
             winograd_s2_takes(x, w, g.G, g.KH, g.KW, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.Hout, g.Wout))
