@@ -743,8 +743,11 @@ class _Plan:
             self.n_cblocks = triton.cdiv(C, self.BB)
         else:
             # at most NCL_BLOCK_L columns: the statistics pass keeps three float64 running
-            # vectors per column (2048 columns spilled, sm_90 compile check)
-            self.BB = min(triton.next_power_of_2(max(L, 1)), tile, NCL_BLOCK_L)
+            # vectors per column (2048 columns spilled, sm_90 compile check). Under the
+            # interpreter (no registers) a tile given explicitly may be wider: the interpreter's
+            # cost is per tile (one 18.9M-value plane in 1024-column tiles took 12 minutes).
+            cap = NCL_BLOCK_L if on_gpu else max(NCL_BLOCK_L, tile)
+            self.BB = min(triton.next_power_of_2(max(L, 1)), tile, cap)
             self.tiles_b = triton.cdiv(L, self.BB)
             self.n_cblocks = C
         self.BA = max(1, min(tile // self.BB, triton.next_power_of_2(max(self.n_a, 1))))
