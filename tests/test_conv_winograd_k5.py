@@ -302,6 +302,6 @@ def test_keras_generator_layer_trains_by_winograd_under_auto():
         rx, rw, rb = torch.autograd.grad(yr, (xr, wr, br), dy.double())
         assert_close(y, yr.detach(), msg="output", scale=WINO_SCALE)
         assert_close(gx, rx, msg="grad_input", scale=WINO_SCALE)
-        # (sums over N * 14 * 14 output values per weight: up to 3136 terms)
+        # (grad_weight sums N * 14 * 14 output values per weight: up to 3136 terms)
         assert_close(gw, rw, msg="grad_weight", scale=10)
-        assert_close(gb, rb, msg="grad_bias", scale=10)
+        assert_close(gb, rb, msg="grad_bias")
