@@ -145,8 +145,11 @@ struct Conv2dAct : public torch::autograd::Function<Conv2dAct> {
     const bool eager = !differentiable && !symbolic(x) && !symbolic(dy) && plain_tensor(x) && plain_tensor(dy) &&
                        plain_tensor(w) && (!y.defined() || plain_tensor(y));
     const bool gemm = eager && need_x && groups == 1 && x.is_contiguous() && x.numel() > 0 && w.numel() > 0 &&
-                      conv2d_grad_input_gemm(dy.is_contiguous() ? dy : at::empty(dy.sizes(), dy.options().device(at::kMeta)),
-                                             w, stride, padding, at::IntArrayRef(op, 2), dilation);  // (dz is made contiguous)
+                      conv2d_grad_input_gemm(dy.is_contiguous() ? dy : at::empty(dy.sizes(), dy.options()), w, stride,
+                                             padding, at::IntArrayRef(op, 2), dilation);
+    // (dz is made contiguous; the rule reads dz's shape, dtype and layout, and the Winograd rule
+    // also its device and storage: an uninitialised CPU tensor stands for a strided dy, where a
+    // meta tensor had kept a non-contiguous dy from the Winograd grad_input)
     at::Tensor dz;
     if (eager && need_w && conv2d_grad_weight_gemm_ok(x, w, groups)) {
       // few input channels: dz, grad_weight and grad_bias image by image (conv2d_weight_backward);

@@ -306,6 +306,31 @@ def test_conv2d_auto_takes_the_dcgan_discriminator_layer():
     assert_close(y4, F.conv2d(x4.double(), w4.double(), None, 2, 1))
 
 
+def test_conv2d_strided_grad_output_takes_the_winograd_grad_input():
+    """A non-contiguous grad_output (a strided slice) of the DCGAN discriminator layer: the
+    backward makes dz contiguous, so its grad_input is the Winograd transposed convolution as
+    for a contiguous one (the rule was once asked with a meta tensor, which it refused), and the
+    gradients match float64."""
+    x = torch.randn(16, 64, 32, 32)
+    w = torch.randn(128, 64, 4, 4) / 16
+    dy = torch.randn(16, 128, 16, 32)[..., ::2]
+    assert not dy.is_contiguous()
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    before = products()
+    with B.use_backend("cpu"):
+        y = GF.conv2d(xr, wr, None, 2, 1)
+        gx, gw = torch.autograd.grad(y, (xr, wr), dy)
+    assert products() == before + 2  # the forward and grad_input
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    rx, rw = torch.autograd.grad(F.conv2d(xd, wd, None, 2, 1), (xd, wd), dy.double())
+    assert_close(gx, rx)
+    # grad_weight (ATen's product, sums of 4096 terms of magnitude ~100): within twice torch's
+    # own float32 error
+    xt, wt = x.clone().requires_grad_(), w.clone().requires_grad_()
+    (tw,) = torch.autograd.grad(F.conv2d(xt, wt, None, 2, 1), (wt,), dy)
+    assert (gw.double() - rw).abs().max() <= 2 * (tw.double() - rw).abs().max()
+
+
 # --- from the review: tracing, chunks, fallbacks, blocks, scratch, threads ------------------------
 
 def test_opcheck_under_winograd():
