@@ -331,6 +331,69 @@ def test_conv2d_strided_grad_output_takes_the_winograd_grad_input():
     assert (gw.double() - rw).abs().max() <= 2 * (tw.double() - rw).abs().max()
 
 
+# --- a region of large values (a bad-input hunt) --------------------------------------------------
+
+@pytest.mark.parametrize("k", [4, 5])
+@pytest.mark.parametrize("where", ["convT_x", "convT_dz", "conv2d_x", "conv2d_dz"])
+def test_region_of_large_values_runs_the_direct_product(k, where):
+    """The top rows of every map 1000x the rest pass the per-block outlier check (29% of the
+    values lie near the maximum), but a tile's transforms would spread their rounding onto the
+    outputs that read only the other rows (measured: 6e-3 on outputs of order 2, against 7e-7
+    for the direct product). The local check sends the product (forward or grad_input) to the
+    direct form: values and gradients within float32's tolerance of float64, and the other
+    product of the pair still Winograd."""
+    g = torch.Generator().manual_seed(seed_of("region", k, where))
+    p, op = (1, 0) if k == 4 else (2, 1)
+    conv = where.startswith("conv2d")
+    if conv:  # Conv2d 64 -> 128, 16x16 -> 8x8 (k4) or 14x14 -> 7x7 (k5), batch 16
+        H = 16 if k == 4 else 14
+        x = torch.randn(16, 64, H, H, generator=g)
+        w = torch.randn(128, 64, k, k, generator=g) / (64 * k * k) ** 0.5
+        dy = torch.randn(16, 128, H // 2, H // 2, generator=g)
+    else:  # transposed 128 -> 64, 8x8 -> 16x16 (k4) or 7x7 -> 14x14 (k5), batch 16
+        H = 8 if k == 4 else 7
+        x = torch.randn(16, 128, H, H, generator=g)
+        w = torch.randn(128, 64, k, k, generator=g) / (128 * k * k / 4) ** 0.5
+        dy = torch.randn(16, 64, 2 * H, 2 * H, generator=g)
+    big = x if where.endswith("_x") else dy
+    big[:, :, : big.shape[2] // 4] *= 1000.0
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    before = products()
+    with B.use_backend("cpu"):
+        y = (GF.conv2d(xr, wr, None, 2, p) if conv else GF.conv_transpose2d(xr, wr, None, 2, p, op))
+        after_forward = products()
+        gx, gw = torch.autograd.grad(y, (xr, wr), dy)
+    # the product fed the region runs directly; the other one still takes Winograd
+    assert after_forward - before == (0 if where.endswith("_x") else 1)
+    assert products() - after_forward == (1 if where.endswith("_x") else 0)
+    # the direct product against float64, element by element: within 32 float32 roundings of
+    # the sum of the magnitudes of each value's terms (torch's own float32 products came within
+    # 10 here; the spread was about 9000: 6e-3 where this bound is 2e-5); the Winograd one
+    # (ordinary values) to its tests' tolerance
+    eps = 2.0 ** -24
+
+    def fwd(a, b):
+        return F.conv2d(a, b, None, 2, p) if conv else F.conv_transpose2d(a, b, None, 2, p, op)
+
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    rx, rw = torch.autograd.grad(fwd(xd, wd), (xd, wd), dy.double())
+    xa = x.double().abs().requires_grad_()
+    ya = fwd(xa, w.double().abs())
+    (ga,) = torch.autograd.grad(ya, (xa,), dy.double().abs())
+    yd = fwd(x.double(), w.double())
+    if where.endswith("_x"):
+        assert ((y.double() - yd).abs() <= 32 * eps * ya.detach()).all()
+        assert_close(gx, rx, msg="grad_input (Winograd)", scale=1 if k == 4 else 4)
+    else:
+        assert_close(y, yd, msg="output (Winograd)", scale=1 if k == 4 else 4)
+        assert ((gx.double() - rx).abs() <= 32 * eps * ga).all()
+    # grad_weight: ATen's product over sums of up to 4096 terms, some 1000x: within twice
+    # torch's own float32 error
+    xt, wt = x.clone().requires_grad_(), w.clone().requires_grad_()
+    (tw,) = torch.autograd.grad(fwd(xt, wt), (wt,), dy)
+    assert (gw.double() - rw).abs().max() <= 2 * (tw.double() - rw).abs().max() + 1e-6
+
+
 # --- from the review: tracing, chunks, fallbacks, blocks, scratch, threads ------------------------
 
 def test_opcheck_under_winograd():

@@ -32,8 +32,9 @@
 //          [ 1,  0, -5,  0, 4]]          [0,    1/4]]
 // (rows of B^T and of G scaled against each other from the textbook construction).
 //
-// Dynamic range: see block_range_ok below (a block of input with few values near its largest
-// magnitude, an outlier, makes the call run the direct product).
+// Dynamic range: see block_range_ok and local_range_ok below (a block of input with few values
+// near its largest magnitude, an outlier, or a tile whose region holds values far larger than an
+// output of it reads, makes the call run the direct product).
 // Non-finite values: a transform mixes a window's values, so an inf in x would reach outputs
 // that do not depend on it in the direct form (as NaN); the output transform therefore checks
 // every value it computes, and any non-finite one makes the call return an undefined tensor,
@@ -260,6 +261,85 @@ GENFAST_INLINE void output_row(const float (&t)[4][5][kLanes], int i, float (&o)
   }
 }
 
+// Local dynamic range of one image of the input: block_range_ok looks at how a block's values are
+// distributed, not where they lie, and a region of large values (e.g. the top rows of every map
+// 1000x the rest: 29% of the values near the maximum) passes it while the tiles' transforms
+// spread its rounding onto outputs that read only the small values (a bad-input hunt: errors of
+// 6e-3 on outputs of order 2 where the direct product's were 7e-7). So, over all channels of the
+// image, each tile's input region (bordered rows and columns 4*t .. 4*t + 5, which holds every
+// window of the tile: k4's forward windows in each phase, grad_input's in each phase plane,
+// k5's 6x6 window) must have no 2x2 patch read by an existing output whose largest magnitude is
+// below 1 / kRangeRatio of the region's. Every output of k4's phases reads a 2x2 patch at
+// offsets 0 to 4 (the window's phase offset plus the output's), every output of k5 a 3x3, 3x2,
+// 2x3 or 2x2 patch (phases whose kernel has 2 taps on a side) at offsets 0 to 4, each holding a
+// 2x2 patch at one of the offsets checked; outputs of a cropped tile beyond H or W do not count.
+// That bounds the spread to kRangeRatio times the error of evenly spread values. The magnitudes
+// are taken over all channels (an output sums every channel) and, for grad_input's input, over
+// the four phase planes (an output sums all four): a patch of one position holds C_in values,
+// and Gaussian data or ReLU outputs of 64 channels (Winograd's "auto" minimum) all below 1/16 of
+// their region's largest come with odds below 1e-15. NaN is passed over (the output check
+// catches it); an inf fails the check (the direct product then gives torch's pattern, as the
+// output check would). One more read of the input. phases: the input is grad_input's dz (N,
+// C_out, 2H, 2W), seen as its four phase planes, else x (N, C_in, H, W); amap: PH * PW floats.
+GENFAST_SIMD_CLONES bool local_range_ok(const float* in, const WGeo& g, int64_t n, bool phases, float* amap) {
+  std::fill(amap, amap + g.PH * g.PW, 0.f);
+  if (phases) {
+    const int64_t OW = 2 * g.W;
+    for (int64_t c = 0; c < g.Co; ++c) {
+      const float* src = in + (n * g.Co + c) * 4 * g.H * g.W;
+      for (int64_t h = 0; h < 2 * g.H; ++h) {
+        float* row = amap + (h / 2 + 1) * g.PW + 1;
+        const float* sr = src + h * OW;
+        for (int64_t t = 0; t < g.W; ++t) {  // the two phases of columns 2t, 2t + 1
+          const float a = std::fabs(sr[2 * t]), b = std::fabs(sr[2 * t + 1]);
+          const float v = a > b ? a : b;
+          row[t] = v > row[t] ? v : row[t];
+        }
+      }
+    }
+  } else {
+    for (int64_t c = 0; c < g.Ci; ++c) {
+      const float* src = in + (n * g.Ci + c) * g.H * g.W;
+      for (int64_t h = 0; h < g.H; ++h) {
+        float* row = amap + (h + 1) * g.PW + 1;
+        for (int64_t w = 0; w < g.W; ++w) {
+          const float v = std::fabs(src[h * g.W + w]);
+          row[w] = v > row[w] ? v : row[w];
+        }
+      }
+    }
+  }
+  for (int64_t th = 0; th < g.Th; ++th) {
+    const int64_t last_h = std::min<int64_t>(3, g.H - 1 - 4 * th) + 1;  // the last patch offset read
+    for (int64_t tw = 0; tw < g.Tw; ++tw) {
+      const int64_t last_w = std::min<int64_t>(3, g.W - 1 - 4 * tw) + 1;
+      const float* a0 = amap + 4 * th * g.PW + 4 * tw;
+      float mx = 0.f;
+      for (int i = 0; i < 6; ++i)
+        for (int j = 0; j < 6; ++j) mx = a0[i * g.PW + j] > mx ? a0[i * g.PW + j] : mx;
+      const float t = mx / kRangeRatio;  // inf for an inf: every finite patch fails
+      for (int64_t i = 0; i <= last_h; ++i)
+        for (int64_t j = 0; j <= last_w; ++j) {
+          const float* q = a0 + i * g.PW + j;
+          const float pm = std::max(std::max(q[0], q[1]), std::max(q[g.PW], q[g.PW + 1]));
+          if (pm < t) return false;
+        }
+    }
+  }
+  return true;
+}
+
+// local_range_ok over every image of the input, in parallel over the images
+bool input_local_range_ok(const float* in, const WGeo& g, bool phases) {
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
+    std::vector<float> amap(g.PH * g.PW);
+    for (int64_t n = n0; n < n1 && ok.load(std::memory_order_relaxed); ++n)
+      if (!local_range_ok(in, g, n, phases, amap.data())) ok.store(false);
+  });
+  return ok.load();
+}
+
 // The input block of the forward: channels [c0, c0 + kLanes) of image n of x (N, C_in, H, W)
 // into the zero-bordered plane pad (PH x PW x kLanes, input row r at row r + 1, zeros beyond
 // C_in); false when the block fails block_range_ok
@@ -308,7 +388,7 @@ GENFAST_SIMD_CLONES void weight_block(const float* w, float* U, const WGeo& g, i
 
 // V rows of image n (the chunk's nl-th), input channels [c0, c0 + kLanes) (zeros beyond C_in);
 // pad: PH * PW * kLanes floats of scratch
-// (false, with nothing written, when the block fails block_range_ok)
+// (false, with nothing written, when the block fails a range check)
 GENFAST_SIMD_CLONES bool input_block(const float* x, float* V, int64_t ldv, const WGeo& g, int64_t n, int64_t nl,
                                      int64_t c0, float* pad) {
   if (!fill_plane(x, g, n, c0, pad)) return false;
@@ -381,7 +461,7 @@ GENFAST_SIMD_CLONES void weight_block_bwd(const float* w, float* U, const WGeo& 
 
 // V rows of image n (the chunk's nl-th), columns (p, co) for output channels [c0, c0 + kLanes)
 // (zeros beyond C_out), from dz (N, C_out, 2H, 2W); pad: 4 * PH * PW * kLanes floats
-// (false, with nothing written, when the block fails block_range_ok)
+// (false, with nothing written, when the block fails a range check)
 GENFAST_SIMD_CLONES bool input_block_bwd(const float* dz, float* V, int64_t ldv, const WGeo& g, int64_t n, int64_t nl,
                                          int64_t c0, float* pad) {
   const int64_t plane = g.PH * g.PW * kLanes;
@@ -556,7 +636,7 @@ GENFAST_SIMD_CLONES void weight_block5(const float* w, float* U, const WGeo& g, 
 }
 
 // V (36, T, C_in) rows of image n (the chunk's nl-th), input channels [c0, c0 + kLanes); pad:
-// PH * PW * kLanes floats (false, nothing written, when the block fails block_range_ok)
+// PH * PW * kLanes floats (false, nothing written, when the block fails a range check)
 GENFAST_SIMD_CLONES bool input_block5(const float* x, float* V, int64_t ldv, const WGeo& g, int64_t n, int64_t nl,
                                       int64_t c0, float* pad) {
   if (!fill_plane(x, g, n, c0, pad)) return false;
@@ -606,7 +686,7 @@ GENFAST_SIMD_CLONES void weight_block5_bwd(const float* w, float* U, const WGeo&
 
 // V (36, T, 4*C_out) rows of image n, columns (p, co) for output channels [c0, c0 + kLanes), from
 // dz (N, C_out, 2H, 2W); pad: 4 * PH * PW * kLanes floats (false, nothing written, when the
-// block fails block_range_ok)
+// block fails a range check)
 GENFAST_SIMD_CLONES bool input_block5_bwd(const float* dz, float* V, int64_t ldv, const WGeo& g, int64_t n,
                                           int64_t nl, int64_t c0, float* pad) {
   const int64_t plane = g.PH * g.PW * kLanes;
@@ -812,6 +892,7 @@ at::Tensor winograd_conv_transpose_s2(const at::Tensor& x_in, const at::Tensor& 
   WGeo g = geometry_of(x.size(0), x.size(1), w.size(1), x.size(2), x.size(3));
   const int64_t cols = k5 ? 4 * g.Cop : g.Cop;  // k5: the four phases' columns side by side
   g.ldu = g.Cip * cols + kPadFloats;
+  if (!input_local_range_ok(x.data_ptr<float>(), g, false)) return at::Tensor();
   at::Tensor y = at::empty({g.N, g.Co, 2 * g.H, 2 * g.W}, x.options());
   const int64_t cob = g.Cop / kLanes, cib = g.Cip / kLanes;
   const bool ok = winograd_run(g, k5 ? 36 : 100, g.Cip, cols, g.Cip != g.Ci, g.Ci, cob, cib, cob,
@@ -835,6 +916,7 @@ at::Tensor winograd_conv_transpose_s2_grad_input(const at::Tensor& dz_in, const 
   const bool k5 = w.size(2) == 5;
   WGeo g = geometry_of(dz.size(0), w.size(0), w.size(1), H, W);
   g.ldu = 4 * g.Cop * g.Cip + kPadFloats;
+  if (!input_local_range_ok(dz.data_ptr<float>(), g, true)) return at::Tensor();
   at::Tensor dx = at::empty({g.N, g.Ci, H, W}, dz.options());
   const int64_t cob = g.Cop / kLanes, cib = g.Cip / kLanes;
   const bool ok = winograd_run(g, k5 ? 36 : 25, 4 * g.Cop, g.Cip, g.Cop != g.Co, g.Co, cib, cob, cib,
