@@ -1,6 +1,7 @@
 """Public functions (thin): checks, then the registered op of the chosen backend."""
 from __future__ import annotations
 
+import math
 from typing import Callable, Literal, Optional, Sequence, Union, overload
 
 import torch
@@ -111,6 +112,10 @@ def check_batch_norm_args(input: Tensor, running_mean: Optional[Tensor],
             raise RuntimeError(f"batch_norm_act: {name} should be a 1-D tensor of {C} elements, "
                                f"got shape {tuple(t.shape)}")
     if C == 0:
+        # torch checks the batch before it reads the parameters (its IndexError below)
+        if training and math.prod(input.shape[2:]) * input.shape[0] == 1:
+            raise ValueError("Expected more than 1 value per channel when training, got input size "
+                             f"{input.size()}")
         for name, t in (("weight", weight), ("bias", bias)):
             if t is not None:
                 raise IndexError(f"batch_norm_act: {name} has no element for channel 0 (input has 0 "

@@ -245,6 +245,11 @@ add("bn_single_value_train", _bn_case(x=lambda: _randn(1, 3, 1, 1)))
 add("bn_single_row_1d_train", _bn_case(x=lambda: _randn(1, 3)))
 add("bn_single_value_3d_train", _bn_case(x=lambda: _randn(1, 3, 1)))
 add("bn_single_value_no_stats_train", _bn_case(x=lambda: _randn(1, 3, 1, 1), rm=None, rv=None))
+# no channels and one value per channel: torch checks the batch before the parameters
+for _shape in ((1, 0), (1, 0, 1), (1, 0, 1, 1)):
+    add(f"bn_zero_channels_single_value_{len(_shape)}d_train",
+        _bn_case(x=lambda s=_shape: _randn(*s), rm=lambda: torch.rand(0), rv=lambda: torch.rand(0) + 0.5,
+                 w=lambda: torch.rand(0), b=lambda: torch.rand(0)))
 add("bn_activation_unknown", lambda: Case(lambda: GF.batch_norm_act(
     _randn(4, 3), None, None, training=True, activation="tanh"), None, ValueError))
 add("bn_memory_efficient_relu", lambda: (lambda rm, rv: Case(lambda: GF.batch_norm_act(
