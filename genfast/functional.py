@@ -6,6 +6,7 @@ from typing import Callable, Literal, Optional, Sequence, Union, overload
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from genfast.ops import batchnorm_act as _bn
 from genfast.ops import conv_act as _ca
@@ -288,6 +289,31 @@ def gradient_penalty(critic: Callable[[Tensor], Tensor], real: Tensor, fake: Ten
     return ((norm - 1) ** 2).mean()
 
 
+def _not_floating(input: object, weight: object) -> bool:
+    """Tensors of one non-floating dtype (integers, bool, complex): genfast has no kernel for
+    them, torch computes some on the CPU (int64, complex64) and raises for the others."""
+    return (isinstance(input, Tensor) and isinstance(weight, Tensor) and input.dtype == weight.dtype
+            and not input.is_floating_point())
+
+
+def _torch_composition(product: Callable[[], Tensor], activation: Optional[str], negative_slope: float,
+                       check: Callable[[Optional[str], float], str]) -> Tensor:
+    """activation(product()) in torch's own ops, for the dtypes genfast has no kernel for: torch's
+    result where it computes one (int64 / complex64 products on the CPU), its exception where it
+    does not; the activation's name and slope checked as on the fused path."""
+    act = check(activation, negative_slope)
+    y = product()
+    if act == "relu":
+        return torch.relu(y)
+    if act == "leaky_relu":
+        return F.leaky_relu(y, negative_slope)
+    if act == "tanh":
+        return torch.tanh(y)
+    if act == "sigmoid":
+        return torch.sigmoid(y)
+    return y
+
+
 def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: _Size2 = 1,
                      padding: _Size2 = 0, output_padding: _Size2 = 0, groups: int = 1, dilation: _Size2 = 1, *,
                      activation: Optional[str] = None, negative_slope: float = 0.01) -> Tensor:
@@ -302,7 +328,8 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
     Args:
         input: (N, C_in, H_in, W_in) or unbatched (C_in, H_in, W_in); float16/bfloat16/float32/
             float64, contiguous or channels_last (any strides accepted; the triton backend reads them
-            without a copy).
+            without a copy); another dtype runs torch's own conv_transpose2d and activation
+            (int64 and complex64 computed, others torch's error).
         weight: (C_in, C_out / groups, kH, kW), the input's dtype.
         bias: (C_out,) or None.
         stride, padding, output_padding, dilation: int or (h, w) pair; defaults 1, 0, 0, 1.
@@ -320,12 +347,10 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
                                   dilation, activation, negative_slope)
     if y is not None:
         return y
-    if (isinstance(input, Tensor) and isinstance(weight, Tensor) and input.dtype == weight.dtype
-            and not input.is_floating_point()):
-        # torch raises NotImplementedError for the integer types it has no kernel for (and
-        # RuntimeError, as the op's check does, when input and weight dtypes differ)
-        raise NotImplementedError(f"conv_transpose2d: genfast supports floating-point input only, got "
-                                  f"input of dtype {input.dtype}")
+    if _not_floating(input, weight):
+        return _torch_composition(lambda: F.conv_transpose2d(input, weight, bias, stride, padding,
+                                                             output_padding, groups, dilation),
+                                  activation, negative_slope, _ct.check_activation)
     return _ct.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups,
                                 dilation, activation, negative_slope)
 
@@ -343,7 +368,8 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride:
     result in place before the backward raises autograd's error.
 
     Args:
-        input: (N, C_in, H, W) or unbatched (C_in, H, W); floating point.
+        input: (N, C_in, H, W) or unbatched (C_in, H, W); floating point (another dtype runs
+            torch's own conv2d and activation: int64 and complex64 computed, others torch's error).
         weight: (C_out, C_in / groups, kH, kW), the input's dtype.
         bias: (C_out,) or None.
         stride, dilation: int or (h, w) pair; defaults 1.
@@ -359,10 +385,9 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride:
                         negative_slope)
     if y is not None:
         return y
-    if (isinstance(input, Tensor) and isinstance(weight, Tensor) and input.dtype == weight.dtype
-            and not input.is_floating_point()):
-        raise NotImplementedError(f"conv2d: genfast supports floating-point input only, got input "
-                                  f"of dtype {input.dtype}")
+    if _not_floating(input, weight):
+        return _torch_composition(lambda: F.conv2d(input, weight, bias, stride, padding, dilation, groups),
+                                  activation, negative_slope, _ca.check_activation)
     return _ca.conv2d_act(input, weight, bias, stride, padding, dilation, groups, activation,
                           negative_slope)
 
@@ -378,7 +403,8 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     result in place before the backward raises autograd's error.
 
     Args:
-        input: (*, in_features); floating point.
+        input: (*, in_features); floating point (another dtype runs torch's own linear and
+            activation: int64 and complex64 computed, others torch's error).
         weight: (out_features, in_features), the input's dtype.
         bias: (out_features,) or None.
         activation: None (identity, default), "relu", "leaky_relu", "tanh" or "sigmoid".
@@ -390,8 +416,7 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     y = _ca.linear_fast(input, weight, bias, activation, negative_slope)
     if y is not None:
         return y
-    if (isinstance(input, Tensor) and isinstance(weight, Tensor) and input.dtype == weight.dtype
-            and not input.is_floating_point()):
-        raise NotImplementedError(f"linear: genfast supports floating-point input only, got input "
-                                  f"of dtype {input.dtype}")
+    if _not_floating(input, weight):
+        return _torch_composition(lambda: F.linear(input, weight, bias), activation, negative_slope,
+                                  _ca.check_activation)
     return _ca.linear_act(input, weight, bias, activation, negative_slope)

@@ -372,15 +372,6 @@ def test_bad_input_raises_torch_exception_type(backend, i):
         ours()
 
 
-def test_integer_input_is_refused_clearly():
-    """genfast's kernels are floating point; integer input (which torch's CPU convolution and
-    matmul accept) raises NotImplementedError naming the dtype instead of a wrong answer."""
-    with pytest.raises(NotImplementedError, match="floating-point input only.*int64"):
-        GF.conv2d(torch.ones(1, 3, 5, 5, dtype=torch.int64), torch.ones(4, 3, 3, 3, dtype=torch.int64))
-    with pytest.raises(NotImplementedError, match="floating-point input only.*int64"):
-        GF.linear(torch.ones(4, 5, dtype=torch.int64), torch.ones(3, 5, dtype=torch.int64))
-
-
 # --- the BatchNorm block through convert ------------------------------------------------------
 
 def _conv_block(act_mod, bias=False, momentum=0.1, track=True):

@@ -268,3 +268,53 @@ def test_non_numeric_negative_slope_raises_typeerror_naming_it(slope):
     for call in calls:
         with pytest.raises(TypeError, match="negative_slope"):
             call()
+
+
+# --- dtypes genfast has no kernel for: torch's own answer (a bad-input hunt) ----------------------
+
+_TORCH_ACT = {None: lambda y: y, "relu": torch.relu, "leaky_relu": lambda y: F.leaky_relu(y, 0.2),
+              "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64])
+@pytest.mark.parametrize("act", [None, "relu", "leaky_relu", "tanh"])
+@pytest.mark.parametrize("op", ["conv_transpose2d", "conv2d", "linear"])
+def test_non_floating_dtypes_give_torchs_result_or_exception(op, act, dtype):
+    """int64 and complex64 products run on the CPU in torch (its slow paths), the other integer
+    types and bool raise there: genfast's functions give torch's result of activation(product)
+    where torch computes one (exactly, for integers) and torch's exception type where it does
+    not (genfast used to raise NotImplementedError for all of them)."""
+    g = torch.Generator().manual_seed(7)
+
+    def draw(*shape):
+        v = torch.randint(-4, 5, shape, generator=g)
+        return v.to(dtype) if dtype is not torch.complex64 else torch.complex(v.float(), v.flip(-1).float())
+
+    if op == "conv_transpose2d":
+        x, w, b = draw(2, 4, 5, 5), draw(4, 3, 3, 3), draw(3)
+        ref = lambda: _TORCH_ACT[act](F.conv_transpose2d(x, w, b, 2, 1, 1))  # noqa: E731
+        ours = lambda: GF.conv_transpose2d(x, w, b, 2, 1, 1, activation=act, negative_slope=0.2)  # noqa: E731
+    elif op == "conv2d":
+        x, w, b = draw(2, 4, 6, 6), draw(3, 4, 3, 3), draw(3)
+        ref = lambda: _TORCH_ACT[act](F.conv2d(x, w, b, 1, "same"))  # noqa: E731
+        ours = lambda: GF.conv2d(x, w, b, 1, "same", activation=act, negative_slope=0.2)  # noqa: E731
+    else:
+        x, w, b = draw(3, 7, 5), draw(6, 5), draw(6)
+        ref = lambda: _TORCH_ACT[act](F.linear(x, w, b))  # noqa: E731
+        ours = lambda: GF.linear(x, w, b, activation=act, negative_slope=0.2)  # noqa: E731
+    ref_exc, expected = _raised(ref)
+    exc, out = _raised(ours)
+    assert exc is ref_exc, f"torch raised {ref_exc}, genfast {exc}"
+    if ref_exc is None:
+        assert out.dtype == expected.dtype and out.shape == expected.shape
+        assert torch.equal(out, expected) if not out.is_floating_point() else torch.allclose(out, expected)
+    if dtype is torch.int64 and act in (None, "relu"):
+        assert ref_exc is None  # the case this test is about: torch computes it
+
+
+def test_non_floating_dtype_bad_activation_is_still_valueerror():
+    x, w = torch.ones(1, 2, 3, 3, dtype=torch.int64), torch.ones(2, 2, 3, 3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="activation"):
+        GF.conv_transpose2d(x, w, activation="gelu")
+    with pytest.raises(ValueError, match="activation"):
+        GF.conv2d(x, w, activation="gelu")
