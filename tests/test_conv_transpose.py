@@ -641,8 +641,11 @@ def test_output_layout_follows_torch(be, case):
         xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
         yr = F.conv_transpose2d(xr, wr, b, 2, 1)
         yr = yr if act == "identity" else F.leaky_relu(yr, 0.2)
-        for g, gr in zip((gx, gw), torch.autograd.grad(yr, (xr, wr), dy)):
+        for name, g, gr in zip(("grad_input", "grad_weight"), (gx, gw), torch.autograd.grad(yr, (xr, wr), dy)):
             assert_close(g, gr, torch.float64)
+            # torch's layout too (a contiguous input with a channels_last weight gives a
+            # channels_last grad_input: found by a bad-input hunt)
+            assert g.stride() == gr.stride(), (name, be, act, LAYOUTS[case])
 
 
 @pytest.mark.parametrize("how", ["eager", "compiled"])

@@ -126,9 +126,8 @@ constexpr int64_t kPixelBlock = 256;  // channels-last pixels per parallel task 
 
 at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// genfast's layout rule for a gradient (grad_input in the input's layout, grad_weight in the
-// weight's; the fakes in genfast/ops/conv_transpose.py follow it): channels_last when the tensor
-// is channels_last-dense and not contiguous, else contiguous.
+// A tensor's own layout: channels_last when it is channels_last-dense and not contiguous, else
+// contiguous.
 at::MemoryFormat memory_format_of(const at::Tensor& t) {
   return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast) ? at::MemoryFormat::ChannelsLast
                                                                                 : at::MemoryFormat::Contiguous;
@@ -146,6 +145,15 @@ at::MemoryFormat output_format(const at::Tensor& x, const at::Tensor& w) {
                  w.suggest_memory_format() == at::MemoryFormat::ChannelsLast
              ? at::MemoryFormat::ChannelsLast
              : at::MemoryFormat::Contiguous;
+}
+
+// The gradients' layouts, torch's rule for its transposed convolution (checked on torch 2.14 over
+// contiguous / channels_last inputs and weights, empty batches, 1x1 maps and one channel): grad_input
+// follows output_format(x, w) (a contiguous input with a channels_last weight gives a
+// channels_last grad_input), and so does grad_weight, except for an empty input (the weight's
+// own layout). genfast/ops/conv_transpose.py's grad_formats is the same rule (the fakes).
+at::MemoryFormat grad_weight_format(const at::Tensor& x, const at::Tensor& w) {
+  return x.size(0) == 0 || x.size(1) == 0 ? memory_format_of(w) : output_format(x, w);
 }
 
 // The layout of a fused product whose activation (or following BatchNorm) torch would run as its
@@ -1339,9 +1347,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy_in,
       }
     }
     if (has_bias) bias_grad(part);
-    if (need_input) dx = canonical(gi.to(x.scalar_type()), memory_format_of(x));
+    if (need_input) dx = canonical(gi.to(x.scalar_type()), output_format(x, w));  // torch's rule (grad_weight_format)
     if (need_weight) {
-      dwt = canonical(gw.view({g.Cin, g.Cout, g.KH, g.KW}).to(w.scalar_type()), memory_format_of(w));
+      dwt = canonical(gw.view({g.Cin, g.Cout, g.KH, g.KW}).to(w.scalar_type()), grad_weight_format(x, w));
     }
     return {dx, dwt, dbt};
   }
@@ -1385,9 +1393,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy_in,
       if (need_input) gi = at::empty(x.sizes(), acc_opts);
       if (need_weight) gw = at::zeros(w.sizes(), acc_opts);
     }
-    if (need_input) dx = canonical(gi.to(x.scalar_type()), memory_format_of(x));
-    // grad_weight in the weight's own layout (autograd would copy it there otherwise)
-    if (need_weight) dwt = canonical(gw.to(w.scalar_type()), memory_format_of(w));
+    if (need_input) dx = canonical(gi.to(x.scalar_type()), output_format(x, w));  // torch's rule (grad_weight_format)
+    if (need_weight) dwt = canonical(gw.to(w.scalar_type()), grad_weight_format(x, w));
   }
   return {dx, dwt, dbt};
 }

@@ -561,14 +561,6 @@ def _precision(dtype: torch.dtype, device: torch.device) -> str:
     return "ieee"
 
 
-def out_memory_format(x: torch.Tensor) -> torch.memory_format:
-    """grad_input's layout: channels_last when x is stored channels-last (and not also plainly
-    contiguous). (The forward's output follows genfast.ops.conv_transpose.out_format.)"""
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def _check_input(x: torch.Tensor) -> None:
     if x.shape[2] == 0 or x.shape[3] == 0:
         raise RuntimeError("Only zero batch or zero channel inputs are supported, but got input "
@@ -723,7 +715,10 @@ def conv_transpose2d_bwd(grad_out, x, weight, y, stride, padding, dilation, grou
             vz = _vec(x.element_size(), cout_gp, zn, zh, zw)
 
         if need_input:
-            dx = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=out_memory_format(x))
+            # the layout the fake promises (genfast.ops.conv_transpose.grad_formats)
+            from genfast.ops.conv_transpose import grad_formats
+
+            dx = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=grad_formats(x, weight)[0])
             if dx.numel() > 0:
                 wp, cin_p = _repack(weight, G, 1, cout_gp=cout_gp)
                 Mx = N * Hin * Win
@@ -766,8 +761,10 @@ def conv_transpose2d_bwd(grad_out, x, weight, y, stride, padding, dilation, grou
                     split, nw, split_b, Cout, tiles_w,
                     HAS_W=need_weight, HAS_B=has_bias, BLOCK=_FINISH_BLOCK)
     if need_weight and dw.dim() == 4:
-        # in the weight's own layout, as the fake promises (the finish kernel writes it contiguous)
-        wfmt = out_memory_format(weight)
+        # in the layout the fake promises (the finish kernel writes it contiguous)
+        from genfast.ops.conv_transpose import grad_formats
+
+        wfmt = grad_formats(x, weight)[1]
         if wfmt != torch.contiguous_format:
             dw = dw.contiguous(memory_format=wfmt)
     return dx, dw, db

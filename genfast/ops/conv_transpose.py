@@ -96,6 +96,21 @@ def fused_out_format(input: Tensor, weight: Tensor, out_shape: Sequence[int],
     return fmt
 
 
+def grad_formats(input: Tensor, weight: Tensor) -> tuple[torch.memory_format, torch.memory_format]:
+    """The layouts of (grad_input, grad_weight). CPU tensors: torch's rule for its transposed
+    convolution's gradients (checked on torch 2.14 over contiguous / channels_last inputs and
+    weights, empty batches, 1x1 maps, one channel): both follow the output's rule (out_format:
+    a contiguous input with a channels_last weight gives channels_last gradients, and so does a
+    channels_last input with a contiguous weight), except grad_weight for an empty input (the
+    weight's own layout). csrc/cpu/conv_transpose.cpp's backward is the same rule. Elsewhere
+    (not measured on a GPU): each in its own tensor's layout."""
+    if input.dim() != 4 or weight.dim() != 4 or input.device.type != "cpu":
+        return _memory_format(input), _memory_format(weight)
+    fmt = out_format(input, weight)
+    empty = input.shape[0] == 0 or input.shape[1] == 0
+    return fmt, (_memory_format(weight) if empty else fmt)
+
+
 @functools.lru_cache(maxsize=1024)
 def _canonical_strides(shape: tuple, fmt: torch.memory_format) -> tuple:
     return torch.empty(shape, device="meta", memory_format=fmt).stride()
@@ -127,10 +142,11 @@ def _fwd_fake_cpp(input, weight, bias, stride, padding, output_padding, groups, 
 
 def _bwd_fake_cpp(grad_out, input, weight, output, stride, padding, dilation, groups, activation,
                   negative_slope, need_input, need_weight, has_bias):
+    dx_fmt, dw_fmt = grad_formats(input, weight)
     dx = (torch.empty(input.shape, device=input.device, dtype=input.dtype,
-                      memory_format=_memory_format(input)) if need_input else input.new_empty((0,)))
+                      memory_format=dx_fmt) if need_input else input.new_empty((0,)))
     dw = (torch.empty(weight.shape, device=weight.device, dtype=weight.dtype,
-                      memory_format=_memory_format(weight)) if need_weight else input.new_empty((0,)))
+                      memory_format=dw_fmt) if need_weight else input.new_empty((0,)))
     db = weight.new_empty((weight.shape[1] * groups,)) if has_bias else input.new_empty((0,))
     return dx, dw, db
 
@@ -228,10 +244,11 @@ def _backward(backend, grad_out, input, weight, output, stride, padding, dilatio
                 _output_padding_of(input, weight, output, stride, padding, dilation), groups,
                 [need_input, need_weight, False])
         # in the layouts (and exact strides) the fake promises
+        dx_fmt, dw_fmt = grad_formats(input, weight)
         if need_input:
-            dx = to_format(dx, _memory_format(input))
+            dx = to_format(dx, dx_fmt)
         if need_weight:
-            dw = to_format(dw, _memory_format(weight))
+            dw = to_format(dw, dw_fmt)
         return (dx if need_input else input.new_empty((0,)),
                 dw if need_weight else input.new_empty((0,)),
                 db if has_bias else input.new_empty((0,)))
