@@ -1347,7 +1347,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy_in,
       }
     }
     if (has_bias) bias_grad(part);
-    if (need_input) dx = canonical(gi.to(x.scalar_type()), output_format(x, w));  // torch's rule (grad_weight_format)
+    if (need_input) dx = canonical(gi.to(x.scalar_type()), output_format(x, w));  // torch's rule: see grad_weight_format
     if (need_weight) {
       dwt = canonical(gw.view({g.Cin, g.Cout, g.KH, g.KW}).to(w.scalar_type()), grad_weight_format(x, w));
     }
@@ -1393,7 +1393,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy_in,
       if (need_input) gi = at::empty(x.sizes(), acc_opts);
       if (need_weight) gw = at::zeros(w.sizes(), acc_opts);
     }
-    if (need_input) dx = canonical(gi.to(x.scalar_type()), output_format(x, w));  // torch's rule (grad_weight_format)
+    if (need_input) dx = canonical(gi.to(x.scalar_type()), output_format(x, w));  // torch's rule: see grad_weight_format
     if (need_weight) dwt = canonical(gw.to(w.scalar_type()), grad_weight_format(x, w));
   }
   return {dx, dwt, dbt};
