@@ -302,16 +302,7 @@ def _torch_composition(product: Callable[[], Tensor], activation: Optional[str],
     result where it computes one (int64 / complex64 products on the CPU), its exception where it
     does not; the activation's name and slope checked as on the fused path."""
     act = check(activation, negative_slope)
-    y = product()
-    if act == "relu":
-        return torch.relu(y)
-    if act == "leaky_relu":
-        return F.leaky_relu(y, negative_slope)
-    if act == "tanh":
-        return torch.tanh(y)
-    if act == "sigmoid":
-        return torch.sigmoid(y)
-    return y
+    return _ct.apply_activation(product(), act, negative_slope)
 
 
 def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: _Size2 = 1,

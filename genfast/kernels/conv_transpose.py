@@ -680,6 +680,9 @@ def conv_transpose2d_bwd(grad_out, x, weight, y, stride, padding, dilation, grou
     DH, DW = dilation
     acc_t = _acc_torch(x.dtype)
     prec = _precision(x.dtype, x.device)
+    from genfast.ops.conv_transpose import grad_formats
+
+    dx_fmt, dw_fmt = grad_formats(x, weight)  # the gradients' layouts, as the fake promises
     dx = x.new_empty((0,))  # unrequested results: distinct empty tensors (no aliasing outputs)
     dw, db = x.new_empty((0,)), x.new_empty((0,))
     with _on_device(x):
@@ -715,10 +718,7 @@ def conv_transpose2d_bwd(grad_out, x, weight, y, stride, padding, dilation, grou
             vz = _vec(x.element_size(), cout_gp, zn, zh, zw)
 
         if need_input:
-            # the layout the fake promises (genfast.ops.conv_transpose.grad_formats)
-            from genfast.ops.conv_transpose import grad_formats
-
-            dx = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=grad_formats(x, weight)[0])
+            dx = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=dx_fmt)
             if dx.numel() > 0:
                 wp, cin_p = _repack(weight, G, 1, cout_gp=cout_gp)
                 Mx = N * Hin * Win
@@ -761,10 +761,7 @@ def conv_transpose2d_bwd(grad_out, x, weight, y, stride, padding, dilation, grou
                     split, nw, split_b, Cout, tiles_w,
                     HAS_W=need_weight, HAS_B=has_bias, BLOCK=_FINISH_BLOCK)
     if need_weight and dw.dim() == 4:
-        # in the layout the fake promises (the finish kernel writes it contiguous)
-        from genfast.ops.conv_transpose import grad_formats
-
-        wfmt = grad_formats(x, weight)[1]
-        if wfmt != torch.contiguous_format:
-            dw = dw.contiguous(memory_format=wfmt)
+        # (the finish kernel writes it contiguous)
+        if dw_fmt != torch.contiguous_format:
+            dw = dw.contiguous(memory_format=dw_fmt)
     return dx, dw, db

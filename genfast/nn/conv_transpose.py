@@ -11,6 +11,7 @@ from genfast import backend as B
 from genfast import functional as GF
 from genfast.nn.batchnorm_act import batch_norm_act_forward
 from genfast.ops import conv_transpose as _ct
+from genfast.ops.conv_transpose import apply_activation
 from genfast.ops.conv_act import _act_eager
 
 
@@ -77,21 +78,6 @@ def conv_transpose_act_forward(conv: nn.ConvTranspose2d, input: torch.Tensor,
     return GF.conv_transpose2d(input, conv.weight, conv.bias, conv.stride, conv.padding,
                                output_padding, conv.groups, conv.dilation,
                                activation=activation, negative_slope=negative_slope)
-
-
-def apply_activation(x: torch.Tensor, activation: Optional[str], negative_slope: float) -> torch.Tensor:
-    """torch's own activation function named by ``activation`` (the unfused path)."""
-    if activation is None or activation == "identity":
-        return x
-    if activation == "relu":
-        return torch.relu(x)
-    if activation == "leaky_relu":
-        return nn.functional.leaky_relu(x, negative_slope)
-    if activation == "tanh":
-        return torch.tanh(x)
-    if activation == "sigmoid":
-        return torch.sigmoid(x)
-    raise ValueError(f"activation must be None or one of {_ct.ACTIVATIONS}, got {activation!r}")
 
 
 def bn_foldable(bn: nn.modules.batchnorm._BatchNorm, weight: torch.Tensor, input: object,

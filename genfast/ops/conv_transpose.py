@@ -625,6 +625,22 @@ def check_slope_range(act, negative_slope, input) -> None:
         raise RuntimeError("value cannot be converted to type float without overflow")
 
 
+def apply_activation(x: Tensor, activation: Optional[str], negative_slope: float) -> Tensor:
+    """torch's own (out-of-place) activation function named by ``activation``: the modules'
+    unfused paths, and the functions' dtypes without a genfast kernel (integers, complex)."""
+    if activation is None or activation == "identity":
+        return x
+    if activation == "relu":
+        return torch.relu(x)
+    if activation == "leaky_relu":
+        return torch.nn.functional.leaky_relu(x, negative_slope)
+    if activation == "tanh":
+        return torch.tanh(x)
+    if activation == "sigmoid":
+        return torch.sigmoid(x)
+    raise ValueError(f"activation must be None or one of {ACTIVATIONS}, got {activation!r}")
+
+
 def check_activation(activation: Optional[str], negative_slope: float) -> str:
     act = "identity" if activation is None else activation
     if act not in ACTIVATIONS:
