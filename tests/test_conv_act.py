@@ -558,6 +558,64 @@ def test_autocast_like_torch(backend):
         assert conv(x).dtype == F.conv2d(x, conv.weight).dtype == torch.bfloat16
         assert lin(xl).dtype == torch.bfloat16
         assert twin(xl).dtype == seq(xl).dtype
+        # a bfloat16 input with the float32 weights (the output of a layer before): autocast
+        # casts the weights first (the checks ran before the cast and raised on "reference")
+        for m, xi, want in ((conv, x, lambda z: F.relu(F.conv2d(z, conv.weight, conv.bias))),
+                            (lin, xl, lambda z: torch.tanh(F.linear(z, lin.weight, lin.bias)))):
+            got, ref_out = m(xi.bfloat16()), want(xi.bfloat16())
+            assert got.dtype == ref_out.dtype == torch.bfloat16
+            torch.testing.assert_close(got, ref_out, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("backend,dtype,act", [("cpu", torch.bfloat16, "tanh"), ("cpu", torch.bfloat16, "relu"),
+                                               ("triton", torch.float16, "tanh")])
+def test_stacked_training_blocks_under_autocast(backend, dtype, act):
+    """Training under torch.autocast("cpu", bfloat16 or float16; float16 for Triton, whose
+    interpreter's bfloat16 products are wrong, DESIGN.md): each fused block takes the 16-bit
+    output of the block before it with float32 weights, which autocast casts first as it does for
+    torch's own modules (the blocks' argument checks ran on the uncast weight and raised
+    RuntimeError: ConvTransposeBNAct2d with tanh on the CPU, every training block on Triton).
+    Two ConvTransposeBNAct2d, then a converted Conv2d -> BatchNorm2d -> LeakyReLU and Linear ->
+    BatchNorm1d -> ReLU; output dtype as torch's, values and every parameter's float32 gradient
+    within twice torch's own error against float64 (plus one 16-bit rounding of the largest
+    value)."""
+    from utils import assert_error_not_worse
+
+    A = {"tanh": nn.Tanh, "relu": nn.ReLU}[act]
+    torch.manual_seed(0)
+    twin = nn.Sequential(gnn.ConvTransposeBNAct2d(4, 6, 4, 2, 1, activation=act),
+                         gnn.ConvTransposeBNAct2d(6, 5, 4, 2, 1, activation=act),
+                         genfast.convert(nn.Sequential(
+                             nn.Conv2d(5, 4, 3, 2, 1), nn.BatchNorm2d(4), nn.LeakyReLU(0.2),
+                             nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.BatchNorm1d(8), nn.ReLU())))
+    assert len(twin[2].fusion_plan()) == 2
+    ref = nn.Sequential(nn.Sequential(nn.ConvTranspose2d(4, 6, 4, 2, 1), nn.BatchNorm2d(6), A()),
+                        nn.Sequential(nn.ConvTranspose2d(6, 5, 4, 2, 1), nn.BatchNorm2d(5), A()),
+                        nn.Sequential(nn.Conv2d(5, 4, 3, 2, 1), nn.BatchNorm2d(4), nn.LeakyReLU(0.2),
+                                      nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.BatchNorm1d(8),
+                                      nn.ReLU()))
+    ref.load_state_dict(twin.state_dict())
+    exact = copy.deepcopy(ref).double()
+    x = torch.randn(16, 4, 2, 2)  # 16 values per channel in the BatchNorm1d: a well-conditioned backward
+    g = torch.randn(16, 8)
+    outs = {}
+    for name, model in (("torch", ref), ("genfast", twin)):
+        with torch.autocast("cpu", dtype=dtype), use_backend(backend if name == "genfast" else "auto"):
+            out = model(x.to(dtype))
+        out.backward(g.to(out.dtype))
+        outs[name] = (out, [p.grad for p in model.parameters()])
+    out_e = exact(x.double())
+    out_e.backward(g.double())
+    ulp = torch.finfo(dtype).eps / 2
+    assert outs["genfast"][0].dtype == outs["torch"][0].dtype == dtype
+    assert_error_not_worse(outs["genfast"][0], outs["torch"][0], out_e,
+                           floor=ulp * out_e.abs().max().item(), msg="output")
+    # (the products' biases ahead of a BatchNorm have an exact gradient of 0, computed as a sum of
+    # terms of the other gradients' size: the floor is one rounding of the largest gradient)
+    floor = ulp * max(p.grad.abs().max().item() for p in exact.parameters())
+    for i, (pg, pt, pe) in enumerate(zip(outs["genfast"][1], outs["torch"][1], exact.parameters())):
+        assert pg is not None and pg.dtype == torch.float32, i
+        assert_error_not_worse(pg, pt, pe.grad, floor=floor, msg=f"grad {i}")
 
 
 # --- launch budgets (cuda path on CPU tensors; Triton under the interpreter) -----------------

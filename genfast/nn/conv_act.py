@@ -235,8 +235,11 @@ def product_bn_act_forward(m: nn.Module, bn: nn.modules.batchnorm._BatchNorm, ac
         # The product as torch runs it (its checks raise before anything is written), then
         # genfast's fused C++ BatchNorm + activation, which checks its input first.
         return batch_norm_act_forward(bn, product_eager(m, input), activation, negative_slope)
+    # under torch.autocast the product runs in the autocast dtype: the checks see the tensors it
+    # will see (a float32 weight with the bfloat16 output of the block before is autocast's case)
+    input, weight, bias = _ct.autocast_lower_precision(input, m.weight, m.bias)
     if linear:
-        _ca.check_linear_args(input, m.weight, m.bias)
+        _ca.check_linear_args(input, weight, bias)
     else:
         if isinstance(input, torch.Tensor) and input.dim() != 4:
             if input.dim() == 3:  # the convolution takes it, the BatchNorm2d does not
@@ -249,7 +252,6 @@ def product_bn_act_forward(m: nn.Module, bn: nn.modules.batchnorm._BatchNorm, ac
         # BatchNorm + activation (which checks its input before writing anything).
         y = product_act_forward(m, input, None)
         return batch_norm_act_forward(bn, y, activation, negative_slope)
-    weight = cast(torch.Tensor, m.weight)
     hw: list[int] = []
     if linear:
         x, padding, stride, dilation, groups = input, [0, 0], [1, 1], [1, 1], 1
@@ -258,7 +260,7 @@ def product_bn_act_forward(m: nn.Module, bn: nn.modules.batchnorm._BatchNorm, ac
         conv = cast(nn.Conv2d, m)
         x, pad = _conv_input(conv, input)
         x, pad = _ca.resolve_padding(x, weight, conv.stride, pad, conv.dilation)
-        stride, padding, dilation = _ca.check_conv2d_args(x, weight, conv.bias, conv.stride, pad,
+        stride, padding, dilation = _ca.check_conv2d_args(x, weight, bias, conv.stride, pad,
                                                           conv.dilation, conv.groups)
         groups = conv.groups
         hw = _ca.conv2d_out_hw(x.shape[2:], weight.shape[2:], stride, padding, dilation)
@@ -272,7 +274,7 @@ def product_bn_act_forward(m: nn.Module, bn: nn.modules.batchnorm._BatchNorm, ac
     # num_batches_tracked are updated inside the block's finalize launch.
     track = bn.training and bn.track_running_stats and bn.running_mean is not None
     return _ca.product_bn_act_train(
-        "linear" if linear else "conv2d", x, weight, m.bias, list(stride), list(padding),
+        "linear" if linear else "conv2d", x, weight, bias, list(stride), list(padding),
         list(dilation), groups, bn.weight, bn.bias, bn.running_mean if track else None,
         bn.running_var if track else None, bn.num_batches_tracked if track else None,
         bn.momentum, bn.eps, activation, negative_slope, B.for_op(name))

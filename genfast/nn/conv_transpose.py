@@ -307,8 +307,11 @@ def conv_bn_act_forward(conv: nn.ConvTranspose2d, bn: nn.BatchNorm2d, activation
         return batch_norm_act_forward(bn, y, activation, negative_slope)
     output_padding = conv._output_padding(input, output_size, conv.stride, conv.padding,
                                           conv.kernel_size, 2, conv.dilation)
+    # under torch.autocast the product runs in the autocast dtype: the checks see the tensors it
+    # will see (a float32 weight with the bfloat16 output of the block before is autocast's case)
+    input, weight, bias = _ct.autocast_lower_precision(input, conv.weight, conv.bias)
     stride, padding, output_padding, dilation = _ct.check_args(
-        input, conv.weight, conv.bias, conv.stride, conv.padding, output_padding, conv.groups,
+        input, weight, bias, conv.stride, conv.padding, output_padding, conv.groups,
         conv.dilation)
     hw = [(i - 1) * s - 2 * p + d * (k - 1) + op + 1 for i, k, s, p, op, d in
           zip(input.shape[2:], conv.kernel_size, stride, padding, output_padding, dilation)]
@@ -319,7 +322,7 @@ def conv_bn_act_forward(conv: nn.ConvTranspose2d, bn: nn.BatchNorm2d, activation
     # num_batches_tracked are updated inside the block's finalize launch.
     track = bn.training and bn.track_running_stats and bn.running_mean is not None
     return _ct.conv_transpose_bn_act_train(
-        input, conv.weight, conv.bias, stride, padding, output_padding, conv.groups, dilation,
+        input, weight, bias, stride, padding, output_padding, conv.groups, dilation,
         bn.weight, bn.bias, bn.running_mean if track else None, bn.running_var if track else None,
         bn.num_batches_tracked if track else None, bn.momentum, bn.eps, activation, negative_slope)
 

@@ -611,6 +611,9 @@ def conv2d_act(input, weight, bias, stride, padding, dilation, groups, activatio
         # conv2d and activation where it does not apply (see conv2d_eager, B.eager_cpu).
         return conv2d_eager(input, weight, bias, stride, padding, dilation, groups, act,
                             negative_slope)
+    # under torch.autocast the product runs in the autocast dtype: the checks see the tensors it
+    # will see (a float32 weight with a bfloat16 input is autocast's case)
+    input, weight, bias = _ct.autocast_lower_precision(input, weight, bias)
     _check_tensors("conv2d", input, weight, bias)
     _check_slope_range(act, negative_slope, input)
     input, padding = resolve_padding(input, weight, stride, padding, dilation)
@@ -618,7 +621,6 @@ def conv2d_act(input, weight, bias, stride, padding, dilation, groups, activatio
                                                   groups)
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
-    x, weight, bias = _ct.autocast_lower_precision(x, weight, bias)
     name = B.resolve(FAMILY, x.device)
     if name == "reference":
         y = ref.product_act("conv2d", x, weight, bias, stride, padding, dilation, int(groups),
@@ -635,12 +637,12 @@ def linear_act(input, weight, bias, activation, negative_slope):
     if B.eager_cpu(input):
         # Eager CPU calls: torch's matmul with the bias (its checks), torch's activation in place.
         return linear_eager(input, weight, bias, act, negative_slope)
+    input, weight, bias = _ct.autocast_lower_precision(input, weight, bias)  # (as conv2d_act)
     check_linear_args(input, weight, bias)
     _check_slope_range(act, negative_slope, input)
     flat = input.dim() != 2  # (*, in) runs as (M, in); a 2-D input needs no view (nor its
     lead = input.shape[:-1]  # autograd node)
     x = input.reshape(-1, input.shape[-1]) if flat else input
-    x, weight, bias = _ct.autocast_lower_precision(x, weight, bias)
     name = B.resolve(FAMILY, x.device)
     if name == "reference":
         y = ref.product_act("linear", x, weight, bias, activation=act,
