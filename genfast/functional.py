@@ -35,7 +35,8 @@ def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: O
         activation: "leaky_relu" (default), "relu" or "identity".
         negative_slope: slope of leaky_relu for negative inputs (default 0.01).
         memory_efficient: save the output instead of the input for backward (needs an
-            invertible activation; |weight| is kept >= 1e-3 in that mode).
+            invertible activation; |weight| is kept >= 1e-3 in that mode; a float16/bfloat16
+            input saves the input, with one RuntimeWarning).
 
     Returns:
         Tensor of the shape, dtype and memory format of ``input``.

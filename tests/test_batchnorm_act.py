@@ -270,6 +270,51 @@ def test_memory_efficient_gamma_near_zero(backend_name):
     assert 0 < diff <= bn_ops.GAMMA_FLOOR * 10  # |xhat| stays below 10 for these inputs
 
 
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_memory_efficient_16bit_input_saves_the_input(backend_name, dtype):
+    """A float16 / bfloat16 input in memory_efficient mode saves the input (one RuntimeWarning):
+    recovering it from the 16-bit output divides that output's rounding by |weight| (bfloat16,
+    weight 0.05, bias 2: grad_weight 10% off where torch's is 0.1%). Output bitwise the default
+    mode's; gradients within twice torch's own 16-bit error against float64."""
+    from genfast import backend as B
+
+    C = 4
+    w = torch.tensor([1.0, 0.2, 0.05, 0.05])
+    b = torch.tensor([0.0, 1.0, 0.0, 2.0])
+    x = torch.randn(16, C, 8, 8)
+    dy = torch.randn(16, C, 8, 8)
+    res = {}
+    for name in ("exact", "torch", "default", "memory_efficient"):
+        m = (nn.BatchNorm2d(C) if name in ("exact", "torch")
+             else gnn.BatchNormAct2d(C, negative_slope=0.2, memory_efficient=name == "memory_efficient"))
+        with torch.no_grad():
+            m.weight.copy_(w)
+            m.bias.copy_(b)
+        xi = x.double() if name == "exact" else x.to(dtype)  # float32 parameters with a 16-bit input
+        m = m.double() if name == "exact" else m
+        xi.requires_grad_()
+        saved = []
+        B._warned.discard("bn-memory-efficient-16bit")
+        with backend(backend_name), torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t) or t, lambda t: t):
+            if name == "memory_efficient":
+                with pytest.warns(RuntimeWarning, match="memory_efficient=True with a"):
+                    y = m(xi)
+            else:
+                y = m(xi)
+                y = F.leaky_relu(y, 0.2) if name in ("exact", "torch") else y
+        if name == "memory_efficient" and backend_name != "reference":  # (whose autograd is torch's)
+            assert any(t.data_ptr() == xi.data_ptr() for t in saved), "the input is saved"
+        y.backward(dy.to(y.dtype))
+        res[name] = (y, xi.grad, m.weight.grad, m.bias.grad)
+    assert torch.equal(res["memory_efficient"][0], res["default"][0])
+    for i, what in enumerate(("output", "grad_input", "grad_weight", "grad_bias")):
+        exact = res["exact"][i]
+        assert_error_not_worse(res["memory_efficient"][i], res["torch"][i], exact,
+                               floor=torch.finfo(dtype).eps * exact.abs().max().item(), msg=what)
+
+
 def test_memory_efficient_rejects_non_invertible():
     with pytest.raises(ValueError, match="memory_efficient"):
         gnn.BatchNormAct2d(4, activation="relu", memory_efficient=True)

@@ -316,6 +316,16 @@ def batch_norm_act(input, running_mean, running_var, weight, bias, training, mom
 def run_resolved(name, input, running_mean, running_var, weight, bias, training, momentum, eps,
                  activation, negative_slope, memory_efficient):
     """batch_norm_act on backend ``name`` (from resolve_backend), inputs already checked."""
+    if memory_efficient and input.dtype in (torch.float16, torch.bfloat16):
+        # The input recovered from a 16-bit output, (y - bias) / weight, carries that output's
+        # rounding divided by |weight|: gradients off by several percent where |bias| >> |weight|
+        # (bfloat16, weight 0.05 and bias 2: grad_weight 10% off, torch's 0.1%). Such calls save
+        # the input as the default mode does.
+        B.warn_once("bn-memory-efficient-16bit",
+                    f"batch_norm_act: memory_efficient=True with a {input.dtype} input saves the "
+                    "input for the backward, as memory_efficient=False does (the input recovered "
+                    "from a 16-bit output is not accurate enough for the gradients)")
+        memory_efficient = False
     gamma_floor = GAMMA_FLOOR if memory_efficient else 0.0
     if name != "reference" and B.composite_only(input, weight, bias):
         name = "reference"  # forward AD / torch.func: the fused ops' nodes have no rule for them
