@@ -498,6 +498,32 @@ add("vae_recon_loss_unknown", lambda: Case(lambda: GF.vae_loss(torch.rand(2, 3),
                                                                _randn(2, 1), recon_loss="l1"), None, ValueError))
 add("vae_reduction_unknown", lambda: Case(lambda: GF.vae_loss(torch.rand(2, 3), torch.rand(2, 3), _randn(2, 1),
                                                               _randn(2, 1), reduction="mean"), None, ValueError))
+def _bce_case(logits, **kw):
+    def build():
+        x = _randn(4, 3) if logits else torch.rand(4, 3)
+        t = torch.rand(4, 3)
+        ours = (gnn.BCEWithLogitsLoss if logits else gnn.BCELoss)(**kw)
+        theirs = (nn.BCEWithLogitsLoss if logits else nn.BCELoss)(**kw)
+        return Case(lambda: ours(x, t), lambda: theirs(x, t), state=_state(x, t))
+    return build
+
+
+for _name, _kw in (("weight", dict(weight=torch.rand(5))), ("weight_rank", dict(weight=torch.rand(2, 4, 3))),
+                   ("pos_weight", dict(pos_weight=torch.rand(5))),
+                   ("pos_weight_rank", dict(pos_weight=torch.rand(2, 4, 3)))):
+    add(f"bce_logits_{_name}_not_broadcastable", _bce_case(True, **_kw))
+add("bce_weight_not_broadcastable", _bce_case(False, weight=torch.rand(5)))
+
+
+def test_bce_weight_error_names_the_argument():
+    x, t = torch.randn(4, 3), torch.rand(4, 3)
+    for kw, what in ((dict(weight=torch.rand(5)), "weight"), (dict(pos_weight=torch.rand(2, 4, 3)), "pos_weight")):
+        with pytest.raises(RuntimeError, match=f"^{what} of shape .* cannot be broadcast to the input's shape"):
+            gnn.BCEWithLogitsLoss(**kw)(x, t)
+    with pytest.raises(RuntimeError, match="^weight of shape"):
+        gnn.BCELoss(weight=torch.rand(5))(torch.rand(4, 3), t)
+
+
 add("vaeloss_recon_loss_unknown", lambda: Case(lambda: gnn.VAELoss("huber"), None, ValueError))
 
 

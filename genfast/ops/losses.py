@@ -615,9 +615,23 @@ def vae_loss(recon, target, mu, logvar, recon_loss, beta, reduction):
                                  VAE_REDUCTIONS[reduction], B.for_op(name))
 
 
+def _check_broadcast(t, shape, what):
+    # torch raises RuntimeError (its in-place product with the loss); ours names the argument
+    if t is not None and isinstance(t, Tensor):
+        try:
+            ok = torch.broadcast_shapes(t.shape, shape) == shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise RuntimeError(f"{what} of shape {list(t.shape)} cannot be broadcast to the "
+                               f"input's shape {list(shape)}")
+
+
 def bce_loss(input, target, weight, pos_weight, reduction, logits):
     """Per-element weights are broadcast to input's shape here (a copy only when the broadcast
     view is not contiguous)."""
+    _check_broadcast(weight, input.shape, "weight")
+    _check_broadcast(pos_weight, input.shape, "pos_weight")
     name = _backend(input.device, input, target, weight, pos_weight)
     if name == "reference" or _needs_reference(target, weight, pos_weight):
         if logits:
