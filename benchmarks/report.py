@@ -93,7 +93,7 @@ def summary(result: dict, build: str = "?", tests: str = "?") -> str:
     the speed-up over eager and over torch.compile (geometric mean, min..max over the cases) and
     the launches per call where the benchmark counted them; then what the budget cut."""
     meta, rows = result["meta"], result["rows"]
-    out = [f"genfast GPU run on {meta['device']} (torch {meta['torch']}, triton {meta['triton']}, "
+    out = [f"genfast benchmark run on {meta['device']} (torch {meta['torch']}, triton {meta['triton']}, "
            f"CUDA {meta['cuda']}, commit {meta['commit'][:10]})",
            f"build: {build}", f"tests: {tests}", ""]
     families = []
