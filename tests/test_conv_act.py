@@ -618,6 +618,36 @@ def test_stacked_training_blocks_under_autocast(backend, dtype, act):
         assert_error_not_worse(pg, pt, pe.grad, floor=floor, msg=f"grad {i}")
 
 
+@pytest.mark.parametrize("backend,dtype", [("reference", torch.bfloat16), ("cpu", torch.bfloat16),
+                                           ("triton", torch.float16)])
+def test_folded_eval_blocks_take_a_16bit_input_under_autocast(backend, dtype):
+    """Eval blocks (Conv2d / Linear with the BatchNorm folded into the product) under autocast
+    with a 16-bit input (the output of a layer before) and the float32 folded weight: autocast
+    casts the weight first (the functional conv2d / linear checked the uncast weight and raised
+    on the reference and Triton backends). Output as torch's within twice its own error."""
+    from utils import assert_error_not_worse
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.BatchNorm2d(4), nn.LeakyReLU(0.2), nn.Flatten(),
+                        nn.Linear(16, 6), nn.BatchNorm1d(6), nn.ReLU())
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    twin = genfast.convert(copy.deepcopy(ref)).eval()
+    ref.eval()
+    assert len(twin.fusion_plan()) == 2
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        want = ref(x.to(dtype))
+        with use_backend(backend):
+            got = twin(x.to(dtype))
+        exact = copy.deepcopy(ref).double()(x.double())
+    assert got.dtype == want.dtype == dtype
+    assert_error_not_worse(got, want, exact, floor=torch.finfo(dtype).eps / 2 * exact.abs().max().item())
+
+
 # --- launch budgets (cuda path on CPU tensors; Triton under the interpreter) -----------------
 
 def test_standalone_launches():
