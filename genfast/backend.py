@@ -383,6 +383,13 @@ def composite_only(*ts: object) -> bool:
     return False
 
 
+def dual_among(*ts: object) -> bool:
+    """Whether a forward-mode AD dual tensor is among ``ts`` (composite_only's forward-AD half, at
+    the cost of one attribute read when no dual level is open: for the eager fast paths, whose
+    products without a backward have no jvp)."""
+    return _fwad._current_level >= 0 and composite_only(*ts)
+
+
 def for_op(name: str) -> str:
     """The ``backend`` argument an entry point passes to a registered op, given ``name`` =
     resolve(...): ``name`` itself when the user pinned a backend (set_backend, use_backend or

@@ -529,3 +529,48 @@ def test_forward_ad_and_torch_func_like_torch(name):
     ga = torch.func.grad(lambda v: ours(v).sum())(x)
     gb = torch.func.grad(lambda v: theirs(v).sum())(x)
     torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-12)
+
+
+PRODUCTS = {
+    "linear": (lambda x, w, b: GF.linear(x, w, b, activation="tanh"),
+               lambda x, w, b: torch.tanh(F.linear(x, w, b)), (4, 5), (3, 5), 3),
+    "conv2d": (lambda x, w, b: GF.conv2d(x, w, b, 1, 1, activation="leaky_relu", negative_slope=0.2),
+               lambda x, w, b: F.leaky_relu(F.conv2d(x, w, b, 1, 1), 0.2), (2, 3, 6, 6), (4, 3, 3, 3), 4),
+    # the DCGAN discriminator's layer, whose product without a backward is Winograd's
+    "conv2d_winograd": (lambda x, w, b: GF.conv2d(x, w, b, 2, 1, activation="leaky_relu", negative_slope=0.2),
+                        lambda x, w, b: F.leaky_relu(F.conv2d(x, w, b, 2, 1), 0.2),
+                        (4, 32, 32, 32), (64, 32, 4, 4), 64),
+    "conv_transpose2d": (lambda x, w, b: GF.conv_transpose2d(x, w, b, 2, 1, activation="relu"),
+                         lambda x, w, b: F.relu(F.conv_transpose2d(x, w, b, 2, 1)), (2, 4, 5, 5), (4, 3, 4, 4), 3),
+}
+
+
+@pytest.mark.parametrize("dual", ["input_no_grad", "input_weight_requires_grad", "weight"])
+@pytest.mark.parametrize("name", list(PRODUCTS))
+def test_products_carry_forward_ad_tangents(name, dual):
+    """Forward-mode AD through the products with their activation on the eager CPU path: a dual
+    input under no_grad, a dual input with parameters that require grad, a dual (detached)
+    weight. The entries' products for calls without a backward (the transposed BLAS product of
+    Linear, Winograd's Conv2d) have no jvp and dropped the tangent (None); those calls now run
+    torch's product. Tangents as torch's expression's (float32: the Winograd layer)."""
+    import torch.autograd.forward_ad as fwAD
+
+    ours, theirs, xs, ws, c_out = PRODUCTS[name]
+    dt = torch.float32 if name == "conv2d_winograd" else D
+    x, w, b = torch.randn(xs, dtype=dt), torch.randn(ws, dtype=dt) / 8, torch.randn(c_out, dtype=dt)
+    tx, tw = torch.randn_like(x), torch.randn_like(w)
+    got = []
+    for fn in (ours, theirs):
+        xi, wi, bi = x.clone(), w.clone(), b.clone()
+        if dual == "input_weight_requires_grad":
+            wi.requires_grad_()
+            bi.requires_grad_()
+        with fwAD.dual_level(), torch.set_grad_enabled(dual != "input_no_grad"):
+            if dual == "weight":
+                wi = fwAD.make_dual(wi, tw)
+            else:
+                xi = fwAD.make_dual(xi, tx)
+            got.append(fwAD.unpack_dual(fn(xi, wi, bi)).tangent)
+    assert got[0] is not None and got[1] is not None
+    tol = dict(rtol=1e-4, atol=1e-4) if dt == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got[0], got[1], **tol)

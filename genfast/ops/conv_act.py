@@ -573,7 +573,9 @@ def conv2d_fast(input, weight, bias, stride, padding, dilation, groups, activati
     (and raises there when it must)."""
     act = _ct.fast_act(activation, negative_slope)
     if (act is None or type(input) is not Tensor or type(groups) is not int or not B.eager_cpu(input)
-            or torch._C._has_torch_function((weight, bias))):
+            or torch._C._has_torch_function((weight, bias)) or B.dual_among(input, weight, bias)):
+        # (a forward-AD dual: the entry's product for a call without a backward, Winograd's, has
+        # no jvp and dropped the tangent; the checked path runs torch's conv2d there)
         return None
     s, p, d = _ct.fast_pair(stride), _ct.fast_pair(padding), _ct.fast_pair(dilation)
     if s is None or p is None or d is None:
@@ -593,8 +595,8 @@ def linear_fast(input, weight, bias, activation, negative_slope) -> Optional[Ten
     checked path (and raises there when it must)."""
     act = _ct.fast_act(activation, negative_slope)
     if (act is None or type(input) is not Tensor or not B.eager_cpu(input)
-            or torch._C._has_torch_function((weight, bias))):
-        return None
+            or torch._C._has_torch_function((weight, bias)) or B.dual_among(input, weight, bias)):
+        return None  # (a forward-AD dual: as in conv2d_fast, the entry's BLAS product has no jvp)
     try:
         return B.extension().linear_act_eager(input, weight, bias, act, float(negative_slope))
     except (TypeError, OverflowError):  # see conv_transpose2d_fast
