@@ -667,3 +667,39 @@ def test_fakes_promise_the_kernels_strides(kind):
     assert real.stride() == fake.stride() and real_train.stride() == fake_train.stride()
     want = F.leaky_relu(F.batch_norm(x, rm.clone(), rv.clone(), w, b, True, 0.1, 1e-5), 0.2)
     torch.testing.assert_close(real, want)
+
+
+@pytest.mark.parametrize("kind", ["bn_relu", "linear_bn_leaky", "convT_bn_relu", "module"])
+def test_non_reentrant_checkpoint_counts_like_torch(kind):
+    """torch.utils.checkpoint(use_reentrant=False) recomputes the forward in the backward and
+    stops once its last saved tensor is back: torch's BatchNorm counts num_batches_tracked before
+    its kernel, so the recompute updates the running statistics and the count again. genfast
+    counted after its fused call, which the recompute's stop skipped (statistics updated twice,
+    the count once; with momentum=None the statistics then diverged). Three steps: state as
+    torch's."""
+    from torch.utils.checkpoint import checkpoint
+
+    build = {
+        "bn_relu": lambda: nn.Sequential(nn.BatchNorm2d(3, momentum=None), nn.ReLU()),
+        "linear_bn_leaky": lambda: nn.Sequential(nn.Linear(6, 3), nn.BatchNorm1d(3), nn.LeakyReLU(0.2)),
+        "convT_bn_relu": lambda: nn.Sequential(nn.ConvTranspose2d(4, 3, 4, 2, 1), nn.BatchNorm2d(3, momentum=None),
+                                               nn.ReLU(True)),
+        "module": lambda: nn.Sequential(nn.BatchNorm2d(3, momentum=None), nn.LeakyReLU(0.2)),
+    }[kind]
+    shape = {"linear_bn_leaky": (8, 6), "convT_bn_relu": (2, 4, 3, 3)}.get(kind, (4, 3, 5, 5))
+    torch.manual_seed(0)
+    ref_m = build().double()
+    ours = (genfast.convert(copy.deepcopy(ref_m)) if kind != "module"
+            else gnn.BatchNormAct2d(3, momentum=None, negative_slope=0.2, dtype=torch.float64))
+    if kind != "module":
+        assert len(ours.fusion_plan()) == 1
+    for _ in range(3):
+        x = torch.randn(*shape, dtype=torch.float64)
+        for m in (ref_m, ours):
+            checkpoint(m, x.clone().requires_grad_(), use_reentrant=False).pow(2).sum().backward()
+    want = {k.split(".", 1)[-1] if kind == "module" else k: v for k, v in ref_m.state_dict().items()}
+    got = ours.state_dict()
+    assert set(want) == set(got)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], msg=k)
+    assert int(want[[k for k in want if k.endswith("num_batches_tracked")][0]]) == 6

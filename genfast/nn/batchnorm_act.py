@@ -63,20 +63,29 @@ def batch_norm_act_forward(bn: nn.modules.batchnorm._BatchNorm, input: torch.Ten
     count = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
     if count and bn.momentum is None:
         momentum = 1.0 / (float(bn.num_batches_tracked) + 1.0)
-    # the common eager CPU call, whose arguments pass every check below, straight to the op
-    y = _bn.eager_fast(input, rm, rv, weight, bias, bn_training, momentum, eps, activation,
-                       negative_slope, memory_efficient)
-    if y is None:
-        GF.check_batch_norm_args(input, rm, rv, weight, bias, bn_training, eps)
-        _bn.check_inputs(input, rm, rv, weight, bias, bn_training)
-        name = _bn.resolve_backend(input, activation, negative_slope, memory_efficient)
-        # The checks of GF.batch_norm_act have all run above (a module's parameters are (C,)).
-        y = _bn.run_resolved(name, input, rm, rv, weight, bias, bn_training, momentum, eps,
-                             activation, negative_slope, memory_efficient)
-    # Counted once the fused call has succeeded (nn.BatchNorm counts before F.batch_norm,
-    # which has nothing left to fail by then).
+    # Counted before the fused call, as nn.BatchNorm counts before F.batch_norm: a non-reentrant
+    # torch.utils.checkpoint recompute stops as soon as its last saved tensor is recomputed, so
+    # a count after the call was skipped there (running statistics updated twice, the count
+    # once). A call that raises torch's exception for bad input takes the count back: the fused
+    # ops check everything before they write the running statistics. (Not the recompute's own
+    # stop, which comes once the op has run: an exception of another type.)
     if count:
         bn.num_batches_tracked.add_(1)
+    try:
+        # the common eager CPU call, whose arguments pass every check below, straight to the op
+        y = _bn.eager_fast(input, rm, rv, weight, bias, bn_training, momentum, eps, activation,
+                           negative_slope, memory_efficient)
+        if y is None:
+            GF.check_batch_norm_args(input, rm, rv, weight, bias, bn_training, eps)
+            _bn.check_inputs(input, rm, rv, weight, bias, bn_training)
+            name = _bn.resolve_backend(input, activation, negative_slope, memory_efficient)
+            # The checks of GF.batch_norm_act have all run above (a module's parameters are (C,)).
+            y = _bn.run_resolved(name, input, rm, rv, weight, bias, bn_training, momentum, eps,
+                                 activation, negative_slope, memory_efficient)
+    except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError):
+        if count:
+            bn.num_batches_tracked.sub_(1)
+        raise
     return y
 
 

@@ -61,11 +61,16 @@ class SyncBatchNormAct2d(_BatchNormActMixin, nn.modules.batchnorm._BatchNorm):
         track = self.track_running_stats and self.num_batches_tracked is not None
         if track and self.momentum is None:
             momentum = 1.0 / (float(self.num_batches_tracked) + 1.0)
-        y = SyncBatchNormActFunction.apply(input, self.weight, self.bias, rm, rv, self.eps, momentum, group,
-                                           dist.get_world_size(group), self.activation, self.negative_slope)
-        if track:  # counted only once the global statistics were accepted
+        if track:  # counted first, as in batch_norm_act_forward (a checkpoint's recompute)
             self.num_batches_tracked.add_(1)
-        return y
+        try:
+            return SyncBatchNormActFunction.apply(input, self.weight, self.bias, rm, rv, self.eps, momentum,
+                                                  group, dist.get_world_size(group), self.activation,
+                                                  self.negative_slope)
+        except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError):
+            if track:  # the global statistics were refused: nothing else was written
+                self.num_batches_tracked.sub_(1)
+            raise
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
