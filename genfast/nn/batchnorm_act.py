@@ -95,7 +95,8 @@ class BatchNormAct2d(_BatchNormActMixin, nn.BatchNorm2d):
     Constructor arguments as ``nn.BatchNorm2d``, plus keyword-only ``activation``
     ("leaky_relu" default, "relu", "identity"), ``negative_slope`` (0.01) and
     ``memory_efficient`` (False: save the output instead of the input for backward; needs an
-    invertible activation; float16/bfloat16 inputs save the input). Parameters, buffers and state_dict keys are nn.BatchNorm2d's.
+    invertible activation; float16/bfloat16 inputs save the input). Parameters, buffers and
+    state_dict keys are nn.BatchNorm2d's.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,

@@ -617,7 +617,7 @@ def vae_loss(recon, target, mu, logvar, recon_loss, beta, reduction):
 
 def _check_broadcast(t, shape, what):
     # torch raises RuntimeError (its in-place product with the loss); ours names the argument
-    if t is not None and isinstance(t, Tensor):
+    if isinstance(t, Tensor):
         try:
             ok = torch.broadcast_shapes(t.shape, shape) == shape
         except RuntimeError:
