@@ -22,6 +22,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "cpu/conv_transpose_taps.h"
 #include "cpu/conv_transpose_winograd.h"
 #include "product_act.h"
 
@@ -71,7 +72,7 @@ bool kernel_takes(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::I
     if (b->dim() != 1 || b->numel() != w.size(1) || b->scalar_type() != x.scalar_type() || !b->device().is_cpu())
       return false;
   }
-  // only where the GEMM form or the Winograd product runs, forward or (with a backward to come)
+  // only where the GEMM form, the Winograd product or the tap product runs, forward or (with a backward to come)
   // backward: elsewhere torch's product with its bias and torch's activation measured at least as
   // fast as ATen's product without bias plus our epilogue. Where only the backward takes it, the
   // forward is ATen's product and our epilogue; where only the forward does (the k5 s2 layers by
@@ -80,6 +81,8 @@ bool kernel_takes(const at::Tensor& x, const at::Tensor& w, const OptT& b, at::I
          (conv_transpose_gemm_form(x, w, stride, padding, output_padding, groups, dilation) ||
           winograd_s2_takes(x, w, groups, w.size(2), w.size(3), stride[0], stride[1], padding[0], padding[1],
                             dilation[0], dilation[1], out[0], out[1]) ||
+          tap_gemm_takes(x, w, groups, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], out[0],
+                         out[1]) ||
           (training && conv_transpose_gemm_backward(x, w, stride, padding, output_padding, groups, dilation)));
 }
 

@@ -124,6 +124,9 @@ bool cpu_losses_supported();
 void set_cpu_row_gemm(const std::string& mode);
 std::string cpu_row_gemm();
 void set_cpu_winograd(const std::string& mode);
+void set_cpu_tap_gemm(const std::string& mode);
+std::string cpu_tap_gemm();
+int64_t cpu_tap_products();
 std::string cpu_winograd();
 int64_t cpu_winograd_products();
 bool cpu_row_gemm_active();
@@ -173,6 +176,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "image or from 16 in one image; scratch within 64 MB for the weight and 32 MB per image), "
         "'always' or 'never'");
   m.def("cpu_winograd", &genfast::cpu_winograd, "The mode set_cpu_winograd set ('auto' at start)");
+  m.def("set_cpu_tap_gemm", &genfast::set_cpu_tap_gemm, py::arg("mode"),
+        "The CPU transposed convolution's product by genfast's AVX2 GEMM over the taps that land in the "
+        "output (float32, NCHW, groups 1; csrc/cpu/conv_transpose_taps.cpp): 'auto' (where it measured "
+        "faster: an AVX2 CPU without AVX-512, the packed input within 512 KB, a block of 16 output "
+        "channels per thread), 'always' (any such call on a CPU with AVX2 and FMA) or 'never'");
+  m.def("cpu_tap_gemm", &genfast::cpu_tap_gemm, "The mode set_cpu_tap_gemm set ('auto' at start)");
+  m.def("cpu_tap_products", &genfast::cpu_tap_products,
+        "How many tap products the CPU transposed convolution has run in this process");
   m.def("cpu_winograd_products", &genfast::cpu_winograd_products,
         "How many Winograd products the CPU transposed convolution has returned in this process "
         "(calls that fell back to the direct product on a non-finite value do not count)");

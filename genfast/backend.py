@@ -414,3 +414,40 @@ def at_run(family: str, backend: str, device: torch.device) -> str:
             f"{'yes' if has_cuda_ext() else 'no'}, triton: {'yes' if has_triton() else 'no'}). "
             f"Build the extension with `{BUILD_COMMAND}`, or trace the model again in this install.")
     return name
+
+
+def set_cpu_tap_gemm(mode: str) -> None:
+    """Where the CPU transposed convolution (float32, NCHW, groups 1) runs its product by
+    genfast's own AVX2 GEMM over only the (input pixel, kernel tap) pairs that land inside the
+    output (csrc/cpu/conv_transpose_taps.cpp): "auto" (the default: on CPUs with AVX2 and FMA but
+    without AVX-512, where the packed input is within 512 KB and there is a block of 16 output
+    channels per thread: the small maps of a generator's first layers, where it measured faster
+    than ATen's product and our MKL GEMM form), "always" (every such call on a CPU with AVX2 and
+    FMA) or "never". Process-wide; Winograd's product (set_cpu_winograd) goes first where it takes
+    the shape."""
+    ext = extension()
+    if ext is None:
+        raise RuntimeError("set_cpu_tap_gemm: genfast._C is not loaded (see the warning at import)")
+    ext.set_cpu_tap_gemm(mode)  # checks mode (ValueError naming it)
+
+
+def get_cpu_tap_gemm() -> str:
+    """The mode set_cpu_tap_gemm set ("auto" when genfast._C is not loaded)."""
+    ext = extension()
+    return "auto" if ext is None else str(ext.cpu_tap_gemm())
+
+
+class cpu_tap_gemm:
+    """Context manager: set_cpu_tap_gemm(mode) inside the block, the previous mode after it."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.prev = "auto"
+
+    def __enter__(self) -> "cpu_tap_gemm":
+        self.prev = get_cpu_tap_gemm()
+        set_cpu_tap_gemm(self.mode)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        set_cpu_tap_gemm(self.prev)

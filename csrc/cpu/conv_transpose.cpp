@@ -50,6 +50,7 @@
 
 #include "../common/activation.h"
 #include "../common/batchnorm_act.h"
+#include "conv_transpose_taps.h"
 #include "conv_transpose_winograd.h"
 
 namespace genfast {
@@ -1104,9 +1105,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, con
   // non-finite value, and then the direct forms below run
   at::Tensor wprod;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (g.N > 0 && fmt == at::MemoryFormat::Contiguous && out_fmt == at::MemoryFormat::Contiguous &&
-        winograd_s2_takes(x, w, g.G, g.KH, g.KW, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.Hout, g.Wout))
-      wprod = winograd_conv_transpose_s2(x, w);
+    if (g.N > 0 && fmt == at::MemoryFormat::Contiguous && out_fmt == at::MemoryFormat::Contiguous) {
+      if (winograd_s2_takes(x, w, g.G, g.KH, g.KW, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.Hout, g.Wout))
+        wprod = winograd_conv_transpose_s2(x, w);
+      // elsewhere (or after a non-finite Winograd value) our own product over the taps that land
+      // in the output, where it takes the shape (csrc/cpu/conv_transpose_taps.cpp)
+      if (!wprod.defined() && tap_gemm_takes(x, w, g.G, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.Hout, g.Wout))
+        wprod = tap_conv_transpose(x, w, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.Hout, g.Wout);
+    }
   }
   if (wprod.defined()) {
     TORCH_CHECK(has_canonical_strides(wprod, out_fmt), "conv_transpose2d: unexpected Winograd product strides");
@@ -1380,14 +1386,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_impl(const at::Tensor& dy_in,
             winograd_s2_takes(x, w, g.G, g.KH, g.KW, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.Hout, g.Wout))
           gi = winograd_conv_transpose_s2_grad_input(dz.contiguous(), w, g.Hin, g.Win);
       }
-      const bool aten_input = need_input && !gi.defined();
-      if (aten_input || need_weight) {
+      // float32 where the forward's rule takes the tap product (csrc/cpu/conv_transpose_taps.cpp):
+      // grad_input and grad_weight by its products over the same (pixel, tap) pairs
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (((need_input && !gi.defined()) || need_weight) &&
+            tap_gemm_takes(x, w, g.G, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.Hout, g.Wout)) {
+          const at::Tensor dzc = dz.contiguous();
+          if (need_input && !gi.defined())
+            gi = tap_conv_transpose_grad_input(dzc, w, g.Hin, g.Win, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW);
+          if (need_weight) gw = tap_conv_transpose_grad_weight(x, dzc, g.KH, g.KW, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW);
+        }
+      }
+      const bool aten_input = need_input && !gi.defined(), aten_weight = need_weight && !gw.defined();
+      if (aten_input || aten_weight) {
         at::Tensor agi, agw;
         std::tie(agi, agw, std::ignore) = at::convolution_backward(
             dz, x.to(acc_opts.dtype()), w.to(acc_opts.dtype()), c10::nullopt, stride, padding, dilation,
-            /*transposed=*/true, at::IntArrayRef(op, 2), g.G, {aten_input, need_weight, false});
+            /*transposed=*/true, at::IntArrayRef(op, 2), g.G, {aten_input, aten_weight, false});
         if (aten_input) gi = agi;
-        gw = agw;
+        if (aten_weight) gw = agw;
       }
     } else {
       if (need_input) gi = at::empty(x.sizes(), acc_opts);
