@@ -60,7 +60,8 @@ def metadata(device: torch.device) -> dict:
         "commit": _git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "copy_bandwidth_GBps": harness.measure_copy_bandwidth(device) / 1e9,
-        **({"cpu": harness.cpu_model(), "cpu_row_gemm": _row_gemm_state(), "cpu_winograd": _winograd_state()}
+        **({"cpu": harness.cpu_model(), "cpu_row_gemm": _row_gemm_state(), "cpu_winograd": _winograd_state(),
+             "cpu_tap_gemm": _tap_gemm_state()}
            if device.type == "cpu" else {}),
     }
 
@@ -84,6 +85,16 @@ def _winograd_state() -> str:
     return ("auto (k4: F(4x4, 2x2) for maps of multiples of 4, from 64 input and 32 output channels, 64 tiles "
             "with 4 per image or 16 in one, scratch within 64 MB + 32 MB per image; k5: F(4x4, 3x3), the same "
             "channels, from 64 tiles with 4 per image)" if mode == "auto" else mode)
+
+
+def _tap_gemm_state() -> str:
+    """The CPU transposed convolution's tap-product setting (genfast.backend.set_cpu_tap_gemm)."""
+    ext = genfast.backend.extension()
+    if ext is None or not hasattr(ext, "cpu_tap_gemm"):
+        return "n/a"
+    mode = ext.cpu_tap_gemm()
+    return ("auto (AVX2 CPUs without AVX-512, where at most 90% of the (pixel, tap) pairs land in the output, "
+            "a 16-channel block per thread)" if mode == "auto" else mode)
 
 
 def main(argv=None, clock=None) -> int:

@@ -31,25 +31,38 @@
 // Passes: packs x once (reads x, writes it in 4-row tiles), reads w once, adds into Z (in cache
 // for the layers it takes), then one pass writes the NCHW output from Z (the caller's epilogue
 // adds the bias and activation, and the statistics of a following BatchNorm, in place).
+// The backward (where the GEMM form's backward does not run: the k5 s2 layers) sums over the
+// same pairs with the same register tile, each tile summed in registers over several strided
+// runs of depth (tile_sum):
+//   grad_input: rows = 4 images at one input pixel, columns = 16 input channels, depth = the
+//     pixel's landing taps x C_out, read from dz reordered as (output pixel, C_out, images);
+//   grad_weight: rows = 4 input channels, columns = 16 output channels, one tap per task, depth
+//     = the tap's landing pixels x images: per input row, one run of pixels in x (reordered as
+//     4-channel tiles) and one run of entries in one stride phase of dz (reordered by phase, as
+//     16-channel blocks), which consecutive input pixels meet at consecutive entries.
 // Non-finite values: each output value is the direct sum of its own terms, so an inf or NaN
 // reaches exactly the outputs it does in torch's direct product; zero padding (past the last
-// pixel tile or the last channel) only meets values that are discarded.
-// Measured interleaved on the CI CPU against F.conv_transpose2d + the activation (batch 8): the
-// DCGAN 512 -> 256 4x4 -> 8x8 layer 1.37-1.55x (ATen's and our MKL GEMM form: 1.0x), the Keras
-// 128 -> 64 7x7 -> 14x14 k5 s2 layer 1.04-1.13x (ATen's: 1.0x). On the 16x16 -> 32x32 128 -> 64
-// layer, where 94% of the taps land and the packed input (2048 pixel rows) no longer fits a
-// core's L2 with the weights, it lost (0.8x against our MKL GEMM form's 1.3x): "auto" takes it
-// where the packed input is within kAutoMaxABytes. Not on AVX-512 CPUs under "auto" (MKL's
-// AVX-512 kernels there ran at 200-260 GFLOP/s, beyond an AVX2 kernel's reach).
+// pixel tile or the last channel) only meets values that are discarded. In the gradients it
+// reaches exactly what it does in torch's float32 CPU product (oneDNN skips the same pairs);
+// torch's float64 product multiplies the zeros it puts outside the output, so an inf there
+// also gives NaN in grad_weight's taps that do not land.
+// Measured interleaved on the CI CPU against F.conv_transpose2d + the activation (batch 8,
+// benchmarks/bench_conv_transpose.py and single-op runs): forward, the DCGAN 512 -> 256 4x4 ->
+// 8x8 layer 1.37-1.55x (ATen's and our MKL GEMM form: 1.0x), 8x8 -> 16x16 256 -> 128 1.12-1.17x
+// (GEMM form 0.91-0.93x), the Keras 128 -> 64 7x7 -> 14x14 k5 s2 layer 1.10-1.18x (ATen's:
+// 0.92-0.98x); backward of the Keras layer, grad_weight 1.17-1.33x ATen's and grad_input
+// 0.98-1.07x, forward + backward 1.08x. Where over 90% of the pairs land (16x16 -> 32x32 k4 s2:
+// 93.8%; 14x14 -> 28x28 k5 s2: 91.6%) it tied or lost (0.89-0.99x), so "auto" takes the shapes
+// where at most kAutoMaxUseful of the pairs land. Not on AVX-512 CPUs under "auto" (MKL's
+// AVX-512 kernels there ran at 200-260 GFLOP/s, beyond an AVX2 kernel's reach), nor with fewer
+// 16-channel blocks than threads.
 #include "conv_transpose_taps.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <utility>
-#include <cstring>
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
