@@ -179,8 +179,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_tap_gemm", &genfast::set_cpu_tap_gemm, py::arg("mode"),
         "The CPU transposed convolution's product by genfast's AVX2 GEMM over the taps that land in the "
         "output (float32, NCHW, groups 1; csrc/cpu/conv_transpose_taps.cpp): 'auto' (where it measured "
-        "faster: an AVX2 CPU without AVX-512, the packed input within 512 KB, a block of 16 output "
-        "channels per thread), 'always' (any such call on a CPU with AVX2 and FMA) or 'never'");
+        "faster: an AVX2 CPU without AVX-512, at most 90% of the (pixel, tap) pairs landing in the "
+        "output, a block of 16 output channels per thread), 'always' (any such call on a CPU with "
+        "AVX2 and FMA) or 'never'");
   m.def("cpu_tap_gemm", &genfast::cpu_tap_gemm, "The mode set_cpu_tap_gemm set ('auto' at start)");
   m.def("cpu_tap_products", &genfast::cpu_tap_products,
         "How many tap products the CPU transposed convolution has run in this process");

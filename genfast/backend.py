@@ -419,12 +419,13 @@ def at_run(family: str, backend: str, device: torch.device) -> str:
 def set_cpu_tap_gemm(mode: str) -> None:
     """Where the CPU transposed convolution (float32, NCHW, groups 1) runs its product by
     genfast's own AVX2 GEMM over only the (input pixel, kernel tap) pairs that land inside the
-    output (csrc/cpu/conv_transpose_taps.cpp): "auto" (the default: on CPUs with AVX2 and FMA but
-    without AVX-512, where the packed input is within 512 KB and there is a block of 16 output
-    channels per thread: the small maps of a generator's first layers, where it measured faster
-    than ATen's product and our MKL GEMM form), "always" (every such call on a CPU with AVX2 and
-    FMA) or "never". Process-wide; Winograd's product (set_cpu_winograd) goes first where it takes
-    the shape."""
+    output (csrc/cpu/conv_transpose_taps.cpp), forward and, where the GEMM form's backward does
+    not run (the k5 s2 layers), grad_input and grad_weight: "auto" (the default: on CPUs with AVX2
+    and FMA but without AVX-512, where at most 90% of the (pixel, tap) pairs land in the output
+    and there is a block of 16 output channels per thread: the small maps of a generator's first
+    layers, where it measured faster than ATen's product and our MKL GEMM form), "always" (every
+    such call on a CPU with AVX2 and FMA) or "never". Process-wide; Winograd's product
+    (set_cpu_winograd) goes first where it takes the shape."""
     ext = extension()
     if ext is None:
         raise RuntimeError("set_cpu_tap_gemm: genfast._C is not loaded (see the warning at import)")
