@@ -61,6 +61,19 @@ def _inputs(case, g, bias=True):
     return x, w, b
 
 
+def _on_threads(counts, fn):
+    """fn() on each thread count in turn (torch.set_num_threads), the caller's count restored."""
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in counts:
+            torch.set_num_threads(n)
+            outs.append(fn())
+        return outs
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _ref(x, w, b, case, act):
     N, ci, co, H, W, k, s, p, op, d = case
     bd = b.double() if b is not None else None
@@ -115,7 +128,7 @@ def test_tap_product_gradients_through_the_eager_op(ci):
     want = torch.autograd.grad(yr, (xd, wd, bd), dy.double())
     assert_close(y, yr, msg="output")
     for got, ref, name in zip(torch.autograd.grad(y, (xs, ws, bs), dy), want, ("input", "weight", "bias")):
-        assert_close(got, ref, msg=f"grad_{name}", scale=4)
+        assert_close(got, ref, msg=f"grad_{name}")
 
 
 @pytest.mark.parametrize("special", [float("nan"), float("inf"), -float("inf")])
@@ -155,14 +168,8 @@ def test_tap_product_deterministic_across_thread_counts(ci):
     N, _, co, H, W, k, s, p, op, d = case
     g = torch.Generator().manual_seed(4000 + ci)
     x, w, b = _inputs(case, g)
-    threads = torch.get_num_threads()
-    outs = []
-    try:
-        for n in (1, 2, 3, 2):
-            torch.set_num_threads(n)
-            outs.append(torch.ops.genfast.conv_transpose2d_act(x, w, b, s, p, op, 1, d, CODES["relu"], SLOPE))
-    finally:
-        torch.set_num_threads(threads)
+    outs = _on_threads((1, 2, 3, 2),
+                       lambda: torch.ops.genfast.conv_transpose2d_act(x, w, b, s, p, op, 1, d, CODES["relu"], SLOPE))
     for o in outs[1:]:
         assert torch.equal(o, outs[0])
     assert_close(outs[0], _ref(x, w, b, case, "relu"))
@@ -215,16 +222,11 @@ def test_tap_product_auto_by_shape(layer):
     g = torch.Generator().manual_seed(6)
     x, w, b = torch.randn(N, ci, H, H, generator=g), torch.randn(ci, co, k, k, generator=g) / 8, torch.randn(co)
     ext = B.extension()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        with B.cpu_tap_gemm("auto"):
-            assert B.get_cpu_tap_gemm() == "auto"
-            before = ext.cpu_tap_products()
-            y = GF.conv_transpose2d(x, w, b, s, p, op, activation="relu")
-            took = ext.cpu_tap_products() - before
-    finally:
-        torch.set_num_threads(threads)
+    with B.cpu_tap_gemm("auto"):
+        assert B.get_cpu_tap_gemm() == "auto"
+        before = ext.cpu_tap_products()
+        (y,) = _on_threads((2,), lambda: GF.conv_transpose2d(x, w, b, s, p, op, activation="relu"))
+        took = ext.cpu_tap_products() - before
     assert took == (0 if layer == "dcgan4" or _has_avx512() else 1)
     assert_close(y, F.relu(F.conv_transpose2d(x.double(), w.double(), b.double(), s, p, op)))
 
@@ -257,12 +259,14 @@ def test_block_training_step_with_the_tap_product():
         y = block(x)
         assert ext.cpu_tap_products() == before + 1
     yr = ref(x.double())
-    assert_close(y, yr, scale=4, msg="output")
+    assert_close(y, yr, msg="output")
     dy = torch.randn_like(y)
     y.backward(dy)
     yr.backward(dy.double())
+    # (4x float32's tolerance: the conv bias's gradient is 0 in exact arithmetic - BatchNorm
+    # removes the mean - and float32 leaves a residue of a sum of 3 * 14 * 14 terms, up to 2.3e-5)
     for (name, p), (_, q) in zip(block.named_parameters(), ref.named_parameters()):
-        assert_close(p.grad, q.grad, dtype=torch.float32, scale=20, msg=name)
+        assert_close(p.grad, q.grad, dtype=torch.float32, scale=4, msg=name)
     for (name, bt), (_, bq) in zip(block.named_buffers(), ref.named_buffers()):
         assert_close(bt.double(), bq, dtype=torch.float32, msg=name)
 
@@ -291,7 +295,7 @@ def test_tap_backward_matches_float64(ci, act):
     want = torch.autograd.grad(yr, (xd, wd, bd), dy.double())
     for got, ref, name in zip((dx, dw, db), want, ("input", "weight", "bias")):
         assert got.shape == ref.shape and got.is_contiguous()
-        assert_close(got, ref, msg=f"grad_{name}", scale=4)
+        assert_close(got, ref, msg=f"grad_{name}")
     # one of the two asked for: one product
     before = B.extension().cpu_tap_products()
     dx2, dw2, _ = torch.ops.genfast.conv_transpose2d_bwd(dy, x, w, y, s, p, d, 1, CODES[act], SLOPE, False, True, True)
@@ -332,7 +336,7 @@ def test_tap_backward_special_values_like_torch(where, special):
         assert not (torch.isnan(got) & ~torch.isnan(ref)).any(), name
         fin = torch.isfinite(ref)
         assert fin.any()
-        assert_close(got[fin], ref[fin], msg=name, scale=4)
+        assert_close(got[fin], ref[fin], msg=name)
 
 
 def test_tap_backward_deterministic_across_thread_counts():
@@ -344,15 +348,8 @@ def test_tap_backward_deterministic_across_thread_counts():
     x, w, b = _inputs(case, g)
     y = torch.ops.genfast.conv_transpose2d_act(x, w, b, s, p, op, 1, d, CODES["relu"], SLOPE)
     dy = torch.randn(y.shape, generator=g)
-    threads = torch.get_num_threads()
-    outs = []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            outs.append(torch.ops.genfast.conv_transpose2d_bwd(dy, x, w, y, s, p, d, 1, CODES["relu"], SLOPE,
-                                                               True, True, True))
-    finally:
-        torch.set_num_threads(threads)
+    outs = _on_threads((1, 2, 3), lambda: torch.ops.genfast.conv_transpose2d_bwd(
+        dy, x, w, y, s, p, d, 1, CODES["relu"], SLOPE, True, True, True))
     for o in outs[1:]:
         for a, r in zip(o, outs[0]):
             assert torch.equal(a, r)

@@ -1115,7 +1115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& x, con
     }
   }
   if (wprod.defined()) {
-    TORCH_CHECK(has_canonical_strides(wprod, out_fmt), "conv_transpose2d: unexpected Winograd product strides");
+    TORCH_CHECK(has_canonical_strides(wprod, out_fmt), "conv_transpose2d: unexpected product strides (Winograd or tap product)");
     y = wprod;
     dispatch_activation(act, [&](auto a) {
       constexpr int A = decltype(a)::value;
