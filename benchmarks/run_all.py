@@ -61,7 +61,7 @@ def metadata(device: torch.device) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "copy_bandwidth_GBps": harness.measure_copy_bandwidth(device) / 1e9,
         **({"cpu": harness.cpu_model(), "cpu_row_gemm": _row_gemm_state(), "cpu_winograd": _winograd_state(),
-             "cpu_tap_gemm": _tap_gemm_state()}
+             "cpu_tap_gemm": _tap_gemm_state(), "cpu_linear_gemm": _linear_gemm_state()}
            if device.type == "cpu" else {}),
     }
 
@@ -95,6 +95,16 @@ def _tap_gemm_state() -> str:
     mode = ext.cpu_tap_gemm()
     return ("auto (AVX2 CPUs without AVX-512, where at most 90% of the (pixel, tap) pairs land in the output, "
             "a 16-channel block per thread)" if mode == "auto" else mode)
+
+
+def _linear_gemm_state() -> str:
+    """The CPU Linear layer's GEMM setting (genfast.backend.set_cpu_linear_gemm)."""
+    ext = genfast.backend.extension()
+    if ext is None or not hasattr(ext, "cpu_linear_gemm"):
+        return "n/a"
+    mode = ext.cpu_linear_gemm()
+    return ("auto (AVX2 CPUs without AVX-512, more than one thread, 16 to 128 rows, from 128 input and "
+            "output features)" if mode == "auto" else mode)
 
 
 def main(argv=None, clock=None) -> int:

@@ -125,6 +125,9 @@ void set_cpu_row_gemm(const std::string& mode);
 std::string cpu_row_gemm();
 void set_cpu_winograd(const std::string& mode);
 void set_cpu_tap_gemm(const std::string& mode);
+void set_cpu_linear_gemm(const std::string& mode);
+std::string cpu_linear_gemm();
+int64_t cpu_linear_products();
 std::string cpu_tap_gemm();
 int64_t cpu_tap_products();
 std::string cpu_winograd();
@@ -183,6 +186,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "output, a block of 16 output channels per thread), 'always' (any such call on a CPU with "
         "AVX2 and FMA) or 'never'");
   m.def("cpu_tap_gemm", &genfast::cpu_tap_gemm, "The mode set_cpu_tap_gemm set ('auto' at start)");
+  m.def("set_cpu_linear_gemm", &genfast::set_cpu_linear_gemm, py::arg("mode"),
+        "The CPU Linear layer's products (forward, grad_input, grad_weight; float32, contiguous) by "
+        "genfast's AVX2 GEMM (csrc/cpu/linear_gemm.cpp): 'auto' (where it measured faster than MKL: an "
+        "AVX2 CPU without AVX-512, more than one thread, 16 to 128 rows, at least 128 input and output "
+        "features), 'always' (any such call on a CPU with AVX2 and FMA) or 'never'");
+  m.def("cpu_linear_gemm", &genfast::cpu_linear_gemm, "The mode set_cpu_linear_gemm set ('auto' at start)");
+  m.def("cpu_linear_products", &genfast::cpu_linear_products,
+        "How many products genfast's linear GEMM has run in this process");
   m.def("cpu_tap_products", &genfast::cpu_tap_products,
         "How many tap products the CPU transposed convolution has run in this process");
   m.def("cpu_winograd_products", &genfast::cpu_winograd_products,

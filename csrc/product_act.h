@@ -121,7 +121,8 @@ at::Tensor linear_product(const at::Tensor& x, const at::Tensor& w, const c10::o
                           double slope);
 
 // csrc/cpu/conv_transpose.cpp: the Linear layer's forward epilogue, y (M, C) = act(pt^T + bias)
-// from the product pt (C, M) = w x^T, on float32 / float64 the caller has validated.
+// from the product pt (C, M) = w x^T (its rows dense, any distance apart), on float32 / float64
+// the caller has validated.
 at::Tensor rows_from_transposed(const at::Tensor& pt, const c10::optional<at::Tensor>& bias, int64_t act,
                                 double slope);
 

@@ -60,6 +60,8 @@
 
 #include <ATen/Parallel.h>
 
+#include "../common/cpu_features.h"
+
 #include <algorithm>
 #include <atomic>
 #include <utility>
@@ -85,23 +87,6 @@ constexpr double kAutoMaxUseful = 0.9;                // "auto": at most this fr
 std::atomic<int> g_mode{0};  // 0 auto, 1 always, 2 never
 std::atomic<int64_t> g_products{0};
 
-bool cpu_avx2_fma() {
-#if GENFAST_TAPS_X86
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
-
-bool cpu_avx512() {
-#if GENFAST_TAPS_X86
-  static const bool ok = __builtin_cpu_supports("avx512f");
-  return ok;
-#else
-  return false;
-#endif
-}
 
 #if GENFAST_TAPS_X86
 // p[0..16) += (v0, v1), unless p is nullptr
