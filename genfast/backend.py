@@ -10,7 +10,7 @@ import importlib.util
 import os
 import threading
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.autograd.forward_ad as _fwad
@@ -252,6 +252,40 @@ def cpu_losses_supported() -> bool:
     return _CPU_LOSSES[0]
 
 
+def _set_mode(setter: str, mode: str) -> None:
+    """genfast._C.<setter>(mode), which checks mode (ValueError naming it)."""
+    ext = extension()
+    if ext is None:
+        raise RuntimeError(f"{setter}: genfast._C is not loaded (see the warning at import)")
+    getattr(ext, setter)(mode)
+
+
+def _get_mode(getter: str) -> str:
+    """genfast._C.<getter>() ("auto" when genfast._C is not loaded)."""
+    ext = extension()
+    return "auto" if ext is None else str(getattr(ext, getter)())
+
+
+class _ModeContext:
+    """Context manager base of the CPU product settings: _set(mode) inside the block, the mode
+    _get() gave before it after it."""
+
+    _get: Callable[[], str]
+    _set: Callable[[str], None]
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.prev = "auto"
+
+    def __enter__(self) -> "_ModeContext":
+        self.prev = type(self)._get()
+        type(self)._set(self.mode)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        type(self)._set(self.prev)
+
+
 def set_cpu_row_gemm(mode: str) -> None:
     """Where the CPU transposed convolution (and a Conv2d's grad_input) runs its GEMM form with
     the row layout (one BLAS product, then our col2im epilogue; more than 8 output channels):
@@ -264,32 +298,19 @@ def set_cpu_row_gemm(mode: str) -> None:
     than ATen's on the CI host in one state, 20-30% slower in another); "always" and "never"
     give every layer with more than 8 output channels the row layout or ATen's product.
     Process-wide; the plane layout (up to 8 output channels) is unaffected."""
-    ext = extension()
-    if ext is None:
-        raise RuntimeError("set_cpu_row_gemm: genfast._C is not loaded (see the warning at import)")
-    ext.set_cpu_row_gemm(mode)  # checks mode (ValueError naming it)
+    _set_mode("set_cpu_row_gemm", mode)
 
 
 def get_cpu_row_gemm() -> str:
     """The mode set_cpu_row_gemm set ("auto" when genfast._C is not loaded)."""
-    ext = extension()
-    return "auto" if ext is None else str(ext.cpu_row_gemm())
+    return _get_mode("cpu_row_gemm")
 
 
-class cpu_row_gemm:
+class cpu_row_gemm(_ModeContext):
     """Context manager: set_cpu_row_gemm(mode) inside the block, the previous mode after it."""
 
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-        self.prev = "auto"
-
-    def __enter__(self) -> "cpu_row_gemm":
-        self.prev = get_cpu_row_gemm()
-        set_cpu_row_gemm(self.mode)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        set_cpu_row_gemm(self.prev)
+    _get = staticmethod(get_cpu_row_gemm)
+    _set = staticmethod(set_cpu_row_gemm)
 
 
 def set_cpu_winograd(mode: str) -> None:
@@ -312,32 +333,19 @@ def set_cpu_winograd(mode: str) -> None:
     to rounding; so does a call whose input, weight or gradient holds an outlier (fewer than 10%
     of its nonzero values within 16x of its largest magnitude), whose rounding a transform would
     spread over its tile. Process-wide."""
-    ext = extension()
-    if ext is None:
-        raise RuntimeError("set_cpu_winograd: genfast._C is not loaded (see the warning at import)")
-    ext.set_cpu_winograd(mode)  # checks mode (ValueError naming it)
+    _set_mode("set_cpu_winograd", mode)
 
 
 def get_cpu_winograd() -> str:
     """The mode set_cpu_winograd set ("auto" when genfast._C is not loaded)."""
-    ext = extension()
-    return "auto" if ext is None else str(ext.cpu_winograd())
+    return _get_mode("cpu_winograd")
 
 
-class cpu_winograd:
+class cpu_winograd(_ModeContext):
     """Context manager: set_cpu_winograd(mode) inside the block, the previous mode after it."""
 
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-        self.prev = "auto"
-
-    def __enter__(self) -> "cpu_winograd":
-        self.prev = get_cpu_winograd()
-        set_cpu_winograd(self.mode)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        set_cpu_winograd(self.prev)
+    _get = staticmethod(get_cpu_winograd)
+    _set = staticmethod(set_cpu_winograd)
 
 
 def eager_cpu(input: object) -> bool:
@@ -426,32 +434,19 @@ def set_cpu_tap_gemm(mode: str) -> None:
     layers, where it measured faster than ATen's product and our MKL GEMM form), "always" (every
     such call on a CPU with AVX2 and FMA) or "never". Process-wide; Winograd's product
     (set_cpu_winograd) goes first where it takes the shape."""
-    ext = extension()
-    if ext is None:
-        raise RuntimeError("set_cpu_tap_gemm: genfast._C is not loaded (see the warning at import)")
-    ext.set_cpu_tap_gemm(mode)  # checks mode (ValueError naming it)
+    _set_mode("set_cpu_tap_gemm", mode)
 
 
 def get_cpu_tap_gemm() -> str:
     """The mode set_cpu_tap_gemm set ("auto" when genfast._C is not loaded)."""
-    ext = extension()
-    return "auto" if ext is None else str(ext.cpu_tap_gemm())
+    return _get_mode("cpu_tap_gemm")
 
 
-class cpu_tap_gemm:
+class cpu_tap_gemm(_ModeContext):
     """Context manager: set_cpu_tap_gemm(mode) inside the block, the previous mode after it."""
 
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-        self.prev = "auto"
-
-    def __enter__(self) -> "cpu_tap_gemm":
-        self.prev = get_cpu_tap_gemm()
-        set_cpu_tap_gemm(self.mode)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        set_cpu_tap_gemm(self.prev)
+    _get = staticmethod(get_cpu_tap_gemm)
+    _set = staticmethod(set_cpu_tap_gemm)
 
 
 def set_cpu_linear_gemm(mode: str) -> None:
@@ -463,29 +458,16 @@ def set_cpu_linear_gemm(mode: str) -> None:
     steps measured faster with it than with MKL's products), "always" (every such call on a CPU
     with AVX2 and FMA) or "never". Process-wide. Each value is the direct sum of its terms in one
     fixed order: results do not depend on the number of threads."""
-    ext = extension()
-    if ext is None:
-        raise RuntimeError("set_cpu_linear_gemm: genfast._C is not loaded (see the warning at import)")
-    ext.set_cpu_linear_gemm(mode)  # checks mode (ValueError naming it)
+    _set_mode("set_cpu_linear_gemm", mode)
 
 
 def get_cpu_linear_gemm() -> str:
     """The mode set_cpu_linear_gemm set ("auto" when genfast._C is not loaded)."""
-    ext = extension()
-    return "auto" if ext is None else str(ext.cpu_linear_gemm())
+    return _get_mode("cpu_linear_gemm")
 
 
-class cpu_linear_gemm:
+class cpu_linear_gemm(_ModeContext):
     """Context manager: set_cpu_linear_gemm(mode) inside the block, the previous mode after it."""
 
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-        self.prev = "auto"
-
-    def __enter__(self) -> "cpu_linear_gemm":
-        self.prev = get_cpu_linear_gemm()
-        set_cpu_linear_gemm(self.mode)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        set_cpu_linear_gemm(self.prev)
+    _get = staticmethod(get_cpu_linear_gemm)
+    _set = staticmethod(set_cpu_linear_gemm)

@@ -5,8 +5,6 @@ value comes from F.conv_transpose2d and torch's activations in float64; genfast'
 (cpu_tap_products) shows which calls ran it."""
 from __future__ import annotations
 
-import platform
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,20 +13,10 @@ import genfast  # noqa: F401  (registers the ops)
 import genfast.functional as GF
 import genfast.nn as gnn
 from genfast import backend as B
-from tests.utils import assert_close
+from tests.utils import assert_close, avx2_host, has_avx512, on_threads
 
 
-def _avx2_host() -> bool:
-    if platform.machine() not in ("x86_64", "AMD64") or not B.has_cpu_ext():
-        return False
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return " avx2" in flags and " fma" in flags
-
-
-pytestmark = pytest.mark.skipif(not _avx2_host(), reason="the tap product needs genfast._C on an AVX2 + FMA CPU")
+pytestmark = pytest.mark.skipif(not avx2_host(), reason="the tap product needs genfast._C on an AVX2 + FMA CPU")
 
 CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4}
 SLOPE = 0.2
@@ -59,19 +47,6 @@ def _inputs(case, g, bias=True):
     w = torch.randn(ci, co, *k, generator=g) / (ci * k[0] * k[1]) ** 0.5
     b = torch.randn(co, generator=g) if bias else None
     return x, w, b
-
-
-def _on_threads(counts, fn):
-    """fn() on each thread count in turn (torch.set_num_threads), the caller's count restored."""
-    threads = torch.get_num_threads()
-    try:
-        outs = []
-        for n in counts:
-            torch.set_num_threads(n)
-            outs.append(fn())
-        return outs
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _ref(x, w, b, case, act):
@@ -168,7 +143,7 @@ def test_tap_product_deterministic_across_thread_counts(ci):
     N, _, co, H, W, k, s, p, op, d = case
     g = torch.Generator().manual_seed(4000 + ci)
     x, w, b = _inputs(case, g)
-    outs = _on_threads((1, 2, 3, 2),
+    outs = on_threads((1, 2, 3, 2),
                        lambda: torch.ops.genfast.conv_transpose2d_act(x, w, b, s, p, op, 1, d, CODES["relu"], SLOPE))
     for o in outs[1:]:
         assert torch.equal(o, outs[0])
@@ -204,13 +179,6 @@ def test_tap_product_not_taken_where_it_does_not_apply():
     assert_close(y, _ref(x, w, b, case, "relu"))
 
 
-def _has_avx512() -> bool:
-    try:
-        return " avx512f" in open("/proc/cpuinfo").read()
-    except OSError:
-        return True
-
-
 @pytest.mark.parametrize("layer", ["dcgan2", "keras1", "dcgan4"])
 def test_tap_product_auto_by_shape(layer):
     """Under "auto" (Winograd off) the tap product takes the layers where at most 90% of the
@@ -225,9 +193,9 @@ def test_tap_product_auto_by_shape(layer):
     with B.cpu_tap_gemm("auto"):
         assert B.get_cpu_tap_gemm() == "auto"
         before = ext.cpu_tap_products()
-        (y,) = _on_threads((2,), lambda: GF.conv_transpose2d(x, w, b, s, p, op, activation="relu"))
+        (y,) = on_threads((2,), lambda: GF.conv_transpose2d(x, w, b, s, p, op, activation="relu"))
         took = ext.cpu_tap_products() - before
-    assert took == (0 if layer == "dcgan4" or _has_avx512() else 1)
+    assert took == (0 if layer == "dcgan4" or has_avx512() else 1)
     assert_close(y, F.relu(F.conv_transpose2d(x.double(), w.double(), b.double(), s, p, op)))
 
 
@@ -348,7 +316,7 @@ def test_tap_backward_deterministic_across_thread_counts():
     x, w, b = _inputs(case, g)
     y = torch.ops.genfast.conv_transpose2d_act(x, w, b, s, p, op, 1, d, CODES["relu"], SLOPE)
     dy = torch.randn(y.shape, generator=g)
-    outs = _on_threads((1, 2, 3), lambda: torch.ops.genfast.conv_transpose2d_bwd(
+    outs = on_threads((1, 2, 3), lambda: torch.ops.genfast.conv_transpose2d_bwd(
         dy, x, w, y, s, p, d, 1, CODES["relu"], SLOPE, True, True, True))
     for o in outs[1:]:
         for a, r in zip(o, outs[0]):

@@ -4,8 +4,6 @@ genfast::linear_act). Every expected value comes from F.linear and torch's activ
 float64; genfast's counter (cpu_linear_products: one per product) shows which calls ran it."""
 from __future__ import annotations
 
-import platform
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,27 +12,10 @@ import genfast
 import genfast.functional as GF
 from genfast import backend as B
 from genfast import models
-from tests.utils import assert_close
+from tests.utils import assert_close, avx2_host, has_avx512, on_threads
 
 
-def _avx2_host() -> bool:
-    if platform.machine() not in ("x86_64", "AMD64") or not B.has_cpu_ext():
-        return False
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return " avx2" in flags and " fma" in flags
-
-
-def _has_avx512() -> bool:
-    try:
-        return " avx512f" in open("/proc/cpuinfo").read()
-    except OSError:
-        return True
-
-
-pytestmark = pytest.mark.skipif(not _avx2_host(), reason="the linear GEMM needs genfast._C on an AVX2 + FMA CPU")
+pytestmark = pytest.mark.skipif(not avx2_host(), reason="the linear GEMM needs genfast._C on an AVX2 + FMA CPU")
 
 CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4}
 SLOPE = 0.2
@@ -68,15 +49,6 @@ def _inputs(case, g):
 
 def _count():
     return B.extension().cpu_linear_products()
-
-
-def _on_threads(counts, fn):
-    """fn() on each thread count in turn (torch.set_num_threads), the caller's count restored."""
-    threads = torch.get_num_threads()
-    try:
-        return [(torch.set_num_threads(n), fn())[1] for n in counts]
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -193,7 +165,7 @@ def test_linear_gemm_deterministic_across_thread_counts(ci):
         y = torch.ops.genfast.linear_act(xs, ws, b, CODES["relu"], SLOPE)
         return (y.detach(),) + torch.autograd.grad(y, (xs, ws), dy)
 
-    outs = _on_threads((1, 2, 3, 2), run)
+    outs = on_threads((1, 2, 3, 2), run)
     for o in outs[1:]:
         for a, ref in zip(o, outs[0]):
             assert torch.equal(a, ref)
@@ -238,9 +210,9 @@ def test_linear_gemm_auto_by_shape(shape, threads):
         assert B.get_cpu_linear_gemm() == "auto"
         before = _count()
         with torch.no_grad():
-            (y,) = _on_threads((threads,), lambda: GF.linear(x, w, b, activation="leaky_relu", negative_slope=SLOPE))
+            (y,) = on_threads((threads,), lambda: GF.linear(x, w, b, activation="leaky_relu", negative_slope=SLOPE))
         took = _count() - before
-    takes = 16 <= M <= 128 and K >= 128 and N >= 128 and threads > 1 and not _has_avx512()
+    takes = 16 <= M <= 128 and K >= 128 and N >= 128 and threads > 1 and not has_avx512()
     assert took == (1 if takes else 0)
     assert_close(y, F.leaky_relu(F.linear(x.double(), w.double(), b.double()), SLOPE))
 

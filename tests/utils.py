@@ -21,6 +21,42 @@ TOL = {
 }
 
 
+def avx2_host() -> bool:
+    """Whether genfast._C is loaded on an x86-64 CPU with AVX2 and FMA (what genfast's own AVX2
+    products, the tap product and the linear GEMM, need)."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64") or not genfast.backend.has_cpu_ext():
+        return False
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+def has_avx512() -> bool:
+    """Whether the CPU has AVX-512 (where the AVX2 products' "auto" steps aside); True when
+    /proc/cpuinfo cannot be read."""
+    try:
+        return " avx512f" in open("/proc/cpuinfo").read()
+    except OSError:
+        return True
+
+
+def on_threads(counts, fn):
+    """[fn() on each thread count in turn] (torch.set_num_threads), the caller's count restored."""
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in counts:
+            torch.set_num_threads(n)
+            outs.append(fn())
+        return outs
+    finally:
+        torch.set_num_threads(threads)
+
+
 @contextlib.contextmanager
 def backend(name: str):
     with genfast.backend.use_backend(name):

@@ -61,6 +61,7 @@
 #include <ATen/Parallel.h>
 
 #include "../common/cpu_features.h"
+#include "../common/kernel_mode.h"
 
 #include <algorithm>
 #include <atomic>
@@ -84,7 +85,7 @@ constexpr int64_t kBPanelBytes = int64_t(1) << 18;    // one channel block's pac
 constexpr int64_t kABlockBytes = int64_t(1) << 17;    // packed input rows per pass over the taps
 constexpr double kAutoMaxUseful = 0.9;                // "auto": at most this fraction of the pairs lands
 
-std::atomic<int> g_mode{0};  // 0 auto, 1 always, 2 never
+KernelMode g_mode;
 std::atomic<int64_t> g_products{0};
 
 
@@ -199,12 +200,12 @@ double landing_fraction(int64_t in, int64_t K, int64_t S, int64_t P, int64_t D, 
 
 bool tap_gemm_takes(const at::Tensor& x, const at::Tensor& w, int64_t groups, int64_t SH, int64_t SW, int64_t PH,
                     int64_t PW, int64_t DH, int64_t DW, int64_t Hout, int64_t Wout) {
-  const int mode = g_mode.load(std::memory_order_relaxed);
-  if (mode == 2 || !cpu_avx2_fma()) return false;
+  const int mode = g_mode.get();
+  if (mode == KernelMode::kNever || !cpu_avx2_fma()) return false;
   if (x.scalar_type() != at::kFloat || w.scalar_type() != at::kFloat || x.dim() != 4 || w.dim() != 4) return false;
   if (groups != 1 || !x.is_contiguous() || !w.is_contiguous() || x.numel() == 0 || w.numel() == 0) return false;
   if (Hout <= 0 || Wout <= 0 || SH < 1 || SW < 1 || DH < 1 || DW < 1 || PH < 0 || PW < 0) return false;
-  if (mode == 1) return true;
+  if (mode == KernelMode::kAlways) return true;
   // auto: an AVX2 CPU without AVX-512, at most kAutoMaxUseful of the (pixel, tap) pairs landing
   // in the output, and a channel block for each thread
   if (cpu_avx512() || (w.size(1) + kNR - 1) / kNR < std::max<int64_t>(2, at::get_num_threads())) return false;
@@ -461,16 +462,9 @@ at::Tensor tap_conv_transpose_grad_weight(const at::Tensor& x, const at::Tensor&
 #endif
 }
 
-void set_cpu_tap_gemm(const std::string& mode) {
-  TORCH_CHECK_VALUE(mode == "auto" || mode == "always" || mode == "never",
-                    "set_cpu_tap_gemm: mode must be 'auto', 'always' or 'never', got '", mode, "'");
-  g_mode.store(mode == "auto" ? 0 : (mode == "always" ? 1 : 2), std::memory_order_relaxed);
-}
+void set_cpu_tap_gemm(const std::string& mode) { g_mode.set("set_cpu_tap_gemm", mode); }
 
-std::string cpu_tap_gemm() {
-  static const char* const names[] = {"auto", "always", "never"};
-  return names[g_mode.load(std::memory_order_relaxed)];
-}
+std::string cpu_tap_gemm() { return g_mode.name(); }
 
 int64_t cpu_tap_products() { return g_products.load(std::memory_order_relaxed); }
 

@@ -91,6 +91,7 @@
 #include <limits>
 #include <vector>
 
+#include "../common/kernel_mode.h"
 #include "../common/macros.h"
 
 namespace genfast {
@@ -103,7 +104,7 @@ constexpr int64_t kMaxWeightBytes = int64_t(1) << 26;  // U, above which "auto" 
 constexpr int64_t kMinTiles = 64, kMinImageTiles = 4, kOneImageTiles = 16;
 constexpr int64_t kMinCin = 64, kMinCout = 32;
 
-std::atomic<int> g_mode{0};  // 0 auto, 1 always, 2 never
+KernelMode g_mode;
 std::atomic<int64_t> g_products{0};  // Winograd products returned (the tests' evidence of the path)
 
 const float kG[5][2] = {{1.f / 6, 1.f / 6}, {1.f / 6, -1.f / 6}, {2.f / 3, 1.f / 3}, {2.f / 3, -1.f / 3}, {0.f, 0.25f}};
@@ -850,8 +851,8 @@ bool winograd_run(const WGeo& g, int64_t E, int64_t K, int64_t cols, bool zero_u
 
 bool winograd_s2_takes(const at::Tensor& x, const at::Tensor& w, int64_t groups, int64_t KH, int64_t KW, int64_t SH,
                        int64_t SW, int64_t PH, int64_t PW, int64_t DH, int64_t DW, int64_t Hout, int64_t Wout) {
-  const int mode = g_mode.load(std::memory_order_relaxed);
-  if (mode == 2) return false;
+  const int mode = g_mode.get();
+  if (mode == KernelMode::kNever) return false;
   if (x.scalar_type() != at::kFloat || w.scalar_type() != at::kFloat || x.dim() != 4 || w.dim() != 4) return false;
   const bool k4 = KH == 4 && KW == 4 && PH == 1 && PW == 1, k5 = KH == 5 && KW == 5 && PH == 2 && PW == 2;
   if (groups != 1 || !(k4 || k5) || SH != 2 || SW != 2 || DH != 1 || DW != 1) return false;
@@ -860,13 +861,13 @@ bool winograd_s2_takes(const at::Tensor& x, const at::Tensor& w, int64_t groups,
       w.size(2) != KH || w.size(3) != KW)
     return false;
   if (!plain_nchw(x) || !plain_nchw(w)) return false;
-  return mode == 1 || (k4 ? auto_takes(N, Ci, Co, H, W) : auto_takes5(N, Ci, Co, H, W));
+  return mode == KernelMode::kAlways || (k4 ? auto_takes(N, Ci, Co, H, W) : auto_takes5(N, Ci, Co, H, W));
 }
 
 bool winograd_s2_conv2d_takes(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  const int mode = g_mode.load(std::memory_order_relaxed);
-  if (mode == 2) return false;
+  const int mode = g_mode.get();
+  if (mode == KernelMode::kNever) return false;
   if (x.scalar_type() != at::kFloat || w.scalar_type() != at::kFloat || x.dim() != 4 || w.dim() != 4) return false;
   if (groups != 1 || stride.size() != 2 || padding.size() != 2 || dilation.size() != 2) return false;
   const int64_t k = w.size(2);
@@ -877,7 +878,8 @@ bool winograd_s2_conv2d_takes(const at::Tensor& x, const at::Tensor& w, at::IntA
   if (N == 0 || Cin == 0 || Cout == 0 || H == 0 || W == 0 || H % 2 != 0 || W % 2 != 0 || w.size(1) != Cin) return false;
   if (!plain_nchw(x) || !plain_nchw(w)) return false;
   // the transposed convolution whose grad_input this is: C_out -> C_in channels, H/2 x W/2 input
-  return mode == 1 || (k == 4 ? auto_takes(N, Cout, Cin, H / 2, W / 2) : auto_takes5(N, Cout, Cin, H / 2, W / 2));
+  return mode == KernelMode::kAlways ||
+         (k == 4 ? auto_takes(N, Cout, Cin, H / 2, W / 2) : auto_takes5(N, Cout, Cin, H / 2, W / 2));
 }
 
 at::Tensor winograd_conv_transpose_s2(const at::Tensor& x_in, const at::Tensor& w_in) {
@@ -929,17 +931,10 @@ at::Tensor winograd_conv_transpose_s2_grad_input(const at::Tensor& dz_in, const 
   return dx;
 }
 
-void set_cpu_winograd(const std::string& mode) {
-  TORCH_CHECK_VALUE(mode == "auto" || mode == "always" || mode == "never",
-                    "set_cpu_winograd: mode must be 'auto', 'always' or 'never', got '", mode, "'");
-  g_mode.store(mode == "auto" ? 0 : (mode == "always" ? 1 : 2), std::memory_order_relaxed);
-}
+void set_cpu_winograd(const std::string& mode) { g_mode.set("set_cpu_winograd", mode); }
 
 int64_t cpu_winograd_products() { return g_products.load(std::memory_order_relaxed); }
 
-std::string cpu_winograd() {
-  const int mode = g_mode.load(std::memory_order_relaxed);
-  return mode == 0 ? "auto" : (mode == 1 ? "always" : "never");
-}
+std::string cpu_winograd() { return g_mode.name(); }
 
 }  // namespace genfast

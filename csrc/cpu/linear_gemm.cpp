@@ -50,6 +50,7 @@
 #include <vector>
 
 #include "../common/cpu_features.h"
+#include "../common/kernel_mode.h"
 
 #if GENFAST_X86_INTRINSICS
 #include <immintrin.h>
@@ -64,12 +65,15 @@ constexpr int64_t kNR = 16;             // columns per register tile (two AVX2 v
 constexpr int64_t kForwardDepth = 256;  // the forward's depth block
 constexpr int64_t kAutoRowsMin = 16, kAutoRowsMax = 128, kAutoFeaturesMin = 128;
 
-std::atomic<int> g_mode{0};  // 0 auto, 1 always, 2 never
+KernelMode g_mode;
 std::atomic<int64_t> g_products{0};
 
 #if GENFAST_X86_INTRINSICS
 // o[r * os + j] (+)= sum_k a[r][k * as] * b[k * bs + j] for r < rows, j < cols (a: kMR row
-// pointers, the ones past `rows` repeating a valid row; b: 16 values per step, zeros past cols)
+// pointers, the ones past `rows` repeating a valid row; b: 16 values per step, zeros past cols).
+// The loop is the tap product's tile_4x16 / tile_sum with strided row pointers, written out
+// again on purpose: a shared helper over a struct of the 8 accumulators ran those 1.5x slower
+// (the accumulators left the registers).
 GENFAST_LG_TARGET void tile(int64_t kc, const float* const* a, int64_t as, const float* b, int64_t bs, float* o,
                             int64_t os, int64_t rows, int64_t cols, bool add) {
   const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
@@ -155,13 +159,13 @@ void check_call(const char* what) {
 }  // namespace
 
 bool linear_gemm_takes(const at::Tensor& x, const at::Tensor& w) {
-  const int mode = g_mode.load(std::memory_order_relaxed);
-  if (mode == 2 || !cpu_avx2_fma()) return false;
+  const int mode = g_mode.get();
+  if (mode == KernelMode::kNever || !cpu_avx2_fma()) return false;
   if (x.scalar_type() != at::kFloat || w.scalar_type() != at::kFloat || x.dim() != 2 || w.dim() != 2) return false;
   if (!x.is_cpu() || !w.is_cpu() || !x.is_contiguous() || !w.is_contiguous() || x.size(1) != w.size(1)) return false;
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   if (M < 1 || K < 1 || N < 1) return false;
-  if (mode == 1) return true;
+  if (mode == KernelMode::kAlways) return true;
   return !cpu_avx512() && at::get_num_threads() > 1 && M >= kAutoRowsMin && M <= kAutoRowsMax &&
          K >= kAutoFeaturesMin && N >= kAutoFeaturesMin;
 }
@@ -272,16 +276,9 @@ at::Tensor linear_gemm_grad_weight(const at::Tensor& dz, const at::Tensor& x) {
   return dw;
 }
 
-void set_cpu_linear_gemm(const std::string& mode) {
-  TORCH_CHECK_VALUE(mode == "auto" || mode == "always" || mode == "never",
-                    "set_cpu_linear_gemm: mode must be 'auto', 'always' or 'never', got '", mode, "'");
-  g_mode.store(mode == "auto" ? 0 : (mode == "always" ? 1 : 2), std::memory_order_relaxed);
-}
+void set_cpu_linear_gemm(const std::string& mode) { g_mode.set("set_cpu_linear_gemm", mode); }
 
-std::string cpu_linear_gemm() {
-  static const char* const names[] = {"auto", "always", "never"};
-  return names[g_mode.load(std::memory_order_relaxed)];
-}
+std::string cpu_linear_gemm() { return g_mode.name(); }
 
 int64_t cpu_linear_products() { return g_products.load(std::memory_order_relaxed); }
 
