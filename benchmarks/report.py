@@ -26,7 +26,7 @@ def markdown(result: dict) -> str:
     meta, rows = result["meta"], result["rows"]
     wino = f"; Winograd k4/k5 s2 {meta['cpu_winograd']}" if meta.get("cpu_winograd") else ""
     wino += f"; tap product {meta['cpu_tap_gemm']}" if meta.get("cpu_tap_gemm") else ""
-    wino += f"; linear GEMM {meta['cpu_linear_gemm']}" if meta.get("cpu_linear_gemm") else ""
+    wino += f"; linear backward GEMM {meta['cpu_linear_gemm']}" if meta.get("cpu_linear_gemm") else ""
     cpu = f" ({meta['cpu']}; row-layout GEMM {meta.get('cpu_row_gemm', 'n/a')}{wino})" if meta.get("cpu") else ""
     out = [f"Device: {meta['device']}{cpu}; torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; "
            f"commit {meta['commit'][:10]}, {meta['date']}; copy bandwidth {meta['copy_bandwidth_GBps']:.0f} GB/s.", ""]

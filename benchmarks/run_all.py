@@ -98,7 +98,7 @@ def _tap_gemm_state() -> str:
 
 
 def _linear_gemm_state() -> str:
-    """The CPU Linear layer's GEMM setting (genfast.backend.set_cpu_linear_gemm)."""
+    """The CPU Linear layer's backward GEMM setting (genfast.backend.set_cpu_linear_gemm)."""
     ext = genfast.backend.extension()
     if ext is None or not hasattr(ext, "cpu_linear_gemm"):
         return "n/a"

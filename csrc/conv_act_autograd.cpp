@@ -24,12 +24,11 @@
 // runs dz in differentiable ATen ops and at::convolution_backward (which has a double
 // backward): gradient-penalty GANs.
 //
-// linear_act: forward = the product transposed, w x^T (genfast's linear GEMM for float32 MLP
-// batches on AVX2 CPUs, csrc/cpu/linear_gemm.cpp; else at::mm for 2-128 rows), then bias +
-// activation in one pass of our own (elsewhere addmm + torch's activation: linear_product);
-// backward = dz = dy * act'(y) with grad_bias in one pass, then grad_input and grad_weight (the
-// linear GEMM where it took the forward's shapes; else at::mm, side by side on the two cores of a
-// two-thread CPU: linear_products). create_graph: ATen ops.
+// linear_act: forward = at::mm (transposed, w x^T, for 2-128 rows), then bias + activation in one
+// pass of our own (elsewhere addmm + torch's activation: linear_product); backward = dz =
+// dy * act'(y) with grad_bias in one pass, then grad_input and grad_weight (genfast's linear GEMM
+// for float32 MLP batches on AVX2 CPUs, csrc/cpu/linear_gemm.cpp; else at::mm, side by side on
+// the two cores of a two-thread CPU: linear_products). create_graph: ATen ops.
 //
 // Arguments a product does not take here (not a 4-D (conv) / 2-D (linear) float32 / float64 CPU
 // input, mismatched shapes or dtypes, invalid geometry, an empty batch) run torch's own
@@ -227,24 +226,21 @@ bool takes_linear(const at::Tensor& x, const at::Tensor& w, const OptT& b) {
 
 }  // namespace
 
-// y = act(x w^T + b). Where genfast's linear GEMM takes x and w (csrc/cpu/linear_gemm.cpp: float32
-// MLP batches on AVX2 CPUs), its product pt = w x^T, then rows_from_transposed. Else, for 2 to
-// kTransposedRowsMax rows (MLP batches) the BLAS product runs transposed, y^T = w x^T (at::mm),
-// and one pass of ours adds the bias, applies the activation and writes y's rows
-// (rows_from_transposed): with 64 rows and 256-1024 features that product measured 1.2-1.3x
-// faster than x w^T on the 2-core CI CPU (MKL, two threads; 1.15-1.5x with 8 to 64 rows,
-// 0.87-0.9x from 1024 rows), and the block's forward 1.07-1.2x torch's addmm + activation where
-// the product into a fresh tensor in torch's orientation had measured 5-20% slower. Elsewhere:
-// ATen's addmm (the bias in the BLAS call, as F.linear), then torch's activation in place. x and
-// w as takes_linear admits them (or symbolic: a trace's fake tensors take torch's ops).
+// y = act(x w^T + b). For 2 to kTransposedRowsMax rows (MLP batches) the BLAS product runs
+// transposed, y^T = w x^T (at::mm), and one pass of ours adds the bias, applies the activation
+// and writes y's rows (rows_from_transposed): with 64 rows and 256-1024 features that product
+// measured 1.2-1.3x faster than x w^T on the 2-core CI CPU (MKL, two threads; 1.15-1.5x with 8
+// to 64 rows, 0.87-0.9x from 1024 rows), and the block's forward 1.07-1.2x torch's addmm +
+// activation where the product into a fresh tensor in torch's orientation had measured 5-20%
+// slower (genfast's linear GEMM for this product ran 0.88-0.99x this path: csrc/cpu/linear_gemm.cpp).
+// Elsewhere: ATen's addmm (the bias in the BLAS call, as F.linear), then torch's activation in
+// place. x and w as takes_linear admits them (or symbolic: a trace's fake tensors take torch's
+// ops).
 at::Tensor linear_product(const at::Tensor& x, const at::Tensor& w, const OptT& b, int64_t act, double slope) {
-  if (!symbolic(x) && !symbolic(w) && x.dim() == 2 && x.is_cpu() && w.is_cpu() && plain_tensor(x) &&
-      plain_tensor(w) && (!b.has_value() || !b->defined() || plain_tensor(*b))) {
-    if (linear_gemm_takes(x, w))
-      return rows_from_transposed(linear_gemm_forward(x, w).narrow(1, 0, x.size(0)), b, act, slope);
-    if (x.size(0) >= 2 && x.size(0) <= kTransposedRowsMax)
-      return rows_from_transposed(at::mm(w, x.t()), b, act, slope);
-  }
+  if (!symbolic(x) && !symbolic(w) && x.dim() == 2 && x.size(0) >= 2 && x.size(0) <= kTransposedRowsMax &&
+      x.is_cpu() && w.is_cpu() && plain_tensor(x) && plain_tensor(w) &&
+      (!b.has_value() || !b->defined() || plain_tensor(*b)))
+    return rows_from_transposed(at::mm(w, x.t()), b, act, slope);
   const bool bias = b.has_value() && b->defined();
   return torch_act_(bias ? at::addmm(*b, x, w.t()) : at::mm(x, w.t()), act, slope);
 }
@@ -254,9 +250,8 @@ namespace {
 // grad_input = dz w and grad_weight = dz^T x: by genfast's linear GEMM where it takes x and w (each
 // product on all threads, one after the other), else by BLAS. With both wanted and two threads
 // (the CI CPU), each BLAS product runs single-threaded on its own core at once: at MLP sizes (64
-// rows, 256-1024 features)
-// one product on two threads measured 0.25-0.35 ms, the pair 1.25-1.35x faster side by side.
-// Each is the same BLAS call either way, on the same operands.
+// rows, 256-1024 features) one product on two threads measured 0.25-0.35 ms, the pair
+// 1.25-1.35x faster side by side. Each is the same BLAS call either way, on the same operands.
 void linear_products(const at::Tensor& dz, const at::Tensor& x, const at::Tensor& w, bool need_x, bool need_w,
                      at::Tensor& dx, at::Tensor& dw) {
   if (dz.scalar_type() == at::kFloat && dz.is_contiguous() && linear_gemm_takes(x, w)) {

@@ -187,7 +187,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "AVX2 and FMA) or 'never'");
   m.def("cpu_tap_gemm", &genfast::cpu_tap_gemm, "The mode set_cpu_tap_gemm set ('auto' at start)");
   m.def("set_cpu_linear_gemm", &genfast::set_cpu_linear_gemm, py::arg("mode"),
-        "The CPU Linear layer's products (forward, grad_input, grad_weight; float32, contiguous) by "
+        "The CPU Linear layer's backward products (grad_input, grad_weight; float32, contiguous) by "
         "genfast's AVX2 GEMM (csrc/cpu/linear_gemm.cpp): 'auto' (where it measured faster than MKL: an "
         "AVX2 CPU without AVX-512, more than one thread, 16 to 128 rows, at least 128 input and output "
         "features), 'always' (any such call on a CPU with AVX2 and FMA) or 'never'");

@@ -451,13 +451,13 @@ class cpu_tap_gemm(_ModeContext):
 
 def set_cpu_linear_gemm(mode: str) -> None:
     """Where the CPU Linear layer (genfast.nn.Linear, GF.linear and the Linear blocks; float32,
-    contiguous input and weight) runs its three products (forward, grad_input, grad_weight) by
-    genfast's own AVX2 GEMM (csrc/cpu/linear_gemm.cpp) instead of MKL's: "auto" (the default: on
-    CPUs with AVX2 and FMA but without AVX-512, with more than one thread, for 16 to 128 rows and
-    at least 128 input and output features: MLP batches, where the converted MLP GAN training
-    steps measured faster with it than with MKL's products), "always" (every such call on a CPU
-    with AVX2 and FMA) or "never". Process-wide. Each value is the direct sum of its terms in one
-    fixed order: results do not depend on the number of threads."""
+    contiguous input and weight) runs its backward products (grad_input, grad_weight) by
+    genfast's own AVX2 GEMM (csrc/cpu/linear_gemm.cpp) instead of MKL's (the forward is MKL's in
+    every mode): "auto" (the default: on CPUs with AVX2 and FMA but without AVX-512, with more
+    than one thread, for 16 to 128 rows and at least 128 input and output features: MLP batches,
+    where it measured faster than MKL's products), "always" (every such call on a CPU with AVX2
+    and FMA) or "never". Process-wide. Each gradient value is the direct sum of its terms in one
+    fixed order: they do not depend on the number of threads."""
     _set_mode("set_cpu_linear_gemm", mode)
 
 

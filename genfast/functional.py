@@ -389,9 +389,9 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     """Fused ``activation(F.linear(input, weight, bias))``; arguments as ``F.linear``.
 
     The matmul comes from the vendor library (cuBLAS through ATen on CUDA tensors, MKL on CPU
-    tensors) or, for float32 MLP batches on AVX2 CPUs, from genfast's own GEMM
-    (``genfast.backend.set_cpu_linear_gemm``); the bias and the activation are applied in one
-    pass over its output.
+    tensors; the backward's two products of float32 MLP batches on AVX2 CPUs from genfast's own
+    GEMM, ``genfast.backend.set_cpu_linear_gemm``); the bias and the activation are applied in
+    one pass over its output.
     The activation is applied in place on the product's output and its backward reads that
     output, as after torch's in-place activations (nn.LeakyReLU(inplace=True)): modifying the
     result in place before the backward raises autograd's error.

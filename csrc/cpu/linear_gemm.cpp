@@ -1,6 +1,5 @@
-// The CPU Linear layer's three products by our own AVX2 GEMM, for MLP batches ("the linear
-// GEMM"): forward pt = w x^T (the caller's epilogue, rows_from_transposed, adds the bias, applies
-// the activation and writes y = pt^T), grad_input dx = dz w, grad_weight dw = dz^T x.
+// The CPU Linear layer's backward products by our own AVX2 GEMM, for MLP batches ("the linear
+// GEMM"): grad_input dx = dz w and grad_weight dw = dz^T x.
 //
 // Why: an MLP GAN's training step is its Linear products (64 rows, 100-1024 features) and the
 // optimiser. On the CI CPU (AMD EPYC, AVX2, 2 cores; 39 GFLOP/s per core with a register-only
@@ -10,33 +9,29 @@
 // tap product's: 8 AVX2 accumulators, csrc/cpu/conv_transpose_taps.cpp) over operands laid out so
 // that each thread streams its own part of the weight ran, per call with a fresh output
 // (interleaved with MKL's through torch, 64 rows): grad_input 1.1-1.2x MKL's two-thread product
-// (57-65 against 47-59 GFLOP/s), grad_weight and the forward 0.9-1.05x (53-62 GFLOP/s, as MKL).
-// What decided it is the training step, where the products meet weights that the optimiser has
-// just pushed out of cache: the converted MLP GAN step ran 1.09-1.13x eager with it against
-// 1.03-1.10x with MKL's products, the conditional GAN step 1.12x against 1.06x (interleaved,
-// the same process, three runs). Smaller layers (fewer than 128 input or output features, or
-// fewer than 16 rows) tied or lost against MKL (0.92-1.03x forward + backward), so "auto" leaves
-// them to MKL.
+// (57-65 against 47-59 GFLOP/s), grad_weight 0.95-1.05x (53-62 GFLOP/s, as MKL); the backward
+// of a layer 1.0-1.09x genfast's side-by-side MKL products. In the training step, where the
+// products meet weights that the optimiser has just pushed out of cache, the converted MLP GAN
+// step ran 1.11x eager with these two against 1.08x with MKL's (interleaved, the same process).
+// The same tile for the forward (pt = w x^T from x packed as (K, rows)) ran 0.88-0.99x MKL's
+// transposed product with our epilogue, and 0.91-0.97x eager at two MLP layers under no_grad
+// (64 x 512 -> 256, 64 x 256 -> 512), so the forward stays MKL's. Smaller layers (fewer than 128
+// input or output features, or fewer than 16 rows) tied or lost against MKL (0.93-1.03x), so
+// "auto" leaves them to MKL.
 //
-// The three products, each as tiles of 4 rows x 16 columns, every output value the direct sum
-// of its K terms in increasing k (one fixed order, whatever the thread count: deterministic and
-// equal across thread counts):
-//   forward    pt (N, Mp) = w x^T: tile rows = 4 rows of w (broadcast straight from w, each row
-//              contiguous in k), columns = 16 rows of x, from x packed once as xp (K, Mp), Mp =
-//              M rounded up to 16 (zeros past M). Depth in blocks of kForwardDepth (the block of
-//              xp, 64 KB at 64 rows, stays in cache while a thread's rows of w go by); a tile
-//              adds its block's sum into pt from the second block on. Threads own blocks of 4
-//              rows of w, so each reads its half of the weight once.
+// Both products as tiles of 4 rows x 16 columns, every output value the direct sum of its terms
+// in increasing order (one fixed order, whatever the thread count: deterministic and equal
+// across thread counts):
 //   grad_input dx (M, K) = dz w: tile rows = 4 rows of dz (broadcast), columns = 16 columns of
 //              w, packed per 16-column panel (N x 16, contiguous: w's own rows are K apart, and
 //              at K = 1024 the 4 KB stride maps every row to one L1 set), depth = N in one run.
 //              Threads own panels.
 //   grad_weight dw (N, K) = dz^T x: tile rows = 4 columns of dz (packed once as (N / 4, M, 4)),
 //              columns = 16 columns of x (packed per panel as M x 16), depth = M. Threads own
-//              blocks of 4 rows of dw.
+//              blocks of 4 rows of dw, so each writes its part of dw once.
 // Edges: the last tile of rows or columns computes with a repeated row or zero-padded columns
 // and stores only the values inside the output, so padding meets only values that are
-// discarded; an inf or NaN reaches exactly the outputs of its direct sums (as in torch's
+// discarded; an inf or NaN reaches exactly the gradients of its direct sums (as in torch's
 // float64 product; MKL's float32 product gives the same pattern).
 // Under "auto": an AVX2 CPU without AVX-512 (MKL's AVX-512 kernels are beyond an AVX2 kernel's
 // reach), more than one thread (on one thread MKL's kernel ran as fast as ours), 16 to 128 rows
@@ -62,20 +57,19 @@ namespace {
 
 constexpr int64_t kMR = 4;              // rows per register tile
 constexpr int64_t kNR = 16;             // columns per register tile (two AVX2 vectors)
-constexpr int64_t kForwardDepth = 256;  // the forward's depth block
 constexpr int64_t kAutoRowsMin = 16, kAutoRowsMax = 128, kAutoFeaturesMin = 128;
 
 KernelMode g_mode;
 std::atomic<int64_t> g_products{0};
 
 #if GENFAST_X86_INTRINSICS
-// o[r * os + j] (+)= sum_k a[r][k * as] * b[k * bs + j] for r < rows, j < cols (a: kMR row
+// o[r * os + j] = sum_k a[r][k * as] * b[k * bs + j] for r < rows, j < cols (a: kMR row
 // pointers, the ones past `rows` repeating a valid row; b: 16 values per step, zeros past cols).
 // The loop is the tap product's tile_4x16 / tile_sum with strided row pointers, written out
 // again on purpose: a shared helper over a struct of the 8 accumulators ran those 1.5x slower
 // (the accumulators left the registers).
 GENFAST_LG_TARGET void tile(int64_t kc, const float* const* a, int64_t as, const float* b, int64_t bs, float* o,
-                            int64_t os, int64_t rows, int64_t cols, bool add) {
+                            int64_t os, int64_t rows, int64_t cols) {
   const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
   for (int64_t k = 0; k < kc; ++k) {
@@ -99,16 +93,6 @@ GENFAST_LG_TARGET void tile(int64_t kc, const float* const* a, int64_t as, const
     b += bs;
   }
   if (rows == kMR && cols == kNR) {
-    if (add) {
-      c00 = _mm256_add_ps(c00, _mm256_loadu_ps(o));
-      c01 = _mm256_add_ps(c01, _mm256_loadu_ps(o + 8));
-      c10 = _mm256_add_ps(c10, _mm256_loadu_ps(o + os));
-      c11 = _mm256_add_ps(c11, _mm256_loadu_ps(o + os + 8));
-      c20 = _mm256_add_ps(c20, _mm256_loadu_ps(o + 2 * os));
-      c21 = _mm256_add_ps(c21, _mm256_loadu_ps(o + 2 * os + 8));
-      c30 = _mm256_add_ps(c30, _mm256_loadu_ps(o + 3 * os));
-      c31 = _mm256_add_ps(c31, _mm256_loadu_ps(o + 3 * os + 8));
-    }
     _mm256_storeu_ps(o, c00);
     _mm256_storeu_ps(o + 8, c01);
     _mm256_storeu_ps(o + os, c10);
@@ -129,7 +113,7 @@ GENFAST_LG_TARGET void tile(int64_t kc, const float* const* a, int64_t as, const
   _mm256_storeu_ps(t + 48, c30);
   _mm256_storeu_ps(t + 56, c31);
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < cols; ++j) o[r * os + j] = (add ? o[r * os + j] : 0.f) + t[r * kNR + j];
+    for (int64_t j = 0; j < cols; ++j) o[r * os + j] = t[r * kNR + j];
 }
 
 // The kMR row pointers of the tile whose first row is base + r0 * stride (rows past `rows` repeat
@@ -170,46 +154,6 @@ bool linear_gemm_takes(const at::Tensor& x, const at::Tensor& w) {
          K >= kAutoFeaturesMin && N >= kAutoFeaturesMin;
 }
 
-at::Tensor linear_gemm_forward(const at::Tensor& x, const at::Tensor& w) {
-  check_call("forward product");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  const int64_t Mp = (M + kNR - 1) / kNR * kNR, NT = (N + kMR - 1) / kMR;
-  at::Tensor pt = at::empty({N, Mp}, x.options());
-#if GENFAST_X86_INTRINSICS
-  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
-  const float* xd = xc.data_ptr<float>();
-  const float* wd = wc.data_ptr<float>();
-  float* o = pt.data_ptr<float>();
-  // xp[k * Mp + m] = x[m, k], zeros past M; in blocks of 16 k, whose 16 rows of xp stay in L1 while
-  // the rows of x go by (element by element along m, a store per cache line); one thread for up
-  // to 64K values (a parallel region costs more than it saves there)
-  std::vector<float> xp(static_cast<size_t>(K * Mp));
-  const int64_t KB16 = (K + 15) / 16;
-  at::parallel_for(0, KB16, std::max<int64_t>(1, (int64_t(1) << 16) / (16 * Mp)), [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) {
-      const int64_t k0 = q * 16, k1 = std::min(K, k0 + 16);
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t k = k0; k < k1; ++k) xp[k * Mp + m] = xd[m * K + k];
-      for (int64_t k = k0; k < k1; ++k) std::fill(xp.begin() + k * Mp + M, xp.begin() + (k + 1) * Mp, 0.f);
-    }
-  });
-  at::parallel_for(0, NT, 1, [&](int64_t t0, int64_t t1) {
-    const float* a[kMR];
-    for (int64_t k0 = 0; k0 < K; k0 += kForwardDepth) {
-      const int64_t kc = std::min(kForwardDepth, K - k0);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t n = t * kMR, rows = std::min(kMR, N - n);
-        row_pointers(wd + k0, n, K, rows, a);
-        for (int64_t m = 0; m < Mp; m += kNR)
-          tile(kc, a, 1, xp.data() + k0 * Mp + m, Mp, o + n * Mp + m, Mp, rows, kNR, k0 > 0);
-      }
-    }
-  });
-  g_products.fetch_add(1, std::memory_order_relaxed);
-#endif
-  return pt;
-}
-
 at::Tensor linear_gemm_grad_input(const at::Tensor& dz, const at::Tensor& w) {
   check_call("grad_input product");
   const int64_t M = dz.size(0), N = dz.size(1), K = w.size(1);
@@ -229,7 +173,7 @@ at::Tensor linear_gemm_grad_input(const at::Tensor& dz, const at::Tensor& w) {
       for (int64_t m = 0; m < M; m += kMR) {
         const int64_t rows = std::min(kMR, M - m);
         row_pointers(dd, m, N, rows, a);
-        tile(N, a, 1, panel.data(), kNR, o + m * K + k, K, rows, cols, false);
+        tile(N, a, 1, panel.data(), kNR, o + m * K + k, K, rows, cols);
       }
     }
   });
@@ -267,7 +211,7 @@ at::Tensor linear_gemm_grad_weight(const at::Tensor& dz, const at::Tensor& x) {
         const int64_t n = t * kMR, rows = std::min(kMR, N - n);
         const float* base = dzp.data() + t * M * kMR;
         for (int64_t r = 0; r < kMR; ++r) a[r] = base + r;  // the zero columns past N are never stored
-        tile(M, a, kMR, panel.data(), kNR, o + n * K + k, K, rows, cols, false);
+        tile(M, a, kMR, panel.data(), kNR, o + n * K + k, K, rows, cols);
       }
     }
   });
