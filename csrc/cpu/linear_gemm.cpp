@@ -10,9 +10,9 @@
 // that each thread streams its own part of the weight ran, per call with a fresh output
 // (interleaved with MKL's through torch, 64 rows): grad_input 1.1-1.2x MKL's two-thread product
 // (57-65 against 47-59 GFLOP/s), grad_weight 0.95-1.05x (53-62 GFLOP/s, as MKL); the backward
-// of a layer 1.0-1.09x genfast's side-by-side MKL products. In the training step, where the
-// products meet weights that the optimiser has just pushed out of cache, the converted MLP GAN
-// step ran 1.11x eager with these two against 1.08x with MKL's (interleaved, the same process).
+// of a layer 1.0-1.09x genfast's side-by-side MKL products. In the training step the gain is
+// smaller: the converted MLP GAN and conditional GAN steps ran 1.10-1.11x eager with these two
+// against 1.08-1.10x with MKL's (five interleaved A/B runs, the same process).
 // The same tile for the forward (pt = w x^T from x packed as (K, rows)) ran 0.88-0.99x MKL's
 // transposed product with our epilogue, and 0.91-0.97x eager at two MLP layers under no_grad
 // (64 x 512 -> 256, 64 x 256 -> 512), so the forward stays MKL's. Smaller layers (fewer than 128
