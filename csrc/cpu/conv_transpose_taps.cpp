@@ -68,12 +68,9 @@
 #include <utility>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if GENFAST_X86_INTRINSICS
 #include <immintrin.h>
-#define GENFAST_TAPS_X86 1
 #define GENFAST_TAPS_TARGET __attribute__((target("avx2,fma")))
-#else
-#define GENFAST_TAPS_X86 0
 #endif
 
 namespace genfast {
@@ -89,7 +86,7 @@ KernelMode g_mode;
 std::atomic<int64_t> g_products{0};
 
 
-#if GENFAST_TAPS_X86
+#if GENFAST_X86_INTRINSICS
 // p[0..16) += (v0, v1), unless p is nullptr
 GENFAST_TAPS_TARGET inline __attribute__((always_inline)) void add_row(float* p, __m256 v0, __m256 v1) {
   if (p == nullptr) return;
@@ -215,7 +212,7 @@ bool tap_gemm_takes(const at::Tensor& x, const at::Tensor& w, int64_t groups, in
 
 at::Tensor tap_conv_transpose(const at::Tensor& x, const at::Tensor& w, int64_t SH, int64_t SW, int64_t PH,
                               int64_t PW, int64_t DH, int64_t DW, int64_t Hout, int64_t Wout) {
-#if GENFAST_TAPS_X86
+#if GENFAST_X86_INTRINSICS
   TORCH_CHECK(cpu_avx2_fma(), "conv_transpose2d: the tap product needs AVX2 and FMA");
   const at::Tensor xc = x.contiguous(), wc = w.contiguous();
   const int64_t N = xc.size(0), Cin = xc.size(1), H = xc.size(2), W = xc.size(3);
@@ -305,7 +302,7 @@ at::Tensor tap_conv_transpose(const at::Tensor& x, const at::Tensor& w, int64_t 
 // its float64 product (which multiplies the zeros it puts outside the output) more NaN.
 at::Tensor tap_conv_transpose_grad_input(const at::Tensor& dz, const at::Tensor& w, int64_t H, int64_t W,
                                          int64_t SH, int64_t SW, int64_t PH, int64_t PW, int64_t DH, int64_t DW) {
-#if GENFAST_TAPS_X86
+#if GENFAST_X86_INTRINSICS
   TORCH_CHECK(cpu_avx2_fma(), "conv_transpose2d: the tap product needs AVX2 and FMA");
   const at::Tensor dzc = dz.contiguous(), wc = w.contiguous();
   const int64_t N = dzc.size(0), Cout = dzc.size(1), Hout = dzc.size(2), Wout = dzc.size(3);
@@ -371,7 +368,7 @@ at::Tensor tap_conv_transpose_grad_input(const at::Tensor& dz, const at::Tensor&
 
 at::Tensor tap_conv_transpose_grad_weight(const at::Tensor& x, const at::Tensor& dz, int64_t KH, int64_t KW,
                                           int64_t SH, int64_t SW, int64_t PH, int64_t PW, int64_t DH, int64_t DW) {
-#if GENFAST_TAPS_X86
+#if GENFAST_X86_INTRINSICS
   TORCH_CHECK(cpu_avx2_fma(), "conv_transpose2d: the tap product needs AVX2 and FMA");
   const at::Tensor xc = x.contiguous(), dzc = dz.contiguous();
   const int64_t N = xc.size(0), Cin = xc.size(1), H = xc.size(2), W = xc.size(3);
